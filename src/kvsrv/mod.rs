@@ -1,0 +1,3 @@
+//! Lab 2: a single-server key/value store with versioned Puts, and a lock built on it.
+
+pub mod rpc;

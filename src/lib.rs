@@ -1,0 +1,18 @@
+//! raftkv: the MIT 6.5840 (Spring 2025) distributed-systems labs in Rust.
+//!
+//! | lab | module |
+//! |---|---|
+//! | 1 | [`mr`]: MapReduce coordinator and workers |
+//! | 2 | [`kvsrv`]: single-server versioned KV and a lock on it |
+//! | 3 | [`raft`]: Raft with persistence and snapshots |
+//! | — | [`labrpc`], [`labcodec`], [`tester`], [`porcupine`]: simulated network, codec, harness, checker |
+//!
+//! See `ARCHITECTURE.md` at the repository root for how the parts fit.
+
+pub mod kvsrv;
+pub mod labcodec;
+pub mod labrpc;
+pub mod mr;
+pub mod porcupine;
+pub mod raft;
+pub mod tester;

@@ -1,1 +1,619 @@
-//! (in progress)
+//! A simulated network with the semantics of the Go labs' `labrpc`.
+//!
+//! A [`Network`] holds named client ends and named servers. A [`ClientEnd`] is connected to at
+//! most one server name and can be enabled or disabled; a [`Server`] holds named [`Service`]s,
+//! each with named methods. [`ClientEnd::call`] encodes the arguments with
+//! [`labcodec`](crate::labcodec), runs the handler on another thread and blocks the caller until
+//! the typed reply arrives or the network decides that no reply will come.
+//!
+//! What the network can do to a call (all decisions drawn from one seeded generator, see
+//! [`Network::seed`]):
+//! * unreliable: 0–26 ms delay, 10 % of requests lost, 10 % of replies lost;
+//! * disabled end, unconnected end or deleted server: no reply after 0–100 ms, or 0–7 s with
+//!   long delays (so a Raft that sends RPCs synchronously is caught);
+//! * long reordering: 2/3 of replies are held back 200–2200 ms;
+//! * a reply from a server that was deleted or replaced while the handler ran is never
+//!   delivered, so a client never sees success for an operation persisted into a superseded
+//!   persister.
+//!
+//! Handlers run on a cached pool of named threads that grows when every thread is busy, so a
+//! handler that blocks for seconds never delays other calls. [`Network::cleanup`] makes every
+//! pending and future call return [`RpcError::NoReply`] and lets every pool thread exit.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crossbeam::channel::{self, Receiver, RecvTimeoutError, Sender};
+use parking_lot::{Condvar, Mutex};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::labcodec::{self, CodecError};
+
+/// Upper bound (exclusive) of the random delay of an unreliable network, in ms.
+const SHORT_DELAY_MS: u64 = 27;
+/// Upper bound (exclusive) of the failure delay of a call that cannot be delivered while long
+/// delays are on, in ms.
+const LONG_DELAY_MS: u64 = 7000;
+/// Upper bound (exclusive) of the failure delay otherwise: KV clerks must be able to try each
+/// server in fairly rapid succession.
+const SHORT_FAIL_DELAY_MS: u64 = 100;
+/// How often a waiting call checks whether its server died.
+const DEAD_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+/// How long an idle handler thread waits for work before it exits.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Environment variable that fixes the seed of every network decision.
+pub const SEED_ENV: &str = "RAFTKV_SEED";
+
+/// Why a call returned no reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RpcError {
+    /// The network lost the request or the reply, the end is disabled or unconnected, the
+    /// server is gone or was replaced, or the network was cleaned up.
+    NoReply,
+    /// The server has no service of that name.
+    UnknownService { service: String },
+    /// The service has no method of that name.
+    UnknownMethod { service: String, method: String },
+    /// `svc_meth` was not of the form `Service.Method`.
+    BadMethodName(String),
+    /// Arguments or reply could not be encoded or decoded.
+    Codec(CodecError),
+}
+
+impl fmt::Display for RpcError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RpcError::NoReply => f.write_str("no reply"),
+            RpcError::UnknownService { service } => write!(f, "unknown service {service:?}"),
+            RpcError::UnknownMethod { service, method } => {
+                write!(f, "unknown method {method:?} of service {service:?}")
+            }
+            RpcError::BadMethodName(name) => {
+                write!(f, "bad method name {name:?} (want \"Service.Method\")")
+            }
+            RpcError::Codec(e) => write!(f, "codec: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for RpcError {}
+
+impl From<CodecError> for RpcError {
+    fn from(e: CodecError) -> Self {
+        RpcError::Codec(e)
+    }
+}
+
+type Handler = Box<dyn Fn(&[u8]) -> Result<Vec<u8>, RpcError> + Send + Sync>;
+
+/// A named set of RPC methods, e.g. `Raft` with `RequestVote` and `AppendEntries`.
+pub struct Service {
+    name: String,
+    methods: HashMap<String, Handler>,
+}
+
+impl Service {
+    pub fn new(name: impl Into<String>) -> Service {
+        Service {
+            name: name.into(),
+            methods: HashMap::new(),
+        }
+    }
+
+    /// Adds method `name`: the handler gets a decoded copy of the caller's arguments and
+    /// returns the reply, which is encoded back to the caller.
+    pub fn method<A, R, F>(mut self, name: &str, handler: F) -> Service
+    where
+        A: DeserializeOwned,
+        R: Serialize,
+        F: Fn(A) -> R + Send + Sync + 'static,
+    {
+        let h: Handler = Box::new(move |bytes: &[u8]| {
+            let args: A = labcodec::decode(bytes)?;
+            let reply = handler(args);
+            Ok(labcodec::encode(&reply)?)
+        });
+        self.methods.insert(name.to_string(), h);
+        self
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// A server: services reachable under one server name.
+pub struct Server {
+    services: HashMap<String, Service>,
+    count: AtomicUsize,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Server::new()
+    }
+}
+
+impl Server {
+    pub fn new() -> Server {
+        Server {
+            services: HashMap::new(),
+            count: AtomicUsize::new(0),
+        }
+    }
+
+    /// Adds a service, replacing one of the same name.
+    pub fn add_service(&mut self, svc: Service) {
+        self.services.insert(svc.name.clone(), svc);
+    }
+
+    /// RPCs that reached this server's dispatcher.
+    pub fn count(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    fn dispatch(&self, svc_meth: &str, args: &[u8]) -> Result<Vec<u8>, RpcError> {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let (svc_name, meth_name) = svc_meth
+            .split_once('.')
+            .ok_or_else(|| RpcError::BadMethodName(svc_meth.to_string()))?;
+        let svc = self
+            .services
+            .get(svc_name)
+            .ok_or_else(|| RpcError::UnknownService {
+                service: svc_name.to_string(),
+            })?;
+        let handler = svc
+            .methods
+            .get(meth_name)
+            .ok_or_else(|| RpcError::UnknownMethod {
+                service: svc_name.to_string(),
+                method: meth_name.to_string(),
+            })?;
+        handler(args)
+    }
+}
+
+struct EndState {
+    enabled: bool,
+    server: Option<String>,
+}
+
+#[derive(Default)]
+struct Topology {
+    reliable: bool,
+    long_delays: bool,
+    long_reordering: bool,
+    ends: HashMap<String, EndState>,
+    servers: HashMap<String, Arc<Server>>,
+}
+
+/// What a call needs to know about the network at the moment it is sent.
+struct Route {
+    server: Option<(String, Arc<Server>)>,
+    reliable: bool,
+    long_delays: bool,
+    long_reordering: bool,
+}
+
+struct NetInner {
+    topology: Mutex<Topology>,
+    rng: Mutex<StdRng>,
+    seed: u64,
+    /// Set by cleanup; guarded sleeps wake on `done_cv`.
+    done: Mutex<bool>,
+    done_cv: Condvar,
+    done_flag: AtomicBool,
+    total_count: AtomicUsize,
+    total_bytes: AtomicU64,
+    pool: Pool,
+}
+
+/// The simulated network. Cheap to clone; all clones are the same network.
+#[derive(Clone)]
+pub struct Network {
+    inner: Arc<NetInner>,
+}
+
+impl Default for Network {
+    fn default() -> Self {
+        Network::new()
+    }
+}
+
+impl Network {
+    /// A reliable network, seeded from `RAFTKV_SEED` if set, else randomly.
+    pub fn new() -> Network {
+        let seed = std::env::var(SEED_ENV)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or_else(rand::random);
+        Network::with_seed(seed)
+    }
+
+    /// A reliable network whose random decisions come from `seed`.
+    pub fn with_seed(seed: u64) -> Network {
+        Network {
+            inner: Arc::new(NetInner {
+                topology: Mutex::new(Topology {
+                    reliable: true,
+                    ..Topology::default()
+                }),
+                rng: Mutex::new(StdRng::seed_from_u64(seed)),
+                seed,
+                done: Mutex::new(false),
+                done_cv: Condvar::new(),
+                done_flag: AtomicBool::new(false),
+                total_count: AtomicUsize::new(0),
+                total_bytes: AtomicU64::new(0),
+                pool: Pool::new(),
+            }),
+        }
+    }
+
+    /// The seed of this network's random decisions; set `RAFTKV_SEED` to it to replay them
+    /// (as far as thread scheduling allows).
+    pub fn seed(&self) -> u64 {
+        self.inner.seed
+    }
+
+    /// Fails every pending and future call and stops the handler threads once their handlers
+    /// return.
+    pub fn cleanup(&self) {
+        self.inner.done_flag.store(true, Ordering::SeqCst);
+        *self.inner.done.lock() = true;
+        self.inner.done_cv.notify_all();
+        self.inner.pool.shutdown();
+    }
+
+    /// Handler threads still alive (0 some time after cleanup once handlers returned).
+    pub fn handler_threads(&self) -> usize {
+        self.inner.pool.live.load(Ordering::SeqCst)
+    }
+
+    pub fn set_reliable(&self, yes: bool) {
+        self.inner.topology.lock().reliable = yes;
+    }
+
+    pub fn is_reliable(&self) -> bool {
+        self.inner.topology.lock().reliable
+    }
+
+    pub fn set_long_reordering(&self, yes: bool) {
+        self.inner.topology.lock().long_reordering = yes;
+    }
+
+    pub fn set_long_delays(&self, yes: bool) {
+        self.inner.topology.lock().long_delays = yes;
+    }
+
+    pub fn is_long_delays(&self) -> bool {
+        self.inner.topology.lock().long_delays
+    }
+
+    /// Creates a disabled, unconnected end. Names are unique: `None` if `name` exists.
+    pub fn make_end(&self, name: &str) -> Option<ClientEnd> {
+        let mut topo = self.inner.topology.lock();
+        if topo.ends.contains_key(name) {
+            log::error!(target: "labrpc", "make_end: {name:?} already exists");
+            return None;
+        }
+        topo.ends.insert(
+            name.to_string(),
+            EndState {
+                enabled: false,
+                server: None,
+            },
+        );
+        Some(ClientEnd {
+            name: Arc::from(name),
+            net: self.clone(),
+        })
+    }
+
+    pub fn delete_end(&self, name: &str) {
+        self.inner.topology.lock().ends.remove(name);
+    }
+
+    /// Adds or replaces the server called `name`. Replies from a replaced server's handlers
+    /// are never delivered.
+    pub fn add_server(&self, name: &str, server: Server) {
+        self.inner
+            .topology
+            .lock()
+            .servers
+            .insert(name.to_string(), Arc::new(server));
+    }
+
+    pub fn delete_server(&self, name: &str) {
+        self.inner.topology.lock().servers.remove(name);
+    }
+
+    /// Connects end `end` to server name `server` (which need not exist yet).
+    pub fn connect(&self, end: &str, server: &str) {
+        if let Some(e) = self.inner.topology.lock().ends.get_mut(end) {
+            e.server = Some(server.to_string());
+        }
+    }
+
+    pub fn enable(&self, end: &str, enabled: bool) {
+        if let Some(e) = self.inner.topology.lock().ends.get_mut(end) {
+            e.enabled = enabled;
+        }
+    }
+
+    /// RPCs that reached the dispatcher of the server currently called `server`.
+    pub fn count(&self, server: &str) -> usize {
+        self.inner
+            .topology
+            .lock()
+            .servers
+            .get(server)
+            .map_or(0, |s| s.count())
+    }
+
+    /// Every call made on this network.
+    pub fn total_count(&self) -> usize {
+        self.inner.total_count.load(Ordering::Relaxed)
+    }
+
+    /// Request bytes of every call plus reply bytes of every delivered reply.
+    pub fn total_bytes(&self) -> u64 {
+        self.inner.total_bytes.load(Ordering::Relaxed)
+    }
+
+    fn is_done(&self) -> bool {
+        self.inner.done_flag.load(Ordering::Relaxed)
+    }
+
+    /// Sleeps `d` unless the network is cleaned up first. Returns false if it was.
+    fn sleep(&self, d: Duration) -> bool {
+        if d.is_zero() {
+            return !self.is_done();
+        }
+        let deadline = Instant::now() + d;
+        let mut done = self.inner.done.lock();
+        while !*done {
+            if self
+                .inner
+                .done_cv
+                .wait_until(&mut done, deadline)
+                .timed_out()
+            {
+                return !*done;
+            }
+        }
+        false
+    }
+
+    fn rand_below(&self, n: u64) -> u64 {
+        self.inner.rng.lock().gen_range(0..n)
+    }
+
+    fn route(&self, end: &str) -> Route {
+        let topo = self.inner.topology.lock();
+        let server = topo.ends.get(end).and_then(|e| {
+            if !e.enabled {
+                return None;
+            }
+            let name = e.server.as_ref()?;
+            let srv = topo.servers.get(name)?;
+            Some((name.clone(), srv.clone()))
+        });
+        Route {
+            server,
+            reliable: topo.reliable,
+            long_delays: topo.long_delays,
+            long_reordering: topo.long_reordering,
+        }
+    }
+
+    /// True if `end` can no longer reach exactly `server` under `name`: the end was disabled
+    /// or the server was deleted or replaced.
+    fn is_server_dead(&self, end: &str, name: &str, server: &Arc<Server>) -> bool {
+        let topo = self.inner.topology.lock();
+        let enabled = topo.ends.get(end).is_some_and(|e| e.enabled);
+        let same = topo
+            .servers
+            .get(name)
+            .is_some_and(|s| Arc::ptr_eq(s, server));
+        !enabled || !same
+    }
+
+    fn call_bytes(&self, end: &str, svc_meth: &str, args: Vec<u8>) -> Result<Vec<u8>, RpcError> {
+        self.inner.total_count.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .total_bytes
+            .fetch_add(args.len() as u64, Ordering::Relaxed);
+        if self.is_done() {
+            return Err(RpcError::NoReply);
+        }
+        let route = self.route(end);
+        let Some((server_name, server)) = route.server else {
+            // No reply, after a while: a Raft that waits on calls to a disconnected peer is
+            // caught by the long delay.
+            let ms = if route.long_delays {
+                self.rand_below(LONG_DELAY_MS)
+            } else {
+                self.rand_below(SHORT_FAIL_DELAY_MS)
+            };
+            self.sleep(Duration::from_millis(ms));
+            return Err(RpcError::NoReply);
+        };
+
+        if !route.reliable {
+            let ms = self.rand_below(SHORT_DELAY_MS);
+            if !self.sleep(Duration::from_millis(ms)) {
+                return Err(RpcError::NoReply);
+            }
+            if self.rand_below(1000) < 100 {
+                return Err(RpcError::NoReply); // request lost
+            }
+        }
+
+        let (reply_tx, reply_rx) = channel::bounded(1);
+        let job_server = server.clone();
+        let job_method: Box<str> = svc_meth.into();
+        let submitted = self.inner.pool.execute(Box::new(move || {
+            let result = job_server.dispatch(&job_method, &args);
+            // The caller may have given up; nobody to tell then.
+            let _ = reply_tx.send(result);
+        }));
+        if !submitted {
+            return Err(RpcError::NoReply);
+        }
+
+        let result = loop {
+            match reply_rx.recv_timeout(DEAD_CHECK_INTERVAL) {
+                Ok(r) => break r,
+                Err(RecvTimeoutError::Timeout) => {
+                    if self.is_done() || self.is_server_dead(end, &server_name, &server) {
+                        return Err(RpcError::NoReply);
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => return Err(RpcError::NoReply),
+            }
+        };
+
+        // A server that died while its handler ran must not be seen to succeed.
+        if self.is_server_dead(end, &server_name, &server) {
+            return Err(RpcError::NoReply);
+        }
+        let reply = result?;
+        if !route.reliable && self.rand_below(1000) < 100 {
+            return Err(RpcError::NoReply); // reply lost
+        }
+        if route.long_reordering && self.rand_below(900) < 600 {
+            // 200 + rand(1 + rand(2000)): most delays short, some up to 2.2 s.
+            let spread = self.rand_below(2000) + 1;
+            let ms = 200 + self.rand_below(spread);
+            if !self.sleep(Duration::from_millis(ms)) {
+                return Err(RpcError::NoReply);
+            }
+        }
+        self.inner
+            .total_bytes
+            .fetch_add(reply.len() as u64, Ordering::Relaxed);
+        Ok(reply)
+    }
+}
+
+/// One end of a connection: calls go to whatever server its name is connected to.
+#[derive(Clone)]
+pub struct ClientEnd {
+    name: Arc<str>,
+    net: Network,
+}
+
+impl fmt::Debug for ClientEnd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ClientEnd({})", self.name)
+    }
+}
+
+impl ClientEnd {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Calls `svc_meth` (`"Service.Method"`) and blocks until the reply arrives or the network
+    /// decides that it will not. Concurrent calls on one end are allowed and may be reordered.
+    pub fn call<A: Serialize, R: DeserializeOwned>(
+        &self,
+        svc_meth: &str,
+        args: &A,
+    ) -> Result<R, RpcError> {
+        let bytes = labcodec::encode(args)?;
+        let reply = self.net.call_bytes(&self.name, svc_meth, bytes)?;
+        Ok(labcodec::decode(&reply)?)
+    }
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// A cached thread pool: an idle thread takes the job if there is one, else a new thread is
+/// started, so a blocked handler never holds up another. Idle threads exit after
+/// `POOL_IDLE_TIMEOUT` or at shutdown.
+struct Pool {
+    tx: Mutex<Option<Sender<Job>>>,
+    rx: Receiver<Job>,
+    /// Threads waiting for a job that no submitter has claimed yet.
+    idle: Arc<AtomicUsize>,
+    live: Arc<AtomicUsize>,
+    spawned: AtomicUsize,
+}
+
+impl Pool {
+    fn new() -> Pool {
+        let (tx, rx) = channel::unbounded();
+        Pool {
+            tx: Mutex::new(Some(tx)),
+            rx,
+            idle: Arc::new(AtomicUsize::new(0)),
+            live: Arc::new(AtomicUsize::new(0)),
+            spawned: AtomicUsize::new(0),
+        }
+    }
+
+    fn claim(idle: &AtomicUsize) -> bool {
+        idle.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
+    /// Runs `job` on a pool thread. False if the pool is shut down.
+    fn execute(&self, job: Job) -> bool {
+        let tx = match self.tx.lock().as_ref() {
+            Some(tx) => tx.clone(),
+            None => return false,
+        };
+        if Pool::claim(&self.idle) {
+            // The claimed thread cannot leave before it receives this job.
+            return tx.send(job).is_ok();
+        }
+        let rx = self.rx.clone();
+        let idle = self.idle.clone();
+        let live = self.live.clone();
+        let id = self.spawned.fetch_add(1, Ordering::Relaxed);
+        live.fetch_add(1, Ordering::SeqCst);
+        let spawned = thread::Builder::new()
+            .name(format!("labrpc-handler-{id}"))
+            .spawn(move || {
+                let mut job = Some(job);
+                while let Some(j) = job.take() {
+                    j();
+                    idle.fetch_add(1, Ordering::AcqRel);
+                    job = loop {
+                        match rx.recv_timeout(POOL_IDLE_TIMEOUT) {
+                            Ok(next) => break Some(next),
+                            Err(RecvTimeoutError::Timeout) => {
+                                if Pool::claim(&idle) {
+                                    break None;
+                                }
+                                // A submitter claimed this thread: its job is on the way.
+                            }
+                            Err(RecvTimeoutError::Disconnected) => break None,
+                        }
+                    };
+                }
+                live.fetch_sub(1, Ordering::SeqCst);
+            });
+        if let Err(e) = spawned {
+            self.live.fetch_sub(1, Ordering::SeqCst);
+            log::error!(target: "labrpc", "cannot start a handler thread: {e}");
+            return false;
+        }
+        true
+    }
+
+    fn shutdown(&self) {
+        // Dropping the only sender wakes every idle thread with `Disconnected`.
+        self.tx.lock().take();
+    }
+}

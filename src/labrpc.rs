@@ -534,6 +534,36 @@ impl ClientEnd {
         let reply = self.net.call_bytes(&self.name, svc_meth, bytes)?;
         Ok(labcodec::decode(&reply)?)
     }
+
+    /// Like [`call`](Self::call), but returns at once: the call is made on a network thread,
+    /// which then runs `on_reply` with the outcome. `on_reply` never runs on the caller's
+    /// thread, so the caller may hold locks that `on_reply` takes. After
+    /// [`Network::cleanup`] it is not run at all.
+    pub fn call_async<A, R, F>(&self, svc_meth: &str, args: &A, on_reply: F)
+    where
+        A: Serialize,
+        R: DeserializeOwned,
+        F: FnOnce(Result<R, RpcError>) + Send + 'static,
+    {
+        let bytes = match labcodec::encode(args) {
+            Ok(b) => b,
+            Err(e) => {
+                let net = self.net.clone();
+                net.inner.pool.execute(Box::new(move || on_reply(Err(e.into()))));
+                return;
+            }
+        };
+        let end = self.clone();
+        let method: Box<str> = svc_meth.into();
+        let net = self.net.clone();
+        net.inner.pool.execute(Box::new(move || {
+            let result = end
+                .net
+                .call_bytes(&end.name, &method, bytes)
+                .and_then(|reply| Ok(labcodec::decode(&reply)?));
+            on_reply(result);
+        }));
+    }
 }
 
 type Job = Box<dyn FnOnce() + Send>;

@@ -1,1 +1,182 @@
-//! (in progress)
+//! Lab 3: Raft — leader election, log replication, persistence and snapshots.
+//!
+//! A [`Raft`] peer runs two threads of its own, `raft-<me>-ticker` (elections and heartbeats)
+//! and `raft-<me>-applier` (delivers committed entries and snapshots, in index order, on the
+//! apply channel). RPCs to peers are sent with [`ClientEnd::call_async`], so a call to a dead
+//! peer that hangs for seconds never holds up anything; replies are handled on network threads.
+//! All state sits behind one mutex, which is never held across an RPC, a blocking channel send
+//! or a sleep. Commands are opaque bytes: Raft never looks inside them.
+
+mod apply;
+mod election;
+pub mod log;
+mod persist;
+mod replication;
+mod rpc;
+mod snapshot;
+mod state;
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::thread::{self, JoinHandle};
+
+use crossbeam::channel::Sender;
+use parking_lot::Mutex;
+
+use crate::labrpc::{ClientEnd, Service};
+use crate::tester::Persister;
+pub use rpc::{
+    AppendEntriesArgs, AppendEntriesReply, InstallSnapshotArgs, InstallSnapshotReply,
+    RequestVoteArgs, RequestVoteReply,
+};
+use state::Core;
+
+/// What Raft delivers to its service, in index order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApplyMsg {
+    /// A committed command.
+    Command {
+        index: u64,
+        term: u64,
+        command: Vec<u8>,
+    },
+    /// A snapshot from the leader that replaces the service's state up to `index`.
+    Snapshot { index: u64, term: u64, data: Vec<u8> },
+}
+
+/// Why a Raft peer could not start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RaftError {
+    /// The persisted Raft state could not be read.
+    CorruptState { peer: usize, reason: String },
+    /// A thread could not be started.
+    Spawn { peer: usize, reason: String },
+}
+
+impl fmt::Display for RaftError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RaftError::CorruptState { peer, reason } => {
+                write!(f, "raft-{peer}: corrupt persisted state: {reason}")
+            }
+            RaftError::Spawn { peer, reason } => {
+                write!(f, "raft-{peer}: cannot start a thread: {reason}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for RaftError {}
+
+/// One Raft peer.
+pub struct Raft {
+    core: Arc<Core>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Raft {
+    /// Starts peer `me` of `peers` (`peers[me]` is itself), restoring what `persister` holds.
+    /// Committed commands and snapshots are sent on `apply_tx`; the channel is closed when the
+    /// peer is killed. Returns at once.
+    pub fn new(
+        peers: Vec<ClientEnd>,
+        me: usize,
+        persister: Persister,
+        apply_tx: Sender<ApplyMsg>,
+    ) -> Result<Raft, RaftError> {
+        let (core, kill_rx) = Core::restore(peers, me, persister)?;
+        let core = Arc::new(core);
+        let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
+            thread::Builder::new()
+                .name(name)
+                .spawn(f)
+                .map_err(|e| RaftError::Spawn {
+                    peer: me,
+                    reason: e.to_string(),
+                })
+        };
+        let ticker = {
+            let core = core.clone();
+            spawn(format!("raft-{me}-ticker"), Box::new(move || core.run_ticker()))?
+        };
+        let applier = {
+            let core = core.clone();
+            spawn(
+                format!("raft-{me}-applier"),
+                Box::new(move || core.run_applier(apply_tx, kill_rx)),
+            )
+        };
+        let applier = match applier {
+            Ok(h) => h,
+            Err(e) => {
+                core.kill();
+                let _ = ticker.join();
+                return Err(e);
+            }
+        };
+        Ok(Raft {
+            core,
+            threads: Mutex::new(vec![ticker, applier]),
+        })
+    }
+
+    /// Proposes `command`. If this peer is the leader, returns `(index, term, true)` where the
+    /// command will appear if it is ever committed; otherwise `(0, term, false)`. Never waits
+    /// for agreement.
+    pub fn start(&self, command: Vec<u8>) -> (u64, u64, bool) {
+        self.core.start(command)
+    }
+
+    /// The current term and whether this peer believes it is the leader.
+    pub fn get_state(&self) -> (u64, bool) {
+        self.core.get_state()
+    }
+
+    /// The service has a snapshot of everything through `index`: Raft may discard that part
+    /// of its log.
+    pub fn snapshot(&self, index: u64, data: Vec<u8>) {
+        self.core.snapshot(index, data)
+    }
+
+    /// Size in bytes of the persisted Raft state (not counting the snapshot).
+    pub fn persist_bytes(&self) -> usize {
+        self.core.persister.raft_state_size()
+    }
+
+    /// Stops the peer: no more RPCs are sent, nothing more is delivered, the apply channel is
+    /// closed and both threads have exited when this returns. Idempotent.
+    pub fn kill(&self) {
+        self.core.kill();
+        let me = thread::current().id();
+        for h in self.threads.lock().drain(..) {
+            // A thread of this peer never joins itself (kill called from a callback).
+            if h.thread().id() != me {
+                let _ = h.join();
+            }
+        }
+    }
+
+    pub fn killed(&self) -> bool {
+        self.core.dead.load(Ordering::SeqCst)
+    }
+
+    /// The `Raft` RPC service (`RequestVote`, `AppendEntries`, `InstallSnapshot`).
+    pub fn rpc_service(&self) -> Service {
+        let (c1, c2, c3) = (self.core.clone(), self.core.clone(), self.core.clone());
+        Service::new("Raft")
+            .method("RequestVote", move |a: RequestVoteArgs| c1.request_vote(a))
+            .method("AppendEntries", move |a: AppendEntriesArgs| {
+                c2.append_entries(a)
+            })
+            .method("InstallSnapshot", move |a: InstallSnapshotArgs| {
+                c3.install_snapshot(a)
+            })
+    }
+}
+
+impl Drop for Raft {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

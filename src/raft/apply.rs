@@ -1,0 +1,62 @@
+//! The applier: the one thread that delivers to the service, in index order.
+
+use crossbeam::channel::{Receiver, Sender, select};
+
+use super::ApplyMsg;
+use super::state::Core;
+
+impl Core {
+    pub(super) fn run_applier(&self, apply_tx: Sender<ApplyMsg>, kill_rx: Receiver<()>) {
+        loop {
+            let msgs = {
+                let mut st = self.state.lock();
+                while !self.is_dead() && !st.snapshot_pending && st.last_applied >= st.commit_index {
+                    self.applier_cv.wait(&mut st);
+                }
+                if self.is_dead() {
+                    break;
+                }
+                if st.snapshot_pending {
+                    st.snapshot_pending = false;
+                    let index = st.log.base_index();
+                    debug_assert!(index > st.last_applied, "raft-{} snapshot {index} would move the service back from {}", self.me, st.last_applied);
+                    st.last_applied = index;
+                    log::debug!(target: "raft::apply", "raft-{} t{}: deliver snapshot through {index}", self.me, st.term);
+                    vec![ApplyMsg::Snapshot {
+                        index,
+                        term: st.log.base_term(),
+                        data: st.snapshot.clone(),
+                    }]
+                } else {
+                    let from = st.last_applied + 1;
+                    let to = st.commit_index;
+                    debug_assert!(from > st.log.base_index(), "raft-{} applying {from} inside snapshot through {}", self.me, st.log.base_index());
+                    let msgs: Vec<ApplyMsg> = st
+                        .log
+                        .slice(from, to)
+                        .iter()
+                        .zip(from..)
+                        .map(|(e, index)| ApplyMsg::Command {
+                            index,
+                            term: e.term,
+                            command: e.command.clone(),
+                        })
+                        .collect();
+                    st.last_applied = to;
+                    log::trace!(target: "raft::apply", "raft-{} t{}: deliver [{from}..={to}]", self.me, st.term);
+                    msgs
+                }
+            };
+            // Outside the lock: the service may call back into Raft (snapshot) meanwhile.
+            for m in msgs {
+                if self.is_dead() {
+                    return;
+                }
+                select! {
+                    send(apply_tx, m) -> res => if res.is_err() { return; },
+                    recv(kill_rx) -> _ => return,
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,66 @@
+//! What Raft persists (term, vote, log) and how. Always persisted before a reply or a
+//! message that depends on it leaves this peer. Raft §5, Figure 2.
+
+use serde::{Deserialize, Serialize};
+
+use super::RaftError;
+use super::log::Log;
+use super::state::{Core, State};
+use crate::labcodec;
+
+#[derive(Serialize, Deserialize)]
+struct PersistentState {
+    term: u64,
+    voted_for: Option<usize>,
+    log: Log,
+}
+
+/// Decodes persisted state; empty means a fresh peer.
+pub(super) fn decode_state(me: usize, bytes: &[u8]) -> Result<(u64, Option<usize>, Log), RaftError> {
+    if bytes.is_empty() {
+        return Ok((0, None, Log::default()));
+    }
+    let ps: PersistentState = labcodec::decode(bytes).map_err(|e| RaftError::CorruptState {
+        peer: me,
+        reason: e.to_string(),
+    })?;
+    if ps.log.last_term() > ps.term {
+        return Err(RaftError::CorruptState {
+            peer: me,
+            reason: format!("log holds term {} beyond current term {}", ps.log.last_term(), ps.term),
+        });
+    }
+    Ok((ps.term, ps.voted_for, ps.log))
+}
+
+fn encode_state(st: &State) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct View<'a> {
+        term: u64,
+        voted_for: Option<usize>,
+        log: &'a Log,
+    }
+    // Plain integers, options and byte vectors always encode.
+    labcodec::encode(&View {
+        term: st.term,
+        voted_for: st.voted_for,
+        log: &st.log,
+    })
+    .unwrap_or_default()
+}
+
+impl Core {
+    /// Saves term, vote and log, keeping the saved snapshot.
+    pub(super) fn persist(&self, st: &State) {
+        let bytes = encode_state(st);
+        log::trace!(target: "raft::persist", "raft-{} t{}: persist {} bytes, log ({}..={}]", self.me, st.term, bytes.len(), st.log.base_index(), st.log.last_index());
+        self.persister.save_raft_state(bytes);
+    }
+
+    /// Saves term, vote, log and the snapshot together.
+    pub(super) fn persist_with_snapshot(&self, st: &State) {
+        let bytes = encode_state(st);
+        log::trace!(target: "raft::persist", "raft-{} t{}: persist {} bytes + snapshot {} bytes through {}", self.me, st.term, bytes.len(), st.snapshot.len(), st.log.base_index());
+        self.persister.save(bytes, Some(st.snapshot.clone()));
+    }
+}

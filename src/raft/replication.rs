@@ -1,0 +1,258 @@
+//! Log replication and commitment. Raft §5.3 and §5.4.2.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::log::Entry;
+use super::rpc::{AppendEntriesArgs, AppendEntriesReply};
+use super::state::{Core, INFLIGHT_STALE, Role, State};
+use crate::labrpc::RpcError;
+
+/// The most entries one AppendEntries carries, so a far-behind follower catches up in
+/// bounded messages.
+const MAX_ENTRIES_PER_APPEND: usize = 512;
+
+impl Core {
+    pub(crate) fn start(self: &Arc<Core>, command: Vec<u8>) -> (u64, u64, bool) {
+        let mut st = self.state.lock();
+        if self.is_dead() || st.role != Role::Leader {
+            return (0, st.term, false);
+        }
+        let term = st.term;
+        let index = st.log.append(Entry { term, command });
+        self.persist(&st);
+        log::debug!(target: "raft::append", "raft-{} t{term}: start at {index}", self.me);
+        // Replicate now rather than at the next heartbeat.
+        self.broadcast_append(&mut st);
+        (index, term, true)
+    }
+
+    /// Sends each follower what it lacks (or a heartbeat).
+    pub(super) fn broadcast_append(self: &Arc<Core>, st: &mut State) {
+        for peer in 0..self.peers.len() {
+            if peer != self.me {
+                self.send_append(st, peer);
+            }
+        }
+        self.advance_commit(st); // a one-peer cluster commits on its own
+    }
+
+    /// Sends `peer` an AppendEntries (or the snapshot, if it needs entries we discarded),
+    /// unless one is already in flight and recent: then the reply triggers the next send.
+    pub(super) fn send_append(self: &Arc<Core>, st: &mut State, peer: usize) {
+        if self.is_dead() || st.role != Role::Leader {
+            return;
+        }
+        let now = Instant::now();
+        let p = &mut st.peers[peer];
+        if let Some((_, sent)) = p.inflight {
+            if now.duration_since(sent) < INFLIGHT_STALE {
+                p.dirty = true;
+                return;
+            }
+        }
+        if p.next_index <= st.log.base_index() {
+            self.send_snapshot(st, peer);
+            return;
+        }
+        let prev_log_index = p.next_index - 1;
+        let Some(prev_log_term) = st.log.term_at(prev_log_index) else {
+            debug_assert!(false, "raft-{} no term at {prev_log_index}", self.me);
+            return;
+        };
+        let mut entries = st.log.entries_from(p.next_index);
+        if entries.len() > MAX_ENTRIES_PER_APPEND {
+            entries = &entries[..MAX_ENTRIES_PER_APPEND];
+        }
+        let args = AppendEntriesArgs {
+            term: st.term,
+            leader: self.me,
+            prev_log_index,
+            prev_log_term,
+            entries: entries.to_vec(),
+            leader_commit: st.commit_index,
+        };
+        let p = &mut st.peers[peer];
+        p.seq += 1;
+        p.inflight = Some((p.seq, now));
+        p.dirty = false;
+        let seq = p.seq;
+        let n = args.entries.len() as u64;
+        log::trace!(target: "raft::append", "raft-{} t{}: append [{}..={}] to {peer}, commit {}", self.me, st.term, prev_log_index + 1, prev_log_index + n, st.commit_index);
+        let core = self.clone();
+        let term = st.term;
+        self.peers[peer].call_async(
+            "Raft.AppendEntries",
+            &args,
+            move |r: Result<AppendEntriesReply, RpcError>| {
+                core.on_append_reply(peer, term, seq, prev_log_index, n, r)
+            },
+        );
+    }
+
+    fn on_append_reply(
+        self: &Arc<Core>,
+        peer: usize,
+        term: u64,
+        seq: u64,
+        prev_log_index: u64,
+        n: u64,
+        r: Result<AppendEntriesReply, RpcError>,
+    ) {
+        let mut st = self.state.lock();
+        if self.is_dead() {
+            return;
+        }
+        if st.peers[peer].inflight.is_some_and(|(s, _)| s == seq) {
+            st.peers[peer].inflight = None;
+        }
+        let Ok(reply) = r else {
+            // Lost: the next heartbeat retries.
+            return;
+        };
+        if reply.term > st.term {
+            if self.step_down(&mut st, reply.term) {
+                self.persist(&st);
+            }
+            return;
+        }
+        if st.role != Role::Leader || st.term != term {
+            return;
+        }
+        let last = st.log.last_index();
+        let p = &mut st.peers[peer];
+        if reply.success {
+            let matched = prev_log_index + n;
+            if matched > p.match_index {
+                p.match_index = matched;
+            }
+            p.next_index = p.next_index.max(matched + 1);
+            log::trace!(target: "raft::append", "raft-{} t{term}: append to {peer} ok, match {}", self.me, p.match_index);
+            self.advance_commit(&mut st);
+        } else {
+            // Fast backup: skip the follower's whole conflicting term, or to the end of its
+            // log if it is short.
+            let next = match reply.conflict_term {
+                Some(t) => match st.log.last_index_of_term(t) {
+                    Some(i) => i + 1,
+                    None => reply.conflict_index,
+                },
+                None => reply.conflict_index,
+            };
+            let p = &mut st.peers[peer];
+            // A stale rejection must not move next_index below what is known to match.
+            p.next_index = next.clamp(p.match_index + 1, last + 1);
+            log::debug!(target: "raft::append", "raft-{} t{term}: append to {peer} rejected at {}, next {}", self.me, prev_log_index, p.next_index);
+        }
+        let p = &st.peers[peer];
+        if p.dirty || p.next_index <= st.log.last_index() {
+            self.send_append(&mut st, peer);
+        }
+    }
+
+    /// Commits the highest index stored on a majority, if it is of the current term
+    /// (Raft §5.4.2: earlier terms' entries commit only indirectly).
+    pub(super) fn advance_commit(&self, st: &mut State) {
+        if st.role != Role::Leader {
+            return;
+        }
+        let mut matched: Vec<u64> = (0..self.peers.len())
+            .map(|p| {
+                if p == self.me {
+                    st.log.last_index()
+                } else {
+                    st.peers[p].match_index
+                }
+            })
+            .collect();
+        matched.sort_unstable_by(|a, b| b.cmp(a));
+        let n = matched[self.majority() - 1];
+        if n > st.commit_index && st.log.term_at(n) == Some(st.term) {
+            log::debug!(target: "raft::append", "raft-{} t{}: commit {} -> {n}", self.me, st.term, st.commit_index);
+            st.commit_index = n;
+            self.applier_cv.notify_all();
+        }
+    }
+
+    /// Handles an AppendEntries (Raft Figure 2, receiver rules 1–5).
+    pub(crate) fn append_entries(&self, args: AppendEntriesArgs) -> AppendEntriesReply {
+        let mut st = self.state.lock();
+        let mut reply = AppendEntriesReply {
+            term: st.term,
+            success: false,
+            conflict_term: None,
+            conflict_index: 0,
+        };
+        if args.term < st.term || self.is_dead() {
+            return reply;
+        }
+        let mut changed = self.step_down(&mut st, args.term);
+        reply.term = st.term;
+        self.reset_election_timer(&mut st);
+
+        let base = st.log.base_index();
+        let mut prev = args.prev_log_index;
+        let mut entries: &[Entry] = &args.entries;
+        if prev < base {
+            // The start is inside our snapshot, hence committed and equal: skip that part.
+            let skip = (base - prev) as usize;
+            if skip >= entries.len() {
+                reply.success = true;
+                if changed {
+                    self.persist(&st);
+                }
+                return reply;
+            }
+            entries = &entries[skip..];
+            prev = base;
+        } else if prev > st.log.last_index() {
+            reply.conflict_index = st.log.last_index() + 1;
+            if changed {
+                self.persist(&st);
+            }
+            return reply;
+        } else if prev > base && st.log.term_at(prev) != Some(args.prev_log_term) {
+            // (At `base` itself the terms agree: both sides hold it committed.)
+            let t = st.log.term_at(prev).unwrap_or(0);
+            reply.conflict_term = Some(t);
+            reply.conflict_index = st.log.first_index_of_term(t, prev);
+            if changed {
+                self.persist(&st);
+            }
+            return reply;
+        }
+
+        // Append what is new; truncate only on a real conflict, so that a delayed, shorter
+        // AppendEntries cannot erase entries a newer one added.
+        for (i, e) in entries.iter().enumerate() {
+            let index = prev + 1 + i as u64;
+            match st.log.term_at(index) {
+                Some(t) if t == e.term => continue,
+                Some(_) => {
+                    debug_assert!(index > st.commit_index, "raft-{} t{}: truncating committed index {index} (commit {})", self.me, st.term, st.commit_index);
+                    st.log.truncate_after(index - 1);
+                }
+                None => {}
+            }
+            for e in &entries[i..] {
+                st.log.append(e.clone());
+            }
+            changed = true;
+            break;
+        }
+        if changed {
+            self.persist(&st);
+        }
+        let last_new = prev + entries.len() as u64;
+        if args.leader_commit > st.commit_index {
+            let commit = args.leader_commit.min(last_new);
+            if commit > st.commit_index {
+                log::debug!(target: "raft::append", "raft-{} t{}: commit {} -> {commit} (leader {})", self.me, st.term, st.commit_index, args.leader);
+                st.commit_index = commit;
+                self.applier_cv.notify_all();
+            }
+        }
+        reply.success = true;
+        reply
+    }
+}

@@ -1,0 +1,54 @@
+//! The messages Raft peers exchange (Raft §5, Figure 2; §7 for InstallSnapshot).
+
+use serde::{Deserialize, Serialize};
+
+use super::log::Entry;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RequestVoteArgs {
+    pub term: u64,
+    pub candidate: usize,
+    pub last_log_index: u64,
+    pub last_log_term: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RequestVoteReply {
+    pub term: u64,
+    pub vote_granted: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AppendEntriesArgs {
+    pub term: u64,
+    pub leader: usize,
+    pub prev_log_index: u64,
+    pub prev_log_term: u64,
+    pub entries: Vec<Entry>,
+    pub leader_commit: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AppendEntriesReply {
+    pub term: u64,
+    pub success: bool,
+    /// On a mismatch: the term of the follower's conflicting entry (`None` if its log is too
+    /// short), and the first index the leader should try next. Lets the leader skip a whole
+    /// term per round trip instead of one entry.
+    pub conflict_term: Option<u64>,
+    pub conflict_index: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InstallSnapshotArgs {
+    pub term: u64,
+    pub leader: usize,
+    pub last_included_index: u64,
+    pub last_included_term: u64,
+    pub data: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InstallSnapshotReply {
+    pub term: u64,
+}

@@ -1,0 +1,118 @@
+//! Snapshots: the service's (log compaction) and the leader's (InstallSnapshot). Raft §7.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::rpc::{InstallSnapshotArgs, InstallSnapshotReply};
+use super::state::{Core, Role, State};
+use crate::labrpc::RpcError;
+
+impl Core {
+    /// The service holds a snapshot through `index`: discard the log up to it.
+    pub(crate) fn snapshot(&self, index: u64, data: Vec<u8>) {
+        let mut st = self.state.lock();
+        if self.is_dead() {
+            return;
+        }
+        // Only a prefix the service has been given can be replaced by its snapshot.
+        if index <= st.log.base_index() || index > st.last_applied {
+            log::debug!(target: "raft::snapshot", "raft-{} t{}: snapshot at {index} ignored (log base {}, applied {})", self.me, st.term, st.log.base_index(), st.last_applied);
+            return;
+        }
+        st.log.compact_to(index);
+        st.snapshot = data;
+        self.persist_with_snapshot(&st);
+        log::debug!(target: "raft::snapshot", "raft-{} t{}: snapshot through {index}, log ({index}..={}]", self.me, st.term, st.log.last_index());
+    }
+
+    /// Sends `peer` our snapshot: it needs entries we no longer have.
+    pub(super) fn send_snapshot(self: &Arc<Core>, st: &mut State, peer: usize) {
+        let args = InstallSnapshotArgs {
+            term: st.term,
+            leader: self.me,
+            last_included_index: st.log.base_index(),
+            last_included_term: st.log.base_term(),
+            data: st.snapshot.clone(),
+        };
+        let p = &mut st.peers[peer];
+        p.seq += 1;
+        p.inflight = Some((p.seq, Instant::now()));
+        p.dirty = false;
+        let seq = p.seq;
+        log::debug!(target: "raft::snapshot", "raft-{} t{}: snapshot through {} to {peer}", self.me, st.term, args.last_included_index);
+        let core = self.clone();
+        let term = st.term;
+        let index = args.last_included_index;
+        self.peers[peer].call_async(
+            "Raft.InstallSnapshot",
+            &args,
+            move |r: Result<InstallSnapshotReply, RpcError>| core.on_snapshot_reply(peer, term, seq, index, r),
+        );
+    }
+
+    fn on_snapshot_reply(
+        self: &Arc<Core>,
+        peer: usize,
+        term: u64,
+        seq: u64,
+        index: u64,
+        r: Result<InstallSnapshotReply, RpcError>,
+    ) {
+        let mut st = self.state.lock();
+        if self.is_dead() {
+            return;
+        }
+        if st.peers[peer].inflight.is_some_and(|(s, _)| s == seq) {
+            st.peers[peer].inflight = None;
+        }
+        let Ok(reply) = r else { return };
+        if reply.term > st.term {
+            if self.step_down(&mut st, reply.term) {
+                self.persist(&st);
+            }
+            return;
+        }
+        if st.role != Role::Leader || st.term != term {
+            return;
+        }
+        let p = &mut st.peers[peer];
+        p.match_index = p.match_index.max(index);
+        p.next_index = p.next_index.max(index + 1);
+        self.advance_commit(&mut st);
+        let p = &st.peers[peer];
+        if p.dirty || p.next_index <= st.log.last_index() {
+            self.send_append(&mut st, peer);
+        }
+    }
+
+    /// Handles an InstallSnapshot: adopt the leader's snapshot unless we already have
+    /// everything it covers committed.
+    pub(crate) fn install_snapshot(&self, args: InstallSnapshotArgs) -> InstallSnapshotReply {
+        let mut st = self.state.lock();
+        if args.term < st.term || self.is_dead() {
+            return InstallSnapshotReply { term: st.term };
+        }
+        let changed = self.step_down(&mut st, args.term);
+        self.reset_election_timer(&mut st);
+        let index = args.last_included_index;
+        if index <= st.commit_index {
+            if changed {
+                self.persist(&st);
+            }
+            return InstallSnapshotReply { term: st.term };
+        }
+        if st.log.term_at(index) == Some(args.last_included_term) {
+            // Our log extends the snapshot consistently: keep what follows it.
+            st.log.compact_to(index);
+        } else {
+            st.log.reset_to(index, args.last_included_term);
+        }
+        st.snapshot = args.data;
+        st.commit_index = index;
+        st.snapshot_pending = true;
+        self.persist_with_snapshot(&st);
+        log::info!(target: "raft::snapshot", "raft-{} t{}: installed snapshot through {index} from {}", self.me, st.term, args.leader);
+        self.applier_cv.notify_all();
+        InstallSnapshotReply { term: st.term }
+    }
+}

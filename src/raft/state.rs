@@ -1,0 +1,205 @@
+//! The state of one peer and the transitions every part shares (step down, become leader,
+//! timers). One mutex guards all of it.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crossbeam::channel::{self, Receiver, Sender};
+use parking_lot::{Condvar, Mutex};
+use rand::Rng;
+
+use super::log::Log;
+use super::RaftError;
+use crate::labrpc::ClientEnd;
+use crate::tester::Persister;
+
+/// A leader sends at most this many heartbeats a second per peer (the tester allows ten).
+pub(super) const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
+/// Election timeouts are drawn from this range: well above the heartbeat interval, so a
+/// follower survives a lost heartbeat or two, and short enough to elect within the tester's
+/// five seconds even after a split vote or two.
+pub(super) const ELECTION_TIMEOUT_MIN_MS: u64 = 300;
+pub(super) const ELECTION_TIMEOUT_MAX_MS: u64 = 600;
+/// An AppendEntries unanswered for this long is presumed lost: another may be sent.
+pub(super) const INFLIGHT_STALE: Duration = Duration::from_millis(90);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Role {
+    Follower,
+    Candidate,
+    Leader,
+}
+
+/// What a leader knows about one follower.
+#[derive(Debug, Clone)]
+pub(super) struct Progress {
+    pub next_index: u64,
+    pub match_index: u64,
+    /// The call in flight, if any: its sequence number and when it was sent.
+    pub inflight: Option<(u64, Instant)>,
+    pub seq: u64,
+    /// Something new to send once the call in flight is answered.
+    pub dirty: bool,
+}
+
+pub(super) struct State {
+    // Persistent (Figure 2).
+    pub term: u64,
+    pub voted_for: Option<usize>,
+    pub log: Log,
+    /// The service's snapshot covering the log through `log.base_index()`.
+    pub snapshot: Vec<u8>,
+    // Volatile.
+    pub role: Role,
+    pub commit_index: u64,
+    /// The last index handed to the applier (delivered or about to be).
+    pub last_applied: u64,
+    /// A snapshot installed from the leader that the applier has yet to deliver.
+    pub snapshot_pending: bool,
+    pub election_deadline: Instant,
+    pub heartbeat_due: Instant,
+    pub votes: usize,
+    pub peers: Vec<Progress>,
+}
+
+pub(crate) struct Core {
+    pub me: usize,
+    pub peers: Vec<ClientEnd>,
+    pub persister: Persister,
+    pub state: Mutex<State>,
+    /// Wakes the ticker early (new leader, kill).
+    pub ticker_cv: Condvar,
+    /// Wakes the applier (commit advanced, snapshot installed, kill).
+    pub applier_cv: Condvar,
+    pub dead: AtomicBool,
+    /// Dropped on kill, which wakes an applier blocked on the apply channel.
+    kill_tx: Mutex<Option<Sender<()>>>,
+}
+
+pub(super) fn random_election_timeout() -> Duration {
+    Duration::from_millis(
+        rand::thread_rng().gen_range(ELECTION_TIMEOUT_MIN_MS..ELECTION_TIMEOUT_MAX_MS),
+    )
+}
+
+impl Core {
+    /// A peer restored from `persister`, and the receiver its applier watches for kill.
+    pub(super) fn restore(
+        peers: Vec<ClientEnd>,
+        me: usize,
+        persister: Persister,
+    ) -> Result<(Core, Receiver<()>), RaftError> {
+        let (term, voted_for, log) = super::persist::decode_state(me, &persister.read_raft_state())?;
+        let snapshot = persister.read_snapshot();
+        let n = peers.len();
+        let now = Instant::now();
+        let base = log.base_index();
+        let (kill_tx, kill_rx) = channel::bounded(0);
+        let state = State {
+            term,
+            voted_for,
+            snapshot,
+            role: Role::Follower,
+            // The service restores the snapshot itself; delivery resumes just after it.
+            commit_index: base,
+            last_applied: base,
+            snapshot_pending: false,
+            election_deadline: now + random_election_timeout(),
+            heartbeat_due: now,
+            votes: 0,
+            peers: vec![
+                Progress {
+                    next_index: log.last_index() + 1,
+                    match_index: 0,
+                    inflight: None,
+                    seq: 0,
+                    dirty: false,
+                };
+                n
+            ],
+            log,
+        };
+        log::info!(target: "raft::persist", "raft-{me} t{term}: restored, log ({base}..={}], voted {voted_for:?}", state.log.last_index());
+        Ok((
+            Core {
+                me,
+                peers,
+                persister,
+                state: Mutex::new(state),
+                ticker_cv: Condvar::new(),
+                applier_cv: Condvar::new(),
+                dead: AtomicBool::new(false),
+                kill_tx: Mutex::new(Some(kill_tx)),
+            },
+            kill_rx,
+        ))
+    }
+
+    pub(super) fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::SeqCst)
+    }
+
+    pub(super) fn majority(&self) -> usize {
+        self.peers.len() / 2 + 1
+    }
+
+    pub(crate) fn get_state(&self) -> (u64, bool) {
+        let st = self.state.lock();
+        (st.term, st.role == Role::Leader)
+    }
+
+    pub(crate) fn kill(&self) {
+        self.dead.store(true, Ordering::SeqCst);
+        // Take the lock so no thread is between checking `dead` and waiting.
+        drop(self.state.lock());
+        self.kill_tx.lock().take();
+        self.ticker_cv.notify_all();
+        self.applier_cv.notify_all();
+    }
+
+    /// Adopts a newer `term` seen in a message: forget the vote, become follower.
+    /// Returns true if the persistent state changed. Raft §5.1.
+    pub(super) fn step_down(&self, st: &mut State, term: u64) -> bool {
+        debug_assert!(term >= st.term, "raft-{} term going back {} -> {term}", self.me, st.term);
+        let changed = term > st.term;
+        if changed {
+            log::debug!(target: "raft::election", "raft-{} t{}: sees term {term}, follower", self.me, st.term);
+            st.term = term;
+            st.voted_for = None;
+        }
+        if st.role != Role::Follower {
+            st.role = Role::Follower;
+            self.ticker_cv.notify_all();
+        }
+        changed
+    }
+
+    pub(super) fn reset_election_timer(&self, st: &mut State) {
+        st.election_deadline = Instant::now() + random_election_timeout();
+    }
+
+    /// Elections and heartbeats: sleeps until the next deadline (or a wake-up) and acts on it.
+    pub(super) fn run_ticker(self: &std::sync::Arc<Core>) {
+        let mut st = self.state.lock();
+        while !self.is_dead() {
+            let now = Instant::now();
+            let next = if st.role == Role::Leader {
+                if now >= st.heartbeat_due {
+                    st.heartbeat_due = now + HEARTBEAT_INTERVAL;
+                    self.broadcast_append(&mut st);
+                }
+                st.heartbeat_due
+            } else {
+                if now >= st.election_deadline {
+                    self.start_election(&mut st);
+                }
+                st.election_deadline
+            };
+            if self.is_dead() {
+                break;
+            }
+            // Waiting releases the lock.
+            self.ticker_cv.wait_until(&mut st, next);
+        }
+    }
+}

@@ -9,6 +9,7 @@
 
 mod apply;
 mod election;
+pub mod harness;
 pub mod log;
 mod persist;
 mod replication;

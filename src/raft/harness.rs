@@ -1,0 +1,542 @@
+//! The tester's side of Lab 3, in the shape of the Go labs' `raft1/test.go` and `server.go`:
+//! a test service per peer that consumes the apply channel and checks what it gets, and the
+//! checks the Raft tests are written in (`one`, `check_one_leader`, `n_committed`, `wait`...).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use crossbeam::channel;
+use parking_lot::Mutex;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use super::{ApplyMsg, Raft};
+use crate::labcodec;
+use crate::labrpc::{ClientEnd, Service};
+use crate::tester::{Config, GRP0, IService, Persister, ServerGrp, StartFn, Tgid};
+
+/// The tester allows a second for an election.
+pub const ELECTION_TIMEOUT: Duration = Duration::from_millis(1000);
+/// The tester service snapshots every this many entries.
+pub const SNAPSHOT_INTERVAL: u64 = 10;
+/// The most persisted Raft state the snapshot tests tolerate.
+pub const MAX_LOG_SIZE: usize = 2000;
+
+/// A command in the Raft tests: an integer or a string, compared by value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TestCmd {
+    Int(i64),
+    Str(String),
+}
+
+impl TestCmd {
+    pub fn encode(&self) -> Vec<u8> {
+        labcodec::encode(self).unwrap_or_default()
+    }
+}
+
+impl From<i64> for TestCmd {
+    fn from(v: i64) -> Self {
+        TestCmd::Int(v)
+    }
+}
+
+impl From<String> for TestCmd {
+    fn from(v: String) -> Self {
+        TestCmd::Str(v)
+    }
+}
+
+/// A random non-negative command value, like Go's `rand.Int()`.
+pub fn rand_cmd() -> TestCmd {
+    TestCmd::Int(rand::thread_rng().gen_range(0..i64::MAX))
+}
+
+/// What every peer's service has applied, as the tester saw it.
+#[derive(Default)]
+struct Applied {
+    /// `logs[i][index]`: the command peer `i` applied at `index`.
+    logs: Vec<HashMap<u64, TestCmd>>,
+    max_index: u64,
+    /// The first error peer `i`'s apply stream showed.
+    errors: Vec<Option<String>>,
+}
+
+impl Applied {
+    /// Records that peer `i` applied `cmd` at `index`; an error if another peer applied
+    /// something else there.
+    fn check_and_record(&mut self, i: usize, index: u64, cmd: TestCmd) -> Result<(), String> {
+        for (j, log) in self.logs.iter().enumerate() {
+            if let Some(old) = log.get(&index) {
+                if *old != cmd {
+                    return Err(format!(
+                        "commit index={index} server={i} {cmd:?} != server={j} {old:?}"
+                    ));
+                }
+            }
+        }
+        self.logs[i].insert(index, cmd);
+        self.max_index = self.max_index.max(index);
+        Ok(())
+    }
+}
+
+/// The snapshot the tester service makes: the index and every command through it.
+#[derive(Serialize, Deserialize)]
+struct TestSnapshot {
+    last_included_index: u64,
+    log: Vec<Option<TestCmd>>,
+}
+
+/// The tester's service for one peer: runs the Raft and checks its apply stream.
+pub struct RfSrv {
+    me: usize,
+    raft: Mutex<Option<Arc<Raft>>>,
+    applier: Mutex<Option<JoinHandle<()>>>,
+    killed: Arc<AtomicBool>,
+}
+
+impl RfSrv {
+    fn start(
+        me: usize,
+        ends: Vec<ClientEnd>,
+        persister: Persister,
+        snapshot: bool,
+        applied: Arc<Mutex<Applied>>,
+    ) -> Arc<RfSrv> {
+        let (tx, rx) = channel::bounded::<ApplyMsg>(0);
+        let mut last_applied = 0;
+        if snapshot {
+            let data = persister.read_snapshot();
+            if !data.is_empty() {
+                match ingest_snapshot(&applied, me, &data, None) {
+                    Ok(i) => last_applied = i,
+                    Err(e) => applied.lock().errors[me] = Some(e),
+                }
+            }
+        }
+        let raft = match Raft::new(ends, me, persister, tx) {
+            Ok(r) => Arc::new(r),
+            Err(e) => panic!("tester: cannot start raft-{me}: {e}"),
+        };
+        let killed = Arc::new(AtomicBool::new(false));
+        let srv = Arc::new(RfSrv {
+            me,
+            raft: Mutex::new(Some(raft.clone())),
+            applier: Mutex::new(None),
+            killed: killed.clone(),
+        });
+        let weak_raft = Arc::downgrade(&raft);
+        let handle = thread::Builder::new()
+            .name(format!("tester-applier-{me}"))
+            .spawn(move || {
+                let mut last_applied = last_applied;
+                for m in rx {
+                    if killed.load(Ordering::SeqCst) {
+                        continue; // drain until Raft closes the channel
+                    }
+                    let r = if snapshot {
+                        apply_snap(&applied, me, m, &mut last_applied, &weak_raft)
+                    } else {
+                        apply_plain(&applied, me, m)
+                    };
+                    if let Err(e) = r {
+                        log::error!(target: "tester", "server {me}: {e}");
+                        let mut a = applied.lock();
+                        if a.errors[me].is_none() {
+                            a.errors[me] = Some(e);
+                        }
+                    }
+                }
+            })
+            .expect("tester: cannot start an applier thread");
+        *srv.applier.lock() = Some(handle);
+        srv
+    }
+
+    pub fn raft(&self) -> Option<Arc<Raft>> {
+        self.raft.lock().clone()
+    }
+}
+
+fn apply_plain(applied: &Mutex<Applied>, me: usize, m: ApplyMsg) -> Result<(), String> {
+    let ApplyMsg::Command { index, command, .. } = m else {
+        return Err(format!("server {me}: snapshot delivered without snapshots"));
+    };
+    let cmd: TestCmd = labcodec::decode(&command).map_err(|e| e.to_string())?;
+    let mut a = applied.lock();
+    a.check_and_record(me, index, cmd)?;
+    if index > 1 && !a.logs[me].contains_key(&(index - 1)) {
+        return Err(format!("server {me} apply out of order {index}"));
+    }
+    Ok(())
+}
+
+fn apply_snap(
+    applied: &Mutex<Applied>,
+    me: usize,
+    m: ApplyMsg,
+    last_applied: &mut u64,
+    raft: &std::sync::Weak<Raft>,
+) -> Result<(), String> {
+    match m {
+        ApplyMsg::Snapshot { index, data, .. } => {
+            *last_applied = ingest_snapshot(applied, me, &data, Some(index))?;
+            Ok(())
+        }
+        ApplyMsg::Command { index, command, .. } => {
+            if index != *last_applied + 1 {
+                return Err(format!(
+                    "server {me} apply out of order, expected index {}, got {index}",
+                    *last_applied + 1
+                ));
+            }
+            let cmd: TestCmd = labcodec::decode(&command).map_err(|e| e.to_string())?;
+            let snap = {
+                let mut a = applied.lock();
+                a.check_and_record(me, index, cmd)?;
+                *last_applied = index;
+                if (index + 1) % SNAPSHOT_INTERVAL == 0 {
+                    let log = (0..=index).map(|j| a.logs[me].get(&j).cloned()).collect();
+                    Some(TestSnapshot {
+                        last_included_index: index,
+                        log,
+                    })
+                } else {
+                    None
+                }
+            };
+            if let Some(s) = snap {
+                let bytes = labcodec::encode(&s).map_err(|e| e.to_string())?;
+                // Called from the thread draining the apply channel, as a service would.
+                if let Some(r) = raft.upgrade() {
+                    r.snapshot(index, bytes);
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Replaces peer `me`'s applied log by a snapshot's; returns its last index.
+fn ingest_snapshot(
+    applied: &Mutex<Applied>,
+    me: usize,
+    data: &[u8],
+    index: Option<u64>,
+) -> Result<u64, String> {
+    let s: TestSnapshot =
+        labcodec::decode(data).map_err(|e| format!("server {me}: bad snapshot: {e}"))?;
+    if let Some(i) = index {
+        if i != s.last_included_index {
+            return Err(format!(
+                "server {me} snapshot index {i} but snapshot holds {}",
+                s.last_included_index
+            ));
+        }
+    }
+    let mut a = applied.lock();
+    let log: HashMap<u64, TestCmd> = s
+        .log
+        .into_iter()
+        .enumerate()
+        .filter_map(|(j, c)| c.map(|c| (j as u64, c)))
+        .collect();
+    for (&j, c) in &log {
+        a.max_index = a.max_index.max(j);
+        let _ = c;
+    }
+    a.logs[me] = log;
+    Ok(s.last_included_index)
+}
+
+impl IService for RfSrv {
+    fn kill(&self) {
+        self.killed.store(true, Ordering::SeqCst);
+        let raft = self.raft.lock().take();
+        if let Some(r) = raft {
+            r.kill(); // closes the apply channel, which ends the applier below
+        }
+        if let Some(h) = self.applier.lock().take() {
+            let _ = h.join();
+        }
+        log::debug!(target: "tester", "server {} killed", self.me);
+    }
+
+    fn rpc_service(self: Arc<Self>) -> Option<Service> {
+        self.raft().map(|r| r.rpc_service())
+    }
+}
+
+/// One Raft test: a group of peers on a network with long delays, and the checks.
+pub struct Test {
+    pub cfg: Arc<Config>,
+    n: usize,
+    srvs: Arc<Mutex<Vec<Option<Arc<RfSrv>>>>>,
+    applied: Arc<Mutex<Applied>>,
+    finished: AtomicBool,
+}
+
+impl Test {
+    /// `n` peers, reliable or not, with the snapshotting tester service or not.
+    pub fn new(n: usize, reliable: bool, snapshot: bool) -> Test {
+        let srvs: Arc<Mutex<Vec<Option<Arc<RfSrv>>>>> = Arc::new(Mutex::new(vec![None; n]));
+        let applied = Arc::new(Mutex::new(Applied {
+            logs: vec![HashMap::new(); n],
+            max_index: 0,
+            errors: vec![None; n],
+        }));
+        let start_fn: StartFn = {
+            let srvs = srvs.clone();
+            let applied = applied.clone();
+            Arc::new(
+                move |ends: Vec<ClientEnd>, _gid: Tgid, i: usize, persister: Persister| {
+                    let s = RfSrv::start(i, ends, persister, snapshot, applied.clone());
+                    srvs.lock()[i] = Some(s.clone());
+                    vec![s as Arc<dyn IService>]
+                },
+            )
+        };
+        let cfg = Config::new(n, reliable, start_fn);
+        // Calls to disconnected peers take up to 7 s to fail: Raft must not wait for them.
+        cfg.set_long_delays(true);
+        Test {
+            cfg,
+            n,
+            srvs,
+            applied,
+            finished: AtomicBool::new(false),
+        }
+    }
+
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    pub fn g(&self) -> Arc<ServerGrp> {
+        self.cfg.group(GRP0)
+    }
+
+    pub fn begin(&self, desc: &str) {
+        self.cfg.begin(desc);
+    }
+
+    /// The live Raft of peer `i`, if it runs.
+    pub fn raft(&self, i: usize) -> Option<Arc<Raft>> {
+        self.srvs.lock()[i].as_ref().and_then(|s| s.raft())
+    }
+
+    pub fn fatal(&self, msg: &str) -> ! {
+        self.cfg.fatal(msg)
+    }
+
+    /// Restarts peer `i` from what it persisted and reconnects everybody.
+    pub fn restart(&self, i: usize) {
+        self.g().start_server(i);
+        self.g().connect_all();
+    }
+
+    pub fn shutdown_server(&self, i: usize) {
+        self.g().shutdown_server(i);
+        self.srvs.lock()[i] = None;
+    }
+
+    /// Waits for exactly one leader among the connected peers and returns it.
+    pub fn check_one_leader(&self) -> usize {
+        let mut rng = rand::thread_rng();
+        for _ in 0..10 {
+            thread::sleep(Duration::from_millis(450 + rng.gen_range(0..100)));
+            let mut leaders: HashMap<u64, Vec<usize>> = HashMap::new();
+            for i in 0..self.n {
+                if !self.g().is_connected(i) {
+                    continue;
+                }
+                if let Some(r) = self.raft(i) {
+                    let (term, leader) = r.get_state();
+                    if leader {
+                        leaders.entry(term).or_default().push(i);
+                    }
+                }
+            }
+            let mut last_term = None;
+            for (&term, ls) in &leaders {
+                if ls.len() > 1 {
+                    self.fatal(&format!("term {term} has {} (>1) leaders: {ls:?}", ls.len()));
+                }
+                if last_term.is_none_or(|t| term > t) {
+                    last_term = Some(term);
+                }
+            }
+            if let Some(t) = last_term {
+                return leaders[&t][0];
+            }
+        }
+        self.fatal("expected one leader, got none")
+    }
+
+    /// All connected peers agree on the term; returns it.
+    pub fn check_terms(&self) -> u64 {
+        let mut term = None;
+        for i in 0..self.n {
+            if !self.g().is_connected(i) {
+                continue;
+            }
+            if let Some(r) = self.raft(i) {
+                let (t, _) = r.get_state();
+                match term {
+                    None => term = Some(t),
+                    Some(t0) if t0 != t => self.fatal(&format!("servers disagree on term ({t0} vs {t} at server {i})")),
+                    _ => {}
+                }
+            }
+        }
+        term.unwrap_or(0)
+    }
+
+    /// No connected peer claims to lead.
+    pub fn check_no_leader(&self) {
+        for i in 0..self.n {
+            if !self.g().is_connected(i) {
+                continue;
+            }
+            if let Some(r) = self.raft(i) {
+                if r.get_state().1 {
+                    self.fatal(&format!("expected no leader among connected servers, but {i} claims to be leader"));
+                }
+            }
+        }
+    }
+
+    fn check_apply_errors(&self) {
+        let a = self.applied.lock();
+        if let Some((i, e)) = a.errors.iter().enumerate().find_map(|(i, e)| e.as_ref().map(|e| (i, e))) {
+            let msg = format!("apply error at server {i}: {e}");
+            drop(a);
+            self.fatal(&msg);
+        }
+    }
+
+    /// How many peers applied `index`, and what (all must agree).
+    pub fn n_committed(&self, index: u64) -> (usize, Option<TestCmd>) {
+        self.check_apply_errors();
+        let a = self.applied.lock();
+        let mut count = 0;
+        let mut cmd: Option<TestCmd> = None;
+        for (i, log) in a.logs.iter().enumerate() {
+            if let Some(c) = log.get(&index) {
+                if let Some(prev) = &cmd {
+                    if prev != c {
+                        let msg = format!("committed values at index {index} do not match ({prev:?} vs {c:?} at server {i})");
+                        drop(a);
+                        self.fatal(&msg);
+                    }
+                }
+                count += 1;
+                cmd = Some(c.clone());
+            }
+        }
+        (count, cmd)
+    }
+
+    pub fn check_no_agreement(&self, index: u64) {
+        let (n, _) = self.n_committed(index);
+        if n > 0 {
+            self.fatal(&format!("{n} committed but no majority"));
+        }
+    }
+
+    /// Gets `cmd` committed by at least `expected` peers and returns its index. With `retry`,
+    /// re-proposes it if the leader it went to failed; gives up after 10 s.
+    pub fn one(&self, cmd: impl Into<TestCmd>, expected: usize, retry: bool) -> u64 {
+        let cmd: TestCmd = cmd.into();
+        let bytes = cmd.encode();
+        let t0 = Instant::now();
+        let mut starts = 0;
+        while t0.elapsed() < Duration::from_secs(10) && !self.finished.load(Ordering::SeqCst) {
+            let mut index = None;
+            for _ in 0..self.n {
+                starts = (starts + 1) % self.n;
+                if !self.g().is_connected(starts) {
+                    continue;
+                }
+                if let Some(r) = self.raft(starts) {
+                    let (i, _, ok) = r.start(bytes.clone());
+                    if ok {
+                        index = Some(i);
+                        break;
+                    }
+                }
+            }
+            if let Some(index) = index {
+                let t1 = Instant::now();
+                while t1.elapsed() < Duration::from_secs(2) {
+                    let (nd, c) = self.n_committed(index);
+                    if nd > 0 && nd >= expected && c.as_ref() == Some(&cmd) {
+                        return index;
+                    }
+                    thread::sleep(Duration::from_millis(20));
+                }
+                if !retry {
+                    self.fatal(&format!("one({cmd:?}) failed to reach agreement"));
+                }
+            } else {
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
+        if self.finished.load(Ordering::SeqCst) {
+            return 0;
+        }
+        self.fatal(&format!("one({cmd:?}) failed to reach agreement"))
+    }
+
+    /// Waits for at least `n` peers to commit `index`. Returns `None` if some peer's term
+    /// moved past `start_term` (when given) meanwhile.
+    pub fn wait(&self, index: u64, n: usize, start_term: Option<u64>) -> Option<TestCmd> {
+        let mut to = Duration::from_millis(10);
+        for _ in 0..30 {
+            let (nd, _) = self.n_committed(index);
+            if nd >= n {
+                break;
+            }
+            thread::sleep(to);
+            if to < Duration::from_secs(1) {
+                to *= 2;
+            }
+            if let Some(st) = start_term {
+                for i in 0..self.n {
+                    if let Some(r) = self.raft(i) {
+                        if r.get_state().0 > st {
+                            return None;
+                        }
+                    }
+                }
+            }
+        }
+        let (nd, cmd) = self.n_committed(index);
+        if nd < n {
+            self.fatal(&format!("only {nd} decided for index {index}; wanted {n}"));
+        }
+        cmd
+    }
+
+    /// RPCs delivered to all peers so far.
+    pub fn rpcs(&self) -> usize {
+        (0..self.n).map(|i| self.g().rpc_count(i)).sum()
+    }
+
+    /// Prints the "Passed" line and shuts everything down.
+    pub fn end(&self) {
+        self.finished.store(true, Ordering::SeqCst);
+        self.cfg.end();
+    }
+}
+
+impl Drop for Test {
+    fn drop(&mut self) {
+        self.finished.store(true, Ordering::SeqCst);
+        self.cfg.cleanup();
+    }
+}

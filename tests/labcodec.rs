@@ -5,9 +5,9 @@
 
 use std::collections::HashMap;
 
+use raftkv::labcodec::{self, CodecError};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use raftkv::labcodec::{self, CodecError};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -56,7 +56,9 @@ fn junk_service(js: &Arc<JunkServer>) -> Service {
             x: "no pointer".to_string(),
         })
         .method("Handler6", |args: String| -> i64 { args.len() as i64 })
-        .method("Handler7", |args: i64| -> String { "y".repeat(args as usize) })
+        .method("Handler7", |args: i64| -> String {
+            "y".repeat(args as usize)
+        })
 }
 
 /// A network that is cleaned up when the test ends, like Go's `defer rn.Cleanup()`.
@@ -108,13 +110,9 @@ fn basic() {
 #[test]
 fn types() {
     let (_net, _js, e) = basic_setup();
-    let reply: JunkReply = e
-        .call("JunkServer.Handler4", &JunkArgs::default())
-        .unwrap();
+    let reply: JunkReply = e.call("JunkServer.Handler4", &JunkArgs::default()).unwrap();
     assert_eq!(reply.x, "pointer", "wrong reply from Handler4");
-    let reply: JunkReply = e
-        .call("JunkServer.Handler5", &JunkArgs { x: 7 })
-        .unwrap();
+    let reply: JunkReply = e.call("JunkServer.Handler5", &JunkArgs { x: 7 }).unwrap();
     assert_eq!(reply.x, "no pointer", "wrong reply from Handler5");
 
     // A String where Handler4 wants a JunkArgs: decoded on the server, leaves trailing bytes.
@@ -212,7 +210,10 @@ fn bytes() {
         assert_eq!(reply, args.len() as i64, "wrong reply from Handler6");
     }
     let n = net.total_bytes();
-    assert!((4828..=6000).contains(&n), "total bytes {n}, expected about 5000");
+    assert!(
+        (4828..=6000).contains(&n),
+        "total bytes {n}, expected about 5000"
+    );
     assert_eq!(n, 17 * (287 + 3));
 
     for _ in 0..17 {
@@ -220,7 +221,10 @@ fn bytes() {
         assert_eq!(reply.len(), 107, "wrong reply length from Handler7");
     }
     let nn = net.total_bytes() - n;
-    assert!((1800..=2500).contains(&nn), "bytes {nn}, expected about 2000");
+    assert!(
+        (1800..=2500).contains(&nn),
+        "bytes {nn}, expected about 2000"
+    );
     assert_eq!(nn, 17 * (1 + 108));
 }
 
@@ -307,14 +311,22 @@ fn concurrent_one() {
         thread::spawn(move || {
             let arg = 100 + i as i64;
             let reply: String = e.call("JunkServer.Handler2", &arg).unwrap();
-            assert_eq!(reply, format!("handler2-{arg}"), "wrong reply from Handler2");
+            assert_eq!(
+                reply,
+                format!("handler2-{arg}"),
+                "wrong reply from Handler2"
+            );
             tx.send(1).unwrap();
         });
     }
     drop(tx);
     let total: usize = rx.iter().sum();
     assert_eq!(total, nrpcs, "wrong number of RPCs completed");
-    assert_eq!(js.log2.lock().len(), nrpcs, "wrong number of RPCs delivered");
+    assert_eq!(
+        js.log2.lock().len(),
+        nrpcs,
+        "wrong number of RPCs delivered"
+    );
     assert_eq!(net.count("1000"), total, "wrong count");
 }
 
@@ -422,7 +434,11 @@ fn long_delay_race() {
 
     net.set_long_delays(true);
     if let Ok(r) = done_rx.recv_timeout(Duration::from_millis(200)) {
-        assert_eq!(r, Err(RpcError::NoReply), "call to a deleted server succeeded");
+        assert_eq!(
+            r,
+            Err(RpcError::NoReply),
+            "call to a deleted server succeeded"
+        );
     }
     net.set_long_delays(true);
 }

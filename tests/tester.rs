@@ -43,11 +43,13 @@ struct Started {
 
 fn test_server_start(started: &Arc<Started>) -> StartFn {
     let started = started.clone();
-    Arc::new(move |_ends: Vec<ClientEnd>, _gid: Tgid, _srv: usize, _p: Persister| {
-        let s = Arc::new(TestServer::default());
-        started.servers.lock().push(s.clone());
-        vec![s as Arc<dyn IService>]
-    })
+    Arc::new(
+        move |_ends: Vec<ClientEnd>, _gid: Tgid, _srv: usize, _p: Persister| {
+            let s = Arc::new(TestServer::default());
+            started.servers.lock().push(s.clone());
+            vec![s as Arc<dyn IService>]
+        },
+    )
 }
 
 fn get(cfg: &Config, clnt: &raftkv::tester::Clnt) -> Result<GetReply, RpcError> {
@@ -173,7 +175,11 @@ fn partition_cuts_between_halves_only() {
     let g = cfg.group(GRP0);
     let (p1, p2) = g.make_partition(2);
     g.partition(&p1, &p2);
-    assert_eq!(g.get_connected(), vec![true; 5], "every server marked connected");
+    assert_eq!(
+        g.get_connected(),
+        vec![true; 5],
+        "every server marked connected"
+    );
     for i in 0..5 {
         for j in 0..5 {
             let same_side = p1.contains(&i) == p1.contains(&j);
@@ -213,7 +219,10 @@ fn disconnect_all_cuts_peers_not_clients() {
 
     g.connect_one(1);
     for i in 0..3 {
-        assert!(peers.reaches(i, 1) && peers.reaches(1, i), "{i}<->1 reconnected");
+        assert!(
+            peers.reaches(i, 1) && peers.reaches(1, i),
+            "{i}<->1 reconnected"
+        );
     }
 }
 
@@ -234,7 +243,11 @@ fn persister_copy_on_crash() {
     g.start_server(0);
     g.connect_one(0);
     let new = peers.persisters.lock()[&0].clone();
-    assert_eq!(new.read_raft_state(), b"state-1", "restart sees the last saved state");
+    assert_eq!(
+        new.read_raft_state(),
+        b"state-1",
+        "restart sees the last saved state"
+    );
     assert_eq!(new.read_snapshot(), b"snap-1");
 
     // The restarted instance's writes are what the group sees; the old object is separate.

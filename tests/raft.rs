@@ -6,11 +6,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::Duration;
 
-use rand::Rng;
 use raftkv::raft::harness::{
     ELECTION_TIMEOUT, MAX_LOG_SIZE, SNAPSHOT_INTERVAL, Test, TestCmd, rand_cmd,
 };
 use raftkv::tester::randstring;
+use rand::Rng;
 
 fn sleep(d: Duration) {
     thread::sleep(d);
@@ -142,7 +142,9 @@ fn rpc_bytes_3b() {
     let got = bytes1 - bytes0;
     let expected = servers as u64 * sent;
     if got > expected + 50000 {
-        ts.fatal(&format!("too many RPC bytes; got {got}, expected {expected}"));
+        ts.fatal(&format!(
+            "too many RPC bytes; got {got}, expected {expected}"
+        ));
     }
     ts.end();
 }
@@ -310,11 +312,11 @@ fn concurrent_starts_3b() {
             .filter_map(|h| h.join().unwrap())
             .collect();
         for j in 0..servers {
-            if let Some(r) = ts.raft(j) {
-                if r.get_state().0 != term {
-                    // Term changed -- can't expect low RPC counts.
-                    continue 'tries;
-                }
+            if let Some(r) = ts.raft(j)
+                && r.get_state().0 != term
+            {
+                // Term changed -- can't expect low RPC counts.
+                continue 'tries;
             }
         }
         let mut cmds = Vec::new();
@@ -437,7 +439,9 @@ fn count_3b() {
     let leader = ts.check_one_leader();
     let total1 = ts.rpcs();
     if !(1..=30).contains(&total1) {
-        ts.fatal(&format!("too many or few RPCs ({total1}) to elect initial leader"));
+        ts.fatal(&format!(
+            "too many or few RPCs ({total1}) to elect initial leader"
+        ));
     }
     let mut total2 = 0;
     let mut success = false;
@@ -477,7 +481,11 @@ fn count_3b() {
                 None => continue 'tries, // term changed -- try again
                 Some(cmd) => {
                     if cmd != TestCmd::Int(cmds[i as usize - 1]) {
-                        ts.fatal(&format!("wrong value {cmd:?} committed for index {}; expected {:?}", starti + i, cmds));
+                        ts.fatal(&format!(
+                            "wrong value {cmd:?} committed for index {}; expected {:?}",
+                            starti + i,
+                            cmds
+                        ));
                     }
                 }
             }
@@ -485,12 +493,12 @@ fn count_3b() {
         let mut failed = false;
         total2 = 0;
         for j in 0..servers {
-            if let Some(r) = ts.raft(j) {
-                if r.get_state().0 != term {
-                    // Term changed -- can't expect low RPC counts; need to keep going to
-                    // update total2.
-                    failed = true;
-                }
+            if let Some(r) = ts.raft(j)
+                && r.get_state().0 != term
+            {
+                // Term changed -- can't expect low RPC counts; need to keep going to
+                // update total2.
+                failed = true;
             }
             total2 += ts.g().rpc_count(j);
         }
@@ -499,7 +507,10 @@ fn count_3b() {
         }
         let max = (iters as usize + 1 + 3) * 3;
         if total2 - total1 > max {
-            ts.fatal(&format!("too many RPCs ({}) for {iters} entries", total2 - total1));
+            ts.fatal(&format!(
+                "too many RPCs ({}) for {iters} entries",
+                total2 - total1
+            ));
         }
         success = true;
         break;
@@ -510,7 +521,10 @@ fn count_3b() {
     sleep(ELECTION_TIMEOUT);
     let total3 = ts.rpcs();
     if total3 - total2 > 3 * 20 {
-        ts.fatal(&format!("too many RPCs ({}) for 1 second of idleness", total3 - total2));
+        ts.fatal(&format!(
+            "too many RPCs ({}) for 1 second of idleness",
+            total3 - total2
+        ));
     }
     let _ = leader;
     ts.end();
@@ -619,7 +633,9 @@ fn figure8_3c() {
             }
         }
         if rand_below(1000) < 100 {
-            sleep(Duration::from_millis(rand_below(ELECTION_TIMEOUT.as_millis() as u64 / 2)));
+            sleep(Duration::from_millis(rand_below(
+                ELECTION_TIMEOUT.as_millis() as u64 / 2,
+            )));
         } else {
             sleep(Duration::from_millis(rand_below(13)));
         }
@@ -688,15 +704,17 @@ fn figure8_unreliable_3c() {
             }
         }
         if rand_below(1000) < 100 {
-            sleep(Duration::from_millis(rand_below(ELECTION_TIMEOUT.as_millis() as u64 / 2)));
+            sleep(Duration::from_millis(rand_below(
+                ELECTION_TIMEOUT.as_millis() as u64 / 2,
+            )));
         } else {
             sleep(Duration::from_millis(rand_below(13)));
         }
-        if let Some(l) = leader {
-            if rand_below(1000) < ELECTION_TIMEOUT.as_millis() as u64 / 2 {
-                ts.g().disconnect_all(l);
-                nup -= 1;
-            }
+        if let Some(l) = leader
+            && rand_below(1000) < ELECTION_TIMEOUT.as_millis() as u64 / 2
+        {
+            ts.g().disconnect_all(l);
+            nup -= 1;
         }
         if nup < 3 {
             let s = rand_below(servers as u64) as usize;
@@ -867,7 +885,10 @@ fn snapcommon(name: &str, disconnect: bool, reliable: bool, crash: bool) {
             ts.one(rand_cmd(), servers - 1, true);
         }
         if ts.g().log_size() >= MAX_LOG_SIZE {
-            ts.fatal(&format!("Log size too large ({} >= {MAX_LOG_SIZE})", ts.g().log_size()));
+            ts.fatal(&format!(
+                "Log size too large ({} >= {MAX_LOG_SIZE})",
+                ts.g().log_size()
+            ));
         }
         if disconnect {
             // Reconnect a follower, who maybe behind and needs to receive a snapshot to
@@ -892,12 +913,22 @@ fn snapshot_basic_3d() {
 
 #[test]
 fn snapshot_install_3d() {
-    snapcommon("Test (3D): install snapshots (disconnect)", true, true, false);
+    snapcommon(
+        "Test (3D): install snapshots (disconnect)",
+        true,
+        true,
+        false,
+    );
 }
 
 #[test]
 fn snapshot_install_unreliable_3d() {
-    snapcommon("Test (3D): install snapshots (disconnect+unreliable)", true, false, false);
+    snapcommon(
+        "Test (3D): install snapshots (disconnect+unreliable)",
+        true,
+        false,
+        false,
+    );
 }
 
 #[test]
@@ -907,7 +938,12 @@ fn snapshot_install_crash_3d() {
 
 #[test]
 fn snapshot_install_uncrash_3d() {
-    snapcommon("Test (3D): install snapshots (unreliable+crash)", false, false, true);
+    snapcommon(
+        "Test (3D): install snapshots (unreliable+crash)",
+        false,
+        false,
+        true,
+    );
 }
 
 /// Do all servers persist their snapshots, and restart using snapshot along with the tail

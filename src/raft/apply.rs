@@ -10,7 +10,8 @@ impl Core {
         loop {
             let msgs = {
                 let mut st = self.state.lock();
-                while !self.is_dead() && !st.snapshot_pending && st.last_applied >= st.commit_index {
+                while !self.is_dead() && !st.snapshot_pending && st.last_applied >= st.commit_index
+                {
                     self.applier_cv.wait(&mut st);
                 }
                 if self.is_dead() {
@@ -19,7 +20,12 @@ impl Core {
                 if st.snapshot_pending {
                     st.snapshot_pending = false;
                     let index = st.log.base_index();
-                    debug_assert!(index > st.last_applied, "raft-{} snapshot {index} would move the service back from {}", self.me, st.last_applied);
+                    debug_assert!(
+                        index > st.last_applied,
+                        "raft-{} snapshot {index} would move the service back from {}",
+                        self.me,
+                        st.last_applied
+                    );
                     st.last_applied = index;
                     log::debug!(target: "raft::apply", "raft-{} t{}: deliver snapshot through {index}", self.me, st.term);
                     vec![ApplyMsg::Snapshot {
@@ -30,7 +36,12 @@ impl Core {
                 } else {
                     let from = st.last_applied + 1;
                     let to = st.commit_index;
-                    debug_assert!(from > st.log.base_index(), "raft-{} applying {from} inside snapshot through {}", self.me, st.log.base_index());
+                    debug_assert!(
+                        from > st.log.base_index(),
+                        "raft-{} applying {from} inside snapshot through {}",
+                        self.me,
+                        st.log.base_index()
+                    );
                     let msgs: Vec<ApplyMsg> = st
                         .log
                         .slice(from, to)

@@ -38,7 +38,12 @@ impl Core {
         }
     }
 
-    fn on_vote_reply(self: &Arc<Core>, peer: usize, term: u64, r: Result<RequestVoteReply, RpcError>) {
+    fn on_vote_reply(
+        self: &Arc<Core>,
+        peer: usize,
+        term: u64,
+        r: Result<RequestVoteReply, RpcError>,
+    ) {
         let Ok(reply) = r else { return };
         let mut st = self.state.lock();
         if self.is_dead() {
@@ -85,7 +90,8 @@ impl Core {
         if args.term > st.term {
             changed = self.step_down(&mut st, args.term);
         }
-        let up_to_date = (args.last_log_term, args.last_log_index) >= (st.log.last_term(), st.log.last_index());
+        let up_to_date =
+            (args.last_log_term, args.last_log_index) >= (st.log.last_term(), st.log.last_index());
         let granted = args.term == st.term
             && !self.is_dead()
             && st.voted_for.is_none_or(|v| v == args.candidate)

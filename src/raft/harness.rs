@@ -70,12 +70,12 @@ impl Applied {
     /// something else there.
     fn check_and_record(&mut self, i: usize, index: u64, cmd: TestCmd) -> Result<(), String> {
         for (j, log) in self.logs.iter().enumerate() {
-            if let Some(old) = log.get(&index) {
-                if *old != cmd {
-                    return Err(format!(
-                        "commit index={index} server={i} {cmd:?} != server={j} {old:?}"
-                    ));
-                }
+            if let Some(old) = log.get(&index)
+                && *old != cmd
+            {
+                return Err(format!(
+                    "commit index={index} server={i} {cmd:?} != server={j} {old:?}"
+                ));
             }
         }
         self.logs[i].insert(index, cmd);
@@ -230,13 +230,13 @@ fn ingest_snapshot(
 ) -> Result<u64, String> {
     let s: TestSnapshot =
         labcodec::decode(data).map_err(|e| format!("server {me}: bad snapshot: {e}"))?;
-    if let Some(i) = index {
-        if i != s.last_included_index {
-            return Err(format!(
-                "server {me} snapshot index {i} but snapshot holds {}",
-                s.last_included_index
-            ));
-        }
+    if let Some(i) = index
+        && i != s.last_included_index
+    {
+        return Err(format!(
+            "server {me} snapshot index {i} but snapshot holds {}",
+            s.last_included_index
+        ));
     }
     let mut a = applied.lock();
     let log: HashMap<u64, TestCmd> = s
@@ -364,7 +364,10 @@ impl Test {
             let mut last_term = None;
             for (&term, ls) in &leaders {
                 if ls.len() > 1 {
-                    self.fatal(&format!("term {term} has {} (>1) leaders: {ls:?}", ls.len()));
+                    self.fatal(&format!(
+                        "term {term} has {} (>1) leaders: {ls:?}",
+                        ls.len()
+                    ));
                 }
                 if last_term.is_none_or(|t| term > t) {
                     last_term = Some(term);
@@ -388,7 +391,9 @@ impl Test {
                 let (t, _) = r.get_state();
                 match term {
                     None => term = Some(t),
-                    Some(t0) if t0 != t => self.fatal(&format!("servers disagree on term ({t0} vs {t} at server {i})")),
+                    Some(t0) if t0 != t => self.fatal(&format!(
+                        "servers disagree on term ({t0} vs {t} at server {i})"
+                    )),
                     _ => {}
                 }
             }
@@ -402,17 +407,24 @@ impl Test {
             if !self.g().is_connected(i) {
                 continue;
             }
-            if let Some(r) = self.raft(i) {
-                if r.get_state().1 {
-                    self.fatal(&format!("expected no leader among connected servers, but {i} claims to be leader"));
-                }
+            if let Some(r) = self.raft(i)
+                && r.get_state().1
+            {
+                self.fatal(&format!(
+                    "expected no leader among connected servers, but {i} claims to be leader"
+                ));
             }
         }
     }
 
     fn check_apply_errors(&self) {
         let a = self.applied.lock();
-        if let Some((i, e)) = a.errors.iter().enumerate().find_map(|(i, e)| e.as_ref().map(|e| (i, e))) {
+        if let Some((i, e)) = a
+            .errors
+            .iter()
+            .enumerate()
+            .find_map(|(i, e)| e.as_ref().map(|e| (i, e)))
+        {
             let msg = format!("apply error at server {i}: {e}");
             drop(a);
             self.fatal(&msg);
@@ -427,12 +439,14 @@ impl Test {
         let mut cmd: Option<TestCmd> = None;
         for (i, log) in a.logs.iter().enumerate() {
             if let Some(c) = log.get(&index) {
-                if let Some(prev) = &cmd {
-                    if prev != c {
-                        let msg = format!("committed values at index {index} do not match ({prev:?} vs {c:?} at server {i})");
-                        drop(a);
-                        self.fatal(&msg);
-                    }
+                if let Some(prev) = &cmd
+                    && prev != c
+                {
+                    let msg = format!(
+                        "committed values at index {index} do not match ({prev:?} vs {c:?} at server {i})"
+                    );
+                    drop(a);
+                    self.fatal(&msg);
                 }
                 count += 1;
                 cmd = Some(c.clone());
@@ -507,10 +521,10 @@ impl Test {
             }
             if let Some(st) = start_term {
                 for i in 0..self.n {
-                    if let Some(r) = self.raft(i) {
-                        if r.get_state().0 > st {
-                            return None;
-                        }
+                    if let Some(r) = self.raft(i)
+                        && r.get_state().0 > st
+                    {
+                        return None;
                     }
                 }
             }

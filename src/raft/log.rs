@@ -55,7 +55,11 @@ impl Log {
 
     /// Entries from `index` to the end (empty if `index` is past the end).
     pub fn entries_from(&self, index: u64) -> &[Entry] {
-        debug_assert!(index > self.base_index, "entries_from({index}) at or below base {}", self.base_index);
+        debug_assert!(
+            index > self.base_index,
+            "entries_from({index}) at or below base {}",
+            self.base_index
+        );
         let start = (index.saturating_sub(self.base_index + 1) as usize).min(self.entries.len());
         &self.entries[start..]
     }

@@ -43,7 +43,11 @@ pub enum ApplyMsg {
         command: Vec<u8>,
     },
     /// A snapshot from the leader that replaces the service's state up to `index`.
-    Snapshot { index: u64, term: u64, data: Vec<u8> },
+    Snapshot {
+        index: u64,
+        term: u64,
+        data: Vec<u8>,
+    },
 }
 
 /// Why a Raft peer could not start.
@@ -99,7 +103,10 @@ impl Raft {
         };
         let ticker = {
             let core = core.clone();
-            spawn(format!("raft-{me}-ticker"), Box::new(move || core.run_ticker()))?
+            spawn(
+                format!("raft-{me}-ticker"),
+                Box::new(move || core.run_ticker()),
+            )?
         };
         let applier = {
             let core = core.clone();

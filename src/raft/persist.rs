@@ -16,7 +16,10 @@ struct PersistentState {
 }
 
 /// Decodes persisted state; empty means a fresh peer.
-pub(super) fn decode_state(me: usize, bytes: &[u8]) -> Result<(u64, Option<usize>, Log), RaftError> {
+pub(super) fn decode_state(
+    me: usize,
+    bytes: &[u8],
+) -> Result<(u64, Option<usize>, Log), RaftError> {
     if bytes.is_empty() {
         return Ok((0, None, Log::default()));
     }
@@ -27,7 +30,11 @@ pub(super) fn decode_state(me: usize, bytes: &[u8]) -> Result<(u64, Option<usize
     if ps.log.last_term() > ps.term {
         return Err(RaftError::CorruptState {
             peer: me,
-            reason: format!("log holds term {} beyond current term {}", ps.log.last_term(), ps.term),
+            reason: format!(
+                "log holds term {} beyond current term {}",
+                ps.log.last_term(),
+                ps.term
+            ),
         });
     }
     Ok((ps.term, ps.voted_for, ps.log))

@@ -45,11 +45,11 @@ impl Core {
         }
         let now = Instant::now();
         let p = &mut st.peers[peer];
-        if let Some((_, sent)) = p.inflight {
-            if now.duration_since(sent) < INFLIGHT_STALE {
-                p.dirty = true;
-                return;
-            }
+        if let Some((_, sent)) = p.inflight
+            && now.duration_since(sent) < INFLIGHT_STALE
+        {
+            p.dirty = true;
+            return;
         }
         if p.next_index <= st.log.base_index() {
             self.send_snapshot(st, peer);
@@ -229,7 +229,13 @@ impl Core {
             match st.log.term_at(index) {
                 Some(t) if t == e.term => continue,
                 Some(_) => {
-                    debug_assert!(index > st.commit_index, "raft-{} t{}: truncating committed index {index} (commit {})", self.me, st.term, st.commit_index);
+                    debug_assert!(
+                        index > st.commit_index,
+                        "raft-{} t{}: truncating committed index {index} (commit {})",
+                        self.me,
+                        st.term,
+                        st.commit_index
+                    );
                     st.log.truncate_after(index - 1);
                 }
                 None => {}

@@ -46,7 +46,9 @@ impl Core {
         self.peers[peer].call_async(
             "Raft.InstallSnapshot",
             &args,
-            move |r: Result<InstallSnapshotReply, RpcError>| core.on_snapshot_reply(peer, term, seq, index, r),
+            move |r: Result<InstallSnapshotReply, RpcError>| {
+                core.on_snapshot_reply(peer, term, seq, index, r)
+            },
         );
     }
 

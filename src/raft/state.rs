@@ -8,8 +8,8 @@ use crossbeam::channel::{self, Receiver, Sender};
 use parking_lot::{Condvar, Mutex};
 use rand::Rng;
 
-use super::log::Log;
 use super::RaftError;
+use super::log::Log;
 use crate::labrpc::ClientEnd;
 use crate::tester::Persister;
 
@@ -89,7 +89,8 @@ impl Core {
         me: usize,
         persister: Persister,
     ) -> Result<(Core, Receiver<()>), RaftError> {
-        let (term, voted_for, log) = super::persist::decode_state(me, &persister.read_raft_state())?;
+        let (term, voted_for, log) =
+            super::persist::decode_state(me, &persister.read_raft_state())?;
         let snapshot = persister.read_snapshot();
         let n = peers.len();
         let now = Instant::now();
@@ -160,7 +161,12 @@ impl Core {
     /// Adopts a newer `term` seen in a message: forget the vote, become follower.
     /// Returns true if the persistent state changed. Raft §5.1.
     pub(super) fn step_down(&self, st: &mut State, term: u64) -> bool {
-        debug_assert!(term >= st.term, "raft-{} term going back {} -> {term}", self.me, st.term);
+        debug_assert!(
+            term >= st.term,
+            "raft-{} term going back {} -> {term}",
+            self.me,
+            st.term
+        );
         let changed = term > st.term;
         if changed {
             log::debug!(target: "raft::election", "raft-{} t{}: sees term {term}, follower", self.me, st.term);

@@ -5,6 +5,7 @@
 //! is why a Put can come back [`KvErr::Maybe`](rpc::KvErr::Maybe).
 
 mod client;
+pub mod harness;
 pub mod lock;
 pub mod rpc;
 mod server;

@@ -4,6 +4,7 @@
 mod clients;
 mod config;
 mod group;
+pub mod kvtest;
 pub mod logging;
 mod persister;
 

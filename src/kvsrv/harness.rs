@@ -1,0 +1,34 @@
+//! The tester's side of Lab 2 (the Go labs' `kvsrv1/test.go`): one KV server on a fresh
+//! network, and clerks that each get their own test client.
+
+use std::sync::Arc;
+
+use super::{Clerk, start_kv_server};
+use crate::tester::kvtest::{ClerkMaker, KvTest, TestClerk};
+use crate::tester::{Clnts, Config, server_name, GRP0};
+
+struct Maker {
+    cfg: Arc<Config>,
+}
+
+impl ClerkMaker for Maker {
+    fn make_clerk(&self) -> TestClerk {
+        let clnt = self.cfg.clnts().make_client();
+        TestClerk {
+            ck: Arc::new(Clerk::new(clnt.clone(), &server_name(GRP0, 0))),
+            clnt,
+        }
+    }
+
+    fn delete_clerk(&self, ck: &TestClerk) {
+        let clnts: &Clnts = self.cfg.clnts();
+        clnts.delete_client(&ck.clnt);
+    }
+}
+
+/// A Lab 2 test: one KV server, reliable network or not.
+pub fn make_test_kv(reliable: bool) -> Arc<KvTest> {
+    let cfg = Config::new(1, reliable, Arc::new(start_kv_server));
+    let maker = Arc::new(Maker { cfg: cfg.clone() });
+    Arc::new(KvTest::new(cfg, false, maker))
+}

@@ -9,10 +9,13 @@ use std::hash::{BuildHasherDefault, Hash, Hasher};
 
 use super::model::Model;
 
-/// Explored configurations per partition beyond which new ones are no longer remembered. The
-/// search stays correct without them (the cache only prunes) but may repeat work; this bounds
-/// the memory a pathological history can take before its timeout fires.
-const MAX_CACHED_CONFIGURATIONS: usize = 1 << 21;
+/// Memory for remembered configurations per partition (their bitsets dominate), beyond which
+/// new ones are no longer remembered. The search stays correct without them (the cache only
+/// prunes) but may repeat work; this bounds what a pathological history can take before its
+/// timeout fires.
+const MAX_CACHE_BITSET_BYTES: usize = 256 << 20;
+/// And a cap on their number, for tiny bitsets.
+const MAX_CACHED_CONFIGURATIONS: usize = 1 << 22;
 
 /// A fixed-size set of operation indices whose hash is kept up to date on every change
 /// (Zobrist hashing: the XOR of a pseudo-random key per member), so hashing a configuration
@@ -127,25 +130,66 @@ impl Hasher for PassThroughHasher {
     }
 }
 
-struct Configuration<S> {
-    linearized: Box<[u64]>,
-    state: S,
-}
-
 /// The set of explored (linearized set, state) configurations.
+///
+/// Built for millions of entries without an allocation each: states are interned (a partition
+/// has few distinct states, and each is stored once), configurations are chained per hash
+/// bucket through indices, and all their bitsets live end to end in one vector.
 pub(crate) struct ConfigurationCache<S> {
-    buckets: HashMap<u64, Vec<Configuration<S>>, BuildHasherDefault<PassThroughHasher>>,
-    len: usize,
+    /// Hash of (bitset, state id) -> the most recently added configuration with that hash.
+    newest_with_hash: HashMap<u64, u32, BuildHasherDefault<PassThroughHasher>>,
+    configurations: Vec<ConfigurationLink>,
+    /// Configuration `i`'s bitset is `bitset_words[i * words_per_bitset..][..words_per_bitset]`.
+    bitset_words: Vec<u64>,
+    words_per_bitset: usize,
+    max_configurations: usize,
+    states: Vec<S>,
+    /// State hash -> ids of the interned states with that hash.
+    state_ids_by_hash: HashMap<u64, Vec<u32>, BuildHasherDefault<PassThroughHasher>>,
     full_logged: bool,
 }
 
+#[derive(Clone, Copy)]
+struct ConfigurationLink {
+    state_id: u32,
+    /// The previous configuration with the same hash, or `u32::MAX`.
+    older_same_hash: u32,
+}
+
 impl<S: Clone + Hash> ConfigurationCache<S> {
-    pub fn new() -> Self {
+    pub fn new(operations: usize) -> Self {
+        let words_per_bitset = operations.div_ceil(64);
         ConfigurationCache {
-            buckets: HashMap::default(),
-            len: 0,
+            newest_with_hash: HashMap::default(),
+            configurations: Vec::new(),
+            bitset_words: Vec::new(),
+            words_per_bitset,
+            max_configurations: (MAX_CACHE_BITSET_BYTES / 8 / words_per_bitset.max(1))
+                .min(MAX_CACHED_CONFIGURATIONS),
+            states: Vec::new(),
+            state_ids_by_hash: HashMap::default(),
             full_logged: false,
         }
+    }
+
+    /// The id of `state` (a state the model calls equal to it, if one was interned before).
+    fn intern<M: Model<State = S>>(&mut self, model: &M, state: &S) -> u32 {
+        let mut hasher = StateHasher::default();
+        state.hash(&mut hasher);
+        let ids = self
+            .state_ids_by_hash
+            .entry(mix64(hasher.finish()))
+            .or_default();
+        if let Some(&id) = ids
+            .iter()
+            .find(|&&id| model.equal(&self.states[id as usize], state))
+        {
+            return id;
+        }
+        let id = self.states.len() as u32;
+        self.states.push(state.clone());
+        ids.push(id);
+        id
     }
 
     /// Records (`linearized`, `state`) and returns true if it was not explored before.
@@ -155,31 +199,39 @@ impl<S: Clone + Hash> ConfigurationCache<S> {
         linearized: &Bitset,
         state: &S,
     ) -> bool {
-        let mut state_hasher = StateHasher::default();
-        state.hash(&mut state_hasher);
-        let key = mix64(linearized.hash ^ state_hasher.finish().rotate_left(32));
-        let bucket = self.buckets.entry(key).or_default();
-        let seen = bucket.iter().any(|config| {
-            *config.linearized == linearized.words[..] && model.equal(&config.state, state)
-        });
-        if seen {
-            return false;
+        debug_assert_eq!(linearized.words.len(), self.words_per_bitset);
+        let state_id = self.intern(model, state);
+        let key = mix64(linearized.hash ^ u64::from(state_id).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let newest = self.newest_with_hash.get(&key).copied().unwrap_or(u32::MAX);
+        let mut candidate = newest;
+        while candidate != u32::MAX {
+            let link = self.configurations[candidate as usize];
+            let start = candidate as usize * self.words_per_bitset;
+            if link.state_id == state_id
+                && self.bitset_words[start..start + self.words_per_bitset] == linearized.words[..]
+            {
+                return false;
+            }
+            candidate = link.older_same_hash;
         }
-        if self.len >= MAX_CACHED_CONFIGURATIONS {
+        if self.configurations.len() >= self.max_configurations {
             if !self.full_logged {
                 log::warn!(
-                    "porcupine: {MAX_CACHED_CONFIGURATIONS} configurations cached; \
-                     exploring further ones without remembering them"
+                    "porcupine: {} configurations cached; exploring further ones without \
+                     remembering them",
+                    self.max_configurations
                 );
                 self.full_logged = true;
             }
             return true;
         }
-        bucket.push(Configuration {
-            linearized: linearized.words.clone().into_boxed_slice(),
-            state: state.clone(),
+        let id = self.configurations.len() as u32;
+        self.configurations.push(ConfigurationLink {
+            state_id,
+            older_same_hash: newest,
         });
-        self.len += 1;
+        self.bitset_words.extend_from_slice(&linearized.words);
+        self.newest_with_hash.insert(key, id);
         true
     }
 }

@@ -162,7 +162,41 @@ impl Timeline {
 /// A linearized operation and the state before it, so that it can be undone.
 struct Choice<S> {
     call_node: u32,
+    op: usize,
     state_before: S,
+}
+
+/// The longest linearizable prefix seen so far, and the operation that stopped it.
+///
+/// Kept incrementally: the recorded prefix agrees with the current choice stack up to the
+/// lowest depth the stack has been popped to since the recording (`shared_depth`), so a new
+/// record copies only the part that changed. Copying the whole stack at every new maximum
+/// would be quadratic on long partitions.
+#[derive(Default)]
+struct LongestPrefix {
+    ops: Vec<usize>,
+    unplaceable: Option<usize>,
+    recorded: bool,
+    shared_depth: usize,
+}
+
+impl LongestPrefix {
+    fn popped_to(&mut self, depth: usize) {
+        self.shared_depth = self.shared_depth.min(depth);
+    }
+
+    /// Offers the current stack, stuck on `blocked`'s return.
+    fn offer<S>(&mut self, choices: &[Choice<S>], blocked: Option<usize>) {
+        if self.recorded && choices.len() <= self.ops.len() {
+            return;
+        }
+        self.ops.truncate(self.shared_depth);
+        self.ops
+            .extend(choices[self.shared_depth..].iter().map(|choice| choice.op));
+        self.shared_depth = choices.len();
+        self.unplaceable = blocked;
+        self.recorded = true;
+    }
 }
 
 /// Searches for a linearization of one partition.
@@ -182,18 +216,17 @@ pub(crate) fn check_partition<M: Model>(
     }
     let mut timeline = Timeline::new(history);
     let mut linearized = Bitset::new(history.ops.len());
-    let mut explored = ConfigurationCache::new();
+    let mut explored = ConfigurationCache::new(history.ops.len());
     let mut choices: Vec<Choice<M::State>> = Vec::new();
     let mut state = model.init();
-    let mut longest: Option<Vec<usize>> = None;
-    let mut unplaceable = None;
+    let mut longest = LongestPrefix::default();
     let mut steps_until_stop_check = STEPS_BETWEEN_STOP_CHECKS;
     let mut cursor = timeline.nodes[HEAD as usize].next;
 
-    let stopped = |longest: Option<Vec<usize>>, unplaceable| PartitionOutcome {
-        verdict: Verdict::Stopped,
-        linearization: longest.unwrap_or_default(),
-        unplaceable,
+    let unfinished = |verdict, longest: LongestPrefix| PartitionOutcome {
+        verdict,
+        linearization: longest.ops,
+        unplaceable: longest.unplaceable,
     };
 
     loop {
@@ -201,7 +234,7 @@ pub(crate) fn check_partition<M: Model>(
         if steps_until_stop_check == 0 {
             steps_until_stop_check = STEPS_BETWEEN_STOP_CHECKS;
             if stop.should_stop() {
-                return stopped(longest, unplaceable);
+                return unfinished(Verdict::Stopped, longest);
             }
         }
 
@@ -214,16 +247,14 @@ pub(crate) fn check_partition<M: Model>(
                 if explored.insert_if_new(model, &linearized, &next_state) {
                     choices.push(Choice {
                         call_node: cursor,
+                        op: node.op as usize,
                         state_before: std::mem::replace(&mut state, next_state),
                     });
                     timeline.lift(cursor);
                     if node.return_node != NIL {
                         remaining_completed -= 1;
                         if remaining_completed == 0 {
-                            let linearization = choices
-                                .iter()
-                                .map(|choice| timeline.nodes[choice.call_node as usize].op as usize)
-                                .collect();
+                            let linearization = choices.iter().map(|choice| choice.op).collect();
                             return PartitionOutcome {
                                 verdict: Verdict::Linearizable,
                                 linearization,
@@ -242,26 +273,14 @@ pub(crate) fn check_partition<M: Model>(
 
         // A return (or the end, when only open calls that cannot be placed remain): the
         // operation it belongs to had to be linearized already, so undo the last choice.
-        if track_longest
-            && longest
-                .as_ref()
-                .is_none_or(|best| choices.len() > best.len())
-        {
-            longest = Some(
-                choices
-                    .iter()
-                    .map(|choice| timeline.nodes[choice.call_node as usize].op as usize)
-                    .collect(),
-            );
-            unplaceable = (cursor != NIL).then(|| timeline.nodes[cursor as usize].op as usize);
+        if track_longest {
+            let blocked = (cursor != NIL).then(|| timeline.nodes[cursor as usize].op as usize);
+            longest.offer(&choices, blocked);
         }
         let Some(choice) = choices.pop() else {
-            return PartitionOutcome {
-                verdict: Verdict::Illegal,
-                linearization: longest.unwrap_or_default(),
-                unplaceable,
-            };
+            return unfinished(Verdict::Illegal, longest);
         };
+        longest.popped_to(choices.len());
         let call = timeline.nodes[choice.call_node as usize];
         state = choice.state_before;
         linearized.remove(call.op as usize);

@@ -25,6 +25,8 @@ mod history;
 mod info;
 pub mod kv;
 mod model;
+#[cfg(test)]
+mod tests;
 mod visualize;
 
 use std::sync::atomic::AtomicBool;

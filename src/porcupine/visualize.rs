@@ -85,10 +85,10 @@ fn render_partition(html: &mut String, index: usize, partition: &PartitionInfo) 
     } else {
         "longest linearizable prefix"
     };
-    let _ = write!(
+    let _ = writeln!(
         html,
         "<details{open}><summary>Partition {index}: {verdict} — {} operations, {prefix_name} of \
-         {}</summary>\n",
+         {}</summary>",
         partition.ops.len(),
         partition.linearization.len()
     );

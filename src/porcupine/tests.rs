@@ -3,10 +3,10 @@
 
 use std::time::{Duration, Instant};
 
-use raftkv::kvsrv::rpc::KvErr;
-use raftkv::porcupine::histgen::{KvHistoryConfig, linearizable_kv_history};
-use raftkv::porcupine::kv::{KvInput, KvModel, KvOp, KvOutput};
-use raftkv::porcupine::{
+use crate::kvsrv::rpc::KvErr;
+use crate::porcupine::histgen::{KvHistoryConfig, linearizable_kv_history};
+use crate::porcupine::kv::{KvInput, KvModel, KvOp, KvOutput};
+use crate::porcupine::{
     CheckResult, Event, EventKind, EventValue, Model, Operation, check_events,
     check_events_verbose, check_operations, check_operations_timeout, check_operations_verbose,
     visualize,
@@ -600,7 +600,7 @@ fn visualize_writes_self_contained_html_with_descriptions() {
     );
 
     let path = std::env::temp_dir().join(format!("porcupine-test-{}.html", std::process::id()));
-    raftkv::porcupine::visualize_to_file(&KvModel, &info, &path).unwrap();
+    crate::porcupine::visualize_to_file(&KvModel, &info, &path).unwrap();
     assert_eq!(std::fs::read_to_string(&path).unwrap(), html);
     std::fs::remove_file(&path).unwrap();
 }

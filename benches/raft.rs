@@ -49,10 +49,10 @@ impl Cluster {
             appliers.push(thread::spawn(move || {
                 for m in rx {
                     if let ApplyMsg::Command { index, .. } = m {
-                        if index % SNAPSHOT_EVERY == 0 {
-                            if let Some(r) = weak.upgrade() {
-                                r.snapshot(index, index.to_le_bytes().to_vec());
-                            }
+                        if index % SNAPSHOT_EVERY == 0
+                            && let Some(r) = weak.upgrade()
+                        {
+                            r.snapshot(index, index.to_le_bytes().to_vec());
                         }
                         let _ = idx_tx.send(index);
                     }

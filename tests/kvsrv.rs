@@ -82,15 +82,21 @@ fn reliable_put() {
     }
     let err = ck.put("k", VAL, 0);
     if err != KvErr::Version {
-        ts.fatal(&format!("expected Put to fail with ErrVersion; got err={err}"));
+        ts.fatal(&format!(
+            "expected Put to fail with ErrVersion; got err={err}"
+        ));
     }
     let err = ck.put("y", VAL, 1);
     if err != KvErr::NoKey {
-        ts.fatal(&format!("expected Put to fail with ErrNoKey; got err={err}"));
+        ts.fatal(&format!(
+            "expected Put to fail with ErrNoKey; got err={err}"
+        ));
     }
     let (_, _, err) = ck.get("y");
     if err != KvErr::NoKey {
-        ts.fatal(&format!("expected Get to fail with ErrNoKey; got err={err}"));
+        ts.fatal(&format!(
+            "expected Get to fail with ErrNoKey; got err={err}"
+        ));
     }
     ts.end();
 }
@@ -103,7 +109,8 @@ fn put_concurrent_reliable() {
     const NCLNT: usize = 10;
     const NSEC: u64 = 1;
     let ts = make_test_kv(true);
-    ts.cfg.begin("Test: many clients racing to put values to the same key");
+    ts.cfg
+        .begin("Test: many clients racing to put values to the same key");
     let rs = ts.spawn_clients_and_wait(NCLNT, Duration::from_secs(NSEC), {
         let ts = ts.clone();
         move |me, ck, done| ts.one_client_put(me, ck.ck.as_ref(), &["k".to_string()], done)
@@ -145,9 +152,15 @@ fn mem_put_many_clients_reliable() {
     thread::sleep(Duration::from_secs(1));
     let m1 = HEAP_BYTES.load(Ordering::SeqCst);
     let growth = m1 - m0;
-    println!("heap growth {growth} bytes for {NCLIENT} clients ({} per client)", growth / NCLIENT as i64);
+    println!(
+        "heap growth {growth} bytes for {NCLIENT} clients ({} per client)",
+        growth / NCLIENT as i64
+    );
     if m1 > m0 + (NCLIENT as i64 * 200) {
-        ts.fatal(&format!("error: server using too much memory m0 {m0} m1 {m1} ({} per client)", growth / NCLIENT as i64));
+        ts.fatal(&format!(
+            "error: server using too much memory m0 {m0} m1 {m1} ({} per client)",
+            growth / NCLIENT as i64
+        ));
     }
     ts.end();
 }

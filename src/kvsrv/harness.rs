@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use super::{Clerk, start_kv_server};
 use crate::tester::kvtest::{ClerkMaker, KvTest, TestClerk};
-use crate::tester::{Clnts, Config, server_name, GRP0};
+use crate::tester::{Clnts, Config, GRP0, server_name};
 
 struct Maker {
     cfg: Arc<Config>,

@@ -215,7 +215,9 @@ impl KvTest {
                     break;
                 }
                 KvErr::Maybe | KvErr::Version => ver += 1,
-                other if ver != 0 => self.fatal(&format!("put {key:?} v{ver}: wrong error {other}")),
+                other if ver != 0 => {
+                    self.fatal(&format!("put {key:?} v{ver}: wrong error {other}"))
+                }
                 _ => {}
             }
         }
@@ -249,16 +251,25 @@ impl KvTest {
         }
         if reliable {
             if ver0 as usize != res.nok {
-                self.fatal(&format!("Reliable: Wrong number of puts: server {ver0} clnts {res:?}"));
+                self.fatal(&format!(
+                    "Reliable: Wrong number of puts: server {ver0} clnts {res:?}"
+                ));
             }
         } else if ver0 as usize > res.nok + res.nmaybe {
-            self.fatal(&format!("Unreliable: Wrong number of puts: server {ver0} clnts {res:?}"));
+            self.fatal(&format!(
+                "Unreliable: Wrong number of puts: server {ver0} clnts {res:?}"
+            ));
         }
     }
 
     /// Runs `f` on `nclnt` clients, each with its own clerk, for `t`; then tells each to stop
     /// and collects what they return.
-    pub fn spawn_clients_and_wait<F>(self: &Arc<Self>, nclnt: usize, t: Duration, f: F) -> Vec<ClntRes>
+    pub fn spawn_clients_and_wait<F>(
+        self: &Arc<Self>,
+        nclnt: usize,
+        t: Duration,
+        f: F,
+    ) -> Vec<ClntRes>
     where
         F: Fn(usize, &TestClerk, &Done) -> ClntRes + Send + Sync + 'static,
     {
@@ -296,7 +307,12 @@ impl KvTest {
     }
 
     /// A recorded Get whose value is decoded; the Get must succeed.
-    pub fn get_json<T: DeserializeOwned>(&self, ck: &dyn KvClerk, key: &str, me: usize) -> (T, Tversion) {
+    pub fn get_json<T: DeserializeOwned>(
+        &self,
+        ck: &dyn KvClerk,
+        key: &str,
+        me: usize,
+    ) -> (T, Tversion) {
         let (val, ver, err) = self.get(ck, key, me);
         if err != KvErr::Ok {
             self.fatal(&format!("get {key:?}: error {err}"));
@@ -308,13 +324,26 @@ impl KvTest {
     }
 
     /// A recorded Put of an encoded value.
-    pub fn put_json<T: Serialize>(&self, ck: &dyn KvClerk, key: &str, value: &T, version: Tversion, me: usize) -> KvErr {
+    pub fn put_json<T: Serialize>(
+        &self,
+        ck: &dyn KvClerk,
+        key: &str,
+        value: &T,
+        version: Tversion,
+        me: usize,
+    ) -> KvErr {
         self.put(ck, key, &encode_value(value), version, me)
     }
 
     /// Puts `EntryV { me, ver }` at version `ver` until the outcome is known; returns the
     /// version seen afterwards and whether the Put surely took.
-    pub fn one_put(&self, me: usize, ck: &dyn KvClerk, key: &str, mut ver: Tversion) -> (Tversion, bool) {
+    pub fn one_put(
+        &self,
+        me: usize,
+        ck: &dyn KvClerk,
+        key: &str,
+        mut ver: Tversion,
+    ) -> (Tversion, bool) {
         loop {
             let err = self.put_json(ck, key, &EntryV { id: me, v: ver }, ver, me);
             if !matches!(err, KvErr::Ok | KvErr::Version | KvErr::Maybe) {
@@ -335,12 +364,22 @@ impl KvTest {
     }
 
     /// Repeats `one_put` on `keys[0]` (or a random key) until told to stop.
-    pub fn one_client_put(&self, cli: usize, ck: &dyn KvClerk, keys: &[String], done: &Done) -> ClntRes {
+    pub fn one_client_put(
+        &self,
+        cli: usize,
+        ck: &dyn KvClerk,
+        keys: &[String],
+        done: &Done,
+    ) -> ClntRes {
         let mut res = ClntRes::default();
         let mut versions = vec![0 as Tversion; keys.len()];
         let mut rng = rand::thread_rng();
         while !done.is_done() {
-            let k = if self.randomkeys { rng.gen_range(0..keys.len()) } else { 0 };
+            let k = if self.randomkeys {
+                rng.gen_range(0..keys.len())
+            } else {
+                0
+            };
             let (ver, ok) = self.one_put(cli, ck, &keys[k], versions[k]);
             versions[k] = ver;
             if ok {
@@ -353,7 +392,12 @@ impl KvTest {
     }
 
     /// Unrecorded Puts of `n` keys with random values of `valsz`, each then checked.
-    pub fn spread_puts_size(&self, ck: &dyn KvClerk, n: usize, valsz: usize) -> (Vec<String>, Vec<String>) {
+    pub fn spread_puts_size(
+        &self,
+        ck: &dyn KvClerk,
+        n: usize,
+        valsz: usize,
+    ) -> (Vec<String>, Vec<String>) {
         let keys = make_keys(n);
         let values: Vec<String> = (0..n).map(|_| super::randstring(valsz)).collect();
         for (k, v) in keys.iter().zip(&values) {
@@ -457,7 +501,7 @@ pub fn encode_value<T: Serialize>(v: &T) -> String {
 }
 
 pub fn decode_value<T: DeserializeOwned>(s: &str) -> Option<T> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     let bytes: Option<Vec<u8>> = (0..s.len())

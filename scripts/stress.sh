@@ -101,6 +101,9 @@ else
     mkdir -p "$outdir" || rk_die "cannot create $outdir"
 fi
 outdir=$(cd "$outdir" && pwd)
+# Run a private copy, so that rebuilding while the runs go on cannot change what is tested.
+cp "$exe" "$outdir/${exe##*/}" || rk_die "cannot copy $exe to $outdir"
+exe="$outdir/${exe##*/}"
 work=$(mktemp -d) || rk_die "mktemp failed"
 
 ntests=${#tests[@]}
@@ -255,6 +258,7 @@ if ((failed)); then
     printf 'failed runs'"'"' logs: %s\n' "$outdir"
 else
     printf 'no failures; summary in %s\n' "$outdir/summary.txt"
+    rm -f "$exe"
 fi
 printf '%d passed, %d failed\n' "$passed" "$failed"
 

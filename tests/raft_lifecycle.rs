@@ -1,0 +1,208 @@
+//! Raft beyond the lab tests: what `kill()` guarantees, and bad persisted state.
+//!
+//! These tests count the process's `raft-*` threads, so they take a lock that runs them one
+//! at a time (other test files are separate processes).
+
+use std::fs;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crossbeam::channel::{self, Receiver};
+use parking_lot::Mutex;
+use raftkv::labcodec;
+use raftkv::labrpc::{Network, Server};
+use raftkv::raft::{ApplyMsg, Raft, RaftError};
+use raftkv::tester::Persister;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Threads of this process whose name starts with `prefix` (Linux: /proc/self/task).
+fn threads_named(prefix: &str) -> usize {
+    let Ok(tasks) = fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    tasks
+        .filter_map(|t| fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with(prefix))
+        .count()
+}
+
+/// Waits up to a second for the count to settle at `want` (a new thread names itself only
+/// once it runs).
+fn settle_threads_named(prefix: &str, want: usize) -> usize {
+    let t0 = Instant::now();
+    loop {
+        let n = threads_named(prefix);
+        if n == want || t0.elapsed() > Duration::from_secs(1) {
+            return n;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn cluster(net: &Network, n: usize) -> (Vec<Arc<Raft>>, Vec<Receiver<ApplyMsg>>) {
+    let mut rafts = Vec::new();
+    let mut rxs = Vec::new();
+    for i in 0..n {
+        let ends = (0..n)
+            .map(|j| {
+                let e = net.make_end(&format!("end-{i}-{j}")).unwrap();
+                net.connect(e.name(), &format!("server-{j}"));
+                net.enable(e.name(), true);
+                e
+            })
+            .collect();
+        let (tx, rx) = channel::unbounded();
+        let raft = Arc::new(Raft::new(ends, i, Persister::new(), tx).unwrap());
+        let mut server = Server::new();
+        server.add_service(raft.rpc_service());
+        net.add_server(&format!("server-{i}"), server);
+        rafts.push(raft);
+        rxs.push(rx);
+    }
+    (rafts, rxs)
+}
+
+fn wait_leader(rafts: &[Arc<Raft>]) -> usize {
+    let t0 = Instant::now();
+    loop {
+        if let Some(l) = (0..rafts.len()).find(|&i| rafts[i].get_state().1) {
+            return l;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "no leader within 5 s"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn kill_stops_threads_rpcs_and_closes_apply_channel() {
+    let _serial = SERIAL.lock();
+    let net = Network::new();
+    let (rafts, rxs) = cluster(&net, 3);
+    assert_eq!(
+        settle_threads_named("raft-", 6),
+        6,
+        "ticker and applier per peer"
+    );
+    let leader = wait_leader(&rafts);
+    let (index, _, ok) = rafts[leader].start(vec![1, 2, 3]);
+    assert!(ok);
+    for (i, rx) in rxs.iter().enumerate() {
+        match rx.recv_timeout(Duration::from_secs(2)) {
+            Ok(ApplyMsg::Command {
+                index: got,
+                command,
+                ..
+            }) => {
+                assert_eq!((got, command), (index, vec![1, 2, 3]), "peer {i}");
+            }
+            other => panic!("peer {i}: expected the command, got {other:?}"),
+        }
+    }
+    for r in &rafts {
+        r.kill();
+        assert!(r.killed());
+    }
+    assert_eq!(
+        threads_named("raft-"),
+        0,
+        "kill() returns after the peer's threads exit"
+    );
+    for (i, rx) in rxs.iter().enumerate() {
+        assert!(
+            rx.recv_timeout(Duration::from_secs(1)).is_err(),
+            "peer {i}: apply channel must be closed and empty after kill"
+        );
+    }
+    // Calls sent before kill may still be on their way; none may start after.
+    thread::sleep(Duration::from_millis(200));
+    let sent = net.total_count();
+    thread::sleep(Duration::from_millis(1000));
+    assert_eq!(net.total_count(), sent, "a killed Raft sent RPCs");
+    assert_eq!(
+        rafts[leader].start(vec![9]).2,
+        false,
+        "a killed Raft accepts no command"
+    );
+    net.cleanup();
+}
+
+#[test]
+fn corrupt_persisted_state_is_an_error() {
+    let _serial = SERIAL.lock();
+    let net = Network::new();
+    let end = |name: &str| net.make_end(name).unwrap();
+
+    // Garbage bytes.
+    let p = Persister::new();
+    p.save(vec![0xff; 37], None);
+    let (tx, _rx) = channel::unbounded();
+    match Raft::new(vec![end("a0")], 0, p, tx) {
+        Err(RaftError::CorruptState { peer: 0, reason }) => assert!(!reason.is_empty()),
+        Err(e) => panic!("wrong error {e}"),
+        Ok(_) => panic!("garbage state accepted"),
+    }
+
+    // A real state, truncated: take one from a running peer.
+    let good = Persister::new();
+    let (tx, rx) = channel::unbounded();
+    {
+        let raft = Raft::new(vec![end("b0")], 0, good.clone(), tx).unwrap();
+        let t0 = Instant::now();
+        while !raft.get_state().1 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "a one-peer cluster elects itself"
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+        raft.start(labcodec::encode(&"hello").unwrap());
+        assert!(matches!(
+            rx.recv_timeout(Duration::from_secs(2)),
+            Ok(ApplyMsg::Command { index: 1, .. })
+        ));
+        raft.kill();
+    }
+    let state = good.read_raft_state();
+    assert!(!state.is_empty());
+    for cut in [1, state.len() / 2, state.len() - 1] {
+        let p = Persister::new();
+        p.save(state[..cut].to_vec(), None);
+        let (tx, _rx) = channel::unbounded();
+        let r = Raft::new(vec![end(&format!("c{cut}"))], 0, p, tx);
+        assert!(
+            matches!(r, Err(RaftError::CorruptState { .. })),
+            "state truncated to {cut} of {} bytes accepted",
+            state.len()
+        );
+    }
+
+    // And the whole state restores: the log survives a restart.
+    let (tx, rx) = channel::unbounded();
+    let raft = Raft::new(vec![end("d0")], 0, good.copy(), tx).unwrap();
+    let t0 = Instant::now();
+    while !raft.get_state().1 {
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        thread::sleep(Duration::from_millis(10));
+    }
+    let (index, _, _) = raft.start(vec![7]);
+    assert_eq!(index, 2, "the restored log holds entry 1");
+    let mut seen = Vec::new();
+    while let Ok(ApplyMsg::Command { index, .. }) = rx.recv_timeout(Duration::from_secs(2)) {
+        seen.push(index);
+        if index == 2 {
+            break;
+        }
+    }
+    assert_eq!(
+        seen,
+        vec![1, 2],
+        "restored peer re-applies its log in order"
+    );
+    raft.kill();
+    net.cleanup();
+}

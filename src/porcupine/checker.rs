@@ -8,6 +8,12 @@
 //! have been linearized but was not, so the last choice is undone ("unlifted") and the walk
 //! resumes just after that operation's call. Success is when every operation that returned is
 //! linearized; failure is needing to undo with nothing left to undo.
+//!
+//! One addition to porcupine: operations the model declares read-only
+//! ([`Model::is_read_only`]) are placed as soon as they are legal, without trying alternatives
+//! to them (a partial-order reduction). Without it, concurrent reads that all see the same
+//! state are tried in every order and every subset whenever the search backtracks across them,
+//! which is exponential in the number of concurrent reads.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Instant;
@@ -163,6 +169,8 @@ impl Timeline {
 struct Choice<S> {
     call_node: u32,
     op: usize,
+    /// Linearized as soon as it was legal, with no alternatives to try instead.
+    read_only: bool,
     state_before: S,
 }
 
@@ -243,11 +251,13 @@ pub(crate) fn check_partition<M: Model>(
             let node = timeline.nodes[cursor as usize];
             let op = &history.ops[node.op as usize];
             if let Some(next_state) = model.step(&state, &op.input, &op.output) {
+                let read_only = model.is_read_only(&op.input, &op.output);
                 linearized.insert(node.op as usize);
                 if explored.insert_if_new(model, &linearized, &next_state) {
                     choices.push(Choice {
                         call_node: cursor,
                         op: node.op as usize,
+                        read_only,
                         state_before: std::mem::replace(&mut state, next_state),
                     });
                     timeline.lift(cursor);
@@ -266,29 +276,44 @@ pub(crate) fn check_partition<M: Model>(
                     continue;
                 }
                 linearized.remove(node.op as usize);
+                // Already explored with this read-only op next, and it failed: since a
+                // read-only op that is legal now could have gone first in any completion
+                // (see `Model::is_read_only`), no other choice here can succeed either.
+                if !read_only {
+                    cursor = node.next;
+                    continue;
+                }
+            } else {
+                cursor = node.next;
+                continue;
             }
-            cursor = node.next;
-            continue;
         }
 
         // A return (or the end, when only open calls that cannot be placed remain): the
         // operation it belongs to had to be linearized already, so undo the last choice.
         if track_longest {
-            let blocked = (cursor != NIL).then(|| timeline.nodes[cursor as usize].op as usize);
+            let blocked = (cursor != NIL && !timeline.nodes[cursor as usize].is_call)
+                .then(|| timeline.nodes[cursor as usize].op as usize);
             longest.offer(&choices, blocked);
         }
-        let Some(choice) = choices.pop() else {
-            return unfinished(Verdict::Illegal, longest);
-        };
-        longest.popped_to(choices.len());
-        let call = timeline.nodes[choice.call_node as usize];
-        state = choice.state_before;
-        linearized.remove(call.op as usize);
-        timeline.unlift(choice.call_node);
-        if call.return_node != NIL {
-            remaining_completed += 1;
+        loop {
+            let Some(choice) = choices.pop() else {
+                return unfinished(Verdict::Illegal, longest);
+            };
+            longest.popped_to(choices.len());
+            let call = timeline.nodes[choice.call_node as usize];
+            state = choice.state_before;
+            linearized.remove(call.op as usize);
+            timeline.unlift(choice.call_node);
+            if call.return_node != NIL {
+                remaining_completed += 1;
+            }
+            // A read-only choice had no alternatives worth trying: keep undoing.
+            if !choice.read_only {
+                cursor = call.next;
+                break;
+            }
         }
-        cursor = call.next;
     }
 }
 

@@ -102,6 +102,12 @@ impl Model for KvModel {
         }
     }
 
+    /// Gets never change the state, nor does a Put answered ErrVersion (legal only when the
+    /// version differs, and then a no-op). An ErrMaybe Put may apply, so it is not read-only.
+    fn is_read_only(&self, input: &KvInput, output: &KvOutput) -> bool {
+        input.op == KvOp::Get || output.err == KvErr::Version
+    }
+
     /// A Put still in flight may or may not apply, exactly what ErrMaybe means; a Get still in
     /// flight constrains nothing and is dropped.
     fn open_output(&self, input: &KvInput) -> Option<KvOutput> {

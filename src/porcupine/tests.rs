@@ -5,12 +5,14 @@ use std::time::{Duration, Instant};
 
 use crate::kvsrv::rpc::KvErr;
 use crate::porcupine::histgen::{KvHistoryConfig, linearizable_kv_history};
-use crate::porcupine::kv::{KvInput, KvModel, KvOp, KvOutput};
+use crate::porcupine::kv::{KvInput, KvModel, KvOp, KvOutput, KvState};
 use crate::porcupine::{
     CheckResult, Event, EventKind, EventValue, Model, Operation, check_events,
     check_events_verbose, check_operations, check_operations_timeout, check_operations_verbose,
     visualize,
 };
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
 
 // ---------------------------------------------------------------------------------------------
 // A read/write register of integers, initially 0.
@@ -603,4 +605,74 @@ fn visualize_writes_self_contained_html_with_descriptions() {
     crate::porcupine::visualize_to_file(&KvModel, &info, &path).unwrap();
     assert_eq!(std::fs::read_to_string(&path).unwrap(), html);
     std::fs::remove_file(&path).unwrap();
+}
+
+#[test]
+fn kv_generated_single_key_20_clients_is_ok() {
+    let config = KvHistoryConfig {
+        clients: 20,
+        keys: 1,
+        ..KvHistoryConfig::default()
+    };
+    let history = linearizable_kv_history(&config);
+    let result = check_operations_timeout(&KvModel, &history, Duration::from_secs(60));
+    assert_eq!(result, CheckResult::Ok);
+}
+
+/// The KV model without the read-only hint: the checker then searches exactly as porcupine.
+struct PlainKvModel;
+
+impl Model for PlainKvModel {
+    type State = KvState;
+    type Input = KvInput;
+    type Output = KvOutput;
+
+    fn init(&self) -> KvState {
+        KvModel.init()
+    }
+
+    fn step(&self, state: &KvState, input: &KvInput, output: &KvOutput) -> Option<KvState> {
+        KvModel.step(state, input, output)
+    }
+}
+
+#[test]
+fn kv_read_only_reduction_agrees_with_plain_search() {
+    // Small dense histories, half of them corrupted at random: the verdict with the read-only
+    // reduction must be the plain search's verdict every time.
+    let mut rng = SmallRng::seed_from_u64(7);
+    let (mut legal, mut illegal) = (0, 0);
+    for seed in 0..400 {
+        let config = KvHistoryConfig {
+            clients: 4,
+            operations: 12,
+            keys: 1,
+            put_fraction: 0.5,
+            maybe_fraction: 0.2,
+            seed,
+            ..KvHistoryConfig::default()
+        };
+        let mut history = linearizable_kv_history(&config);
+        if rng.gen_bool(0.5) {
+            let victim = rng.gen_range(0..history.len());
+            let op = &mut history[victim];
+            match op.input.op {
+                KvOp::Get => op.output.value = format!("c0-{}", rng.gen_range(0..12)),
+                KvOp::Put => {
+                    op.output.err = [KvErr::Ok, KvErr::Version, KvErr::Maybe][rng.gen_range(0..3)]
+                }
+            }
+        }
+        let reduced = check_operations(&KvModel, &history);
+        let plain = check_operations(&PlainKvModel, &history);
+        assert_eq!(reduced, plain, "seed {seed}: {history:#?}");
+        match plain {
+            CheckResult::Ok => legal += 1,
+            _ => illegal += 1,
+        }
+    }
+    assert!(
+        legal > 100 && illegal > 50,
+        "{legal} legal, {illegal} illegal: a weak sample"
+    );
 }

@@ -175,6 +175,9 @@ impl Core {
         }
         if st.role != Role::Follower {
             st.role = Role::Follower;
+            // A deposed leader's election deadline is long past: without a fresh timeout it
+            // would stand for election at once and disrupt the leader that replaced it.
+            self.reset_election_timer(st);
             self.ticker_cv.notify_all();
         }
         changed

@@ -1,0 +1,190 @@
+//! The coordinator: a [`Schedule`] behind a mutex, served on a Unix-domain socket by one
+//! named thread that handles one short request per connection.
+
+use std::io;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use crate::mr::MrError;
+use crate::mr::rpc::{self, Reply, Request, TaskReport};
+use crate::mr::schedule::{ReportOutcome, Schedule};
+
+/// A running coordinator. Dropping it stops the server thread and removes the socket file.
+pub struct Coordinator {
+    schedule: Arc<Mutex<Schedule>>,
+    socket: PathBuf,
+    stop: Arc<AtomicBool>,
+    server: Option<JoinHandle<()>>,
+}
+
+impl Coordinator {
+    /// Starts serving a job of one map task per file and `n_reduce` reduce tasks on `socket`,
+    /// replacing any stale socket file there.
+    pub fn start(
+        files: Vec<String>,
+        n_reduce: usize,
+        socket: &Path,
+    ) -> Result<Coordinator, MrError> {
+        Coordinator::start_with(Schedule::new(files, n_reduce), socket)
+    }
+
+    /// Starts serving `schedule` on `socket`.
+    pub fn start_with(schedule: Schedule, socket: &Path) -> Result<Coordinator, MrError> {
+        let socket_err = |source| MrError::Socket {
+            path: socket.to_path_buf(),
+            source,
+        };
+        match std::fs::remove_file(socket) {
+            Ok(()) => log::info!(target: "mr", "removed stale socket {}", socket.display()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(socket_err(e)),
+        }
+        let listener = UnixListener::bind(socket).map_err(socket_err)?;
+        let schedule = Arc::new(Mutex::new(schedule));
+        let stop = Arc::new(AtomicBool::new(false));
+        let server = std::thread::Builder::new()
+            .name("mr-coordinator-rpc".into())
+            .spawn({
+                let schedule = Arc::clone(&schedule);
+                let stop = Arc::clone(&stop);
+                move || serve(listener, &schedule, &stop)
+            })
+            .map_err(socket_err)?;
+        log::info!(target: "mr", "coordinator listening on {}", socket.display());
+        Ok(Coordinator {
+            schedule,
+            socket: socket.to_path_buf(),
+            stop,
+            server: Some(server),
+        })
+    }
+
+    /// True once the whole job has finished (or failed; see [`Coordinator::failure`]).
+    pub fn done(&self) -> bool {
+        self.schedule.lock().is_done()
+    }
+
+    /// Why the job failed, if a worker reported a task that cannot run.
+    pub fn failure(&self) -> Option<String> {
+        self.schedule.lock().failure().map(str::to_owned)
+    }
+
+    /// The socket path this coordinator serves on.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept() so the thread sees the flag.
+        let _ = UnixStream::connect(&self.socket);
+        if let Some(server) = self.server.take() {
+            let _ = server.join();
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+fn serve(listener: UnixListener, schedule: &Mutex<Schedule>, stop: &AtomicBool) {
+    for conn in listener.incoming() {
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        match conn {
+            Ok(mut stream) => {
+                if let Err(e) = handle(&mut stream, schedule) {
+                    log::warn!(target: "mr", "dropped a connection: {e}");
+                }
+            }
+            Err(e) => {
+                log::warn!(target: "mr", "accept failed: {e}");
+                // Do not spin if accept keeps failing (out of descriptors, say).
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+    log::debug!(target: "mr", "coordinator server stopped");
+}
+
+/// Answers one request. Requests are tiny and the lock is held only to update the schedule, so
+/// serving connections one at a time on a single thread keeps up with any number of workers;
+/// the I/O timeouts stop one stuck peer from holding up the rest for long.
+fn handle(stream: &mut UnixStream, schedule: &Mutex<Schedule>) -> io::Result<()> {
+    stream.set_read_timeout(Some(rpc::IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(rpc::IO_TIMEOUT))?;
+    let request: Request = rpc::read_frame(stream)?;
+    let reply = match request {
+        Request::GetTask => {
+            let assignment = schedule.lock().assign(Instant::now());
+            log::debug!(target: "mr", "assign {assignment:?}");
+            Reply::Task(assignment)
+        }
+        Request::Report(report) => {
+            let mut schedule = schedule.lock();
+            let outcome = schedule.report(&report);
+            let (maps_left, reduces_left) = schedule.remaining();
+            drop(schedule);
+            match (&report, outcome) {
+                (TaskReport::Failed { task, reason }, _) => {
+                    log::error!(target: "mr", "{task:?} failed: {reason}")
+                }
+                (TaskReport::Finished(task), ReportOutcome::Accepted) => log::info!(
+                    target: "mr",
+                    "{task:?} done; {maps_left} maps and {reduces_left} reduces left"
+                ),
+                (TaskReport::Finished(task), outcome) => {
+                    log::debug!(target: "mr", "{task:?} report {outcome:?}")
+                }
+            }
+            Reply::Ack
+        }
+    };
+    rpc::write_frame(stream, &reply)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mr::rpc::{Assignment, TaskId, call};
+
+    #[test]
+    fn serves_tasks_and_cleans_up_socket() {
+        let socket = std::env::temp_dir().join(format!("rkv-mr-unit-{}.sock", std::process::id()));
+        let c = Coordinator::start(vec!["a".into()], 1, &socket).unwrap();
+        assert!(socket.exists());
+        let reply = call(&socket, &Request::GetTask).unwrap();
+        assert!(matches!(
+            reply,
+            Reply::Task(Assignment::Map { task: 0, .. })
+        ));
+        let done = Request::Report(TaskReport::Finished(TaskId::Map(0)));
+        assert_eq!(call(&socket, &done).unwrap(), Reply::Ack);
+        let reply = call(&socket, &Request::GetTask).unwrap();
+        assert!(matches!(
+            reply,
+            Reply::Task(Assignment::Reduce { task: 0, .. })
+        ));
+        assert!(!c.done());
+        let done = Request::Report(TaskReport::Finished(TaskId::Reduce(0)));
+        call(&socket, &done).unwrap();
+        assert!(c.done());
+        assert_eq!(
+            call(&socket, &Request::GetTask).unwrap(),
+            Reply::Task(Assignment::Exit)
+        );
+        drop(c);
+        assert!(!socket.exists());
+        assert!(matches!(
+            call(&socket, &Request::GetTask),
+            Err(rpc::CallError::Unreachable(_))
+        ));
+    }
+}

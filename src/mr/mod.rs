@@ -17,6 +17,24 @@
 //! | [`textgen`] | the deterministic Zipf-like text generator (`mrgen`) |
 //! | [`cli`] | argument parsing and logging shared by the binaries |
 //!
+//! A worker for your own map and reduce functions is a three-line `main`:
+//!
+//! ```no_run
+//! use raftkv::mr::{KeyValue, apps::words, worker_main};
+//!
+//! fn map(_file: &str, contents: &str) -> Vec<KeyValue> {
+//!     words(contents).map(|w| KeyValue::new(w.to_lowercase(), "1")).collect()
+//! }
+//!
+//! fn reduce(_key: &str, values: &[String]) -> String {
+//!     values.len().to_string()
+//! }
+//!
+//! fn main() -> std::process::ExitCode {
+//!     worker_main(map, reduce)
+//! }
+//! ```
+//!
 //! Nothing here panics on bad input: unreadable or non-UTF-8 files, bad flags and unknown
 //! applications come back as [`MrError`].
 

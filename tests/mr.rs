@@ -361,3 +361,98 @@ fn crash() {
     first.wait();
     assert_same_output(&job.outputs(), &want, "crash");
 }
+
+/// Runs `binary args` in `dir` to completion and returns (exit code, stderr).
+fn run_capture(binary: &str, args: &[&str], dir: &Path) -> (Option<i32>, String) {
+    let out = Command::new(binary)
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .env_remove("MR_SOCKET")
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_input_gives_clear_errors() {
+    let job = Job::new("bad_input");
+    std::fs::write(job.run.join("latin1.txt"), b"caf\xe9\n").unwrap();
+    let socket = job.root.join("none.sock");
+    let socket = socket.to_str().unwrap();
+    let seq = env!("CARGO_BIN_EXE_mrsequential");
+    let coord = env!("CARGO_BIN_EXE_mrcoordinator");
+    let worker = env!("CARGO_BIN_EXE_mrworker");
+    let cases: &[(&str, &[&str], i32, &str)] = &[
+        (seq, &["wc", "missing.txt"], 1, "cannot read missing.txt"),
+        (
+            seq,
+            &["wc", "latin1.txt"],
+            1,
+            "latin1.txt is not valid UTF-8",
+        ),
+        (
+            seq,
+            &["wc.so", "latin1.txt"],
+            2,
+            "unknown application \"wc.so\"",
+        ),
+        (seq, &["wc"], 2, "usage: mrsequential"),
+        (
+            coord,
+            &["--socket", socket, "missing.txt"],
+            1,
+            "cannot read missing.txt",
+        ),
+        (
+            coord,
+            &["--socket", socket, "latin1.txt"],
+            1,
+            "not valid UTF-8",
+        ),
+        (
+            coord,
+            &["--nreduce", "3", "x.txt"],
+            2,
+            "unknown flag \"--nreduce\"",
+        ),
+        (coord, &["--socket"], 2, "--socket needs a path"),
+        (
+            worker,
+            &["--socket", socket, "nosuchapp"],
+            2,
+            "unknown application",
+        ),
+        (worker, &[], 2, "usage: mrworker"),
+        // No coordinator at the socket: the job is taken to be over, a clean exit.
+        (worker, &["--socket", socket, "wc"], 0, ""),
+    ];
+    for &(binary, args, want_code, want_text) in cases {
+        let (code, stderr) = run_capture(binary, args, &job.run);
+        let name = Path::new(binary).file_name().unwrap().to_string_lossy();
+        assert_eq!(code, Some(want_code), "{name} {args:?}: stderr {stderr:?}");
+        assert!(
+            stderr.contains(want_text),
+            "{name} {args:?}: stderr {stderr:?}"
+        );
+    }
+    assert!(!job.root.join("none.sock").exists());
+}
+
+#[test]
+fn input_vanishing_mid_job_fails_the_job() {
+    let job = Job::new("input_vanishing");
+    let coordinator = job.coordinator(TIMEOUT);
+    // The coordinator checked its inputs at startup; one disappears before any worker reads it.
+    std::fs::remove_file(job.root.join("in/pg-grimm.txt")).unwrap();
+    job.worker("wc", TIMEOUT).wait_ok();
+    let status = coordinator.wait();
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "the coordinator should report the failed job"
+    );
+}

@@ -197,8 +197,8 @@ impl Vocabulary {
                         1 => '!',
                         _ => '.',
                     });
-                } else if rng.next_u64() % 8 == 0 {
-                    token.push(if rng.next_u64() % 5 == 0 { ';' } else { ',' });
+                } else if rng.next_u64().is_multiple_of(8) {
+                    token.push(if rng.next_u64().is_multiple_of(5) { ';' } else { ',' });
                 }
                 if !line.is_empty() && line.len() + 1 + token.len() > LINE_WIDTH {
                     text.push_str(&line);

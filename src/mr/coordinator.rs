@@ -15,6 +15,9 @@ use crate::mr::MrError;
 use crate::mr::rpc::{self, Reply, Request, TaskReport};
 use crate::mr::schedule::{ReportOutcome, Schedule};
 
+/// How often the server thread checks for a connection or a stop request.
+const ACCEPT_POLL: Duration = Duration::from_millis(5);
+
 /// A running coordinator. Dropping it stops the server thread and removes the socket file.
 pub struct Coordinator {
     schedule: Arc<Mutex<Schedule>>,
@@ -31,6 +34,9 @@ impl Coordinator {
         n_reduce: usize,
         socket: &Path,
     ) -> Result<Coordinator, MrError> {
+        if n_reduce == 0 {
+            return Err(MrError::Usage("n_reduce must be at least 1".into()));
+        }
         Coordinator::start_with(Schedule::new(files, n_reduce), socket)
     }
 
@@ -46,6 +52,9 @@ impl Coordinator {
             Err(e) => return Err(socket_err(e)),
         }
         let listener = UnixListener::bind(socket).map_err(socket_err)?;
+        // Accept polls, so the thread notices `stop` even if the socket file was removed
+        // underneath us (a wake-up connection could then never arrive).
+        listener.set_nonblocking(true).map_err(socket_err)?;
         let schedule = Arc::new(Mutex::new(schedule));
         let stop = Arc::new(AtomicBool::new(false));
         let server = std::thread::Builder::new()
@@ -84,8 +93,6 @@ impl Coordinator {
 impl Drop for Coordinator {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        // Wake the accept() so the thread sees the flag.
-        let _ = UnixStream::connect(&self.socket);
         if let Some(server) = self.server.take() {
             let _ = server.join();
         }
@@ -94,20 +101,18 @@ impl Drop for Coordinator {
 }
 
 fn serve(listener: UnixListener, schedule: &Mutex<Schedule>, stop: &AtomicBool) {
-    for conn in listener.incoming() {
-        if stop.load(Ordering::SeqCst) {
-            break;
-        }
-        match conn {
-            Ok(mut stream) => {
+    while !stop.load(Ordering::SeqCst) {
+        match listener.accept() {
+            Ok((mut stream, _)) => {
                 if let Err(e) = handle(&mut stream, schedule) {
                     log::warn!(target: "mr", "dropped a connection: {e}");
                 }
             }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(ACCEPT_POLL),
             Err(e) => {
                 log::warn!(target: "mr", "accept failed: {e}");
                 // Do not spin if accept keeps failing (out of descriptors, say).
-                std::thread::sleep(Duration::from_millis(10));
+                std::thread::sleep(ACCEPT_POLL);
             }
         }
     }
@@ -118,6 +123,7 @@ fn serve(listener: UnixListener, schedule: &Mutex<Schedule>, stop: &AtomicBool) 
 /// serving connections one at a time on a single thread keeps up with any number of workers;
 /// the I/O timeouts stop one stuck peer from holding up the rest for long.
 fn handle(stream: &mut UnixStream, schedule: &Mutex<Schedule>) -> io::Result<()> {
+    stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(rpc::IO_TIMEOUT))?;
     stream.set_write_timeout(Some(rpc::IO_TIMEOUT))?;
     let request: Request = rpc::read_frame(stream)?;
@@ -186,5 +192,15 @@ mod tests {
             call(&socket, &Request::GetTask),
             Err(rpc::CallError::Unreachable(_))
         ));
+    }
+
+    #[test]
+    fn stops_even_if_socket_file_was_removed() {
+        let socket =
+            std::env::temp_dir().join(format!("rkv-mr-unit-rm-{}.sock", std::process::id()));
+        let c = Coordinator::start(vec!["a".into()], 1, &socket).unwrap();
+        std::fs::remove_file(&socket).unwrap();
+        drop(c); // must not hang
+        assert!(Coordinator::start(Vec::new(), 0, &socket).is_err());
     }
 }

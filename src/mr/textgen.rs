@@ -198,7 +198,11 @@ impl Vocabulary {
                         _ => '.',
                     });
                 } else if rng.next_u64().is_multiple_of(8) {
-                    token.push(if rng.next_u64().is_multiple_of(5) { ';' } else { ',' });
+                    token.push(if rng.next_u64().is_multiple_of(5) {
+                        ';'
+                    } else {
+                        ','
+                    });
                 }
                 if !line.is_empty() && line.len() + 1 + token.len() > LINE_WIDTH {
                     text.push_str(&line);

@@ -88,7 +88,7 @@ impl Schedule {
             return Assignment::Exit;
         }
         if self.maps_left > 0 {
-            return match pick(&mut self.maps, now, self.reissue_after) {
+            return match pick("map", &mut self.maps, now, self.reissue_after) {
                 Some((task, attempt)) => Assignment::Map {
                     task,
                     attempt,
@@ -98,7 +98,7 @@ impl Schedule {
                 None => Assignment::Wait,
             };
         }
-        match pick(&mut self.reduces, now, self.reissue_after) {
+        match pick("reduce", &mut self.reduces, now, self.reissue_after) {
             Some((task, attempt)) => Assignment::Reduce {
                 task,
                 attempt,
@@ -158,7 +158,12 @@ impl Schedule {
 
 /// Marks the first idle task, or else the first task running longer than `reissue_after`,
 /// as running from `now`; returns its index and attempt number.
-fn pick(states: &mut [TaskState], now: Instant, reissue_after: Duration) -> Option<(usize, u32)> {
+fn pick(
+    kind: &str,
+    states: &mut [TaskState],
+    now: Instant,
+    reissue_after: Duration,
+) -> Option<(usize, u32)> {
     let idle = states.iter().position(|s| *s == TaskState::Idle);
     let (index, attempt) = match idle {
         Some(index) => (index, 1),
@@ -172,7 +177,7 @@ fn pick(states: &mut [TaskState], now: Instant, reissue_after: Duration) -> Opti
         })?,
     };
     if attempt > 1 {
-        log::info!(target: "mr", "task {index} silent for {reissue_after:?}: re-issuing as attempt {attempt}");
+        log::info!(target: "mr", "{kind} {index} silent for {reissue_after:?}: re-issuing as attempt {attempt}");
     }
     states[index] = TaskState::Running {
         issued_at: now,

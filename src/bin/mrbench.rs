@@ -125,11 +125,12 @@ impl Bench {
             times.push(start.elapsed());
             want = sorted_output(&dir)?;
         }
-        let sequential = median(times);
+        let (sequential, sequential_median) = summary(times);
         println!(
-            "{name:<12} {mb:>8.2} {:<14} {:>10.0} {:>8}",
+            "{name:<12} {mb:>8.2} {:<14} {:>10.0} {:>10.0} {:>8}",
             "sequential",
             ms(sequential),
+            ms(sequential_median),
             "1.00"
         );
         for workers in WORKER_COUNTS {

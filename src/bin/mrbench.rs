@@ -74,13 +74,13 @@ fn run(runs: usize) -> Result<(), String> {
 impl Bench {
     fn all(&self) -> Result<(), String> {
         println!(
-            "wc, median of {} runs, {} cores",
+            "wc, {} runs each, {} cores; speedup = best sequential / best",
             self.runs,
             std::thread::available_parallelism().map_or(1, |n| n.get())
         );
         println!(
-            "{:<12} {:>8} {:<14} {:>10} {:>8}",
-            "input", "MB", "run", "wall ms", "speedup"
+            "{:<12} {:>8} {:<14} {:>10} {:>10} {:>8}",
+            "input", "MB", "run", "best ms", "median ms", "speedup"
         );
         let generated = write_corpus(&self.scratch.join("in"), &GenConfig::default())
             .map_err(|e| e.to_string())?;

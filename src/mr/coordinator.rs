@@ -9,14 +9,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crossbeam::channel::{Receiver, RecvTimeoutError};
 use parking_lot::Mutex;
 
 use crate::mr::MrError;
 use crate::mr::rpc::{self, Reply, Request, TaskReport};
 use crate::mr::schedule::{ReportOutcome, Schedule};
 
-/// How often the server thread checks for a connection or a stop request.
-const ACCEPT_POLL: Duration = Duration::from_millis(5);
+/// How long the server thread sleeps after a failed accept, so it does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+/// How long dropping a coordinator waits for its server thread to stop.
+const STOP_WAIT: Duration = Duration::from_secs(1);
 
 /// A running coordinator. Dropping it stops the server thread and removes the socket file.
 pub struct Coordinator {
@@ -24,6 +27,8 @@ pub struct Coordinator {
     socket: PathBuf,
     stop: Arc<AtomicBool>,
     server: Option<JoinHandle<()>>,
+    /// Disconnects when the server thread ends.
+    server_gone: Receiver<()>,
 }
 
 impl Coordinator {
@@ -52,17 +57,18 @@ impl Coordinator {
             Err(e) => return Err(socket_err(e)),
         }
         let listener = UnixListener::bind(socket).map_err(socket_err)?;
-        // Accept polls, so the thread notices `stop` even if the socket file was removed
-        // underneath us (a wake-up connection could then never arrive).
-        listener.set_nonblocking(true).map_err(socket_err)?;
         let schedule = Arc::new(Mutex::new(schedule));
         let stop = Arc::new(AtomicBool::new(false));
+        let (gone_tx, server_gone) = crossbeam::channel::bounded::<()>(0);
         let server = std::thread::Builder::new()
             .name("mr-coordinator-rpc".into())
             .spawn({
                 let schedule = Arc::clone(&schedule);
                 let stop = Arc::clone(&stop);
-                move || serve(listener, &schedule, &stop)
+                move || {
+                    let _gone = gone_tx; // dropped when this thread ends
+                    serve(listener, &schedule, &stop)
+                }
             })
             .map_err(socket_err)?;
         log::info!(target: "mr", "coordinator listening on {}", socket.display());
@@ -71,6 +77,7 @@ impl Coordinator {
             socket: socket.to_path_buf(),
             stop,
             server: Some(server),
+            server_gone,
         })
     }
 
@@ -93,26 +100,36 @@ impl Coordinator {
 impl Drop for Coordinator {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        if let Some(server) = self.server.take() {
-            let _ = server.join();
+        // Wake the blocking accept() so the thread sees the flag. If the socket file was
+        // removed or taken over by someone else, no wake-up arrives: then leave the thread
+        // blocked rather than hang here (it holds only the listener and the schedule).
+        let _ = UnixStream::connect(&self.socket);
+        match self.server_gone.recv_timeout(STOP_WAIT) {
+            Err(RecvTimeoutError::Disconnected) => {
+                if let Some(server) = self.server.take() {
+                    let _ = server.join();
+                }
+                // Only now, with our listener closed, is the file at this path surely ours.
+                let _ = std::fs::remove_file(&self.socket);
+            }
+            _ => log::warn!(target: "mr", "coordinator server thread did not stop; leaving it"),
         }
-        let _ = std::fs::remove_file(&self.socket);
     }
 }
 
 fn serve(listener: UnixListener, schedule: &Mutex<Schedule>, stop: &AtomicBool) {
     while !stop.load(Ordering::SeqCst) {
         match listener.accept() {
+            Ok(_) if stop.load(Ordering::SeqCst) => break,
             Ok((mut stream, _)) => {
                 if let Err(e) = handle(&mut stream, schedule) {
                     log::warn!(target: "mr", "dropped a connection: {e}");
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(ACCEPT_POLL),
             Err(e) => {
                 log::warn!(target: "mr", "accept failed: {e}");
                 // Do not spin if accept keeps failing (out of descriptors, say).
-                std::thread::sleep(ACCEPT_POLL);
+                std::thread::sleep(ACCEPT_BACKOFF);
             }
         }
     }
@@ -123,7 +140,6 @@ fn serve(listener: UnixListener, schedule: &Mutex<Schedule>, stop: &AtomicBool) 
 /// serving connections one at a time on a single thread keeps up with any number of workers;
 /// the I/O timeouts stop one stuck peer from holding up the rest for long.
 fn handle(stream: &mut UnixStream, schedule: &Mutex<Schedule>) -> io::Result<()> {
-    stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(rpc::IO_TIMEOUT))?;
     stream.set_write_timeout(Some(rpc::IO_TIMEOUT))?;
     let request: Request = rpc::read_frame(stream)?;

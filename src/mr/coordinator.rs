@@ -216,7 +216,13 @@ mod tests {
             std::env::temp_dir().join(format!("rkv-mr-unit-rm-{}.sock", std::process::id()));
         let c = Coordinator::start(vec!["a".into()], 1, &socket).unwrap();
         std::fs::remove_file(&socket).unwrap();
+        let t = std::time::Instant::now();
         drop(c); // must not hang
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "drop took {:?}",
+            t.elapsed()
+        );
         assert!(Coordinator::start(Vec::new(), 0, &socket).is_err());
     }
 }

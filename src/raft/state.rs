@@ -23,6 +23,11 @@ pub(super) const ELECTION_TIMEOUT_MIN_MS: u64 = 400;
 pub(super) const ELECTION_TIMEOUT_MAX_MS: u64 = 700;
 /// An AppendEntries unanswered for this long is presumed lost: another may be sent.
 pub(super) const INFLIGHT_STALE: Duration = Duration::from_millis(90);
+/// A ticker that wakes this much later than it asked was not scheduled for a while (an
+/// overloaded machine, a stopped process): whatever the leader sent meanwhile has not been
+/// handled yet either, so a follower gives it [`OVERSLEEP_GRACE`] before standing.
+const OVERSLEEP: Duration = Duration::from_millis(50);
+const OVERSLEEP_GRACE: Duration = Duration::from_millis(150);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Role {
@@ -210,6 +215,14 @@ impl Core {
             }
             // Waiting releases the lock.
             self.ticker_cv.wait_until(&mut st, next);
+            let now = Instant::now();
+            if st.role != Role::Leader && now.saturating_duration_since(next) > OVERSLEEP {
+                let grace = now + OVERSLEEP_GRACE;
+                if st.election_deadline < grace {
+                    log::debug!(target: "raft::election", "raft-{} t{}: ticker woke {:?} late; election deferred", self.me, st.term, now - next);
+                    st.election_deadline = grace;
+                }
+            }
         }
     }
 }

@@ -112,6 +112,10 @@ fn generic_test(t: KvRaftTest) {
             Some(max) => {
                 let sz = t.g().log_size();
                 if sz > 8 * max {
+                    let sizes: Vec<usize> = (0..p.nservers)
+                        .map(|s| t.g().persister(s).raft_state_size())
+                        .collect();
+                    eprintln!("DIAG iteration {i} sizes {sizes:?}");
                     t.fatal(&format!("logs were not trimmed ({sz} > 8*{max})"));
                 }
             }

@@ -26,6 +26,10 @@ use crate::tester::{IService, Persister};
 
 /// How often a waiting submitter checks that its peer still leads in the term it started in.
 pub const LEADERSHIP_POLL: Duration = Duration::from_millis(50);
+/// Committed entries Raft may hand over before the reader takes them.
+const APPLY_BUFFER: usize = 256;
+/// Per-entry bytes of the persisted log beyond the command itself (term, length), roughly.
+const ENTRY_OVERHEAD: usize = 4;
 
 /// What the replicated service executes. Requests and replies are the service's own encoded
 /// values: the rsm never looks inside them.
@@ -100,8 +104,10 @@ impl Rsm {
                 }
             }
         }
-        // Unbuffered, as in the lab: Raft's applier hands over one message at a time.
-        let (apply_tx, apply_rx) = channel::bounded::<ApplyMsg>(0);
+        // Buffered, unlike the lab's channel: handing entries over one at a time costs a
+        // thread switch each, and on a loaded machine a follower then applies more slowly
+        // than it appends, so its unapplied (untrimmable) log grows without bound.
+        let (apply_tx, apply_rx) = channel::bounded::<ApplyMsg>(APPLY_BUFFER);
         let raft = match Raft::new(ends, me, persister, apply_tx) {
             Ok(r) => Arc::new(r),
             Err(e) => panic!("rsm-{me}: cannot start raft: {e}"),
@@ -189,6 +195,8 @@ impl Rsm {
 
 impl Shared {
     fn run_reader(&self, apply_rx: Receiver<ApplyMsg>, mut last_applied: u64) {
+        // Roughly how many log bytes a snapshot now would discard.
+        let mut applied_bytes = 0;
         for msg in apply_rx {
             match msg {
                 ApplyMsg::Command { index, command, .. } => {
@@ -203,6 +211,7 @@ impl Shared {
                         self.me
                     );
                     last_applied = index;
+                    applied_bytes += command.len() + ENTRY_OVERHEAD;
                     let op: Op = match labcodec::decode(&command) {
                         Ok(op) => op,
                         Err(e) => {
@@ -222,7 +231,9 @@ impl Shared {
                         };
                         let _ = w.reply.try_send(r);
                     }
-                    self.maybe_snapshot(index);
+                    if self.maybe_snapshot(index, applied_bytes) {
+                        applied_bytes = 0;
+                    }
                 }
                 ApplyMsg::Snapshot { index, data, .. } => {
                     if index <= last_applied {
@@ -237,6 +248,7 @@ impl Shared {
                     }
                     log::debug!(target: "kvraft::rsm", "rsm-{}: installed snapshot through {index}", self.me);
                     last_applied = index;
+                    applied_bytes = 0;
                     // Ops covered by the snapshot: their replies are unknown here.
                     self.waiters.lock().retain(|&i, _| i > index);
                 }
@@ -247,13 +259,22 @@ impl Shared {
         log::debug!(target: "kvraft::rsm", "rsm-{}: apply channel closed, reader exits", self.me);
     }
 
-    /// Snapshots when the persisted Raft state has reached `maxraftstate` bytes.
-    fn maybe_snapshot(&self, index: u64) {
+    /// Snapshots through `index` when the persisted Raft state has reached `maxraftstate`
+    /// bytes and the snapshot would discard at least a quarter of that (`applied_bytes`).
+    /// The second condition matters when the unapplied tail of the log alone exceeds the
+    /// limit: a snapshot cannot trim it, and persisting the whole state on every apply would
+    /// only make this peer fall further behind. Returns whether it snapshotted.
+    fn maybe_snapshot(&self, index: u64, applied_bytes: usize) -> bool {
         let Some(max) = self.maxraftstate else {
-            return;
+            return false;
         };
-        if self.raft.persist_bytes() < max {
-            return;
+        let size = self.raft.persist_bytes();
+        if size < max || applied_bytes < max / 4 {
+            return false;
+        }
+        if size > 4 * max {
+            // The log outgrew the limit between two applies: this peer applies slowly.
+            log::warn!(target: "kvraft::rsm", "rsm-{}: Raft state {size} bytes > 4 * maxraftstate {max} at {index}", self.me);
         }
         let snap = RsmSnapshot {
             index,
@@ -263,9 +284,11 @@ impl Shared {
             Ok(data) => {
                 log::debug!(target: "kvraft::rsm", "rsm-{}: snapshot through {index} ({} bytes)", self.me, data.len());
                 self.raft.snapshot(index, data);
+                true
             }
             Err(e) => {
-                log::error!(target: "kvraft::rsm", "rsm-{}: cannot encode snapshot: {e}", self.me)
+                log::error!(target: "kvraft::rsm", "rsm-{}: cannot encode snapshot: {e}", self.me);
+                false
             }
         }
     }

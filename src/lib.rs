@@ -5,10 +5,12 @@
 //! | 1 | [`mr`]: MapReduce coordinator and workers |
 //! | 2 | [`kvsrv`]: single-server versioned KV and a lock on it |
 //! | 3 | [`raft`]: Raft with persistence and snapshots |
+//! | 4 | [`kvraft`]: replicated state machine and linearizable KV service on Raft |
 //! | — | [`labrpc`], [`labcodec`], [`tester`], [`porcupine`]: simulated network, codec, harness, checker |
 //!
 //! See `ARCHITECTURE.md` at the repository root for how the parts fit.
 
+pub mod kvraft;
 pub mod kvsrv;
 pub mod labcodec;
 pub mod labrpc;

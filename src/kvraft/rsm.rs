@@ -1,0 +1,310 @@
+//! The replicated state machine (Lab 4A/4C): a service hands requests to [`Rsm::submit`], which
+//! puts them in the Raft log and returns the state machine's answer once the request has been
+//! committed and executed.
+//!
+//! One reader thread, `rsm-<me>-reader`, drains the apply channel and executes every committed
+//! request on every peer, in log order. A submitter waits on a one-slot channel keyed by the
+//! log index; the reader answers it only if the op executed there is the submitter's own (same
+//! unique id), otherwise with [`KvErr::WrongLeader`]. A submitter also gives up by itself when
+//! its peer's term moves on or it stops leading, so a deposed leader's clients learn within
+//! [`LEADERSHIP_POLL`] of the change.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use crossbeam::channel::{self, Receiver, RecvTimeoutError, Sender};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use crate::kvsrv::rpc::KvErr;
+use crate::labcodec;
+use crate::labrpc::{ClientEnd, Service};
+use crate::raft::{ApplyMsg, Raft};
+use crate::tester::{IService, Persister};
+
+/// How often a waiting submitter checks that its peer still leads in the term it started in.
+pub const LEADERSHIP_POLL: Duration = Duration::from_millis(50);
+/// Committed entries Raft may hand over before the reader takes them.
+const APPLY_BUFFER: usize = 256;
+/// Per-entry bytes of the persisted log beyond the command itself (term, length), roughly.
+const ENTRY_OVERHEAD: usize = 4;
+
+/// What the replicated service executes. Requests and replies are the service's own encoded
+/// values: the rsm never looks inside them.
+pub trait StateMachine: Send + Sync {
+    /// Executes one committed request and returns its reply. Called on every peer, in log order.
+    fn do_op(&self, req: &[u8]) -> Vec<u8>;
+    /// The whole state, for a snapshot.
+    fn snapshot(&self) -> Vec<u8>;
+    /// Replaces the whole state by a snapshot's.
+    fn restore(&self, data: &[u8]);
+}
+
+/// What goes into the Raft log: the request and an id unique to this submission, so the
+/// submitter can tell its op from another leader's op at the same index.
+#[derive(Serialize, Deserialize)]
+struct Op {
+    id: u64,
+    req: Vec<u8>,
+}
+
+/// What the rsm hands Raft as a snapshot: the service's state and the index it reflects, so
+/// a restarted peer knows where it is.
+#[derive(Serialize, Deserialize)]
+struct RsmSnapshot {
+    index: u64,
+    state: Vec<u8>,
+}
+
+/// A submitter waiting for the op it started at some index.
+struct Waiter {
+    id: u64,
+    /// One slot: the reader answers once and never blocks.
+    reply: Sender<Result<Vec<u8>, KvErr>>,
+}
+
+struct Shared {
+    me: usize,
+    raft: Arc<Raft>,
+    sm: Arc<dyn StateMachine>,
+    maxraftstate: Option<usize>,
+    /// Submitters by log index.
+    waiters: Mutex<HashMap<u64, Waiter>>,
+}
+
+/// A replicated state machine on one Raft peer.
+pub struct Rsm {
+    shared: Arc<Shared>,
+    reader: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Rsm {
+    /// Starts the Raft peer `me` of `ends` and the reader thread. Restores `sm` from the
+    /// persisted snapshot, if any. `maxraftstate`: snapshot when the persisted Raft state
+    /// approaches this many bytes; `None` never snapshots. Returns at once.
+    pub fn new(
+        ends: Vec<ClientEnd>,
+        me: usize,
+        persister: Persister,
+        maxraftstate: Option<usize>,
+        sm: Arc<dyn StateMachine>,
+    ) -> Rsm {
+        let mut last_applied = 0;
+        let snap = persister.read_snapshot();
+        if !snap.is_empty() {
+            match labcodec::decode::<RsmSnapshot>(&snap) {
+                Ok(s) => {
+                    sm.restore(&s.state);
+                    last_applied = s.index;
+                }
+                Err(e) => {
+                    log::error!(target: "kvraft::rsm", "rsm-{me}: persisted snapshot unreadable: {e}")
+                }
+            }
+        }
+        // Buffered, unlike the lab's channel: handing entries over one at a time costs a
+        // thread switch each, and on a loaded machine a follower then applies more slowly
+        // than it appends, so its unapplied (untrimmable) log grows without bound.
+        let (apply_tx, apply_rx) = channel::bounded::<ApplyMsg>(APPLY_BUFFER);
+        let raft = match Raft::new(ends, me, persister, apply_tx) {
+            Ok(r) => Arc::new(r),
+            Err(e) => panic!("rsm-{me}: cannot start raft: {e}"),
+        };
+        let shared = Arc::new(Shared {
+            me,
+            raft,
+            sm,
+            maxraftstate,
+            waiters: Mutex::new(HashMap::new()),
+        });
+        let reader = {
+            let shared = shared.clone();
+            thread::Builder::new()
+                .name(format!("rsm-{me}-reader"))
+                .spawn(move || shared.run_reader(apply_rx, last_applied))
+                .expect("rsm: cannot start the reader thread")
+        };
+        Rsm {
+            shared,
+            reader: Mutex::new(Some(reader)),
+        }
+    }
+
+    pub fn raft(&self) -> Arc<Raft> {
+        self.shared.raft.clone()
+    }
+
+    /// Runs `req` through the log and returns the state machine's reply. `WrongLeader` if this
+    /// peer does not lead, loses leadership before the op commits, or is killed.
+    pub fn submit(&self, req: Vec<u8>) -> Result<Vec<u8>, KvErr> {
+        let s = &self.shared;
+        let id: u64 = rand::random();
+        let cmd = match labcodec::encode(&Op { id, req }) {
+            Ok(c) => c,
+            Err(e) => {
+                log::error!(target: "kvraft::rsm", "rsm-{}: cannot encode op: {e}", s.me);
+                return Err(KvErr::WrongLeader);
+            }
+        };
+        let (tx, rx) = channel::bounded(1);
+        let (index, term) = {
+            // Start under the waiters lock so the reader cannot execute the op before its
+            // waiter is registered. `start` never blocks; the reader never calls Raft while
+            // holding this lock.
+            let mut waiters = s.waiters.lock();
+            let (index, term, is_leader) = s.raft.start(cmd);
+            if !is_leader {
+                return Err(KvErr::WrongLeader);
+            }
+            // A waiter left at this index by an earlier term is answered by dropping its sender.
+            waiters.insert(index, Waiter { id, reply: tx });
+            (index, term)
+        };
+        log::trace!(target: "kvraft::rsm", "rsm-{} t{term}: submitted op {id:x} at {index}", s.me);
+        loop {
+            match rx.recv_timeout(LEADERSHIP_POLL) {
+                Ok(r) => return r,
+                Err(RecvTimeoutError::Disconnected) => return Err(KvErr::WrongLeader),
+                Err(RecvTimeoutError::Timeout) => {
+                    let (now_term, is_leader) = s.raft.get_state();
+                    if now_term != term || !is_leader || s.raft.killed() {
+                        log::debug!(target: "kvraft::rsm", "rsm-{} t{now_term}: op {id:x} at {index} (t{term}) abandoned, leader {is_leader}", s.me);
+                        let mut waiters = s.waiters.lock();
+                        if waiters.get(&index).is_some_and(|w| w.id == id) {
+                            waiters.remove(&index);
+                        }
+                        return Err(KvErr::WrongLeader);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Kills the Raft peer (which closes the apply channel) and waits for the reader to exit.
+    pub fn kill(&self) {
+        self.shared.raft.kill();
+        if let Some(h) = self.reader.lock().take()
+            && h.thread().id() != thread::current().id()
+        {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Shared {
+    fn run_reader(&self, apply_rx: Receiver<ApplyMsg>, mut last_applied: u64) {
+        // Roughly how many log bytes a snapshot now would discard.
+        let mut applied_bytes = 0;
+        for msg in apply_rx {
+            match msg {
+                ApplyMsg::Command { index, command, .. } => {
+                    if index <= last_applied {
+                        // Already reflected in the state (restored from a snapshot).
+                        continue;
+                    }
+                    debug_assert_eq!(
+                        index,
+                        last_applied + 1,
+                        "rsm-{} applied {index} after {last_applied}",
+                        self.me
+                    );
+                    last_applied = index;
+                    applied_bytes += command.len() + ENTRY_OVERHEAD;
+                    let op: Op = match labcodec::decode(&command) {
+                        Ok(op) => op,
+                        Err(e) => {
+                            log::error!(target: "kvraft::rsm", "rsm-{}: undecodable op at {index}: {e}", self.me);
+                            self.waiters.lock().remove(&index);
+                            continue;
+                        }
+                    };
+                    let reply = self.sm.do_op(&op.req);
+                    let waiter = self.waiters.lock().remove(&index);
+                    if let Some(w) = waiter {
+                        let r = if w.id == op.id {
+                            Ok(reply)
+                        } else {
+                            // Another leader's op took the index: ours is lost.
+                            Err(KvErr::WrongLeader)
+                        };
+                        let _ = w.reply.try_send(r);
+                    }
+                    if self.maybe_snapshot(index, applied_bytes) {
+                        applied_bytes = 0;
+                    }
+                }
+                ApplyMsg::Snapshot { index, data, .. } => {
+                    if index <= last_applied {
+                        continue;
+                    }
+                    match labcodec::decode::<RsmSnapshot>(&data) {
+                        Ok(s) => self.sm.restore(&s.state),
+                        Err(e) => {
+                            log::error!(target: "kvraft::rsm", "rsm-{}: unreadable snapshot through {index}: {e}", self.me);
+                            continue;
+                        }
+                    }
+                    log::debug!(target: "kvraft::rsm", "rsm-{}: installed snapshot through {index}", self.me);
+                    last_applied = index;
+                    applied_bytes = 0;
+                    // Ops covered by the snapshot: their replies are unknown here.
+                    self.waiters.lock().retain(|&i, _| i > index);
+                }
+            }
+        }
+        // Raft was killed and closed the channel: every waiter gets WrongLeader.
+        self.waiters.lock().clear();
+        log::debug!(target: "kvraft::rsm", "rsm-{}: apply channel closed, reader exits", self.me);
+    }
+
+    /// Snapshots through `index` when the persisted Raft state has reached `maxraftstate`
+    /// bytes and the snapshot would discard at least a quarter of that (`applied_bytes`).
+    /// The second condition matters when the unapplied tail of the log alone exceeds the
+    /// limit: a snapshot cannot trim it, and persisting the whole state on every apply would
+    /// only make this peer fall further behind. Returns whether it snapshotted.
+    fn maybe_snapshot(&self, index: u64, applied_bytes: usize) -> bool {
+        let Some(max) = self.maxraftstate else {
+            return false;
+        };
+        let size = self.raft.persist_bytes();
+        if size < max || applied_bytes < max / 4 {
+            return false;
+        }
+        if size > 4 * max {
+            // The log outgrew the limit between two applies: this peer applies slowly.
+            log::warn!(target: "kvraft::rsm", "rsm-{}: Raft state {size} bytes > 4 * maxraftstate {max} at {index}", self.me);
+        }
+        let snap = RsmSnapshot {
+            index,
+            state: self.sm.snapshot(),
+        };
+        match labcodec::encode(&snap) {
+            Ok(data) => {
+                log::debug!(target: "kvraft::rsm", "rsm-{}: snapshot through {index} ({} bytes)", self.me, data.len());
+                self.raft.snapshot(index, data);
+                true
+            }
+            Err(e) => {
+                log::error!(target: "kvraft::rsm", "rsm-{}: cannot encode snapshot: {e}", self.me);
+                false
+            }
+        }
+    }
+}
+
+/// The Raft peer as a tester service: killing it kills the peer, and it answers `Raft.*`.
+/// The rsm tests give the tester only this, so a shutdown kills just the Raft; the reader
+/// then sees the apply channel close and fails every waiting submitter.
+pub struct RaftService(pub Arc<Raft>);
+
+impl IService for RaftService {
+    fn kill(&self) {
+        self.0.kill();
+    }
+
+    fn rpc_service(self: Arc<Self>) -> Option<Service> {
+        Some(self.0.rpc_service())
+    }
+}

@@ -5,14 +5,13 @@
 //! There is no duplicate detection: a versioned Put executed twice fails the second time with
 //! `ErrVersion`, which the clerk reports as `ErrMaybe` when it had to retry.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
-use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::rsm::{RaftService, Rsm, StateMachine};
-use crate::kvsrv::rpc::{GetArgs, GetReply, KvErr, PutArgs, PutReply, Tversion};
+use crate::kvsrv::rpc::{GetArgs, GetReply, KvErr, PutArgs, PutReply};
+use crate::kvsrv::store::VersionedStore;
 use crate::labcodec;
 use crate::labrpc::{ClientEnd, Service};
 use crate::tester::{IService, Persister, Tgid};
@@ -31,52 +30,17 @@ pub enum KvResponse {
     Put(PutReply),
 }
 
-/// The replicated state: key → (value, version), with Lab 2's versioned-Put rules.
+/// The replicated state: Lab 2's versioned store, executed from the log.
 #[derive(Default)]
 pub struct KvStore {
-    data: Mutex<HashMap<String, (String, Tversion)>>,
-}
-
-impl KvStore {
-    fn get(&self, args: &GetArgs) -> GetReply {
-        match self.data.lock().get(&args.key) {
-            Some((value, version)) => GetReply {
-                value: value.clone(),
-                version: *version,
-                err: KvErr::Ok,
-            },
-            None => GetReply {
-                value: String::new(),
-                version: 0,
-                err: KvErr::NoKey,
-            },
-        }
-    }
-
-    fn put(&self, args: PutArgs) -> PutReply {
-        let mut data = self.data.lock();
-        let err = match data.get_mut(&args.key) {
-            Some((value, version)) if *version == args.version => {
-                *value = args.value;
-                *version += 1;
-                KvErr::Ok
-            }
-            Some(_) => KvErr::Version,
-            None if args.version == 0 => {
-                data.insert(args.key, (args.value, 1));
-                KvErr::Ok
-            }
-            None => KvErr::NoKey,
-        };
-        PutReply { err }
-    }
+    store: VersionedStore,
 }
 
 impl StateMachine for KvStore {
     fn do_op(&self, req: &[u8]) -> Vec<u8> {
         let resp = match labcodec::decode::<KvRequest>(req) {
-            Ok(KvRequest::Get(a)) => KvResponse::Get(self.get(&a)),
-            Ok(KvRequest::Put(a)) => KvResponse::Put(self.put(a)),
+            Ok(KvRequest::Get(a)) => KvResponse::Get(self.store.get(&a)),
+            Ok(KvRequest::Put(a)) => KvResponse::Put(self.store.put(a)),
             Err(e) => {
                 // Only this server writes requests, so this is a bug; every peer skips it alike.
                 log::error!(target: "kvraft::server", "undecodable request: {e}");
@@ -87,17 +51,12 @@ impl StateMachine for KvStore {
     }
 
     fn snapshot(&self) -> Vec<u8> {
-        let data = self.data.lock();
-        // Sorted, so equal states give equal snapshots.
-        let mut entries: Vec<(&String, &(String, Tversion))> = data.iter().collect();
-        entries.sort();
-        labcodec::encode(&entries).unwrap_or_default()
+        self.store.encode()
     }
 
     fn restore(&self, bytes: &[u8]) {
-        match labcodec::decode::<Vec<(String, (String, Tversion))>>(bytes) {
-            Ok(entries) => *self.data.lock() = entries.into_iter().collect(),
-            Err(e) => log::error!(target: "kvraft::server", "unreadable snapshot: {e}"),
+        if let Err(e) = self.store.restore(bytes) {
+            log::error!(target: "kvraft::server", "unreadable snapshot: {e}");
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod harness;
 pub mod lock;
 pub mod rpc;
 mod server;
+pub mod store;
 
 pub use client::Clerk;
 pub use server::{KvServer, start_kv_server};

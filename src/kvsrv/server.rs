@@ -1,17 +1,15 @@
-use std::collections::HashMap;
 use std::sync::Arc;
 
-use parking_lot::Mutex;
-
-use super::rpc::{GetArgs, GetReply, KvErr, PutArgs, PutReply, Tversion};
+use super::rpc::{GetArgs, GetReply, PutArgs, PutReply};
+use super::store::VersionedStore;
 use crate::labrpc::{ClientEnd, Service};
 use crate::tester::{IService, Persister, Tgid};
 
-/// The KV server: a map from key to value and version. It keeps no per-client state, so its
-/// memory does not grow with the number of clients.
+/// The KV server: one [`VersionedStore`]. It keeps no per-client state, so its memory does not
+/// grow with the number of clients.
 #[derive(Default)]
 pub struct KvServer {
-    data: Mutex<HashMap<String, (String, Tversion)>>,
+    store: VersionedStore,
 }
 
 impl KvServer {
@@ -20,36 +18,11 @@ impl KvServer {
     }
 
     pub fn get(&self, args: GetArgs) -> GetReply {
-        match self.data.lock().get(&args.key) {
-            Some((value, version)) => GetReply {
-                value: value.clone(),
-                version: *version,
-                err: KvErr::Ok,
-            },
-            None => GetReply {
-                value: String::new(),
-                version: 0,
-                err: KvErr::NoKey,
-            },
-        }
+        self.store.get(&args)
     }
 
     pub fn put(&self, args: PutArgs) -> PutReply {
-        let mut data = self.data.lock();
-        let err = match data.get_mut(&args.key) {
-            Some((value, version)) if *version == args.version => {
-                *value = args.value;
-                *version += 1;
-                KvErr::Ok
-            }
-            Some(_) => KvErr::Version,
-            None if args.version == 0 => {
-                data.insert(args.key, (args.value, 1));
-                KvErr::Ok
-            }
-            None => KvErr::NoKey,
-        };
-        PutReply { err }
+        self.store.put(args)
     }
 }
 

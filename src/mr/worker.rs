@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -57,6 +57,9 @@ pub enum WorkerExit {
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// Consecutive failed exchanges with a reachable coordinator before the worker gives up.
 const MAX_CALL_FAILURES: u32 = 20;
+/// How long a worker keeps trying to reach a coordinator it has never reached (one that is
+/// starting up has created its socket file but may not listen yet).
+const FIRST_CONTACT_PATIENCE: Duration = Duration::from_secs(2);
 
 /// The intermediate file of map task `map_task` for reduce bucket `bucket`.
 pub fn intermediate_name(map_task: usize, bucket: usize) -> String {
@@ -73,11 +76,23 @@ pub fn output_name(reduce_task: usize) -> String {
 /// whose input is bad is reported to the coordinator, which ends the job.
 pub fn run_worker(socket: &Path, map: MapFn, reduce: ReduceFn) -> Result<WorkerExit, MrError> {
     let mut failures = 0;
+    let started = Instant::now();
+    let mut reached = false;
     loop {
         let assignment = match rpc::call(socket, &Request::GetTask) {
             Ok(Reply::Task(assignment)) => {
                 failures = 0;
+                reached = true;
                 assignment
+            }
+            // A coordinator that is just starting has its socket file before it listens:
+            // until it has answered once, keep knocking for a moment.
+            Err(CallError::Unreachable(e))
+                if !reached && started.elapsed() < FIRST_CONTACT_PATIENCE =>
+            {
+                log::debug!(target: "mr", "coordinator not answering yet ({e}); retrying");
+                std::thread::sleep(POLL_INTERVAL);
+                continue;
             }
             Ok(Reply::Ack) => {
                 log::warn!(target: "mr", "coordinator answered a task request with Ack");

@@ -13,11 +13,15 @@ impl Core {
         st.term += 1;
         st.role = Role::Candidate;
         st.voted_for = Some(self.me);
-        st.votes = 1;
+        st.votes.clear();
+        st.votes.insert(self.me);
         self.reset_election_timer(st);
         self.persist(st);
+        if self.is_dead() {
+            return; // the vote for itself could not be saved
+        }
         log::debug!(target: "raft::election", "raft-{} t{}: candidate, log ..={} (t{})", self.me, st.term, st.log.last_index(), st.log.last_term());
-        if st.votes >= self.majority() {
+        if st.votes.len() >= self.majority() {
             self.become_leader(st);
             return;
         }
@@ -59,9 +63,11 @@ impl Core {
         if st.role != Role::Candidate || st.term != term || !reply.vote_granted {
             return;
         }
-        st.votes += 1;
-        log::debug!(target: "raft::election", "raft-{} t{}: vote from {peer}, {} of {}", self.me, st.term, st.votes, self.majority());
-        if st.votes >= self.majority() {
+        if !st.votes.insert(peer) {
+            return; // a duplicated reply
+        }
+        log::debug!(target: "raft::election", "raft-{} t{}: vote from {peer}, {} of {}", self.me, st.term, st.votes.len(), self.majority());
+        if st.votes.len() >= self.majority() {
             self.become_leader(&mut st);
         }
     }
@@ -83,19 +89,21 @@ impl Core {
     }
 
     /// Handles a RequestVote: grant at most one vote per term, and only to a candidate whose
-    /// log is at least as up-to-date as ours (Raft §5.4.1).
-    pub(crate) fn request_vote(&self, args: RequestVoteArgs) -> RequestVoteReply {
+    /// log is at least as up-to-date as ours (Raft §5.4.1). A dead peer answers nothing and
+    /// changes nothing.
+    pub(crate) fn request_vote(&self, args: RequestVoteArgs) -> Option<RequestVoteReply> {
         let mut st = self.state.lock();
+        if self.is_dead() {
+            return None;
+        }
         let mut changed = false;
         if args.term > st.term {
             changed = self.step_down(&mut st, args.term);
         }
         let up_to_date =
             (args.last_log_term, args.last_log_index) >= (st.log.last_term(), st.log.last_index());
-        let granted = args.term == st.term
-            && !self.is_dead()
-            && st.voted_for.is_none_or(|v| v == args.candidate)
-            && up_to_date;
+        let granted =
+            args.term == st.term && st.voted_for.is_none_or(|v| v == args.candidate) && up_to_date;
         if granted {
             if st.voted_for.is_none() {
                 changed = true;
@@ -105,11 +113,14 @@ impl Core {
         }
         if changed {
             self.persist(&st);
+            if self.is_dead() {
+                return None; // not saved: a vote that is not durable must not be given
+            }
         }
         log::debug!(target: "raft::election", "raft-{} t{}: vote for {} (t{} log ..={} t{}): {}", self.me, st.term, args.candidate, args.term, args.last_log_index, args.last_log_term, if granted { "granted" } else { "refused" });
-        RequestVoteReply {
+        Some(RequestVoteReply {
             term: st.term,
             vote_granted: granted,
-        }
+        })
     }
 }

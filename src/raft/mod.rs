@@ -169,15 +169,16 @@ impl Raft {
         self.core.dead.load(Ordering::SeqCst)
     }
 
-    /// The `Raft` RPC service (`RequestVote`, `AppendEntries`, `InstallSnapshot`).
+    /// The `Raft` RPC service (`RequestVote`, `AppendEntries`, `InstallSnapshot`). A killed
+    /// peer answers nothing, as a crashed process would.
     pub fn rpc_service(&self) -> Service {
         let (c1, c2, c3) = (self.core.clone(), self.core.clone(), self.core.clone());
         Service::new("Raft")
-            .method("RequestVote", move |a: RequestVoteArgs| c1.request_vote(a))
-            .method("AppendEntries", move |a: AppendEntriesArgs| {
+            .method_or_silence("RequestVote", move |a: RequestVoteArgs| c1.request_vote(a))
+            .method_or_silence("AppendEntries", move |a: AppendEntriesArgs| {
                 c2.append_entries(a)
             })
-            .method("InstallSnapshot", move |a: InstallSnapshotArgs| {
+            .method_or_silence("InstallSnapshot", move |a: InstallSnapshotArgs| {
                 c3.install_snapshot(a)
             })
     }

@@ -31,9 +31,15 @@ pub fn join_helper<T>(h: JoinHandle<T>) -> T {
 /// returns whether it passed and everything it printed. For tests that show a harness check
 /// fails on a deliberately broken variant (some checks end the process, as Go's do).
 pub fn run_test_in_child(name: &str, env: &[(&str, &str)]) -> (bool, String) {
-    let exe = match std::env::current_exe() {
-        Ok(exe) => exe,
-        Err(e) => panic!("cannot find the test binary: {e}"),
+    // /proc/self/exe still runs this binary if a rebuild has replaced its file meanwhile.
+    let proc_exe = std::path::PathBuf::from("/proc/self/exe");
+    let exe = if proc_exe.exists() {
+        proc_exe
+    } else {
+        match std::env::current_exe() {
+            Ok(exe) => exe,
+            Err(e) => panic!("cannot find the test binary: {e}"),
+        }
     };
     let out = std::process::Command::new(exe)
         .args(["--exact", name, "--test-threads=1", "--nocapture"])

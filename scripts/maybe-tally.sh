@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sum the "... ErrMaybe" lines that `stress.sh --keep ErrMaybe` kept (OUTDIR/kept.txt):
-# per test, runs, failed runs, runs with ErrMaybe, ErrMaybe and Puts in all, and the rsm's
-# give-ups. See docs/errmaybe.md.
+# per test, runs, failed runs, runs with an ErrMaybe, ErrMaybe in all, those the test's next
+# Get found had taken effect, Puts in all, and the rsm's give-ups on logged ops (term change,
+# timeout, lost index). See docs/errmaybe.md.
 set -uo pipefail
 [[ $# -eq 1 ]] || { echo "usage: scripts/maybe-tally.sh OUTDIR|KEPT_FILE" >&2; exit 2; }
 f=$1
@@ -14,6 +15,7 @@ awk '
     t = $1; rc = $3; sub(/:$/, "", rc)
     for (i = 1; i <= NF; i++) {
         if ($i == "ErrMaybe") { m = $(i + 1); p = $(i + 3) }
+        if ($i == "taken" && $(i + 1) == "effect,") took = $(i - 2)
         if ($i == "term" && $(i + 1) == "change,") tc = $(i - 2)
         if ($i == "timed") to = $(i - 1)
         if ($i == "lost" && $(i + 1) == "their") li = $(i - 1)
@@ -21,13 +23,13 @@ awk '
     if (!(t in runs)) order[++n] = t
     runs[t]++; if (rc != 0) fails[t]++
     if (m > 0) mruns[t]++
-    maybes[t] += m; puts[t] += p; term[t] += tc; tmo[t] += to; lost[t] += li
-    tc = 0; to = 0; li = 0
+    maybes[t] += m; puts[t] += p; term[t] += tc; tmo[t] += to; lost[t] += li; tk[t] += took
+    tc = 0; to = 0; li = 0; took = 0
 }
 END {
-    printf "%-28s %6s %6s %11s %8s %9s %8s %8s %6s\n", "test", "runs", "fails", "runs w/ EM", "ErrMaybe", "Puts", "term chg", "timeout", "lost"
+    printf "%-20s %5s %5s %7s %8s %8s %9s %8s %8s %5s\n", "test", "runs", "fails", "EM runs", "ErrMaybe", "took eff", "Puts", "term chg", "timeout", "lost"
     for (k = 1; k <= n; k++) {
         t = order[k]
-        printf "%-28s %6d %6d %11d %8d %9d %8d %8d %6d\n", t, runs[t], fails[t], mruns[t], maybes[t], puts[t], term[t], tmo[t], lost[t]
+        printf "%-20s %5d %5d %7d %8d %8d %9d %8d %8d %5d\n", t, runs[t], fails[t], mruns[t], maybes[t], tk[t], puts[t], term[t], tmo[t], lost[t]
     }
 }' "$f"

@@ -112,9 +112,10 @@ impl KvClerk for Clerk {
             let why = if earlier.no_reply > 0 {
                 "an earlier attempt got no reply and may have been executed"
             } else {
-                "no reply was lost, so if an earlier attempt was executed, a server answered \
-                 ErrWrongLeader for an op it had logged and that then committed \
-                 (kvraft::rsm logs why it gave up: a term change, or a timeout)"
+                "no reply was lost; an ErrWrongLeader came from a server that did not lead \
+                 (the attempt never entered its log: then the version was simply stale) or \
+                 from a leader that gave up on the logged op, which may have committed \
+                 (kvraft::rsm logs each such give-up: a term change, or a timeout)"
             };
             log::info!(target: "kvraft::clerk", "put {key:?} v{version}: ErrMaybe after {} unanswered and {} ErrWrongLeader attempt(s): {why}", earlier.no_reply, earlier.wrong_leader);
             KvErr::Maybe

@@ -75,11 +75,16 @@ pub struct EntryN {
     pub n: usize,
 }
 
-/// A test's clerks' Puts and how many of them came back `ErrMaybe`.
+/// A test's clerks' Puts and how many of them came back `ErrMaybe`; of those that
+/// [`KvTest::one_put`] checked with its next Get, how many had taken effect (the harmful
+/// kind on a reliable network), had not, or cannot be told (the key had moved past them).
 #[derive(Debug, Default)]
 struct PutCount {
     puts: AtomicUsize,
     maybes: AtomicUsize,
+    maybe_took: AtomicUsize,
+    maybe_not: AtomicUsize,
+    maybe_unknown: AtomicUsize,
 }
 
 /// A clerk whose Puts the test counts ([`KvTest::counted`]); otherwise the clerk itself.
@@ -155,15 +160,22 @@ impl KvTest {
     /// The line every KV test prints when it ends, passed or not: how many of its clerks'
     /// Puts came back `ErrMaybe` (`docs/errmaybe.md`).
     fn maybe_line(&self) -> String {
-        let puts = self.put_count.puts.load(Ordering::Relaxed);
-        let maybes = self.put_count.maybes.load(Ordering::Relaxed);
+        let c = &self.put_count;
+        let ld = |a: &AtomicUsize| a.load(Ordering::Relaxed);
         let note = self
             .end_note
             .lock()
             .as_ref()
             .map(|f| f())
             .unwrap_or_default();
-        format!("  ... ErrMaybe {maybes} of {puts} Puts{note}")
+        format!(
+            "  ... ErrMaybe {} of {} Puts (next Get: {} had taken effect, {} had not, {} unknown){note}",
+            ld(&c.maybes),
+            ld(&c.puts),
+            ld(&c.maybe_took),
+            ld(&c.maybe_not),
+            ld(&c.maybe_unknown)
+        )
     }
 
     pub fn delete_clerk(&self, ck: &TestClerk) {
@@ -417,6 +429,19 @@ impl KvTest {
                 self.fatal(&format!("Wrong error {err}"));
             }
             let (e, ver0): (EntryV, Tversion) = self.get_json(ck, key, me);
+            if err == KvErr::Maybe {
+                // The entry names its writer and version, so the Get tells whether this Put
+                // took effect, unless another Put has moved the key on since.
+                let c = &self.put_count;
+                let outcome = if ver0 == ver + 1 && e.id == me && e.v == ver {
+                    &c.maybe_took
+                } else if ver0 <= ver + 1 {
+                    &c.maybe_not
+                } else {
+                    &c.maybe_unknown
+                };
+                outcome.fetch_add(1, Ordering::Relaxed);
+            }
             if err == KvErr::Ok && ver0 == ver + 1 {
                 // My put took.
                 if e.id != me || e.v != ver {

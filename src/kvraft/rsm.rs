@@ -5,9 +5,13 @@
 //! One reader thread, `rsm-<me>-reader`, drains the apply channel and executes every committed
 //! request on every peer, in log order. A submitter waits on a one-slot channel keyed by the
 //! log index; the reader answers it only if the op executed there is the submitter's own (same
-//! unique id), otherwise with [`KvErr::WrongLeader`]. A submitter also gives up by itself when
-//! its peer's term moves on or it stops leading, so a deposed leader's clients learn within
-//! [`LEADERSHIP_POLL`] of the change.
+//! unique id), otherwise with [`KvErr::WrongLeader`]. A submitter whose peer stops leading
+//! keeps waiting while its entry is still in the peer's log (a later leader may commit it), for
+//! at most [`DEPOSED_GRACE`]; then, or as soon as the entry is gone, it answers WrongLeader.
+//! Each new leader appends a term-start entry (never shown to the state machine), so entries
+//! of earlier terms still in its log commit at once rather than at the next client request:
+//! a deposed leader's client mostly learns the real outcome instead of a retry that might
+//! execute its request twice.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -28,6 +32,9 @@ use crate::tester::{IService, Persister};
 
 /// How often a waiting submitter checks that its peer still leads in the term it started in.
 pub const LEADERSHIP_POLL: Duration = Duration::from_millis(50);
+/// How long a submitter whose peer lost leadership keeps waiting while its entry is still in
+/// the log (a later leader may commit it).
+pub const DEPOSED_GRACE: Duration = Duration::from_millis(300);
 /// Committed entries Raft may hand over before the reader takes them.
 const APPLY_BUFFER: usize = 256;
 /// Per-entry bytes of the persisted log beyond the command itself (term, length), roughly.
@@ -109,12 +116,16 @@ impl fmt::Display for RsmError {
 
 impl std::error::Error for RsmError {}
 
-/// What goes into the Raft log: the request and an id unique to this submission, so the
-/// submitter can tell its op from another leader's op at the same index.
+/// What goes into the Raft log.
 #[derive(Serialize, Deserialize)]
-struct Op {
-    id: u64,
-    req: Vec<u8>,
+enum LogOp {
+    /// A service request and an id unique to this submission, so the submitter can tell its
+    /// op from another leader's op at the same index.
+    Request { id: u64, req: Vec<u8> },
+    /// Appended by each new leader of a term (Raft §8): once it commits, every entry of
+    /// earlier terms still in the log has committed too, so a request whose leader was
+    /// deposed learns its fate at once instead of waiting for the next client.
+    TermStart,
 }
 
 /// What the rsm hands Raft as a snapshot: the service's state and the index it reflects, so
@@ -246,7 +257,7 @@ impl Rsm {
     pub fn submit(&self, req: Vec<u8>) -> Result<Vec<u8>, KvErr> {
         let s = &self.shared;
         let id: u64 = rand::random();
-        let cmd = match labcodec::encode(&Op { id, req }) {
+        let cmd = match labcodec::encode(&LogOp::Request { id, req }) {
             Ok(c) => c,
             Err(e) => {
                 log::error!(target: "kvraft::rsm", "rsm-{}: cannot encode op: {e}", s.me);
@@ -269,6 +280,7 @@ impl Rsm {
         };
         log::trace!(target: "kvraft::rsm", "rsm-{} t{term}: submitted op {id:x} at {index}", s.me);
         let give_up_at = s.give_up_after.lock().map(|d| Instant::now() + d);
+        let mut lost_since: Option<Instant> = None;
         loop {
             let wait = match give_up_at {
                 Some(at) => LEADERSHIP_POLL.min(at.saturating_duration_since(Instant::now())),
@@ -280,37 +292,53 @@ impl Rsm {
                 Err(RecvTimeoutError::Timeout) => {
                     let (now_term, is_leader) = s.raft.get_state();
                     let killed = s.raft.killed();
+                    let leading = now_term == term && is_leader && !killed;
+                    // Only in the test-only timeout variant (`set_give_up_after`).
                     let timed_out = give_up_at.is_some_and(|at| Instant::now() >= at);
-                    if now_term != term || !is_leader || killed || timed_out {
-                        {
-                            let mut waiters = s.waiters.lock();
-                            if waiters.get(&index).is_some_and(|w| w.id == id) {
-                                waiters.remove(&index);
-                            } else {
-                                // The reader took the waiter meanwhile: it answers (or drops
-                                // the sender) right after, without blocking.
-                                drop(waiters);
-                                return match rx.recv() {
-                                    Ok(r) => s.answered(r, term, index, id),
-                                    Err(_) => Err(KvErr::WrongLeader),
-                                };
-                            }
-                        }
-                        // A killed peer's ops die with it; the others may still commit.
-                        if killed {
-                            log::debug!(target: "kvraft::rsm", "rsm-{} t{now_term}: op {id:x} at {index} abandoned: killed", s.me);
-                        } else if now_term != term || !is_leader {
-                            log::info!(target: "kvraft::rsm", "rsm-{} t{now_term}: op {id:x} at {index} (t{term}) abandoned on a term change, leader {is_leader}: it may still commit", s.me);
-                            s.give_ups
-                                .lock()
-                                .term_change
-                                .fetch_add(1, Ordering::Relaxed);
-                        } else {
-                            log::info!(target: "kvraft::rsm", "rsm-{} t{term}: op {id:x} at {index} timed out while still leader: it may still commit", s.me);
-                            s.give_ups.lock().timeout.fetch_add(1, Ordering::Relaxed);
-                        }
-                        return Err(KvErr::WrongLeader);
+                    if leading && !timed_out {
+                        continue;
                     }
+                    if !leading && !timed_out {
+                        // Deposed, or the term moved on. While our entry is still in this
+                        // peer's log a later leader may yet commit it (its term-start entry
+                        // makes that quick): answering WrongLeader now could have the client
+                        // run it twice. Once the entry is gone, or after a grace, give up.
+                        let lost_at = *lost_since.get_or_insert_with(Instant::now);
+                        if !killed
+                            && s.raft.term_at(index) == Some(term)
+                            && lost_at.elapsed() < DEPOSED_GRACE
+                        {
+                            continue;
+                        }
+                    }
+                    {
+                        let mut waiters = s.waiters.lock();
+                        if waiters.get(&index).is_some_and(|w| w.id == id) {
+                            waiters.remove(&index);
+                        } else {
+                            // The reader took the waiter meanwhile: it answers (or drops the
+                            // sender) right after, without blocking.
+                            drop(waiters);
+                            return match rx.recv() {
+                                Ok(r) => s.answered(r, term, index, id),
+                                Err(_) => Err(KvErr::WrongLeader),
+                            };
+                        }
+                    }
+                    if killed {
+                        // A killed peer's ops die with it.
+                        log::debug!(target: "kvraft::rsm", "rsm-{} t{now_term}: op {id:x} at {index} abandoned: killed", s.me);
+                    } else if !leading {
+                        log::info!(target: "kvraft::rsm", "rsm-{} t{now_term}: op {id:x} at {index} (t{term}) abandoned on a term change, leader {is_leader}: it may still commit", s.me);
+                        s.give_ups
+                            .lock()
+                            .term_change
+                            .fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        log::info!(target: "kvraft::rsm", "rsm-{} t{term}: op {id:x} at {index} timed out while still leader: it may still commit", s.me);
+                        s.give_ups.lock().timeout.fetch_add(1, Ordering::Relaxed);
+                    }
+                    return Err(KvErr::WrongLeader);
                 }
             }
         }
@@ -355,10 +383,38 @@ impl Shared {
         r
     }
 
+    /// Appends a term-start entry when this peer has become leader of a term it has not
+    /// marked yet (`marked`: the last term it marked).
+    fn mark_term_start(&self, marked: &mut u64) {
+        let (term, is_leader) = self.raft.get_state();
+        if !is_leader || term <= *marked {
+            return;
+        }
+        match labcodec::encode(&LogOp::TermStart) {
+            Ok(cmd) => {
+                let (index, started_term, ok) = self.raft.start(cmd);
+                if ok {
+                    log::debug!(target: "kvraft::rsm", "rsm-{} t{started_term}: term start at {index}", self.me);
+                    *marked = started_term;
+                }
+            }
+            Err(e) => {
+                log::error!(target: "kvraft::rsm", "rsm-{}: cannot encode a term start: {e}", self.me)
+            }
+        }
+    }
+
     fn run_reader(&self, apply_rx: Receiver<ApplyMsg>, mut last_applied: u64) {
         // Roughly how many log bytes a snapshot now would discard.
         let mut applied_bytes = 0;
-        for msg in apply_rx {
+        let mut marked_term = 0;
+        loop {
+            self.mark_term_start(&mut marked_term);
+            let msg = match apply_rx.recv_timeout(LEADERSHIP_POLL) {
+                Ok(msg) => msg,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
             match msg {
                 ApplyMsg::Command { index, command, .. } => {
                     if index <= last_applied {
@@ -373,21 +429,21 @@ impl Shared {
                     );
                     last_applied = index;
                     applied_bytes += command.len() + ENTRY_OVERHEAD;
-                    let op: Op = match labcodec::decode(&command) {
-                        Ok(op) => op,
+                    let (id, reply) = match labcodec::decode(&command) {
+                        Ok(LogOp::Request { id, req }) => (Some(id), self.sm.do_op(&req)),
+                        Ok(LogOp::TermStart) => (None, Vec::new()),
                         Err(e) => {
+                            // Every peer skips it alike.
                             log::error!(target: "kvraft::rsm", "rsm-{}: undecodable op at {index}: {e}", self.me);
-                            self.waiters.lock().remove(&index);
-                            continue;
+                            (None, Vec::new())
                         }
                     };
-                    let reply = self.sm.do_op(&op.req);
                     let waiter = self.waiters.lock().remove(&index);
                     if let Some(w) = waiter {
-                        let r = if w.id == op.id {
+                        let r = if Some(w.id) == id {
                             Ok(reply)
                         } else {
-                            // Another leader's op took the index: ours is lost.
+                            // Another leader's entry took the index: ours is lost.
                             Err(KvErr::WrongLeader)
                         };
                         let _ = w.reply.try_send(r);

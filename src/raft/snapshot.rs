@@ -102,6 +102,7 @@ impl Core {
         }
         let changed = self.step_down(&mut st, args.term);
         self.reset_election_timer(&mut st);
+        st.leader_contact = Some(Instant::now());
         let index = args.last_included_index;
         if index <= st.commit_index {
             if changed {

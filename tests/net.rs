@@ -32,7 +32,7 @@ fn threads_named(prefix: &str) -> Vec<String> {
 
 /// Joined threads can linger in /proc for a moment after `join` returns.
 fn assert_no_threads(prefix: &str) {
-    let deadline = Instant::now() + Duration::from_secs(2);
+    let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let left = threads_named(prefix);
         if left.is_empty() {
@@ -64,8 +64,19 @@ fn server(name: &str, options: ServerOptions) -> Server {
     server
 }
 
+/// Calls that must succeed get a long timeout: the machine may be heavily loaded. Tests of
+/// timeouts set short ones on the calls that should time out.
+const MUST_SUCCEED: Duration = Duration::from_secs(30);
+
 fn end(name: &str, peer: SocketAddr) -> ClientEnd {
-    ClientEnd::connect(name, peer, ClientOptions::default())
+    ClientEnd::connect(
+        name,
+        peer,
+        ClientOptions {
+            call_timeout: MUST_SUCCEED,
+            ..ClientOptions::default()
+        },
+    )
 }
 
 #[test]
@@ -206,7 +217,7 @@ fn client_redials_a_restarted_server() {
         "rd-c",
         addr,
         ClientOptions {
-            call_timeout: Duration::from_millis(300),
+            call_timeout: MUST_SUCCEED,
             backoff_max: Duration::from_millis(100),
             ..ClientOptions::default()
         },
@@ -214,7 +225,7 @@ fn client_redials_a_restarted_server() {
     assert_eq!(client.call::<i64, i64>("Arith.Neg", &1), Ok(-1));
     srv.shutdown();
     // Down: the call fails (the connection broke, or nothing answers within the timeout).
-    let down = client.call::<i64, i64>("Arith.Neg", &2);
+    let down = client.call_timeout::<i64, i64>("Arith.Neg", &2, Duration::from_millis(300));
     assert!(
         matches!(
             down,
@@ -226,9 +237,7 @@ fn client_redials_a_restarted_server() {
     // A call made while the server is down waits for the re-dial, within its timeout.
     let waiting = {
         let client = client.clone();
-        thread::spawn(move || {
-            client.call_timeout::<i64, i64>("Arith.Neg", &3, Duration::from_secs(10))
-        })
+        thread::spawn(move || client.call::<i64, i64>("Arith.Neg", &3))
     };
     thread::sleep(Duration::from_millis(200));
     let srv = Server::start("rd-s2", addr, ServerOptions::default()).expect("rebind the same port");
@@ -260,7 +269,7 @@ fn unreachable_server_times_out() {
     let took = start.elapsed();
     assert!(matches!(r, Err(NetError::Timeout { .. })), "{r:?}");
     assert!(
-        took >= Duration::from_millis(200) && took < Duration::from_secs(2),
+        took >= Duration::from_millis(200) && took < Duration::from_secs(10),
         "took {took:?}"
     );
 }
@@ -268,26 +277,40 @@ fn unreachable_server_times_out() {
 #[test]
 fn slow_handler_times_out_and_the_connection_survives() {
     let srv = server("to-s", ServerOptions::default());
+    // The handler answers only when the test lets it: the reply cannot beat the timeout.
+    let (release_tx, release_rx) = channel::unbounded::<()>();
+    srv.add_service(Service::new("Gate").method("Wait", move |x: u64| {
+        release_rx.recv().expect("the test releases the call");
+        x
+    }));
     let client = end("to-c", srv.local_addr());
+    assert_eq!(client.call::<i64, i64>("Arith.Neg", &5), Ok(-5));
     let start = Instant::now();
-    let r = client.call_timeout::<u64, u64>("Slow.Sleep", &600, Duration::from_millis(100));
+    let r = client.call_timeout::<u64, u64>("Gate.Wait", &1, Duration::from_millis(100));
     let took = start.elapsed();
     match r {
         Err(NetError::Timeout { method, after, .. }) => {
-            assert_eq!(method, "Slow.Sleep");
+            assert_eq!(method, "Gate.Wait");
             assert_eq!(after, Duration::from_millis(100));
         }
         other => panic!("want a timeout, got {other:?}"),
     }
     assert!(
-        took >= Duration::from_millis(100) && took < Duration::from_millis(500),
+        took >= Duration::from_millis(100) && took < Duration::from_secs(10),
         "took {took:?}"
     );
-    // The late reply is dropped; the connection carries on.
-    assert_eq!(client.call::<i64, i64>("Arith.Neg", &5), Ok(-5));
-    thread::sleep(Duration::from_millis(700));
-    assert_eq!(client.call::<i64, i64>("Arith.Neg", &6), Ok(-6));
     assert_eq!(client.in_flight(), 0);
+    // The late reply is dropped; the connection carries on.
+    release_tx.send(()).unwrap();
+    assert_eq!(client.call::<i64, i64>("Arith.Neg", &6), Ok(-6));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while srv.dispatched() < 3 {
+        assert!(Instant::now() < deadline, "the released call never ran");
+        thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(client.call::<i64, i64>("Arith.Neg", &7), Ok(-7));
+    assert_eq!(client.in_flight(), 0);
+    assert_eq!(srv.connections(), 1);
 }
 
 /// Writes `bytes` on a fresh connection and waits for the server to close it.
@@ -401,31 +424,34 @@ fn full_handler_queue_refuses_calls() {
     }));
     let client = end("bz-c", srv.local_addr());
     let (tx, rx) = channel::unbounded();
-    // The first call occupies the only handler thread, the second the only queue slot.
-    for x in 0..2u64 {
+    let send = |x: u64| {
         let tx = tx.clone();
         client.call_async("Gate.Wait", &x, move |r: Result<u64, NetError>| {
             tx.send(r).unwrap()
         });
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while x == 0 && started.load(Ordering::SeqCst) == 0 {
-            assert!(Instant::now() < deadline, "the first call never started");
-            thread::sleep(Duration::from_millis(1));
-        }
+    };
+    // The first call occupies the only handler thread …
+    send(0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while started.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "the first call never started");
+        thread::sleep(Duration::from_millis(1));
     }
-    // Give the second call time to reach the queue before the third.
-    thread::sleep(Duration::from_millis(100));
-    let refused = client.call::<u64, u64>("Gate.Wait", &2);
+    // … one of the next two takes the only queue slot, the other is refused at once.
+    send(1);
+    send(2);
+    let refused = rx.recv_timeout(Duration::from_secs(10)).unwrap();
     assert!(refused.as_ref().is_err_and(|e| e.is_busy()), "{refused:?}");
     assert_eq!(srv.refused(), 1);
     release_tx.send(()).unwrap();
     release_tx.send(()).unwrap();
-    let mut got = vec![
-        rx.recv_timeout(Duration::from_secs(10)).unwrap(),
-        rx.recv_timeout(Duration::from_secs(10)).unwrap(),
-    ];
-    got.sort_by_key(|r| *r.as_ref().unwrap());
-    assert_eq!(got, vec![Ok(0), Ok(1)]);
+    let mut got: Vec<u64> = (0..2)
+        .map(|_| rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap())
+        .collect();
+    got.sort_unstable();
+    assert_eq!(got[0], 0);
+    assert!(got[1] == 1 || got[1] == 2, "{got:?}");
+    assert_eq!(started.load(Ordering::SeqCst), 2);
 }
 
 #[test]

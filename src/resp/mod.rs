@@ -9,12 +9,15 @@
 //!   [`decode_reply`] reads one back (for clients and tests), under the same limits.
 //! * [`command`] maps a decoded command to the typed [`Command`] the KV service executes, with
 //!   Redis's error wording for unknown commands and wrong arity.
+//! * [`server`] is the TCP front end: a thread per connection handing pipelined commands to a
+//!   [`server::CommandHandler`] in batches.
 //!
 //! A [`ParseError`] means the stream is broken: the server answers
 //! [`ParseError::reply`] and closes the connection, as Redis does.
 
 pub mod command;
 mod inline;
+pub mod server;
 
 use std::fmt;
 

@@ -16,10 +16,13 @@ use raftkv::resp::command::NOT_AN_INTEGER;
 use raftkv::resp::server::{CommandHandler, RespOptions, RespServer};
 use raftkv::resp::{Command, Limits, Reply, decode_reply, encode_command};
 
+/// Key → (value, version).
+type Versioned = HashMap<Vec<u8>, (Vec<u8>, u64)>;
+
 /// A single-node store with the lab's versioned semantics, standing in for the cluster.
 #[derive(Default)]
 struct MemStore {
-    data: Mutex<HashMap<Vec<u8>, (Vec<u8>, u64)>>,
+    data: Mutex<Versioned>,
     largest_batch: AtomicUsize,
 }
 

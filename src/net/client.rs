@@ -425,6 +425,12 @@ fn manage(shared: &Arc<Shared>) {
             state.threads = running;
             done
         };
+        // A connection that closed is forgotten here too, whichever of this and its reader's
+        // `on_closed` gets the lock first (the reader still fails the calls sent on it).
+        if state.conn.as_ref().is_some_and(|(_, c)| c.is_closed()) {
+            state.conn = None;
+            state.next_dial = state.next_dial.min(now);
+        }
         let dial = state.conn.is_none() && now >= state.next_dial;
         if due.is_empty() && finished.is_empty() && !dial {
             let mut wake_at = now + MANAGER_IDLE_WAKE;
@@ -501,6 +507,13 @@ fn dial_once(shared: &Arc<Shared>, state: &mut MutexGuard<'_, State>) {
                 conn.close();
                 return;
             }
+            // Closed already (a peer or proxy that closes on accept): its `on_closed` ran
+            // before this install and found nothing to clear, so installing it would leave a
+            // dead connection that is never re-dialled. Count it as a failed dial.
+            if conn.is_closed() {
+                schedule_redial(shared, state, "closed by the peer at once");
+                return;
+            }
             if state.failed_dials > 0 {
                 log::info!(target: LOG, "{name}: connected to {peer} after {} failed attempts", state.failed_dials);
             } else {
@@ -512,23 +525,27 @@ fn dial_once(shared: &Arc<Shared>, state: &mut MutexGuard<'_, State>) {
             send_waiting(shared, state, generation, &conn);
             state.conn = Some((generation, conn));
         }
-        Err(e) => {
-            state.failed_dials += 1;
-            state.backoff = if state.backoff.is_zero() {
-                options.backoff_min
-            } else {
-                (state.backoff * 2).min(options.backoff_max)
-            };
-            let wait = state
-                .backoff
-                .mul_f64(rand::thread_rng().gen_range(0.5..=1.0));
-            state.next_dial = Instant::now() + wait;
-            if state.failed_dials == 1 {
-                log::info!(target: LOG, "{name}: cannot connect to {peer}: {e}; retrying with backoff up to {:?}", options.backoff_max);
-            } else {
-                log::debug!(target: LOG, "{name}: dial {} to {peer} failed: {e}; next in {wait:?}", state.failed_dials);
-            }
-        }
+        Err(e) => schedule_redial(shared, state, &e.to_string()),
+    }
+}
+
+/// A dial failed: the next one after a backoff that doubles per failure, up to the cap.
+fn schedule_redial(shared: &Shared, state: &mut State, why: &str) {
+    let (name, peer, options) = (&shared.name, shared.peer, &shared.options);
+    state.failed_dials += 1;
+    state.backoff = if state.backoff.is_zero() {
+        options.backoff_min
+    } else {
+        (state.backoff * 2).min(options.backoff_max)
+    };
+    let wait = state
+        .backoff
+        .mul_f64(rand::thread_rng().gen_range(0.5..=1.0));
+    state.next_dial = Instant::now() + wait;
+    if state.failed_dials == 1 {
+        log::info!(target: LOG, "{name}: cannot connect to {peer}: {why}; retrying with backoff up to {:?}", options.backoff_max);
+    } else {
+        log::debug!(target: LOG, "{name}: dial {} to {peer} failed: {why}; next in {wait:?}", state.failed_dials);
     }
 }
 

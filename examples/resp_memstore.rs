@@ -14,11 +14,14 @@ use raftkv::resp::command::NOT_AN_INTEGER;
 use raftkv::resp::server::{RespOptions, RespServer};
 use raftkv::resp::{Command, Reply};
 
+/// Key → (value, version).
+type Versioned = HashMap<Vec<u8>, (Vec<u8>, u64)>;
+
 fn main() {
     let bind = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "127.0.0.1:7379".into());
-    let data: Mutex<HashMap<Vec<u8>, (Vec<u8>, u64)>> = Mutex::new(HashMap::new());
+    let data: Mutex<Versioned> = Mutex::new(HashMap::new());
     let handler = move |command: Command| -> Reply {
         let mut data = data.lock();
         let value =

@@ -207,7 +207,8 @@ impl ClientEnd {
     }
 
     /// Calls `svc_meth` (`"Service.Method"`) and blocks until the reply or an error, at most
-    /// [`ClientOptions::call_timeout`].
+    /// [`ClientOptions::call_timeout`]. Not from a `call_async` callback of the same end: the
+    /// reply would need the reader thread the callback is running on (it would time out).
     pub fn call<A: Serialize, R: DeserializeOwned>(
         &self,
         svc_meth: &str,

@@ -3,9 +3,10 @@
 //!
 //! * [`Server`] listens on a TCP port and dispatches `"Service.Method"` calls to the handlers
 //!   of its [`Service`]s on a fixed pool of handler threads with a bounded queue; a call that
-//!   finds the queue full is refused at once ([`NetError::Busy`]) and the refusal is logged.
+//!   finds the queue full is refused at once ([`RemoteError::Busy`], see [`NetError::is_busy`]) and the refusal is logged.
 //! * [`ClientEnd`] keeps one connection to one server address open, re-dialling with capped
-//!   exponential backoff when it breaks. Calls carry request ids, so any number of them are in
+//!   exponential backoff when it breaks (so two nodes that call each other have two
+//!   connections, one each way, each node's end to the other's server). Calls carry request ids, so any number of them are in
 //!   flight (pipelined) on the one connection; each has a timeout. [`ClientEnd::call`] blocks;
 //!   [`ClientEnd::call_async`] returns at once and runs a callback with the outcome on one of
 //!   the end's threads, never on the caller's.

@@ -1,5 +1,5 @@
 //! The frames [`net`](super) sends: a 4-byte big-endian length, then a
-//! [`labcodec`](crate::labcodec) encoding of a [`Frame`].
+//! [`crate::labcodec`] encoding of a [`Frame`].
 
 use std::fmt;
 use std::io::{self, Read};

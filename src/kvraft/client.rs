@@ -4,8 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use crate::kvsrv::KvClerk;
-use crate::kvsrv::rpc::{GetArgs, GetReply, KvErr, PutArgs, PutReply, Tversion};
+use crate::kvapi::{GetArgs, GetReply, KvClerk, KvErr, PutArgs, PutReply, Tversion};
 use crate::tester::Clnt;
 
 /// Pause after every server has been tried without success: an election is probably under

@@ -5,11 +5,12 @@
 //! One reader thread, `rsm-<me>-reader`, drains the apply channel and executes every committed
 //! request on every peer, in log order. A submitter waits on a one-slot channel keyed by the
 //! log index; the reader answers it only if the op executed there is the submitter's own (same
-//! unique id), otherwise with [`KvErr::WrongLeader`]. A submitter also gives up by itself when
+//! unique id), otherwise with [`SubmitError::WrongLeader`]. A submitter also gives up by itself when
 //! its peer's term moves on or it stops leading, so a deposed leader's clients learn within
 //! [`LEADERSHIP_POLL`] of the change.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
@@ -18,7 +19,6 @@ use crossbeam::channel::{self, Receiver, RecvTimeoutError, Sender};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use crate::kvsrv::rpc::KvErr;
 use crate::labcodec;
 use crate::labrpc::{ClientEnd, Service};
 use crate::raft::{ApplyMsg, Raft};
@@ -30,6 +30,33 @@ pub const LEADERSHIP_POLL: Duration = Duration::from_millis(50);
 const APPLY_BUFFER: usize = 256;
 /// Per-entry bytes of the persisted log beyond the command itself (term, length), roughly.
 const ENTRY_OVERHEAD: usize = 4;
+
+/// Why [`Rsm::submit`] returned without the state machine's reply. In none of these cases
+/// has this peer executed the request for the caller; it may still commit later (a deposed
+/// leader's entry can survive), which is why clerks treat a retried Put's `ErrVersion` as
+/// `ErrMaybe`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubmitError {
+    /// This peer does not lead, stopped leading or saw its term move on before the request
+    /// committed, or another leader's entry took the request's index.
+    WrongLeader,
+    /// The Raft peer has been killed (or stopped on a storage error): it will never answer.
+    Stopped,
+    /// The request could not be encoded as a log entry.
+    Encode(String),
+}
+
+impl fmt::Display for SubmitError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SubmitError::WrongLeader => f.write_str("not the leader"),
+            SubmitError::Stopped => f.write_str("peer stopped"),
+            SubmitError::Encode(e) => write!(f, "cannot encode the request: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for SubmitError {}
 
 /// What the replicated service executes. Requests and replies are the service's own encoded
 /// values: the rsm never looks inside them.
@@ -62,7 +89,7 @@ struct RsmSnapshot {
 struct Waiter {
     id: u64,
     /// One slot: the reader answers once and never blocks.
-    reply: Sender<Result<Vec<u8>, KvErr>>,
+    reply: Sender<Result<Vec<u8>, SubmitError>>,
 }
 
 struct Shared {
@@ -137,15 +164,16 @@ impl Rsm {
     }
 
     /// Runs `req` through the log and returns the state machine's reply. `WrongLeader` if this
-    /// peer does not lead, loses leadership before the op commits, or is killed.
-    pub fn submit(&self, req: Vec<u8>) -> Result<Vec<u8>, KvErr> {
+    /// peer does not lead or loses leadership before the op commits; `Stopped` once it is
+    /// killed.
+    pub fn submit(&self, req: Vec<u8>) -> Result<Vec<u8>, SubmitError> {
         let s = &self.shared;
         let id: u64 = rand::random();
         let cmd = match labcodec::encode(&Op { id, req }) {
             Ok(c) => c,
             Err(e) => {
                 log::error!(target: "kvraft::rsm", "rsm-{}: cannot encode op: {e}", s.me);
-                return Err(KvErr::WrongLeader);
+                return Err(SubmitError::Encode(e.to_string()));
             }
         };
         let (tx, rx) = channel::bounded(1);
@@ -156,7 +184,11 @@ impl Rsm {
             let mut waiters = s.waiters.lock();
             let (index, term, is_leader) = s.raft.start(cmd);
             if !is_leader {
-                return Err(KvErr::WrongLeader);
+                return Err(if s.raft.killed() {
+                    SubmitError::Stopped
+                } else {
+                    SubmitError::WrongLeader
+                });
             }
             // A waiter left at this index by an earlier term is answered by dropping its sender.
             waiters.insert(index, Waiter { id, reply: tx });
@@ -166,7 +198,15 @@ impl Rsm {
         loop {
             match rx.recv_timeout(LEADERSHIP_POLL) {
                 Ok(r) => return r,
-                Err(RecvTimeoutError::Disconnected) => return Err(KvErr::WrongLeader),
+                // The reader dropped the waiter: it exited (peer killed), or another op took
+                // the index in a later term.
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(if s.raft.killed() {
+                        SubmitError::Stopped
+                    } else {
+                        SubmitError::WrongLeader
+                    });
+                }
                 Err(RecvTimeoutError::Timeout) => {
                     let (now_term, is_leader) = s.raft.get_state();
                     if now_term != term || !is_leader || s.raft.killed() {
@@ -175,7 +215,11 @@ impl Rsm {
                         if waiters.get(&index).is_some_and(|w| w.id == id) {
                             waiters.remove(&index);
                         }
-                        return Err(KvErr::WrongLeader);
+                        return Err(if s.raft.killed() {
+                            SubmitError::Stopped
+                        } else {
+                            SubmitError::WrongLeader
+                        });
                     }
                 }
             }
@@ -227,7 +271,7 @@ impl Shared {
                             Ok(reply)
                         } else {
                             // Another leader's op took the index: ours is lost.
-                            Err(KvErr::WrongLeader)
+                            Err(SubmitError::WrongLeader)
                         };
                         let _ = w.reply.try_send(r);
                     }

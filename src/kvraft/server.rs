@@ -10,8 +10,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::rsm::{RaftService, Rsm, StateMachine};
-use crate::kvsrv::rpc::{GetArgs, GetReply, KvErr, PutArgs, PutReply};
-use crate::kvsrv::store::VersionedStore;
+use crate::kvapi::{GetArgs, GetReply, KvErr, PutArgs, PutReply, VersionedStore};
 use crate::labcodec;
 use crate::labrpc::{ClientEnd, Service};
 use crate::tester::{IService, Persister, Tgid};
@@ -83,7 +82,10 @@ impl KvServer {
                     None
                 }
             },
-            Err(_) => None,
+            Err(e) => {
+                log::trace!(target: "kvraft::server", "kv-{}: {e}", self.me);
+                None
+            }
         }
     }
 

@@ -1,8 +1,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::KvClerk;
-use super::rpc::{GetArgs, GetReply, KvErr, PutArgs, PutReply, Tversion};
+use crate::kvapi::{GetArgs, GetReply, KvClerk, KvErr, PutArgs, PutReply, Tversion};
 use crate::tester::Clnt;
 
 /// Pause between retries of a call that got no reply.

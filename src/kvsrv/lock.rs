@@ -5,9 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::KvClerk;
-use super::rpc::KvErr;
-use crate::tester::randstring;
+use crate::kvapi::{KvClerk, KvErr};
 
 /// How long to wait before looking at a held lock again.
 const POLL_INTERVAL: Duration = Duration::from_millis(5);
@@ -25,7 +23,7 @@ impl Lock {
         Lock {
             ck,
             key: key.to_string(),
-            id: randstring(8),
+            id: format!("{:016x}", rand::random::<u64>()),
         }
     }
 

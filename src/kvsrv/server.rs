@@ -1,7 +1,6 @@
 use std::sync::Arc;
 
-use super::rpc::{GetArgs, GetReply, PutArgs, PutReply};
-use super::store::VersionedStore;
+use crate::kvapi::{GetArgs, GetReply, PutArgs, PutReply, VersionedStore};
 use crate::labrpc::{ClientEnd, Service};
 use crate::tester::{IService, Persister, Tgid};
 

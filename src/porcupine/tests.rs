@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::kvsrv::rpc::KvErr;
+use crate::kvapi::KvErr;
 use crate::porcupine::histgen::{KvHistoryConfig, linearizable_kv_history};
 use crate::porcupine::kv::{KvInput, KvModel, KvOp, KvOutput, KvState};
 use crate::porcupine::{

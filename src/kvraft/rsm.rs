@@ -21,8 +21,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::labcodec;
 use crate::labrpc::{ClientEnd, Service};
-use crate::raft::{ApplyMsg, Raft};
-use crate::tester::{IService, Persister};
+use crate::raft::{ApplyMsg, Raft, Storage};
+use crate::tester::IService;
 
 /// How often a waiting submitter checks that its peer still leads in the term it started in.
 pub const LEADERSHIP_POLL: Duration = Duration::from_millis(50);
@@ -108,18 +108,28 @@ pub struct Rsm {
 }
 
 impl Rsm {
-    /// Starts the Raft peer `me` of `ends` and the reader thread. Restores `sm` from the
-    /// persisted snapshot, if any. `maxraftstate`: snapshot when the persisted Raft state
-    /// approaches this many bytes; `None` never snapshots. Returns at once.
+    /// Starts the Raft peer `me` of `ends` on `storage`, and the reader thread. Restores `sm`
+    /// from the Raft peer's snapshot, if any. `maxraftstate`: snapshot when the persisted Raft
+    /// state approaches this many bytes; `None` never snapshots. Returns at once.
     pub fn new(
         ends: Vec<ClientEnd>,
         me: usize,
-        persister: Persister,
+        storage: impl Into<Box<dyn Storage>>,
         maxraftstate: Option<usize>,
         sm: Arc<dyn StateMachine>,
     ) -> Rsm {
+        // Buffered, unlike the lab's channel: handing entries over one at a time costs a
+        // thread switch each, and on a loaded machine a follower then applies more slowly
+        // than it appends, so its unapplied (untrimmable) log grows without bound.
+        let (apply_tx, apply_rx) = channel::bounded::<ApplyMsg>(APPLY_BUFFER);
+        let raft = match Raft::new(ends, me, storage, apply_tx) {
+            Ok(r) => Arc::new(r),
+            Err(e) => panic!("rsm-{me}: cannot start raft: {e}"),
+        };
+        // Whatever snapshot Raft holds now (restored, or installed since it started): the
+        // reader skips what it covers.
         let mut last_applied = 0;
-        let snap = persister.read_snapshot();
+        let snap = raft.snapshot_data();
         if !snap.is_empty() {
             match labcodec::decode::<RsmSnapshot>(&snap) {
                 Ok(s) => {
@@ -131,14 +141,6 @@ impl Rsm {
                 }
             }
         }
-        // Buffered, unlike the lab's channel: handing entries over one at a time costs a
-        // thread switch each, and on a loaded machine a follower then applies more slowly
-        // than it appends, so its unapplied (untrimmable) log grows without bound.
-        let (apply_tx, apply_rx) = channel::bounded::<ApplyMsg>(APPLY_BUFFER);
-        let raft = match Raft::new(ends, me, persister, apply_tx) {
-            Ok(r) => Arc::new(r),
-            Err(e) => panic!("rsm-{me}: cannot start raft: {e}"),
-        };
         let shared = Arc::new(Shared {
             me,
             raft,

@@ -30,11 +30,15 @@ impl Core {
         for peer in (0..self.peers.len()).filter(|&p| p != self.me) {
             let core = self.clone();
             let term = st.term;
-            self.peers[peer].call_async(
-                "Raft.RequestVote",
-                &args,
-                move |r: Result<RequestVoteReply, RpcError>| core.on_vote_reply(peer, term, r),
-            );
+            let end = self.peers[peer].clone();
+            let args = args.clone();
+            st.outbox.push(Box::new(move || {
+                end.call_async(
+                    "Raft.RequestVote",
+                    &args,
+                    move |r: Result<RequestVoteReply, RpcError>| core.on_vote_reply(peer, term, r),
+                )
+            }));
         }
     }
 
@@ -45,13 +49,13 @@ impl Core {
         r: Result<RequestVoteReply, RpcError>,
     ) {
         let Ok(reply) = r else { return };
-        let mut st = self.state.lock();
+        let mut st = self.lock_state();
         if self.is_dead() {
             return;
         }
         if reply.term > st.term {
             if self.step_down(&mut st, reply.term) {
-                self.persist(&st);
+                self.persist(&mut st);
             }
             return;
         }
@@ -85,7 +89,20 @@ impl Core {
     /// Handles a RequestVote: grant at most one vote per term, and only to a candidate whose
     /// log is at least as up-to-date as ours (Raft §5.4.1).
     pub(crate) fn request_vote(&self, args: RequestVoteArgs) -> RequestVoteReply {
-        let mut st = self.state.lock();
+        let reply = self.request_vote_synced(args);
+        if self.is_dead() {
+            // Stopped, perhaps because the vote could not be saved: grant nothing.
+            return RequestVoteReply {
+                term: reply.term,
+                vote_granted: false,
+            };
+        }
+        reply
+    }
+
+    /// Decides on the vote; the decision is durable when this returns.
+    fn request_vote_synced(&self, args: RequestVoteArgs) -> RequestVoteReply {
+        let mut st = self.lock_state();
         let mut changed = false;
         if args.term > st.term {
             changed = self.step_down(&mut st, args.term);
@@ -104,7 +121,7 @@ impl Core {
             self.reset_election_timer(&mut st);
         }
         if changed {
-            self.persist(&st);
+            self.persist(&mut st);
         }
         log::debug!(target: "raft::election", "raft-{} t{}: vote for {} (t{} log ..={} t{}): {}", self.me, st.term, args.candidate, args.term, args.last_log_index, args.last_log_term, if granted { "granted" } else { "refused" });
         RequestVoteReply {

@@ -1,12 +1,19 @@
-//! What Raft persists (term, vote, log) and how. Always persisted before a reply or a
-//! message that depends on it leaves this peer. Raft §5, Figure 2.
+//! What Raft persists (term, vote, log, snapshot) and when: every change goes to the
+//! [`Storage`](super::Storage) as it happens, under the mutex, and is made durable by
+//! [`sync`](super::Storage::sync) once the mutex is released, before anything that depends on
+//! it leaves this peer (see [`StateGuard`](super::state::StateGuard)). A storage error stops
+//! the peer: it never goes on with state it could not save. Raft §5, Figure 2.
+//!
+//! Also the labs' persister format (term, vote and the whole log as one `labcodec` value),
+//! which the tester's `Persister` adapter writes, so the byte sizes the 3D/4C tests check stay
+//! what they were.
 
 use serde::{Deserialize, Serialize};
 
-use super::RaftError;
-use super::log::Log;
+use super::log::{Entry, Log};
 use super::state::{Core, State};
-use crate::labcodec;
+use super::storage::{HardState, StorageError};
+use crate::labcodec::{self, CodecError};
 
 #[derive(Serialize, Deserialize)]
 struct PersistentState {
@@ -15,59 +22,86 @@ struct PersistentState {
     log: Log,
 }
 
-/// Decodes persisted state; empty means a fresh peer.
-pub(super) fn decode_state(
-    me: usize,
-    bytes: &[u8],
-) -> Result<(u64, Option<usize>, Log), RaftError> {
+/// Decodes the labs' persister format; empty bytes are a fresh peer.
+pub fn decode_lab_state(bytes: &[u8]) -> Result<(HardState, Log), CodecError> {
     if bytes.is_empty() {
-        return Ok((0, None, Log::default()));
+        return Ok((HardState::default(), Log::default()));
     }
-    let ps: PersistentState = labcodec::decode(bytes).map_err(|e| RaftError::CorruptState {
-        peer: me,
-        reason: e.to_string(),
-    })?;
-    if ps.log.last_term() > ps.term {
-        return Err(RaftError::CorruptState {
-            peer: me,
-            reason: format!(
-                "log holds term {} beyond current term {}",
-                ps.log.last_term(),
-                ps.term
-            ),
-        });
-    }
-    Ok((ps.term, ps.voted_for, ps.log))
+    let ps: PersistentState = labcodec::decode(bytes)?;
+    Ok((
+        HardState {
+            term: ps.term,
+            voted_for: ps.voted_for,
+        },
+        ps.log,
+    ))
 }
 
-fn encode_state(st: &State) -> Vec<u8> {
+/// Encodes the labs' persister format.
+pub fn encode_lab_state(hs: HardState, log: &Log) -> Result<Vec<u8>, CodecError> {
     #[derive(Serialize)]
     struct View<'a> {
         term: u64,
         voted_for: Option<usize>,
         log: &'a Log,
     }
-    // Plain integers, options and byte vectors always encode.
     labcodec::encode(&View {
-        term: st.term,
-        voted_for: st.voted_for,
-        log: &st.log,
+        term: hs.term,
+        voted_for: hs.voted_for,
+        log,
     })
-    .unwrap_or_default()
 }
 
 impl Core {
-    /// Saves term, vote and log, keeping the saved snapshot.
-    pub(super) fn persist(&self, st: &State) {
-        let bytes = encode_state(st);
-        log::trace!(target: "raft::persist", "raft-{} t{}: persist {} bytes, log ({}..={}]", self.me, st.term, bytes.len(), st.log.base_index(), st.log.last_index());
-        self.persister.save_raft_state(bytes);
+    fn hard_state(st: &State) -> HardState {
+        HardState {
+            term: st.term,
+            voted_for: st.voted_for,
+        }
     }
 
-    /// Saves term, vote, log and the snapshot together.
-    pub(super) fn persist_with_snapshot(&self, st: &State) {
-        let bytes = encode_state(st);
-        log::trace!(target: "raft::persist", "raft-{} t{}: persist {} bytes + snapshot {} bytes through {}", self.me, st.term, bytes.len(), st.snapshot.len(), st.log.base_index());
-        self.persister.save(bytes, Some(st.snapshot.clone()));
+    /// Queues the current term and vote.
+    pub(super) fn persist(&self, st: &mut State) {
+        let hs = Self::hard_state(st);
+        log::trace!(target: "raft::persist", "raft-{} t{}: hard state, voted {:?}", self.me, hs.term, hs.voted_for);
+        let r = self.storage.set_hard_state(hs);
+        self.check_storage(st, r, "hard state");
+    }
+
+    /// Queues `entries`, which were just appended to the log starting at `first`.
+    pub(super) fn persist_append(&self, st: &mut State, first: u64, entries: &[Entry]) {
+        log::trace!(target: "raft::persist", "raft-{} t{}: append [{first}..={}]", self.me, st.term, first + entries.len() as u64 - 1);
+        let r = self.storage.append(first, entries);
+        self.check_storage(st, r, "append");
+    }
+
+    /// Queues the truncation of the log after `index`.
+    pub(super) fn persist_truncate(&self, st: &mut State, index: u64) {
+        log::trace!(target: "raft::persist", "raft-{} t{}: truncate after {index}", self.me, st.term);
+        let r = self.storage.truncate_after(index);
+        self.check_storage(st, r, "truncate");
+    }
+
+    /// Queues the snapshot `st` now holds, through the log's base.
+    pub(super) fn persist_snapshot(&self, st: &mut State) {
+        let (index, term) = (st.log.base_index(), st.log.base_term());
+        log::trace!(target: "raft::persist", "raft-{} t{}: snapshot {} bytes through {index}", self.me, st.term, st.snapshot.len());
+        let r = self.storage.save_snapshot(index, term, &st.snapshot);
+        self.check_storage(st, r, "snapshot");
+    }
+
+    fn check_storage(&self, st: &mut State, r: Result<(), StorageError>, what: &str) {
+        if let Err(e) = r {
+            self.storage_failed(st, what, &e);
+        }
+    }
+
+    /// The storage failed: stop this peer (as `kill` does; the caller holds the lock) so it
+    /// never acts on state it could not save.
+    pub(super) fn storage_failed(&self, st: &mut State, what: &str, e: &StorageError) {
+        if !self.is_dead() {
+            log::error!(target: "raft::persist", "raft-{} t{}: storage failed ({what}): {e}; stopping this peer", self.me, st.term);
+        }
+        self.stop_locked(st);
     }
 }

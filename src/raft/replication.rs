@@ -14,13 +14,14 @@ const MAX_ENTRIES_PER_APPEND: usize = 512;
 
 impl Core {
     pub(crate) fn start(self: &Arc<Core>, command: Vec<u8>) -> (u64, u64, bool) {
-        let mut st = self.state.lock();
+        let mut st = self.lock_state();
         if self.is_dead() || st.role != Role::Leader {
             return (0, st.term, false);
         }
         let term = st.term;
-        let index = st.log.append(Entry { term, command });
-        self.persist(&st);
+        let entry = Entry { term, command };
+        let index = st.log.append(entry.clone());
+        self.persist_append(&mut st, index, std::slice::from_ref(&entry));
         log::debug!(target: "raft::append", "raft-{} t{term}: start at {index}", self.me);
         // Replicate now rather than at the next heartbeat.
         self.broadcast_append(&mut st);
@@ -81,13 +82,16 @@ impl Core {
         log::trace!(target: "raft::append", "raft-{} t{}: append [{}..={}] to {peer}, commit {}", self.me, st.term, prev_log_index + 1, prev_log_index + n, st.commit_index);
         let core = self.clone();
         let term = st.term;
-        self.peers[peer].call_async(
-            "Raft.AppendEntries",
-            &args,
-            move |r: Result<AppendEntriesReply, RpcError>| {
-                core.on_append_reply(peer, term, seq, prev_log_index, n, r)
-            },
-        );
+        let end = self.peers[peer].clone();
+        st.outbox.push(Box::new(move || {
+            end.call_async(
+                "Raft.AppendEntries",
+                &args,
+                move |r: Result<AppendEntriesReply, RpcError>| {
+                    core.on_append_reply(peer, term, seq, prev_log_index, n, r)
+                },
+            )
+        }));
     }
 
     fn on_append_reply(
@@ -99,7 +103,7 @@ impl Core {
         n: u64,
         r: Result<AppendEntriesReply, RpcError>,
     ) {
-        let mut st = self.state.lock();
+        let mut st = self.lock_state();
         if self.is_dead() {
             return;
         }
@@ -112,7 +116,7 @@ impl Core {
         };
         if reply.term > st.term {
             if self.step_down(&mut st, reply.term) {
-                self.persist(&st);
+                self.persist(&mut st);
             }
             return;
         }
@@ -176,7 +180,22 @@ impl Core {
 
     /// Handles an AppendEntries (Raft Figure 2, receiver rules 1–5).
     pub(crate) fn append_entries(&self, args: AppendEntriesArgs) -> AppendEntriesReply {
-        let mut st = self.state.lock();
+        let reply = self.append_entries_synced(args);
+        if self.is_dead() {
+            // Stopped, perhaps because the entries could not be saved: acknowledge nothing.
+            return AppendEntriesReply {
+                term: reply.term,
+                success: false,
+                conflict_term: None,
+                conflict_index: 0,
+            };
+        }
+        reply
+    }
+
+    /// Handles the request; what it changed is durable when this returns.
+    fn append_entries_synced(&self, args: AppendEntriesArgs) -> AppendEntriesReply {
+        let mut st = self.lock_state();
         let mut reply = AppendEntriesReply {
             term: st.term,
             success: false,
@@ -186,7 +205,9 @@ impl Core {
         if args.term < st.term || self.is_dead() {
             return reply;
         }
-        let mut changed = self.step_down(&mut st, args.term);
+        if self.step_down(&mut st, args.term) {
+            self.persist(&mut st);
+        }
         reply.term = st.term;
         self.reset_election_timer(&mut st);
 
@@ -198,27 +219,18 @@ impl Core {
             let skip = (base - prev) as usize;
             if skip >= entries.len() {
                 reply.success = true;
-                if changed {
-                    self.persist(&st);
-                }
                 return reply;
             }
             entries = &entries[skip..];
             prev = base;
         } else if prev > st.log.last_index() {
             reply.conflict_index = st.log.last_index() + 1;
-            if changed {
-                self.persist(&st);
-            }
             return reply;
         } else if prev > base && st.log.term_at(prev) != Some(args.prev_log_term) {
             // (At `base` itself the terms agree: both sides hold it committed.)
             let t = st.log.term_at(prev).unwrap_or(0);
             reply.conflict_term = Some(t);
             reply.conflict_index = st.log.first_index_of_term(t, prev);
-            if changed {
-                self.persist(&st);
-            }
             return reply;
         }
 
@@ -237,17 +249,15 @@ impl Core {
                         st.commit_index
                     );
                     st.log.truncate_after(index - 1);
+                    self.persist_truncate(&mut st, index - 1);
                 }
                 None => {}
             }
             for e in &entries[i..] {
                 st.log.append(e.clone());
             }
-            changed = true;
+            self.persist_append(&mut st, index, &entries[i..]);
             break;
-        }
-        if changed {
-            self.persist(&st);
         }
         let last_new = prev + entries.len() as u64;
         if args.leader_commit > st.commit_index {

@@ -10,7 +10,7 @@ use crate::labrpc::RpcError;
 impl Core {
     /// The service holds a snapshot through `index`: discard the log up to it.
     pub(crate) fn snapshot(&self, index: u64, data: Vec<u8>) {
-        let mut st = self.state.lock();
+        let mut st = self.lock_state();
         if self.is_dead() {
             return;
         }
@@ -21,7 +21,7 @@ impl Core {
         }
         st.log.compact_to(index);
         st.snapshot = data;
-        self.persist_with_snapshot(&st);
+        self.persist_snapshot(&mut st);
         log::debug!(target: "raft::snapshot", "raft-{} t{}: snapshot through {index}, log ({index}..={}]", self.me, st.term, st.log.last_index());
     }
 
@@ -43,13 +43,16 @@ impl Core {
         let core = self.clone();
         let term = st.term;
         let index = args.last_included_index;
-        self.peers[peer].call_async(
-            "Raft.InstallSnapshot",
-            &args,
-            move |r: Result<InstallSnapshotReply, RpcError>| {
-                core.on_snapshot_reply(peer, term, seq, index, r)
-            },
-        );
+        let end = self.peers[peer].clone();
+        st.outbox.push(Box::new(move || {
+            end.call_async(
+                "Raft.InstallSnapshot",
+                &args,
+                move |r: Result<InstallSnapshotReply, RpcError>| {
+                    core.on_snapshot_reply(peer, term, seq, index, r)
+                },
+            )
+        }));
     }
 
     fn on_snapshot_reply(
@@ -60,7 +63,7 @@ impl Core {
         index: u64,
         r: Result<InstallSnapshotReply, RpcError>,
     ) {
-        let mut st = self.state.lock();
+        let mut st = self.lock_state();
         if self.is_dead() {
             return;
         }
@@ -70,7 +73,7 @@ impl Core {
         let Ok(reply) = r else { return };
         if reply.term > st.term {
             if self.step_down(&mut st, reply.term) {
-                self.persist(&st);
+                self.persist(&mut st);
             }
             return;
         }
@@ -90,17 +93,16 @@ impl Core {
     /// Handles an InstallSnapshot: adopt the leader's snapshot unless we already have
     /// everything it covers committed.
     pub(crate) fn install_snapshot(&self, args: InstallSnapshotArgs) -> InstallSnapshotReply {
-        let mut st = self.state.lock();
+        let mut st = self.lock_state();
         if args.term < st.term || self.is_dead() {
             return InstallSnapshotReply { term: st.term };
         }
-        let changed = self.step_down(&mut st, args.term);
+        if self.step_down(&mut st, args.term) {
+            self.persist(&mut st);
+        }
         self.reset_election_timer(&mut st);
         let index = args.last_included_index;
         if index <= st.commit_index {
-            if changed {
-                self.persist(&st);
-            }
             return InstallSnapshotReply { term: st.term };
         }
         if st.log.term_at(index) == Some(args.last_included_term) {
@@ -112,7 +114,7 @@ impl Core {
         st.snapshot = args.data;
         st.commit_index = index;
         st.snapshot_pending = true;
-        self.persist_with_snapshot(&st);
+        self.persist_snapshot(&mut st);
         log::info!(target: "raft::snapshot", "raft-{} t{}: installed snapshot through {index} from {}", self.me, st.term, args.leader);
         self.applier_cv.notify_all();
         InstallSnapshotReply { term: st.term }

@@ -11,7 +11,7 @@ mod persister;
 pub use clients::{Clnt, Clnts};
 pub use config::{Config, TEST_TIME_LIMIT};
 pub use group::{GRP0, IService, ServerGrp, StartFn, Tgid, server_name};
-pub use persister::Persister;
+pub use persister::{Persister, PersisterStorage};
 
 use rand::Rng;
 

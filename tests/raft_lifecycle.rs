@@ -16,7 +16,7 @@ use raftkv::labcodec;
 use raftkv::labrpc::{Network, Server};
 use raftkv::raft::log::Entry;
 use raftkv::raft::{ApplyMsg, HardState, Raft, RaftError, Restored, Storage, StorageError};
-use raftkv::tester::{Persister, PersisterStorage};
+use raftkv::tester::{Persister, PersisterStorage, RaftRpcService};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -48,7 +48,7 @@ fn cluster(net: &Network, n: usize) -> (Vec<Arc<Raft>>, Vec<Receiver<ApplyMsg>>)
     let mut rafts = Vec::new();
     let mut rxs = Vec::new();
     for i in 0..n {
-        let ends = (0..n)
+        let ends: Vec<_> = (0..n)
             .map(|j| {
                 let e = net.make_end(&format!("end-{i}-{j}")).unwrap();
                 net.connect(e.name(), &format!("server-{j}"));

@@ -20,9 +20,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::labcodec;
-use crate::labrpc::{ClientEnd, Service};
-use crate::raft::{ApplyMsg, Raft, Storage};
-use crate::tester::IService;
+use crate::raft::{ApplyMsg, Raft, RaftTransport, Storage};
 
 /// How often a waiting submitter checks that its peer still leads in the term it started in.
 pub const LEADERSHIP_POLL: Duration = Duration::from_millis(50);
@@ -108,11 +106,11 @@ pub struct Rsm {
 }
 
 impl Rsm {
-    /// Starts the Raft peer `me` of `ends` on `storage`, and the reader thread. Restores `sm`
+    /// Starts the Raft peer `me` of `peers` on `storage`, and the reader thread. Restores `sm`
     /// from the Raft peer's snapshot, if any. `maxraftstate`: snapshot when the persisted Raft
     /// state approaches this many bytes; `None` never snapshots. Returns at once.
     pub fn new(
-        ends: Vec<ClientEnd>,
+        peers: impl Into<Box<dyn RaftTransport>>,
         me: usize,
         storage: impl Into<Box<dyn Storage>>,
         maxraftstate: Option<usize>,
@@ -122,7 +120,7 @@ impl Rsm {
         // thread switch each, and on a loaded machine a follower then applies more slowly
         // than it appends, so its unapplied (untrimmable) log grows without bound.
         let (apply_tx, apply_rx) = channel::bounded::<ApplyMsg>(APPLY_BUFFER);
-        let raft = match Raft::new(ends, me, storage, apply_tx) {
+        let raft = match Raft::new(peers, me, storage, apply_tx) {
             Ok(r) => Arc::new(r),
             Err(e) => panic!("rsm-{me}: cannot start raft: {e}"),
         };
@@ -337,20 +335,5 @@ impl Shared {
                 false
             }
         }
-    }
-}
-
-/// The Raft peer as a tester service: killing it kills the peer, and it answers `Raft.*`.
-/// The rsm tests give the tester only this, so a shutdown kills just the Raft; the reader
-/// then sees the apply channel close and fails every waiting submitter.
-pub struct RaftService(pub Arc<Raft>);
-
-impl IService for RaftService {
-    fn kill(&self) {
-        self.0.kill();
-    }
-
-    fn rpc_service(self: Arc<Self>) -> Option<Service> {
-        Some(self.0.rpc_service())
     }
 }

@@ -10,4 +10,4 @@ pub mod lock;
 mod server;
 
 pub use client::Clerk;
-pub use server::{KvServer, start_kv_server};
+pub use server::KvServer;

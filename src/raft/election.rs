@@ -5,7 +5,6 @@ use std::time::Instant;
 
 use super::rpc::{RequestVoteArgs, RequestVoteReply};
 use super::state::{Core, Role, State};
-use crate::labrpc::RpcError;
 
 impl Core {
     /// Becomes candidate for the next term and asks every peer for its vote.
@@ -30,25 +29,20 @@ impl Core {
         for peer in (0..self.peers.len()).filter(|&p| p != self.me) {
             let core = self.clone();
             let term = st.term;
-            let end = self.peers[peer].clone();
             let args = args.clone();
             st.outbox.push(Box::new(move || {
-                end.call_async(
-                    "Raft.RequestVote",
-                    &args,
-                    move |r: Result<RequestVoteReply, RpcError>| core.on_vote_reply(peer, term, r),
+                let c = core.clone();
+                core.peers.request_vote(
+                    peer,
+                    args,
+                    Box::new(move |r| c.on_vote_reply(peer, term, r)),
                 )
             }));
         }
     }
 
-    fn on_vote_reply(
-        self: &Arc<Core>,
-        peer: usize,
-        term: u64,
-        r: Result<RequestVoteReply, RpcError>,
-    ) {
-        let Ok(reply) = r else { return };
+    fn on_vote_reply(self: &Arc<Core>, peer: usize, term: u64, r: Option<RequestVoteReply>) {
+        let Some(reply) = r else { return };
         let mut st = self.lock_state();
         if self.is_dead() {
             return;

@@ -2,11 +2,11 @@
 //!
 //! A [`Raft`] peer runs two threads of its own, `raft-<me>-ticker` (elections and heartbeats)
 //! and `raft-<me>-applier` (delivers committed entries and snapshots, in index order, on the
-//! apply channel). RPCs to peers are sent with `ClientEnd::call_async`, so a call to a dead
-//! peer that hangs for seconds never holds up anything; replies are handled on network threads.
-//! What must survive a crash goes to a [`Storage`]. All state sits behind one mutex, which is
-//! never held across an RPC, a blocking channel send, a sleep or a storage sync. Commands are
-//! opaque bytes: Raft never looks inside them.
+//! apply channel). RPCs to peers go through a [`RaftTransport`] that never blocks the sender,
+//! so a call to a dead peer that hangs for seconds never holds up anything; replies are handled
+//! on the transport's threads. What must survive a crash goes to a [`Storage`]. All state sits
+//! behind one mutex, which is never held across an RPC, a blocking channel send, a sleep or a
+//! storage sync. Commands are opaque bytes: Raft never looks inside them.
 
 mod apply;
 mod election;
@@ -18,6 +18,7 @@ mod rpc;
 mod snapshot;
 mod state;
 pub mod storage;
+pub mod transport;
 
 use std::fmt;
 use std::sync::Arc;
@@ -27,13 +28,13 @@ use std::thread::{self, JoinHandle};
 use crossbeam::channel::Sender;
 use parking_lot::Mutex;
 
-use crate::labrpc::{ClientEnd, Service};
 pub use rpc::{
     AppendEntriesArgs, AppendEntriesReply, InstallSnapshotArgs, InstallSnapshotReply,
     RequestVoteArgs, RequestVoteReply,
 };
 use state::Core;
 pub use storage::{HardState, Restored, Storage, StorageError};
+pub use transport::{OnReply, RaftHandler, RaftTransport};
 
 /// What Raft delivers to its service, in index order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,12 +88,12 @@ impl Raft {
     /// Committed commands and snapshots are sent on `apply_tx`; the channel is closed when the
     /// peer is killed (or stopped by a storage error). Returns at once.
     pub fn new(
-        peers: Vec<ClientEnd>,
+        peers: impl Into<Box<dyn RaftTransport>>,
         me: usize,
         storage: impl Into<Box<dyn Storage>>,
         apply_tx: Sender<ApplyMsg>,
     ) -> Result<Raft, RaftError> {
-        let (core, kill_rx) = Core::restore(peers, me, storage.into())?;
+        let (core, kill_rx) = Core::restore(peers.into(), me, storage.into())?;
         let core = Arc::new(core);
         let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
             thread::Builder::new()
@@ -178,17 +179,11 @@ impl Raft {
         self.core.dead.load(Ordering::SeqCst)
     }
 
-    /// The `Raft` RPC service (`RequestVote`, `AppendEntries`, `InstallSnapshot`).
-    pub fn rpc_service(&self) -> Service {
-        let (c1, c2, c3) = (self.core.clone(), self.core.clone(), self.core.clone());
-        Service::new("Raft")
-            .method("RequestVote", move |a: RequestVoteArgs| c1.request_vote(a))
-            .method("AppendEntries", move |a: AppendEntriesArgs| {
-                c2.append_entries(a)
-            })
-            .method("InstallSnapshot", move |a: InstallSnapshotArgs| {
-                c3.install_snapshot(a)
-            })
+    /// What a transport's server side hands this peer's incoming requests to.
+    pub fn handler(&self) -> RaftHandler {
+        RaftHandler {
+            core: self.core.clone(),
+        }
     }
 }
 

@@ -6,7 +6,6 @@ use std::time::Instant;
 use super::log::Entry;
 use super::rpc::{AppendEntriesArgs, AppendEntriesReply};
 use super::state::{Core, INFLIGHT_STALE, Role, State};
-use crate::labrpc::RpcError;
 
 /// The most entries one AppendEntries carries, so a far-behind follower catches up in
 /// bounded messages.
@@ -82,14 +81,12 @@ impl Core {
         log::trace!(target: "raft::append", "raft-{} t{}: append [{}..={}] to {peer}, commit {}", self.me, st.term, prev_log_index + 1, prev_log_index + n, st.commit_index);
         let core = self.clone();
         let term = st.term;
-        let end = self.peers[peer].clone();
         st.outbox.push(Box::new(move || {
-            end.call_async(
-                "Raft.AppendEntries",
-                &args,
-                move |r: Result<AppendEntriesReply, RpcError>| {
-                    core.on_append_reply(peer, term, seq, prev_log_index, n, r)
-                },
+            let c = core.clone();
+            core.peers.append_entries(
+                peer,
+                args,
+                Box::new(move |r| c.on_append_reply(peer, term, seq, prev_log_index, n, r)),
             )
         }));
     }
@@ -101,7 +98,7 @@ impl Core {
         seq: u64,
         prev_log_index: u64,
         n: u64,
-        r: Result<AppendEntriesReply, RpcError>,
+        r: Option<AppendEntriesReply>,
     ) {
         let mut st = self.lock_state();
         if self.is_dead() {
@@ -110,7 +107,7 @@ impl Core {
         if st.peers[peer].inflight.is_some_and(|(s, _)| s == seq) {
             st.peers[peer].inflight = None;
         }
-        let Ok(reply) = r else {
+        let Some(reply) = r else {
             // Lost: the next heartbeat retries.
             return;
         };

@@ -5,7 +5,6 @@ use std::time::Instant;
 
 use super::rpc::{InstallSnapshotArgs, InstallSnapshotReply};
 use super::state::{Core, Role, State};
-use crate::labrpc::RpcError;
 
 impl Core {
     /// The service holds a snapshot through `index`: discard the log up to it.
@@ -43,14 +42,12 @@ impl Core {
         let core = self.clone();
         let term = st.term;
         let index = args.last_included_index;
-        let end = self.peers[peer].clone();
         st.outbox.push(Box::new(move || {
-            end.call_async(
-                "Raft.InstallSnapshot",
-                &args,
-                move |r: Result<InstallSnapshotReply, RpcError>| {
-                    core.on_snapshot_reply(peer, term, seq, index, r)
-                },
+            let c = core.clone();
+            core.peers.install_snapshot(
+                peer,
+                args,
+                Box::new(move |r| c.on_snapshot_reply(peer, term, seq, index, r)),
             )
         }));
     }
@@ -61,7 +58,7 @@ impl Core {
         term: u64,
         seq: u64,
         index: u64,
-        r: Result<InstallSnapshotReply, RpcError>,
+        r: Option<InstallSnapshotReply>,
     ) {
         let mut st = self.lock_state();
         if self.is_dead() {
@@ -70,7 +67,7 @@ impl Core {
         if st.peers[peer].inflight.is_some_and(|(s, _)| s == seq) {
             st.peers[peer].inflight = None;
         }
-        let Ok(reply) = r else { return };
+        let Some(reply) = r else { return };
         if reply.term > st.term {
             if self.step_down(&mut st, reply.term) {
                 self.persist(&mut st);

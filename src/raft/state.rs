@@ -13,7 +13,7 @@ use rand::Rng;
 use super::RaftError;
 use super::log::Log;
 use super::storage::Storage;
-use crate::labrpc::ClientEnd;
+use super::transport::RaftTransport;
 
 /// A leader sends at most this many heartbeats a second per peer (the tester allows ten).
 pub(super) const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
@@ -75,7 +75,7 @@ pub(super) struct State {
 
 pub(crate) struct Core {
     pub me: usize,
-    pub peers: Vec<ClientEnd>,
+    pub peers: Box<dyn RaftTransport>,
     pub storage: Box<dyn Storage>,
     pub state: Mutex<State>,
     /// Wakes the ticker early (new leader, kill).
@@ -96,7 +96,7 @@ pub(super) fn random_election_timeout() -> Duration {
 impl Core {
     /// A peer restored from `storage`, and the receiver its applier watches for kill.
     pub(super) fn restore(
-        peers: Vec<ClientEnd>,
+        peers: Box<dyn RaftTransport>,
         me: usize,
         storage: Box<dyn Storage>,
     ) -> Result<(Core, Receiver<()>), RaftError> {

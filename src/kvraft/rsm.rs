@@ -20,7 +20,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::labcodec;
-use crate::raft::{ApplyMsg, Raft, RaftTransport, Storage};
+use crate::raft::{ApplyMsg, Raft, RaftError, RaftTransport, Storage};
 
 /// How often a waiting submitter checks that its peer still leads in the term it started in.
 pub const LEADERSHIP_POLL: Duration = Duration::from_millis(50);
@@ -63,9 +63,49 @@ pub trait StateMachine: Send + Sync {
     fn do_op(&self, req: &[u8]) -> Vec<u8>;
     /// The whole state, for a snapshot.
     fn snapshot(&self) -> Vec<u8>;
-    /// Replaces the whole state by a snapshot's.
-    fn restore(&self, data: &[u8]);
+    /// Replaces the whole state by a snapshot's. An error (a snapshot the service cannot
+    /// read) stops the replica: going on would apply later entries to the wrong state.
+    fn restore(&self, data: &[u8]) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
 }
+
+/// Why a replica could not start, or stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RsmError {
+    /// A snapshot (persisted, or installed from the leader) could not be read or restored.
+    /// `index` is the snapshot's last index, when known.
+    CorruptSnapshot {
+        peer: usize,
+        index: Option<u64>,
+        reason: String,
+    },
+    /// The Raft peer could not start.
+    Raft(RaftError),
+    /// The reader thread could not start.
+    Spawn { peer: usize, reason: String },
+}
+
+impl fmt::Display for RsmError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RsmError::CorruptSnapshot {
+                peer,
+                index: Some(i),
+                reason,
+            } => write!(f, "rsm-{peer}: corrupt snapshot through {i}: {reason}"),
+            RsmError::CorruptSnapshot {
+                peer,
+                index: None,
+                reason,
+            } => write!(f, "rsm-{peer}: corrupt persisted snapshot: {reason}"),
+            RsmError::Raft(e) => write!(f, "{e}"),
+            RsmError::Spawn { peer, reason } => {
+                write!(f, "rsm-{peer}: cannot start the reader thread: {reason}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for RsmError {}
 
 /// What goes into the Raft log: the request and an id unique to this submission, so the
 /// submitter can tell its op from another leader's op at the same index.
@@ -97,6 +137,8 @@ struct Shared {
     maxraftstate: Option<usize>,
     /// Submitters by log index.
     waiters: Mutex<HashMap<u64, Waiter>>,
+    /// Why this replica stopped, if it did (it then never serves again).
+    failure: Mutex<Option<RsmError>>,
 }
 
 /// A replicated state machine on one Raft peer.
@@ -107,35 +149,44 @@ pub struct Rsm {
 
 impl Rsm {
     /// Starts the Raft peer `me` of `peers` on `storage`, and the reader thread. Restores `sm`
-    /// from the Raft peer's snapshot, if any. `maxraftstate`: snapshot when the persisted Raft
-    /// state approaches this many bytes; `None` never snapshots. Returns at once.
+    /// from the Raft peer's snapshot, if any; one that cannot be read or restored is an error
+    /// (the replica must not start from the wrong state). `maxraftstate`: snapshot when the
+    /// persisted Raft state approaches this many bytes; `None` never snapshots. Returns at
+    /// once.
     pub fn new(
         peers: impl Into<Box<dyn RaftTransport>>,
         me: usize,
         storage: impl Into<Box<dyn Storage>>,
         maxraftstate: Option<usize>,
         sm: Arc<dyn StateMachine>,
-    ) -> Rsm {
+    ) -> Result<Rsm, RsmError> {
         // Buffered, unlike the lab's channel: handing entries over one at a time costs a
         // thread switch each, and on a loaded machine a follower then applies more slowly
         // than it appends, so its unapplied (untrimmable) log grows without bound.
         let (apply_tx, apply_rx) = channel::bounded::<ApplyMsg>(APPLY_BUFFER);
-        let raft = match Raft::new(peers, me, storage, apply_tx) {
-            Ok(r) => Arc::new(r),
-            Err(e) => panic!("rsm-{me}: cannot start raft: {e}"),
-        };
+        let raft = Arc::new(Raft::new(peers, me, storage, apply_tx).map_err(RsmError::Raft)?);
         // Whatever snapshot Raft holds now (restored, or installed since it started): the
-        // reader skips what it covers.
+        // reader skips what it covers. Restored before the reader takes any entry.
         let mut last_applied = 0;
         let snap = raft.snapshot_data();
         if !snap.is_empty() {
-            match labcodec::decode::<RsmSnapshot>(&snap) {
-                Ok(s) => {
-                    sm.restore(&s.state);
-                    last_applied = s.index;
-                }
+            let corrupt = |index, reason: String| RsmError::CorruptSnapshot {
+                peer: me,
+                index,
+                reason,
+            };
+            let restored = labcodec::decode::<RsmSnapshot>(&snap)
+                .map_err(|e| corrupt(None, e.to_string()))
+                .and_then(|s| {
+                    sm.restore(&s.state)
+                        .map_err(|e| corrupt(Some(s.index), e.to_string()))?;
+                    Ok(s.index)
+                });
+            match restored {
+                Ok(index) => last_applied = index,
                 Err(e) => {
-                    log::error!(target: "kvraft::rsm", "rsm-{me}: persisted snapshot unreadable: {e}")
+                    raft.kill();
+                    return Err(e);
                 }
             }
         }
@@ -145,18 +196,33 @@ impl Rsm {
             sm,
             maxraftstate,
             waiters: Mutex::new(HashMap::new()),
+            failure: Mutex::new(None),
         });
         let reader = {
             let shared = shared.clone();
             thread::Builder::new()
                 .name(format!("rsm-{me}-reader"))
                 .spawn(move || shared.run_reader(apply_rx, last_applied))
-                .expect("rsm: cannot start the reader thread")
         };
-        Rsm {
+        let reader = match reader {
+            Ok(h) => h,
+            Err(e) => {
+                shared.raft.kill();
+                return Err(RsmError::Spawn {
+                    peer: me,
+                    reason: e.to_string(),
+                });
+            }
+        };
+        Ok(Rsm {
             shared,
             reader: Mutex::new(Some(reader)),
-        }
+        })
+    }
+
+    /// Why this replica stopped for good, if it did (a snapshot it could not restore).
+    pub fn failure(&self) -> Option<RsmError> {
+        self.shared.failure.lock().clone()
     }
 
     pub fn raft(&self) -> Arc<Raft> {
@@ -227,13 +293,21 @@ impl Rsm {
     }
 
     /// Kills the Raft peer (which closes the apply channel) and waits for the reader to exit.
+    /// Idempotent; dropping the `Rsm` does it too.
     pub fn kill(&self) {
         self.shared.raft.kill();
         if let Some(h) = self.reader.lock().take()
             && h.thread().id() != thread::current().id()
+            && h.join().is_err()
         {
-            let _ = h.join();
+            log::error!(target: "kvraft::rsm", "rsm-{}: the reader thread panicked", self.shared.me);
         }
+    }
+}
+
+impl Drop for Rsm {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 
@@ -283,12 +357,18 @@ impl Shared {
                     if index <= last_applied {
                         continue;
                     }
-                    match labcodec::decode::<RsmSnapshot>(&data) {
-                        Ok(s) => self.sm.restore(&s.state),
-                        Err(e) => {
-                            log::error!(target: "kvraft::rsm", "rsm-{}: unreadable snapshot through {index}: {e}", self.me);
-                            continue;
-                        }
+                    let restored = labcodec::decode::<RsmSnapshot>(&data)
+                        .map_err(|e| e.to_string())
+                        .and_then(|s| self.sm.restore(&s.state).map_err(|e| e.to_string()));
+                    if let Err(reason) = restored {
+                        // Applying later entries to the old state would diverge silently:
+                        // this replica stops for good.
+                        self.fail(RsmError::CorruptSnapshot {
+                            peer: self.me,
+                            index: Some(index),
+                            reason,
+                        });
+                        return;
                     }
                     log::debug!(target: "kvraft::rsm", "rsm-{}: installed snapshot through {index}", self.me);
                     last_applied = index;
@@ -301,6 +381,15 @@ impl Shared {
         // Raft was killed and closed the channel: every waiter gets WrongLeader.
         self.waiters.lock().clear();
         log::debug!(target: "kvraft::rsm", "rsm-{}: apply channel closed, reader exits", self.me);
+    }
+
+    /// Stops this replica for good: kills its Raft peer (it never serves or votes again) and
+    /// fails every waiting submitter. Called from the reader, which then returns.
+    fn fail(&self, e: RsmError) {
+        log::error!(target: "kvraft::rsm", "{e}; this replica stops");
+        self.failure.lock().get_or_insert(e);
+        self.raft.kill();
+        self.waiters.lock().clear();
     }
 
     /// Snapshots through `index` when the persisted Raft state has reached `maxraftstate`

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::rsm::{Rsm, StateMachine};
+use super::rsm::{Rsm, RsmError, StateMachine};
 use crate::kvapi::{GetArgs, GetReply, KvErr, KvService, PutArgs, PutReply, VersionedStore};
 use crate::labcodec;
 use crate::raft::{RaftTransport, Storage};
@@ -52,10 +52,8 @@ impl StateMachine for KvStore {
         self.store.encode()
     }
 
-    fn restore(&self, bytes: &[u8]) {
-        if let Err(e) = self.store.restore(bytes) {
-            log::error!(target: "kvraft::server", "unreadable snapshot: {e}");
-        }
+    fn restore(&self, bytes: &[u8]) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        Ok(self.store.restore(bytes)?)
     }
 }
 
@@ -75,10 +73,10 @@ impl KvServer {
         me: usize,
         storage: impl Into<Box<dyn Storage>>,
         maxraftstate: Option<usize>,
-    ) -> Arc<KvServer> {
+    ) -> Result<Arc<KvServer>, RsmError> {
         let store: Arc<KvStore> = Arc::new(KvStore::default());
-        let rsm = Rsm::new(peers, me, storage, maxraftstate, store);
-        Arc::new(KvServer { me, rsm })
+        let rsm = Rsm::new(peers, me, storage, maxraftstate, store)?;
+        Ok(Arc::new(KvServer { me, rsm }))
     }
 
     /// Kills the Raft peer and waits for the rsm reader; pending requests answer WrongLeader.

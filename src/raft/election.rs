@@ -12,11 +12,15 @@ impl Core {
         st.term += 1;
         st.role = Role::Candidate;
         st.voted_for = Some(self.me);
-        st.votes = 1;
+        st.votes.clear();
+        st.votes.insert(self.me);
         self.reset_election_timer(st);
         self.persist(st);
+        if self.is_dead() {
+            return; // the vote for itself could not be saved
+        }
         log::debug!(target: "raft::election", "raft-{} t{}: candidate, log ..={} (t{})", self.me, st.term, st.log.last_index(), st.log.last_term());
-        if st.votes >= self.majority() {
+        if st.votes.len() >= self.majority() {
             self.become_leader(st);
             return;
         }
@@ -57,9 +61,11 @@ impl Core {
         if st.role != Role::Candidate || st.term != term || !reply.vote_granted {
             return;
         }
-        st.votes += 1;
-        log::debug!(target: "raft::election", "raft-{} t{}: vote from {peer}, {} of {}", self.me, st.term, st.votes, self.majority());
-        if st.votes >= self.majority() {
+        if !st.votes.insert(peer) {
+            return; // a duplicated reply
+        }
+        log::debug!(target: "raft::election", "raft-{} t{}: vote from {peer}, {} of {}", self.me, st.term, st.votes.len(), self.majority());
+        if st.votes.len() >= self.majority() {
             self.become_leader(&mut st);
         }
     }
@@ -81,32 +87,28 @@ impl Core {
     }
 
     /// Handles a RequestVote: grant at most one vote per term, and only to a candidate whose
-    /// log is at least as up-to-date as ours (Raft §5.4.1).
-    pub(crate) fn request_vote(&self, args: RequestVoteArgs) -> RequestVoteReply {
-        let reply = self.request_vote_synced(args);
-        if self.is_dead() {
-            // Stopped, perhaps because the vote could not be saved: grant nothing.
-            return RequestVoteReply {
-                term: reply.term,
-                vote_granted: false,
-            };
-        }
-        reply
+    /// log is at least as up-to-date as ours (Raft §5.4.1). A dead peer answers nothing and
+    /// changes nothing; the reply leaves only once the vote is durable.
+    pub(crate) fn request_vote(&self, args: RequestVoteArgs) -> Option<RequestVoteReply> {
+        let reply = self.request_vote_synced(args)?;
+        // Stopped meanwhile, perhaps because the vote could not be saved: no answer.
+        self.reply_if_alive(reply)
     }
 
     /// Decides on the vote; the decision is durable when this returns.
-    fn request_vote_synced(&self, args: RequestVoteArgs) -> RequestVoteReply {
+    fn request_vote_synced(&self, args: RequestVoteArgs) -> Option<RequestVoteReply> {
         let mut st = self.lock_state();
+        if self.is_dead() {
+            return None;
+        }
         let mut changed = false;
         if args.term > st.term {
             changed = self.step_down(&mut st, args.term);
         }
         let up_to_date =
             (args.last_log_term, args.last_log_index) >= (st.log.last_term(), st.log.last_index());
-        let granted = args.term == st.term
-            && !self.is_dead()
-            && st.voted_for.is_none_or(|v| v == args.candidate)
-            && up_to_date;
+        let granted =
+            args.term == st.term && st.voted_for.is_none_or(|v| v == args.candidate) && up_to_date;
         if granted {
             if st.voted_for.is_none() {
                 changed = true;
@@ -116,11 +118,14 @@ impl Core {
         }
         if changed {
             self.persist(&mut st);
+            if self.is_dead() {
+                return None; // not saved: a vote that is not durable must not be given
+            }
         }
         log::debug!(target: "raft::election", "raft-{} t{}: vote for {} (t{} log ..={} t{}): {}", self.me, st.term, args.candidate, args.term, args.last_log_index, args.last_log_term, if granted { "granted" } else { "refused" });
-        RequestVoteReply {
+        Some(RequestVoteReply {
             term: st.term,
             vote_granted: granted,
-        }
+        })
     }
 }

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::log::{Entry, Log};
 use super::state::{Core, State};
-use super::storage::{HardState, StorageError};
+use super::storage::{HardState, Storage, StorageError};
 use crate::labcodec::{self, CodecError};
 
 #[derive(Serialize, Deserialize)]
@@ -64,34 +64,43 @@ impl Core {
     pub(super) fn persist(&self, st: &mut State) {
         let hs = Self::hard_state(st);
         log::trace!(target: "raft::persist", "raft-{} t{}: hard state, voted {:?}", self.me, hs.term, hs.voted_for);
-        let r = self.storage.set_hard_state(hs);
-        self.check_storage(st, r, "hard state");
+        self.queue(st, "hard state", |s| s.set_hard_state(hs));
     }
 
     /// Queues `entries`, which were just appended to the log starting at `first`.
     pub(super) fn persist_append(&self, st: &mut State, first: u64, entries: &[Entry]) {
         log::trace!(target: "raft::persist", "raft-{} t{}: append [{first}..={}]", self.me, st.term, first + entries.len() as u64 - 1);
-        let r = self.storage.append(first, entries);
-        self.check_storage(st, r, "append");
+        self.queue(st, "append", |s| s.append(first, entries));
     }
 
     /// Queues the truncation of the log after `index`.
     pub(super) fn persist_truncate(&self, st: &mut State, index: u64) {
         log::trace!(target: "raft::persist", "raft-{} t{}: truncate after {index}", self.me, st.term);
-        let r = self.storage.truncate_after(index);
-        self.check_storage(st, r, "truncate");
+        self.queue(st, "truncate", |s| s.truncate_after(index));
     }
 
     /// Queues the snapshot `st` now holds, through the log's base.
     pub(super) fn persist_snapshot(&self, st: &mut State) {
         let (index, term) = (st.log.base_index(), st.log.base_term());
         log::trace!(target: "raft::persist", "raft-{} t{}: snapshot {} bytes through {index}", self.me, st.term, st.snapshot.len());
-        let r = self.storage.save_snapshot(index, term, &st.snapshot);
-        self.check_storage(st, r, "snapshot");
+        let snapshot = std::mem::take(&mut st.snapshot);
+        self.queue(st, "snapshot", |s| s.save_snapshot(index, term, &snapshot));
+        st.snapshot = snapshot;
     }
 
-    fn check_storage(&self, st: &mut State, r: Result<(), StorageError>, what: &str) {
-        if let Err(e) = r {
+    /// Hands one change to the storage. Nothing is queued once the peer is dead; a change the
+    /// storage refuses stops the peer (it must not go on, or answer, with state it could not
+    /// save), so callers check `is_dead()` before acting on what they persisted.
+    fn queue(
+        &self,
+        st: &mut State,
+        what: &str,
+        f: impl FnOnce(&dyn Storage) -> Result<(), StorageError>,
+    ) {
+        if self.is_dead() {
+            return;
+        }
+        if let Err(e) = f(self.storage.as_ref()) {
             self.storage_failed(st, what, &e);
         }
     }

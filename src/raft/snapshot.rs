@@ -36,6 +36,7 @@ impl Core {
         let p = &mut st.peers[peer];
         p.seq += 1;
         p.inflight = Some((p.seq, Instant::now()));
+        p.outstanding += 1;
         p.dirty = false;
         let seq = p.seq;
         log::debug!(target: "raft::snapshot", "raft-{} t{}: snapshot through {} to {peer}", self.me, st.term, args.last_included_index);
@@ -64,10 +65,9 @@ impl Core {
         if self.is_dead() {
             return;
         }
-        if st.peers[peer].inflight.is_some_and(|(s, _)| s == seq) {
-            st.peers[peer].inflight = None;
-        }
-        let Some(reply) = r else { return };
+        let Some(reply) = st.peers[peer].call_returned(seq, r) else {
+            return;
+        };
         if reply.term > st.term {
             if self.step_down(&mut st, reply.term) {
                 self.persist(&mut st);
@@ -89,10 +89,22 @@ impl Core {
 
     /// Handles an InstallSnapshot: adopt the leader's snapshot unless we already have
     /// everything it covers committed.
-    pub(crate) fn install_snapshot(&self, args: InstallSnapshotArgs) -> InstallSnapshotReply {
+    /// A dead peer answers nothing; the reply leaves only once the snapshot is durable.
+    pub(crate) fn install_snapshot(
+        &self,
+        args: InstallSnapshotArgs,
+    ) -> Option<InstallSnapshotReply> {
+        let reply = self.install_snapshot_synced(args)?;
+        self.reply_if_alive(reply)
+    }
+
+    fn install_snapshot_synced(&self, args: InstallSnapshotArgs) -> Option<InstallSnapshotReply> {
         let mut st = self.lock_state();
-        if args.term < st.term || self.is_dead() {
-            return InstallSnapshotReply { term: st.term };
+        if self.is_dead() {
+            return None;
+        }
+        if args.term < st.term {
+            return Some(InstallSnapshotReply { term: st.term });
         }
         if self.step_down(&mut st, args.term) {
             self.persist(&mut st);
@@ -100,7 +112,7 @@ impl Core {
         self.reset_election_timer(&mut st);
         let index = args.last_included_index;
         if index <= st.commit_index {
-            return InstallSnapshotReply { term: st.term };
+            return self.reply_if_alive(InstallSnapshotReply { term: st.term });
         }
         if st.log.term_at(index) == Some(args.last_included_term) {
             // Our log extends the snapshot consistently: keep what follows it.
@@ -114,6 +126,6 @@ impl Core {
         self.persist_snapshot(&mut st);
         log::info!(target: "raft::snapshot", "raft-{} t{}: installed snapshot through {index} from {}", self.me, st.term, args.leader);
         self.applier_cv.notify_all();
-        InstallSnapshotReply { term: st.term }
+        self.reply_if_alive(InstallSnapshotReply { term: st.term })
     }
 }

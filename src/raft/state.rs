@@ -2,6 +2,7 @@
 //! timers). One mutex guards all of it; [`StateGuard`] is how it is taken by every path that
 //! changes what is persisted or sends a message.
 
+use std::collections::BTreeSet;
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -23,8 +24,15 @@ pub(super) const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
 /// after a split vote or two.
 pub(super) const ELECTION_TIMEOUT_MIN_MS: u64 = 400;
 pub(super) const ELECTION_TIMEOUT_MAX_MS: u64 = 700;
-/// An AppendEntries unanswered for this long is presumed lost: another may be sent.
+/// An AppendEntries unanswered for this long is presumed lost: another may be sent. Each
+/// call in a row presumed lost or failed doubles it (per peer), up to [`INFLIGHT_STALE_MAX`],
+/// which stays below the election timeout so a peer that comes back hears from the leader
+/// before it stands.
 pub(super) const INFLIGHT_STALE: Duration = Duration::from_millis(90);
+pub(super) const INFLIGHT_STALE_MAX: Duration = Duration::from_millis(250);
+/// The most calls to one peer whose outcome is still unknown. Calls to a cut-off peer can take
+/// seconds to fail; each holds a network thread meanwhile.
+pub(super) const MAX_OUTSTANDING: usize = 40;
 /// A ticker that wakes this much later than it asked was not scheduled for a while (an
 /// overloaded machine, a stopped process): whatever the leader sent meanwhile has not been
 /// handled yet either, so a follower gives it [`OVERSLEEP_GRACE`] before standing.
@@ -46,8 +54,38 @@ pub(super) struct Progress {
     /// The call in flight, if any: its sequence number and when it was sent.
     pub inflight: Option<(u64, Instant)>,
     pub seq: u64,
+    /// Calls in a row that failed or were presumed lost; while non-zero the peer gets empty
+    /// probes (no entries, no snapshot), spaced by [`Progress::stale_after`].
+    pub unanswered: u32,
+    /// Calls sent whose callback has not run yet (bounded by [`MAX_OUTSTANDING`]).
+    pub outstanding: usize,
     /// Something new to send once the call in flight is answered.
     pub dirty: bool,
+}
+
+impl Progress {
+    /// Books the outcome of call `seq`: it is no longer outstanding, and a failure of the call
+    /// in flight counts towards the backoff; any answer shows the peer is listening.
+    pub(super) fn call_returned<R>(&mut self, seq: u64, r: Option<R>) -> Option<R> {
+        self.outstanding = self.outstanding.saturating_sub(1);
+        let current = self.inflight.is_some_and(|(s, _)| s == seq);
+        if current {
+            self.inflight = None;
+        }
+        match &r {
+            Some(_) => self.unanswered = 0,
+            None if current => self.unanswered = self.unanswered.saturating_add(1),
+            None => {}
+        }
+        r
+    }
+
+    /// How long the call in flight may go unanswered before another is sent.
+    pub(super) fn stale_after(&self) -> Duration {
+        INFLIGHT_STALE
+            .saturating_mul(1 << self.unanswered.min(8))
+            .min(INFLIGHT_STALE_MAX)
+    }
 }
 
 pub(super) struct State {
@@ -65,8 +103,11 @@ pub(super) struct State {
     /// A snapshot installed from the leader that the applier has yet to deliver.
     pub snapshot_pending: bool,
     pub election_deadline: Instant,
+    /// The overslept-ticker grace was given since the election timer was last reset.
+    pub election_grace_used: bool,
     pub heartbeat_due: Instant,
-    pub votes: usize,
+    /// Peers that granted their vote this term (a set: a duplicated reply counts once).
+    pub votes: BTreeSet<usize>,
     pub peers: Vec<Progress>,
     /// Messages to send once the lock is released and the storage synced (see
     /// [`StateGuard`]).
@@ -129,14 +170,17 @@ impl Core {
             last_applied: base,
             snapshot_pending: false,
             election_deadline: now + random_election_timeout(),
+            election_grace_used: false,
             heartbeat_due: now,
-            votes: 0,
+            votes: BTreeSet::new(),
             peers: vec![
                 Progress {
                     next_index: log.last_index() + 1,
                     match_index: 0,
                     inflight: None,
                     seq: 0,
+                    unanswered: 0,
+                    outstanding: 0,
                     dirty: false,
                 };
                 n
@@ -183,6 +227,10 @@ impl Core {
     pub(super) fn stop_locked(&self, st: &mut State) {
         self.dead.store(true, Ordering::SeqCst);
         st.outbox.clear();
+        self.wake_all_for_kill();
+    }
+
+    fn wake_all_for_kill(&self) {
         self.kill_tx.lock().take();
         self.ticker_cv.notify_all();
         self.applier_cv.notify_all();
@@ -236,6 +284,7 @@ impl Core {
 
     pub(super) fn reset_election_timer(&self, st: &mut State) {
         st.election_deadline = Instant::now() + random_election_timeout();
+        st.election_grace_used = false;
     }
 
     /// Elections and heartbeats: sleeps until the next deadline (or a wake-up) and acts on it.
@@ -271,11 +320,16 @@ impl Core {
             // Waiting releases the lock.
             self.ticker_cv.wait_until(&mut st, next);
             let now = Instant::now();
-            if st.role != Role::Leader && now.saturating_duration_since(next) > OVERSLEEP {
+            // Once per timeout: under sustained scheduling delay a follower must still stand.
+            if st.role != Role::Leader
+                && !st.election_grace_used
+                && now.saturating_duration_since(next) > OVERSLEEP
+            {
                 let grace = now + OVERSLEEP_GRACE;
                 if st.election_deadline < grace {
                     log::debug!(target: "raft::election", "raft-{} t{}: ticker woke {:?} late; election deferred", self.me, st.term, now - next);
                     st.election_deadline = grace;
+                    st.election_grace_used = true;
                 }
             }
         }

@@ -8,8 +8,9 @@
 //! silent peer as a lost message and retries on its own schedule.
 //!
 //! Receiving: the transport's server side hands each incoming request to a [`RaftHandler`]
-//! (from [`Raft::handler`](super::Raft::handler)) and sends back what it returns. Handlers may
-//! run concurrently, on any thread; each returns once what it changed is durable.
+//! (from [`Raft::handler`](super::Raft::handler)) and sends back what it returns; `None` means
+//! send nothing (the peer is dead, as a crashed process would be: the caller sees no reply).
+//! Handlers may run concurrently, on any thread; each returns once what it changed is durable.
 
 use std::sync::Arc;
 
@@ -54,15 +55,15 @@ pub struct RaftHandler {
 }
 
 impl RaftHandler {
-    pub fn request_vote(&self, args: RequestVoteArgs) -> RequestVoteReply {
+    pub fn request_vote(&self, args: RequestVoteArgs) -> Option<RequestVoteReply> {
         self.core.request_vote(args)
     }
 
-    pub fn append_entries(&self, args: AppendEntriesArgs) -> AppendEntriesReply {
+    pub fn append_entries(&self, args: AppendEntriesArgs) -> Option<AppendEntriesReply> {
         self.core.append_entries(args)
     }
 
-    pub fn install_snapshot(&self, args: InstallSnapshotArgs) -> InstallSnapshotReply {
+    pub fn install_snapshot(&self, args: InstallSnapshotArgs) -> Option<InstallSnapshotReply> {
         self.core.install_snapshot(args)
     }
 }

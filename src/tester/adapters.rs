@@ -77,15 +77,15 @@ impl RaftTransport for LabrpcRaftTransport {
 }
 
 /// Raft's receiving side on labrpc: the `Raft` service (`RequestVote`, `AppendEntries`,
-/// `InstallSnapshot`).
+/// `InstallSnapshot`). A killed peer answers nothing, as a crashed process would.
 pub fn raft_service(h: RaftHandler) -> Service {
     let (h1, h2, h3) = (h.clone(), h.clone(), h);
     Service::new("Raft")
-        .method("RequestVote", move |a: RequestVoteArgs| h1.request_vote(a))
-        .method("AppendEntries", move |a: AppendEntriesArgs| {
+        .method_or_silence("RequestVote", move |a: RequestVoteArgs| h1.request_vote(a))
+        .method_or_silence("AppendEntries", move |a: AppendEntriesArgs| {
             h2.append_entries(a)
         })
-        .method("InstallSnapshot", move |a: InstallSnapshotArgs| {
+        .method_or_silence("InstallSnapshot", move |a: InstallSnapshotArgs| {
             h3.install_snapshot(a)
         })
 }

@@ -13,6 +13,7 @@
 //!
 //! See `ARCHITECTURE.md` at the repository root for how the parts fit.
 
+pub mod kvapi;
 pub mod kvraft;
 pub mod kvsrv;
 pub mod labcodec;

@@ -13,10 +13,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use raftkv::kvapi::KvClerk;
+use raftkv::kvapi::KvErr;
 use raftkv::kvraft::Clerk;
-use raftkv::kvraft::start_kv_server;
-use raftkv::kvsrv::KvClerk;
-use raftkv::kvsrv::rpc::KvErr;
+use raftkv::kvraft::harness::start_kv_server;
 use raftkv::labrpc::ClientEnd;
 use raftkv::tester::{Config, GRP0, Persister, StartFn, Tgid};
 

@@ -9,7 +9,7 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use crossbeam::channel::{self, Receiver};
 use raftkv::labrpc::{Network, Server};
 use raftkv::raft::{ApplyMsg, Raft};
-use raftkv::tester::Persister;
+use raftkv::tester::{Persister, RaftRpcService};
 
 /// The service snapshots this often, as a real one would, so the log stays short.
 const SNAPSHOT_EVERY: u64 = 1000;
@@ -29,7 +29,7 @@ impl Cluster {
         let mut applied = Vec::new();
         let mut appliers = Vec::new();
         for i in 0..n {
-            let ends = (0..n)
+            let ends: Vec<_> = (0..n)
                 .map(|j| {
                     let e = net
                         .make_end(&format!("end-{i}-{j}"))

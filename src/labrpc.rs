@@ -150,6 +150,16 @@ impl Service {
     }
 }
 
+/// Something a server started on the simulated network runs (a Raft peer, a KV server, a test
+/// service), as the tester's server groups see it. Production types do not implement it: the
+/// tester's adapters wrap them (see `tester::RaftSvc`, `tester::KvSvc`).
+pub trait IService: Send + Sync + 'static {
+    /// Stops it: no more RPCs sent, no more threads, nothing more delivered.
+    fn kill(&self);
+    /// The RPC service it answers on the network, if any.
+    fn rpc_service(self: Arc<Self>) -> Option<Service>;
+}
+
 /// A server: services reachable under one server name.
 pub struct Server {
     services: HashMap<String, Service>,

@@ -6,15 +6,22 @@
 //! | 2 | [`kvsrv`]: single-server versioned KV and a lock on it |
 //! | 3 | [`raft`]: Raft with persistence and snapshots |
 //! | 4 | [`kvraft`]: replicated state machine and linearizable KV service on Raft |
+//! | — | [`net`]: RPC over TCP (threads, pipelined calls, re-dial, bounded frames and handlers) and a fault-injecting proxy |
+//! | — | [`resp`]: the Redis wire protocol (RESP2) and the command table of the KV service |
+//! | — | [`session`]: exactly-once table (client id, sequence number, last reply) for a replicated state machine |
 //! | — | [`labrpc`], [`labcodec`], [`tester`], [`porcupine`]: simulated network, codec, harness, checker |
 //!
 //! See `ARCHITECTURE.md` at the repository root for how the parts fit.
 
+pub mod kvapi;
 pub mod kvraft;
 pub mod kvsrv;
 pub mod labcodec;
 pub mod labrpc;
 pub mod mr;
+pub mod net;
 pub mod porcupine;
 pub mod raft;
+pub mod resp;
+pub mod session;
 pub mod tester;

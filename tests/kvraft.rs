@@ -5,8 +5,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam::channel;
+use raftkv::kvapi::{KvErr, Tversion};
 use raftkv::kvraft::harness::{KvRaftParams, KvRaftTest};
-use raftkv::kvsrv::rpc::{KvErr, Tversion};
 use raftkv::tester::kvtest::{ClntRes, ELECTION_TIMEOUT, make_keys};
 use raftkv::tester::{GRP0, join_helper};
 

@@ -6,9 +6,9 @@ use std::thread;
 use std::time::Duration;
 
 use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
-use raftkv::kvsrv::KvClerk;
+use raftkv::kvapi::KvClerk;
+use raftkv::kvapi::KvErr;
 use raftkv::kvsrv::harness::make_test_kv;
-use raftkv::kvsrv::rpc::KvErr;
 use raftkv::tester::kvtest::ClntRes;
 use raftkv::tester::randstring;
 

@@ -4,9 +4,9 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
+use raftkv::kvapi::KvErr;
 use raftkv::kvsrv::harness::make_test_kv;
 use raftkv::kvsrv::lock::Lock;
-use raftkv::kvsrv::rpc::KvErr;
 use raftkv::tester::kvtest::{ClntRes, Done, KvTest, TestClerk};
 
 const NCLNT: usize = 10;

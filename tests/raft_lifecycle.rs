@@ -1,10 +1,12 @@
-//! Raft beyond the lab tests: what `kill()` guarantees, and bad persisted state.
+//! Raft beyond the lab tests: what `kill()` guarantees, bad persisted state, and a storage
+//! that fails.
 //!
 //! These tests count the process's `raft-*` threads, so they take a lock that runs them one
 //! at a time (other test files are separate processes).
 
 use std::fs;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -12,8 +14,9 @@ use crossbeam::channel::{self, Receiver};
 use parking_lot::Mutex;
 use raftkv::labcodec;
 use raftkv::labrpc::{Network, Server};
-use raftkv::raft::{ApplyMsg, Raft, RaftError};
-use raftkv::tester::Persister;
+use raftkv::raft::log::Entry;
+use raftkv::raft::{ApplyMsg, HardState, Raft, RaftError, Restored, Storage, StorageError};
+use raftkv::tester::{Persister, PersisterStorage, RaftRpcService};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -45,7 +48,7 @@ fn cluster(net: &Network, n: usize) -> (Vec<Arc<Raft>>, Vec<Receiver<ApplyMsg>>)
     let mut rafts = Vec::new();
     let mut rxs = Vec::new();
     for i in 0..n {
-        let ends = (0..n)
+        let ends: Vec<_> = (0..n)
             .map(|j| {
                 let e = net.make_end(&format!("end-{i}-{j}")).unwrap();
                 net.connect(e.name(), &format!("server-{j}"));
@@ -204,6 +207,96 @@ fn corrupt_persisted_state_is_an_error() {
         vec![1, 2],
         "restored peer re-applies its log in order"
     );
+    raft.kill();
+    net.cleanup();
+}
+
+/// A storage that works until told to fail, then fails every sync.
+struct FailingStorage {
+    inner: PersisterStorage,
+    fail: Arc<AtomicBool>,
+}
+
+impl Storage for FailingStorage {
+    fn restore(&self) -> Result<Restored, StorageError> {
+        self.inner.restore()
+    }
+    fn set_hard_state(&self, hs: HardState) -> Result<(), StorageError> {
+        self.inner.set_hard_state(hs)
+    }
+    fn append(&self, first: u64, entries: &[Entry]) -> Result<(), StorageError> {
+        self.inner.append(first, entries)
+    }
+    fn truncate_after(&self, index: u64) -> Result<(), StorageError> {
+        self.inner.truncate_after(index)
+    }
+    fn save_snapshot(&self, index: u64, term: u64, data: &[u8]) -> Result<(), StorageError> {
+        self.inner.save_snapshot(index, term, data)
+    }
+    fn sync(&self) -> Result<(), StorageError> {
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(StorageError::Io {
+                path: "test-disk".to_string(),
+                op: "fsync",
+                reason: "injected failure".to_string(),
+            });
+        }
+        self.inner.sync()
+    }
+    fn state_size(&self) -> usize {
+        self.inner.state_size()
+    }
+}
+
+#[test]
+fn storage_failure_stops_the_peer() {
+    let _serial = SERIAL.lock();
+    let net = Network::new();
+    let end = net.make_end("f0").unwrap();
+    let fail = Arc::new(AtomicBool::new(false));
+    let p = Persister::new();
+    let storage: Box<dyn Storage> = Box::new(FailingStorage {
+        inner: PersisterStorage::new(p.clone()),
+        fail: fail.clone(),
+    });
+    let (tx, rx) = channel::unbounded();
+    let raft = Raft::new(vec![end], 0, storage, tx).unwrap();
+    let t0 = Instant::now();
+    while !raft.get_state().1 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "a one-peer cluster elects itself"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(raft.start(vec![1]).0, 1);
+    assert!(matches!(
+        rx.recv_timeout(Duration::from_secs(2)),
+        Ok(ApplyMsg::Command { index: 1, .. })
+    ));
+    let saved = p.read_raft_state();
+
+    fail.store(true, Ordering::SeqCst);
+    let (index, _, ok) = raft.start(vec![2]);
+    assert!(ok && index == 2, "the leader takes the command");
+    let t0 = Instant::now();
+    while !raft.killed() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "a peer whose storage fails must stop"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    // Nothing it could not save is delivered, and the apply channel closes.
+    assert!(
+        matches!(
+            rx.recv_timeout(Duration::from_secs(2)),
+            Err(channel::RecvTimeoutError::Disconnected)
+        ),
+        "the unsaved command was delivered, or the channel stayed open"
+    );
+    assert_eq!(p.read_raft_state(), saved, "nothing more reached the disk");
+    assert!(!raft.start(vec![3]).2, "a stopped peer takes no command");
     raft.kill();
     net.cleanup();
 }

@@ -328,7 +328,7 @@ mod bad_snapshots {
     use parking_lot::Mutex;
     use raftkv::kvraft::rsm::{Rsm, RsmError, StateMachine};
     use raftkv::labrpc::{Network, Server};
-    use raftkv::tester::Persister;
+    use raftkv::tester::{Persister, RaftRpcService};
 
     /// Counts ops; its snapshots are the count, and restoring one fails when told to.
     struct Tally {

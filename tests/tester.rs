@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::Mutex;
-use raftkv::kvsrv::rpc::{GetArgs, GetReply, KvErr};
+use raftkv::kvapi::{GetArgs, GetReply, KvErr};
 use raftkv::labrpc::{ClientEnd, RpcError, Service};
 use raftkv::tester::{Config, GRP0, IService, Persister, StartFn, Tgid};
 

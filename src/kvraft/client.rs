@@ -4,25 +4,26 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use crate::kvsrv::KvClerk;
-use crate::kvsrv::rpc::{GetArgs, GetReply, KvErr, PutArgs, PutReply, Tversion};
-use crate::tester::Clnt;
+use crate::kvapi::{
+    CallError, GetArgs, GetReply, KvClerk, KvErr, KvTransport, PutArgs, PutReply, Tversion,
+};
 
 /// Pause after every server has been tried without success: an election is probably under
 /// way, and hammering the servers would only slow it down.
 const ROUND_PAUSE: Duration = Duration::from_millis(50);
 
 pub struct Clerk {
-    clnt: Arc<Clnt>,
+    transport: Arc<dyn KvTransport>,
     servers: Vec<String>,
     /// The server that last answered as leader; tried first.
     leader: AtomicUsize,
 }
 
 impl Clerk {
-    pub fn new(clnt: Arc<Clnt>, servers: Vec<String>) -> Clerk {
+    /// A clerk of the replicas named `servers`, reached through `transport`.
+    pub fn new(transport: Arc<dyn KvTransport>, servers: Vec<String>) -> Clerk {
         Clerk {
-            clnt,
+            transport,
             servers,
             leader: AtomicUsize::new(0),
         }
@@ -31,17 +32,18 @@ impl Clerk {
     /// Sends `method` to the leader (or whoever answers as one), rotating through the servers
     /// on no reply or a reply `leader_err` rejects (`WrongLeader`), until a leader answers.
     /// Also returns what the earlier attempts came to.
-    fn call<A, R>(&self, method: &str, args: &A, leader_err: impl Fn(&R) -> bool) -> (R, Attempts)
-    where
-        A: serde::Serialize,
-        R: serde::de::DeserializeOwned,
-    {
+    fn call<R>(
+        &self,
+        method: &str,
+        send: impl Fn(&str) -> Result<R, CallError>,
+        leader_err: impl Fn(&R) -> bool,
+    ) -> (R, Attempts) {
         let n = self.servers.len();
         let mut i = self.leader.load(Ordering::Relaxed) % n;
         let mut tried = 0;
         let mut earlier = Attempts::default();
         loop {
-            match self.clnt.call::<A, R>(&self.servers[i], method, args) {
+            match send(&self.servers[i]) {
                 Ok(r) if !leader_err(&r) => {
                     self.leader.store(i, Ordering::Relaxed);
                     return (r, earlier);
@@ -88,9 +90,11 @@ impl KvClerk for Clerk {
         let args = GetArgs {
             key: key.to_string(),
         };
-        let (r, _): (GetReply, Attempts) = self.call("KVServer.Get", &args, |r: &GetReply| {
-            r.err == KvErr::WrongLeader
-        });
+        let (r, _): (GetReply, Attempts) = self.call(
+            "KVServer.Get",
+            |s| self.transport.get(s, &args),
+            |r: &GetReply| r.err == KvErr::WrongLeader,
+        );
         (r.value, r.version, r.err)
     }
 
@@ -102,10 +106,11 @@ impl KvClerk for Clerk {
             value: value.to_string(),
             version,
         };
-        let (r, earlier): (PutReply, Attempts) =
-            self.call("KVServer.Put", &args, |r: &PutReply| {
-                r.err == KvErr::WrongLeader
-            });
+        let (r, earlier): (PutReply, Attempts) = self.call(
+            "KVServer.Put",
+            |s| self.transport.put(s, &args),
+            |r: &PutReply| r.err == KvErr::WrongLeader,
+        );
         if r.err == KvErr::Version && earlier.any() {
             // Why: with no reply lost, only a server that answered ErrWrongLeader for an op
             // it had logged can have executed it (its rsm logs the reason at info).

@@ -14,14 +14,14 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::Clerk;
-use super::rsm::{GiveUps, RaftService, Rsm, StateMachine};
-use super::server::{KvServer, start_kv_server};
+use super::rsm::{GiveUps, Rsm, RsmError, StateMachine};
+use super::server::KvServer;
 use crate::labcodec;
 use crate::labrpc::ClientEnd;
 use crate::raft::Raft;
 pub use crate::raft::harness::FAULT_ENV;
 use crate::tester::kvtest::{ClerkMaker, KvTest, TestClerk};
-use crate::tester::{Config, GRP0, IService, Persister, ServerGrp, StartFn, Tgid};
+use crate::tester::{Config, GRP0, IService, KvSvc, Persister, RaftSvc, ServerGrp, StartFn, Tgid};
 
 // ---------------------------------------------------------------- rsm
 
@@ -170,7 +170,7 @@ impl RsmTest {
                     let raft = rsm.raft();
                     srvs.lock()[i] = Some(Arc::new(RsmSrv { counter, rsm }));
                     // Only the Raft is the tester's to kill, as in Go.
-                    vec![Arc::new(RaftService(raft)) as Arc<dyn IService>]
+                    vec![Arc::new(RaftSvc(raft)) as Arc<dyn IService>]
                 },
             )
         };
@@ -308,6 +308,29 @@ fn give_up_after_from_env() -> Option<Duration> {
         _ => panic!("{GIVE_UP_ENV}={v:?}: expected a positive number of milliseconds"),
     }
 }
+
+/// Starts KV replica `me` of a group on the simulated network: the KV server and its Raft
+/// peer, in that kill order. `maxraftstate`: snapshot when the persisted Raft state reaches
+/// it; `None` never.
+pub fn start_kv_server(
+    ends: Vec<ClientEnd>,
+    _gid: Tgid,
+    me: usize,
+    persister: Persister,
+    maxraftstate: Option<usize>,
+) -> Result<StartedKvServer, RsmError> {
+    let kv = KvServer::new(ends, me, persister, maxraftstate)?;
+    let raft = kv.rsm().raft();
+    let killer = kv.clone();
+    let services: Vec<Arc<dyn IService>> = vec![
+        Arc::new(KvSvc::new(kv.clone(), move || killer.kill())),
+        Arc::new(RaftSvc(raft)),
+    ];
+    Ok((kv, services))
+}
+
+/// A started replica and its services for the tester, in kill order.
+pub type StartedKvServer = (Arc<KvServer>, Vec<Arc<dyn IService>>);
 
 struct Maker {
     cfg: Arc<Config>,

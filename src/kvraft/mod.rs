@@ -12,4 +12,4 @@ pub mod rsm;
 mod server;
 
 pub use client::Clerk;
-pub use server::{KvRequest, KvResponse, KvServer, KvStore, start_kv_server};
+pub use server::{KvRequest, KvResponse, KvServer, KvStore};

@@ -5,7 +5,7 @@
 //! One reader thread, `rsm-<me>-reader`, drains the apply channel and executes every committed
 //! request on every peer, in log order. A submitter waits on a one-slot channel keyed by the
 //! log index; the reader answers it only if the op executed there is the submitter's own (same
-//! unique id), otherwise with [`KvErr::WrongLeader`]. A submitter whose peer stops leading
+//! unique id), otherwise with [`SubmitError::WrongLeader`]. A submitter whose peer stops leading
 //! keeps waiting while its entry is still in the peer's log (a later leader may commit it), for
 //! at most [`DEPOSED_GRACE`]; then, or as soon as the entry is gone, it answers WrongLeader.
 //! Each new leader appends a term-start entry (never shown to the state machine), so entries
@@ -24,11 +24,8 @@ use crossbeam::channel::{self, Receiver, RecvTimeoutError, Sender};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use crate::kvsrv::rpc::KvErr;
 use crate::labcodec;
-use crate::labrpc::{ClientEnd, Service};
-use crate::raft::{ApplyMsg, Raft, RaftError};
-use crate::tester::{IService, Persister};
+use crate::raft::{ApplyMsg, Raft, RaftError, RaftTransport, Storage};
 
 /// How often a waiting submitter checks that its peer still leads in the term it started in.
 pub const LEADERSHIP_POLL: Duration = Duration::from_millis(50);
@@ -64,6 +61,33 @@ impl GiveUps {
         )
     }
 }
+
+/// Why [`Rsm::submit`] returned without the state machine's reply. In none of these cases
+/// has this peer executed the request for the caller; it may still commit later (a deposed
+/// leader's entry can survive), which is why clerks treat a retried Put's `ErrVersion` as
+/// `ErrMaybe`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubmitError {
+    /// This peer does not lead, stopped leading or saw its term move on before the request
+    /// committed, or another leader's entry took the request's index.
+    WrongLeader,
+    /// The Raft peer has been killed (or stopped on a storage error): it will never answer.
+    Stopped,
+    /// The request could not be encoded as a log entry.
+    Encode(String),
+}
+
+impl fmt::Display for SubmitError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SubmitError::WrongLeader => f.write_str("not the leader"),
+            SubmitError::Stopped => f.write_str("peer stopped"),
+            SubmitError::Encode(e) => write!(f, "cannot encode the request: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for SubmitError {}
 
 /// What the replicated service executes. Requests and replies are the service's own encoded
 /// values: the rsm never looks inside them.
@@ -140,7 +164,7 @@ struct RsmSnapshot {
 struct Waiter {
     id: u64,
     /// One slot: the reader answers once and never blocks.
-    reply: Sender<Result<Vec<u8>, KvErr>>,
+    reply: Sender<Result<Vec<u8>, SubmitError>>,
 }
 
 struct Shared {
@@ -164,37 +188,48 @@ pub struct Rsm {
 }
 
 impl Rsm {
-    /// Starts the Raft peer `me` of `ends` and the reader thread. Restores `sm` from the
-    /// persisted snapshot, if any; one that cannot be read or restored is an error (the
-    /// replica must not start from the wrong state). `maxraftstate`: snapshot when the
+    /// Starts the Raft peer `me` of `peers` on `storage`, and the reader thread. Restores `sm`
+    /// from the Raft peer's snapshot, if any; one that cannot be read or restored is an error
+    /// (the replica must not start from the wrong state). `maxraftstate`: snapshot when the
     /// persisted Raft state approaches this many bytes; `None` never snapshots. Returns at
     /// once.
     pub fn new(
-        ends: Vec<ClientEnd>,
+        peers: impl Into<Box<dyn RaftTransport>>,
         me: usize,
-        persister: Persister,
+        storage: impl Into<Box<dyn Storage>>,
         maxraftstate: Option<usize>,
         sm: Arc<dyn StateMachine>,
     ) -> Result<Rsm, RsmError> {
+        // Buffered, unlike the lab's channel: handing entries over one at a time costs a
+        // thread switch each, and on a loaded machine a follower then applies more slowly
+        // than it appends, so its unapplied (untrimmable) log grows without bound.
+        let (apply_tx, apply_rx) = channel::bounded::<ApplyMsg>(APPLY_BUFFER);
+        let raft = Arc::new(Raft::new(peers, me, storage, apply_tx).map_err(RsmError::Raft)?);
+        // Whatever snapshot Raft holds now (restored, or installed since it started): the
+        // reader skips what it covers. Restored before the reader takes any entry.
         let mut last_applied = 0;
-        let snap = persister.read_snapshot();
+        let snap = raft.snapshot_data();
         if !snap.is_empty() {
             let corrupt = |index, reason: String| RsmError::CorruptSnapshot {
                 peer: me,
                 index,
                 reason,
             };
-            let s =
-                labcodec::decode::<RsmSnapshot>(&snap).map_err(|e| corrupt(None, e.to_string()))?;
-            sm.restore(&s.state)
-                .map_err(|e| corrupt(Some(s.index), e.to_string()))?;
-            last_applied = s.index;
+            let restored = labcodec::decode::<RsmSnapshot>(&snap)
+                .map_err(|e| corrupt(None, e.to_string()))
+                .and_then(|s| {
+                    sm.restore(&s.state)
+                        .map_err(|e| corrupt(Some(s.index), e.to_string()))?;
+                    Ok(s.index)
+                });
+            match restored {
+                Ok(index) => last_applied = index,
+                Err(e) => {
+                    raft.kill();
+                    return Err(e);
+                }
+            }
         }
-        // Buffered, unlike the lab's channel: handing entries over one at a time costs a
-        // thread switch each, and on a loaded machine a follower then applies more slowly
-        // than it appends, so its unapplied (untrimmable) log grows without bound.
-        let (apply_tx, apply_rx) = channel::bounded::<ApplyMsg>(APPLY_BUFFER);
-        let raft = Arc::new(Raft::new(ends, me, persister, apply_tx).map_err(RsmError::Raft)?);
         let shared = Arc::new(Shared {
             me,
             raft,
@@ -253,15 +288,16 @@ impl Rsm {
     }
 
     /// Runs `req` through the log and returns the state machine's reply. `WrongLeader` if this
-    /// peer does not lead, loses leadership before the op commits, or is killed.
-    pub fn submit(&self, req: Vec<u8>) -> Result<Vec<u8>, KvErr> {
+    /// peer does not lead or loses leadership before the op commits; `Stopped` once it is
+    /// killed.
+    pub fn submit(&self, req: Vec<u8>) -> Result<Vec<u8>, SubmitError> {
         let s = &self.shared;
         let id: u64 = rand::random();
         let cmd = match labcodec::encode(&LogOp::Request { id, req }) {
             Ok(c) => c,
             Err(e) => {
                 log::error!(target: "kvraft::rsm", "rsm-{}: cannot encode op: {e}", s.me);
-                return Err(KvErr::WrongLeader);
+                return Err(SubmitError::Encode(e.to_string()));
             }
         };
         let (tx, rx) = channel::bounded(1);
@@ -272,7 +308,11 @@ impl Rsm {
             let mut waiters = s.waiters.lock();
             let (index, term, is_leader) = s.raft.start(cmd);
             if !is_leader {
-                return Err(KvErr::WrongLeader);
+                return Err(if s.raft.killed() {
+                    SubmitError::Stopped
+                } else {
+                    SubmitError::WrongLeader
+                });
             }
             // A waiter left at this index by an earlier term is answered by dropping its sender.
             waiters.insert(index, Waiter { id, reply: tx });
@@ -288,7 +328,9 @@ impl Rsm {
             };
             match rx.recv_timeout(wait) {
                 Ok(r) => return s.answered(r, term, index, id),
-                Err(RecvTimeoutError::Disconnected) => return Err(KvErr::WrongLeader),
+                // The reader dropped the waiter: it exited (peer killed), or another op took
+                // the index in a later term.
+                Err(RecvTimeoutError::Disconnected) => return Err(s.dropped()),
                 Err(RecvTimeoutError::Timeout) => {
                     let (now_term, is_leader) = s.raft.get_state();
                     let killed = s.raft.killed();
@@ -321,7 +363,7 @@ impl Rsm {
                             drop(waiters);
                             return match rx.recv() {
                                 Ok(r) => s.answered(r, term, index, id),
-                                Err(_) => Err(KvErr::WrongLeader),
+                                Err(_) => Err(s.dropped()),
                             };
                         }
                     }
@@ -338,7 +380,7 @@ impl Rsm {
                         log::info!(target: "kvraft::rsm", "rsm-{} t{term}: op {id:x} at {index} timed out while still leader: it may still commit", s.me);
                         s.give_ups.lock().timeout.fetch_add(1, Ordering::Relaxed);
                     }
-                    return Err(KvErr::WrongLeader);
+                    return Err(s.dropped());
                 }
             }
         }
@@ -364,14 +406,23 @@ impl Drop for Rsm {
 }
 
 impl Shared {
+    /// Why a submitter's waiter was dropped without an answer.
+    fn dropped(&self) -> SubmitError {
+        if self.raft.killed() {
+            SubmitError::Stopped
+        } else {
+            SubmitError::WrongLeader
+        }
+    }
+
     /// A submitter's reply from the reader, counted if it says the op was lost.
     fn answered(
         &self,
-        r: Result<Vec<u8>, KvErr>,
+        r: Result<Vec<u8>, SubmitError>,
         term: u64,
         index: u64,
         id: u64,
-    ) -> Result<Vec<u8>, KvErr> {
+    ) -> Result<Vec<u8>, SubmitError> {
         if r.is_err() {
             // The reader answers so only when another op was executed at the index.
             log::info!(target: "kvraft::rsm", "rsm-{} t{term}: op {id:x} at {index} lost: another op took the index", self.me);
@@ -444,7 +495,7 @@ impl Shared {
                             Ok(reply)
                         } else {
                             // Another leader's entry took the index: ours is lost.
-                            Err(KvErr::WrongLeader)
+                            Err(SubmitError::WrongLeader)
                         };
                         let _ = w.reply.try_send(r);
                     }
@@ -523,20 +574,5 @@ impl Shared {
                 false
             }
         }
-    }
-}
-
-/// The Raft peer as a tester service: killing it kills the peer, and it answers `Raft.*`.
-/// The rsm tests give the tester only this, so a shutdown kills just the Raft; the reader
-/// then sees the apply channel close and fails every waiting submitter.
-pub struct RaftService(pub Arc<Raft>);
-
-impl IService for RaftService {
-    fn kill(&self) {
-        self.0.kill();
-    }
-
-    fn rpc_service(self: Arc<Self>) -> Option<Service> {
-        Some(self.0.rpc_service())
     }
 }

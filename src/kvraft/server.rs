@@ -9,12 +9,10 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::rsm::{RaftService, Rsm, RsmError, StateMachine};
-use crate::kvsrv::rpc::{GetArgs, GetReply, KvErr, PutArgs, PutReply};
-use crate::kvsrv::store::VersionedStore;
+use super::rsm::{Rsm, RsmError, StateMachine};
+use crate::kvapi::{GetArgs, GetReply, KvErr, KvService, PutArgs, PutReply, VersionedStore};
 use crate::labcodec;
-use crate::labrpc::{ClientEnd, Service};
-use crate::tester::{IService, Persister, Tgid};
+use crate::raft::{RaftTransport, Storage};
 
 /// A request as it travels through the log.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -66,6 +64,26 @@ pub struct KvServer {
 }
 
 impl KvServer {
+    /// Starts KV replica `me`: its Raft peer on `peers` and `storage`, and the rsm over the
+    /// store. `maxraftstate`: snapshot when the persisted Raft state reaches it; `None` never.
+    /// A transport serves the result as a [`KvService`] and the Raft peer's
+    /// [`handler`](crate::raft::Raft::handler).
+    pub fn new(
+        peers: impl Into<Box<dyn RaftTransport>>,
+        me: usize,
+        storage: impl Into<Box<dyn Storage>>,
+        maxraftstate: Option<usize>,
+    ) -> Result<Arc<KvServer>, RsmError> {
+        let store: Arc<KvStore> = Arc::new(KvStore::default());
+        let rsm = Rsm::new(peers, me, storage, maxraftstate, store)?;
+        Ok(Arc::new(KvServer { me, rsm }))
+    }
+
+    /// Kills the Raft peer and waits for the rsm reader; pending requests answer WrongLeader.
+    pub fn kill(&self) {
+        self.rsm.kill();
+    }
+
     pub fn rsm(&self) -> &Rsm {
         &self.rsm
     }
@@ -81,11 +99,16 @@ impl KvServer {
                     None
                 }
             },
-            Err(_) => None,
+            Err(e) => {
+                log::trace!(target: "kvraft::server", "kv-{}: {e}", self.me);
+                None
+            }
         }
     }
+}
 
-    pub fn get(&self, args: GetArgs) -> GetReply {
+impl KvService for KvServer {
+    fn get(&self, args: GetArgs) -> GetReply {
         match self.submit(KvRequest::Get(args)) {
             Some(KvResponse::Get(r)) => r,
             _ => GetReply {
@@ -96,7 +119,7 @@ impl KvServer {
         }
     }
 
-    pub fn put(&self, args: PutArgs) -> PutReply {
+    fn put(&self, args: PutArgs) -> PutReply {
         match self.submit(KvRequest::Put(args)) {
             Some(KvResponse::Put(r)) => r,
             _ => PutReply {
@@ -104,40 +127,4 @@ impl KvServer {
             },
         }
     }
-}
-
-impl IService for KvServer {
-    /// Kills the Raft peer and waits for the rsm reader; pending requests answer WrongLeader.
-    fn kill(&self) {
-        self.rsm.kill();
-    }
-
-    fn rpc_service(self: Arc<Self>) -> Option<Service> {
-        let getter = self.clone();
-        Some(
-            Service::new("KVServer")
-                .method("Get", move |a: GetArgs| getter.get(a))
-                .method("Put", move |a: PutArgs| self.put(a)),
-        )
-    }
-}
-
-/// A started replica and its services for the tester, in kill order.
-pub type StartedKvServer = (Arc<KvServer>, Vec<Arc<dyn IService>>);
-
-/// Starts KV replica `me` of a group: the KV server and its Raft peer, in that kill order.
-/// `maxraftstate`: snapshot when the persisted Raft state reaches it; `None` never.
-pub fn start_kv_server(
-    ends: Vec<ClientEnd>,
-    _gid: Tgid,
-    me: usize,
-    persister: Persister,
-    maxraftstate: Option<usize>,
-) -> Result<StartedKvServer, RsmError> {
-    let store: Arc<KvStore> = Arc::new(KvStore::default());
-    let rsm = Rsm::new(ends, me, persister, maxraftstate, store)?;
-    let raft = rsm.raft();
-    let kv = Arc::new(KvServer { me, rsm });
-    let services: Vec<Arc<dyn IService>> = vec![kv.clone(), Arc::new(RaftService(raft))];
-    Ok((kv, services))
 }

@@ -1,23 +1,22 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::KvClerk;
-use super::rpc::{GetArgs, GetReply, KvErr, PutArgs, PutReply, Tversion};
-use crate::tester::Clnt;
+use crate::kvapi::{GetArgs, KvClerk, KvErr, KvTransport, PutArgs, Tversion};
 
 /// Pause between retries of a call that got no reply.
 const RETRY_INTERVAL: Duration = Duration::from_millis(10);
 
 /// The Lab 2 clerk: talks to one server and retries until it gets a reply.
 pub struct Clerk {
-    clnt: Arc<Clnt>,
+    transport: Arc<dyn KvTransport>,
     server: String,
 }
 
 impl Clerk {
-    pub fn new(clnt: Arc<Clnt>, server: &str) -> Clerk {
+    /// A clerk of the server named `server`, reached through `transport`.
+    pub fn new(transport: Arc<dyn KvTransport>, server: &str) -> Clerk {
         Clerk {
-            clnt,
+            transport,
             server: server.to_string(),
         }
     }
@@ -29,10 +28,7 @@ impl KvClerk for Clerk {
             key: key.to_string(),
         };
         loop {
-            match self
-                .clnt
-                .call::<_, GetReply>(&self.server, "KVServer.Get", &args)
-            {
+            match self.transport.get(&self.server, &args) {
                 Ok(r) => return (r.value, r.version, r.err),
                 Err(e) => {
                     log::trace!(target: "kvsrv::clerk", "get {key:?} to {}: {e}; retrying", self.server);
@@ -50,10 +46,7 @@ impl KvClerk for Clerk {
         };
         let mut first = true;
         loop {
-            match self
-                .clnt
-                .call::<_, PutReply>(&self.server, "KVServer.Put", &args)
-            {
+            match self.transport.put(&self.server, &args) {
                 // A retry that meets ErrVersion cannot tell whether an earlier attempt
                 // succeeded (its reply lost) or someone else's Put got in first.
                 Ok(r) if r.err == KvErr::Version && !first => {

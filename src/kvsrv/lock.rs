@@ -5,9 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::KvClerk;
-use super::rpc::KvErr;
-use crate::tester::randstring;
+use crate::kvapi::{KvClerk, KvErr};
 
 /// How long to wait before looking at a held lock again, or trying again after a failed
 /// Get or a lost race (the clerk already retries lost RPCs itself: a tight loop here would
@@ -27,7 +25,7 @@ impl Lock {
         Lock {
             ck,
             key: key.to_string(),
-            id: randstring(8),
+            id: format!("{:016x}", rand::random::<u64>()),
         }
     }
 

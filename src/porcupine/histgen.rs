@@ -13,7 +13,7 @@ use rand::{Rng, SeedableRng};
 
 use super::kv::{KvInput, KvOp, KvOutput};
 use super::model::Operation;
-use crate::kvsrv::rpc::{KvErr, Tversion};
+use crate::kvapi::{KvErr, Tversion};
 
 /// The shape of a generated history.
 #[derive(Clone, Debug)]

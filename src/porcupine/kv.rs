@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use super::model::{Event, EventKind, EventValue, Model, Operation};
-use crate::kvsrv::rpc::{KvErr, Tversion};
+use crate::kvapi::{KvErr, Tversion};
 
 /// Which RPC an operation was.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

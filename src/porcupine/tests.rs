@@ -4,7 +4,7 @@
 use std::num::NonZeroUsize;
 use std::time::{Duration, Instant};
 
-use crate::kvsrv::rpc::KvErr;
+use crate::kvapi::KvErr;
 use crate::porcupine::histgen::{KvHistoryConfig, linearizable_kv_history};
 use crate::porcupine::history::EventFault;
 use crate::porcupine::kv::{KvInput, KvModel, KvOp, KvOutput, KvState};

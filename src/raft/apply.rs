@@ -59,6 +59,11 @@ impl Core {
                 }
             };
             // Outside the lock: the service may call back into Raft (snapshot) meanwhile.
+            // Nothing is delivered before it is durable (a one-peer leader commits what it
+            // has only just queued).
+            if !self.sync_storage() {
+                return;
+            }
             for m in msgs {
                 if self.is_dead() {
                     return;

@@ -5,7 +5,6 @@ use std::time::{Duration, Instant};
 
 use super::rpc::{RequestVoteArgs, RequestVoteReply};
 use super::state::{Core, ELECTION_TIMEOUT_MIN_MS, Role, State};
-use crate::labrpc::RpcError;
 
 /// A peer that heard from a leader this recently refuses pre-votes (leader stickiness).
 const LEADER_STICKINESS: Duration = Duration::from_millis(ELECTION_TIMEOUT_MIN_MS);
@@ -28,8 +27,9 @@ impl Core {
         self.request_votes(st, st.term + 1, true);
     }
 
-    /// Sends RequestVote (or a pre-vote) for `term` to every other peer.
-    fn request_votes(self: &Arc<Core>, st: &State, term: u64, pre_vote: bool) {
+    /// Queues RequestVote (or a pre-vote) for `term` to every other peer; they leave once the
+    /// state guard is dropped (after any storage sync).
+    fn request_votes(self: &Arc<Core>, st: &mut State, term: u64, pre_vote: bool) {
         let args = RequestVoteArgs {
             term,
             candidate: self.me,
@@ -40,13 +40,15 @@ impl Core {
         let sent_in = st.term;
         for peer in (0..self.peers.len()).filter(|&p| p != self.me) {
             let core = self.clone();
-            self.peers[peer].call_async(
-                "Raft.RequestVote",
-                &args,
-                move |r: Result<RequestVoteReply, RpcError>| {
-                    core.on_vote_reply(peer, sent_in, pre_vote, r)
-                },
-            );
+            let args = args.clone();
+            st.outbox.push(Box::new(move || {
+                let c = core.clone();
+                core.peers.request_vote(
+                    peer,
+                    args,
+                    Box::new(move |r| c.on_vote_reply(peer, sent_in, pre_vote, r)),
+                )
+            }));
         }
     }
 
@@ -76,16 +78,16 @@ impl Core {
         peer: usize,
         term: u64,
         pre_vote: bool,
-        r: Result<RequestVoteReply, RpcError>,
+        r: Option<RequestVoteReply>,
     ) {
-        let Ok(reply) = r else { return };
-        let mut st = self.state.lock();
+        let Some(reply) = r else { return };
+        let mut st = self.lock_state();
         if self.is_dead() {
             return;
         }
         if reply.term > st.term {
             if self.step_down(&mut st, reply.term) {
-                self.persist(&st);
+                self.persist(&mut st);
             }
             return;
         }
@@ -129,9 +131,16 @@ impl Core {
 
     /// Handles a RequestVote: grant at most one vote per term, and only to a candidate whose
     /// log is at least as up-to-date as ours (Raft §5.4.1). A dead peer answers nothing and
-    /// changes nothing.
+    /// changes nothing; the reply leaves only once the vote is durable.
     pub(crate) fn request_vote(&self, args: RequestVoteArgs) -> Option<RequestVoteReply> {
-        let mut st = self.state.lock();
+        let reply = self.request_vote_synced(args)?;
+        // Stopped meanwhile, perhaps because the vote could not be saved: no answer.
+        self.reply_if_alive(reply)
+    }
+
+    /// Decides on the vote; the decision is durable when this returns.
+    fn request_vote_synced(&self, args: RequestVoteArgs) -> Option<RequestVoteReply> {
+        let mut st = self.lock_state();
         if self.is_dead() {
             return None;
         }
@@ -154,7 +163,7 @@ impl Core {
             self.reset_election_timer(&mut st);
         }
         if changed {
-            self.persist(&st);
+            self.persist(&mut st);
             if self.is_dead() {
                 return None; // not saved: a vote that is not durable must not be given
             }

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::{ApplyMsg, Raft};
 use crate::labcodec;
 use crate::labrpc::{ClientEnd, Service};
-use crate::tester::{Config, GRP0, IService, Persister, ServerGrp, StartFn, Tgid};
+use crate::tester::{Config, GRP0, IService, Persister, RaftRpcService, ServerGrp, StartFn, Tgid};
 
 /// The tester allows a second for an election.
 pub const ELECTION_TIMEOUT: Duration = Duration::from_millis(1000);

@@ -21,6 +21,15 @@ pub struct Log {
 }
 
 impl Log {
+    /// A log whose snapshot ends at (`base_index`, `base_term`), holding `entries` after it.
+    pub fn from_parts(base_index: u64, base_term: u64, entries: Vec<Entry>) -> Log {
+        Log {
+            base_index,
+            base_term,
+            entries,
+        }
+    }
+
     pub fn base_index(&self) -> u64 {
         self.base_index
     }

@@ -2,20 +2,23 @@
 //!
 //! A [`Raft`] peer runs two threads of its own, `raft-<me>-ticker` (elections and heartbeats)
 //! and `raft-<me>-applier` (delivers committed entries and snapshots, in index order, on the
-//! apply channel). RPCs to peers are sent with [`ClientEnd::call_async`], so a call to a dead
-//! peer that hangs for seconds never holds up anything; replies are handled on network threads.
-//! All state sits behind one mutex, which is never held across an RPC, a blocking channel send
-//! or a sleep. Commands are opaque bytes: Raft never looks inside them.
+//! apply channel). RPCs to peers go through a [`RaftTransport`] that never blocks the sender,
+//! so a call to a dead peer that hangs for seconds never holds up anything; replies are handled
+//! on the transport's threads. What must survive a crash goes to a [`Storage`]. All state sits
+//! behind one mutex, which is never held across an RPC, a blocking channel send, a sleep or a
+//! storage sync. Commands are opaque bytes: Raft never looks inside them.
 
 mod apply;
 mod election;
 pub mod harness;
 pub mod log;
-mod persist;
+pub mod persist;
 mod replication;
 mod rpc;
 mod snapshot;
 mod state;
+pub mod storage;
+pub mod transport;
 
 use std::fmt;
 use std::sync::Arc;
@@ -25,13 +28,13 @@ use std::thread::{self, JoinHandle};
 use crossbeam::channel::Sender;
 use parking_lot::Mutex;
 
-use crate::labrpc::{ClientEnd, Service};
-use crate::tester::Persister;
 pub use rpc::{
     AppendEntriesArgs, AppendEntriesReply, InstallSnapshotArgs, InstallSnapshotReply,
     RequestVoteArgs, RequestVoteReply,
 };
 use state::Core;
+pub use storage::{HardState, Restored, Storage, StorageError};
+pub use transport::{OnReply, RaftHandler, RaftTransport};
 
 /// What Raft delivers to its service, in index order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,16 +84,16 @@ pub struct Raft {
 }
 
 impl Raft {
-    /// Starts peer `me` of `peers` (`peers[me]` is itself), restoring what `persister` holds.
+    /// Starts peer `me` of `peers` (peer `me` is itself), restoring what `storage` holds.
     /// Committed commands and snapshots are sent on `apply_tx`; the channel is closed when the
-    /// peer is killed. Returns at once.
+    /// peer is killed (or stopped by a storage error). Returns at once.
     pub fn new(
-        peers: Vec<ClientEnd>,
+        peers: impl Into<Box<dyn RaftTransport>>,
         me: usize,
-        persister: Persister,
+        storage: impl Into<Box<dyn Storage>>,
         apply_tx: Sender<ApplyMsg>,
     ) -> Result<Raft, RaftError> {
-        let (core, kill_rx) = Core::restore(peers, me, persister)?;
+        let (core, kill_rx) = Core::restore(peers.into(), me, storage.into())?;
         let core = Arc::new(core);
         let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
             thread::Builder::new()
@@ -155,7 +158,13 @@ impl Raft {
 
     /// Size in bytes of the persisted Raft state (not counting the snapshot).
     pub fn persist_bytes(&self) -> usize {
-        self.core.persister.raft_state_size()
+        self.core.storage.state_size()
+    }
+
+    /// The snapshot this peer holds now (empty if none): what a service restores from at
+    /// start, before the first entry after it is delivered.
+    pub fn snapshot_data(&self) -> Vec<u8> {
+        self.core.state.lock().snapshot.clone()
     }
 
     /// Stops the peer: no more RPCs are sent, nothing more is delivered, the apply channel is
@@ -171,22 +180,16 @@ impl Raft {
         }
     }
 
+    /// Whether the peer is stopped: killed, or stopped by a storage error.
     pub fn killed(&self) -> bool {
         self.core.dead.load(Ordering::SeqCst)
     }
 
-    /// The `Raft` RPC service (`RequestVote`, `AppendEntries`, `InstallSnapshot`). A killed
-    /// peer answers nothing, as a crashed process would.
-    pub fn rpc_service(&self) -> Service {
-        let (c1, c2, c3) = (self.core.clone(), self.core.clone(), self.core.clone());
-        Service::new("Raft")
-            .method_or_silence("RequestVote", move |a: RequestVoteArgs| c1.request_vote(a))
-            .method_or_silence("AppendEntries", move |a: AppendEntriesArgs| {
-                c2.append_entries(a)
-            })
-            .method_or_silence("InstallSnapshot", move |a: InstallSnapshotArgs| {
-                c3.install_snapshot(a)
-            })
+    /// What a transport's server side hands this peer's incoming requests to.
+    pub fn handler(&self) -> RaftHandler {
+        RaftHandler {
+            core: self.core.clone(),
+        }
     }
 }
 

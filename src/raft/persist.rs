@@ -1,11 +1,18 @@
-//! What Raft persists (term, vote, log) and how. Always persisted before a reply or a
-//! message that depends on it leaves this peer. Raft §5, Figure 2.
+//! What Raft persists (term, vote, log, snapshot) and when: every change goes to the
+//! [`Storage`](super::Storage) as it happens, under the mutex, and is made durable by
+//! [`sync`](super::Storage::sync) once the mutex is released, before anything that depends on
+//! it leaves this peer (see [`StateGuard`](super::state::StateGuard)). A storage error stops
+//! the peer: it never goes on with state it could not save. Raft §5, Figure 2.
+//!
+//! Also the labs' persister format (term, vote and the whole log as one `labcodec` value),
+//! which the tester's `Persister` adapter writes, so the byte sizes the 3D/4C tests check stay
+//! what they were.
 
 use serde::{Deserialize, Serialize};
 
-use super::RaftError;
-use super::log::Log;
+use super::log::{Entry, Log};
 use super::state::{Core, State};
+use super::storage::{HardState, Storage, StorageError};
 use crate::labcodec::{self, CodecError};
 
 #[derive(Serialize, Deserialize)]
@@ -15,32 +22,23 @@ struct PersistentState {
     log: Log,
 }
 
-/// Decodes persisted state; empty means a fresh peer.
-pub(super) fn decode_state(
-    me: usize,
-    bytes: &[u8],
-) -> Result<(u64, Option<usize>, Log), RaftError> {
+/// Decodes the labs' persister format; empty bytes are a fresh peer.
+pub fn decode_lab_state(bytes: &[u8]) -> Result<(HardState, Log), CodecError> {
     if bytes.is_empty() {
-        return Ok((0, None, Log::default()));
+        return Ok((HardState::default(), Log::default()));
     }
-    let ps: PersistentState = labcodec::decode(bytes).map_err(|e| RaftError::CorruptState {
-        peer: me,
-        reason: e.to_string(),
-    })?;
-    if ps.log.last_term() > ps.term {
-        return Err(RaftError::CorruptState {
-            peer: me,
-            reason: format!(
-                "log holds term {} beyond current term {}",
-                ps.log.last_term(),
-                ps.term
-            ),
-        });
-    }
-    Ok((ps.term, ps.voted_for, ps.log))
+    let ps: PersistentState = labcodec::decode(bytes)?;
+    Ok((
+        HardState {
+            term: ps.term,
+            voted_for: ps.voted_for,
+        },
+        ps.log,
+    ))
 }
 
-fn encode_state(st: &State) -> Result<Vec<u8>, CodecError> {
+/// Encodes the labs' persister format.
+pub fn encode_lab_state(hs: HardState, log: &Log) -> Result<Vec<u8>, CodecError> {
     #[derive(Serialize)]
     struct View<'a> {
         term: u64,
@@ -48,41 +46,71 @@ fn encode_state(st: &State) -> Result<Vec<u8>, CodecError> {
         log: &'a Log,
     }
     labcodec::encode(&View {
-        term: st.term,
-        voted_for: st.voted_for,
-        log: &st.log,
+        term: hs.term,
+        voted_for: hs.voted_for,
+        log,
     })
 }
 
 impl Core {
-    /// Saves term, vote and log, keeping the saved snapshot. Nothing is saved once the peer
-    /// is dead; a state that cannot be saved kills the peer (it must not go on, or answer,
-    /// with state it could not make durable), so callers check `is_dead()` before acting on
-    /// what they persisted.
-    pub(super) fn persist(&self, st: &State) {
-        if self.is_dead() {
-            return;
-        }
-        match encode_state(st) {
-            Ok(bytes) => {
-                log::trace!(target: "raft::persist", "raft-{} t{}: persist {} bytes, log ({}..={}]", self.me, st.term, bytes.len(), st.log.base_index(), st.log.last_index());
-                self.persister.save_raft_state(bytes);
-            }
-            Err(e) => self.fail_stop(st, &format!("cannot encode state: {e}")),
+    fn hard_state(st: &State) -> HardState {
+        HardState {
+            term: st.term,
+            voted_for: st.voted_for,
         }
     }
 
-    /// Saves term, vote, log and the snapshot together (same rules as [`Core::persist`]).
-    pub(super) fn persist_with_snapshot(&self, st: &State) {
+    /// Queues the current term and vote.
+    pub(super) fn persist(&self, st: &mut State) {
+        let hs = Self::hard_state(st);
+        log::trace!(target: "raft::persist", "raft-{} t{}: hard state, voted {:?}", self.me, hs.term, hs.voted_for);
+        self.queue(st, "hard state", |s| s.set_hard_state(hs));
+    }
+
+    /// Queues `entries`, which were just appended to the log starting at `first`.
+    pub(super) fn persist_append(&self, st: &mut State, first: u64, entries: &[Entry]) {
+        log::trace!(target: "raft::persist", "raft-{} t{}: append [{first}..={}]", self.me, st.term, first + entries.len() as u64 - 1);
+        self.queue(st, "append", |s| s.append(first, entries));
+    }
+
+    /// Queues the truncation of the log after `index`.
+    pub(super) fn persist_truncate(&self, st: &mut State, index: u64) {
+        log::trace!(target: "raft::persist", "raft-{} t{}: truncate after {index}", self.me, st.term);
+        self.queue(st, "truncate", |s| s.truncate_after(index));
+    }
+
+    /// Queues the snapshot `st` now holds, through the log's base.
+    pub(super) fn persist_snapshot(&self, st: &mut State) {
+        let (index, term) = (st.log.base_index(), st.log.base_term());
+        log::trace!(target: "raft::persist", "raft-{} t{}: snapshot {} bytes through {index}", self.me, st.term, st.snapshot.len());
+        let snapshot = std::mem::take(&mut st.snapshot);
+        self.queue(st, "snapshot", |s| s.save_snapshot(index, term, &snapshot));
+        st.snapshot = snapshot;
+    }
+
+    /// Hands one change to the storage. Nothing is queued once the peer is dead; a change the
+    /// storage refuses stops the peer (it must not go on, or answer, with state it could not
+    /// save), so callers check `is_dead()` before acting on what they persisted.
+    fn queue(
+        &self,
+        st: &mut State,
+        what: &str,
+        f: impl FnOnce(&dyn Storage) -> Result<(), StorageError>,
+    ) {
         if self.is_dead() {
             return;
         }
-        match encode_state(st) {
-            Ok(bytes) => {
-                log::trace!(target: "raft::persist", "raft-{} t{}: persist {} bytes + snapshot {} bytes through {}", self.me, st.term, bytes.len(), st.snapshot.len(), st.log.base_index());
-                self.persister.save(bytes, Some(st.snapshot.clone()));
-            }
-            Err(e) => self.fail_stop(st, &format!("cannot encode state: {e}")),
+        if let Err(e) = f(self.storage.as_ref()) {
+            self.storage_failed(st, what, &e);
         }
+    }
+
+    /// The storage failed: stop this peer (as `kill` does; the caller holds the lock) so it
+    /// never acts on state it could not save.
+    pub(super) fn storage_failed(&self, st: &mut State, what: &str, e: &StorageError) {
+        if !self.is_dead() {
+            log::error!(target: "raft::persist", "raft-{} t{}: storage failed ({what}): {e}; stopping this peer", self.me, st.term);
+        }
+        self.stop_locked(st);
     }
 }

@@ -6,7 +6,6 @@ use std::time::Instant;
 use super::log::Entry;
 use super::rpc::{AppendEntriesArgs, AppendEntriesReply};
 use super::state::{Core, MAX_OUTSTANDING, Role, State};
-use crate::labrpc::RpcError;
 
 /// The most entries one AppendEntries carries, so a far-behind follower catches up in
 /// bounded messages.
@@ -14,13 +13,14 @@ const MAX_ENTRIES_PER_APPEND: usize = 512;
 
 impl Core {
     pub(crate) fn start(self: &Arc<Core>, command: Vec<u8>) -> (u64, u64, bool) {
-        let mut st = self.state.lock();
+        let mut st = self.lock_state();
         if self.is_dead() || st.role != Role::Leader {
             return (0, st.term, false);
         }
         let term = st.term;
-        let index = st.log.append(Entry { term, command });
-        self.persist(&st);
+        let entry = Entry { term, command };
+        let index = st.log.append(entry.clone());
+        self.persist_append(&mut st, index, std::slice::from_ref(&entry));
         if self.is_dead() {
             return (0, term, false); // could not be saved
         }
@@ -103,13 +103,14 @@ impl Core {
         log::trace!(target: "raft::append", "raft-{} t{}: append [{}..={}] to {peer}, commit {}", self.me, st.term, prev_log_index + 1, prev_log_index + n, st.commit_index);
         let core = self.clone();
         let term = st.term;
-        self.peers[peer].call_async(
-            "Raft.AppendEntries",
-            &args,
-            move |r: Result<AppendEntriesReply, RpcError>| {
-                core.on_append_reply(peer, term, seq, prev_log_index, n, r)
-            },
-        );
+        st.outbox.push(Box::new(move || {
+            let c = core.clone();
+            core.peers.append_entries(
+                peer,
+                args,
+                Box::new(move |r| c.on_append_reply(peer, term, seq, prev_log_index, n, r)),
+            )
+        }));
     }
 
     fn on_append_reply(
@@ -119,18 +120,18 @@ impl Core {
         seq: u64,
         prev_log_index: u64,
         n: u64,
-        r: Result<AppendEntriesReply, RpcError>,
+        r: Option<AppendEntriesReply>,
     ) {
-        let mut st = self.state.lock();
+        let mut st = self.lock_state();
         if self.is_dead() {
             return;
         }
-        let Ok(reply) = st.peers[peer].call_returned(seq, r) else {
+        let Some(reply) = st.peers[peer].call_returned(seq, r) else {
             return; // lost: the next heartbeat retries
         };
         if reply.term > st.term {
             if self.step_down(&mut st, reply.term) {
-                self.persist(&st);
+                self.persist(&mut st);
             }
             return;
         }
@@ -202,9 +203,16 @@ impl Core {
     }
 
     /// Handles an AppendEntries (Raft Figure 2, receiver rules 1–5). A dead peer answers
-    /// nothing and changes nothing.
+    /// nothing and changes nothing; the reply leaves only once what it changed is durable.
     pub(crate) fn append_entries(&self, args: AppendEntriesArgs) -> Option<AppendEntriesReply> {
-        let mut st = self.state.lock();
+        let reply = self.append_entries_synced(args)?;
+        // Stopped meanwhile, perhaps because the entries could not be saved: no answer.
+        self.reply_if_alive(reply)
+    }
+
+    /// Handles the request; what it changed is durable when this returns.
+    fn append_entries_synced(&self, args: AppendEntriesArgs) -> Option<AppendEntriesReply> {
+        let mut st = self.lock_state();
         if self.is_dead() {
             return None;
         }
@@ -217,7 +225,9 @@ impl Core {
         if args.term < st.term {
             return Some(reply);
         }
-        let mut changed = self.step_down(&mut st, args.term);
+        if self.step_down(&mut st, args.term) {
+            self.persist(&mut st);
+        }
         reply.term = st.term;
         self.reset_election_timer(&mut st);
         st.leader_contact = Some(Instant::now());
@@ -230,27 +240,18 @@ impl Core {
             let skip = (base - prev) as usize;
             if skip >= entries.len() {
                 reply.success = true;
-                if changed {
-                    self.persist(&st);
-                }
                 return self.reply_if_alive(reply);
             }
             entries = &entries[skip..];
             prev = base;
         } else if prev > st.log.last_index() {
             reply.conflict_index = st.log.last_index() + 1;
-            if changed {
-                self.persist(&st);
-            }
             return self.reply_if_alive(reply);
         } else if prev > base && st.log.term_at(prev) != Some(args.prev_log_term) {
             // (At `base` itself the terms agree: both sides hold it committed.)
             let t = st.log.term_at(prev).unwrap_or(0);
             reply.conflict_term = Some(t);
             reply.conflict_index = st.log.first_index_of_term(t, prev);
-            if changed {
-                self.persist(&st);
-            }
             return self.reply_if_alive(reply);
         }
 
@@ -269,20 +270,18 @@ impl Core {
                         st.commit_index
                     );
                     st.log.truncate_after(index - 1);
+                    self.persist_truncate(&mut st, index - 1);
                 }
                 None => {}
             }
             for e in &entries[i..] {
                 st.log.append(e.clone());
             }
-            changed = true;
+            self.persist_append(&mut st, index, &entries[i..]);
             break;
         }
-        if changed {
-            self.persist(&st);
-            if self.is_dead() {
-                return None; // entries not saved must not be acknowledged
-            }
+        if self.is_dead() {
+            return None; // entries not saved must not be acknowledged
         }
         let last_new = prev + entries.len() as u64;
         if args.leader_commit > st.commit_index {

@@ -5,12 +5,11 @@ use std::time::Instant;
 
 use super::rpc::{InstallSnapshotArgs, InstallSnapshotReply};
 use super::state::{Core, Role, State};
-use crate::labrpc::RpcError;
 
 impl Core {
     /// The service holds a snapshot through `index`: discard the log up to it.
     pub(crate) fn snapshot(&self, index: u64, data: Vec<u8>) {
-        let mut st = self.state.lock();
+        let mut st = self.lock_state();
         if self.is_dead() {
             return;
         }
@@ -21,7 +20,7 @@ impl Core {
         }
         st.log.compact_to(index);
         st.snapshot = data;
-        self.persist_with_snapshot(&st);
+        self.persist_snapshot(&mut st);
         log::debug!(target: "raft::snapshot", "raft-{} t{}: snapshot through {index}, log ({index}..={}]", self.me, st.term, st.log.last_index());
     }
 
@@ -44,13 +43,14 @@ impl Core {
         let core = self.clone();
         let term = st.term;
         let index = args.last_included_index;
-        self.peers[peer].call_async(
-            "Raft.InstallSnapshot",
-            &args,
-            move |r: Result<InstallSnapshotReply, RpcError>| {
-                core.on_snapshot_reply(peer, term, seq, index, r)
-            },
-        );
+        st.outbox.push(Box::new(move || {
+            let c = core.clone();
+            core.peers.install_snapshot(
+                peer,
+                args,
+                Box::new(move |r| c.on_snapshot_reply(peer, term, seq, index, r)),
+            )
+        }));
     }
 
     fn on_snapshot_reply(
@@ -59,18 +59,18 @@ impl Core {
         term: u64,
         seq: u64,
         index: u64,
-        r: Result<InstallSnapshotReply, RpcError>,
+        r: Option<InstallSnapshotReply>,
     ) {
-        let mut st = self.state.lock();
+        let mut st = self.lock_state();
         if self.is_dead() {
             return;
         }
-        let Ok(reply) = st.peers[peer].call_returned(seq, r) else {
+        let Some(reply) = st.peers[peer].call_returned(seq, r) else {
             return;
         };
         if reply.term > st.term {
             if self.step_down(&mut st, reply.term) {
-                self.persist(&st);
+                self.persist(&mut st);
             }
             return;
         }
@@ -89,25 +89,30 @@ impl Core {
 
     /// Handles an InstallSnapshot: adopt the leader's snapshot unless we already have
     /// everything it covers committed.
+    /// A dead peer answers nothing; the reply leaves only once the snapshot is durable.
     pub(crate) fn install_snapshot(
         &self,
         args: InstallSnapshotArgs,
     ) -> Option<InstallSnapshotReply> {
-        let mut st = self.state.lock();
+        let reply = self.install_snapshot_synced(args)?;
+        self.reply_if_alive(reply)
+    }
+
+    fn install_snapshot_synced(&self, args: InstallSnapshotArgs) -> Option<InstallSnapshotReply> {
+        let mut st = self.lock_state();
         if self.is_dead() {
             return None;
         }
         if args.term < st.term {
             return Some(InstallSnapshotReply { term: st.term });
         }
-        let changed = self.step_down(&mut st, args.term);
+        if self.step_down(&mut st, args.term) {
+            self.persist(&mut st);
+        }
         self.reset_election_timer(&mut st);
         st.leader_contact = Some(Instant::now());
         let index = args.last_included_index;
         if index <= st.commit_index {
-            if changed {
-                self.persist(&st);
-            }
             return self.reply_if_alive(InstallSnapshotReply { term: st.term });
         }
         if st.log.term_at(index) == Some(args.last_included_term) {
@@ -119,7 +124,7 @@ impl Core {
         st.snapshot = args.data;
         st.commit_index = index;
         st.snapshot_pending = true;
-        self.persist_with_snapshot(&st);
+        self.persist_snapshot(&mut st);
         log::info!(target: "raft::snapshot", "raft-{} t{}: installed snapshot through {index} from {}", self.me, st.term, args.leader);
         self.applier_cv.notify_all();
         self.reply_if_alive(InstallSnapshotReply { term: st.term })

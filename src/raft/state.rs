@@ -1,18 +1,20 @@
 //! The state of one peer and the transitions every part shares (step down, become leader,
-//! timers). One mutex guards all of it.
+//! timers). One mutex guards all of it; [`StateGuard`] is how it is taken by every path that
+//! changes what is persisted or sends a message.
 
 use std::collections::BTreeSet;
+use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam::channel::{self, Receiver, Sender};
-use parking_lot::{Condvar, Mutex};
+use parking_lot::{Condvar, Mutex, MutexGuard};
 use rand::Rng;
 
 use super::RaftError;
 use super::log::Log;
-use crate::labrpc::{ClientEnd, RpcError};
-use crate::tester::Persister;
+use super::storage::Storage;
+use super::transport::RaftTransport;
 
 /// A leader sends at most this many heartbeats a second per peer (the tester allows ten).
 pub(super) const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
@@ -66,20 +68,16 @@ pub(super) struct Progress {
 impl Progress {
     /// Books the outcome of call `seq`: it is no longer outstanding, and a failure of the call
     /// in flight counts towards the backoff; any answer shows the peer is listening.
-    pub(super) fn call_returned<R>(
-        &mut self,
-        seq: u64,
-        r: Result<R, RpcError>,
-    ) -> Result<R, RpcError> {
+    pub(super) fn call_returned<R>(&mut self, seq: u64, r: Option<R>) -> Option<R> {
         self.outstanding = self.outstanding.saturating_sub(1);
         let current = self.inflight.is_some_and(|(s, _)| s == seq);
         if current {
             self.inflight = None;
         }
         match &r {
-            Ok(_) => self.unanswered = 0,
-            Err(_) if current => self.unanswered = self.unanswered.saturating_add(1),
-            Err(_) => {}
+            Some(_) => self.unanswered = 0,
+            None if current => self.unanswered = self.unanswered.saturating_add(1),
+            None => {}
         }
         r
     }
@@ -117,12 +115,15 @@ pub(super) struct State {
     /// after, so a peer that merely missed some heartbeats cannot disrupt a working leader.
     pub leader_contact: Option<Instant>,
     pub peers: Vec<Progress>,
+    /// Messages to send once the lock is released and the storage synced (see
+    /// [`StateGuard`]).
+    pub outbox: Vec<Box<dyn FnOnce() + Send>>,
 }
 
 pub(crate) struct Core {
     pub me: usize,
-    pub peers: Vec<ClientEnd>,
-    pub persister: Persister,
+    pub peers: Box<dyn RaftTransport>,
+    pub storage: Box<dyn Storage>,
     pub state: Mutex<State>,
     /// Wakes the ticker early (new leader, kill).
     pub ticker_cv: Condvar,
@@ -140,15 +141,27 @@ pub(super) fn random_election_timeout() -> Duration {
 }
 
 impl Core {
-    /// A peer restored from `persister`, and the receiver its applier watches for kill.
+    /// A peer restored from `storage`, and the receiver its applier watches for kill.
     pub(super) fn restore(
-        peers: Vec<ClientEnd>,
+        peers: Box<dyn RaftTransport>,
         me: usize,
-        persister: Persister,
+        storage: Box<dyn Storage>,
     ) -> Result<(Core, Receiver<()>), RaftError> {
-        let (term, voted_for, log) =
-            super::persist::decode_state(me, &persister.read_raft_state())?;
-        let snapshot = persister.read_snapshot();
+        let restored = storage.restore().map_err(|e| RaftError::CorruptState {
+            peer: me,
+            reason: e.to_string(),
+        })?;
+        let (term, voted_for) = (restored.hard_state.term, restored.hard_state.voted_for);
+        let (log, snapshot) = (restored.log, restored.snapshot);
+        if log.last_term() > term {
+            return Err(RaftError::CorruptState {
+                peer: me,
+                reason: format!(
+                    "log holds term {} beyond current term {term}",
+                    log.last_term()
+                ),
+            });
+        }
         let n = peers.len();
         let now = Instant::now();
         let base = log.base_index();
@@ -180,13 +193,14 @@ impl Core {
                 n
             ],
             log,
+            outbox: Vec::new(),
         };
         log::info!(target: "raft::persist", "raft-{me} t{term}: restored, log ({base}..={}], voted {voted_for:?}", state.log.last_index());
         Ok((
             Core {
                 me,
                 peers,
-                persister,
+                storage,
                 state: Mutex::new(state),
                 ticker_cv: Condvar::new(),
                 applier_cv: Condvar::new(),
@@ -211,17 +225,15 @@ impl Core {
     }
 
     pub(crate) fn kill(&self) {
-        self.dead.store(true, Ordering::SeqCst);
-        // Take the lock so no thread is between checking `dead` and waiting.
-        drop(self.state.lock());
-        self.wake_all_for_kill();
+        // Taking the lock makes sure no thread is between checking `dead` and waiting.
+        let mut st = self.state.lock();
+        self.stop_locked(&mut st);
     }
 
-    /// Stops the peer from a thread that holds the state lock (`st`): it can no longer run
-    /// correctly (its state could not be saved). The owner's `kill()` joins the threads.
-    pub(super) fn fail_stop(&self, st: &State, reason: &str) {
-        log::error!(target: "raft::persist", "raft-{} t{}: stopping: {reason}", self.me, st.term);
+    /// Marks the peer dead and wakes everything that waits; the caller holds the lock.
+    pub(super) fn stop_locked(&self, st: &mut State) {
         self.dead.store(true, Ordering::SeqCst);
+        st.outbox.clear();
         self.wake_all_for_kill();
     }
 
@@ -229,6 +241,27 @@ impl Core {
         self.kill_tx.lock().take();
         self.ticker_cv.notify_all();
         self.applier_cv.notify_all();
+    }
+
+    /// Takes the state lock for a path that may change persisted state or send messages.
+    pub(super) fn lock_state(&self) -> StateGuard<'_> {
+        StateGuard {
+            core: self,
+            st: Some(self.state.lock()),
+        }
+    }
+
+    /// Makes everything queued in the storage durable; stops the peer if it cannot. Called
+    /// without the lock.
+    pub(super) fn sync_storage(&self) -> bool {
+        match self.storage.sync() {
+            Ok(()) => true,
+            Err(e) => {
+                let mut st = self.state.lock();
+                self.storage_failed(&mut st, "sync", &e);
+                false
+            }
+        }
     }
 
     /// Adopts a newer `term` seen in a message: forget the vote, become follower.
@@ -263,23 +296,33 @@ impl Core {
 
     /// Elections and heartbeats: sleeps until the next deadline (or a wake-up) and acts on it.
     pub(super) fn run_ticker(self: &std::sync::Arc<Core>) {
-        let mut st = self.state.lock();
         while !self.is_dead() {
-            let now = Instant::now();
-            let next = if st.role == Role::Leader {
-                if now >= st.heartbeat_due {
-                    st.heartbeat_due = now + HEARTBEAT_INTERVAL;
-                    self.broadcast_append(&mut st);
-                }
-                st.heartbeat_due
-            } else {
-                if now >= st.election_deadline {
+            {
+                // Released (storage synced, messages sent) before waiting.
+                let mut st = self.lock_state();
+                let now = Instant::now();
+                if st.role == Role::Leader {
+                    if now >= st.heartbeat_due {
+                        st.heartbeat_due = now + HEARTBEAT_INTERVAL;
+                        self.broadcast_append(&mut st);
+                    }
+                } else if now >= st.election_deadline {
                     self.start_pre_vote(&mut st);
                 }
-                st.election_deadline
-            };
+            }
+            let mut st = self.state.lock();
             if self.is_dead() {
                 break;
+            }
+            // Read again: whatever happened while the lock was free is in the state, so no
+            // wake-up is missed.
+            let next = if st.role == Role::Leader {
+                st.heartbeat_due
+            } else {
+                st.election_deadline
+            };
+            if Instant::now() >= next {
+                continue;
             }
             // Waiting releases the lock.
             self.ticker_cv.wait_until(&mut st, next);
@@ -296,6 +339,45 @@ impl Core {
                     st.election_grace_used = true;
                 }
             }
+        }
+    }
+}
+
+/// The state lock, for paths that change persisted state or send messages. While it is held,
+/// changes are queued in the storage and messages in `State::outbox`; when it is dropped, the
+/// lock is released first, then the storage is synced (covering everything queued so far, by
+/// any thread, so a reply never acknowledges entries another thread has not yet made durable),
+/// and only then are the messages sent. A peer that is dead by then sends nothing.
+pub(super) struct StateGuard<'a> {
+    core: &'a Core,
+    st: Option<MutexGuard<'a, State>>,
+}
+
+impl Deref for StateGuard<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        self.st.as_ref().expect("state guard used after release")
+    }
+}
+
+impl DerefMut for StateGuard<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        self.st.as_mut().expect("state guard used after release")
+    }
+}
+
+impl Drop for StateGuard<'_> {
+    fn drop(&mut self) {
+        let Some(mut st) = self.st.take() else {
+            return;
+        };
+        let outbox = std::mem::take(&mut st.outbox);
+        drop(st);
+        if self.core.is_dead() || !self.core.sync_storage() || self.core.is_dead() {
+            return;
+        }
+        for send in outbox {
+            send();
         }
     }
 }

@@ -6,19 +6,11 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use super::{Persister, randstring};
-use crate::labrpc::{ClientEnd, Network, Server};
+use crate::labrpc::{ClientEnd, IService, Network, Server};
 
 /// A group id. Lab 3 and 4 use one group, [`GRP0`]; Lab 5 has several.
 pub type Tgid = usize;
 pub const GRP0: Tgid = 0;
-
-/// Something a started server runs: a Raft peer, a KV server, a test service.
-pub trait IService: Send + Sync + 'static {
-    /// Stops it: no more RPCs sent, no more threads, nothing more delivered.
-    fn kill(&self);
-    /// The RPC service it answers on the network, if any.
-    fn rpc_service(self: Arc<Self>) -> Option<crate::labrpc::Service>;
-}
 
 /// Starts server `srv` of group `gid`: `ends[j]` reaches peer `j` (itself included) and
 /// `persister` holds what the previous instance saved. Returns what it runs, in the order

@@ -16,8 +16,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{Clnt, Config, Tgid};
-use crate::kvsrv::KvClerk;
-use crate::kvsrv::rpc::{KvErr, Tversion};
+use crate::kvapi::KvClerk;
+use crate::kvapi::{KvErr, Tversion};
 use crate::labcodec;
 use crate::porcupine::kv::{KvInput, KvModel, KvOp, KvOutput};
 use crate::porcupine::{self, CheckResult, Operation};

@@ -1,6 +1,7 @@
 //! The test harness: persister, server groups, clients and the per-test configuration, in the
 //! shape of the Go labs' `tester1` package.
 
+mod adapters;
 mod clients;
 mod config;
 mod group;
@@ -8,10 +9,12 @@ pub mod kvtest;
 pub mod logging;
 mod persister;
 
+pub use crate::labrpc::IService;
+pub use adapters::{KvSvc, LabrpcRaftTransport, RaftRpcService, RaftSvc, kv_service, raft_service};
 pub use clients::{Clnt, Clnts};
 pub use config::{Config, TEST_TIME_LIMIT};
-pub use group::{GRP0, IService, ServerGrp, StartFn, Tgid, server_name};
-pub use persister::Persister;
+pub use group::{GRP0, ServerGrp, StartFn, Tgid, server_name};
+pub use persister::{Persister, PersisterStorage};
 
 use std::any::Any;
 use std::thread::JoinHandle;

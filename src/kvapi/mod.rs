@@ -1,4 +1,14 @@
-//! RPC types shared by every KV service (Lab 2 `kvsrv`, Lab 4 `kvraft`, Lab 5 `shardkv`).
+//! The key/value API every KV service shares (Lab 2 `kvsrv`, Lab 4 `kvraft`, Lab 5 `shardkv`),
+//! one floor below them all: the request and reply types, [`KvErr`], [`Tversion`], the
+//! [`KvClerk`] trait, the versioned store ([`store::VersionedStore`]) and the transport seam a
+//! clerk calls through ([`KvTransport`]) and a server answers on ([`KvService`]). It imports
+//! nothing from a lab, so `porcupine`, `tester` and every KV lab can use it.
+
+pub mod store;
+pub mod transport;
+
+pub use store::VersionedStore;
+pub use transport::{CallError, KvService, KvTransport};
 
 use std::fmt;
 
@@ -67,4 +77,14 @@ pub struct GetReply {
     pub value: String,
     pub version: Tversion,
     pub err: KvErr,
+}
+
+/// What every KV clerk offers (kvsrv, kvraft, shardkv), and what the lock and the KV tests use.
+pub trait KvClerk: Send + Sync {
+    /// The value and version of `key`; `KvErr::NoKey` if it does not exist. Retries until it
+    /// gets an answer.
+    fn get(&self, key: &str) -> (String, Tversion, KvErr);
+    /// Installs `value` if `key` is at `version` (0 creates it). `KvErr::Maybe` means a retried
+    /// request got `ErrVersion`: the Put may or may not have happened.
+    fn put(&self, key: &str, value: &str, version: Tversion) -> KvErr;
 }

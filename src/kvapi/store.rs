@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use parking_lot::Mutex;
 
-use super::rpc::{GetArgs, GetReply, KvErr, PutArgs, PutReply, Tversion};
+use super::{GetArgs, GetReply, KvErr, PutArgs, PutReply, Tversion};
 use crate::labcodec::{self, CodecError};
 
 /// key → (value, version). No per-client state.

@@ -1,0 +1,69 @@
+//! The transport seam: how a Raft peer reaches the others, and how their requests reach it.
+//!
+//! Sending: Raft calls a [`RaftTransport`] method once per message, after releasing its
+//! mutex; the call returns at once. The transport delivers the request to peer `peer` and runs
+//! `on_reply` later, on one of its own threads (never the caller's), **at most once**: with
+//! `Some(reply)`, or `None` once it knows no reply will come (lost, peer down, timed out).
+//! A transport that shuts down may drop pending callbacks without running them; Raft treats a
+//! silent peer as a lost message and retries on its own schedule.
+//!
+//! Receiving: the transport's server side hands each incoming request to a [`RaftHandler`]
+//! (from [`Raft::handler`](super::Raft::handler)) and sends back what it returns; `None` means
+//! send nothing (the peer is dead, as a crashed process would be: the caller sees no reply).
+//! Handlers may run concurrently, on any thread; each returns once what it changed is durable.
+
+use std::sync::Arc;
+
+use super::rpc::{
+    AppendEntriesArgs, AppendEntriesReply, InstallSnapshotArgs, InstallSnapshotReply,
+    RequestVoteArgs, RequestVoteReply,
+};
+use super::state::Core;
+
+/// What a transport calls with the outcome of one message.
+pub type OnReply<R> = Box<dyn FnOnce(Option<R>) + Send>;
+
+/// How a Raft peer sends its three RPCs. Peers are numbered `0..len()`, the same on every
+/// peer; the peer's own number is never sent to.
+pub trait RaftTransport: Send + Sync {
+    /// How many peers the cluster has, this one included.
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    fn request_vote(&self, peer: usize, args: RequestVoteArgs, on_reply: OnReply<RequestVoteReply>);
+    fn append_entries(
+        &self,
+        peer: usize,
+        args: AppendEntriesArgs,
+        on_reply: OnReply<AppendEntriesReply>,
+    );
+    fn install_snapshot(
+        &self,
+        peer: usize,
+        args: InstallSnapshotArgs,
+        on_reply: OnReply<InstallSnapshotReply>,
+    );
+}
+
+/// The receiving side of one Raft peer: what a transport's server calls with each request.
+/// Cheap to clone; it keeps the peer's state alive, not its threads (a killed peer's handler
+/// refuses everything).
+#[derive(Clone)]
+pub struct RaftHandler {
+    pub(super) core: Arc<Core>,
+}
+
+impl RaftHandler {
+    pub fn request_vote(&self, args: RequestVoteArgs) -> Option<RequestVoteReply> {
+        self.core.request_vote(args)
+    }
+
+    pub fn append_entries(&self, args: AppendEntriesArgs) -> Option<AppendEntriesReply> {
+        self.core.append_entries(args)
+    }
+
+    pub fn install_snapshot(&self, args: InstallSnapshotArgs) -> Option<InstallSnapshotReply> {
+        self.core.install_snapshot(args)
+    }
+}

@@ -18,4 +18,5 @@ pub mod labrpc;
 pub mod mr;
 pub mod porcupine;
 pub mod raft;
+pub mod storage;
 pub mod tester;

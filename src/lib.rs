@@ -6,7 +6,10 @@
 //! | 2 | [`kvsrv`]: single-server versioned KV and a lock on it |
 //! | 3 | [`raft`]: Raft with persistence and snapshots |
 //! | 4 | [`kvraft`]: replicated state machine and linearizable KV service on Raft |
-//! | — | [`labrpc`], [`labcodec`], [`tester`], [`porcupine`]: simulated network, codec, harness, checker |
+//! | — | [`kvapi`]: the KV request/reply types, clerk trait, versioned store and transport seam every KV lab shares |
+//! | — | [`storage`]: `FileLog`, a crash-safe Raft log on disk |
+//! | — | [`labrpc`], [`labcodec`], [`porcupine`]: simulated network, codec, linearizability checker |
+//! | — | `tester` and the labs' `harness` modules: test support, built only with the `testing` feature (the tests and benches turn it on) |
 //!
 //! See `ARCHITECTURE.md` at the repository root for how the parts fit.
 
@@ -19,4 +22,5 @@ pub mod mr;
 pub mod porcupine;
 pub mod raft;
 pub mod storage;
+#[cfg(feature = "testing")]
 pub mod tester;

@@ -110,6 +110,33 @@ fn many_elections_3a() {
 
 // ---------------------------------------------------------------- 3B
 
+/// Regression: a follower cut off for a while used to come back with a higher term and
+/// depose a working leader. With pre-vote it cannot raise its term while it cannot win, so
+/// the leader and the term survive its return.
+#[test]
+fn rejoining_follower_does_not_depose_the_leader_3a() {
+    let servers = 3;
+    let ts = Test::new(servers, true, false);
+    ts.begin("Test (3A): a rejoining follower does not depose the leader");
+    let leader = ts.check_one_leader();
+    let term = ts.check_terms();
+    let follower = (leader + 1) % servers;
+    ts.g().disconnect_all(follower);
+    sleep(3 * ELECTION_TIMEOUT);
+    let (cut_off_term, _) = ts.raft(follower).unwrap().get_state();
+    if cut_off_term != term {
+        ts.fatal(&format!(
+            "a cut-off follower raised its term {term} -> {cut_off_term}"
+        ));
+    }
+    ts.g().connect_one(follower);
+    sleep(ELECTION_TIMEOUT);
+    if ts.check_one_leader() != leader || ts.check_terms() != term {
+        ts.fatal("the leader or the term changed when a follower rejoined");
+    }
+    ts.end();
+}
+
 #[test]
 fn basic_agree_3b() {
     let servers = 3;

@@ -196,6 +196,22 @@ fn restart_replay_4a() {
     ts.end();
 }
 
+/// Each new leader appends a term-start entry, so a restarted group replays its whole log
+/// (entries of earlier terms commit only with an entry of the current term, Raft §5.4.2)
+/// without waiting for a new request.
+#[test]
+fn restart_replays_without_a_new_request_4a() {
+    const NINC: i64 = 10;
+    let ts = RsmTest::new(None);
+    ts.begin("Test Restart replays without a new request");
+    inc_sequence(&ts, NINC);
+    ts.g().shutdown();
+    ts.g().start_servers();
+    sleep_ms(2000);
+    ts.check_counter(NINC, NSRV);
+    ts.end();
+}
+
 /// Test that pending Submits return after Raft is killed.
 #[test]
 fn shutdown_4a() {

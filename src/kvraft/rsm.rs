@@ -5,15 +5,19 @@
 //! One reader thread, `rsm-<me>-reader`, drains the apply channel and executes every committed
 //! request on every peer, in log order. A submitter waits on a one-slot channel keyed by the
 //! log index; the reader answers it only if the op executed there is the submitter's own (same
-//! unique id), otherwise with [`SubmitError::WrongLeader`]. A submitter also gives up by itself when
-//! its peer's term moves on or it stops leading, so a deposed leader's clients learn within
-//! [`LEADERSHIP_POLL`] of the change.
+//! unique id), otherwise with [`SubmitError::WrongLeader`]. A submitter whose peer stops leading
+//! keeps waiting while its entry is still in the peer's log (a later leader may commit it), for
+//! at most [`DEPOSED_GRACE`]; then, or as soon as the entry is gone, it answers WrongLeader.
+//! Each new leader appends a term-start entry (never shown to the state machine), so entries
+//! of earlier terms still in its log commit at once rather than at the next client request:
+//! a deposed leader's client mostly learns the real outcome instead of a retry that might
+//! execute its request twice.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam::channel::{self, Receiver, RecvTimeoutError, Sender};
 use parking_lot::Mutex;
@@ -24,6 +28,9 @@ use crate::raft::{ApplyMsg, Raft, RaftError, RaftTransport, Storage};
 
 /// How often a waiting submitter checks that its peer still leads in the term it started in.
 pub const LEADERSHIP_POLL: Duration = Duration::from_millis(50);
+/// How long a submitter whose peer lost leadership keeps waiting while its entry is still in
+/// the log (a later leader may commit it).
+pub const DEPOSED_GRACE: Duration = Duration::from_millis(300);
 /// Committed entries Raft may hand over before the reader takes them.
 const APPLY_BUFFER: usize = 256;
 /// Per-entry bytes of the persisted log beyond the command itself (term, length), roughly.
@@ -107,12 +114,16 @@ impl fmt::Display for RsmError {
 
 impl std::error::Error for RsmError {}
 
-/// What goes into the Raft log: the request and an id unique to this submission, so the
-/// submitter can tell its op from another leader's op at the same index.
+/// What goes into the Raft log.
 #[derive(Serialize, Deserialize)]
-struct Op {
-    id: u64,
-    req: Vec<u8>,
+enum LogOp {
+    /// A service request and an id unique to this submission, so the submitter can tell its
+    /// op from another leader's op at the same index.
+    Request { id: u64, req: Vec<u8> },
+    /// Appended by each new leader of a term (Raft §8): once it commits, every entry of
+    /// earlier terms still in the log has committed too, so a request whose leader was
+    /// deposed learns its fate at once instead of waiting for the next client.
+    TermStart,
 }
 
 /// What the rsm hands Raft as a snapshot: the service's state and the index it reflects, so
@@ -235,7 +246,7 @@ impl Rsm {
     pub fn submit(&self, req: Vec<u8>) -> Result<Vec<u8>, SubmitError> {
         let s = &self.shared;
         let id: u64 = rand::random();
-        let cmd = match labcodec::encode(&Op { id, req }) {
+        let cmd = match labcodec::encode(&LogOp::Request { id, req }) {
             Ok(c) => c,
             Err(e) => {
                 log::error!(target: "kvraft::rsm", "rsm-{}: cannot encode op: {e}", s.me);
@@ -261,6 +272,7 @@ impl Rsm {
             (index, term)
         };
         log::trace!(target: "kvraft::rsm", "rsm-{} t{term}: submitted op {id:x} at {index}", s.me);
+        let mut lost_since: Option<Instant> = None;
         loop {
             match rx.recv_timeout(LEADERSHIP_POLL) {
                 Ok(r) => return r,
@@ -275,18 +287,30 @@ impl Rsm {
                 }
                 Err(RecvTimeoutError::Timeout) => {
                     let (now_term, is_leader) = s.raft.get_state();
-                    if now_term != term || !is_leader || s.raft.killed() {
-                        log::debug!(target: "kvraft::rsm", "rsm-{} t{now_term}: op {id:x} at {index} (t{term}) abandoned, leader {is_leader}", s.me);
-                        let mut waiters = s.waiters.lock();
-                        if waiters.get(&index).is_some_and(|w| w.id == id) {
-                            waiters.remove(&index);
-                        }
-                        return Err(if s.raft.killed() {
-                            SubmitError::Stopped
-                        } else {
-                            SubmitError::WrongLeader
-                        });
+                    if now_term == term && is_leader && !s.raft.killed() {
+                        continue;
                     }
+                    // Deposed, or the term moved on. While our entry is still in this peer's
+                    // log a later leader may yet commit it (its term-start entry makes that
+                    // quick): answering WrongLeader now could have the client run it twice.
+                    // Once the entry is gone, or after a grace, give up.
+                    let lost_at = *lost_since.get_or_insert_with(Instant::now);
+                    if !s.raft.killed()
+                        && s.raft.term_at(index) == Some(term)
+                        && lost_at.elapsed() < DEPOSED_GRACE
+                    {
+                        continue;
+                    }
+                    log::debug!(target: "kvraft::rsm", "rsm-{} t{now_term}: op {id:x} at {index} (t{term}) abandoned, leader {is_leader}", s.me);
+                    let mut waiters = s.waiters.lock();
+                    if waiters.get(&index).is_some_and(|w| w.id == id) {
+                        waiters.remove(&index);
+                    }
+                    return Err(if s.raft.killed() {
+                        SubmitError::Stopped
+                    } else {
+                        SubmitError::WrongLeader
+                    });
                 }
             }
         }
@@ -312,10 +336,38 @@ impl Drop for Rsm {
 }
 
 impl Shared {
+    /// Appends a term-start entry when this peer has become leader of a term it has not
+    /// marked yet (`marked`: the last term it marked).
+    fn mark_term_start(&self, marked: &mut u64) {
+        let (term, is_leader) = self.raft.get_state();
+        if !is_leader || term <= *marked {
+            return;
+        }
+        match labcodec::encode(&LogOp::TermStart) {
+            Ok(cmd) => {
+                let (index, started_term, ok) = self.raft.start(cmd);
+                if ok {
+                    log::debug!(target: "kvraft::rsm", "rsm-{} t{started_term}: term start at {index}", self.me);
+                    *marked = started_term;
+                }
+            }
+            Err(e) => {
+                log::error!(target: "kvraft::rsm", "rsm-{}: cannot encode a term start: {e}", self.me)
+            }
+        }
+    }
+
     fn run_reader(&self, apply_rx: Receiver<ApplyMsg>, mut last_applied: u64) {
         // Roughly how many log bytes a snapshot now would discard.
         let mut applied_bytes = 0;
-        for msg in apply_rx {
+        let mut marked_term = 0;
+        loop {
+            self.mark_term_start(&mut marked_term);
+            let msg = match apply_rx.recv_timeout(LEADERSHIP_POLL) {
+                Ok(msg) => msg,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
             match msg {
                 ApplyMsg::Command { index, command, .. } => {
                     if index <= last_applied {
@@ -330,21 +382,21 @@ impl Shared {
                     );
                     last_applied = index;
                     applied_bytes += command.len() + ENTRY_OVERHEAD;
-                    let op: Op = match labcodec::decode(&command) {
-                        Ok(op) => op,
+                    let (id, reply) = match labcodec::decode(&command) {
+                        Ok(LogOp::Request { id, req }) => (Some(id), self.sm.do_op(&req)),
+                        Ok(LogOp::TermStart) => (None, Vec::new()),
                         Err(e) => {
+                            // Every peer skips it alike.
                             log::error!(target: "kvraft::rsm", "rsm-{}: undecodable op at {index}: {e}", self.me);
-                            self.waiters.lock().remove(&index);
-                            continue;
+                            (None, Vec::new())
                         }
                     };
-                    let reply = self.sm.do_op(&op.req);
                     let waiter = self.waiters.lock().remove(&index);
                     if let Some(w) = waiter {
-                        let r = if w.id == op.id {
+                        let r = if Some(w.id) == id {
                             Ok(reply)
                         } else {
-                            // Another leader's op took the index: ours is lost.
+                            // Another leader's entry took the index: ours is lost.
                             Err(SubmitError::WrongLeader)
                         };
                         let _ = w.reply.try_send(r);

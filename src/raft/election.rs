@@ -1,12 +1,57 @@
-//! Leader election. Raft §5.2 and §5.4.1.
+//! Leader election. Raft §5.2 and §5.4.1, with pre-vote (Raft dissertation §9.6).
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::rpc::{RequestVoteArgs, RequestVoteReply};
-use super::state::{Core, Role, State};
+use super::state::{Core, ELECTION_TIMEOUT_MIN_MS, Role, State};
+
+/// A peer that heard from a leader this recently refuses pre-votes (leader stickiness).
+const LEADER_STICKINESS: Duration = Duration::from_millis(ELECTION_TIMEOUT_MIN_MS);
 
 impl Core {
+    /// The election timer fired: ask every peer whether it would vote for us in the next term,
+    /// without changing our own term (Raft dissertation §9.6). Only a majority of yeses starts
+    /// a real election, so a peer that was cut off, or merely starved of CPU long enough to
+    /// miss heartbeats, cannot depose a working leader by bumping the term.
+    pub(super) fn start_pre_vote(self: &Arc<Core>, st: &mut State) {
+        st.role = Role::PreCandidate;
+        st.votes.clear();
+        st.votes.insert(self.me);
+        self.reset_election_timer(st);
+        log::debug!(target: "raft::election", "raft-{} t{}: pre-candidate, log ..={} (t{})", self.me, st.term, st.log.last_index(), st.log.last_term());
+        if st.votes.len() >= self.majority() {
+            self.start_election(st);
+            return;
+        }
+        self.request_votes(st, st.term + 1, true);
+    }
+
+    /// Queues RequestVote (or a pre-vote) for `term` to every other peer; they leave once the
+    /// state guard is dropped (after any storage sync).
+    fn request_votes(self: &Arc<Core>, st: &mut State, term: u64, pre_vote: bool) {
+        let args = RequestVoteArgs {
+            term,
+            candidate: self.me,
+            last_log_index: st.log.last_index(),
+            last_log_term: st.log.last_term(),
+            pre_vote,
+        };
+        let sent_in = st.term;
+        for peer in (0..self.peers.len()).filter(|&p| p != self.me) {
+            let core = self.clone();
+            let args = args.clone();
+            st.outbox.push(Box::new(move || {
+                let c = core.clone();
+                core.peers.request_vote(
+                    peer,
+                    args,
+                    Box::new(move |r| c.on_vote_reply(peer, sent_in, pre_vote, r)),
+                )
+            }));
+        }
+    }
+
     /// Becomes candidate for the next term and asks every peer for its vote.
     pub(super) fn start_election(self: &Arc<Core>, st: &mut State) {
         st.term += 1;
@@ -24,28 +69,17 @@ impl Core {
             self.become_leader(st);
             return;
         }
-        let args = RequestVoteArgs {
-            term: st.term,
-            candidate: self.me,
-            last_log_index: st.log.last_index(),
-            last_log_term: st.log.last_term(),
-        };
-        for peer in (0..self.peers.len()).filter(|&p| p != self.me) {
-            let core = self.clone();
-            let term = st.term;
-            let args = args.clone();
-            st.outbox.push(Box::new(move || {
-                let c = core.clone();
-                core.peers.request_vote(
-                    peer,
-                    args,
-                    Box::new(move |r| c.on_vote_reply(peer, term, r)),
-                )
-            }));
-        }
+        self.request_votes(st, st.term, false);
     }
 
-    fn on_vote_reply(self: &Arc<Core>, peer: usize, term: u64, r: Option<RequestVoteReply>) {
+    /// A (pre-)vote reply for the campaign started in our term `term`.
+    fn on_vote_reply(
+        self: &Arc<Core>,
+        peer: usize,
+        term: u64,
+        pre_vote: bool,
+        r: Option<RequestVoteReply>,
+    ) {
         let Some(reply) = r else { return };
         let mut st = self.lock_state();
         if self.is_dead() {
@@ -58,15 +92,24 @@ impl Core {
             return;
         }
         // Stale-role guard: the world may have moved on while the call was out.
-        if st.role != Role::Candidate || st.term != term || !reply.vote_granted {
+        let campaigning = if pre_vote {
+            Role::PreCandidate
+        } else {
+            Role::Candidate
+        };
+        if st.role != campaigning || st.term != term || !reply.vote_granted {
             return;
         }
         if !st.votes.insert(peer) {
             return; // a duplicated reply
         }
-        log::debug!(target: "raft::election", "raft-{} t{}: vote from {peer}, {} of {}", self.me, st.term, st.votes.len(), self.majority());
+        log::debug!(target: "raft::election", "raft-{} t{}: {} from {peer}, {} of {}", self.me, st.term, if pre_vote { "pre-vote" } else { "vote" }, st.votes.len(), self.majority());
         if st.votes.len() >= self.majority() {
-            self.become_leader(&mut st);
+            if pre_vote {
+                self.start_election(&mut st);
+            } else {
+                self.become_leader(&mut st);
+            }
         }
     }
 
@@ -101,6 +144,9 @@ impl Core {
         if self.is_dead() {
             return None;
         }
+        if args.pre_vote {
+            return Some(self.pre_vote(&st, &args));
+        }
         let mut changed = false;
         if args.term > st.term {
             changed = self.step_down(&mut st, args.term);
@@ -127,5 +173,23 @@ impl Core {
             term: st.term,
             vote_granted: granted,
         })
+    }
+
+    /// Answers a pre-vote: yes if a vote at `args.term` could be granted now — the term is
+    /// ahead of ours, the candidate's log is at least as up-to-date, and we have not heard
+    /// from a leader lately (and are not one). Changes nothing.
+    fn pre_vote(&self, st: &State, args: &RequestVoteArgs) -> RequestVoteReply {
+        let up_to_date =
+            (args.last_log_term, args.last_log_index) >= (st.log.last_term(), st.log.last_index());
+        let leader_alive = st.role == Role::Leader
+            || st
+                .leader_contact
+                .is_some_and(|t| t.elapsed() < LEADER_STICKINESS);
+        let granted = args.term > st.term && up_to_date && !leader_alive;
+        log::debug!(target: "raft::election", "raft-{} t{}: pre-vote for {} (t{} log ..={} t{}): {}", self.me, st.term, args.candidate, args.term, args.last_log_index, args.last_log_term, if granted { "granted" } else if leader_alive { "refused, leader alive" } else { "refused" });
+        RequestVoteReply {
+            term: st.term,
+            vote_granted: granted,
+        }
     }
 }

@@ -140,6 +140,12 @@ impl Raft {
         self.core.start(command)
     }
 
+    /// The term of the entry at `index` in this peer's log: `None` past its end or inside
+    /// its snapshot (the snapshot's own last index answers its term).
+    pub fn term_at(&self, index: u64) -> Option<u64> {
+        self.core.state.lock().log.term_at(index)
+    }
+
     /// The current term and whether this peer believes it is the leader.
     pub fn get_state(&self) -> (u64, bool) {
         self.core.get_state()

@@ -230,6 +230,7 @@ impl Core {
         }
         reply.term = st.term;
         self.reset_election_timer(&mut st);
+        st.leader_contact = Some(Instant::now());
 
         let base = st.log.base_index();
         let mut prev = args.prev_log_index;

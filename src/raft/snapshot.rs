@@ -110,6 +110,7 @@ impl Core {
             self.persist(&mut st);
         }
         self.reset_election_timer(&mut st);
+        st.leader_contact = Some(Instant::now());
         let index = args.last_included_index;
         if index <= st.commit_index {
             return self.reply_if_alive(InstallSnapshotReply { term: st.term });

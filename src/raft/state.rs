@@ -42,6 +42,8 @@ const OVERSLEEP_GRACE: Duration = Duration::from_millis(150);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Role {
     Follower,
+    /// Asking for pre-votes, before it may bump the term (Raft dissertation §9.6).
+    PreCandidate,
     Candidate,
     Leader,
 }
@@ -106,8 +108,12 @@ pub(super) struct State {
     /// The overslept-ticker grace was given since the election timer was last reset.
     pub election_grace_used: bool,
     pub heartbeat_due: Instant,
-    /// Peers that granted their vote this term (a set: a duplicated reply counts once).
+    /// Peers that granted their (pre-)vote this campaign (a set: a duplicated reply counts
+    /// once).
     pub votes: BTreeSet<usize>,
+    /// When this peer last heard from a leader of its term; it refuses pre-votes for a while
+    /// after, so a peer that merely missed some heartbeats cannot disrupt a working leader.
+    pub leader_contact: Option<Instant>,
     pub peers: Vec<Progress>,
     /// Messages to send once the lock is released and the storage synced (see
     /// [`StateGuard`]).
@@ -173,6 +179,7 @@ impl Core {
             election_grace_used: false,
             heartbeat_due: now,
             votes: BTreeSet::new(),
+            leader_contact: None,
             peers: vec![
                 Progress {
                     next_index: log.last_index() + 1,
@@ -300,7 +307,7 @@ impl Core {
                         self.broadcast_append(&mut st);
                     }
                 } else if now >= st.election_deadline {
-                    self.start_election(&mut st);
+                    self.start_pre_vote(&mut st);
                 }
             }
             let mut st = self.state.lock();

@@ -1,0 +1,224 @@
+//! One TCP connection carrying frames both ways, shared by the server and the client side: a
+//! reader thread that decodes frames and hands them to the owner, and a writer thread that
+//! drains a bounded queue of encoded frames, batching what is queued into one flush.
+
+use std::io::{BufReader, BufWriter, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use crossbeam::channel::{self, Receiver, Sender};
+use parking_lot::Mutex;
+
+use super::wire::{self, Frame, ReadError};
+
+/// Frames written before one flush, at most.
+const MAX_BATCH_FRAMES: usize = 256;
+
+/// How a connection is set up.
+pub(crate) struct ConnConfig {
+    /// Prefix of the two threads' names (`<name>-r`, `<name>-w`).
+    pub name: String,
+    /// The `log` target of the owner (`net::server`, `net::client`).
+    pub log_target: &'static str,
+    pub peer: SocketAddr,
+    pub max_frame_bytes: usize,
+    pub write_timeout: Duration,
+    pub send_queue: usize,
+}
+
+struct Shared {
+    stream: TcpStream,
+    close_tx: Mutex<Option<Sender<()>>>,
+    closed: AtomicBool,
+}
+
+impl Shared {
+    fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.close_tx.lock().take();
+        // Wakes the reader from a blocking read; an error means it is already shut.
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+}
+
+/// The sending side of a connection; cheap to clone.
+#[derive(Clone)]
+pub(crate) struct ConnHandle {
+    pub tx: Sender<Vec<u8>>,
+    shared: Arc<Shared>,
+}
+
+impl ConnHandle {
+    /// Closes the connection: both threads exit soon after.
+    pub fn close(&self) {
+        self.shared.close();
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.shared.closed.load(Ordering::SeqCst)
+    }
+}
+
+/// The connection's threads, for the owner to join.
+pub(crate) struct ConnThreads(Vec<JoinHandle<()>>);
+
+impl ConnThreads {
+    pub fn is_finished(&self) -> bool {
+        self.0.iter().all(|h| h.is_finished())
+    }
+
+    /// Joins both threads; a thread's panic is passed on.
+    pub fn join(self) {
+        for handle in self.0 {
+            if let Err(panic) = handle.join() {
+                std::panic::resume_unwind(panic);
+            }
+        }
+    }
+}
+
+/// Starts the reader and writer threads of `stream`. `on_frame` runs on the reader thread for
+/// each frame, with the connection's send queue for answers (returning false drops the
+/// connection: the peer broke the protocol);
+/// `on_close` runs on it once the connection is closed, whoever closed it.
+pub(crate) fn start(
+    stream: TcpStream,
+    config: ConnConfig,
+    mut on_frame: impl FnMut(Frame, &Sender<Vec<u8>>) -> bool + Send + 'static,
+    on_close: impl FnOnce() + Send + 'static,
+) -> std::io::Result<(ConnHandle, ConnThreads)> {
+    stream.set_nodelay(true)?;
+    stream.set_write_timeout(Some(config.write_timeout))?;
+    let read_stream = stream.try_clone()?;
+    let write_stream = stream.try_clone()?;
+    let (close_tx, close_rx) = channel::bounded::<()>(0);
+    let shared = Arc::new(Shared {
+        stream,
+        close_tx: Mutex::new(Some(close_tx)),
+        closed: AtomicBool::new(false),
+    });
+    let (tx, rx) = channel::bounded::<Vec<u8>>(config.send_queue);
+    let config = Arc::new(config);
+
+    let writer = {
+        let shared = shared.clone();
+        let config = config.clone();
+        thread::Builder::new()
+            .name(format!("{}-w", config.name))
+            .spawn(move || {
+                write_loop(write_stream, &rx, &close_rx, &config, &shared);
+                shared.close();
+            })
+    };
+    let writer = match writer {
+        Ok(handle) => handle,
+        Err(e) => {
+            shared.close();
+            return Err(e);
+        }
+    };
+    let reader = {
+        let shared = shared.clone();
+        let config = config.clone();
+        let tx = tx.clone();
+        thread::Builder::new()
+            .name(format!("{}-r", config.name))
+            .spawn(move || {
+                read_loop(
+                    read_stream,
+                    &mut |frame| on_frame(frame, &tx),
+                    &config,
+                    &shared,
+                );
+                shared.close();
+                on_close();
+            })
+    };
+    let reader = match reader {
+        Ok(handle) => handle,
+        Err(e) => {
+            shared.close();
+            if let Err(panic) = writer.join() {
+                std::panic::resume_unwind(panic);
+            }
+            return Err(e);
+        }
+    };
+    Ok((ConnHandle { tx, shared }, ConnThreads(vec![reader, writer])))
+}
+
+fn read_loop(
+    stream: TcpStream,
+    on_frame: &mut impl FnMut(Frame) -> bool,
+    config: &ConnConfig,
+    shared: &Shared,
+) {
+    let target = config.log_target;
+    let mut reader = BufReader::with_capacity(64 << 10, stream);
+    loop {
+        match wire::read_frame(&mut reader, config.max_frame_bytes) {
+            Ok(frame) => {
+                if !on_frame(frame) {
+                    log::warn!(target: target, "{}: peer {} sent a frame of the wrong kind; dropping the connection", config.name, config.peer);
+                    return;
+                }
+            }
+            Err(ReadError::Closed) => {
+                log::debug!(target: target, "{}: peer {} closed the connection", config.name, config.peer);
+                return;
+            }
+            Err(e @ (ReadError::TooLarge { .. } | ReadError::Garbage(_))) => {
+                log::warn!(target: target, "{}: peer {}: {e}; dropping the connection", config.name, config.peer);
+                return;
+            }
+            Err(ReadError::Io(e)) => {
+                if shared.closed.load(Ordering::SeqCst) {
+                    log::debug!(target: target, "{}: connection to {} closed here", config.name, config.peer);
+                } else {
+                    log::info!(target: target, "{}: connection to {} failed: {e}", config.name, config.peer);
+                }
+                return;
+            }
+        }
+    }
+}
+
+fn write_loop(
+    stream: TcpStream,
+    rx: &Receiver<Vec<u8>>,
+    close_rx: &Receiver<()>,
+    config: &ConnConfig,
+    shared: &Shared,
+) {
+    let target = config.log_target;
+    let mut writer = BufWriter::with_capacity(64 << 10, stream);
+    loop {
+        let first = channel::select! {
+            recv(rx) -> frame => match frame {
+                Ok(frame) => frame,
+                Err(_) => return,
+            },
+            recv(close_rx) -> _ => return,
+        };
+        let mut result = writer.write_all(&first);
+        let mut batched = 1;
+        while result.is_ok() && batched < MAX_BATCH_FRAMES {
+            match rx.try_recv() {
+                Ok(frame) => {
+                    result = writer.write_all(&frame);
+                    batched += 1;
+                }
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = result.and_then(|()| writer.flush()) {
+            if !shared.closed.load(Ordering::SeqCst) {
+                log::info!(target: target, "{}: cannot write to {}: {e}; dropping the connection", config.name, config.peer);
+            }
+            return;
+        }
+    }
+}

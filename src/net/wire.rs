@@ -1,0 +1,311 @@
+//! The frames [`net`](super) sends: a 4-byte big-endian length, then a
+//! [`crate::labcodec`] encoding of a [`Frame`].
+
+use std::fmt;
+use std::io::{self, Read};
+
+use serde::{Deserialize, Serialize};
+
+use crate::labcodec::{self, CodecError};
+
+/// What a server answers instead of a reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RemoteError {
+    /// The name was not `"Service.Method"`.
+    BadMethodName(String),
+    UnknownService(String),
+    UnknownMethod {
+        service: String,
+        method: String,
+    },
+    /// The handler could not decode the arguments.
+    BadArguments(String),
+    /// Every handler thread was busy and the queue was full: the call was not run.
+    Busy,
+    /// The handler panicked (a bug in the service; the server logged it).
+    HandlerPanicked,
+    /// The reply would exceed the frame limit; it was not sent.
+    ReplyTooLarge {
+        bytes: usize,
+        max: usize,
+    },
+}
+
+impl fmt::Display for RemoteError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RemoteError::BadMethodName(name) => {
+                write!(f, "bad method name {name:?} (want \"Service.Method\")")
+            }
+            RemoteError::UnknownService(service) => write!(f, "unknown service {service:?}"),
+            RemoteError::UnknownMethod { service, method } => {
+                write!(f, "unknown method {method:?} of service {service:?}")
+            }
+            RemoteError::BadArguments(reason) => write!(f, "bad arguments: {reason}"),
+            RemoteError::Busy => f.write_str("server busy: handler queue full"),
+            RemoteError::HandlerPanicked => f.write_str("the handler panicked"),
+            RemoteError::ReplyTooLarge { bytes, max } => {
+                write!(
+                    f,
+                    "reply of {bytes} bytes exceeds the {max}-byte frame limit"
+                )
+            }
+        }
+    }
+}
+
+/// One message on a connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Frame {
+    Request {
+        id: u64,
+        method: String,
+        body: Vec<u8>,
+    },
+    Reply {
+        id: u64,
+        result: Result<Vec<u8>, RemoteError>,
+    },
+}
+
+/// [`Frame`] by reference, for encoding without copying the body. Same variants and fields
+/// in the same order as [`Frame`] and [`FrameBuf`], so all three encode alike.
+#[derive(Serialize)]
+enum FrameRef<'a> {
+    Request {
+        id: u64,
+        method: &'a str,
+        body: Bytes<'a>,
+    },
+    Reply {
+        id: u64,
+        result: Result<Bytes<'a>, &'a RemoteError>,
+    },
+}
+
+/// [`Frame`] as decoded: bodies are read as one byte buffer, not byte by byte.
+#[derive(Deserialize)]
+enum FrameBuf {
+    Request {
+        id: u64,
+        method: String,
+        body: ByteBuf,
+    },
+    Reply {
+        id: u64,
+        result: Result<ByteBuf, RemoteError>,
+    },
+}
+
+impl From<FrameBuf> for Frame {
+    fn from(frame: FrameBuf) -> Frame {
+        match frame {
+            FrameBuf::Request { id, method, body } => Frame::Request {
+                id,
+                method,
+                body: body.0,
+            },
+            FrameBuf::Reply { id, result } => Frame::Reply {
+                id,
+                result: result.map(|body| body.0),
+            },
+        }
+    }
+}
+
+/// Bytes encoded as a length and the bytes (bincode encodes a `Vec<u8>` the same way).
+struct Bytes<'a>(&'a [u8]);
+
+impl Serialize for Bytes<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(self.0)
+    }
+}
+
+struct ByteBuf(Vec<u8>);
+
+impl<'de> Deserialize<'de> for ByteBuf {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<ByteBuf, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = ByteBuf;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a byte string")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<ByteBuf, E> {
+                Ok(ByteBuf(v.to_vec()))
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<ByteBuf, E> {
+                Ok(ByteBuf(v))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<ByteBuf, A::Error> {
+                let mut bytes = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+                while let Some(b) = seq.next_element()? {
+                    bytes.push(b);
+                }
+                Ok(ByteBuf(bytes))
+            }
+        }
+        deserializer.deserialize_byte_buf(Visitor)
+    }
+}
+
+/// A request frame, length prefix included.
+pub fn encode_request(id: u64, method: &str, body: &[u8]) -> Result<Vec<u8>, CodecError> {
+    prefixed(&FrameRef::Request {
+        id,
+        method,
+        body: Bytes(body),
+    })
+}
+
+/// A reply frame, length prefix included.
+pub fn encode_reply(id: u64, result: Result<&[u8], &RemoteError>) -> Result<Vec<u8>, CodecError> {
+    prefixed(&FrameRef::Reply {
+        id,
+        result: result.map(Bytes),
+    })
+}
+
+fn prefixed(frame: &FrameRef<'_>) -> Result<Vec<u8>, CodecError> {
+    let len = labcodec::encoded_len(frame)? as usize;
+    let mut out = Vec::with_capacity(4 + len);
+    out.extend_from_slice(&(len.min(u32::MAX as usize) as u32).to_be_bytes());
+    out.extend_from_slice(&labcodec::encode(frame)?);
+    Ok(out)
+}
+
+/// Bytes of a prefixed frame, without its prefix.
+pub fn body_len(prefixed_frame: &[u8]) -> usize {
+    prefixed_frame.len().saturating_sub(4)
+}
+
+/// Why no frame could be read.
+#[derive(Debug)]
+pub enum ReadError {
+    /// The peer closed the connection between frames.
+    Closed,
+    /// The length prefix is above the limit; the frame was not read.
+    TooLarge { bytes: u64, max: usize },
+    /// The frame's bytes are not a [`Frame`].
+    Garbage(CodecError),
+    /// The connection failed (or closed inside a frame).
+    Io(io::Error),
+}
+
+impl fmt::Display for ReadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReadError::Closed => f.write_str("closed by the peer"),
+            ReadError::TooLarge { bytes, max } => {
+                write!(f, "frame of {bytes} bytes exceeds the {max}-byte limit")
+            }
+            ReadError::Garbage(e) => write!(f, "undecodable frame: {e}"),
+            ReadError::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// Reads one frame. The body is read only once its length is known to be within `max_bytes`.
+pub fn read_frame(stream: &mut impl Read, max_bytes: usize) -> Result<Frame, ReadError> {
+    let mut prefix = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        match stream.read(&mut prefix[got..]) {
+            Ok(0) if got == 0 => return Err(ReadError::Closed),
+            Ok(0) => return Err(ReadError::Io(io::ErrorKind::UnexpectedEof.into())),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(ReadError::Io(e)),
+        }
+    }
+    let len = u32::from_be_bytes(prefix) as usize;
+    if len > max_bytes {
+        return Err(ReadError::TooLarge {
+            bytes: len as u64,
+            max: max_bytes,
+        });
+    }
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).map_err(ReadError::Io)?;
+    labcodec::decode::<FrameBuf>(&body)
+        .map(Frame::from)
+        .map_err(ReadError::Garbage)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_by_reference_decode_as_owned_frames() {
+        let request = encode_request(7, "Raft.AppendEntries", &[1, 2, 0xff]).unwrap();
+        assert_eq!(
+            read_frame(&mut request.as_slice(), 1 << 20).unwrap(),
+            Frame::Request {
+                id: 7,
+                method: "Raft.AppendEntries".into(),
+                body: vec![1, 2, 0xff]
+            }
+        );
+        let reply = encode_reply(u64::MAX, Ok(&[9; 300])).unwrap();
+        assert_eq!(
+            read_frame(&mut reply.as_slice(), 1 << 20).unwrap(),
+            Frame::Reply {
+                id: u64::MAX,
+                result: Ok(vec![9; 300])
+            }
+        );
+        let error = encode_reply(1, Err(&RemoteError::Busy)).unwrap();
+        assert_eq!(
+            read_frame(&mut error.as_slice(), 1 << 20).unwrap(),
+            Frame::Reply {
+                id: 1,
+                result: Err(RemoteError::Busy)
+            }
+        );
+    }
+
+    #[test]
+    fn owned_frames_encode_as_borrowed_ones() {
+        let frame = Frame::Request {
+            id: 300,
+            method: "A.B".into(),
+            body: vec![0, 1, 2, 3],
+        };
+        let mut owned = labcodec::encode(&frame).unwrap();
+        let mut prefixed = (owned.len() as u32).to_be_bytes().to_vec();
+        prefixed.append(&mut owned);
+        assert_eq!(prefixed, encode_request(300, "A.B", &[0, 1, 2, 3]).unwrap());
+    }
+
+    #[test]
+    fn bad_frames_are_errors() {
+        assert!(matches!(
+            read_frame(&mut &[][..], 100),
+            Err(ReadError::Closed)
+        ));
+        assert!(matches!(
+            read_frame(&mut &[0, 0][..], 100),
+            Err(ReadError::Io(_))
+        ));
+        assert!(matches!(
+            read_frame(&mut &[0xff, 0xff, 0xff, 0xff][..], 100),
+            Err(ReadError::TooLarge {
+                bytes: 0xffff_ffff,
+                max: 100
+            })
+        ));
+        assert!(matches!(
+            read_frame(&mut &[0, 0, 0, 3, 9, 9, 9][..], 100),
+            Err(ReadError::Garbage(_))
+        ));
+        assert!(matches!(
+            read_frame(&mut &[0, 0, 0, 9, 0][..], 100),
+            Err(ReadError::Io(_))
+        ));
+    }
+}

@@ -548,3 +548,77 @@ fn data_dir_of_another_node_is_refused() {
     assert!(stderr.contains("id 1"), "{stderr}");
     assert!(Path::new(&cluster.data(0)).join("cluster").exists());
 }
+
+/// A data directory that cannot be created is a clear error, not a panic.
+#[test]
+fn unusable_data_dir_is_an_error() {
+    let dir = std::env::temp_dir().join(format!("raftkv-cluster-{}-file", std::process::id()));
+    fs::write(&dir, b"a file, not a directory").unwrap();
+    let ports = free_ports(2);
+    let out = Command::new(EXE)
+        .arg("serve")
+        .args(["--id", "1", "--peers", &format!("1=127.0.0.1:{}", ports[0])])
+        .args(["--client", &format!("127.0.0.1:{}", ports[1])])
+        .arg("--data")
+        .arg(dir.join("node"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run raftkv");
+    let _ = fs::remove_file(&dir);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot create"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// INCR through a follower while the leader is killed: the follower retries forwards with the
+/// same (client, seq), so no INCR applies twice. Each acknowledged value is the previous one
+/// plus one, plus at most the INCRs in between whose outcome was unknown (an error reply).
+#[test]
+fn incr_through_follower_applies_once_across_leader_kill9() {
+    let mut cluster = Cluster::new(3);
+    let leader = cluster.leader();
+    let follower = (leader + 1) % 3;
+    let mut con = cluster.client(follower);
+    let mut last: i64 = 0;
+    let mut unknown_since_last = 0;
+    let mut acknowledged = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for round in 0..300 {
+        if round == 100 {
+            cluster.kill9(leader);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "300 INCRs took over 30 s ({acknowledged} acknowledged)"
+        );
+        match redis::cmd("INCR").arg("counter").query::<i64>(&mut con) {
+            Ok(v) => {
+                assert!(
+                    v > last && v <= last + 1 + unknown_since_last,
+                    "INCR answered {v} after {last} with {unknown_since_last} unknown outcomes between: applied twice or lost"
+                );
+                last = v;
+                unknown_since_last = 0;
+                acknowledged += 1;
+            }
+            Err(e) => {
+                unknown_since_last += 1;
+                // The connection may be broken by a timeout: take a fresh one.
+                con = cluster.client(follower);
+                let _ = e;
+            }
+        }
+    }
+    assert!(
+        acknowledged >= 200,
+        "only {acknowledged} of 300 INCRs acknowledged"
+    );
+    let total: i64 = cluster.retry(follower, "GET counter", |c| {
+        redis::cmd("GET").arg("counter").query(c)
+    });
+    assert!(
+        total >= last && total <= last + unknown_since_last,
+        "counter {total}, last acknowledged {last}, {unknown_since_last} unknown after it"
+    );
+}

@@ -246,12 +246,9 @@ fn init_logging(who: String) {
 // ---- serve ----
 
 /// The durable storage of a node's Raft state in `dir`.
-/// Interim: in memory until `storage::FileLog` lands on main (nothing survives a restart).
 fn open_storage(dir: &Path) -> Result<Box<dyn Storage>, StorageError> {
-    let _ = dir;
-    Ok(Box::new(raftkv::tester::PersisterStorage::new(
-        raftkv::tester::Persister::new(),
-    )))
+    let storage = raftkv::storage::FileLog::open(dir, raftkv::storage::FileLogOptions::default())?;
+    Ok(Box::new(storage))
 }
 
 /// The cluster a data directory belongs to: a node started with another id or another peer

@@ -622,3 +622,38 @@ fn incr_through_follower_applies_once_across_leader_kill9() {
         "counter {total}, last acknowledged {last}, {unknown_since_last} unknown after it"
     );
 }
+
+/// A data directory in use by a running node is refused by a second one (the file log's lock).
+#[test]
+fn locked_data_dir_is_refused() {
+    let cluster = Cluster::new(3);
+    cluster.leader();
+    let peers: Vec<String> = cluster
+        .peer_ports
+        .iter()
+        .enumerate()
+        .map(|(j, p)| format!("{}=127.0.0.1:{p}", j + 1))
+        .collect();
+    let out = Command::new(EXE)
+        .arg("serve")
+        .args([
+            "--id",
+            "1",
+            "--peers",
+            &peers.join(","),
+            "--client",
+            "127.0.0.1:0",
+        ])
+        .arg("--data")
+        .arg(cluster.data(0))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run raftkv");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("locked"), "{stderr}");
+    let v = cluster.retry(0, "SET on the node that holds the lock", |c| {
+        set(c, "still", "here")
+    });
+    assert_eq!(v, "OK");
+}

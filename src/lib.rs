@@ -23,6 +23,7 @@ pub mod labcodec;
 pub mod labrpc;
 pub mod mr;
 pub mod net;
+pub mod node;
 pub mod porcupine;
 pub mod raft;
 pub mod resp;

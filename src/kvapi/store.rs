@@ -55,6 +55,29 @@ impl VersionedStore {
         PutReply { err }
     }
 
+    /// Installs `value` whatever the key's version (Redis's `SET`); returns the new version.
+    pub fn set(&self, key: String, value: String) -> Tversion {
+        let mut data = self.data.lock();
+        let slot = data.entry(key).or_insert((String::new(), 0));
+        slot.0 = value;
+        slot.1 += 1;
+        slot.1
+    }
+
+    /// Removes a key; whether it existed. A key created again starts at version 1.
+    pub fn delete(&self, key: &str) -> bool {
+        self.data.lock().remove(key).is_some()
+    }
+
+    /// Keys held.
+    pub fn len(&self) -> usize {
+        self.data.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.data.lock().is_empty()
+    }
+
     /// The whole map, encoded with keys sorted, so equal maps give equal bytes.
     pub fn encode(&self) -> Vec<u8> {
         let data = self.data.lock();

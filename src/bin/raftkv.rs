@@ -1,0 +1,505 @@
+//! `raftkv`: a linearizable key/value store on Raft that speaks Redis's protocol.
+//!
+//! ```text
+//! raftkv                      same as `raftkv local`
+//! raftkv local [--nodes 3] [--dir ./raftkv-data] [--port 7001]
+//! raftkv serve --id N --peers 1=HOST:PORT,2=HOST:PORT,3=HOST:PORT --client HOST:PORT --data DIR
+//! ```
+//!
+//! Exit status: 0 after a clean stop, 1 when a node cannot start or stops on an error, 2 for
+//! a bad command line.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::io::{self, IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::OnceLock;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use raftkv::node::{Node, NodeConfig, NodeStatus};
+use raftkv::raft::{Storage, StorageError};
+
+const MAIN_HELP: &str = "\
+raftkv: a linearizable key/value store on Raft, spoken to with any Redis client.
+
+usage:
+  raftkv [local] [--nodes N] [--dir DIR] [--port P]   a cluster of N local processes (default)
+  raftkv serve --id N --peers 1=H:P,2=H:P,... --client H:P --data DIR
+                                                     one node
+  raftkv <command> --help                            the command's options
+
+Logs go to stderr when RUST_LOG is set (error, warn, info, debug, trace).";
+
+const LOCAL_HELP: &str = "\
+usage: raftkv local [--nodes N] [--dir DIR] [--port P]
+
+Starts N nodes (default 3) as separate processes on 127.0.0.1, node i's Redis port at P+i-1
+(default P = 7001) and its peer port at P+1000+i-1, each keeping its data in DIR/node-i
+(default ./raftkv-data). Prints where to connect and one live status line. Ctrl-C stops every
+node; starting again with the same DIR finds the data where it was.";
+
+const SERVE_HELP: &str = "\
+usage: raftkv serve --id N --peers 1=HOST:PORT,2=HOST:PORT,... --client HOST:PORT --data DIR
+                    [--stop-on-stdin-eof]
+
+Runs node N of the cluster listed in --peers (each node's peer port; every node must be given
+the same list). Redis clients connect to --client. The Raft log, snapshots and the node's
+status file live in DIR. --stop-on-stdin-eof: stop when standard input closes (how `local`
+and the tests tie a node's life to their own).";
+
+/// A bad command line: the message, then exit 2.
+struct Usage(String);
+
+fn usage<T>(msg: impl Into<String>) -> Result<T, Usage> {
+    Err(Usage(msg.into()))
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (command, rest) = match args.first().map(String::as_str) {
+        None => ("local", &args[..]),
+        Some("--help" | "-h" | "help") => {
+            println!("{MAIN_HELP}");
+            return ExitCode::SUCCESS;
+        }
+        Some(c @ ("local" | "serve")) => (c, &args[1..]),
+        Some(flag) if flag.starts_with("--") => ("local", &args[..]),
+        Some(other) => {
+            eprintln!("raftkv: unknown command '{other}'\n\n{MAIN_HELP}");
+            return ExitCode::from(2);
+        }
+    };
+    if rest.iter().any(|a| a == "--help" || a == "-h") {
+        println!(
+            "{}",
+            if command == "serve" {
+                SERVE_HELP
+            } else {
+                LOCAL_HELP
+            }
+        );
+        return ExitCode::SUCCESS;
+    }
+    let result = match command {
+        "serve" => parse_serve(rest).map(serve),
+        _ => parse_local(rest).map(local),
+    };
+    match result {
+        Ok(code) => code,
+        Err(Usage(msg)) => {
+            let help = if command == "serve" {
+                SERVE_HELP
+            } else {
+                LOCAL_HELP
+            };
+            eprintln!("raftkv {command}: {msg}\n\n{help}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `--flag value` pairs; `switches` take no value.
+fn flags<'a>(
+    args: &'a [String],
+    known: &[&str],
+    switches: &[&str],
+) -> Result<Vec<(&'a str, &'a str)>, Usage> {
+    let mut out = Vec::new();
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        if switches.contains(&flag.as_str()) {
+            out.push((flag.as_str(), ""));
+            continue;
+        }
+        if !known.contains(&flag.as_str()) {
+            return usage(format!("unknown argument '{flag}'"));
+        }
+        let Some(value) = it.next() else {
+            return usage(format!("{flag} needs a value"));
+        };
+        if out.iter().any(|(f, _)| f == flag) {
+            return usage(format!("{flag} given twice"));
+        }
+        out.push((flag.as_str(), value.as_str()));
+    }
+    Ok(out)
+}
+
+fn number(flag: &str, value: &str, min: u64, max: u64) -> Result<u64, Usage> {
+    match value.parse::<u64>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        _ => usage(format!(
+            "{flag} must be a number from {min} to {max}, not '{value}'"
+        )),
+    }
+}
+
+struct ServeArgs {
+    id: usize,
+    peers: Vec<String>,
+    client: String,
+    data: PathBuf,
+    stop_on_stdin_eof: bool,
+}
+
+fn parse_serve(args: &[String]) -> Result<ServeArgs, Usage> {
+    let given = flags(
+        args,
+        &["--id", "--peers", "--client", "--data"],
+        &["--stop-on-stdin-eof"],
+    )?;
+    let get = |name: &str| given.iter().find(|(f, _)| *f == name).map(|(_, v)| *v);
+    let need = |name: &str| get(name).ok_or_else(|| Usage(format!("{name} is required")));
+    let mut peers: Vec<(usize, String)> = Vec::new();
+    for item in need("--peers")?.split(',') {
+        let Some((id, addr)) = item.split_once('=') else {
+            return usage(format!("--peers: '{item}' is not ID=HOST:PORT"));
+        };
+        let id = number("--peers", id, 1, 64)? as usize;
+        if addr.is_empty() || !addr.contains(':') {
+            return usage(format!(
+                "--peers: node {id}'s address '{addr}' is not HOST:PORT"
+            ));
+        }
+        if peers.iter().any(|(i, _)| *i == id) {
+            return usage(format!("--peers: node {id} listed twice"));
+        }
+        peers.push((id, addr.to_string()));
+    }
+    peers.sort();
+    if peers.iter().enumerate().any(|(i, (id, _))| *id != i + 1) {
+        return usage("--peers must number the nodes 1, 2, 3, … without gaps");
+    }
+    let id = number("--id", need("--id")?, 1, 64)? as usize;
+    if id > peers.len() {
+        return usage(format!("--id {id} is not in --peers"));
+    }
+    Ok(ServeArgs {
+        id,
+        peers: peers.into_iter().map(|(_, a)| a).collect(),
+        client: need("--client")?.to_string(),
+        data: PathBuf::from(need("--data")?),
+        stop_on_stdin_eof: get("--stop-on-stdin-eof").is_some(),
+    })
+}
+
+struct LocalArgs {
+    nodes: usize,
+    dir: PathBuf,
+    port: u16,
+}
+
+fn parse_local(args: &[String]) -> Result<LocalArgs, Usage> {
+    let given = flags(args, &["--nodes", "--dir", "--port"], &[])?;
+    let get = |name: &str| given.iter().find(|(f, _)| *f == name).map(|(_, v)| *v);
+    Ok(LocalArgs {
+        nodes: get("--nodes").map_or(Ok(3), |v| number("--nodes", v, 1, 9))? as usize,
+        dir: PathBuf::from(get("--dir").unwrap_or("./raftkv-data")),
+        port: get("--port").map_or(Ok(7001), |v| number("--port", v, 1, 64000))? as u16,
+    })
+}
+
+// ---- logging ----
+
+struct StderrLog {
+    who: String,
+    level: log::LevelFilter,
+}
+
+impl log::Log for StderrLog {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        metadata.level() <= self.level
+    }
+
+    fn log(&self, record: &log::Record) {
+        if self.enabled(record.metadata()) {
+            let _ = writeln!(
+                io::stderr().lock(),
+                "{} {:5} {}: {}",
+                self.who,
+                record.level(),
+                record.target(),
+                record.args()
+            );
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+static LOGGER: OnceLock<StderrLog> = OnceLock::new();
+
+/// Logs to stderr, each line prefixed with `who`, at the level `RUST_LOG` names (none if unset).
+fn init_logging(who: String) {
+    let level = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| v.parse::<log::LevelFilter>().ok())
+        .unwrap_or(log::LevelFilter::Off);
+    let logger = LOGGER.get_or_init(|| StderrLog { who, level });
+    if log::set_logger(logger).is_ok() {
+        log::set_max_level(level);
+    }
+}
+
+// ---- serve ----
+
+/// The durable storage of a node's Raft state in `dir`.
+fn open_storage(dir: &Path) -> Result<Box<dyn Storage>, StorageError> {
+    let storage = raftkv::storage::FileLog::open(dir, raftkv::storage::FileLogOptions::default())?;
+    Ok(Box::new(storage))
+}
+
+/// The cluster a data directory belongs to: a node started with another id or another peer
+/// list would mix two clusters' logs.
+fn check_identity(data: &Path, id: usize, peers: &[String]) -> Result<(), String> {
+    let path = data.join("cluster");
+    let identity = format!("id {id}\npeers {}\n", peers.join(","));
+    match fs::read_to_string(&path) {
+        Ok(stored) if stored == identity => Ok(()),
+        Ok(stored) => Err(format!(
+            "{} says this directory holds {}, but the command line says {}; \
+             use the same --id and --peers, or another --data",
+            path.display(),
+            stored.trim().replace('\n', ", "),
+            identity.trim().replace('\n', ", ")
+        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => write_atomically(&path, &identity)
+            .map_err(|e| format!("cannot write {}: {e}", path.display())),
+        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+    }
+}
+
+fn write_atomically(path: &Path, contents: &str) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(contents.as_bytes())?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path)
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    init_logging(format!("node{}", args.id));
+    let fail = |msg: String| {
+        eprintln!("raftkv serve: node {}: {msg}", args.id);
+        ExitCode::from(1)
+    };
+    if let Err(e) = fs::create_dir_all(&args.data) {
+        return fail(format!("cannot create {}: {e}", args.data.display()));
+    }
+    if let Err(e) = check_identity(&args.data, args.id, &args.peers) {
+        return fail(e);
+    }
+    let storage = match open_storage(&args.data.join("raft")) {
+        Ok(s) => s,
+        Err(e) => return fail(e.to_string()),
+    };
+    let config = NodeConfig {
+        id: args.id,
+        peers: args.peers.clone(),
+        client_addr: args.client.clone(),
+        max_raft_state: Some(raftkv::node::DEFAULT_MAX_RAFT_STATE),
+    };
+    let mut node = match Node::start(config, storage) {
+        Ok(n) => n,
+        Err(e) => return fail(e.to_string()),
+    };
+    let (stop_tx, stop_rx) = crossbeam::channel::bounded::<()>(1);
+    if args.stop_on_stdin_eof {
+        // Detached on purpose: it blocks in read() until the parent goes away, and the
+        // process exits right after it reports.
+        let spawned = thread::Builder::new()
+            .name("stdin-watch".into())
+            .spawn(move || {
+                let mut buf = [0u8; 64];
+                let mut stdin = io::stdin();
+                while matches!(stdin.read(&mut buf), Ok(n) if n > 0) {}
+                let _ = stop_tx.send(());
+            });
+        if let Err(e) = spawned {
+            return fail(format!("cannot start the stdin watcher: {e}"));
+        }
+    }
+    let status_path = args.data.join("status");
+    loop {
+        let status = node.status();
+        let line = format!(
+            "term {} leader {} applied {} commands {} keys {} client {}\n",
+            status.term,
+            status.leader as u8,
+            status.applied,
+            status.commands,
+            status.keys,
+            node.client_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default()
+        );
+        if let Err(e) = write_atomically(&status_path, &line) {
+            log::warn!(target: "raftkv", "cannot write {}: {e}", status_path.display());
+        }
+        if let Some(why) = node.stopped() {
+            node.shutdown();
+            return fail(format!("stopped: {why}"));
+        }
+        if stop_rx.recv_timeout(Duration::from_millis(250)).is_ok() {
+            log::info!(target: "raftkv", "node {}: standard input closed; stopping", args.id);
+            node.shutdown();
+            return ExitCode::SUCCESS;
+        }
+    }
+}
+
+// ---- local ----
+
+/// Parses a status file line written by `serve`.
+fn read_status(path: &Path) -> Option<NodeStatus> {
+    let text = fs::read_to_string(path).ok()?;
+    let mut words = text.split_whitespace();
+    let mut field = |name: &str| -> Option<u64> {
+        (words.next()? == name).then_some(())?;
+        words.next()?.parse().ok()
+    };
+    Some(NodeStatus {
+        term: field("term")?,
+        leader: field("leader")? == 1,
+        applied: field("applied")?,
+        commands: field("commands")?,
+        keys: field("keys")? as usize,
+    })
+}
+
+struct Children(Vec<(usize, Child)>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.0 {
+            // Closing stdin asks the node to stop; kill it if it does not within a second.
+            drop(child.stdin.take());
+        }
+        let deadline = Instant::now() + Duration::from_secs(1);
+        for (_, child) in &mut self.0 {
+            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn local(args: LocalArgs) -> ExitCode {
+    init_logging("local".into());
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("raftkv local: cannot find my own executable: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let n = args.nodes;
+    let client_port = |i: usize| args.port as usize + i;
+    let peer_port = |i: usize| args.port as usize + 1000 + i;
+    let peers: Vec<String> = (0..n)
+        .map(|i| format!("{}=127.0.0.1:{}", i + 1, peer_port(i)))
+        .collect();
+    let mut children = Children(Vec::new());
+    for i in 0..n {
+        let data = args.dir.join(format!("node-{}", i + 1));
+        let spawned = Command::new(&exe)
+            .arg("serve")
+            .args(["--id", &(i + 1).to_string()])
+            .args(["--peers", &peers.join(",")])
+            .args(["--client", &format!("127.0.0.1:{}", client_port(i))])
+            .arg("--data")
+            .arg(&data)
+            .arg("--stop-on-stdin-eof")
+            .stdin(Stdio::piped())
+            .spawn();
+        match spawned {
+            Ok(child) => children.0.push((i + 1, child)),
+            Err(e) => {
+                eprintln!("raftkv local: cannot start node {}: {e}", i + 1);
+                return ExitCode::from(1);
+            }
+        }
+    }
+    println!(
+        "raftkv: {n} nodes, data in {}. Connect to any of them:\n  redis-cli -p {}    (nodes on ports {}–{})\nCtrl-C stops the cluster.",
+        args.dir.display(),
+        client_port(0),
+        client_port(0),
+        client_port(n - 1),
+    );
+    let tty = io::stdout().is_terminal();
+    let mut last: Option<(Instant, u64)> = None;
+    let mut last_plain = Instant::now() - Duration::from_secs(60);
+    loop {
+        thread::sleep(Duration::from_millis(500));
+        let mut line = String::new();
+        let mut statuses = Vec::new();
+        let mut down = Vec::new();
+        for (id, child) in &mut children.0 {
+            match child.try_wait() {
+                Ok(Some(status)) => down.push(format!("node {id} exited ({status})")),
+                _ => {
+                    let path = args.dir.join(format!("node-{id}")).join("status");
+                    statuses.push((*id, read_status(&path)));
+                }
+            }
+        }
+        if !down.is_empty() && down.len() == n {
+            println!("\nraftkv: every node has exited: {}", down.join(", "));
+            return ExitCode::from(1);
+        }
+        let leader = statuses
+            .iter()
+            .filter_map(|(id, s)| s.as_ref().filter(|s| s.leader).map(|s| (*id, s.term)))
+            .max_by_key(|(_, term)| *term);
+        let commands: u64 = statuses
+            .iter()
+            .filter_map(|(_, s)| s.as_ref().map(|s| s.commands))
+            .sum();
+        let applied = statuses
+            .iter()
+            .filter_map(|(_, s)| s.as_ref().map(|s| s.applied))
+            .max()
+            .unwrap_or(0);
+        let keys = statuses
+            .iter()
+            .filter_map(|(_, s)| s.as_ref().map(|s| s.keys))
+            .max()
+            .unwrap_or(0);
+        let now = Instant::now();
+        let rate = match last {
+            Some((at, before)) => {
+                commands.saturating_sub(before) as f64 / now.duration_since(at).as_secs_f64()
+            }
+            None => 0.0,
+        };
+        last = Some((now, commands));
+        match leader {
+            Some((id, term)) => {
+                let _ = write!(line, "leader node {id}, term {term}");
+            }
+            None => line.push_str("no leader yet"),
+        }
+        let _ = write!(
+            line,
+            " | applied {applied} | keys {keys} | {rate:.0} ops/s | up {}/{n}",
+            n - down.len()
+        );
+        if !down.is_empty() {
+            let _ = write!(line, " | {}", down.join(", "));
+        }
+        if tty {
+            print!("\r\x1b[2K{line}");
+            let _ = io::stdout().flush();
+        } else if now.duration_since(last_plain) >= Duration::from_secs(10) {
+            println!("{line}");
+            last_plain = now;
+        }
+    }
+}

@@ -1,0 +1,334 @@
+//! The node's state machine: the versioned store plus the exactly-once session table, both in
+//! every snapshot. What goes through the Raft log is a [`Request`]: a batch of commands one
+//! client pipelined, tagged `(client, seq)` when it writes.
+//!
+//! Keys and values are binary on the wire and `String`s in [`VersionedStore`]: each byte is
+//! stored as the char of the same number (Latin-1), which is lossless and leaves ASCII as is.
+
+use std::fmt;
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use crate::kvapi::{GetArgs, KvErr, PutArgs, VersionedStore};
+use crate::kvraft::rsm::StateMachine;
+use crate::labcodec;
+use crate::session::{Applied, SessionSnapshot, SessionTable};
+
+const LOG: &str = "node::machine";
+
+/// Sessions the table keeps: well above the client slots every node has open at once.
+pub const MAX_SESSIONS: usize = 100_000;
+
+/// One KV command as it goes through the log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KvCmd {
+    Get(Vec<u8>),
+    Set(Vec<u8>, Vec<u8>),
+    Del(Vec<Vec<u8>>),
+    Exists(Vec<Vec<u8>>),
+    Incr(Vec<u8>),
+    MGet(Vec<Vec<u8>>),
+    VGet(Vec<u8>),
+    VSet {
+        key: Vec<u8>,
+        value: Vec<u8>,
+        version: u64,
+    },
+}
+
+impl KvCmd {
+    pub fn is_write(&self) -> bool {
+        matches!(
+            self,
+            KvCmd::Set(..) | KvCmd::Del(_) | KvCmd::Incr(_) | KvCmd::VSet { .. }
+        )
+    }
+}
+
+/// One command's result, turned into a RESP reply by the front end.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KvOut {
+    Ok,
+    Null,
+    Bulk(Vec<u8>),
+    Int(i64),
+    Array(Vec<KvOut>),
+    Versioned(Vec<u8>, u64),
+    ErrVersion,
+    ErrNoKey,
+    /// A command error (INCR of a non-integer, say), in Redis's wording.
+    Err(String),
+}
+
+/// What a node submits: `client == 0` marks a read-only batch, which needs no session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    pub client: u64,
+    pub seq: u64,
+    pub cmds: Vec<KvCmd>,
+}
+
+/// What executing a [`Request`] gave.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// One result per command (a duplicate gets the first execution's results).
+    Done(Vec<KvOut>),
+    /// The client's session may have been evicted: the request was not executed.
+    Expired,
+    /// Older than the client's last request: not executed.
+    Stale,
+    /// The log entry did not decode (never expected: this node encoded it).
+    Bad(String),
+}
+
+/// The state a snapshot carries.
+#[derive(Serialize, Deserialize)]
+struct MachineSnapshot {
+    store: Vec<u8>,
+    sessions: SessionSnapshot<Vec<KvOut>>,
+    applied: u64,
+}
+
+/// Why a snapshot could not be restored.
+#[derive(Debug)]
+pub struct SnapshotError(String);
+
+impl fmt::Display for SnapshotError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "node snapshot: {}", self.0)
+    }
+}
+
+impl std::error::Error for SnapshotError {}
+
+struct Inner {
+    sessions: SessionTable<Vec<KvOut>>,
+    /// Requests executed so far (the same count on every replica: it is a function of the
+    /// log): the session table's "index".
+    applied: u64,
+}
+
+/// The KV state machine the rsm runs on every node.
+pub struct KvMachine {
+    store: VersionedStore,
+    inner: Mutex<Inner>,
+}
+
+impl Default for KvMachine {
+    fn default() -> Self {
+        KvMachine::new()
+    }
+}
+
+/// Bytes → a string of the chars with those numbers.
+pub fn to_latin1(bytes: &[u8]) -> String {
+    bytes.iter().map(|&b| b as char).collect()
+}
+
+/// The inverse of [`to_latin1`]; every char of such a string is below 256.
+pub fn from_latin1(s: &str) -> Vec<u8> {
+    s.chars().map(|c| c as u32 as u8).collect()
+}
+
+impl KvMachine {
+    pub fn new() -> KvMachine {
+        KvMachine {
+            store: VersionedStore::new(),
+            inner: Mutex::new(Inner {
+                sessions: SessionTable::new(MAX_SESSIONS),
+                applied: 0,
+            }),
+        }
+    }
+
+    /// Requests applied so far.
+    pub fn applied(&self) -> u64 {
+        self.inner.lock().applied
+    }
+
+    /// Keys held.
+    pub fn keys(&self) -> usize {
+        self.store.len()
+    }
+
+    fn get(&self, key: &[u8]) -> Option<(Vec<u8>, u64)> {
+        let reply = self.store.get(&GetArgs {
+            key: to_latin1(key),
+        });
+        (reply.err == KvErr::Ok).then(|| (from_latin1(&reply.value), reply.version))
+    }
+
+    fn execute(&self, cmd: &KvCmd) -> KvOut {
+        match cmd {
+            KvCmd::Get(key) => self.get(key).map_or(KvOut::Null, |(v, _)| KvOut::Bulk(v)),
+            KvCmd::Set(key, value) => {
+                self.store.set(to_latin1(key), to_latin1(value));
+                KvOut::Ok
+            }
+            KvCmd::Del(keys) => {
+                let removed = keys
+                    .iter()
+                    .filter(|k| self.store.delete(&to_latin1(k)))
+                    .count();
+                KvOut::Int(removed as i64)
+            }
+            KvCmd::Exists(keys) => {
+                KvOut::Int(keys.iter().filter(|k| self.get(k).is_some()).count() as i64)
+            }
+            KvCmd::Incr(key) => {
+                let current = match self.get(key) {
+                    None => 0,
+                    Some((v, _)) => match std::str::from_utf8(&v).ok().and_then(|s| {
+                        // Redis refuses a leading '+' or spaces too.
+                        if s.starts_with('+') || s.trim() != s {
+                            None
+                        } else {
+                            s.parse::<i64>().ok()
+                        }
+                    }) {
+                        Some(n) => n,
+                        None => return KvOut::Err(crate::resp::command::NOT_AN_INTEGER.into()),
+                    },
+                };
+                match current.checked_add(1) {
+                    Some(n) => {
+                        self.store.set(to_latin1(key), n.to_string());
+                        KvOut::Int(n)
+                    }
+                    None => KvOut::Err("ERR increment or decrement would overflow".into()),
+                }
+            }
+            KvCmd::MGet(keys) => KvOut::Array(
+                keys.iter()
+                    .map(|k| self.get(k).map_or(KvOut::Null, |(v, _)| KvOut::Bulk(v)))
+                    .collect(),
+            ),
+            KvCmd::VGet(key) => self
+                .get(key)
+                .map_or(KvOut::Null, |(v, version)| KvOut::Versioned(v, version)),
+            KvCmd::VSet {
+                key,
+                value,
+                version,
+            } => {
+                let reply = self.store.put(PutArgs {
+                    key: to_latin1(key),
+                    value: to_latin1(value),
+                    version: *version,
+                });
+                match reply.err {
+                    KvErr::Ok => KvOut::Ok,
+                    KvErr::NoKey => KvOut::ErrNoKey,
+                    _ => KvOut::ErrVersion,
+                }
+            }
+        }
+    }
+
+    fn run(&self, req: &Request) -> Outcome {
+        let mut inner = self.inner.lock();
+        inner.applied += 1;
+        let index = inner.applied;
+        let execute = || req.cmds.iter().map(|c| self.execute(c)).collect::<Vec<_>>();
+        if req.client == 0 {
+            // Reads only: nothing to deduplicate.
+            return Outcome::Done(execute());
+        }
+        match inner.sessions.apply(req.client, req.seq, index, execute) {
+            Applied::Fresh(outs) => Outcome::Done(outs),
+            Applied::Duplicate(outs) => {
+                log::debug!(target: LOG, "client {:#x} seq {}: duplicate, answered from the session table", req.client, req.seq);
+                Outcome::Done(outs)
+            }
+            Applied::Stale { last_seq } => {
+                log::warn!(target: LOG, "client {:#x} seq {}: stale (last {last_seq})", req.client, req.seq);
+                Outcome::Stale
+            }
+            Applied::Expired => Outcome::Expired,
+        }
+    }
+}
+
+impl StateMachine for KvMachine {
+    fn do_op(&self, req: &[u8]) -> Vec<u8> {
+        let outcome = match labcodec::decode::<Request>(req) {
+            Ok(req) => self.run(&req),
+            Err(e) => {
+                log::error!(target: LOG, "a log entry does not decode: {e}");
+                Outcome::Bad(e.to_string())
+            }
+        };
+        labcodec::encode(&outcome).unwrap_or_default()
+    }
+
+    fn snapshot(&self) -> Vec<u8> {
+        let inner = self.inner.lock();
+        let snap = MachineSnapshot {
+            store: self.store.encode(),
+            sessions: inner.sessions.snapshot(),
+            applied: inner.applied,
+        };
+        labcodec::encode(&snap).unwrap_or_default()
+    }
+
+    fn restore(&self, data: &[u8]) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let snap: MachineSnapshot =
+            labcodec::decode(data).map_err(|e| SnapshotError(e.to_string()))?;
+        let sessions =
+            SessionTable::restore(snap.sessions).map_err(|e| SnapshotError(e.to_string()))?;
+        let mut inner = self.inner.lock();
+        self.store
+            .restore(&snap.store)
+            .map_err(|e| SnapshotError(e.to_string()))?;
+        inner.sessions = sessions;
+        inner.applied = snap.applied;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(m: &KvMachine, client: u64, seq: u64, cmds: Vec<KvCmd>) -> Outcome {
+        let bytes = labcodec::encode(&Request { client, seq, cmds }).unwrap();
+        labcodec::decode(&m.do_op(&bytes)).unwrap()
+    }
+
+    #[test]
+    fn incr_applies_once_per_seq_and_survives_a_snapshot() {
+        let m = KvMachine::new();
+        let incr = || vec![KvCmd::Incr(b"n".to_vec())];
+        assert_eq!(run(&m, 7, 1, incr()), Outcome::Done(vec![KvOut::Int(1)]));
+        assert_eq!(run(&m, 7, 1, incr()), Outcome::Done(vec![KvOut::Int(1)]));
+        let copy = KvMachine::new();
+        copy.restore(&m.snapshot()).unwrap();
+        assert_eq!(run(&copy, 7, 1, incr()), Outcome::Done(vec![KvOut::Int(1)]));
+        assert_eq!(run(&copy, 7, 2, incr()), Outcome::Done(vec![KvOut::Int(2)]));
+        assert_eq!(
+            run(&copy, 0, 0, vec![KvCmd::Get(b"n".to_vec())]),
+            Outcome::Done(vec![KvOut::Bulk(b"2".to_vec())])
+        );
+    }
+
+    #[test]
+    fn binary_keys_and_values_round_trip() {
+        let m = KvMachine::new();
+        let key: Vec<u8> = (0..=255).collect();
+        let value = vec![0xff, 0, 0x80, b'\r'];
+        run(&m, 1, 1, vec![KvCmd::Set(key.clone(), value.clone())]);
+        assert_eq!(
+            run(&m, 0, 0, vec![KvCmd::VGet(key)]),
+            Outcome::Done(vec![KvOut::Versioned(value, 1)])
+        );
+    }
+
+    #[test]
+    fn bad_entry_and_bad_snapshot_are_errors() {
+        let m = KvMachine::new();
+        let out: Outcome = labcodec::decode(&m.do_op(&[0xff, 0xff, 0xff])).unwrap();
+        assert!(matches!(out, Outcome::Bad(_)));
+        assert!(m.restore(&[1, 2, 3]).is_err());
+    }
+}

@@ -1,0 +1,256 @@
+//! One raftkv node (issue 10): the Lab 4 replicated state machine on real TCP and a real disk,
+//! speaking Redis's protocol to clients.
+//!
+//! ```text
+//!  redis client ──RESP──► RespServer (client port) ──► Front::handle_batch
+//!                                                        │ leader here?  rsm.submit ─► Raft log
+//!                                                        └ else Kv.Exec ─TCP─► leader's peer port
+//!  peer port: net::Server with the `Raft` service (RequestVote, AppendEntries, InstallSnapshot)
+//!             and the `Kv` service (Exec: a forwarded request, run on that node only)
+//! ```
+//!
+//! Storage is chosen by the caller ([`Node::start`] takes a `Box<dyn raft::Storage>`); the
+//! `raftkv` binary gives it the file log in `--data DIR`.
+
+pub mod front;
+pub mod machine;
+pub mod transport;
+
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::kvraft::rsm::{Rsm, RsmError};
+use crate::net::{ClientEnd, ClientOptions, Server, ServerOptions};
+use crate::raft::Storage;
+use crate::resp::server::{RespOptions, RespServer};
+pub use front::Front;
+pub use machine::KvMachine;
+pub use transport::TcpRaftTransport;
+
+/// Snapshot once the Raft state passes this many bytes.
+pub const DEFAULT_MAX_RAFT_STATE: usize = 8 << 20;
+
+/// What a node needs to start.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// This node's number, 1-based as on the command line.
+    pub id: usize,
+    /// Every node's peer address, node `i + 1` at `peers[i]` (this node's included: it
+    /// listens there).
+    pub peers: Vec<String>,
+    /// Where Redis clients connect.
+    pub client_addr: String,
+    pub max_raft_state: Option<usize>,
+}
+
+/// Why a node could not start.
+#[derive(Debug)]
+pub enum NodeError {
+    /// A bad `--id` / `--peers`.
+    Config(String),
+    /// A peer address that does not resolve.
+    Resolve {
+        node: usize,
+        addr: String,
+        reason: String,
+    },
+    /// A port could not be bound.
+    Bind {
+        what: &'static str,
+        addr: String,
+        reason: String,
+    },
+    /// The replica could not start (corrupt state, say).
+    Rsm(RsmError),
+}
+
+impl fmt::Display for NodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NodeError::Config(e) => f.write_str(e),
+            NodeError::Resolve { node, addr, reason } => {
+                write!(f, "node {node}'s address {addr}: {reason}")
+            }
+            NodeError::Bind { what, addr, reason } => {
+                write!(f, "cannot listen for {what} on {addr}: {reason}")
+            }
+            NodeError::Rsm(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for NodeError {}
+
+/// What the status line shows of one node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeStatus {
+    pub term: u64,
+    pub leader: bool,
+    /// Requests the state machine has applied.
+    pub applied: u64,
+    /// RESP commands answered.
+    pub commands: u64,
+    pub keys: usize,
+}
+
+/// A running node. [`shutdown`](Self::shutdown) (or drop) stops the client port, the peer
+/// port, the replica and the peer connections, joining every thread.
+pub struct Node {
+    id: usize,
+    resp: Option<RespServer>,
+    server: Option<Server>,
+    rsm: Arc<Rsm>,
+    machine: Arc<KvMachine>,
+    front: Arc<Front>,
+    ends: Vec<ClientEnd>,
+}
+
+fn resolve(node: usize, addr: &str) -> Result<SocketAddr, NodeError> {
+    let err = |reason: String| NodeError::Resolve {
+        node,
+        addr: addr.to_string(),
+        reason,
+    };
+    addr.to_socket_addrs()
+        .map_err(|e| err(e.to_string()))?
+        .next()
+        .ok_or_else(|| err("no address".into()))
+}
+
+impl Node {
+    /// Starts the node on `storage`. Returns once both ports listen; the node then finds or
+    /// elects a leader on its own.
+    pub fn start(config: NodeConfig, storage: Box<dyn Storage>) -> Result<Node, NodeError> {
+        let n = config.peers.len();
+        if config.id == 0 || config.id > n {
+            return Err(NodeError::Config(format!(
+                "--id {} is not one of the {n} nodes in --peers",
+                config.id
+            )));
+        }
+        let me = config.id - 1;
+        let addrs = config
+            .peers
+            .iter()
+            .enumerate()
+            .map(|(i, a)| resolve(i + 1, a))
+            .collect::<Result<Vec<_>, _>>()?;
+        // Bind the peer port first: a node that cannot listen must not start Raft.
+        let server = Server::start(
+            &format!("node{}-peer", config.id),
+            addrs[me],
+            ServerOptions {
+                // Forwarded requests block a handler until they commit; Raft's RPCs share
+                // the pool, so it is larger than the default.
+                handler_threads: 32,
+                ..ServerOptions::default()
+            },
+        )
+        .map_err(|e| NodeError::Bind {
+            what: "peers",
+            addr: config.peers[me].clone(),
+            reason: e.to_string(),
+        })?;
+        let options = ClientOptions {
+            call_timeout: Duration::from_secs(1),
+            backoff_max: Duration::from_millis(200),
+            ..ClientOptions::default()
+        };
+        let ends: Vec<Option<ClientEnd>> = addrs
+            .iter()
+            .enumerate()
+            .map(|(j, &addr)| {
+                (j != me).then(|| {
+                    ClientEnd::connect(
+                        &format!("node{}-to{}", config.id, j + 1),
+                        addr,
+                        options.clone(),
+                    )
+                })
+            })
+            .collect();
+        let machine = Arc::new(KvMachine::new());
+        let rsm = Rsm::new(
+            Box::new(TcpRaftTransport::new(ends.clone())) as Box<dyn crate::raft::RaftTransport>,
+            me,
+            storage,
+            config.max_raft_state,
+            machine.clone(),
+        );
+        let rsm = Arc::new(rsm.map_err(NodeError::Rsm)?);
+        server.add_service(transport::raft_service(rsm.raft().handler()));
+        server.add_service(front::kv_service(rsm.clone()));
+        let front = Arc::new(Front::new(me, rsm.clone(), ends.clone()));
+        let resp = RespServer::start(
+            &format!("node{}-resp", config.id),
+            &config.client_addr,
+            RespOptions::default(),
+            front.clone(),
+        )
+        .map_err(|e| NodeError::Bind {
+            what: "clients",
+            addr: config.client_addr.clone(),
+            reason: e.to_string(),
+        })?;
+        log::info!(target: "node", "node {}: peers on {}, clients on {}", config.id, addrs[me], resp.local_addr());
+        Ok(Node {
+            id: config.id,
+            resp: Some(resp),
+            server: Some(server),
+            rsm,
+            machine,
+            front,
+            ends: ends.into_iter().flatten().collect(),
+        })
+    }
+
+    pub fn id(&self) -> usize {
+        self.id
+    }
+
+    /// Where Redis clients connect.
+    pub fn client_addr(&self) -> Option<SocketAddr> {
+        self.resp.as_ref().map(|r| r.local_addr())
+    }
+
+    pub fn status(&self) -> NodeStatus {
+        let (term, leader) = self.rsm.raft().get_state();
+        NodeStatus {
+            term,
+            leader,
+            applied: self.machine.applied(),
+            commands: self.front.commands(),
+            keys: self.machine.keys(),
+        }
+    }
+
+    /// Whether the replica has stopped (a storage error, a snapshot it could not read).
+    pub fn stopped(&self) -> Option<String> {
+        if let Some(e) = self.rsm.failure() {
+            return Some(e.to_string());
+        }
+        self.rsm.raft().killed().then(|| "raft stopped".to_string())
+    }
+
+    /// Stops everything and joins every thread. Idempotent.
+    pub fn shutdown(&mut self) {
+        if let Some(resp) = self.resp.take() {
+            resp.shutdown();
+        }
+        if let Some(server) = self.server.take() {
+            server.shutdown();
+        }
+        self.rsm.kill();
+        for end in &self.ends {
+            end.shutdown();
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}

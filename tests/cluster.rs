@@ -1,0 +1,659 @@
+//! The `raftkv` binary as a real cluster: three `raftkv serve` processes on loopback, talked to
+//! with the `redis` crate. Every node is killed when the test ends, passing or failing (the
+//! cluster's drop, and `--stop-on-stdin-eof` if the test process itself dies).
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+const EXE: &str = env!("CARGO_BIN_EXE_raftkv");
+/// How long a cluster may take to elect a leader, or a command to succeed after a fault.
+const PATIENCE: Duration = Duration::from_secs(15);
+
+static CLUSTERS: AtomicU32 = AtomicU32::new(0);
+
+struct Cluster {
+    dir: PathBuf,
+    peer_ports: Vec<u16>,
+    client_ports: Vec<u16>,
+    children: Vec<Option<Child>>,
+}
+
+/// `n` free loopback ports (all bound at once, so they differ, then released).
+fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("local addr").port())
+        .collect()
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Status {
+    term: u64,
+    leader: bool,
+}
+
+impl Cluster {
+    fn new(n: usize) -> Cluster {
+        let dir = std::env::temp_dir().join(format!(
+            "raftkv-cluster-{}-{}",
+            std::process::id(),
+            CLUSTERS.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("create the test directory");
+        let ports = free_ports(2 * n);
+        let mut cluster = Cluster {
+            dir,
+            peer_ports: ports[..n].to_vec(),
+            client_ports: ports[n..].to_vec(),
+            children: (0..n).map(|_| None).collect(),
+        };
+        for i in 0..n {
+            cluster.start(i);
+        }
+        cluster
+    }
+
+    fn data(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("node-{}", i + 1))
+    }
+
+    /// Starts node `i` (0-based) on its data directory.
+    fn start(&mut self, i: usize) {
+        assert!(self.children[i].is_none(), "node {} already runs", i + 1);
+        let peers: Vec<String> = self
+            .peer_ports
+            .iter()
+            .enumerate()
+            .map(|(j, p)| format!("{}=127.0.0.1:{p}", j + 1))
+            .collect();
+        // A status file left by the previous run must not be taken for this one's.
+        let _ = fs::remove_file(self.data(i).join("status"));
+        let child = Command::new(EXE)
+            .arg("serve")
+            .args(["--id", &(i + 1).to_string()])
+            .args(["--peers", &peers.join(",")])
+            .args(["--client", &format!("127.0.0.1:{}", self.client_ports[i])])
+            .arg("--data")
+            .arg(self.data(i))
+            .arg("--stop-on-stdin-eof")
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start node {}: {e}", i + 1));
+        self.children[i] = Some(child);
+    }
+
+    /// `kill -9` node `i` and reap it.
+    fn kill9(&mut self, i: usize) {
+        let mut child = self.children[i].take().expect("node is running");
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reap");
+    }
+
+    /// Node `i` has not exited.
+    fn alive(&mut self, i: usize) -> bool {
+        match self.children[i].as_mut() {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    fn status(&self, i: usize) -> Option<Status> {
+        let text = fs::read_to_string(self.data(i).join("status")).ok()?;
+        let words: Vec<&str> = text.split_whitespace().collect();
+        Some(Status {
+            term: words.get(1)?.parse().ok()?,
+            leader: *words.get(3)? == "1",
+        })
+    }
+
+    /// The running node that leads in the highest term, waiting up to [`PATIENCE`].
+    fn leader(&self) -> usize {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let leader = (0..self.children.len())
+                .filter(|&i| self.children[i].is_some())
+                .filter_map(|i| self.status(i).filter(|s| s.leader).map(|s| (i, s.term)))
+                .max_by_key(|&(_, term)| term);
+            if let Some((i, _)) = leader {
+                return i;
+            }
+            assert!(Instant::now() < deadline, "no leader within {PATIENCE:?}");
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A Redis connection to node `i`, waiting for it to listen.
+    fn client(&self, i: usize) -> redis::Connection {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{}/", self.client_ports[i]))
+            .expect("redis url");
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            match client.get_connection_with_timeout(Duration::from_secs(1)) {
+                Ok(con) => {
+                    con.set_read_timeout(Some(Duration::from_secs(10)))
+                        .expect("read timeout");
+                    return con;
+                }
+                Err(e) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "node {} does not accept clients: {e}",
+                        i + 1
+                    );
+                    thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+
+    /// Runs `f` on a fresh connection to node `i` until it succeeds, within [`PATIENCE`]
+    /// (a node answers TRYAGAIN while there is no leader).
+    fn retry<T>(
+        &self,
+        i: usize,
+        what: &str,
+        f: impl Fn(&mut redis::Connection) -> redis::RedisResult<T>,
+    ) -> T {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let mut con = self.client(i);
+            match f(&mut con) {
+                Ok(v) => return v,
+                Err(e) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "{what} on node {} failed for {PATIENCE:?}: {e}",
+                        i + 1
+                    );
+                    thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for child in self.children.iter_mut().flatten() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn get(con: &mut redis::Connection, key: &str) -> redis::RedisResult<Option<String>> {
+    redis::cmd("GET").arg(key).query(con)
+}
+
+fn set(con: &mut redis::Connection, key: &str, value: &str) -> redis::RedisResult<String> {
+    redis::cmd("SET").arg(key).arg(value).query(con)
+}
+
+#[test]
+fn basic_commands() {
+    let cluster = Cluster::new(3);
+    let leader = cluster.leader();
+    let mut c = cluster.client(leader);
+    let pong: String = redis::cmd("PING").query(&mut c).unwrap();
+    assert_eq!(pong, "PONG");
+    assert_eq!(set(&mut c, "a", "1").unwrap(), "OK");
+    assert_eq!(get(&mut c, "a").unwrap().as_deref(), Some("1"));
+    assert_eq!(get(&mut c, "missing").unwrap(), None);
+    let n: i64 = redis::cmd("INCR").arg("a").query(&mut c).unwrap();
+    assert_eq!(n, 2);
+    let n: i64 = redis::cmd("INCR").arg("fresh").query(&mut c).unwrap();
+    assert_eq!(n, 1);
+    set(&mut c, "text", "abc").unwrap();
+    let e = redis::cmd("INCR")
+        .arg("text")
+        .query::<i64>(&mut c)
+        .unwrap_err();
+    assert!(e.to_string().contains("not an integer"), "{e}");
+    let found: i64 = redis::cmd("EXISTS")
+        .arg("a")
+        .arg("zz")
+        .arg("a")
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(found, 2);
+    let values: Vec<Option<String>> = redis::cmd("MGET")
+        .arg("a")
+        .arg("zz")
+        .arg("fresh")
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(values, vec![Some("2".into()), None, Some("1".into())]);
+    let removed: i64 = redis::cmd("DEL").arg("a").arg("zz").query(&mut c).unwrap();
+    assert_eq!(removed, 1);
+    assert_eq!(get(&mut c, "a").unwrap(), None);
+    // The lab's versioned operations.
+    let ok: String = redis::cmd("VSET")
+        .arg("v")
+        .arg("x")
+        .arg(0)
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(ok, "OK");
+    let (value, version): (String, u64) = redis::cmd("VGET").arg("v").query(&mut c).unwrap();
+    assert_eq!((value.as_str(), version), ("x", 1));
+    let e = redis::cmd("VSET")
+        .arg("v")
+        .arg("y")
+        .arg(0)
+        .query::<String>(&mut c)
+        .unwrap_err();
+    assert!(e.to_string().contains("ERRVERSION"), "{e}");
+    let ok: String = redis::cmd("VSET")
+        .arg("v")
+        .arg("y")
+        .arg(1)
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(ok, "OK");
+    let none: Option<(String, u64)> = redis::cmd("VGET").arg("nothing").query(&mut c).unwrap();
+    assert_eq!(none, None);
+    // Errors keep the connection.
+    let e = redis::cmd("FLUSHALL").query::<String>(&mut c).unwrap_err();
+    assert!(e.to_string().contains("unknown command"), "{e}");
+    let e = redis::cmd("GET").query::<String>(&mut c).unwrap_err();
+    assert!(e.to_string().contains("wrong number of arguments"), "{e}");
+    // Binary keys and values.
+    let key: Vec<u8> = (0..=255u8).collect();
+    let value = vec![0u8, 0xff, b'\r', b'\n'];
+    let ok: String = redis::cmd("SET")
+        .arg(&key)
+        .arg(&value)
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(ok, "OK");
+    let back: Vec<u8> = redis::cmd("GET").arg(&key).query(&mut c).unwrap();
+    assert_eq!(back, value);
+    // A pipeline goes through as one batch, in order.
+    let (a, b, n): (String, Option<String>, i64) = redis::pipe()
+        .cmd("SET")
+        .arg("p")
+        .arg("1")
+        .cmd("GET")
+        .arg("p")
+        .cmd("INCR")
+        .arg("p")
+        .query(&mut c)
+        .unwrap();
+    assert_eq!((a.as_str(), b.as_deref(), n), ("OK", Some("1"), 2));
+}
+
+#[test]
+fn follower_forwards() {
+    let cluster = Cluster::new(3);
+    let leader = cluster.leader();
+    let followers: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    let mut f0 = cluster.client(followers[0]);
+    let mut f1 = cluster.client(followers[1]);
+    for k in 0..20 {
+        assert_eq!(
+            set(&mut f0, &format!("k{k}"), &format!("v{k}")).unwrap(),
+            "OK"
+        );
+        // Reads go through the log, so a write acknowledged anywhere is seen everywhere.
+        assert_eq!(
+            get(&mut f1, &format!("k{k}")).unwrap(),
+            Some(format!("v{k}"))
+        );
+    }
+    let n: i64 = redis::cmd("INCR").arg("count").query(&mut f1).unwrap();
+    assert_eq!(n, 1);
+    let n: i64 = redis::cmd("INCR").arg("count").query(&mut f0).unwrap();
+    assert_eq!(n, 2);
+}
+
+#[test]
+fn set_survives_leader_kill9() {
+    let mut cluster = Cluster::new(3);
+    let leader = cluster.leader();
+    let mut c = cluster.client(leader);
+    assert_eq!(set(&mut c, "durable", "yes").unwrap(), "OK");
+    drop(c);
+    cluster.kill9(leader);
+    let survivor = (leader + 1) % 3;
+    let value = cluster.retry(survivor, "GET after the leader's kill -9", |c| {
+        get(c, "durable")
+    });
+    assert_eq!(value.as_deref(), Some("yes"));
+    // The survivors elect a new leader and keep serving writes.
+    let new_leader = cluster.leader();
+    assert_ne!(new_leader, leader, "a killed node cannot lead");
+    cluster.retry(survivor, "SET after failover", |c| set(c, "after", "1"));
+    // The old leader comes back, catches up, and serves the same data.
+    cluster.start(leader);
+    let back = cluster.retry(leader, "GET on the restarted node", |c| get(c, "after"));
+    assert_eq!(back.as_deref(), Some("1"));
+}
+
+#[test]
+fn acknowledged_sets_survive_kill9_of_every_node() {
+    let mut cluster = Cluster::new(3);
+    let leader = cluster.leader();
+    let port = cluster.client_ports[leader];
+    // A writer keeps writing while every node is killed with SIGKILL, one after another; it
+    // records what was acknowledged.
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    let writer = thread::Builder::new()
+        .name("writer".into())
+        .spawn(move || {
+            let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).unwrap();
+            let mut con = client
+                .get_connection_with_timeout(Duration::from_secs(2))
+                .unwrap();
+            con.set_read_timeout(Some(Duration::from_secs(6))).unwrap();
+            let mut acknowledged = Vec::new();
+            for k in 0..100_000 {
+                if stop_rx.try_recv().is_ok() {
+                    break;
+                }
+                match set(&mut con, &format!("key{k}"), &format!("value{k}")) {
+                    Ok(reply) => {
+                        assert_eq!(reply, "OK");
+                        acknowledged.push(k);
+                    }
+                    Err(_) => break,
+                }
+            }
+            acknowledged
+        })
+        .expect("spawn the writer");
+    thread::sleep(Duration::from_millis(500));
+    for i in [(leader + 1) % 3, (leader + 2) % 3, leader] {
+        cluster.kill9(i);
+        thread::sleep(Duration::from_millis(30));
+    }
+    let _ = stop_tx.send(());
+    let acknowledged = writer.join().expect("the writer panicked");
+    assert!(
+        !acknowledged.is_empty(),
+        "no SET acknowledged before the kills"
+    );
+    for i in 0..3 {
+        cluster.start(i);
+    }
+    let leader = cluster.leader();
+    let keys: Vec<String> = acknowledged.iter().map(|k| format!("key{k}")).collect();
+    for chunk in keys.chunks(500) {
+        let values: Vec<Option<String>> =
+            cluster.retry(leader, "MGET after restarting every node", |c| {
+                redis::cmd("MGET").arg(chunk).query(c)
+            });
+        for (key, value) in chunk.iter().zip(values) {
+            assert_eq!(
+                value.as_deref(),
+                Some(key.replace("key", "value").as_str()),
+                "acknowledged SET {key} lost ({} acknowledged)",
+                acknowledged.len()
+            );
+        }
+    }
+}
+
+/// Writes `bytes` to `port` and reads until the node closes the connection or 2 s pass.
+fn send_garbage(port: u16, bytes: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    // The node may close the connection before it has read everything: that is fine.
+    let _ = s.write_all(bytes);
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    got
+}
+
+#[test]
+fn garbage_on_client_and_peer_ports_leaves_nodes_unharmed() {
+    let mut cluster = Cluster::new(3);
+    let leader = cluster.leader();
+    cluster.retry(leader, "SET before the garbage", |c| set(c, "before", "1"));
+    let mut noise: Vec<u8> = Vec::new();
+    let mut x: u32 = 12345;
+    for _ in 0..64 << 10 {
+        x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+        noise.push((x >> 16) as u8);
+    }
+    for i in 0..3 {
+        // Client port: random bytes, a malformed frame, a bulk length far above the limit.
+        send_garbage(cluster.client_ports[i], &noise);
+        let reply = send_garbage(cluster.client_ports[i], b"*1\r\n$abc\r\n");
+        assert!(
+            reply.starts_with(b"-ERR"),
+            "malformed frame answered {reply:?}"
+        );
+        let reply = send_garbage(
+            cluster.client_ports[i],
+            b"*2\r\n$3\r\nGET\r\n$99999999999\r\n",
+        );
+        assert!(
+            reply.starts_with(b"-ERR"),
+            "oversized bulk answered {reply:?}"
+        );
+        // Peer port: random bytes, a frame length of 4 GiB, a well-framed body that decodes to
+        // nothing.
+        send_garbage(cluster.peer_ports[i], &noise);
+        send_garbage(cluster.peer_ports[i], &[0xff, 0xff, 0xff, 0xff, 1, 2, 3]);
+        send_garbage(cluster.peer_ports[i], &[0, 0, 0, 8, 9, 9, 9, 9, 9, 9, 9, 9]);
+    }
+    for i in 0..3 {
+        assert!(cluster.alive(i), "node {} died of garbage", i + 1);
+    }
+    for i in 0..3 {
+        let v = cluster.retry(i, "GET after the garbage", |c| get(c, "before"));
+        assert_eq!(v.as_deref(), Some("1"));
+        cluster.retry(i, "SET after the garbage", |c| {
+            set(c, &format!("after{i}"), "1")
+        });
+    }
+}
+
+/// The command line: bad flags exit 2 with a message; --help exits 0.
+#[test]
+fn bad_flags_exit_2() {
+    let run = |args: &[&str]| {
+        Command::new(EXE)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run raftkv")
+    };
+    for args in [
+        &["serve"][..],
+        &[
+            "serve",
+            "--id",
+            "4",
+            "--peers",
+            "1=127.0.0.1:1,2=127.0.0.1:2",
+            "--client",
+            "127.0.0.1:0",
+            "--data",
+            "x",
+        ],
+        &[
+            "serve",
+            "--id",
+            "1",
+            "--peers",
+            "1=nonsense",
+            "--client",
+            "127.0.0.1:0",
+            "--data",
+            "x",
+        ],
+        &["local", "--nodes", "zero"],
+        &["local", "--bogus"],
+        &["frobnicate"],
+    ] {
+        let out = run(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+        assert!(!out.stderr.is_empty(), "{args:?} printed no message");
+    }
+    for args in [&["--help"][..], &["serve", "--help"], &["local", "--help"]] {
+        let out = run(args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {out:?}");
+        assert!(String::from_utf8_lossy(&out.stdout).contains("usage"));
+    }
+}
+
+/// A data directory belongs to one node of one cluster.
+#[test]
+fn data_dir_of_another_node_is_refused() {
+    let mut cluster = Cluster::new(3);
+    cluster.leader();
+    cluster.kill9(0);
+    let peers: Vec<String> = cluster
+        .peer_ports
+        .iter()
+        .enumerate()
+        .map(|(j, p)| format!("{}=127.0.0.1:{p}", j + 1))
+        .collect();
+    let out = Command::new(EXE)
+        .arg("serve")
+        .args([
+            "--id",
+            "2",
+            "--peers",
+            &peers.join(","),
+            "--client",
+            "127.0.0.1:0",
+        ])
+        .arg("--data")
+        .arg(cluster.data(0))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run raftkv");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("id 1"), "{stderr}");
+    assert!(Path::new(&cluster.data(0)).join("cluster").exists());
+}
+
+/// A data directory that cannot be created is a clear error, not a panic.
+#[test]
+fn unusable_data_dir_is_an_error() {
+    let dir = std::env::temp_dir().join(format!("raftkv-cluster-{}-file", std::process::id()));
+    fs::write(&dir, b"a file, not a directory").unwrap();
+    let ports = free_ports(2);
+    let out = Command::new(EXE)
+        .arg("serve")
+        .args(["--id", "1", "--peers", &format!("1=127.0.0.1:{}", ports[0])])
+        .args(["--client", &format!("127.0.0.1:{}", ports[1])])
+        .arg("--data")
+        .arg(dir.join("node"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run raftkv");
+    let _ = fs::remove_file(&dir);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot create"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// INCR through a follower while the leader is killed: the follower retries forwards with the
+/// same (client, seq), so no INCR applies twice. Each acknowledged value is the previous one
+/// plus one, plus at most the INCRs in between whose outcome was unknown (an error reply).
+#[test]
+fn incr_through_follower_applies_once_across_leader_kill9() {
+    let mut cluster = Cluster::new(3);
+    let leader = cluster.leader();
+    let follower = (leader + 1) % 3;
+    let mut con = cluster.client(follower);
+    let mut last: i64 = 0;
+    let mut unknown_since_last = 0;
+    let mut acknowledged = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for round in 0..300 {
+        if round == 100 {
+            cluster.kill9(leader);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "300 INCRs took over 30 s ({acknowledged} acknowledged)"
+        );
+        match redis::cmd("INCR").arg("counter").query::<i64>(&mut con) {
+            Ok(v) => {
+                assert!(
+                    v > last && v <= last + 1 + unknown_since_last,
+                    "INCR answered {v} after {last} with {unknown_since_last} unknown outcomes between: applied twice or lost"
+                );
+                last = v;
+                unknown_since_last = 0;
+                acknowledged += 1;
+            }
+            Err(e) => {
+                unknown_since_last += 1;
+                // The connection may be broken by a timeout: take a fresh one.
+                con = cluster.client(follower);
+                let _ = e;
+            }
+        }
+    }
+    assert!(
+        acknowledged >= 200,
+        "only {acknowledged} of 300 INCRs acknowledged"
+    );
+    let total: i64 = cluster.retry(follower, "GET counter", |c| {
+        redis::cmd("GET").arg("counter").query(c)
+    });
+    assert!(
+        total >= last && total <= last + unknown_since_last,
+        "counter {total}, last acknowledged {last}, {unknown_since_last} unknown after it"
+    );
+}
+
+/// A data directory in use by a running node is refused by a second one (the file log's lock).
+#[test]
+fn locked_data_dir_is_refused() {
+    let cluster = Cluster::new(3);
+    cluster.leader();
+    let peers: Vec<String> = cluster
+        .peer_ports
+        .iter()
+        .enumerate()
+        .map(|(j, p)| format!("{}=127.0.0.1:{p}", j + 1))
+        .collect();
+    let out = Command::new(EXE)
+        .arg("serve")
+        .args([
+            "--id",
+            "1",
+            "--peers",
+            &peers.join(","),
+            "--client",
+            "127.0.0.1:0",
+        ])
+        .arg("--data")
+        .arg(cluster.data(0))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run raftkv");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("locked"), "{stderr}");
+    let v = cluster.retry(0, "SET on the node that holds the lock", |c| {
+        set(c, "still", "here")
+    });
+    assert_eq!(v, "OK");
+}

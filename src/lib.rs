@@ -6,6 +6,7 @@
 //! | 2 | [`kvsrv`]: single-server versioned KV and a lock on it |
 //! | 3 | [`raft`]: Raft with persistence and snapshots |
 //! | 4 | [`kvraft`]: replicated state machine and linearizable KV service on Raft |
+//! | 5 | [`shardkv`]: sharded KV over Raft groups, with a shard controller |
 //! | — | [`labrpc`], [`labcodec`], [`tester`], [`porcupine`]: simulated network, codec, harness, checker |
 //!
 //! See `ARCHITECTURE.md` at the repository root for how the parts fit.
@@ -17,4 +18,5 @@ pub mod labrpc;
 pub mod mr;
 pub mod porcupine;
 pub mod raft;
+pub mod shardkv;
 pub mod tester;

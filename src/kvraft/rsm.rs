@@ -40,6 +40,12 @@ pub trait StateMachine: Send + Sync {
     fn snapshot(&self) -> Vec<u8>;
     /// Replaces the whole state by a snapshot's.
     fn restore(&self, data: &[u8]);
+    /// Whether the service wants a snapshot now although the log is not yet long enough
+    /// (e.g. it just dropped much of its state, which the persisted snapshot still holds).
+    /// Asked after each executed op; only honoured when snapshots are on.
+    fn wants_snapshot(&self) -> bool {
+        false
+    }
 }
 
 /// What goes into the Raft log: the request and an id unique to this submission, so the
@@ -269,7 +275,7 @@ impl Shared {
             return false;
         };
         let size = self.raft.persist_bytes();
-        if size < max || applied_bytes < max / 4 {
+        if (size < max || applied_bytes < max / 4) && !self.sm.wants_snapshot() {
             return false;
         }
         if size > 4 * max {

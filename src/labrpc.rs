@@ -125,6 +125,26 @@ impl Service {
         self
     }
 
+    /// Adds method `name` whose handler may decline to answer (`None`), as a crashed
+    /// process would: the caller then gets [`RpcError::NoReply`] after the delay of an
+    /// unreachable server.
+    pub fn method_or_silence<A, R, F>(mut self, name: &str, handler: F) -> Service
+    where
+        A: DeserializeOwned,
+        R: Serialize,
+        F: Fn(A) -> Option<R> + Send + Sync + 'static,
+    {
+        let h: Handler = Box::new(move |bytes: &[u8]| {
+            let args: A = labcodec::decode(bytes)?;
+            match handler(args) {
+                Some(reply) => Ok(labcodec::encode(&reply)?),
+                None => Err(RpcError::NoReply),
+            }
+        });
+        self.methods.insert(name.to_string(), h);
+        self
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -449,12 +469,7 @@ impl Network {
         let Some((server_name, server)) = route.server else {
             // No reply, after a while: a Raft that waits on calls to a disconnected peer is
             // caught by the long delay.
-            let ms = if route.long_delays {
-                self.rand_below(LONG_DELAY_MS)
-            } else {
-                self.rand_below(SHORT_FAIL_DELAY_MS)
-            };
-            self.sleep(Duration::from_millis(ms));
+            self.unreachable_delay(route.long_delays);
             return Err(RpcError::NoReply);
         };
 
@@ -478,6 +493,12 @@ impl Network {
         if self.is_server_dead(end, &server_name, &server) {
             return Err(RpcError::NoReply);
         }
+        if result == Err(RpcError::NoReply) {
+            // The handler declined to answer (its server is dead): to the caller this looks
+            // like a server that is not there.
+            self.unreachable_delay(route.long_delays);
+            return Err(RpcError::NoReply);
+        }
         let reply = result?;
         if !route.reliable && self.rand_below(1000) < 100 {
             return Err(RpcError::NoReply); // reply lost
@@ -494,6 +515,16 @@ impl Network {
             .total_bytes
             .fetch_add(reply.len() as u64, Ordering::Relaxed);
         Ok(reply)
+    }
+
+    /// How long a call to a server that is not there takes to fail.
+    fn unreachable_delay(&self, long_delays: bool) {
+        let ms = if long_delays {
+            self.rand_below(LONG_DELAY_MS)
+        } else {
+            self.rand_below(SHORT_FAIL_DELAY_MS)
+        };
+        self.sleep(Duration::from_millis(ms));
     }
 
     /// Runs the handler on a pool thread and waits for it, giving up as soon as the server

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use crossbeam::channel;
 use raftkv::kvraft::harness::{KvRaftParams, KvRaftTest};
 use raftkv::kvsrv::rpc::{KvErr, Tversion};
-use raftkv::tester::GRP0;
 use raftkv::tester::kvtest::{ClntRes, ELECTION_TIMEOUT, make_keys};
+use raftkv::tester::{GRP0, join_helper};
 
 /// Iterations of the generic test.
 const NITER: usize = 3;
@@ -85,10 +85,7 @@ fn generic_test(t: KvRaftTest) {
         } else {
             None
         };
-        res = match clients.join() {
-            Ok(r) => r,
-            Err(_) => t.fatal("clients failed"),
-        };
+        res = join_helper(clients);
         ts.check_porcupine();
         if let Some(pt) = partitioner {
             pt.stop();
@@ -241,26 +238,39 @@ fn one_partition_4b() {
     ts.cfg.begin("Test: no progress in minority (4B)");
     let (done0_tx, done0) = channel::bounded::<Tversion>(1);
     let (done1_tx, done1) = channel::bounded::<()>(1);
-    {
+    let put_thread = {
         let ts = ts.clone();
         let ckp2a = ckp2a.clone();
         thread::spawn(move || {
             let ver = ts.put_at_least_once(ckp2a.ck.as_ref(), "1", "15", ver1, TESTER);
             let _ = done0_tx.send(ver);
-        });
-    }
-    {
+        })
+    };
+    let get_thread = {
         let ts = ts.clone();
         let ckp2b = ckp2b.clone();
         thread::spawn(move || {
             // Different clerk in p2.
             ts.get(ckp2b.ck.as_ref(), "1", TESTER);
             let _ = done1_tx.send(());
-        });
-    }
+        })
+    };
+    // A closed channel means its thread failed a check: join it to fail with its message.
     channel::select! {
-        recv(done0) -> _ => t.fatal("Put in minority completed"),
-        recv(done1) -> _ => t.fatal("Get in minority completed"),
+        recv(done0) -> r => match r {
+            Ok(_) => t.fatal("Put in minority completed"),
+            Err(_) => {
+                join_helper(put_thread);
+                t.fatal("the Put thread ended without a result")
+            }
+        },
+        recv(done1) -> r => match r {
+            Ok(_) => t.fatal("Get in minority completed"),
+            Err(_) => {
+                join_helper(get_thread);
+                t.fatal("the Get thread ended without a result")
+            }
+        },
         default(Duration::from_secs(1)) => {}
     }
     ts.check_get(ckp1.ck.as_ref(), "1", "14", ver1);
@@ -276,10 +286,19 @@ fn one_partition_4b() {
 
     let ver15 = match done0.recv_timeout(Duration::from_millis(30 * 100)) {
         Ok(v) => v,
+        Err(_) if put_thread.is_finished() => {
+            join_helper(put_thread);
+            t.fatal("the Put thread ended without a result")
+        }
         Err(_) => t.fatal("Put did not complete"),
     };
-    // As in Go, the Get's completion is looked at but not required.
+    join_helper(put_thread);
+    // As in Go, the Get's completion is looked at but not required; if it ended, it must
+    // have ended well.
     let _ = done1.try_recv();
+    if get_thread.is_finished() {
+        join_helper(get_thread);
+    }
     ts.check_get(ck.ck.as_ref(), "1", "15", ver15);
     ts.end();
 }

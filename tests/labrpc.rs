@@ -9,6 +9,7 @@ use crossbeam::channel;
 use parking_lot::Mutex;
 use raftkv::labcodec;
 use raftkv::labrpc::{Network, RpcError, Server, Service};
+use raftkv::tester::join_helper;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
@@ -235,10 +236,11 @@ fn concurrent_many() {
     let nclients = 20;
     let nrpcs = 10;
     let (tx, rx) = channel::unbounded();
+    let mut helpers = Vec::new();
     for i in 0..nclients {
         let net = net.0.clone();
         let tx = tx.clone();
-        thread::spawn(move || {
+        helpers.push(thread::spawn(move || {
             let mut n = 0;
             let name = i.to_string();
             let e = net.make_end(&name).unwrap();
@@ -252,10 +254,11 @@ fn concurrent_many() {
                 }
             }
             tx.send(n).unwrap();
-        });
+        }));
     }
     drop(tx);
     let total: usize = rx.iter().sum();
+    helpers.into_iter().for_each(join_helper);
     assert_eq!(total, nclients * nrpcs, "wrong number of RPCs completed");
     assert_eq!(net.count("1000"), total, "wrong count");
 }
@@ -266,10 +269,11 @@ fn unreliable() {
     net.set_reliable(false);
     let nclients = 300;
     let (tx, rx) = channel::unbounded();
+    let mut helpers = Vec::new();
     for i in 0..nclients {
         let net = net.0.clone();
         let tx = tx.clone();
-        thread::spawn(move || {
+        helpers.push(thread::spawn(move || {
             let name = i.to_string();
             let e = net.make_end(&name).unwrap();
             net.connect(&name, "1000");
@@ -284,10 +288,11 @@ fn unreliable() {
                 Err(other) => panic!("unexpected error {other}"),
             };
             tx.send(n).unwrap();
-        });
+        }));
     }
     drop(tx);
     let results: Vec<usize> = rx.iter().collect();
+    helpers.into_iter().for_each(join_helper);
     assert_eq!(results.len(), nclients, "a client thread died");
     let total: usize = results.iter().sum();
     assert!(
@@ -305,10 +310,11 @@ fn concurrent_one() {
     net.enable("c", true);
     let nrpcs = 20;
     let (tx, rx) = channel::unbounded();
+    let mut helpers = Vec::new();
     for i in 0..nrpcs {
         let e = e.clone();
         let tx = tx.clone();
-        thread::spawn(move || {
+        helpers.push(thread::spawn(move || {
             let arg = 100 + i as i64;
             let reply: String = e.call("JunkServer.Handler2", &arg).unwrap();
             assert_eq!(
@@ -317,10 +323,11 @@ fn concurrent_one() {
                 "wrong reply from Handler2"
             );
             tx.send(1).unwrap();
-        });
+        }));
     }
     drop(tx);
     let total: usize = rx.iter().sum();
+    helpers.into_iter().for_each(join_helper);
     assert_eq!(total, nrpcs, "wrong number of RPCs completed");
     assert_eq!(
         js.log2.lock().len(),
@@ -342,13 +349,14 @@ fn regression1() {
     net.enable("c", false);
     let nrpcs = 20;
     let (tx, rx) = channel::unbounded();
+    let mut helpers = Vec::new();
     for i in 0..nrpcs {
         let e = e.clone();
         let tx = tx.clone();
-        thread::spawn(move || {
+        helpers.push(thread::spawn(move || {
             let r: Result<String, RpcError> = e.call("JunkServer.Handler2", &(100 + i as i64));
             tx.send(r).unwrap();
-        });
+        }));
     }
     drop(tx);
 
@@ -366,6 +374,7 @@ fn regression1() {
     );
 
     let results: Vec<_> = rx.iter().collect();
+    helpers.into_iter().for_each(join_helper);
     assert_eq!(results.len(), nrpcs);
     assert_eq!(js.log2.lock().len(), 1, "wrong number of RPCs delivered");
     assert_eq!(net.count("1000"), 1, "wrong count");

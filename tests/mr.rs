@@ -1,5 +1,7 @@
 //! The seven scenarios of the lab's `test-mr.sh`, run against the real binaries: each test
-//! gets its own directory (generated input in `in/`, processes run in `run/`) and its own
+//! gets its own directory (generated input in `in/`: the books' size, 3.2 MB, for `wc`,
+//! `indexer` and `crash`, as the lab runs them; 800 kB for the scheduling scenarios;
+//! processes run in `run/`) and its own
 //! socket, so the tests can run in parallel. Every process a test starts is killed when the
 //! test ends, pass or fail.
 //!
@@ -35,21 +37,33 @@ struct Proc {
 }
 
 impl Job {
+    /// A job on eight small generated files (100 kB each): the scenarios about scheduling,
+    /// where input size does not matter and CPU is better spent elsewhere.
     fn new(test: &str) -> Job {
+        Job::with_input(
+            test,
+            &GenConfig {
+                files: 8,
+                bytes_per_file: 100_000,
+                ..GenConfig::default()
+            },
+        )
+    }
+
+    /// A job on input the size of the lab's eight books (8 files, 3.2 MB), as the lab's
+    /// script runs `wc`, `indexer` and `crash`.
+    fn books_sized(test: &str) -> Job {
+        Job::with_input(test, &GenConfig::default())
+    }
+
+    fn with_input(test: &str, config: &GenConfig) -> Job {
         let root = std::env::temp_dir().join(format!("rkv-mr-{}-{test}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         let run = root.join("run");
         let input_dir = root.join("in");
         std::fs::create_dir_all(&run).unwrap();
         std::fs::create_dir_all(&input_dir).unwrap();
-        // Eight 100 kB files: enough words for real work, little enough CPU to run all seven
-        // tests at once on a small machine.
-        let config = GenConfig {
-            files: 8,
-            bytes_per_file: 100_000,
-            ..GenConfig::default()
-        };
-        let inputs = write_corpus(&input_dir, &config)
+        let inputs = write_corpus(&input_dir, config)
             .unwrap()
             .iter()
             .map(|p| format!("../in/{}", p.file_name().unwrap().to_string_lossy()))
@@ -214,7 +228,7 @@ fn assert_same_output(got: &[String], want: &[String], what: &str) {
 
 #[test]
 fn wc() {
-    let job = Job::new("wc");
+    let job = Job::books_sized("wc");
     let want = job.reference("wc");
     let coordinator = job.coordinator(TIMEOUT);
     let workers: Vec<Proc> = (0..3).map(|_| job.worker("wc", TIMEOUT)).collect();
@@ -227,7 +241,7 @@ fn wc() {
 
 #[test]
 fn indexer() {
-    let job = Job::new("indexer");
+    let job = Job::books_sized("indexer");
     let want = job.reference("indexer");
     let coordinator = job.coordinator(TIMEOUT);
     let background = job.worker("indexer", TIMEOUT);
@@ -331,7 +345,7 @@ fn early_exit() {
 
 #[test]
 fn crash() {
-    let job = Job::new("crash");
+    let job = Job::books_sized("crash");
     let want = job.reference("nocrash");
     let done_marker = job.run.join("mr-done");
     let coordinator = job.coordinator(CRASH_TIMEOUT);

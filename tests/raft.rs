@@ -7,9 +7,9 @@ use std::thread;
 use std::time::Duration;
 
 use raftkv::raft::harness::{
-    ELECTION_TIMEOUT, MAX_LOG_SIZE, SNAPSHOT_INTERVAL, Test, TestCmd, rand_cmd,
+    ELECTION_TIMEOUT, FAULT_ENV, MAX_LOG_SIZE, SNAPSHOT_INTERVAL, Test, TestCmd, rand_cmd,
 };
-use raftkv::tester::randstring;
+use raftkv::tester::{join_helper, randstring, run_test_in_child};
 use rand::Rng;
 
 fn sleep(d: Duration) {
@@ -100,6 +100,33 @@ fn many_elections_3a() {
 }
 
 // ---------------------------------------------------------------- 3B
+
+/// Regression: a follower cut off for a while used to come back with a higher term and
+/// depose a working leader. With pre-vote it cannot raise its term while it cannot win, so
+/// the leader and the term survive its return.
+#[test]
+fn rejoining_follower_does_not_depose_the_leader_3a() {
+    let servers = 3;
+    let ts = Test::new(servers, true, false);
+    ts.begin("Test (3A): a rejoining follower does not depose the leader");
+    let leader = ts.check_one_leader();
+    let term = ts.check_terms();
+    let follower = (leader + 1) % servers;
+    ts.g().disconnect_all(follower);
+    sleep(3 * ELECTION_TIMEOUT);
+    let (cut_off_term, _) = ts.raft(follower).unwrap().get_state();
+    if cut_off_term != term {
+        ts.fatal(&format!(
+            "a cut-off follower raised its term {term} -> {cut_off_term}"
+        ));
+    }
+    ts.g().connect_one(follower);
+    sleep(ELECTION_TIMEOUT);
+    if ts.check_one_leader() != leader || ts.check_terms() != term {
+        ts.fatal("the leader or the term changed when a follower rejoined");
+    }
+    ts.end();
+}
 
 #[test]
 fn basic_agree_3b() {
@@ -307,10 +334,7 @@ fn concurrent_starts_3b() {
                 })
             })
             .collect();
-        let indices: Vec<u64> = handles
-            .into_iter()
-            .filter_map(|h| h.join().unwrap())
-            .collect();
+        let indices: Vec<u64> = handles.into_iter().filter_map(join_helper).collect();
         for j in 0..servers {
             if let Some(r) = ts.raft(j)
                 && r.get_state().0 != term
@@ -530,6 +554,38 @@ fn count_3b() {
     ts.end();
 }
 
+/// Regression: a killed peer that is still connected used to answer AppendEntries with a
+/// rejection that taught the leader nothing, and the leader resent at once, without limit
+/// (hundreds of thousands of RPCs a second). A killed peer must answer nothing, and the
+/// leader must keep to the idle rate the count test allows.
+#[test]
+fn killed_peer_causes_no_rpc_storm_3b() {
+    let servers = 3;
+    let ts = Test::new(servers, true, false);
+    ts.begin("Test (3B): no RPC storm towards a killed, connected peer");
+    ts.one(rand_cmd(), servers, false);
+    let leader = ts.check_one_leader();
+    let victim = (leader + 1) % servers;
+    ts.g().disconnect_all(victim);
+    for _ in 0..5 {
+        ts.one(rand_cmd(), servers - 1, false);
+    }
+    ts.raft(victim).unwrap().kill();
+    ts.g().connect_one(victim);
+    let total1 = ts.rpcs();
+    sleep(2 * ELECTION_TIMEOUT);
+    let total2 = ts.rpcs();
+    // count_3b allows 3 * 20 RPCs per idle second.
+    if total2 - total1 > 2 * 3 * 20 {
+        ts.fatal(&format!(
+            "too many RPCs ({}) in 2 s with a killed peer connected",
+            total2 - total1
+        ));
+    }
+    ts.one(rand_cmd(), servers - 1, false);
+    ts.end();
+}
+
 // ---------------------------------------------------------------- 3C
 
 #[test]
@@ -557,6 +613,17 @@ fn persist1_3c() {
     ts.restart(i3);
     ts.one(TestCmd::Int(16), servers, true);
     ts.end();
+}
+
+/// The apply check can fail: a Raft that does not apply its log again after a restart
+/// (simulated by the harness fault `skip-reapply`) must fail persist1_3c, at once.
+#[test]
+fn harness_fails_a_raft_that_skips_reapply_after_restart_3c() {
+    let (passed, output) = run_test_in_child("persist1_3c", &[(FAULT_ENV, "skip-reapply")]);
+    assert!(
+        !passed && output.contains("apply out of order"),
+        "persist1_3c passed, or failed otherwise, with a Raft that skips re-applying:\n{output}"
+    );
 }
 
 #[test]
@@ -677,7 +744,7 @@ fn unreliable_agree_3c() {
     }
     ts.cfg.set_reliable(true);
     for h in handles {
-        h.join().expect("a client thread failed");
+        join_helper(h);
     }
     ts.one(TestCmd::Int(100), servers, true);
     ts.end();
@@ -791,7 +858,7 @@ fn internal_churn(reliable: bool) {
         if rand_below(1000) < 500 {
             let i = rand_below(servers as u64) as usize;
             if ts.raft(i).is_none() {
-                ts.g().start_server(i);
+                ts.restart(i); // as Go: restarting reconnects every server
             }
             ts.g().connect_one(i);
         }
@@ -809,14 +876,14 @@ fn internal_churn(reliable: bool) {
     ts.cfg.set_reliable(true);
     for i in 0..servers {
         if ts.raft(i).is_none() {
-            ts.g().start_server(i);
+            ts.restart(i);
         }
         ts.g().connect_one(i);
     }
     stop.store(true, Ordering::SeqCst);
     let mut values = Vec::new();
     for c in clients {
-        values.extend(c.join().expect("client failed"));
+        values.extend(join_helper(c));
     }
     sleep(ELECTION_TIMEOUT);
     let last_index = ts.one(rand_cmd(), servers, true);

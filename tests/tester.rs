@@ -259,3 +259,17 @@ fn persister_copy_on_crash() {
     // The restarted server answers on fresh ends.
     assert!(peers.reaches(0, 0));
 }
+
+/// A failed check in a helper thread fails the test that joins it, with the same message.
+#[test]
+fn join_helper_fails_with_the_helpers_message() {
+    let h = std::thread::spawn(|| -> () { panic!("check failed in a helper: {}", 42) });
+    let e = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        raftkv::tester::join_helper(h)
+    }))
+    .expect_err("join_helper returned although its thread panicked");
+    assert_eq!(
+        raftkv::tester::panic_message(&*e),
+        "check failed in a helper: 42"
+    );
+}

@@ -19,6 +19,7 @@ use super::server::{KvServer, start_kv_server};
 use crate::labcodec;
 use crate::labrpc::ClientEnd;
 use crate::raft::Raft;
+pub use crate::raft::harness::FAULT_ENV;
 use crate::tester::kvtest::{ClerkMaker, KvTest, TestClerk};
 use crate::tester::{Config, GRP0, IService, Persister, ServerGrp, StartFn, Tgid};
 
@@ -47,10 +48,21 @@ pub enum CounterRep {
     Null,
 }
 
+/// Whether the deliberate harness fault `name` is on (see [`FAULT_ENV`]). The rsm tests'
+/// faults: `minority-ok` turns a Dec Submit that failed into an OK reply (an rsm that answers
+/// for an op it never committed); `replica-lag` keeps the first instance of server 2 from
+/// showing the Incs it executes (a replica whose state silently lags until a restart
+/// replays its log).
+fn harness_fault(name: &str) -> bool {
+    std::env::var(FAULT_ENV).is_ok_and(|v| v == name)
+}
+
 /// The state machine of the rsm tests: one counter.
 struct Counter {
     me: usize,
     n: Mutex<i64>,
+    /// With the `replica-lag` fault: Incs executed but not shown by [`RsmSrv::counter`].
+    hidden: Option<Mutex<i64>>,
     /// The first thing that went wrong (Go's `log.Fatalf` in `DoOp`); the test fails on it.
     fatal: Arc<Mutex<Option<String>>>,
 }
@@ -61,6 +73,9 @@ impl StateMachine for Counter {
             Ok(CounterReq::Inc) => {
                 let mut n = self.n.lock();
                 *n += 1;
+                if let Some(h) = &self.hidden {
+                    *h.lock() += 1;
+                }
                 CounterRep::Inc { n: *n }
             }
             Ok(CounterReq::Null) => CounterRep::Null,
@@ -81,13 +96,17 @@ impl StateMachine for Counter {
         labcodec::encode(&*self.n.lock()).unwrap_or_default()
     }
 
-    fn restore(&self, data: &[u8]) {
+    fn restore(&self, data: &[u8]) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         match labcodec::decode::<i64>(data) {
-            Ok(n) => *self.n.lock() = n,
+            Ok(n) => {
+                *self.n.lock() = n;
+                Ok(())
+            }
             Err(e) => {
                 self.fatal
                     .lock()
                     .get_or_insert(format!("server {}: bad snapshot: {e}", self.me));
+                Err(e.into())
             }
         }
     }
@@ -101,14 +120,20 @@ pub struct RsmSrv {
 
 impl RsmSrv {
     pub fn counter(&self) -> i64 {
-        *self.counter.n.lock()
+        let hidden = self.counter.hidden.as_ref().map_or(0, |h| *h.lock());
+        *self.counter.n.lock() - hidden
     }
 
     /// Submits one counter request.
     pub fn submit(&self, req: CounterReq) -> Option<CounterRep> {
         let bytes = labcodec::encode(&req).ok()?;
-        let rep = self.rsm.submit(bytes).ok()?;
-        labcodec::decode(&rep).ok()
+        match self.rsm.submit(bytes) {
+            Ok(rep) => labcodec::decode(&rep).ok(),
+            Err(_) if req == CounterReq::Dec && harness_fault("minority-ok") => {
+                Some(CounterRep::Null)
+            }
+            Err(_) => None,
+        }
     }
 }
 
@@ -132,12 +157,16 @@ impl RsmTest {
             let fatal = fatal.clone();
             Arc::new(
                 move |ends: Vec<ClientEnd>, _gid: Tgid, i: usize, persister: Persister| {
+                    let first_instance = srvs.lock()[i].is_none();
                     let counter = Arc::new(Counter {
                         me: i,
                         n: Mutex::new(0),
+                        hidden: (i == 2 && first_instance && harness_fault("replica-lag"))
+                            .then(|| Mutex::new(0)),
                         fatal: fatal.clone(),
                     });
-                    let rsm = Rsm::new(ends, i, persister, maxraftstate, counter.clone());
+                    let rsm = Rsm::new(ends, i, persister, maxraftstate, counter.clone())
+                        .unwrap_or_else(|e| panic!("tester: cannot start server {i}: {e}"));
                     let raft = rsm.raft();
                     srvs.lock()[i] = Some(Arc::new(RsmSrv { counter, rsm }));
                     // Only the Raft is the tester's to kill, as in Go.
@@ -310,7 +339,8 @@ impl KvRaftTest {
             let maxraftstate = p.maxraftstate;
             Arc::new(
                 move |ends: Vec<ClientEnd>, gid: Tgid, i: usize, persister: Persister| {
-                    let (kv, services) = start_kv_server(ends, gid, i, persister, maxraftstate);
+                    let (kv, services) = start_kv_server(ends, gid, i, persister, maxraftstate)
+                        .unwrap_or_else(|e| panic!("tester: cannot start server {i}: {e}"));
                     srvs.lock()[i] = Some(kv);
                     services
                 },

@@ -5,14 +5,19 @@
 //! One reader thread, `rsm-<me>-reader`, drains the apply channel and executes every committed
 //! request on every peer, in log order. A submitter waits on a one-slot channel keyed by the
 //! log index; the reader answers it only if the op executed there is the submitter's own (same
-//! unique id), otherwise with [`KvErr::WrongLeader`]. A submitter also gives up by itself when
-//! its peer's term moves on or it stops leading, so a deposed leader's clients learn within
-//! [`LEADERSHIP_POLL`] of the change.
+//! unique id), otherwise with [`KvErr::WrongLeader`]. A submitter whose peer stops leading
+//! keeps waiting while its entry is still in the peer's log (a later leader may commit it), for
+//! at most [`DEPOSED_GRACE`]; then, or as soon as the entry is gone, it answers WrongLeader.
+//! Each new leader appends a term-start entry (never shown to the state machine), so entries
+//! of earlier terms still in its log commit at once rather than at the next client request:
+//! a deposed leader's client mostly learns the real outcome instead of a retry that might
+//! execute its request twice.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam::channel::{self, Receiver, RecvTimeoutError, Sender};
 use parking_lot::Mutex;
@@ -21,11 +26,14 @@ use serde::{Deserialize, Serialize};
 use crate::kvsrv::rpc::KvErr;
 use crate::labcodec;
 use crate::labrpc::{ClientEnd, Service};
-use crate::raft::{ApplyMsg, Raft};
+use crate::raft::{ApplyMsg, Raft, RaftError};
 use crate::tester::{IService, Persister};
 
 /// How often a waiting submitter checks that its peer still leads in the term it started in.
 pub const LEADERSHIP_POLL: Duration = Duration::from_millis(50);
+/// How long a submitter whose peer lost leadership keeps waiting while its entry is still in
+/// the log (a later leader may commit it).
+pub const DEPOSED_GRACE: Duration = Duration::from_millis(300);
 /// Committed entries Raft may hand over before the reader takes them.
 const APPLY_BUFFER: usize = 256;
 /// Per-entry bytes of the persisted log beyond the command itself (term, length), roughly.
@@ -38,8 +46,9 @@ pub trait StateMachine: Send + Sync {
     fn do_op(&self, req: &[u8]) -> Vec<u8>;
     /// The whole state, for a snapshot.
     fn snapshot(&self) -> Vec<u8>;
-    /// Replaces the whole state by a snapshot's.
-    fn restore(&self, data: &[u8]);
+    /// Replaces the whole state by a snapshot's. An error (a snapshot the service cannot
+    /// read) stops the replica: going on would apply later entries to the wrong state.
+    fn restore(&self, data: &[u8]) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
     /// Whether the service wants a snapshot now although the log is not yet long enough
     /// (e.g. it just dropped much of its state, which the persisted snapshot still holds).
     /// Asked after each executed op; only honoured when snapshots are on.
@@ -48,12 +57,55 @@ pub trait StateMachine: Send + Sync {
     }
 }
 
-/// What goes into the Raft log: the request and an id unique to this submission, so the
-/// submitter can tell its op from another leader's op at the same index.
+/// Why a replica could not start, or stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RsmError {
+    /// A snapshot (persisted, or installed from the leader) could not be read or restored.
+    /// `index` is the snapshot's last index, when known.
+    CorruptSnapshot {
+        peer: usize,
+        index: Option<u64>,
+        reason: String,
+    },
+    /// The Raft peer could not start.
+    Raft(RaftError),
+    /// The reader thread could not start.
+    Spawn { peer: usize, reason: String },
+}
+
+impl fmt::Display for RsmError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RsmError::CorruptSnapshot {
+                peer,
+                index: Some(i),
+                reason,
+            } => write!(f, "rsm-{peer}: corrupt snapshot through {i}: {reason}"),
+            RsmError::CorruptSnapshot {
+                peer,
+                index: None,
+                reason,
+            } => write!(f, "rsm-{peer}: corrupt persisted snapshot: {reason}"),
+            RsmError::Raft(e) => write!(f, "{e}"),
+            RsmError::Spawn { peer, reason } => {
+                write!(f, "rsm-{peer}: cannot start the reader thread: {reason}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for RsmError {}
+
+/// What goes into the Raft log.
 #[derive(Serialize, Deserialize)]
-struct Op {
-    id: u64,
-    req: Vec<u8>,
+enum LogOp {
+    /// A service request and an id unique to this submission, so the submitter can tell its
+    /// op from another leader's op at the same index.
+    Request { id: u64, req: Vec<u8> },
+    /// Appended by each new leader of a term (Raft §8): once it commits, every entry of
+    /// earlier terms still in the log has committed too, so a request whose leader was
+    /// deposed learns its fate at once instead of waiting for the next client.
+    TermStart,
 }
 
 /// What the rsm hands Raft as a snapshot: the service's state and the index it reflects, so
@@ -78,6 +130,8 @@ struct Shared {
     maxraftstate: Option<usize>,
     /// Submitters by log index.
     waiters: Mutex<HashMap<u64, Waiter>>,
+    /// Why this replica stopped, if it did (it then never serves again).
+    failure: Mutex<Option<RsmError>>,
 }
 
 /// A replicated state machine on one Raft peer.
@@ -88,54 +142,69 @@ pub struct Rsm {
 
 impl Rsm {
     /// Starts the Raft peer `me` of `ends` and the reader thread. Restores `sm` from the
-    /// persisted snapshot, if any. `maxraftstate`: snapshot when the persisted Raft state
-    /// approaches this many bytes; `None` never snapshots. Returns at once.
+    /// persisted snapshot, if any; one that cannot be read or restored is an error (the
+    /// replica must not start from the wrong state). `maxraftstate`: snapshot when the
+    /// persisted Raft state approaches this many bytes; `None` never snapshots. Returns at
+    /// once.
     pub fn new(
         ends: Vec<ClientEnd>,
         me: usize,
         persister: Persister,
         maxraftstate: Option<usize>,
         sm: Arc<dyn StateMachine>,
-    ) -> Rsm {
+    ) -> Result<Rsm, RsmError> {
         let mut last_applied = 0;
         let snap = persister.read_snapshot();
         if !snap.is_empty() {
-            match labcodec::decode::<RsmSnapshot>(&snap) {
-                Ok(s) => {
-                    sm.restore(&s.state);
-                    last_applied = s.index;
-                }
-                Err(e) => {
-                    log::error!(target: "kvraft::rsm", "rsm-{me}: persisted snapshot unreadable: {e}")
-                }
-            }
+            let corrupt = |index, reason: String| RsmError::CorruptSnapshot {
+                peer: me,
+                index,
+                reason,
+            };
+            let s =
+                labcodec::decode::<RsmSnapshot>(&snap).map_err(|e| corrupt(None, e.to_string()))?;
+            sm.restore(&s.state)
+                .map_err(|e| corrupt(Some(s.index), e.to_string()))?;
+            last_applied = s.index;
         }
         // Buffered, unlike the lab's channel: handing entries over one at a time costs a
         // thread switch each, and on a loaded machine a follower then applies more slowly
         // than it appends, so its unapplied (untrimmable) log grows without bound.
         let (apply_tx, apply_rx) = channel::bounded::<ApplyMsg>(APPLY_BUFFER);
-        let raft = match Raft::new(ends, me, persister, apply_tx) {
-            Ok(r) => Arc::new(r),
-            Err(e) => panic!("rsm-{me}: cannot start raft: {e}"),
-        };
+        let raft = Arc::new(Raft::new(ends, me, persister, apply_tx).map_err(RsmError::Raft)?);
         let shared = Arc::new(Shared {
             me,
             raft,
             sm,
             maxraftstate,
             waiters: Mutex::new(HashMap::new()),
+            failure: Mutex::new(None),
         });
         let reader = {
             let shared = shared.clone();
             thread::Builder::new()
                 .name(format!("rsm-{me}-reader"))
                 .spawn(move || shared.run_reader(apply_rx, last_applied))
-                .expect("rsm: cannot start the reader thread")
         };
-        Rsm {
+        let reader = match reader {
+            Ok(h) => h,
+            Err(e) => {
+                shared.raft.kill();
+                return Err(RsmError::Spawn {
+                    peer: me,
+                    reason: e.to_string(),
+                });
+            }
+        };
+        Ok(Rsm {
             shared,
             reader: Mutex::new(Some(reader)),
-        }
+        })
+    }
+
+    /// Why this replica stopped for good, if it did (a snapshot it could not restore).
+    pub fn failure(&self) -> Option<RsmError> {
+        self.shared.failure.lock().clone()
     }
 
     pub fn raft(&self) -> Arc<Raft> {
@@ -147,7 +216,7 @@ impl Rsm {
     pub fn submit(&self, req: Vec<u8>) -> Result<Vec<u8>, KvErr> {
         let s = &self.shared;
         let id: u64 = rand::random();
-        let cmd = match labcodec::encode(&Op { id, req }) {
+        let cmd = match labcodec::encode(&LogOp::Request { id, req }) {
             Ok(c) => c,
             Err(e) => {
                 log::error!(target: "kvraft::rsm", "rsm-{}: cannot encode op: {e}", s.me);
@@ -169,41 +238,90 @@ impl Rsm {
             (index, term)
         };
         log::trace!(target: "kvraft::rsm", "rsm-{} t{term}: submitted op {id:x} at {index}", s.me);
+        let mut lost_since: Option<Instant> = None;
         loop {
             match rx.recv_timeout(LEADERSHIP_POLL) {
                 Ok(r) => return r,
                 Err(RecvTimeoutError::Disconnected) => return Err(KvErr::WrongLeader),
                 Err(RecvTimeoutError::Timeout) => {
                     let (now_term, is_leader) = s.raft.get_state();
-                    if now_term != term || !is_leader || s.raft.killed() {
-                        log::debug!(target: "kvraft::rsm", "rsm-{} t{now_term}: op {id:x} at {index} (t{term}) abandoned, leader {is_leader}", s.me);
-                        let mut waiters = s.waiters.lock();
-                        if waiters.get(&index).is_some_and(|w| w.id == id) {
-                            waiters.remove(&index);
-                        }
-                        return Err(KvErr::WrongLeader);
+                    if now_term == term && is_leader && !s.raft.killed() {
+                        continue;
                     }
+                    // Deposed, or the term moved on. While our entry is still in this peer's
+                    // log a later leader may yet commit it (its term-start entry makes that
+                    // quick): answering WrongLeader now could have the client run it twice.
+                    // Once the entry is gone, or after a grace, give up.
+                    let lost_at = *lost_since.get_or_insert_with(Instant::now);
+                    if !s.raft.killed()
+                        && s.raft.term_at(index) == Some(term)
+                        && lost_at.elapsed() < DEPOSED_GRACE
+                    {
+                        continue;
+                    }
+                    log::debug!(target: "kvraft::rsm", "rsm-{} t{now_term}: op {id:x} at {index} (t{term}) abandoned, leader {is_leader}", s.me);
+                    let mut waiters = s.waiters.lock();
+                    if waiters.get(&index).is_some_and(|w| w.id == id) {
+                        waiters.remove(&index);
+                    }
+                    return Err(KvErr::WrongLeader);
                 }
             }
         }
     }
 
     /// Kills the Raft peer (which closes the apply channel) and waits for the reader to exit.
+    /// Idempotent; dropping the `Rsm` does it too.
     pub fn kill(&self) {
         self.shared.raft.kill();
         if let Some(h) = self.reader.lock().take()
             && h.thread().id() != thread::current().id()
+            && h.join().is_err()
         {
-            let _ = h.join();
+            log::error!(target: "kvraft::rsm", "rsm-{}: the reader thread panicked", self.shared.me);
         }
     }
 }
 
+impl Drop for Rsm {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 impl Shared {
+    /// Appends a term-start entry when this peer has become leader of a term it has not
+    /// marked yet (`marked`: the last term it marked).
+    fn mark_term_start(&self, marked: &mut u64) {
+        let (term, is_leader) = self.raft.get_state();
+        if !is_leader || term <= *marked {
+            return;
+        }
+        match labcodec::encode(&LogOp::TermStart) {
+            Ok(cmd) => {
+                let (index, started_term, ok) = self.raft.start(cmd);
+                if ok {
+                    log::debug!(target: "kvraft::rsm", "rsm-{} t{started_term}: term start at {index}", self.me);
+                    *marked = started_term;
+                }
+            }
+            Err(e) => {
+                log::error!(target: "kvraft::rsm", "rsm-{}: cannot encode a term start: {e}", self.me)
+            }
+        }
+    }
+
     fn run_reader(&self, apply_rx: Receiver<ApplyMsg>, mut last_applied: u64) {
         // Roughly how many log bytes a snapshot now would discard.
         let mut applied_bytes = 0;
-        for msg in apply_rx {
+        let mut marked_term = 0;
+        loop {
+            self.mark_term_start(&mut marked_term);
+            let msg = match apply_rx.recv_timeout(LEADERSHIP_POLL) {
+                Ok(msg) => msg,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
             match msg {
                 ApplyMsg::Command { index, command, .. } => {
                     if index <= last_applied {
@@ -218,21 +336,21 @@ impl Shared {
                     );
                     last_applied = index;
                     applied_bytes += command.len() + ENTRY_OVERHEAD;
-                    let op: Op = match labcodec::decode(&command) {
-                        Ok(op) => op,
+                    let (id, reply) = match labcodec::decode(&command) {
+                        Ok(LogOp::Request { id, req }) => (Some(id), self.sm.do_op(&req)),
+                        Ok(LogOp::TermStart) => (None, Vec::new()),
                         Err(e) => {
+                            // Every peer skips it alike.
                             log::error!(target: "kvraft::rsm", "rsm-{}: undecodable op at {index}: {e}", self.me);
-                            self.waiters.lock().remove(&index);
-                            continue;
+                            (None, Vec::new())
                         }
                     };
-                    let reply = self.sm.do_op(&op.req);
                     let waiter = self.waiters.lock().remove(&index);
                     if let Some(w) = waiter {
-                        let r = if w.id == op.id {
+                        let r = if Some(w.id) == id {
                             Ok(reply)
                         } else {
-                            // Another leader's op took the index: ours is lost.
+                            // Another leader's entry took the index: ours is lost.
                             Err(KvErr::WrongLeader)
                         };
                         let _ = w.reply.try_send(r);
@@ -245,12 +363,18 @@ impl Shared {
                     if index <= last_applied {
                         continue;
                     }
-                    match labcodec::decode::<RsmSnapshot>(&data) {
-                        Ok(s) => self.sm.restore(&s.state),
-                        Err(e) => {
-                            log::error!(target: "kvraft::rsm", "rsm-{}: unreadable snapshot through {index}: {e}", self.me);
-                            continue;
-                        }
+                    let restored = labcodec::decode::<RsmSnapshot>(&data)
+                        .map_err(|e| e.to_string())
+                        .and_then(|s| self.sm.restore(&s.state).map_err(|e| e.to_string()));
+                    if let Err(reason) = restored {
+                        // Applying later entries to the old state would diverge silently:
+                        // this replica stops for good.
+                        self.fail(RsmError::CorruptSnapshot {
+                            peer: self.me,
+                            index: Some(index),
+                            reason,
+                        });
+                        return;
                     }
                     log::debug!(target: "kvraft::rsm", "rsm-{}: installed snapshot through {index}", self.me);
                     last_applied = index;
@@ -263,6 +387,15 @@ impl Shared {
         // Raft was killed and closed the channel: every waiter gets WrongLeader.
         self.waiters.lock().clear();
         log::debug!(target: "kvraft::rsm", "rsm-{}: apply channel closed, reader exits", self.me);
+    }
+
+    /// Stops this replica for good: kills its Raft peer (it never serves or votes again) and
+    /// fails every waiting submitter. Called from the reader, which then returns.
+    fn fail(&self, e: RsmError) {
+        log::error!(target: "kvraft::rsm", "{e}; this replica stops");
+        self.failure.lock().get_or_insert(e);
+        self.raft.kill();
+        self.waiters.lock().clear();
     }
 
     /// Snapshots through `index` when the persisted Raft state has reached `maxraftstate`

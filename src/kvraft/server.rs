@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::rsm::{RaftService, Rsm, StateMachine};
+use super::rsm::{RaftService, Rsm, RsmError, StateMachine};
 use crate::kvsrv::rpc::{GetArgs, GetReply, KvErr, PutArgs, PutReply};
 use crate::kvsrv::store::VersionedStore;
 use crate::labcodec;
@@ -54,10 +54,8 @@ impl StateMachine for KvStore {
         self.store.encode()
     }
 
-    fn restore(&self, bytes: &[u8]) {
-        if let Err(e) = self.store.restore(bytes) {
-            log::error!(target: "kvraft::server", "unreadable snapshot: {e}");
-        }
+    fn restore(&self, bytes: &[u8]) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        Ok(self.store.restore(bytes)?)
     }
 }
 
@@ -124,6 +122,9 @@ impl IService for KvServer {
     }
 }
 
+/// A started replica and its services for the tester, in kill order.
+pub type StartedKvServer = (Arc<KvServer>, Vec<Arc<dyn IService>>);
+
 /// Starts KV replica `me` of a group: the KV server and its Raft peer, in that kill order.
 /// `maxraftstate`: snapshot when the persisted Raft state reaches it; `None` never.
 pub fn start_kv_server(
@@ -132,11 +133,11 @@ pub fn start_kv_server(
     me: usize,
     persister: Persister,
     maxraftstate: Option<usize>,
-) -> (Arc<KvServer>, Vec<Arc<dyn IService>>) {
+) -> Result<StartedKvServer, RsmError> {
     let store: Arc<KvStore> = Arc::new(KvStore::default());
-    let rsm = Rsm::new(ends, me, persister, maxraftstate, store);
+    let rsm = Rsm::new(ends, me, persister, maxraftstate, store)?;
     let raft = rsm.raft();
     let kv = Arc::new(KvServer { me, rsm });
     let services: Vec<Arc<dyn IService>> = vec![kv.clone(), Arc::new(RaftService(raft))];
-    (kv, services)
+    Ok((kv, services))
 }

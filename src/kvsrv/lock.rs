@@ -9,7 +9,9 @@ use super::KvClerk;
 use super::rpc::KvErr;
 use crate::tester::randstring;
 
-/// How long to wait before looking at a held lock again.
+/// How long to wait before looking at a held lock again, or trying again after a failed
+/// Get or a lost race (the clerk already retries lost RPCs itself: a tight loop here would
+/// only flood the server).
 const POLL_INTERVAL: Duration = Duration::from_millis(5);
 
 pub struct Lock {
@@ -42,13 +44,16 @@ impl Lock {
                 KvErr::Ok | KvErr::NoKey => {}
                 other => {
                     log::warn!(target: "kvsrv::lock", "acquire {:?}: get returned {other}", self.key);
+                    std::thread::sleep(POLL_INTERVAL);
                     continue;
                 }
             }
             match self.ck.put(&self.key, &self.id, version) {
                 KvErr::Ok => return,
-                // Maybe: the next get tells whether it is ours. Version: someone was faster.
-                _ => continue,
+                // Maybe: the next get tells whether it is ours.
+                KvErr::Maybe => continue,
+                // Version: someone was faster; look again in a moment.
+                _ => std::thread::sleep(POLL_INTERVAL),
             }
         }
     }
@@ -60,8 +65,10 @@ impl Lock {
             if err != KvErr::Ok || holder != self.id {
                 return;
             }
-            if self.ck.put(&self.key, "", version) == KvErr::Ok {
-                return;
+            match self.ck.put(&self.key, "", version) {
+                KvErr::Ok => return,
+                KvErr::Maybe => continue, // the next get tells
+                _ => std::thread::sleep(POLL_INTERVAL),
             }
         }
     }

@@ -317,7 +317,8 @@ pub(crate) fn check_partition<M: Model>(
     }
 }
 
-/// Checks every partition, on up to [`MAX_WORKERS`] threads, largest partitions first.
+/// Checks every partition, on `workers` threads (default: the available parallelism, at most
+/// [`MAX_WORKERS`]), largest partitions first.
 ///
 /// Without `explain`, the first Illegal partition stops the others (the verdict is decided).
 /// With it, every partition runs to its own verdict or the deadline, so that each has a
@@ -327,6 +328,7 @@ pub(crate) fn check_partitions<M: Model>(
     partitions: &[PartitionHistory<M::Input, M::Output>],
     stop: &StopSignal,
     explain: bool,
+    workers: Option<std::num::NonZeroUsize>,
 ) -> Vec<PartitionOutcome> {
     let check_one = |index: usize| {
         let outcome = check_partition(model, &partitions[index], stop, explain);
@@ -336,8 +338,13 @@ pub(crate) fn check_partitions<M: Model>(
         outcome
     };
 
-    let available = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let workers = available.min(MAX_WORKERS).min(partitions.len());
+    let workers = match workers {
+        Some(n) => n.get(),
+        None => std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(MAX_WORKERS),
+    };
+    let workers = workers.min(partitions.len());
     if workers <= 1 {
         return (0..partitions.len()).map(check_one).collect();
     }

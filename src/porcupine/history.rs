@@ -2,6 +2,7 @@
 //! shape: a list of operations and the real-time order of their calls and returns.
 
 use std::collections::HashMap;
+use std::fmt;
 
 use super::model::{Event, EventKind, EventValue, Model, Operation};
 
@@ -85,12 +86,80 @@ pub(crate) fn from_operations<I: Clone, O: Clone>(
     PartitionHistory { ops, timeline }
 }
 
+/// Why an event history cannot be checked: the first malformed event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EventError {
+    /// The event's position in the history.
+    pub position: usize,
+    /// Its operation id.
+    pub id: usize,
+    pub reason: EventFault,
+}
+
+/// What is wrong with an event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventFault {
+    /// A call with an id already called.
+    DuplicateCall,
+    /// A return with no earlier call of its id.
+    ReturnWithoutCall,
+    /// A second return of the same id.
+    DuplicateReturn,
+    /// A call carrying an output, or a return carrying an input.
+    WrongPayload,
+}
+
+impl fmt::Display for EventError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = match self.reason {
+            EventFault::DuplicateCall => "a second call with this id",
+            EventFault::ReturnWithoutCall => "a return without an earlier call",
+            EventFault::DuplicateReturn => "a second return",
+            EventFault::WrongPayload => "a payload of the wrong kind",
+        };
+        write!(
+            f,
+            "malformed history: event #{} (id {}) is {what}",
+            self.position, self.id
+        )
+    }
+}
+
+impl std::error::Error for EventError {}
+
+/// Checks that every event is well formed: each id called once, returned at most once and
+/// only after its call, with an input on the call and an output on the return.
+pub(crate) fn validate_events<I, O>(events: &[Event<I, O>]) -> Result<(), EventError> {
+    // id -> returned yet
+    let mut seen: HashMap<usize, bool> = HashMap::new();
+    for (position, event) in events.iter().enumerate() {
+        let fault = |reason| EventError {
+            position,
+            id: event.id,
+            reason,
+        };
+        match (&event.kind, &event.value) {
+            (EventKind::Call, EventValue::Input(_)) => {
+                if seen.insert(event.id, false).is_some() {
+                    return Err(fault(EventFault::DuplicateCall));
+                }
+            }
+            (EventKind::Return, EventValue::Output(_)) => match seen.get_mut(&event.id) {
+                None => return Err(fault(EventFault::ReturnWithoutCall)),
+                Some(true) => return Err(fault(EventFault::DuplicateReturn)),
+                Some(returned) => *returned = true,
+            },
+            _ => return Err(fault(EventFault::WrongPayload)),
+        }
+    }
+    Ok(())
+}
+
 /// Builds a partition from ordered events; an event's index is its time.
 ///
-/// Malformed events are skipped (with a debug log) rather than rejected: a second call with an
-/// id already called, a return with no earlier call of its id, a second return, or a payload of
-/// the wrong kind. A call without a return stays open with the model's
-/// [`Model::open_output`], or is dropped when that is `None`.
+/// The whole history has passed [`validate_events`]; anything malformed here is a bug in the
+/// model's partitioning, and is skipped with an error log. A call without a return stays open
+/// with the model's [`Model::open_output`], or is dropped when that is `None`.
 pub(crate) fn from_events<M: Model>(
     model: &M,
     events: &[Event<M::Input, M::Output>],
@@ -135,8 +204,8 @@ pub(crate) fn from_events<M: Model>(
                     kind: MarkKind::Return,
                 });
             }
-            _ => log::debug!(
-                "porcupine: skipping malformed event #{position} (id {}, {:?})",
+            _ => log::error!(
+                "porcupine: skipping malformed event #{position} of a partition (id {}, {:?})",
                 event.id,
                 event.kind
             ),

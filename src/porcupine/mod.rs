@@ -29,11 +29,14 @@ mod model;
 mod tests;
 mod visualize;
 
+use std::num::NonZeroUsize;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use checker::{StopSignal, Verdict};
 use history::PartitionHistory;
+
+pub use history::{EventError, EventFault};
 
 pub use info::{LinearizationInfo, LinearizedStep, OpInfo, PartitionInfo};
 pub use model::{CheckResult, Event, EventKind, EventValue, Model, Operation};
@@ -44,7 +47,7 @@ pub fn check_operations<M: Model>(
     model: &M,
     history: &[Operation<M::Input, M::Output>],
 ) -> CheckResult {
-    check_prepared(model, operation_partitions(model, history), None, false).0
+    check_operations_with(model, history, &CheckOptions::default()).0
 }
 
 /// Checks a history of completed operations, answering [`CheckResult::Unknown`] if not decided
@@ -54,8 +57,11 @@ pub fn check_operations_timeout<M: Model>(
     history: &[Operation<M::Input, M::Output>],
     timeout: Duration,
 ) -> CheckResult {
-    let partitions = operation_partitions(model, history);
-    check_prepared(model, partitions, Some(timeout), false).0
+    let opts = CheckOptions {
+        timeout: Some(timeout),
+        ..CheckOptions::default()
+    };
+    check_operations_with(model, history, &opts).0
 }
 
 /// Checks a history of completed operations and explains the verdict. `None` or a zero
@@ -68,13 +74,23 @@ pub fn check_operations_verbose<M: Model>(
     history: &[Operation<M::Input, M::Output>],
     timeout: Option<Duration>,
 ) -> (CheckResult, LinearizationInfo) {
-    check_prepared(model, operation_partitions(model, history), timeout, true)
+    let opts = CheckOptions {
+        timeout,
+        explain: true,
+        ..CheckOptions::default()
+    };
+    check_operations_with(model, history, &opts)
 }
 
 /// Checks an event history, with no time limit. The order of the events is real time. A call
-/// with no return is an operation still in flight; see [`Model::open_output`].
-pub fn check_events<M: Model>(model: &M, history: &[Event<M::Input, M::Output>]) -> CheckResult {
-    check_prepared(model, event_partitions(model, history), None, false).0
+/// with no return is an operation still in flight; see [`Model::open_output`]. A malformed
+/// history (a return without its call, an id called twice, a second return, a payload of the
+/// wrong kind) is an error naming the first bad event.
+pub fn check_events<M: Model>(
+    model: &M,
+    history: &[Event<M::Input, M::Output>],
+) -> Result<CheckResult, EventError> {
+    check_events_with(model, history, &CheckOptions::default()).map(|(r, _)| r)
 }
 
 /// [`check_events`] with a timeout (zero means no limit).
@@ -82,14 +98,12 @@ pub fn check_events_timeout<M: Model>(
     model: &M,
     history: &[Event<M::Input, M::Output>],
     timeout: Duration,
-) -> CheckResult {
-    check_prepared(
-        model,
-        event_partitions(model, history),
-        Some(timeout),
-        false,
-    )
-    .0
+) -> Result<CheckResult, EventError> {
+    let opts = CheckOptions {
+        timeout: Some(timeout),
+        ..CheckOptions::default()
+    };
+    check_events_with(model, history, &opts).map(|(r, _)| r)
 }
 
 /// [`check_operations_verbose`] for event histories.
@@ -97,8 +111,48 @@ pub fn check_events_verbose<M: Model>(
     model: &M,
     history: &[Event<M::Input, M::Output>],
     timeout: Option<Duration>,
+) -> Result<(CheckResult, LinearizationInfo), EventError> {
+    let opts = CheckOptions {
+        timeout,
+        explain: true,
+        ..CheckOptions::default()
+    };
+    check_events_with(model, history, &opts)
+}
+
+/// How to check: the time limit, the worker threads, and whether to explain the verdict.
+#[derive(Clone, Debug, Default)]
+pub struct CheckOptions {
+    /// `None` or zero: no limit; past it the answer is [`CheckResult::Unknown`].
+    pub timeout: Option<Duration>,
+    /// Threads that check partitions side by side; `None`: the available parallelism
+    /// (at most 8).
+    pub workers: Option<NonZeroUsize>,
+    /// Fill in the [`LinearizationInfo`] (every partition then runs to its own verdict).
+    pub explain: bool,
+}
+
+/// Checks a history of completed operations as `opts` says.
+pub fn check_operations_with<M: Model>(
+    model: &M,
+    history: &[Operation<M::Input, M::Output>],
+    opts: &CheckOptions,
 ) -> (CheckResult, LinearizationInfo) {
-    check_prepared(model, event_partitions(model, history), timeout, true)
+    check_prepared(model, operation_partitions(model, history), opts)
+}
+
+/// Checks an event history as `opts` says; a malformed history is an error.
+pub fn check_events_with<M: Model>(
+    model: &M,
+    history: &[Event<M::Input, M::Output>],
+    opts: &CheckOptions,
+) -> Result<(CheckResult, LinearizationInfo), EventError> {
+    history::validate_events(history)?;
+    Ok(check_prepared(
+        model,
+        event_partitions(model, history),
+        opts,
+    ))
 }
 
 fn operation_partitions<M: Model>(
@@ -126,17 +180,18 @@ fn event_partitions<M: Model>(
 fn check_prepared<M: Model>(
     model: &M,
     partitions: Vec<PartitionHistory<M::Input, M::Output>>,
-    timeout: Option<Duration>,
-    explain: bool,
+    opts: &CheckOptions,
 ) -> (CheckResult, LinearizationInfo) {
+    let explain = opts.explain;
     let stop = StopSignal {
         kill: AtomicBool::new(false),
         // A deadline too far away to represent is no deadline.
-        deadline: timeout
+        deadline: opts
+            .timeout
             .filter(|timeout| !timeout.is_zero())
             .and_then(|timeout| Instant::now().checked_add(timeout)),
     };
-    let outcomes = checker::check_partitions(model, &partitions, &stop, explain);
+    let outcomes = checker::check_partitions(model, &partitions, &stop, explain, opts.workers);
 
     // Illegal anywhere is decisive even if another partition ran out of time.
     let verdict_is = |wanted| outcomes.iter().any(|outcome| outcome.verdict == wanted);

@@ -1,15 +1,17 @@
 //! The linearizability checker on hand-made histories of a register and of the versioned KV
 //! store, on large generated histories, and its visualization.
 
+use std::num::NonZeroUsize;
 use std::time::{Duration, Instant};
 
 use crate::kvsrv::rpc::KvErr;
 use crate::porcupine::histgen::{KvHistoryConfig, linearizable_kv_history};
+use crate::porcupine::history::EventFault;
 use crate::porcupine::kv::{KvInput, KvModel, KvOp, KvOutput, KvState};
 use crate::porcupine::{
-    CheckResult, Event, EventKind, EventValue, Model, Operation, check_events,
+    CheckOptions, CheckResult, Event, EventKind, EventValue, Model, Operation, check_events,
     check_events_verbose, check_operations, check_operations_timeout, check_operations_verbose,
-    visualize,
+    check_operations_with, visualize,
 };
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -75,7 +77,7 @@ fn read(client_id: usize, seen: i64, call: i64, return_time: i64) -> Operation<R
 #[test]
 fn register_empty_history_is_ok() {
     assert_eq!(check_operations(&Register, &[]), CheckResult::Ok);
-    assert_eq!(check_events(&Register, &[]), CheckResult::Ok);
+    assert_eq!(check_events(&Register, &[]).unwrap(), CheckResult::Ok);
     let (result, info) = check_operations_verbose(&Register, &[], None);
     assert_eq!(result, CheckResult::Ok);
     let mut html = Vec::new();
@@ -157,83 +159,109 @@ fn register_events_with_open_write() {
         call(1, RegisterInput::Read),
         ret(1, 3),
     ];
-    assert_eq!(check_events(&Register, &saw_write), CheckResult::Ok);
+    assert_eq!(
+        check_events(&Register, &saw_write).unwrap(),
+        CheckResult::Ok
+    );
     let missed_write = [
         call(0, RegisterInput::Write(3)),
         call(1, RegisterInput::Read),
         ret(1, 0),
     ];
-    assert_eq!(check_events(&Register, &missed_write), CheckResult::Ok);
+    assert_eq!(
+        check_events(&Register, &missed_write).unwrap(),
+        CheckResult::Ok
+    );
     // But the read cannot see it if the read returned before the write was called.
     let before_call = [
         call(1, RegisterInput::Read),
         ret(1, 3),
         call(0, RegisterInput::Write(3)),
     ];
-    assert_eq!(check_events(&Register, &before_call), CheckResult::Illegal);
+    assert_eq!(
+        check_events(&Register, &before_call).unwrap(),
+        CheckResult::Illegal
+    );
     // An open read constrains nothing.
     let open_read = [
         call(0, RegisterInput::Write(3)),
         ret(0, 0),
         call(1, RegisterInput::Read),
     ];
-    assert_eq!(check_events(&Register, &open_read), CheckResult::Ok);
+    assert_eq!(
+        check_events(&Register, &open_read).unwrap(),
+        CheckResult::Ok
+    );
 }
 
 #[test]
-fn register_malformed_events_are_skipped() {
-    let history = [
-        // A return with no call, a call carrying an output, a duplicate call, a double return.
-        Event {
-            client_id: 0,
-            kind: EventKind::Return,
-            value: EventValue::Output(9),
-            id: 7,
-        },
-        Event {
-            client_id: 0,
-            kind: EventKind::Call,
-            value: EventValue::Output(9),
-            id: 8,
-        },
-        Event {
-            client_id: 0,
-            kind: EventKind::Call,
-            value: EventValue::Input(RegisterInput::Write(1)),
-            id: 1,
-        },
-        Event {
-            client_id: 0,
-            kind: EventKind::Call,
-            value: EventValue::Input(RegisterInput::Write(2)),
-            id: 1,
-        },
-        Event {
-            client_id: 0,
-            kind: EventKind::Return,
-            value: EventValue::Output(0),
-            id: 1,
-        },
-        Event {
-            client_id: 0,
-            kind: EventKind::Return,
-            value: EventValue::Output(0),
-            id: 1,
-        },
-        Event {
-            client_id: 1,
-            kind: EventKind::Call,
-            value: EventValue::Input(RegisterInput::Read),
-            id: 2,
-        },
-        Event {
-            client_id: 1,
-            kind: EventKind::Return,
-            value: EventValue::Output(1),
-            id: 2,
-        },
+fn register_malformed_events_are_errors() {
+    let call = |id, input| Event {
+        client_id: 0,
+        kind: EventKind::Call,
+        value: EventValue::Input(input),
+        id,
+    };
+    let ret = |id, output| Event {
+        client_id: 0,
+        kind: EventKind::Return,
+        value: EventValue::Output(output),
+        id,
+    };
+    let wrong_payload = Event {
+        client_id: 0,
+        kind: EventKind::Call,
+        value: EventValue::Output(9),
+        id: 8,
+    };
+    let write = |v| RegisterInput::Write(v);
+    type Case = (Vec<Event<RegisterInput, i64>>, usize, EventFault);
+    let cases: Vec<Case> = vec![
+        (vec![ret(7, 9)], 0, EventFault::ReturnWithoutCall),
+        (
+            vec![call(1, write(1)), wrong_payload],
+            1,
+            EventFault::WrongPayload,
+        ),
+        (
+            vec![call(1, write(1)), call(1, write(2))],
+            1,
+            EventFault::DuplicateCall,
+        ),
+        (
+            vec![call(1, write(1)), ret(1, 0), ret(1, 0)],
+            2,
+            EventFault::DuplicateReturn,
+        ),
+        // A legal history followed by a bad event: the verdict must not be a silent Ok.
+        (
+            vec![call(2, RegisterInput::Read), ret(2, 0), ret(3, 0)],
+            2,
+            EventFault::ReturnWithoutCall,
+        ),
     ];
-    assert_eq!(check_events(&Register, &history), CheckResult::Ok);
+    for (history, position, reason) in cases {
+        let e = check_events(&Register, &history).expect_err("a malformed history was checked");
+        assert_eq!((e.position, e.reason), (position, reason), "{e}");
+        assert!(e.to_string().contains(&format!("event #{position}")), "{e}");
+        assert!(check_events_verbose(&Register, &history, None).is_err());
+    }
+}
+
+#[test]
+fn worker_count_is_the_callers_and_does_not_change_the_verdict() {
+    let history = linearizable_kv_history(&KvHistoryConfig {
+        seed: 7,
+        ..Default::default()
+    });
+    for workers in [1, 2, 5] {
+        let opts = CheckOptions {
+            workers: NonZeroUsize::new(workers),
+            ..CheckOptions::default()
+        };
+        let (result, _) = check_operations_with(&KvModel, &history, &opts);
+        assert_eq!(result, CheckResult::Ok, "{workers} workers");
+    }
 }
 
 #[test]
@@ -475,7 +503,7 @@ fn kv_events_open_put_may_apply_or_not() {
     let second = get(2, "k", ("a", 1), 0, 0);
     push(2, EventKind::Call, EventValue::Input(second.input));
     push(2, EventKind::Return, EventValue::Output(second.output));
-    assert_eq!(check_events(&KvModel, &events), CheckResult::Ok);
+    assert_eq!(check_events(&KvModel, &events).unwrap(), CheckResult::Ok);
 
     // A read of the initial value after one that saw the open put is a stale read.
     let third = get(3, "k", ("", 0), 0, 0);
@@ -491,7 +519,7 @@ fn kv_events_open_put_may_apply_or_not() {
         value: EventValue::Output(third.output),
         id: 3,
     });
-    let (result, info) = check_events_verbose(&KvModel, &events, None);
+    let (result, info) = check_events_verbose(&KvModel, &events, None).unwrap();
     assert_eq!(result, CheckResult::Illegal);
     let mut html = Vec::new();
     visualize(&KvModel, &info, &mut html).unwrap();

@@ -1,47 +1,81 @@
-//! Leader election. Raft §5.2 and §5.4.1.
+//! Leader election. Raft §5.2 and §5.4.1, with pre-vote (Raft dissertation §9.6).
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::rpc::{RequestVoteArgs, RequestVoteReply};
-use super::state::{Core, Role, State};
+use super::state::{Core, ELECTION_TIMEOUT_MIN_MS, Role, State};
 use crate::labrpc::RpcError;
 
+/// A peer that heard from a leader this recently refuses pre-votes (leader stickiness).
+const LEADER_STICKINESS: Duration = Duration::from_millis(ELECTION_TIMEOUT_MIN_MS);
+
 impl Core {
+    /// The election timer fired: ask every peer whether it would vote for us in the next term,
+    /// without changing our own term (Raft dissertation §9.6). Only a majority of yeses starts
+    /// a real election, so a peer that was cut off, or merely starved of CPU long enough to
+    /// miss heartbeats, cannot depose a working leader by bumping the term.
+    pub(super) fn start_pre_vote(self: &Arc<Core>, st: &mut State) {
+        st.role = Role::PreCandidate;
+        st.votes.clear();
+        st.votes.insert(self.me);
+        self.reset_election_timer(st);
+        log::debug!(target: "raft::election", "raft-{} t{}: pre-candidate, log ..={} (t{})", self.me, st.term, st.log.last_index(), st.log.last_term());
+        if st.votes.len() >= self.majority() {
+            self.start_election(st);
+            return;
+        }
+        self.request_votes(st, st.term + 1, true);
+    }
+
+    /// Sends RequestVote (or a pre-vote) for `term` to every other peer.
+    fn request_votes(self: &Arc<Core>, st: &State, term: u64, pre_vote: bool) {
+        let args = RequestVoteArgs {
+            term,
+            candidate: self.me,
+            last_log_index: st.log.last_index(),
+            last_log_term: st.log.last_term(),
+            pre_vote,
+        };
+        let sent_in = st.term;
+        for peer in (0..self.peers.len()).filter(|&p| p != self.me) {
+            let core = self.clone();
+            self.peers[peer].call_async(
+                "Raft.RequestVote",
+                &args,
+                move |r: Result<RequestVoteReply, RpcError>| {
+                    core.on_vote_reply(peer, sent_in, pre_vote, r)
+                },
+            );
+        }
+    }
+
     /// Becomes candidate for the next term and asks every peer for its vote.
     pub(super) fn start_election(self: &Arc<Core>, st: &mut State) {
         st.term += 1;
         st.role = Role::Candidate;
         st.voted_for = Some(self.me);
-        st.votes = 1;
+        st.votes.clear();
+        st.votes.insert(self.me);
         self.reset_election_timer(st);
         self.persist(st);
+        if self.is_dead() {
+            return; // the vote for itself could not be saved
+        }
         log::debug!(target: "raft::election", "raft-{} t{}: candidate, log ..={} (t{})", self.me, st.term, st.log.last_index(), st.log.last_term());
-        if st.votes >= self.majority() {
+        if st.votes.len() >= self.majority() {
             self.become_leader(st);
             return;
         }
-        let args = RequestVoteArgs {
-            term: st.term,
-            candidate: self.me,
-            last_log_index: st.log.last_index(),
-            last_log_term: st.log.last_term(),
-        };
-        for peer in (0..self.peers.len()).filter(|&p| p != self.me) {
-            let core = self.clone();
-            let term = st.term;
-            self.peers[peer].call_async(
-                "Raft.RequestVote",
-                &args,
-                move |r: Result<RequestVoteReply, RpcError>| core.on_vote_reply(peer, term, r),
-            );
-        }
+        self.request_votes(st, st.term, false);
     }
 
+    /// A (pre-)vote reply for the campaign started in our term `term`.
     fn on_vote_reply(
         self: &Arc<Core>,
         peer: usize,
         term: u64,
+        pre_vote: bool,
         r: Result<RequestVoteReply, RpcError>,
     ) {
         let Ok(reply) = r else { return };
@@ -56,13 +90,24 @@ impl Core {
             return;
         }
         // Stale-role guard: the world may have moved on while the call was out.
-        if st.role != Role::Candidate || st.term != term || !reply.vote_granted {
+        let campaigning = if pre_vote {
+            Role::PreCandidate
+        } else {
+            Role::Candidate
+        };
+        if st.role != campaigning || st.term != term || !reply.vote_granted {
             return;
         }
-        st.votes += 1;
-        log::debug!(target: "raft::election", "raft-{} t{}: vote from {peer}, {} of {}", self.me, st.term, st.votes, self.majority());
-        if st.votes >= self.majority() {
-            self.become_leader(&mut st);
+        if !st.votes.insert(peer) {
+            return; // a duplicated reply
+        }
+        log::debug!(target: "raft::election", "raft-{} t{}: {} from {peer}, {} of {}", self.me, st.term, if pre_vote { "pre-vote" } else { "vote" }, st.votes.len(), self.majority());
+        if st.votes.len() >= self.majority() {
+            if pre_vote {
+                self.start_election(&mut st);
+            } else {
+                self.become_leader(&mut st);
+            }
         }
     }
 
@@ -83,19 +128,24 @@ impl Core {
     }
 
     /// Handles a RequestVote: grant at most one vote per term, and only to a candidate whose
-    /// log is at least as up-to-date as ours (Raft §5.4.1).
-    pub(crate) fn request_vote(&self, args: RequestVoteArgs) -> RequestVoteReply {
+    /// log is at least as up-to-date as ours (Raft §5.4.1). A dead peer answers nothing and
+    /// changes nothing.
+    pub(crate) fn request_vote(&self, args: RequestVoteArgs) -> Option<RequestVoteReply> {
         let mut st = self.state.lock();
+        if self.is_dead() {
+            return None;
+        }
+        if args.pre_vote {
+            return Some(self.pre_vote(&st, &args));
+        }
         let mut changed = false;
         if args.term > st.term {
             changed = self.step_down(&mut st, args.term);
         }
         let up_to_date =
             (args.last_log_term, args.last_log_index) >= (st.log.last_term(), st.log.last_index());
-        let granted = args.term == st.term
-            && !self.is_dead()
-            && st.voted_for.is_none_or(|v| v == args.candidate)
-            && up_to_date;
+        let granted =
+            args.term == st.term && st.voted_for.is_none_or(|v| v == args.candidate) && up_to_date;
         if granted {
             if st.voted_for.is_none() {
                 changed = true;
@@ -105,8 +155,29 @@ impl Core {
         }
         if changed {
             self.persist(&st);
+            if self.is_dead() {
+                return None; // not saved: a vote that is not durable must not be given
+            }
         }
         log::debug!(target: "raft::election", "raft-{} t{}: vote for {} (t{} log ..={} t{}): {}", self.me, st.term, args.candidate, args.term, args.last_log_index, args.last_log_term, if granted { "granted" } else { "refused" });
+        Some(RequestVoteReply {
+            term: st.term,
+            vote_granted: granted,
+        })
+    }
+
+    /// Answers a pre-vote: yes if a vote at `args.term` could be granted now — the term is
+    /// ahead of ours, the candidate's log is at least as up-to-date, and we have not heard
+    /// from a leader lately (and are not one). Changes nothing.
+    fn pre_vote(&self, st: &State, args: &RequestVoteArgs) -> RequestVoteReply {
+        let up_to_date =
+            (args.last_log_term, args.last_log_index) >= (st.log.last_term(), st.log.last_index());
+        let leader_alive = st.role == Role::Leader
+            || st
+                .leader_contact
+                .is_some_and(|t| t.elapsed() < LEADER_STICKINESS);
+        let granted = args.term > st.term && up_to_date && !leader_alive;
+        log::debug!(target: "raft::election", "raft-{} t{}: pre-vote for {} (t{} log ..={} t{}): {}", self.me, st.term, args.candidate, args.term, args.last_log_index, args.last_log_term, if granted { "granted" } else if leader_alive { "refused, leader alive" } else { "refused" });
         RequestVoteReply {
             term: st.term,
             vote_granted: granted,

@@ -3,8 +3,8 @@
 //! checks the Raft tests are written in (`one`, `check_one_leader`, `n_committed`, `wait`...).
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -24,6 +24,19 @@ pub const ELECTION_TIMEOUT: Duration = Duration::from_millis(1000);
 pub const SNAPSHOT_INTERVAL: u64 = 10;
 /// The most persisted Raft state the snapshot tests tolerate.
 pub const MAX_LOG_SIZE: usize = 2000;
+
+/// Environment variable naming a deliberate fault in the harness's view of Raft, so a test
+/// can show that a check fails when it should. `skip-reapply`: a restarted peer's apply
+/// stream skips what the peer applied before its crash, as a Raft that does not re-apply its
+/// log after a restart would.
+pub const FAULT_ENV: &str = "RAFTKV_HARNESS_FAULT";
+
+fn harness_fault(name: &str) -> bool {
+    std::env::var(FAULT_ENV).is_ok_and(|v| v == name)
+}
+
+/// The test's configuration, for the appliers (they start before it exists).
+type CfgCell = Arc<OnceLock<Weak<Config>>>;
 
 /// A command in the Raft tests: an integer or a string, compared by value.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,7 +109,6 @@ pub struct RfSrv {
     me: usize,
     raft: Mutex<Option<Arc<Raft>>>,
     applier: Mutex<Option<JoinHandle<()>>>,
-    killed: Arc<AtomicBool>,
 }
 
 impl RfSrv {
@@ -106,9 +118,22 @@ impl RfSrv {
         persister: Persister,
         snapshot: bool,
         applied: Arc<Mutex<Applied>>,
+        cfg: CfgCell,
     ) -> Arc<RfSrv> {
         let (tx, rx) = channel::bounded::<ApplyMsg>(0);
         let mut last_applied = 0;
+        // As in Go, a (re)started peer's applied log starts empty: it must apply again from
+        // index 1, or from its snapshot, and the order check sees whether it does.
+        let skip_through = {
+            let mut a = applied.lock();
+            let before = a.logs[me].keys().max().copied().unwrap_or(0);
+            a.logs[me].clear();
+            if harness_fault("skip-reapply") {
+                before
+            } else {
+                0
+            }
+        };
         if snapshot {
             let data = persister.read_snapshot();
             if !data.is_empty() {
@@ -122,21 +147,23 @@ impl RfSrv {
             Ok(r) => Arc::new(r),
             Err(e) => panic!("tester: cannot start raft-{me}: {e}"),
         };
-        let killed = Arc::new(AtomicBool::new(false));
         let srv = Arc::new(RfSrv {
             me,
             raft: Mutex::new(Some(raft.clone())),
             applier: Mutex::new(None),
-            killed: killed.clone(),
         });
         let weak_raft = Arc::downgrade(&raft);
         let handle = thread::Builder::new()
             .name(format!("tester-applier-{me}"))
             .spawn(move || {
                 let mut last_applied = last_applied;
+                // Everything Raft delivers is checked, up to the close of the channel: a
+                // killed Raft delivers nothing once kill() has returned.
                 for m in rx {
-                    if killed.load(Ordering::SeqCst) {
-                        continue; // drain until Raft closes the channel
+                    if let ApplyMsg::Command { index, .. } = &m
+                        && *index <= skip_through
+                    {
+                        continue; // the skip-reapply fault
                     }
                     let r = if snapshot {
                         apply_snap(&applied, me, m, &mut last_applied, &weak_raft)
@@ -144,10 +171,16 @@ impl RfSrv {
                         apply_plain(&applied, me, m)
                     };
                     if let Err(e) = r {
-                        log::error!(target: "tester", "server {me}: {e}");
-                        let mut a = applied.lock();
-                        if a.errors[me].is_none() {
-                            a.errors[me] = Some(e);
+                        applied.lock().errors[me].get_or_insert(e.clone());
+                        // Go's applier calls log.Fatalf: the run fails at once.
+                        let msg = format!("apply error at server {me}: {e}");
+                        log::error!(target: "tester", "{msg}");
+                        match cfg.get().and_then(Weak::upgrade) {
+                            Some(cfg) => cfg.fail_process(&msg),
+                            None => {
+                                eprintln!("Fatal: {msg}");
+                                std::process::exit(1);
+                            }
                         }
                     }
                 }
@@ -255,13 +288,19 @@ fn ingest_snapshot(
 
 impl IService for RfSrv {
     fn kill(&self) {
-        self.killed.store(true, Ordering::SeqCst);
         let raft = self.raft.lock().take();
         if let Some(r) = raft {
             r.kill(); // closes the apply channel, which ends the applier below
         }
-        if let Some(h) = self.applier.lock().take() {
-            let _ = h.join();
+        if let Some(h) = self.applier.lock().take()
+            && let Err(e) = h.join()
+            && !thread::panicking()
+        {
+            panic!(
+                "tester: the applier of server {} failed: {}",
+                self.me,
+                crate::tester::panic_message(&*e)
+            );
         }
         log::debug!(target: "tester", "server {} killed", self.me);
     }
@@ -289,18 +328,28 @@ impl Test {
             max_index: 0,
             errors: vec![None; n],
         }));
+        let cfg_cell: CfgCell = Arc::new(OnceLock::new());
         let start_fn: StartFn = {
             let srvs = srvs.clone();
             let applied = applied.clone();
+            let cfg_cell = cfg_cell.clone();
             Arc::new(
                 move |ends: Vec<ClientEnd>, _gid: Tgid, i: usize, persister: Persister| {
-                    let s = RfSrv::start(i, ends, persister, snapshot, applied.clone());
+                    let s = RfSrv::start(
+                        i,
+                        ends,
+                        persister,
+                        snapshot,
+                        applied.clone(),
+                        cfg_cell.clone(),
+                    );
                     srvs.lock()[i] = Some(s.clone());
                     vec![s as Arc<dyn IService>]
                 },
             )
         };
         let cfg = Config::new(n, reliable, start_fn);
+        let _ = cfg_cell.set(Arc::downgrade(&cfg));
         // Calls to disconnected peers take up to 7 s to fail: Raft must not wait for them.
         cfg.set_long_delays(true);
         Test {
@@ -544,6 +593,7 @@ impl Test {
     /// Prints the "Passed" line and shuts everything down.
     pub fn end(&self) {
         self.finished.store(true, Ordering::SeqCst);
+        self.check_apply_errors();
         self.cfg.end();
     }
 }

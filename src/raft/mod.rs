@@ -136,6 +136,12 @@ impl Raft {
         self.core.start(command)
     }
 
+    /// The term of the entry at `index` in this peer's log: `None` past its end or inside
+    /// its snapshot (the snapshot's own last index answers its term).
+    pub fn term_at(&self, index: u64) -> Option<u64> {
+        self.core.state.lock().log.term_at(index)
+    }
+
     /// The current term and whether this peer believes it is the leader.
     pub fn get_state(&self) -> (u64, bool) {
         self.core.get_state()
@@ -169,15 +175,16 @@ impl Raft {
         self.core.dead.load(Ordering::SeqCst)
     }
 
-    /// The `Raft` RPC service (`RequestVote`, `AppendEntries`, `InstallSnapshot`).
+    /// The `Raft` RPC service (`RequestVote`, `AppendEntries`, `InstallSnapshot`). A killed
+    /// peer answers nothing, as a crashed process would.
     pub fn rpc_service(&self) -> Service {
         let (c1, c2, c3) = (self.core.clone(), self.core.clone(), self.core.clone());
         Service::new("Raft")
-            .method("RequestVote", move |a: RequestVoteArgs| c1.request_vote(a))
-            .method("AppendEntries", move |a: AppendEntriesArgs| {
+            .method_or_silence("RequestVote", move |a: RequestVoteArgs| c1.request_vote(a))
+            .method_or_silence("AppendEntries", move |a: AppendEntriesArgs| {
                 c2.append_entries(a)
             })
-            .method("InstallSnapshot", move |a: InstallSnapshotArgs| {
+            .method_or_silence("InstallSnapshot", move |a: InstallSnapshotArgs| {
                 c3.install_snapshot(a)
             })
     }

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use super::RaftError;
 use super::log::Log;
 use super::state::{Core, State};
-use crate::labcodec;
+use crate::labcodec::{self, CodecError};
 
 #[derive(Serialize, Deserialize)]
 struct PersistentState {
@@ -40,34 +40,49 @@ pub(super) fn decode_state(
     Ok((ps.term, ps.voted_for, ps.log))
 }
 
-fn encode_state(st: &State) -> Vec<u8> {
+fn encode_state(st: &State) -> Result<Vec<u8>, CodecError> {
     #[derive(Serialize)]
     struct View<'a> {
         term: u64,
         voted_for: Option<usize>,
         log: &'a Log,
     }
-    // Plain integers, options and byte vectors always encode.
     labcodec::encode(&View {
         term: st.term,
         voted_for: st.voted_for,
         log: &st.log,
     })
-    .unwrap_or_default()
 }
 
 impl Core {
-    /// Saves term, vote and log, keeping the saved snapshot.
+    /// Saves term, vote and log, keeping the saved snapshot. Nothing is saved once the peer
+    /// is dead; a state that cannot be saved kills the peer (it must not go on, or answer,
+    /// with state it could not make durable), so callers check `is_dead()` before acting on
+    /// what they persisted.
     pub(super) fn persist(&self, st: &State) {
-        let bytes = encode_state(st);
-        log::trace!(target: "raft::persist", "raft-{} t{}: persist {} bytes, log ({}..={}]", self.me, st.term, bytes.len(), st.log.base_index(), st.log.last_index());
-        self.persister.save_raft_state(bytes);
+        if self.is_dead() {
+            return;
+        }
+        match encode_state(st) {
+            Ok(bytes) => {
+                log::trace!(target: "raft::persist", "raft-{} t{}: persist {} bytes, log ({}..={}]", self.me, st.term, bytes.len(), st.log.base_index(), st.log.last_index());
+                self.persister.save_raft_state(bytes);
+            }
+            Err(e) => self.fail_stop(st, &format!("cannot encode state: {e}")),
+        }
     }
 
-    /// Saves term, vote, log and the snapshot together.
+    /// Saves term, vote, log and the snapshot together (same rules as [`Core::persist`]).
     pub(super) fn persist_with_snapshot(&self, st: &State) {
-        let bytes = encode_state(st);
-        log::trace!(target: "raft::persist", "raft-{} t{}: persist {} bytes + snapshot {} bytes through {}", self.me, st.term, bytes.len(), st.snapshot.len(), st.log.base_index());
-        self.persister.save(bytes, Some(st.snapshot.clone()));
+        if self.is_dead() {
+            return;
+        }
+        match encode_state(st) {
+            Ok(bytes) => {
+                log::trace!(target: "raft::persist", "raft-{} t{}: persist {} bytes + snapshot {} bytes through {}", self.me, st.term, bytes.len(), st.snapshot.len(), st.log.base_index());
+                self.persister.save(bytes, Some(st.snapshot.clone()));
+            }
+            Err(e) => self.fail_stop(st, &format!("cannot encode state: {e}")),
+        }
     }
 }

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use super::log::Entry;
 use super::rpc::{AppendEntriesArgs, AppendEntriesReply};
-use super::state::{Core, INFLIGHT_STALE, Role, State};
+use super::state::{Core, MAX_OUTSTANDING, Role, State};
 use crate::labrpc::RpcError;
 
 /// The most entries one AppendEntries carries, so a far-behind follower catches up in
@@ -21,6 +21,9 @@ impl Core {
         let term = st.term;
         let index = st.log.append(Entry { term, command });
         self.persist(&st);
+        if self.is_dead() {
+            return (0, term, false); // could not be saved
+        }
         log::debug!(target: "raft::append", "raft-{} t{term}: start at {index}", self.me);
         // Replicate now rather than at the next heartbeat.
         self.broadcast_append(&mut st);
@@ -38,29 +41,46 @@ impl Core {
     }
 
     /// Sends `peer` an AppendEntries (or the snapshot, if it needs entries we discarded),
-    /// unless one is already in flight and recent: then the reply triggers the next send.
+    /// unless one is already in flight and recent: then the reply triggers the next send. A
+    /// peer whose last calls failed or went unanswered gets an empty probe instead, at a
+    /// backed-off rate, until it answers: nothing big is queued towards a peer that is not
+    /// listening.
     pub(super) fn send_append(self: &Arc<Core>, st: &mut State, peer: usize) {
         if self.is_dead() || st.role != Role::Leader {
             return;
         }
         let now = Instant::now();
+        let base = st.log.base_index();
         let p = &mut st.peers[peer];
-        if let Some((_, sent)) = p.inflight
-            && now.duration_since(sent) < INFLIGHT_STALE
-        {
+        if let Some((_, sent)) = p.inflight {
+            if now.duration_since(sent) < p.stale_after() {
+                p.dirty = true;
+                return;
+            }
+            p.unanswered = p.unanswered.saturating_add(1);
+            p.inflight = None;
+        }
+        if p.outstanding >= MAX_OUTSTANDING {
+            log::debug!(target: "raft::append", "raft-{} t{}: {} calls to {peer} still out (limit); not sending", self.me, st.term, p.outstanding);
             p.dirty = true;
             return;
         }
-        if p.next_index <= st.log.base_index() {
+        let probe = p.unanswered > 0;
+        if !probe && p.next_index <= base {
             self.send_snapshot(st, peer);
             return;
         }
-        let prev_log_index = p.next_index - 1;
+        let p = &st.peers[peer];
+        let prev_log_index = (p.next_index - 1).max(base);
         let Some(prev_log_term) = st.log.term_at(prev_log_index) else {
             debug_assert!(false, "raft-{} no term at {prev_log_index}", self.me);
             return;
         };
-        let mut entries = st.log.entries_from(p.next_index);
+        let mut entries = if probe {
+            &[][..]
+        } else {
+            st.log.entries_from(prev_log_index + 1)
+        };
         if entries.len() > MAX_ENTRIES_PER_APPEND {
             entries = &entries[..MAX_ENTRIES_PER_APPEND];
         }
@@ -75,7 +95,9 @@ impl Core {
         let p = &mut st.peers[peer];
         p.seq += 1;
         p.inflight = Some((p.seq, now));
-        p.dirty = false;
+        p.outstanding += 1;
+        // A probe carries nothing: what was pending is still to send once the peer answers.
+        p.dirty = probe;
         let seq = p.seq;
         let n = args.entries.len() as u64;
         log::trace!(target: "raft::append", "raft-{} t{}: append [{}..={}] to {peer}, commit {}", self.me, st.term, prev_log_index + 1, prev_log_index + n, st.commit_index);
@@ -103,12 +125,8 @@ impl Core {
         if self.is_dead() {
             return;
         }
-        if st.peers[peer].inflight.is_some_and(|(s, _)| s == seq) {
-            st.peers[peer].inflight = None;
-        }
-        let Ok(reply) = r else {
-            // Lost: the next heartbeat retries.
-            return;
+        let Ok(reply) = st.peers[peer].call_returned(seq, r) else {
+            return; // lost: the next heartbeat retries
         };
         if reply.term > st.term {
             if self.step_down(&mut st, reply.term) {
@@ -121,6 +139,7 @@ impl Core {
         }
         let last = st.log.last_index();
         let p = &mut st.peers[peer];
+        let old_next = p.next_index;
         if reply.success {
             let matched = prev_log_index + n;
             if matched > p.match_index {
@@ -145,7 +164,15 @@ impl Core {
             log::debug!(target: "raft::append", "raft-{} t{term}: append to {peer} rejected at {}, next {}", self.me, prev_log_index, p.next_index);
         }
         let p = &st.peers[peer];
-        if p.dirty || p.next_index <= st.log.last_index() {
+        // After a rejection, resend at once only if it taught us something (next_index moved
+        // back); otherwise the next heartbeat retries, so a confused or stale peer cannot
+        // drive a storm of calls.
+        let resend = if reply.success {
+            p.dirty || p.next_index <= st.log.last_index()
+        } else {
+            p.next_index < old_next
+        };
+        if resend {
             self.send_append(&mut st, peer);
         }
     }
@@ -174,21 +201,26 @@ impl Core {
         }
     }
 
-    /// Handles an AppendEntries (Raft Figure 2, receiver rules 1–5).
-    pub(crate) fn append_entries(&self, args: AppendEntriesArgs) -> AppendEntriesReply {
+    /// Handles an AppendEntries (Raft Figure 2, receiver rules 1–5). A dead peer answers
+    /// nothing and changes nothing.
+    pub(crate) fn append_entries(&self, args: AppendEntriesArgs) -> Option<AppendEntriesReply> {
         let mut st = self.state.lock();
+        if self.is_dead() {
+            return None;
+        }
         let mut reply = AppendEntriesReply {
             term: st.term,
             success: false,
             conflict_term: None,
             conflict_index: 0,
         };
-        if args.term < st.term || self.is_dead() {
-            return reply;
+        if args.term < st.term {
+            return Some(reply);
         }
         let mut changed = self.step_down(&mut st, args.term);
         reply.term = st.term;
         self.reset_election_timer(&mut st);
+        st.leader_contact = Some(Instant::now());
 
         let base = st.log.base_index();
         let mut prev = args.prev_log_index;
@@ -201,7 +233,7 @@ impl Core {
                 if changed {
                     self.persist(&st);
                 }
-                return reply;
+                return self.reply_if_alive(reply);
             }
             entries = &entries[skip..];
             prev = base;
@@ -210,7 +242,7 @@ impl Core {
             if changed {
                 self.persist(&st);
             }
-            return reply;
+            return self.reply_if_alive(reply);
         } else if prev > base && st.log.term_at(prev) != Some(args.prev_log_term) {
             // (At `base` itself the terms agree: both sides hold it committed.)
             let t = st.log.term_at(prev).unwrap_or(0);
@@ -219,7 +251,7 @@ impl Core {
             if changed {
                 self.persist(&st);
             }
-            return reply;
+            return self.reply_if_alive(reply);
         }
 
         // Append what is new; truncate only on a real conflict, so that a delayed, shorter
@@ -248,6 +280,9 @@ impl Core {
         }
         if changed {
             self.persist(&st);
+            if self.is_dead() {
+                return None; // entries not saved must not be acknowledged
+            }
         }
         let last_new = prev + entries.len() as u64;
         if args.leader_commit > st.commit_index {
@@ -259,6 +294,11 @@ impl Core {
             }
         }
         reply.success = true;
-        reply
+        Some(reply)
+    }
+
+    /// `reply`, unless this peer died while handling the call (its state could not be saved).
+    pub(super) fn reply_if_alive<R>(&self, reply: R) -> Option<R> {
+        (!self.is_dead()).then_some(reply)
     }
 }

@@ -10,6 +10,9 @@ pub struct RequestVoteArgs {
     pub candidate: usize,
     pub last_log_index: u64,
     pub last_log_term: u64,
+    /// A pre-vote (Raft dissertation §9.6): "would you vote for me at `term`?" The voter
+    /// changes nothing, and says no while it hears from a leader.
+    pub pre_vote: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

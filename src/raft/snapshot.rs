@@ -37,6 +37,7 @@ impl Core {
         let p = &mut st.peers[peer];
         p.seq += 1;
         p.inflight = Some((p.seq, Instant::now()));
+        p.outstanding += 1;
         p.dirty = false;
         let seq = p.seq;
         log::debug!(target: "raft::snapshot", "raft-{} t{}: snapshot through {} to {peer}", self.me, st.term, args.last_included_index);
@@ -64,10 +65,9 @@ impl Core {
         if self.is_dead() {
             return;
         }
-        if st.peers[peer].inflight.is_some_and(|(s, _)| s == seq) {
-            st.peers[peer].inflight = None;
-        }
-        let Ok(reply) = r else { return };
+        let Ok(reply) = st.peers[peer].call_returned(seq, r) else {
+            return;
+        };
         if reply.term > st.term {
             if self.step_down(&mut st, reply.term) {
                 self.persist(&st);
@@ -89,19 +89,26 @@ impl Core {
 
     /// Handles an InstallSnapshot: adopt the leader's snapshot unless we already have
     /// everything it covers committed.
-    pub(crate) fn install_snapshot(&self, args: InstallSnapshotArgs) -> InstallSnapshotReply {
+    pub(crate) fn install_snapshot(
+        &self,
+        args: InstallSnapshotArgs,
+    ) -> Option<InstallSnapshotReply> {
         let mut st = self.state.lock();
-        if args.term < st.term || self.is_dead() {
-            return InstallSnapshotReply { term: st.term };
+        if self.is_dead() {
+            return None;
+        }
+        if args.term < st.term {
+            return Some(InstallSnapshotReply { term: st.term });
         }
         let changed = self.step_down(&mut st, args.term);
         self.reset_election_timer(&mut st);
+        st.leader_contact = Some(Instant::now());
         let index = args.last_included_index;
         if index <= st.commit_index {
             if changed {
                 self.persist(&st);
             }
-            return InstallSnapshotReply { term: st.term };
+            return self.reply_if_alive(InstallSnapshotReply { term: st.term });
         }
         if st.log.term_at(index) == Some(args.last_included_term) {
             // Our log extends the snapshot consistently: keep what follows it.
@@ -115,6 +122,6 @@ impl Core {
         self.persist_with_snapshot(&st);
         log::info!(target: "raft::snapshot", "raft-{} t{}: installed snapshot through {index} from {}", self.me, st.term, args.leader);
         self.applier_cv.notify_all();
-        InstallSnapshotReply { term: st.term }
+        self.reply_if_alive(InstallSnapshotReply { term: st.term })
     }
 }

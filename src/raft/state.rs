@@ -1,6 +1,7 @@
 //! The state of one peer and the transitions every part shares (step down, become leader,
 //! timers). One mutex guards all of it.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -10,7 +11,7 @@ use rand::Rng;
 
 use super::RaftError;
 use super::log::Log;
-use crate::labrpc::ClientEnd;
+use crate::labrpc::{ClientEnd, RpcError};
 use crate::tester::Persister;
 
 /// A leader sends at most this many heartbeats a second per peer (the tester allows ten).
@@ -21,8 +22,15 @@ pub(super) const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
 /// after a split vote or two.
 pub(super) const ELECTION_TIMEOUT_MIN_MS: u64 = 400;
 pub(super) const ELECTION_TIMEOUT_MAX_MS: u64 = 700;
-/// An AppendEntries unanswered for this long is presumed lost: another may be sent.
+/// An AppendEntries unanswered for this long is presumed lost: another may be sent. Each
+/// call in a row presumed lost or failed doubles it (per peer), up to [`INFLIGHT_STALE_MAX`],
+/// which stays below the election timeout so a peer that comes back hears from the leader
+/// before it stands.
 pub(super) const INFLIGHT_STALE: Duration = Duration::from_millis(90);
+pub(super) const INFLIGHT_STALE_MAX: Duration = Duration::from_millis(250);
+/// The most calls to one peer whose outcome is still unknown. Calls to a cut-off peer can take
+/// seconds to fail; each holds a network thread meanwhile.
+pub(super) const MAX_OUTSTANDING: usize = 40;
 /// A ticker that wakes this much later than it asked was not scheduled for a while (an
 /// overloaded machine, a stopped process): whatever the leader sent meanwhile has not been
 /// handled yet either, so a follower gives it [`OVERSLEEP_GRACE`] before standing.
@@ -32,6 +40,8 @@ const OVERSLEEP_GRACE: Duration = Duration::from_millis(150);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Role {
     Follower,
+    /// Asking for pre-votes, before it may bump the term (Raft dissertation §9.6).
+    PreCandidate,
     Candidate,
     Leader,
 }
@@ -44,8 +54,42 @@ pub(super) struct Progress {
     /// The call in flight, if any: its sequence number and when it was sent.
     pub inflight: Option<(u64, Instant)>,
     pub seq: u64,
+    /// Calls in a row that failed or were presumed lost; while non-zero the peer gets empty
+    /// probes (no entries, no snapshot), spaced by [`Progress::stale_after`].
+    pub unanswered: u32,
+    /// Calls sent whose callback has not run yet (bounded by [`MAX_OUTSTANDING`]).
+    pub outstanding: usize,
     /// Something new to send once the call in flight is answered.
     pub dirty: bool,
+}
+
+impl Progress {
+    /// Books the outcome of call `seq`: it is no longer outstanding, and a failure of the call
+    /// in flight counts towards the backoff; any answer shows the peer is listening.
+    pub(super) fn call_returned<R>(
+        &mut self,
+        seq: u64,
+        r: Result<R, RpcError>,
+    ) -> Result<R, RpcError> {
+        self.outstanding = self.outstanding.saturating_sub(1);
+        let current = self.inflight.is_some_and(|(s, _)| s == seq);
+        if current {
+            self.inflight = None;
+        }
+        match &r {
+            Ok(_) => self.unanswered = 0,
+            Err(_) if current => self.unanswered = self.unanswered.saturating_add(1),
+            Err(_) => {}
+        }
+        r
+    }
+
+    /// How long the call in flight may go unanswered before another is sent.
+    pub(super) fn stale_after(&self) -> Duration {
+        INFLIGHT_STALE
+            .saturating_mul(1 << self.unanswered.min(8))
+            .min(INFLIGHT_STALE_MAX)
+    }
 }
 
 pub(super) struct State {
@@ -63,8 +107,15 @@ pub(super) struct State {
     /// A snapshot installed from the leader that the applier has yet to deliver.
     pub snapshot_pending: bool,
     pub election_deadline: Instant,
+    /// The overslept-ticker grace was given since the election timer was last reset.
+    pub election_grace_used: bool,
     pub heartbeat_due: Instant,
-    pub votes: usize,
+    /// Peers that granted their (pre-)vote this campaign (a set: a duplicated reply counts
+    /// once).
+    pub votes: BTreeSet<usize>,
+    /// When this peer last heard from a leader of its term; it refuses pre-votes for a while
+    /// after, so a peer that merely missed some heartbeats cannot disrupt a working leader.
+    pub leader_contact: Option<Instant>,
     pub peers: Vec<Progress>,
 }
 
@@ -112,14 +163,18 @@ impl Core {
             last_applied: base,
             snapshot_pending: false,
             election_deadline: now + random_election_timeout(),
+            election_grace_used: false,
             heartbeat_due: now,
-            votes: 0,
+            votes: BTreeSet::new(),
+            leader_contact: None,
             peers: vec![
                 Progress {
                     next_index: log.last_index() + 1,
                     match_index: 0,
                     inflight: None,
                     seq: 0,
+                    unanswered: 0,
+                    outstanding: 0,
                     dirty: false,
                 };
                 n
@@ -159,6 +214,18 @@ impl Core {
         self.dead.store(true, Ordering::SeqCst);
         // Take the lock so no thread is between checking `dead` and waiting.
         drop(self.state.lock());
+        self.wake_all_for_kill();
+    }
+
+    /// Stops the peer from a thread that holds the state lock (`st`): it can no longer run
+    /// correctly (its state could not be saved). The owner's `kill()` joins the threads.
+    pub(super) fn fail_stop(&self, st: &State, reason: &str) {
+        log::error!(target: "raft::persist", "raft-{} t{}: stopping: {reason}", self.me, st.term);
+        self.dead.store(true, Ordering::SeqCst);
+        self.wake_all_for_kill();
+    }
+
+    fn wake_all_for_kill(&self) {
         self.kill_tx.lock().take();
         self.ticker_cv.notify_all();
         self.applier_cv.notify_all();
@@ -191,6 +258,7 @@ impl Core {
 
     pub(super) fn reset_election_timer(&self, st: &mut State) {
         st.election_deadline = Instant::now() + random_election_timeout();
+        st.election_grace_used = false;
     }
 
     /// Elections and heartbeats: sleeps until the next deadline (or a wake-up) and acts on it.
@@ -206,7 +274,7 @@ impl Core {
                 st.heartbeat_due
             } else {
                 if now >= st.election_deadline {
-                    self.start_election(&mut st);
+                    self.start_pre_vote(&mut st);
                 }
                 st.election_deadline
             };
@@ -216,11 +284,16 @@ impl Core {
             // Waiting releases the lock.
             self.ticker_cv.wait_until(&mut st, next);
             let now = Instant::now();
-            if st.role != Role::Leader && now.saturating_duration_since(next) > OVERSLEEP {
+            // Once per timeout: under sustained scheduling delay a follower must still stand.
+            if st.role != Role::Leader
+                && !st.election_grace_used
+                && now.saturating_duration_since(next) > OVERSLEEP
+            {
                 let grace = now + OVERSLEEP_GRACE;
                 if st.election_deadline < grace {
                     log::debug!(target: "raft::election", "raft-{} t{}: ticker woke {:?} late; election deferred", self.me, st.term, now - next);
                     st.election_deadline = grace;
+                    st.election_grace_used = true;
                 }
             }
         }

@@ -159,17 +159,31 @@ impl Config {
 
     /// Fails the test with `msg`, naming the test and the network seed.
     pub fn fatal(&self, msg: &str) -> ! {
+        panic!("{}", self.fatal_message(msg));
+    }
+
+    /// Fails the whole test process at once, as Go's `log.Fatalf` does in the tester's apply
+    /// checkers: for a check that fails on a thread no test thread joins. The message goes
+    /// straight to stderr (past the test's output capture), then the process exits with 1.
+    pub fn fail_process(&self, msg: &str) -> ! {
+        use std::io::Write;
+        let text = format!("{}\n", self.fatal_message(msg));
+        let _ = std::io::stderr().lock().write_all(text.as_bytes());
+        std::process::exit(1);
+    }
+
+    fn fatal_message(&self, msg: &str) -> String {
         let desc = self
             .begun
             .lock()
             .as_ref()
             .map(|b| b.desc.clone())
             .unwrap_or_default();
-        panic!(
+        format!(
             "Fatal: {msg}\n  test: {desc}\n  network seed: {seed} (replay with {env}={seed})",
             seed = self.net.seed(),
             env = crate::labrpc::SEED_ENV
-        );
+        )
     }
 
     /// Kills every server, deletes every client and shuts the network down. Idempotent.

@@ -301,7 +301,7 @@ impl KvTest {
             .enumerate()
             .map(|(i, h)| match h.join() {
                 Ok(r) => r,
-                Err(_) => self.fatal(&format!("client {i} failed")),
+                Err(e) => self.fatal(&format!("client {i} failed: {}", super::panic_message(&*e))),
             })
             .collect()
     }
@@ -485,8 +485,11 @@ impl Partitioner {
 
     fn halt(&mut self) {
         self.stop.take();
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
+        if let Some(h) = self.handle.take()
+            && let Err(e) = h.join()
+            && !thread::panicking()
+        {
+            panic!("the partitioner failed: {}", super::panic_message(&*e));
         }
     }
 }

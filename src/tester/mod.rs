@@ -13,7 +13,62 @@ pub use config::{Config, TEST_TIME_LIMIT};
 pub use group::{GRP0, IService, ServerGrp, StartFn, Tgid, server_name};
 pub use persister::Persister;
 
+use std::any::Any;
+use std::thread::JoinHandle;
+
 use rand::Rng;
+
+/// Joins a test's helper thread; if it panicked (a failed check), panics here with the same
+/// payload, so the failure fails the test with its message.
+pub fn join_helper<T>(h: JoinHandle<T>) -> T {
+    match h.join() {
+        Ok(v) => v,
+        Err(payload) => std::panic::resume_unwind(payload),
+    }
+}
+
+/// Runs test `name` of the current test binary in a child process with `env` set, and
+/// returns whether it passed and everything it printed. For tests that show a harness check
+/// fails on a deliberately broken variant (some checks end the process, as Go's do).
+pub fn run_test_in_child(name: &str, env: &[(&str, &str)]) -> (bool, String) {
+    // /proc/self/exe still runs this binary if a rebuild has replaced its file meanwhile.
+    let proc_exe = std::path::PathBuf::from("/proc/self/exe");
+    let exe = if proc_exe.exists() {
+        proc_exe
+    } else {
+        match std::env::current_exe() {
+            Ok(exe) => exe,
+            Err(e) => panic!("cannot find the test binary: {e}"),
+        }
+    };
+    let out = std::process::Command::new(exe)
+        .args(["--exact", name, "--test-threads=1", "--nocapture"])
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .output();
+    match out {
+        Ok(out) => (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        ),
+        Err(e) => panic!("cannot run test {name} in a child process: {e}"),
+    }
+}
+
+/// The message a panic carried (`panic!` with a string literal or a formatted string).
+pub fn panic_message(payload: &(dyn Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic without a message".to_string()
+    }
+}
 
 /// `n` random characters from the URL-safe base64 alphabet, for end names and client ids.
 pub fn randstring(n: usize) -> String {

@@ -18,7 +18,7 @@ use super::rpc::{
     DeleteShardArgs, DeleteShardReply, FreezeShardArgs, FreezeShardReply, InstallShardArgs,
     InstallShardReply,
 };
-use crate::kvraft::rsm::{RaftService, Rsm, StateMachine};
+use crate::kvraft::rsm::{RaftService, Rsm, RsmError, StateMachine};
 use crate::kvsrv::rpc::{GetArgs, GetReply, KvErr, PutArgs, PutReply};
 use crate::kvsrv::store::VersionedStore;
 use crate::labcodec;
@@ -234,28 +234,25 @@ impl StateMachine for ShardStore {
         labcodec::encode(&image).unwrap_or_default()
     }
 
-    fn restore(&self, data: &[u8]) {
-        let image: Vec<ShardImage> = match labcodec::decode(data) {
-            Ok(i) => i,
-            Err(e) => {
-                log::error!(target: "shardkv::grp", "gid {}: unreadable snapshot: {e}", self.gid);
-                return;
-            }
-        };
+    /// All or nothing: on any error the state is left as it was (and the replica stops).
+    fn restore(&self, data: &[u8]) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let image: Vec<ShardImage> = labcodec::decode(data)?;
         if image.len() != NSHARDS {
-            log::error!(target: "shardkv::grp", "gid {}: snapshot has {} shards, not {NSHARDS}", self.gid, image.len());
-            return;
+            return Err(format!(
+                "gid {}: snapshot has {} shards, not {NSHARDS}",
+                self.gid,
+                image.len()
+            )
+            .into());
         }
         let mut restored = Vec::with_capacity(NSHARDS);
-        for (s, (num, status, bytes)) in image.into_iter().enumerate() {
+        for (num, status, bytes) in image {
             let store = VersionedStore::new();
-            if let Err(e) = store.restore(&bytes) {
-                log::error!(target: "shardkv::grp", "gid {}: snapshot of shard {s} unreadable: {e}", self.gid);
-                return;
-            }
+            store.restore(&bytes)?;
             restored.push(Shard { num, status, store });
         }
         *self.shards.lock() = restored;
+        Ok(())
     }
 
     fn wants_snapshot(&self) -> bool {
@@ -364,17 +361,18 @@ impl IService for ShardGrpServer {
 
 /// Starts replica `me` of shard group `gid`: the server and its Raft peer, in that kill
 /// order. `maxraftstate`: snapshot when the persisted Raft state reaches it; `None` never.
+/// An error if the persisted snapshot cannot be restored.
 pub fn start_server_shard_grp(
     ends: Vec<ClientEnd>,
     gid: Tgid,
     me: usize,
     persister: Persister,
     maxraftstate: Option<usize>,
-) -> (Arc<ShardGrpServer>, Vec<Arc<dyn IService>>) {
+) -> Result<(Arc<ShardGrpServer>, Vec<Arc<dyn IService>>), RsmError> {
     let store = Arc::new(ShardStore::new(gid));
-    let rsm = Rsm::new(ends, me, persister, maxraftstate, store);
+    let rsm = Rsm::new(ends, me, persister, maxraftstate, store)?;
     let raft = rsm.raft();
     let srv = Arc::new(ShardGrpServer { gid, me, rsm });
     let services: Vec<Arc<dyn IService>> = vec![srv.clone(), Arc::new(RaftService(raft))];
-    (srv, services)
+    Ok((srv, services))
 }

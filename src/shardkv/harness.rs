@@ -92,9 +92,10 @@ pub fn make_test_max_raft(
         let replicas = replicas.clone();
         Arc::new(
             move |ends: Vec<ClientEnd>, gid: Tgid, i: usize, persister: Persister| {
-                let (srv, services) =
-                    start_server_shard_grp(ends, gid, i, persister, maxraftstate)
-                        .unwrap_or_else(|e| panic!("tester: cannot start server {i} of group {gid}: {e}"));
+                let (srv, services) = start_server_shard_grp(ends, gid, i, persister, maxraftstate)
+                    .unwrap_or_else(|e| {
+                        panic!("tester: cannot start server {i} of group {gid}: {e}")
+                    });
                 replicas.lock().insert((gid, i), srv);
                 services
             },

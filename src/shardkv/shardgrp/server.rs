@@ -359,6 +359,9 @@ impl IService for ShardGrpServer {
     }
 }
 
+/// A started replica: the server, and what the tester runs and kills for it.
+pub type StartedShardGrpServer = (Arc<ShardGrpServer>, Vec<Arc<dyn IService>>);
+
 /// Starts replica `me` of shard group `gid`: the server and its Raft peer, in that kill
 /// order. `maxraftstate`: snapshot when the persisted Raft state reaches it; `None` never.
 /// An error if the persisted snapshot cannot be restored.
@@ -368,7 +371,7 @@ pub fn start_server_shard_grp(
     me: usize,
     persister: Persister,
     maxraftstate: Option<usize>,
-) -> Result<(Arc<ShardGrpServer>, Vec<Arc<dyn IService>>), RsmError> {
+) -> Result<StartedShardGrpServer, RsmError> {
     let store = Arc::new(ShardStore::new(gid));
     let rsm = Rsm::new(ends, me, persister, maxraftstate, store)?;
     let raft = rsm.raft();

@@ -6,6 +6,7 @@
 //! | 2 | [`kvsrv`]: single-server versioned KV and a lock on it |
 //! | 3 | [`raft`]: Raft with persistence and snapshots |
 //! | 4 | [`kvraft`]: replicated state machine and linearizable KV service on Raft |
+//! | 5 | [`shardkv`]: sharded KV over Raft groups, with a shard controller |
 //! | — | [`net`]: RPC over TCP (threads, pipelined calls, re-dial, bounded frames and handlers) and a fault-injecting proxy |
 //! | — | [`resp`]: the Redis wire protocol (RESP2) and the command table of the KV service |
 //! | — | [`session`]: exactly-once table (client id, sequence number, last reply) for a replicated state machine |
@@ -24,4 +25,5 @@ pub mod porcupine;
 pub mod raft;
 pub mod resp;
 pub mod session;
+pub mod shardkv;
 pub mod tester;

@@ -6,7 +6,7 @@ set -uo pipefail
 usage() {
     cat <<'USAGE'
 usage: scripts/stress.sh [-n RUNS] [-p PARALLEL] [--release|--debug|--tsan]
-                         [--time-limit SECS] [-o OUTDIR] TEST_BINARY [FILTER]
+                         [--time-limit SECS] [-o OUTDIR] [--keep REGEX] TEST_BINARY [FILTER]
 
   TEST_BINARY        integration test name: tests/<TEST_BINARY>.rs (kvsrv, raft, mr, ...)
   FILTER             only tests whose name contains FILTER (substring, like cargo)
@@ -19,6 +19,8 @@ usage: scripts/stress.sh [-n RUNS] [-p PARALLEL] [--release|--debug|--tsan]
   --time-limit SECS  kill a run after SECS seconds and count it failed (default 300)
   -o OUTDIR          where failed runs' logs go
                      (default stress-out/<binary>-<timestamp>/, one <test>-runN.log per failure)
+  --keep REGEX       keep the output lines matching REGEX (grep -E) of every run, passed or
+                     failed, in OUTDIR/kept.txt as "<test> run<N> <exit>: <line>"
 
 Each run is `<exe> --exact NAME --test-threads=1 --nocapture`. Ignored tests are skipped.
 Exit status: 0 all passed, 1 some run failed, 2 usage/build error, 130 interrupted.
@@ -28,13 +30,14 @@ USAGE
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-runs="" parallel="" mode=release time_limit=300 outdir="" bin="" filter=""
+runs="" parallel="" mode=release time_limit=300 outdir="" bin="" filter="" keep=""
 positional=()
 while (($#)); do
     case $1 in
         -n) [[ $# -ge 2 ]] || rk_die "-n needs a value"; runs=$2; shift 2 ;;
         -p) [[ $# -ge 2 ]] || rk_die "-p needs a value"; parallel=$2; shift 2 ;;
         -o) [[ $# -ge 2 ]] || rk_die "-o needs a value"; outdir=$2; shift 2 ;;
+        --keep) [[ $# -ge 2 ]] || rk_die "--keep needs a value"; keep=$2; shift 2 ;;
         --time-limit) [[ $# -ge 2 ]] || rk_die "--time-limit needs a value"; time_limit=$2; shift 2 ;;
         --release) mode=release; shift ;;
         --debug) mode=debug; shift ;;
@@ -142,6 +145,10 @@ run_one() {
     if [[ $mode == tsan ]] && ((rc == 0)) && grep -q 'WARNING: ThreadSanitizer' "$log"; then
         rc=66
         printf '\n# FAILED: ThreadSanitizer report (exit status was 0)\n' >>"$log"
+    fi
+    if [[ -n $keep ]]; then
+        # One append per run (lines are short), so parallel runs do not interleave mid-line.
+        grep -E -- "$keep" "$log" | sed "s|^|$test run$run $rc: |" >>"$outdir/kept.txt"
     fi
     if ((rc == 0)); then
         rm -f "$log"
@@ -260,6 +267,7 @@ else
     printf 'no failures; summary in %s\n' "$outdir/summary.txt"
     rm -f "$exe"
 fi
+if [[ -n $keep ]]; then printf 'kept lines: %s\n' "$outdir/kept.txt"; fi
 printf '%d passed, %d failed\n' "$passed" "$failed"
 
 ((interrupted)) && exit 130

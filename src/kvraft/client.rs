@@ -31,33 +31,32 @@ impl Clerk {
 
     /// Sends `method` to the leader (or whoever answers as one), rotating through the servers
     /// on no reply or a reply `leader_err` rejects (`WrongLeader`), until a leader answers.
-    /// Also returns whether an earlier attempt might have been executed.
+    /// Also returns what the earlier attempts came to.
     fn call<R>(
         &self,
         method: &str,
         send: impl Fn(&str) -> Result<R, CallError>,
         leader_err: impl Fn(&R) -> bool,
-    ) -> (R, bool) {
+    ) -> (R, Attempts) {
         let n = self.servers.len();
         let mut i = self.leader.load(Ordering::Relaxed) % n;
         let mut tried = 0;
-        // Whether some earlier attempt might have been executed (sent, but no usable reply).
-        let mut resent = false;
+        let mut earlier = Attempts::default();
         loop {
             match send(&self.servers[i]) {
                 Ok(r) if !leader_err(&r) => {
                     self.leader.store(i, Ordering::Relaxed);
-                    return (r, resent);
+                    return (r, earlier);
                 }
                 Ok(_) => {
                     // WrongLeader: this server did not execute it... unless it started it
-                    // in the log before losing leadership, and the op still commits.
+                    // in the log before giving up on it, and the op still commits.
                     log::trace!(target: "kvraft::clerk", "{method} to {}: wrong leader", self.servers[i]);
-                    resent = true;
+                    earlier.wrong_leader += 1;
                 }
                 Err(e) => {
                     log::trace!(target: "kvraft::clerk", "{method} to {}: {e}", self.servers[i]);
-                    resent = true;
+                    earlier.no_reply += 1;
                 }
             }
             i = (i + 1) % n;
@@ -69,13 +68,29 @@ impl Clerk {
     }
 }
 
+/// The attempts of a call before the one that was answered.
+#[derive(Debug, Default, Clone, Copy)]
+struct Attempts {
+    /// Sent, no reply: the server may have executed it.
+    no_reply: usize,
+    /// Answered `ErrWrongLeader`: not executed there, unless the server had put it in its log
+    /// and gave up waiting for it (a term change, or a timeout in the ablation variant).
+    wrong_leader: usize,
+}
+
+impl Attempts {
+    fn any(&self) -> bool {
+        self.no_reply + self.wrong_leader > 0
+    }
+}
+
 impl KvClerk for Clerk {
     /// Gets retry until some leader answers.
     fn get(&self, key: &str) -> (String, Tversion, KvErr) {
         let args = GetArgs {
             key: key.to_string(),
         };
-        let (r, _): (GetReply, bool) = self.call(
+        let (r, _): (GetReply, Attempts) = self.call(
             "KVServer.Get",
             |s| self.transport.get(s, &args),
             |r: &GetReply| r.err == KvErr::WrongLeader,
@@ -84,19 +99,30 @@ impl KvClerk for Clerk {
     }
 
     /// `ErrVersion` after a retry becomes `ErrMaybe`: an earlier attempt may have been
-    /// executed (its reply lost, or its leader deposed after the op entered the log).
+    /// executed (its reply lost, or its leader gave up on it after the op entered the log).
     fn put(&self, key: &str, value: &str, version: Tversion) -> KvErr {
         let args = PutArgs {
             key: key.to_string(),
             value: value.to_string(),
             version,
         };
-        let (r, resent): (PutReply, bool) = self.call(
+        let (r, earlier): (PutReply, Attempts) = self.call(
             "KVServer.Put",
             |s| self.transport.put(s, &args),
             |r: &PutReply| r.err == KvErr::WrongLeader,
         );
-        if r.err == KvErr::Version && resent {
+        if r.err == KvErr::Version && earlier.any() {
+            // Why: with no reply lost, only a server that answered ErrWrongLeader for an op
+            // it had logged can have executed it (its rsm logs the reason at info).
+            let why = if earlier.no_reply > 0 {
+                "an earlier attempt got no reply and may have been executed"
+            } else {
+                "no reply was lost; an ErrWrongLeader came from a server that did not lead \
+                 (the attempt never entered its log: then the version was simply stale) or \
+                 from a leader that gave up on the logged op, which may have committed \
+                 (kvraft::rsm logs each such give-up: a term change, or a timeout)"
+            };
+            log::info!(target: "kvraft::clerk", "put {key:?} v{version}: ErrMaybe after {} unanswered and {} ErrWrongLeader attempt(s): {why}", earlier.no_reply, earlier.wrong_leader);
             KvErr::Maybe
         } else {
             r.err

@@ -14,7 +14,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::Clerk;
-use super::rsm::{Rsm, RsmError, StateMachine};
+use super::rsm::{GiveUps, Rsm, RsmError, StateMachine};
 use super::server::KvServer;
 use crate::labcodec;
 use crate::labrpc::ClientEnd;
@@ -290,6 +290,25 @@ fn leader_of(rafts: impl Iterator<Item = Option<Arc<Raft>>>) -> Option<usize> {
 
 // ---------------------------------------------------------------- kvraft
 
+/// Test-only: milliseconds after which every replica's pending submit gives up and answers
+/// `ErrWrongLeader` (the timeout design of most Go solutions; `docs/errmaybe.md`). Unset or
+/// empty: our design, which waits as long as the replica leads in the op's term.
+pub const GIVE_UP_ENV: &str = "RAFTKV_RSM_GIVE_UP_MS";
+
+/// [`GIVE_UP_ENV`], read once per test. A value that is not a number of milliseconds stops
+/// the test: measuring the wrong variant silently would be worse.
+fn give_up_after_from_env() -> Option<Duration> {
+    let v = std::env::var(GIVE_UP_ENV).ok()?;
+    let v = v.trim();
+    if v.is_empty() {
+        return None;
+    }
+    match v.parse::<u64>() {
+        Ok(ms) if ms > 0 => Some(Duration::from_millis(ms)),
+        _ => panic!("{GIVE_UP_ENV}={v:?}: expected a positive number of milliseconds"),
+    }
+}
+
 /// Starts KV replica `me` of a group on the simulated network: the KV server and its Raft
 /// peer, in that kill order. `maxraftstate`: snapshot when the persisted Raft state reaches
 /// it; `None` never.
@@ -357,13 +376,19 @@ impl KvRaftTest {
     pub fn new(p: KvRaftParams) -> KvRaftTest {
         let srvs: Arc<Mutex<Vec<Option<Arc<KvServer>>>>> =
             Arc::new(Mutex::new(vec![None; p.nservers]));
+        let give_up_after = give_up_after_from_env();
+        let give_ups = Arc::new(GiveUps::default());
         let start_fn: StartFn = {
             let srvs = srvs.clone();
             let maxraftstate = p.maxraftstate;
+            let give_ups = give_ups.clone();
             Arc::new(
                 move |ends: Vec<ClientEnd>, gid: Tgid, i: usize, persister: Persister| {
                     let (kv, services) = start_kv_server(ends, gid, i, persister, maxraftstate)
                         .unwrap_or_else(|e| panic!("tester: cannot start server {i}: {e}"));
+                    // Before the tester registers the services: no submit has run yet.
+                    kv.rsm().count_give_ups_in(give_ups.clone());
+                    kv.rsm().set_give_up_after(give_up_after);
                     srvs.lock()[i] = Some(kv);
                     services
                 },
@@ -372,6 +397,17 @@ impl KvRaftTest {
         let cfg = Config::new(p.nservers, p.reliable, start_fn);
         let maker = Arc::new(Maker { cfg: cfg.clone() });
         let ts = Arc::new(KvTest::new(cfg, p.randomkeys, maker));
+        ts.set_end_note(Box::new(move || {
+            let (term_change, timeout, index_taken) = give_ups.counts();
+            let variant = match give_up_after {
+                Some(d) => format!("timeout variant, {} ms", d.as_millis()),
+                None => "no timeout".to_string(),
+            };
+            format!(
+                "; rsm gave up on logged ops: {term_change} on a term change, {timeout} timed out, \
+                 {index_taken} lost their index ({variant})"
+            )
+        }));
         let mut title = String::from("Test: ");
         if p.crash {
             title.push_str("restarts, ");
@@ -412,10 +448,10 @@ impl KvRaftTest {
     pub fn make_clerk_to(&self, to: &[usize]) -> TestClerk {
         let g = self.g();
         let clnt = self.ts.cfg.clnts().make_client_to(&g.srv_names_to(to));
-        TestClerk {
+        self.ts.counted(TestClerk {
             ck: Arc::new(Clerk::new(clnt.clone(), g.srv_names())),
             clnt,
-        }
+        })
     }
 
     /// The replica that believes it leads, if any.

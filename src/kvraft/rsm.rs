@@ -16,6 +16,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -35,6 +36,31 @@ pub const DEPOSED_GRACE: Duration = Duration::from_millis(300);
 const APPLY_BUFFER: usize = 256;
 /// Per-entry bytes of the persisted log beyond the command itself (term, length), roughly.
 const ENTRY_OVERHEAD: usize = 4;
+
+/// Submits that had entered this peer's log and were then answered `WrongLeader` without
+/// waiting for the outcome, by reason. Such an op may still commit: a clerk that retries it
+/// elsewhere then meets `ErrVersion` and reports `ErrMaybe` (see `docs/errmaybe.md`). The
+/// test harness shares one instance across a group's replicas and restarts.
+#[derive(Debug, Default)]
+pub struct GiveUps {
+    /// The peer's term moved on, or it stopped leading, while the op waited.
+    pub term_change: AtomicUsize,
+    /// The op waited longer than [`Rsm::set_give_up_after`] allows (the timeout variant).
+    pub timeout: AtomicUsize,
+    /// Another leader's op was executed at the op's index: the op itself is lost.
+    pub index_taken: AtomicUsize,
+}
+
+impl GiveUps {
+    /// `(term_change, timeout, index_taken)`.
+    pub fn counts(&self) -> (usize, usize, usize) {
+        (
+            self.term_change.load(Ordering::Relaxed),
+            self.timeout.load(Ordering::Relaxed),
+            self.index_taken.load(Ordering::Relaxed),
+        )
+    }
+}
 
 /// Why [`Rsm::submit`] returned without the state machine's reply. In none of these cases
 /// has this peer executed the request for the caller; it may still commit later (a deposed
@@ -156,6 +182,9 @@ struct Shared {
     waiters: Mutex<HashMap<u64, Waiter>>,
     /// Why this replica stopped, if it did (it then never serves again).
     failure: Mutex<Option<RsmError>>,
+    /// Test-only: give up on a pending submit after this long (see [`Rsm::set_give_up_after`]).
+    give_up_after: Mutex<Option<Duration>>,
+    give_ups: Mutex<Arc<GiveUps>>,
 }
 
 /// A replicated state machine on one Raft peer.
@@ -214,6 +243,8 @@ impl Rsm {
             maxraftstate,
             waiters: Mutex::new(HashMap::new()),
             failure: Mutex::new(None),
+            give_up_after: Mutex::new(None),
+            give_ups: Mutex::new(Arc::new(GiveUps::default())),
         });
         let reader = {
             let shared = shared.clone();
@@ -244,6 +275,22 @@ impl Rsm {
 
     pub fn raft(&self) -> Arc<Raft> {
         self.shared.raft.clone()
+    }
+
+    /// **Test-only ablation, off by default.** With `Some(d)`, a submit that has waited `d`
+    /// for its op gives up and answers `WrongLeader` even though this peer still leads in the
+    /// op's term, as most Go solutions of the lab do with a fixed timeout. The op stays in
+    /// the log and usually commits anyway, so the clerk's retry meets `ErrVersion` and its
+    /// Put becomes `ErrMaybe`. The harness sets it from `RAFTKV_RSM_GIVE_UP_MS`; nothing
+    /// else should. `docs/errmaybe.md` measures both designs.
+    pub fn set_give_up_after(&self, d: Option<Duration>) {
+        *self.shared.give_up_after.lock() = d;
+    }
+
+    /// Counts this replica's give-ups in `give_ups` (which the caller may share among
+    /// replicas) from now on.
+    pub fn count_give_ups_in(&self, give_ups: Arc<GiveUps>) {
+        *self.shared.give_ups.lock() = give_ups;
     }
 
     /// Runs `req` through the log and returns the state machine's reply. `WrongLeader` if this
@@ -278,45 +325,68 @@ impl Rsm {
             (index, term)
         };
         log::trace!(target: "kvraft::rsm", "rsm-{} t{term}: submitted op {id:x} at {index}", s.me);
+        let give_up_at = s.give_up_after.lock().map(|d| Instant::now() + d);
         let mut lost_since: Option<Instant> = None;
         loop {
-            match rx.recv_timeout(LEADERSHIP_POLL) {
-                Ok(r) => return r,
+            let wait = match give_up_at {
+                Some(at) => LEADERSHIP_POLL.min(at.saturating_duration_since(Instant::now())),
+                None => LEADERSHIP_POLL,
+            };
+            match rx.recv_timeout(wait) {
+                Ok(r) => return s.answered(r, term, index, id),
                 // The reader dropped the waiter: it exited (peer killed), or another op took
                 // the index in a later term.
-                Err(RecvTimeoutError::Disconnected) => {
-                    return Err(if s.raft.killed() {
-                        SubmitError::Stopped
-                    } else {
-                        SubmitError::WrongLeader
-                    });
-                }
+                Err(RecvTimeoutError::Disconnected) => return Err(s.dropped()),
                 Err(RecvTimeoutError::Timeout) => {
                     let (now_term, is_leader) = s.raft.get_state();
-                    if now_term == term && is_leader && !s.raft.killed() {
+                    let killed = s.raft.killed();
+                    let leading = now_term == term && is_leader && !killed;
+                    // Only in the test-only timeout variant (`set_give_up_after`).
+                    let timed_out = give_up_at.is_some_and(|at| Instant::now() >= at);
+                    if leading && !timed_out {
                         continue;
                     }
-                    // Deposed, or the term moved on. While our entry is still in this peer's
-                    // log a later leader may yet commit it (its term-start entry makes that
-                    // quick): answering WrongLeader now could have the client run it twice.
-                    // Once the entry is gone, or after a grace, give up.
-                    let lost_at = *lost_since.get_or_insert_with(Instant::now);
-                    if !s.raft.killed()
-                        && s.raft.term_at(index) == Some(term)
-                        && lost_at.elapsed() < DEPOSED_GRACE
+                    if !leading && !timed_out {
+                        // Deposed, or the term moved on. While our entry is still in this
+                        // peer's log a later leader may yet commit it (its term-start entry
+                        // makes that quick): answering WrongLeader now could have the client
+                        // run it twice. Once the entry is gone, or after a grace, give up.
+                        let lost_at = *lost_since.get_or_insert_with(Instant::now);
+                        if !killed
+                            && s.raft.term_at(index) == Some(term)
+                            && lost_at.elapsed() < DEPOSED_GRACE
+                        {
+                            continue;
+                        }
+                    }
                     {
-                        continue;
+                        let mut waiters = s.waiters.lock();
+                        if waiters.get(&index).is_some_and(|w| w.id == id) {
+                            waiters.remove(&index);
+                        } else {
+                            // The reader took the waiter meanwhile: it answers (or drops the
+                            // sender) right after, without blocking.
+                            drop(waiters);
+                            return match rx.recv() {
+                                Ok(r) => s.answered(r, term, index, id),
+                                Err(_) => Err(s.dropped()),
+                            };
+                        }
                     }
-                    log::debug!(target: "kvraft::rsm", "rsm-{} t{now_term}: op {id:x} at {index} (t{term}) abandoned, leader {is_leader}", s.me);
-                    let mut waiters = s.waiters.lock();
-                    if waiters.get(&index).is_some_and(|w| w.id == id) {
-                        waiters.remove(&index);
-                    }
-                    return Err(if s.raft.killed() {
-                        SubmitError::Stopped
+                    if killed {
+                        // A killed peer's ops die with it.
+                        log::debug!(target: "kvraft::rsm", "rsm-{} t{now_term}: op {id:x} at {index} abandoned: killed", s.me);
+                    } else if !leading {
+                        log::info!(target: "kvraft::rsm", "rsm-{} t{now_term}: op {id:x} at {index} (t{term}) abandoned on a term change, leader {is_leader}: it may still commit", s.me);
+                        s.give_ups
+                            .lock()
+                            .term_change
+                            .fetch_add(1, Ordering::Relaxed);
                     } else {
-                        SubmitError::WrongLeader
-                    });
+                        log::info!(target: "kvraft::rsm", "rsm-{} t{term}: op {id:x} at {index} timed out while still leader: it may still commit", s.me);
+                        s.give_ups.lock().timeout.fetch_add(1, Ordering::Relaxed);
+                    }
+                    return Err(s.dropped());
                 }
             }
         }
@@ -342,6 +412,34 @@ impl Drop for Rsm {
 }
 
 impl Shared {
+    /// Why a submitter's waiter was dropped without an answer.
+    fn dropped(&self) -> SubmitError {
+        if self.raft.killed() {
+            SubmitError::Stopped
+        } else {
+            SubmitError::WrongLeader
+        }
+    }
+
+    /// A submitter's reply from the reader, counted if it says the op was lost.
+    fn answered(
+        &self,
+        r: Result<Vec<u8>, SubmitError>,
+        term: u64,
+        index: u64,
+        id: u64,
+    ) -> Result<Vec<u8>, SubmitError> {
+        if r.is_err() {
+            // The reader answers so only when another op was executed at the index.
+            log::info!(target: "kvraft::rsm", "rsm-{} t{term}: op {id:x} at {index} lost: another op took the index", self.me);
+            self.give_ups
+                .lock()
+                .index_taken
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+
     /// Appends a term-start entry when this peer has become leader of a term it has not
     /// marked yet (`marked`: the last term it marked).
     fn mark_term_start(&self, marked: &mut u64) {

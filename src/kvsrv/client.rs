@@ -49,7 +49,10 @@ impl KvClerk for Clerk {
             match self.transport.put(&self.server, &args) {
                 // A retry that meets ErrVersion cannot tell whether an earlier attempt
                 // succeeded (its reply lost) or someone else's Put got in first.
-                Ok(r) if r.err == KvErr::Version && !first => return KvErr::Maybe,
+                Ok(r) if r.err == KvErr::Version && !first => {
+                    log::info!(target: "kvsrv::clerk", "put {key:?} v{version}: ErrMaybe: an earlier attempt got no reply and may have been executed");
+                    return KvErr::Maybe;
+                }
                 Ok(r) => return r.err,
                 Err(e) => {
                     log::trace!(target: "kvsrv::clerk", "put {key:?} v{version} to {}: {e}; retrying", self.server);

@@ -75,6 +75,42 @@ pub struct EntryN {
     pub n: usize,
 }
 
+/// A test's clerks' Puts and how many of them came back `ErrMaybe`; of those that
+/// [`KvTest::one_put`] checked with its next Get, how many had taken effect (the harmful
+/// kind on a reliable network), had not, or cannot be told (the key had moved past them).
+#[derive(Debug, Default)]
+struct PutCount {
+    puts: AtomicUsize,
+    maybes: AtomicUsize,
+    maybe_took: AtomicUsize,
+    maybe_not: AtomicUsize,
+    maybe_unknown: AtomicUsize,
+}
+
+/// A clerk whose Puts the test counts ([`KvTest::counted`]); otherwise the clerk itself.
+struct CountingClerk {
+    inner: Arc<dyn KvClerk>,
+    count: Arc<PutCount>,
+}
+
+impl KvClerk for CountingClerk {
+    fn get(&self, key: &str) -> (String, Tversion, KvErr) {
+        self.inner.get(key)
+    }
+
+    fn put(&self, key: &str, value: &str, version: Tversion) -> KvErr {
+        let err = self.inner.put(key, value, version);
+        self.count.puts.fetch_add(1, Ordering::Relaxed);
+        if err == KvErr::Maybe {
+            self.count.maybes.fetch_add(1, Ordering::Relaxed);
+        }
+        err
+    }
+}
+
+/// Extra words for the ErrMaybe line a test prints when it ends.
+pub type EndNote = Box<dyn Fn() -> String + Send + Sync>;
+
 /// One KV test: its configuration, its clerks and the history of what they did.
 pub struct KvTest {
     pub cfg: Arc<Config>,
@@ -82,6 +118,8 @@ pub struct KvTest {
     randomkeys: bool,
     history: Mutex<Vec<Operation<KvInput, KvOutput>>>,
     t0: Instant,
+    put_count: Arc<PutCount>,
+    end_note: Mutex<Option<EndNote>>,
 }
 
 impl KvTest {
@@ -92,11 +130,52 @@ impl KvTest {
             randomkeys,
             history: Mutex::new(Vec::new()),
             t0: Instant::now(),
+            put_count: Arc::new(PutCount::default()),
+            end_note: Mutex::new(None),
         }
     }
 
+    /// A clerk of the lab's service, its Puts counted for the ErrMaybe line.
     pub fn make_clerk(&self) -> TestClerk {
-        self.mck.make_clerk()
+        self.counted(self.mck.make_clerk())
+    }
+
+    /// `ck` with its Puts counted for the ErrMaybe line (for clerks made outside
+    /// [`make_clerk`](Self::make_clerk)).
+    pub fn counted(&self, ck: TestClerk) -> TestClerk {
+        TestClerk {
+            ck: Arc::new(CountingClerk {
+                inner: ck.ck,
+                count: self.put_count.clone(),
+            }),
+            clnt: ck.clnt,
+        }
+    }
+
+    /// Adds `note()` to the ErrMaybe line printed when the test ends.
+    pub fn set_end_note(&self, note: EndNote) {
+        *self.end_note.lock() = Some(note);
+    }
+
+    /// The line every KV test prints when it ends, passed or not: how many of its clerks'
+    /// Puts came back `ErrMaybe` (`docs/errmaybe.md`).
+    fn maybe_line(&self) -> String {
+        let c = &self.put_count;
+        let ld = |a: &AtomicUsize| a.load(Ordering::Relaxed);
+        let note = self
+            .end_note
+            .lock()
+            .as_ref()
+            .map(|f| f())
+            .unwrap_or_default();
+        format!(
+            "  ... ErrMaybe {} of {} Puts (next Get: {} had taken effect, {} had not, {} unknown){note}",
+            ld(&c.maybes),
+            ld(&c.puts),
+            ld(&c.maybe_took),
+            ld(&c.maybe_not),
+            ld(&c.maybe_unknown)
+        )
     }
 
     pub fn delete_clerk(&self, ck: &TestClerk) {
@@ -350,6 +429,19 @@ impl KvTest {
                 self.fatal(&format!("Wrong error {err}"));
             }
             let (e, ver0): (EntryV, Tversion) = self.get_json(ck, key, me);
+            if err == KvErr::Maybe {
+                // The entry names its writer and version, so the Get tells whether this Put
+                // took effect, unless another Put has moved the key on since.
+                let c = &self.put_count;
+                let outcome = if ver0 == ver + 1 && e.id == me && e.v == ver {
+                    &c.maybe_took
+                } else if ver0 <= ver + 1 {
+                    &c.maybe_not
+                } else {
+                    &c.maybe_unknown
+                };
+                outcome.fetch_add(1, Ordering::Relaxed);
+            }
             if err == KvErr::Ok && ver0 == ver + 1 {
                 // My put took.
                 if e.id != me || e.v != ver {
@@ -459,6 +551,7 @@ impl KvTest {
 
 impl Drop for KvTest {
     fn drop(&mut self) {
+        println!("{}", self.maybe_line());
         self.cfg.cleanup();
     }
 }

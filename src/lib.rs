@@ -7,10 +7,13 @@
 //! | 3 | [`raft`]: Raft with persistence and snapshots |
 //! | 4 | [`kvraft`]: replicated state machine and linearizable KV service on Raft |
 //! | 5 | [`shardkv`]: sharded KV over Raft groups, with a shard controller |
+//! | — | [`kvapi`]: the KV request/reply types, clerk trait, versioned store and transport seam every KV lab shares |
+//! | — | [`storage`]: `FileLog`, a crash-safe Raft log on disk |
 //! | — | [`net`]: RPC over TCP (threads, pipelined calls, re-dial, bounded frames and handlers) and a fault-injecting proxy |
 //! | — | [`resp`]: the Redis wire protocol (RESP2) and the command table of the KV service |
 //! | — | [`session`]: exactly-once table (client id, sequence number, last reply) for a replicated state machine |
-//! | — | [`labrpc`], [`labcodec`], [`tester`], [`porcupine`]: simulated network, codec, harness, checker |
+//! | — | [`labrpc`], [`labcodec`], [`porcupine`]: simulated network, codec, linearizability checker |
+//! | — | `tester` and the labs' `harness` modules: test support, built only with the `testing` feature (the tests and benches turn it on) |
 //!
 //! See `ARCHITECTURE.md` at the repository root for how the parts fit.
 
@@ -26,4 +29,6 @@ pub mod raft;
 pub mod resp;
 pub mod session;
 pub mod shardkv;
+pub mod storage;
+#[cfg(feature = "testing")]
 pub mod tester;

@@ -6,10 +6,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::Duration;
 
-use raftkv::raft::harness::{
+use crate::harness::{
     ELECTION_TIMEOUT, FAULT_ENV, MAX_LOG_SIZE, SNAPSHOT_INTERVAL, Test, TestCmd, rand_cmd,
+    run_test_in_child,
 };
-use raftkv::tester::{join_helper, randstring, run_test_in_child};
+use raftkv::tester::{join_helper, randstring};
+
+/// The harness these tests run on. `tests/raft_file.rs` runs this file as its module `lab`
+/// with a `harness` of its own: the same tests, with every peer on the crash-safe file log.
+#[allow(unused_imports)]
+mod harness {
+    pub use raftkv::raft::harness::*;
+    pub use raftkv::tester::run_test_in_child;
+}
 use rand::Rng;
 
 fn sleep(d: Duration) {

@@ -273,3 +273,72 @@ fn join_helper_fails_with_the_helpers_message() {
         "check failed in a helper: 42"
     );
 }
+
+/// The persister adapter keeps the log's entries encoded as they arrive; what it saves must be
+/// byte for byte the labs' format of the whole state, through appends, truncations,
+/// compactions, snapshot resets and hard-state changes.
+#[test]
+fn persister_storage_saves_exactly_the_labs_format() {
+    use raftkv::raft::log::{Entry, Log};
+    use raftkv::raft::persist::encode_lab_state;
+    use raftkv::raft::{HardState, Storage};
+    use raftkv::tester::PersisterStorage;
+    use rand::{Rng, SeedableRng};
+
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(5840);
+    let persister = Persister::new();
+    let storage = PersisterStorage::new(persister.clone());
+    storage.restore().expect("an empty persister restores");
+    let mut model = Log::default();
+    let mut hs = HardState::default();
+    for step in 0..2000 {
+        match rng.gen_range(0..10) {
+            0..=4 => {
+                let n = rng.gen_range(1..5);
+                let entries: Vec<Entry> = (0..n)
+                    .map(|_| Entry {
+                        term: hs.term,
+                        command: vec![rng.r#gen(); rng.gen_range(0..300)],
+                    })
+                    .collect();
+                storage
+                    .append(model.last_index() + 1, &entries)
+                    .expect("append");
+                for e in entries {
+                    model.append(e);
+                }
+            }
+            5 if model.last_index() > model.base_index() => {
+                let index = rng.gen_range(model.base_index()..=model.last_index());
+                storage.truncate_after(index).expect("truncate");
+                model.truncate_after(index);
+            }
+            6 if model.last_index() > model.base_index() => {
+                let index = rng.gen_range(model.base_index() + 1..=model.last_index());
+                let term = model.term_at(index).unwrap();
+                storage
+                    .save_snapshot(index, term, b"snap")
+                    .expect("snapshot");
+                model.compact_to(index);
+            }
+            7 => {
+                let index = model.last_index() + rng.gen_range(1..20);
+                storage
+                    .save_snapshot(index, hs.term, b"ahead")
+                    .expect("snapshot");
+                model.reset_to(index, hs.term);
+            }
+            _ => {
+                hs.term += 1;
+                hs.voted_for = rng.gen_bool(0.5).then(|| rng.gen_range(0..5));
+                storage.set_hard_state(hs).expect("hard state");
+            }
+        }
+        storage.sync().expect("sync");
+        assert_eq!(
+            persister.read_raft_state(),
+            encode_lab_state(hs, &model).unwrap(),
+            "saved state differs from the labs' format after step {step}"
+        );
+    }
+}

@@ -9,7 +9,7 @@
 //!   configuration posted) and until a clerk's Get is served by the new group.
 //!
 //! ```text
-//! cargo build --release --bin shardkvbench && target/release/shardkvbench
+//! cargo build --release --features testing --bin shardkvbench && target/release/shardkvbench
 //! ```
 
 use std::process::ExitCode;

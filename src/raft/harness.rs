@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use super::{ApplyMsg, Raft};
+use super::{ApplyMsg, Raft, Storage};
 use crate::labcodec;
 use crate::labrpc::{ClientEnd, Service};
 use crate::tester::{Config, GRP0, IService, Persister, RaftRpcService, ServerGrp, StartFn, Tgid};
@@ -109,13 +109,26 @@ pub struct RfSrv {
     me: usize,
     raft: Mutex<Option<Arc<Raft>>>,
     applier: Mutex<Option<JoinHandle<()>>>,
+    /// The file log a crash closes (file-backed tests only).
+    closer: Option<Arc<file::ClosableLog>>,
 }
 
+/// Opens peer `i`'s storage from what the tester kept for it: the storage, the snapshot the
+/// service restores from, and (file-backed tests) the log its crash closes.
+type OpenStorage = Arc<
+    dyn Fn(usize, Persister) -> (Box<dyn Storage>, Vec<u8>, Option<Arc<file::ClosableLog>>)
+        + Send
+        + Sync,
+>;
+
 impl RfSrv {
+    #[allow(clippy::too_many_arguments)]
     fn start(
         me: usize,
         ends: Vec<ClientEnd>,
-        persister: Persister,
+        storage: Box<dyn Storage>,
+        snapshot_data: Vec<u8>,
+        closer: Option<Arc<file::ClosableLog>>,
         snapshot: bool,
         applied: Arc<Mutex<Applied>>,
         cfg: CfgCell,
@@ -135,7 +148,7 @@ impl RfSrv {
             }
         };
         if snapshot {
-            let data = persister.read_snapshot();
+            let data = snapshot_data;
             if !data.is_empty() {
                 match ingest_snapshot(&applied, me, &data, None) {
                     Ok(i) => last_applied = i,
@@ -143,7 +156,7 @@ impl RfSrv {
                 }
             }
         }
-        let raft = match Raft::new(ends, me, persister, tx) {
+        let raft = match Raft::new(ends, me, storage, tx) {
             Ok(r) => Arc::new(r),
             Err(e) => panic!("tester: cannot start raft-{me}: {e}"),
         };
@@ -151,6 +164,7 @@ impl RfSrv {
             me,
             raft: Mutex::new(Some(raft.clone())),
             applier: Mutex::new(None),
+            closer,
         });
         let weak_raft = Arc::downgrade(&raft);
         let handle = thread::Builder::new()
@@ -292,6 +306,9 @@ impl IService for RfSrv {
         if let Some(r) = raft {
             r.kill(); // closes the apply channel, which ends the applier below
         }
+        if let Some(c) = &self.closer {
+            c.close(); // a crash: the process lets go of its files
+        }
         if let Some(h) = self.applier.lock().take()
             && let Err(e) = h.join()
             && !thread::panicking()
@@ -322,6 +339,15 @@ pub struct Test {
 impl Test {
     /// `n` peers, reliable or not, with the snapshotting tester service or not.
     pub fn new(n: usize, reliable: bool, snapshot: bool) -> Test {
+        let open: OpenStorage = Arc::new(|_i: usize, persister: Persister| {
+            let data = persister.read_snapshot();
+            (persister.into(), data, None)
+        });
+        Test::with_storage(n, reliable, snapshot, open)
+    }
+
+    /// [`Test::new`] with the peers' storage opened by `open`.
+    fn with_storage(n: usize, reliable: bool, snapshot: bool, open: OpenStorage) -> Test {
         let srvs: Arc<Mutex<Vec<Option<Arc<RfSrv>>>>> = Arc::new(Mutex::new(vec![None; n]));
         let applied = Arc::new(Mutex::new(Applied {
             logs: vec![HashMap::new(); n],
@@ -335,10 +361,13 @@ impl Test {
             let cfg_cell = cfg_cell.clone();
             Arc::new(
                 move |ends: Vec<ClientEnd>, _gid: Tgid, i: usize, persister: Persister| {
+                    let (storage, snapshot_data, closer) = open(i, persister);
                     let s = RfSrv::start(
                         i,
                         ends,
-                        persister,
+                        storage,
+                        snapshot_data,
+                        closer,
                         snapshot,
                         applied.clone(),
                         cfg_cell.clone(),
@@ -602,5 +631,142 @@ impl Drop for Test {
     fn drop(&mut self) {
         self.finished.store(true, Ordering::SeqCst);
         self.cfg.cleanup();
+    }
+}
+
+// ---------------------------------------------------------------- the file log
+
+/// The Raft tests on the crash-safe file log (`tests/raft_file.rs`): the same harness, but
+/// each peer keeps its state in `storage::FileLog` in a temporary directory instead of the
+/// labs' `Persister`. A crash kills the peer and closes its log; the restarted peer recovers
+/// from the files. (The persister stays empty, so `ServerGrp::log_size` reads 0 here: the
+/// 3D size check is meaningful only in `tests/raft.rs`.)
+pub mod file {
+    pub use super::*;
+
+    use std::ops::Deref;
+    use std::path::{Path, PathBuf};
+
+    use crate::raft::log::Entry;
+    use crate::raft::{HardState, Restored, Storage, StorageError};
+    use crate::storage::{FileLog, FileLogOptions};
+
+    /// Small segments, so compaction deletes files during a test.
+    const SEGMENT_BYTES: u64 = 4096;
+
+    /// A test's data directories, removed when it ends.
+    struct Dirs(PathBuf);
+
+    impl Drop for Dirs {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// A peer's file log that its crash closes (releasing the directory lock), whatever
+    /// threads still hold the peer's state.
+    pub(super) struct ClosableLog {
+        log: Mutex<Option<Arc<FileLog>>>,
+    }
+
+    impl ClosableLog {
+        /// Opens the log in `dir`, waiting up to 5 s for a crashed predecessor's last call to
+        /// let go of it.
+        fn open(dir: &Path) -> ClosableLog {
+            let t0 = Instant::now();
+            loop {
+                match FileLog::open(
+                    dir,
+                    FileLogOptions {
+                        segment_bytes: SEGMENT_BYTES,
+                    },
+                ) {
+                    Ok(log) => {
+                        return ClosableLog {
+                            log: Mutex::new(Some(Arc::new(log))),
+                        };
+                    }
+                    Err(StorageError::Locked { .. }) if t0.elapsed() < Duration::from_secs(5) => {
+                        thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(e) => panic!("tester: cannot open the file log in {}: {e}", dir.display()),
+                }
+            }
+        }
+
+        pub(super) fn close(&self) {
+            self.log.lock().take();
+        }
+
+        fn get(&self) -> Result<Arc<FileLog>, StorageError> {
+            self.log.lock().clone().ok_or_else(|| StorageError::Failed {
+                first: "closed by a crash".to_string(),
+            })
+        }
+
+        fn snapshot(&self) -> Vec<u8> {
+            self.get()
+                .map(|l| l.recovered_snapshot())
+                .unwrap_or_default()
+        }
+    }
+
+    impl Storage for ClosableLog {
+        fn restore(&self) -> Result<Restored, StorageError> {
+            self.get()?.restore()
+        }
+        fn set_hard_state(&self, hs: HardState) -> Result<(), StorageError> {
+            self.get()?.set_hard_state(hs)
+        }
+        fn append(&self, first: u64, entries: &[Entry]) -> Result<(), StorageError> {
+            self.get()?.append(first, entries)
+        }
+        fn truncate_after(&self, index: u64) -> Result<(), StorageError> {
+            self.get()?.truncate_after(index)
+        }
+        fn save_snapshot(&self, index: u64, term: u64, data: &[u8]) -> Result<(), StorageError> {
+            self.get()?.save_snapshot(index, term, data)
+        }
+        fn sync(&self) -> Result<(), StorageError> {
+            self.get()?.sync()
+        }
+        fn state_size(&self) -> usize {
+            self.get().map_or(0, |l| l.state_size())
+        }
+    }
+
+    /// A Raft test whose peers keep their state in files.
+    pub struct Test {
+        inner: super::Test,
+        _dirs: Dirs,
+    }
+
+    impl Deref for Test {
+        type Target = super::Test;
+        fn deref(&self) -> &super::Test {
+            &self.inner
+        }
+    }
+
+    impl Test {
+        pub fn new(n: usize, reliable: bool, snapshot: bool) -> Test {
+            static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let root = std::env::temp_dir().join(format!(
+                "raftkv-raft-file-{}-{}",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::SeqCst)
+            ));
+            let _ = std::fs::remove_dir_all(&root);
+            let dirs = root.clone();
+            let open: OpenStorage = Arc::new(move |i: usize, _persister: Persister| {
+                let log = Arc::new(ClosableLog::open(&dirs.join(format!("server-{i}"))));
+                let snap = log.snapshot();
+                (Box::new(log.clone()) as Box<dyn Storage>, snap, Some(log))
+            });
+            Test {
+                inner: super::Test::with_storage(n, reliable, snapshot, open),
+                _dirs: Dirs(root),
+            }
+        }
     }
 }

@@ -10,6 +10,7 @@
 
 mod apply;
 mod election;
+#[cfg(feature = "testing")]
 pub mod harness;
 pub mod log;
 pub mod persist;

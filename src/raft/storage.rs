@@ -10,6 +10,7 @@
 //! (group commit). A storage that returns an error is never used again: the peer stops.
 
 use std::fmt;
+use std::sync::Arc;
 
 use super::log::{Entry, Log};
 
@@ -101,4 +102,29 @@ pub trait Storage: Send + Sync {
     /// Bytes of Raft state (hard state and log, not the snapshot) this storage keeps: what
     /// `maxraftstate` is compared with.
     fn state_size(&self) -> usize;
+}
+
+/// A shared storage (e.g. one a test closes on a crash) is a storage.
+impl<S: Storage + ?Sized> Storage for Arc<S> {
+    fn restore(&self) -> Result<Restored, StorageError> {
+        (**self).restore()
+    }
+    fn set_hard_state(&self, hs: HardState) -> Result<(), StorageError> {
+        (**self).set_hard_state(hs)
+    }
+    fn append(&self, first: u64, entries: &[Entry]) -> Result<(), StorageError> {
+        (**self).append(first, entries)
+    }
+    fn truncate_after(&self, index: u64) -> Result<(), StorageError> {
+        (**self).truncate_after(index)
+    }
+    fn save_snapshot(&self, index: u64, term: u64, data: &[u8]) -> Result<(), StorageError> {
+        (**self).save_snapshot(index, term, data)
+    }
+    fn sync(&self) -> Result<(), StorageError> {
+        (**self).sync()
+    }
+    fn state_size(&self) -> usize {
+        (**self).state_size()
+    }
 }

@@ -8,9 +8,11 @@
 //! - [`Clerk`]: routes Gets and Puts by the configuration;
 //! - [`transport`]: the seam between the clerks and the servers ([`ShardTransport`],
 //!   [`ShardGrpService`]); nothing else here knows the network;
-//! - [`harness`]: the tester's side (the Go labs' `shardkv1/test.go`).
+//! - `harness` (with the `testing` feature): the labrpc adapters and the tester's side (the
+//!   Go labs' `shardkv1/test.go`).
 
 mod client;
+#[cfg(feature = "testing")]
 pub mod harness;
 pub mod shardcfg;
 pub mod shardctrler;

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
+use crate::labcodec;
 use crate::raft::log::{Entry, Log};
 use crate::raft::persist::{decode_lab_state, encode_lab_state};
 use crate::raft::{HardState, Restored, Storage, StorageError};
@@ -71,8 +72,10 @@ impl Persister {
 
 /// The Raft [`Storage`] on a [`Persister`], writing the labs' format (term, vote and the whole
 /// log as one value, the snapshot beside it), so the sizes the tests check are those of the
-/// Go labs' persister. It keeps a copy of the log and re-encodes it on every `sync` that
-/// follows a change: the cost grows with the log, as the labs' `persist()` does.
+/// Go labs' persister. It keeps the log's entries already encoded, each appended once: a
+/// `sync` encodes only the small header and copies the rest, under the mirror lock that Raft's
+/// own storage calls also take (re-encoding the whole log there held that lock, and with it a
+/// peer whose mutex-holding thread called in, for as long as encoding took).
 pub struct PersisterStorage {
     persister: Persister,
     mirror: Mutex<Mirror>,
@@ -81,6 +84,10 @@ pub struct PersisterStorage {
 struct Mirror {
     hs: HardState,
     log: Log,
+    /// The labs' encoding of each entry of `log`, concatenated ...
+    encoded: Vec<u8>,
+    /// ... and where each one starts in `encoded`.
+    starts: Vec<usize>,
     snapshot: Option<Vec<u8>>,
     /// Changed since the last sync.
     dirty: bool,
@@ -95,11 +102,67 @@ impl PersisterStorage {
             mirror: Mutex::new(Mirror {
                 hs: HardState::default(),
                 log: Log::default(),
+                encoded: Vec::new(),
+                starts: Vec::new(),
                 snapshot: None,
                 dirty: false,
                 snapshot_dirty: false,
             }),
         }
+    }
+}
+
+impl Mirror {
+    fn encode_entries(&mut self, entries: &[Entry]) -> Result<(), StorageError> {
+        for e in entries {
+            let bytes = labcodec::encode(e).map_err(|e| StorageError::Io {
+                path: "persister raft state".to_string(),
+                op: "encode",
+                reason: e.to_string(),
+            })?;
+            self.starts.push(self.encoded.len());
+            self.encoded.extend_from_slice(&bytes);
+        }
+        Ok(())
+    }
+
+    /// Keeps the encodings of the first `keep` entries.
+    fn keep_first(&mut self, keep: usize) {
+        if keep < self.starts.len() {
+            self.encoded.truncate(self.starts[keep]);
+            self.starts.truncate(keep);
+        }
+    }
+
+    /// Drops the encodings of the first `drop` entries.
+    fn drop_first(&mut self, drop: usize) {
+        let drop = drop.min(self.starts.len());
+        let cut = self.starts.get(drop).copied().unwrap_or(self.encoded.len());
+        self.encoded.drain(..cut);
+        self.starts.drain(..drop);
+        for s in &mut self.starts {
+            *s -= cut;
+        }
+    }
+
+    /// The labs' format of the whole state: the fields of [`encode_lab_state`]'s value in
+    /// order (bincode writes a struct as its fields, a `Vec` as its length and elements),
+    /// then the entries' encodings.
+    fn lab_state(&self) -> Result<Vec<u8>, StorageError> {
+        let header = (
+            self.hs.term,
+            self.hs.voted_for,
+            self.log.base_index(),
+            self.log.base_term(),
+            self.starts.len() as u64,
+        );
+        let mut bytes = labcodec::encode(&header).map_err(|e| StorageError::Io {
+            path: "persister raft state".to_string(),
+            op: "encode",
+            reason: e.to_string(),
+        })?;
+        bytes.extend_from_slice(&self.encoded);
+        Ok(bytes)
     }
 }
 
@@ -122,6 +185,10 @@ impl Storage for PersisterStorage {
         let mut m = self.mirror.lock();
         m.hs = hs;
         m.log = log.clone();
+        m.encoded.clear();
+        m.starts.clear();
+        let entries = log.entries_from(log.base_index() + 1).to_vec();
+        m.encode_entries(&entries)?;
         Ok(Restored {
             hard_state: hs,
             log,
@@ -143,6 +210,7 @@ impl Storage for PersisterStorage {
                 reason: format!("append at {first} after last {}", m.log.last_index()),
             });
         }
+        m.encode_entries(entries)?;
         for e in entries {
             m.log.append(e.clone());
         }
@@ -157,7 +225,9 @@ impl Storage for PersisterStorage {
                 reason: format!("truncate after {index} below base {}", m.log.base_index()),
             });
         }
+        let keep = (index - m.log.base_index()) as usize;
         m.log.truncate_after(index);
+        m.keep_first(keep);
         m.dirty = true;
         Ok(())
     }
@@ -165,9 +235,13 @@ impl Storage for PersisterStorage {
     fn save_snapshot(&self, index: u64, term: u64, data: &[u8]) -> Result<(), StorageError> {
         let mut m = self.mirror.lock();
         if m.log.term_at(index) == Some(term) {
+            let drop = index.saturating_sub(m.log.base_index()) as usize;
             m.log.compact_to(index);
+            m.drop_first(drop);
         } else {
             m.log.reset_to(index, term);
+            m.encoded.clear();
+            m.starts.clear();
         }
         m.snapshot = Some(data.to_vec());
         m.dirty = true;
@@ -180,11 +254,12 @@ impl Storage for PersisterStorage {
         if !m.dirty {
             return Ok(());
         }
-        let bytes = encode_lab_state(m.hs, &m.log).map_err(|e| StorageError::Io {
-            path: "persister raft state".to_string(),
-            op: "encode",
-            reason: e.to_string(),
-        })?;
+        let bytes = m.lab_state()?;
+        debug_assert_eq!(
+            Some(&bytes),
+            encode_lab_state(m.hs, &m.log).ok().as_ref(),
+            "persister: the incremental encoding differs from the labs' format"
+        );
         // Under the mirror lock, so two syncs cannot save out of order.
         if m.snapshot_dirty {
             self.persister.save(bytes, m.snapshot.take());

@@ -1,0 +1,833 @@
+//! A crash-safe file log: the [`Storage`](crate::raft::Storage) of a Raft peer on a local disk.
+//!
+//! A data directory holds:
+//!
+//! | file | content | written |
+//! |---|---|---|
+//! | `LOCK` | nothing; held with an exclusive lock while open | at open |
+//! | `log-<first index, 20 digits>` | append-only segment of framed entry records ([`record`]); a full segment ends with a seal naming the next | appended on `sync` |
+//! | `hardstate` | one framed record: term, vote | replaced atomically |
+//! | `snapshot` | one framed record: index, term, the service's bytes | replaced atomically |
+//!
+//! "Replaced atomically": written to `<name>.tmp`, fsynced, renamed over `<name>`, directory
+//! fsynced. Segments wholly below the snapshot are deleted after the snapshot is durable.
+//!
+//! Writes are queued in memory by the [`Storage`] write calls (cheap, under Raft's mutex) and
+//! carried out by [`Storage::sync`] in order, followed by one fsync per touched file: many
+//! appends queued by many threads share that fsync (group commit). Queued order is what makes
+//! recovery consistent: a new term's hard state is durable before any entry of that term is
+//! even written, and a snapshot is durable before the entries it replaces are deleted.
+//!
+//! Recovery ([`FileLog::open`]) cuts off a torn record at the very end of the log (a crash in
+//! mid-append) and refuses to start, naming file and offset, on anything else: a bad record
+//! followed by good ones, a bad checksum in `hardstate` or `snapshot`, a segment missing
+//! between two others or after a sealed one, entries out of sequence.
+
+pub mod record;
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Write};
+use std::path::{Path, PathBuf};
+
+use parking_lot::Mutex;
+
+use crate::raft::log::{Entry, Log};
+use crate::raft::{HardState, Restored, Storage, StorageError};
+use record::Decoded;
+
+/// Bytes of a seal record.
+const SEAL_BYTES: u64 = (record::HEADER + 9) as u64;
+
+/// Default segment size: a segment is sealed and a new one started once it passes this.
+pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
+
+/// Options of a [`FileLog`].
+#[derive(Debug, Clone)]
+pub struct FileLogOptions {
+    /// A segment is sealed once it holds at least this many bytes.
+    pub segment_bytes: u64,
+}
+
+impl Default for FileLogOptions {
+    fn default() -> Self {
+        FileLogOptions {
+            segment_bytes: DEFAULT_SEGMENT_BYTES,
+        }
+    }
+}
+
+/// One segment file: entries `first..=last` (`last = first - 1` when empty).
+struct Segment {
+    first: u64,
+    path: PathBuf,
+    /// Byte offset and term of each entry, in index order.
+    entries: Vec<(u64, u64)>,
+    /// Bytes of entry records (a seal, if any, follows).
+    entries_end: u64,
+    /// Whether the file ends with a seal.
+    sealed: bool,
+}
+
+impl Segment {
+    fn last(&self) -> u64 {
+        self.first + self.entries.len() as u64 - 1
+    }
+
+    fn term_at(&self, index: u64) -> Option<u64> {
+        if index < self.first {
+            return None;
+        }
+        self.entries.get((index - self.first) as usize).map(|e| e.1)
+    }
+}
+
+fn segment_name(first: u64) -> String {
+    format!("log-{first:020}")
+}
+
+fn io_err(path: &Path, op: &'static str, e: std::io::Error) -> StorageError {
+    StorageError::Io {
+        path: path.display().to_string(),
+        op,
+        reason: e.to_string(),
+    }
+}
+
+fn corrupt(path: &Path, offset: u64, reason: impl Into<String>) -> StorageError {
+    StorageError::Corrupt {
+        path: path.display().to_string(),
+        offset,
+        reason: reason.into(),
+    }
+}
+
+/// A change queued by a write call, carried out by the next `sync`.
+enum Op {
+    HardState(HardState),
+    Append(u64, Vec<Entry>),
+    Truncate(u64),
+    Snapshot(u64, u64, Vec<u8>),
+}
+
+struct Pending {
+    ops: Vec<Op>,
+    /// Number of ops ever queued.
+    seq: u64,
+    /// The log's shape as the queued ops leave it, to reject a bad call at once: its base,
+    /// and its last index unless a queued snapshot makes it depend on terms (then `sync`
+    /// checks).
+    base: u64,
+    last: Option<u64>,
+}
+
+/// What is on disk, as far as this process knows.
+struct Disk {
+    dir: PathBuf,
+    opts: FileLogOptions,
+    segments: Vec<Segment>,
+    /// The last segment, open for appending at its end.
+    active: File,
+    base_index: u64,
+    base_term: u64,
+    hard_state_bytes: u64,
+    /// Bytes of all segment files.
+    log_bytes: u64,
+    /// Files written since the last fsync (segments, by index in `segments`, or paths).
+    dirty_active: bool,
+    dirty_dir: bool,
+    /// Ops carried out and made durable.
+    synced_seq: u64,
+    /// The first error; the log is unusable after it.
+    failed: Option<String>,
+}
+
+/// A Raft log in a directory. See the module documentation.
+pub struct FileLog {
+    pending: Mutex<Pending>,
+    disk: Mutex<Disk>,
+    /// Kept open: the exclusive lock on `LOCK` lasts as long as this handle.
+    _lock: File,
+    /// What `open` recovered, handed out by `restore`.
+    recovered: Mutex<Option<Restored>>,
+    state_bytes: std::sync::atomic::AtomicU64,
+}
+
+fn fsync_dir(dir: &Path) -> Result<(), StorageError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_err(dir, "fsync directory", e))
+}
+
+/// Writes `bytes` to `dir/name` atomically: temp file, fsync, rename, directory fsync.
+fn replace_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StorageError> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    let path = dir.join(name);
+    let mut f = File::create(&tmp).map_err(|e| io_err(&tmp, "create", e))?;
+    f.write_all(bytes).map_err(|e| io_err(&tmp, "write", e))?;
+    f.sync_all().map_err(|e| io_err(&tmp, "fsync", e))?;
+    fs::rename(&tmp, &path).map_err(|e| io_err(&path, "rename", e))?;
+    fsync_dir(dir)
+}
+
+/// Reads a file written by [`replace_file`] holding one framed record; `None` if absent.
+fn read_framed(path: &Path) -> Result<Option<Vec<u8>>, StorageError> {
+    let buf = match fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(path, "read", e)),
+    };
+    match record::read_at(&buf, 0) {
+        record::Read::Record(payload, end) if end == buf.len() => Ok(Some(payload.to_vec())),
+        record::Read::Record(_, end) => Err(corrupt(path, end as u64, "bytes after the record")),
+        record::Read::Short => Err(corrupt(path, 0, "cut short")),
+        record::Read::Bad => Err(corrupt(path, 0, "bad checksum")),
+    }
+}
+
+fn encode_hard_state(hs: HardState) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(16);
+    payload.extend_from_slice(&hs.term.to_le_bytes());
+    payload.extend_from_slice(&hs.voted_for.map_or(u64::MAX, |v| v as u64).to_le_bytes());
+    let mut out = Vec::new();
+    record::frame_into(&mut out, &payload);
+    out
+}
+
+fn encode_snapshot(index: u64, term: u64, data: &[u8]) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(16 + data.len());
+    payload.extend_from_slice(&index.to_le_bytes());
+    payload.extend_from_slice(&term.to_le_bytes());
+    payload.extend_from_slice(data);
+    let mut out = Vec::new();
+    record::frame_into(&mut out, &payload);
+    out
+}
+
+fn u64_at(b: &[u8], o: usize) -> u64 {
+    u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"))
+}
+
+impl FileLog {
+    /// Opens (creating if needed) the log in `dir`, recovering what it holds. Fails with
+    /// `Locked` if another process has it open, `Corrupt` if it is damaged beyond a torn tail.
+    pub fn open(dir: impl AsRef<Path>, opts: FileLogOptions) -> Result<FileLog, StorageError> {
+        let dir = dir.as_ref().to_path_buf();
+        fs::create_dir_all(&dir).map_err(|e| io_err(&dir, "create directory", e))?;
+        let lock_path = dir.join("LOCK");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| io_err(&lock_path, "open", e))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(StorageError::Locked {
+                    path: dir.display().to_string(),
+                });
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(io_err(&lock_path, "lock", e)),
+        }
+        let (disk, restored) = recover(&dir, opts)?;
+        let state_bytes = disk.log_bytes + disk.hard_state_bytes;
+        Ok(FileLog {
+            pending: Mutex::new(Pending {
+                ops: Vec::new(),
+                seq: 0,
+                base: restored.log.base_index(),
+                last: Some(restored.log.last_index()),
+            }),
+            disk: Mutex::new(disk),
+            _lock: lock,
+            recovered: Mutex::new(Some(restored)),
+            state_bytes: std::sync::atomic::AtomicU64::new(state_bytes),
+        })
+    }
+
+    /// The snapshot `open` found (empty if none), for a service that restores its state
+    /// before starting Raft; empty once Raft has taken the recovered state.
+    pub fn recovered_snapshot(&self) -> Vec<u8> {
+        self.recovered
+            .lock()
+            .as_ref()
+            .map(|r| r.snapshot.clone())
+            .unwrap_or_default()
+    }
+
+    fn queue(&self, op: Op) -> Result<(), StorageError> {
+        let mut p = self.pending.lock();
+        match &op {
+            Op::HardState(_) => {}
+            Op::Append(first, entries) => {
+                if let Some(last) = p.last
+                    && *first != last + 1
+                {
+                    return Err(StorageError::Invalid {
+                        reason: format!("append at {first} after last {last}"),
+                    });
+                }
+                if let Some(e) = entries
+                    .iter()
+                    .find(|e| e.command.len() + 17 > record::MAX_PAYLOAD)
+                {
+                    return Err(StorageError::Invalid {
+                        reason: format!("command of {} bytes", e.command.len()),
+                    });
+                }
+                p.last = p.last.map(|l| l + entries.len() as u64);
+            }
+            Op::Truncate(after) => {
+                if *after < p.base {
+                    return Err(StorageError::Invalid {
+                        reason: format!("truncate after {after} below base {}", p.base),
+                    });
+                }
+                p.last = p.last.map(|l| l.min(*after));
+            }
+            Op::Snapshot(index, _, _) => {
+                // Whether the entries after it survive depends on the terms (Raft's rule,
+                // which `sync` applies): the next append is checked there.
+                p.base = *index;
+                p.last = None;
+            }
+        }
+        p.ops.push(op);
+        p.seq += 1;
+        Ok(())
+    }
+}
+
+impl Storage for FileLog {
+    fn restore(&self) -> Result<Restored, StorageError> {
+        self.recovered
+            .lock()
+            .take()
+            .ok_or_else(|| StorageError::Invalid {
+                reason: "restore called twice".to_string(),
+            })
+    }
+
+    fn set_hard_state(&self, hs: HardState) -> Result<(), StorageError> {
+        self.queue(Op::HardState(hs))
+    }
+
+    fn append(&self, first: u64, entries: &[Entry]) -> Result<(), StorageError> {
+        self.queue(Op::Append(first, entries.to_vec()))
+    }
+
+    fn truncate_after(&self, index: u64) -> Result<(), StorageError> {
+        self.queue(Op::Truncate(index))
+    }
+
+    fn save_snapshot(&self, index: u64, term: u64, data: &[u8]) -> Result<(), StorageError> {
+        self.queue(Op::Snapshot(index, term, data.to_vec()))
+    }
+
+    fn sync(&self) -> Result<(), StorageError> {
+        let target = self.pending.lock().seq;
+        let mut disk = self.disk.lock();
+        if let Some(first) = &disk.failed {
+            return Err(StorageError::Failed {
+                first: first.clone(),
+            });
+        }
+        if disk.synced_seq >= target {
+            // Covered by a sync that ran while this one waited: group commit.
+            return Ok(());
+        }
+        // Everything queued so far, by any thread, goes into this one fsync.
+        let (ops, seq) = {
+            let mut p = self.pending.lock();
+            (std::mem::take(&mut p.ops), p.seq)
+        };
+        let r = disk.carry_out(ops).and_then(|()| disk.fsync());
+        match r {
+            Ok(()) => {
+                disk.synced_seq = seq;
+                let mut p = self.pending.lock();
+                if p.ops.is_empty() {
+                    p.last = Some(disk.segments.last().expect("an active segment").last());
+                }
+                drop(p);
+                self.state_bytes.store(
+                    disk.log_bytes + disk.hard_state_bytes,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+                Ok(())
+            }
+            Err(e) => {
+                log::error!(target: "storage", "{}: {e}; the log stops", disk.dir.display());
+                disk.failed = Some(e.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    fn state_size(&self) -> usize {
+        self.state_bytes.load(std::sync::atomic::Ordering::Relaxed) as usize
+    }
+}
+
+impl Disk {
+    fn carry_out(&mut self, ops: Vec<Op>) -> Result<(), StorageError> {
+        let mut buf = Vec::new();
+        for op in ops {
+            match op {
+                Op::HardState(hs) => {
+                    self.flush_appends(&mut buf)?;
+                    let bytes = encode_hard_state(hs);
+                    replace_file(&self.dir, "hardstate", &bytes)?;
+                    self.hard_state_bytes = bytes.len() as u64;
+                }
+                Op::Append(first, entries) => {
+                    let seg = self.segments.last_mut().expect("an active segment");
+                    if first != seg.last() + 1 {
+                        return Err(StorageError::Invalid {
+                            reason: format!("append at {first} after last {}", seg.last()),
+                        });
+                    }
+                    let mut offset = seg.entries_end + buf.len() as u64;
+                    for (i, e) in entries.iter().enumerate() {
+                        let before = buf.len();
+                        record::entry_into(&mut buf, first + i as u64, e.term, &e.command);
+                        seg.entries.push((offset, e.term));
+                        offset += (buf.len() - before) as u64;
+                    }
+                    if seg.entries_end + buf.len() as u64 >= self.opts.segment_bytes {
+                        self.flush_appends(&mut buf)?;
+                        self.roll()?;
+                    }
+                }
+                Op::Truncate(after) => {
+                    self.flush_appends(&mut buf)?;
+                    self.truncate(after)?;
+                }
+                Op::Snapshot(index, term, data) => {
+                    self.flush_appends(&mut buf)?;
+                    self.snapshot(index, term, &data)?;
+                }
+            }
+        }
+        self.flush_appends(&mut buf)
+    }
+
+    /// Writes the records buffered for the active segment.
+    fn flush_appends(&mut self, buf: &mut Vec<u8>) -> Result<(), StorageError> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let seg = self.segments.last_mut().expect("an active segment");
+        self.active
+            .write_all(buf)
+            .map_err(|e| io_err(&seg.path, "write", e))?;
+        seg.entries_end += buf.len() as u64;
+        self.log_bytes += buf.len() as u64;
+        self.dirty_active = true;
+        buf.clear();
+        Ok(())
+    }
+
+    fn fsync(&mut self) -> Result<(), StorageError> {
+        if self.dirty_active {
+            let path = &self.segments.last().expect("an active segment").path;
+            self.active
+                .sync_data()
+                .map_err(|e| io_err(path, "fsync", e))?;
+            self.dirty_active = false;
+        }
+        if self.dirty_dir {
+            fsync_dir(&self.dir)?;
+            self.dirty_dir = false;
+        }
+        Ok(())
+    }
+
+    /// Seals the active segment and starts the next: the new file exists (directory synced)
+    /// before the seal that names it, and the old segment is durable before the new one
+    /// receives anything.
+    fn roll(&mut self) -> Result<(), StorageError> {
+        let next = self.segments.last().expect("an active segment").last() + 1;
+        let (file, path) = create_segment(&self.dir, next)?;
+        fsync_dir(&self.dir)?;
+        let seal = record::seal(next);
+        let old = self.segments.last_mut().expect("an active segment");
+        self.active
+            .write_all(&seal)
+            .and_then(|()| self.active.sync_data())
+            .map_err(|e| io_err(&old.path, "seal", e))?;
+        old.sealed = true;
+        self.log_bytes += SEAL_BYTES;
+        self.dirty_active = false;
+        log::debug!(target: "storage", "sealed {}, next {}", old.path.display(), path.display());
+        self.active = file;
+        self.segments.push(Segment {
+            first: next,
+            path,
+            entries: Vec::new(),
+            entries_end: 0,
+            sealed: false,
+        });
+        Ok(())
+    }
+
+    fn truncate(&mut self, after: u64) -> Result<(), StorageError> {
+        let last = self.segments.last().expect("an active segment").last();
+        if after >= last {
+            return Ok(());
+        }
+        // The segment that will hold entry `after` (or the first, if none does).
+        let k = self
+            .segments
+            .iter()
+            .rposition(|s| s.first <= after + 1)
+            .unwrap_or(0);
+        self.cut_segment(k, after)?;
+        // Oldest first: a crash leaves the cut (unsealed) segment followed by leftovers
+        // that do not continue it, which recovery recognises and deletes.
+        for seg in self.segments.split_off(k + 1) {
+            self.remove_segment(&seg)?;
+            self.dirty_dir = true;
+        }
+        self.active = reopen_append(&self.segments[k].path)?;
+        Ok(())
+    }
+
+    /// Cuts segment `k` after entry `after` (and its seal), durably when it is not the last.
+    fn cut_segment(&mut self, k: usize, after: u64) -> Result<(), StorageError> {
+        let is_last = k + 1 == self.segments.len();
+        let seg = &mut self.segments[k];
+        let keep = (after + 1).saturating_sub(seg.first) as usize;
+        let cut = seg.entries.get(keep).map_or(seg.entries_end, |e| e.0);
+        let old_len = seg.entries_end + if seg.sealed { SEAL_BYTES } else { 0 };
+        let file = OpenOptions::new()
+            .write(true)
+            .open(&seg.path)
+            .map_err(|e| io_err(&seg.path, "open", e))?;
+        file.set_len(cut)
+            .map_err(|e| io_err(&seg.path, "truncate", e))?;
+        if is_last {
+            self.dirty_active = true;
+        } else {
+            file.sync_all().map_err(|e| io_err(&seg.path, "fsync", e))?;
+        }
+        seg.entries.truncate(keep);
+        seg.entries_end = cut;
+        seg.sealed = false;
+        self.log_bytes = self.log_bytes.saturating_sub(old_len - cut);
+        Ok(())
+    }
+
+    fn term_at(&self, index: u64) -> Option<u64> {
+        if index == self.base_index {
+            return Some(self.base_term);
+        }
+        self.segments.iter().find_map(|s| s.term_at(index))
+    }
+
+    fn snapshot(&mut self, index: u64, term: u64, data: &[u8]) -> Result<(), StorageError> {
+        let keep_suffix = self.term_at(index) == Some(term);
+        replace_file(&self.dir, "snapshot", &encode_snapshot(index, term, data))?;
+        self.base_index = index;
+        self.base_term = term;
+        if keep_suffix && self.segments.last().expect("segments").last() > index {
+            // Oldest first, so a crash leaves a contiguous suffix that still reaches
+            // index + 1.
+            while self.segments[0].last() <= index {
+                let seg = self.segments.remove(0);
+                self.remove_segment(&seg)?;
+            }
+            self.dirty_dir = true;
+            return Ok(());
+        }
+        // Nothing after the snapshot survives. Empty the first segment durably first: a
+        // crash then leaves an empty, unsealed segment followed by leftovers, which recovery
+        // deletes (and the snapshot's rule discards whatever the first one held).
+        self.cut_segment(0, self.segments[0].first - 1)?;
+        for seg in self.segments.split_off(1) {
+            self.remove_segment(&seg)?;
+        }
+        let seg = self.segments.pop().expect("the first segment");
+        self.remove_segment(&seg)?;
+        let (file, path) = create_segment(&self.dir, index + 1)?;
+        self.active = file;
+        self.dirty_active = false;
+        self.segments.push(Segment {
+            first: index + 1,
+            path,
+            entries: Vec::new(),
+            entries_end: 0,
+            sealed: false,
+        });
+        self.dirty_dir = true;
+        Ok(())
+    }
+
+    fn remove_segment(&mut self, seg: &Segment) -> Result<(), StorageError> {
+        fs::remove_file(&seg.path).map_err(|e| io_err(&seg.path, "remove", e))?;
+        let len = seg.entries_end + if seg.sealed { SEAL_BYTES } else { 0 };
+        self.log_bytes = self.log_bytes.saturating_sub(len);
+        Ok(())
+    }
+}
+
+fn create_segment(dir: &Path, first: u64) -> Result<(File, PathBuf), StorageError> {
+    let path = dir.join(segment_name(first));
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| io_err(&path, "create", e))?;
+    Ok((file, path))
+}
+
+fn reopen_append(path: &Path) -> Result<File, StorageError> {
+    OpenOptions::new()
+        .append(true)
+        .open(path)
+        .map_err(|e| io_err(path, "open", e))
+}
+
+/// Reads and checks a data directory; returns the disk state and what Raft restores.
+fn recover(dir: &Path, opts: FileLogOptions) -> Result<(Disk, Restored), StorageError> {
+    let hs_path = dir.join("hardstate");
+    let (hard_state, hard_state_bytes) = match read_framed(&hs_path)? {
+        None => (HardState::default(), 0),
+        Some(p) if p.len() == 16 => {
+            let vote = u64_at(&p, 8);
+            (
+                HardState {
+                    term: u64_at(&p, 0),
+                    voted_for: (vote != u64::MAX).then_some(vote as usize),
+                },
+                (p.len() + record::HEADER) as u64,
+            )
+        }
+        Some(p) => return Err(corrupt(&hs_path, 0, format!("{} bytes, want 16", p.len()))),
+    };
+    let snap_path = dir.join("snapshot");
+    let (base_index, base_term, snapshot) = match read_framed(&snap_path)? {
+        None => (0, 0, Vec::new()),
+        Some(p) if p.len() >= 16 => (u64_at(&p, 0), u64_at(&p, 8), p[16..].to_vec()),
+        Some(p) => return Err(corrupt(&snap_path, 0, format!("{} bytes", p.len()))),
+    };
+
+    // Segments, by first index.
+    let mut names: Vec<(u64, PathBuf)> = Vec::new();
+    for de in fs::read_dir(dir).map_err(|e| io_err(dir, "read directory", e))? {
+        let de = de.map_err(|e| io_err(dir, "read directory", e))?;
+        let name = de.file_name().to_string_lossy().into_owned();
+        if let Some(n) = name.strip_prefix("log-") {
+            let first = n
+                .parse::<u64>()
+                .map_err(|_| corrupt(&de.path(), 0, "not a segment name"))?;
+            names.push((first, de.path()));
+        } else if name.ends_with(".tmp") {
+            // A replacement that never got renamed: the old file stands.
+            let _ = fs::remove_file(de.path());
+        }
+    }
+    names.sort();
+
+    let mut segments: Vec<Segment> = Vec::new();
+    let mut entries: Vec<Entry> = Vec::new();
+    let mut entries_first = 0u64;
+    let count = names.len();
+    let mut names = names.into_iter().enumerate();
+    while let Some((k, (first, path))) = names.next() {
+        let is_last = k + 1 == count;
+        if let Some(prev) = segments.last() {
+            if !prev.sealed && prev.last() + 1 != first {
+                // Only an interrupted truncation leaves an unsealed segment before another
+                // (it cuts durably first, then deletes the rest oldest first): what follows
+                // was being deleted.
+                for (_, (_, p)) in std::iter::once((k, (first, path))).chain(names.by_ref()) {
+                    log::warn!(target: "storage", "{}: left over from an interrupted truncation, deleted", p.display());
+                    fs::remove_file(&p).map_err(|e| io_err(&p, "remove", e))?;
+                }
+                break;
+            }
+            if prev.last() + 1 != first {
+                return Err(corrupt(
+                    &path,
+                    0,
+                    format!(
+                        "segment starts at {first} but the one before ends at {}: a segment is missing",
+                        prev.last()
+                    ),
+                ));
+            }
+        } else {
+            entries_first = first;
+        }
+        let buf = fs::read(&path).map_err(|e| io_err(&path, "read", e))?;
+        let mut seg = Segment {
+            first,
+            path: path.clone(),
+            entries: Vec::new(),
+            entries_end: 0,
+            sealed: false,
+        };
+        let mut offset = 0usize;
+        while offset < buf.len() {
+            let record::Read::Record(payload, next) = record::read_at(&buf, offset) else {
+                // A torn tail, or damage? Damage unless it looks like an interrupted write,
+                // at the end of the log's last segment (others were synced whole before the
+                // next was written), with nothing valid after it.
+                if !is_last {
+                    return Err(corrupt(
+                        &path,
+                        offset as u64,
+                        "bad record in a full segment",
+                    ));
+                }
+                if record::any_valid_after(&buf, offset + 1).is_some() {
+                    return Err(corrupt(&path, offset as u64, "bad record before good ones"));
+                }
+                if !record::looks_torn(&buf, offset) {
+                    return Err(corrupt(
+                        &path,
+                        offset as u64,
+                        "bad checksum in the last record",
+                    ));
+                }
+                log::warn!(target: "storage", "{}: torn record at offset {offset} ({} bytes) cut off", path.display(), buf.len() - offset);
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map_err(|e| io_err(&path, "open", e))?;
+                f.set_len(offset as u64)
+                    .and_then(|()| f.sync_all())
+                    .map_err(|e| io_err(&path, "truncate", e))?;
+                break;
+            };
+            if seg.sealed {
+                return Err(corrupt(&path, offset as u64, "record after the seal"));
+            }
+            match record::decode(payload) {
+                Some(Decoded::Entry {
+                    index,
+                    term,
+                    command,
+                }) => {
+                    let want = seg.first + seg.entries.len() as u64;
+                    if index != want {
+                        return Err(corrupt(
+                            &path,
+                            offset as u64,
+                            format!("entry {index} where {want} belongs"),
+                        ));
+                    }
+                    seg.entries.push((offset as u64, term));
+                    entries.push(Entry {
+                        term,
+                        command: command.to_vec(),
+                    });
+                    seg.entries_end = next as u64;
+                }
+                Some(Decoded::Seal { next_first }) => {
+                    if next_first != seg.last() + 1 {
+                        return Err(corrupt(&path, offset as u64, "seal names a gap"));
+                    }
+                    seg.sealed = true;
+                }
+                None => return Err(corrupt(&path, offset as u64, "unknown record")),
+            }
+            offset = next;
+        }
+        if is_last && seg.sealed {
+            // (A sealed segment's successor is created, and the directory synced, before
+            // the seal is written.)
+            return Err(corrupt(
+                &path,
+                seg.entries_end,
+                format!(
+                    "sealed, but the next segment {} is missing",
+                    segment_name(seg.last() + 1)
+                ),
+            ));
+        }
+        segments.push(seg);
+    }
+
+    // The snapshot's rule (Raft §7): keep the entries after it only if the log holds its last
+    // entry; entries it covers go.
+    let log_last = if segments.is_empty() {
+        0
+    } else {
+        entries_first + entries.len() as u64 - 1
+    };
+    let term_at = |i: u64| -> Option<u64> {
+        (i >= entries_first && i <= log_last && !segments.is_empty())
+            .then(|| entries[(i - entries_first) as usize].term)
+    };
+    // (A log that starts right after the snapshot was written after it.)
+    let holds_base = base_index == 0
+        || entries_first == base_index + 1
+        || term_at(base_index) == Some(base_term);
+    if !segments.is_empty() && entries_first > base_index + 1 {
+        return Err(corrupt(
+            &segments[0].path,
+            0,
+            format!(
+                "log starts at {entries_first} but the snapshot ends at {base_index}: a segment is missing"
+            ),
+        ));
+    }
+    let mut log_bytes: u64 = 0;
+    let (log, active) = if holds_base && log_last > base_index {
+        let keep = entries.split_off((base_index + 1 - entries_first) as usize);
+        // Segments wholly inside the snapshot (a crash came before their deletion).
+        while segments[0].last() <= base_index {
+            let seg = segments.remove(0);
+            fs::remove_file(&seg.path).map_err(|e| io_err(&seg.path, "remove", e))?;
+        }
+        for s in &segments {
+            log_bytes += s.entries_end + if s.sealed { SEAL_BYTES } else { 0 };
+        }
+        let active = reopen_append(&segments.last().expect("segments").path)?;
+        (Log::from_parts(base_index, base_term, keep), active)
+    } else {
+        // Nothing after the snapshot (or no log yet): start clean after it.
+        if log_last > base_index {
+            log::warn!(target: "storage", "{}: log does not hold the snapshot's last entry {base_index} (t{base_term}): discarded", dir.display());
+        }
+        for seg in segments.drain(..).rev() {
+            fs::remove_file(&seg.path).map_err(|e| io_err(&seg.path, "remove", e))?;
+        }
+        let (file, path) = create_segment(dir, base_index + 1)?;
+        fsync_dir(dir)?;
+        segments.push(Segment {
+            first: base_index + 1,
+            path,
+            entries: Vec::new(),
+            entries_end: 0,
+            sealed: false,
+        });
+        (Log::from_parts(base_index, base_term, Vec::new()), file)
+    };
+    log::info!(target: "storage", "{}: recovered t{} vote {:?}, snapshot through {base_index}, log ({base_index}..={}] in {} segments", dir.display(), hard_state.term, hard_state.voted_for, log.last_index(), segments.len());
+    let disk = Disk {
+        dir: dir.to_path_buf(),
+        opts,
+        segments,
+        active,
+        base_index,
+        base_term,
+        hard_state_bytes,
+        log_bytes,
+        dirty_active: false,
+        dirty_dir: false,
+        synced_seq: 0,
+        failed: None,
+    };
+    Ok((
+        disk,
+        Restored {
+            hard_state,
+            log,
+            snapshot,
+        },
+    ))
+}

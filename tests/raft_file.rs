@@ -1,0 +1,21 @@
+//! The Lab 3 tests of `tests/raft.rs`, unchanged, with every peer keeping its Raft state in a
+//! `storage::FileLog` in a temporary directory instead of the labs' `Persister`: crashes close
+//! the peer's files, restarts recover from them. `cargo test --test raft_file 3c` runs the
+//! persistence tests, `3d` the snapshot ones.
+//!
+//! (The group's `log_size()` reads the persisters, which stay empty here: the 3D log-size
+//! check only bites in `tests/raft.rs`.)
+
+/// What `tests/raft.rs` imports as its harness: the file-backed `Test`, everything else as
+/// it is, and the child-process runner pointed at this binary's `lab::` names.
+mod harness {
+    pub use raftkv::raft::harness::file::*;
+
+    /// Runs test `name` of `tests/raft.rs` (here `lab::<name>`) in a child process.
+    pub fn run_test_in_child(name: &str, env: &[(&str, &str)]) -> (bool, String) {
+        raftkv::tester::run_test_in_child(&format!("lab::{name}"), env)
+    }
+}
+
+#[path = "raft.rs"]
+mod lab;

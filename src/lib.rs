@@ -6,6 +6,7 @@
 //! | 2 | [`kvsrv`]: single-server versioned KV and a lock on it |
 //! | 3 | [`raft`]: Raft with persistence and snapshots |
 //! | 4 | [`kvraft`]: replicated state machine and linearizable KV service on Raft |
+//! | 5 | [`shardkv`]: sharded KV over Raft groups, with a shard controller |
 //! | — | [`kvapi`]: the KV request/reply types, clerk trait, versioned store and transport seam every KV lab shares |
 //! | — | [`storage`]: `FileLog`, a crash-safe Raft log on disk |
 //! | — | [`net`]: RPC over TCP (threads, pipelined calls, re-dial, bounded frames and handlers) and a fault-injecting proxy |
@@ -28,6 +29,7 @@ pub mod porcupine;
 pub mod raft;
 pub mod resp;
 pub mod session;
+pub mod shardkv;
 pub mod storage;
 #[cfg(feature = "testing")]
 pub mod tester;

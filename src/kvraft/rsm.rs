@@ -99,6 +99,12 @@ pub trait StateMachine: Send + Sync {
     /// Replaces the whole state by a snapshot's. An error (a snapshot the service cannot
     /// read) stops the replica: going on would apply later entries to the wrong state.
     fn restore(&self, data: &[u8]) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
+    /// Whether the service wants a snapshot now although the log is not yet long enough
+    /// (e.g. it just dropped much of its state, which the persisted snapshot still holds).
+    /// Asked after each executed op; only honoured when snapshots are on.
+    fn wants_snapshot(&self) -> bool {
+        false
+    }
 }
 
 /// Why a replica could not start, or stopped.
@@ -552,7 +558,7 @@ impl Shared {
             return false;
         };
         let size = self.raft.persist_bytes();
-        if size < max || applied_bytes < max / 4 {
+        if (size < max || applied_bytes < max / 4) && !self.sm.wants_snapshot() {
             return false;
         }
         if size > 4 * max {

@@ -148,7 +148,8 @@ impl IService for KvSvc {
     }
 }
 
-fn call_error(server: &str, e: RpcError) -> CallError {
+/// A labrpc failure as the seams' [`CallError`] (for the labs' own labrpc adapters too).
+pub fn call_error(server: &str, e: RpcError) -> CallError {
     match e {
         RpcError::NoReply => CallError::NoReply {
             server: server.to_string(),

@@ -10,7 +10,9 @@ pub mod logging;
 mod persister;
 
 pub use crate::labrpc::IService;
-pub use adapters::{KvSvc, LabrpcRaftTransport, RaftRpcService, RaftSvc, kv_service, raft_service};
+pub use adapters::{
+    KvSvc, LabrpcRaftTransport, RaftRpcService, RaftSvc, call_error, kv_service, raft_service,
+};
 pub use clients::{Clnt, Clnts};
 pub use config::{Config, TEST_TIME_LIMIT};
 pub use group::{GRP0, ServerGrp, StartFn, Tgid, server_name};

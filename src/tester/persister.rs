@@ -187,8 +187,7 @@ impl Storage for PersisterStorage {
         m.log = log.clone();
         m.encoded.clear();
         m.starts.clear();
-        let entries = log.entries_from(log.base_index() + 1).to_vec();
-        m.encode_entries(&entries)?;
+        m.encode_entries(log.entries_from(log.base_index() + 1))?;
         Ok(Restored {
             hard_state: hs,
             log,

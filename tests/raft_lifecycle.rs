@@ -1,5 +1,5 @@
-//! Raft beyond the lab tests: what `kill()` guarantees, bad persisted state, and a storage
-//! that fails.
+//! Raft beyond the lab tests: what `kill()` guarantees, bad persisted state, a storage that
+//! fails, and ReadIndex (a deposed leader answers no read).
 //!
 //! These tests count the process's `raft-*` threads, so they take a lock that runs them one
 //! at a time (other test files are separate processes).
@@ -15,7 +15,9 @@ use parking_lot::Mutex;
 use raftkv::labcodec;
 use raftkv::labrpc::{Network, Server};
 use raftkv::raft::log::Entry;
-use raftkv::raft::{ApplyMsg, HardState, Raft, RaftError, Restored, Storage, StorageError};
+use raftkv::raft::{
+    ApplyMsg, HardState, Raft, RaftError, ReadIndexError, Restored, Storage, StorageError,
+};
 use raftkv::tester::{Persister, PersisterStorage, RaftRpcService};
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -298,5 +300,117 @@ fn storage_failure_stops_the_peer() {
     assert_eq!(p.read_raft_state(), saved, "nothing more reached the disk");
     assert!(!raft.start(vec![3]).2, "a stopped peer takes no command");
     raft.kill();
+    net.cleanup();
+}
+
+/// Reads `rx` until the command at `index` arrives.
+fn wait_applied(rx: &Receiver<ApplyMsg>, peer: usize, index: u64) {
+    let t0 = Instant::now();
+    loop {
+        let left = Duration::from_secs(5).saturating_sub(t0.elapsed());
+        match rx.recv_timeout(left) {
+            Ok(ApplyMsg::Command { index: got, .. }) if got >= index => return,
+            Ok(_) => {}
+            Err(e) => panic!("peer {peer}: index {index} not applied within 5 s: {e}"),
+        }
+    }
+}
+
+/// Cuts peer `p` off from every other peer, both ways, or joins it back.
+fn connect_peer(net: &Network, n: usize, p: usize, on: bool) {
+    for j in (0..n).filter(|&j| j != p) {
+        net.enable(&format!("end-{p}-{j}"), on);
+        net.enable(&format!("end-{j}-{p}"), on);
+    }
+}
+
+#[test]
+fn read_index_needs_a_majority_and_a_deposed_leader_answers_none() {
+    let _serial = SERIAL.lock();
+    let net = Network::new();
+    let n = 3;
+    let (rafts, rxs) = cluster(&net, n);
+    let old = wait_leader(&rafts);
+    let (old_term, _) = rafts[old].get_state();
+    // No entry of its term has committed yet: its commit index may be behind.
+    assert_eq!(
+        rafts[old].read_index(Duration::from_secs(1)),
+        Err(ReadIndexError::NotReady),
+        "raft-{old} t{old_term}: a fresh leader vouched for a read"
+    );
+    let (first, _, ok) = rafts[old].start(vec![1]);
+    assert!(ok);
+    for (i, rx) in rxs.iter().enumerate() {
+        wait_applied(rx, i, first);
+    }
+    let got = rafts[old].read_index(Duration::from_secs(2));
+    assert!(
+        matches!(got, Ok(i) if i >= first),
+        "raft-{old} t{old_term}: read index {got:?}, want >= {first}"
+    );
+    for f in (0..n).filter(|&f| f != old) {
+        assert_eq!(
+            rafts[f].read_index(Duration::from_secs(1)),
+            Err(ReadIndexError::NotLeader),
+            "follower raft-{f} vouched for a read"
+        );
+    }
+
+    // Cut the leader off; the others elect a new one and commit a write it never sees.
+    connect_peer(&net, n, old, false);
+    let t0 = Instant::now();
+    let new = loop {
+        if let Some(l) = (0..n).find(|&i| i != old && rafts[i].get_state().1) {
+            break l;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "no new leader within 5 s"
+        );
+        thread::sleep(Duration::from_millis(20));
+    };
+    let (second, new_term, ok) = rafts[new].start(vec![2]);
+    assert!(ok, "raft-{new} took no command");
+    for i in (0..n).filter(|&i| i != old) {
+        wait_applied(&rxs[i], i, second);
+    }
+    // The old leader, still believing it leads (no check-quorum), must not vouch for a read:
+    // the write at `second` committed after its last confirmed read.
+    let still_leader = rafts[old].get_state();
+    let got = rafts[old].read_index(Duration::from_secs(1));
+    assert!(
+        got.is_err(),
+        "deposed raft-{old} (t{old_term}, state {still_leader:?}) vouched for a read at {got:?} \
+         after raft-{new} t{new_term} committed {second}"
+    );
+    assert_eq!(
+        rafts[new]
+            .read_index(Duration::from_secs(2))
+            .map(|i| i >= second),
+        Ok(true),
+        "raft-{new} t{new_term}: the new leader cannot serve reads"
+    );
+
+    // Back together: the old leader steps down and still answers none.
+    connect_peer(&net, n, old, true);
+    let t0 = Instant::now();
+    while rafts[old].get_state().1 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "raft-{old} still leads 5 s after rejoining"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        rafts[old].read_index(Duration::from_secs(1)),
+        Err(ReadIndexError::NotLeader)
+    );
+    for r in &rafts {
+        r.kill();
+    }
+    assert_eq!(
+        rafts[new].read_index(Duration::from_secs(1)),
+        Err(ReadIndexError::Stopped)
+    );
     net.cleanup();
 }

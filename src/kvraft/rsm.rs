@@ -21,10 +21,12 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crossbeam::channel::{self, Receiver, RecvTimeoutError, Sender};
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use serde::{Deserialize, Serialize};
 
 use crate::labcodec;
+/// Why [`Rsm::read_barrier`] could not vouch for a read: Raft's ReadIndex errors.
+pub use crate::raft::ReadIndexError as ReadError;
 use crate::raft::{ApplyMsg, Raft, RaftError, RaftTransport, Storage};
 
 /// How often a waiting submitter checks that its peer still leads in the term it started in.
@@ -34,6 +36,8 @@ pub const LEADERSHIP_POLL: Duration = Duration::from_millis(50);
 pub const DEPOSED_GRACE: Duration = Duration::from_millis(300);
 /// Committed entries Raft may hand over before the reader takes them.
 const APPLY_BUFFER: usize = 256;
+/// How long [`Rsm::read_barrier`] waits for the leadership check, and then for the apply.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(1);
 /// Per-entry bytes of the persisted log beyond the command itself (term, length), roughly.
 const ENTRY_OVERHEAD: usize = 4;
 
@@ -180,6 +184,9 @@ struct Shared {
     maxraftstate: Option<usize>,
     /// Submitters by log index.
     waiters: Mutex<HashMap<u64, Waiter>>,
+    /// The last log index the state machine reflects, for reads waiting on it.
+    applied: Mutex<u64>,
+    applied_cv: Condvar,
     /// Why this replica stopped, if it did (it then never serves again).
     failure: Mutex<Option<RsmError>>,
     /// Test-only: give up on a pending submit after this long (see [`Rsm::set_give_up_after`]).
@@ -242,6 +249,8 @@ impl Rsm {
             sm,
             maxraftstate,
             waiters: Mutex::new(HashMap::new()),
+            applied: Mutex::new(last_applied),
+            applied_cv: Condvar::new(),
             failure: Mutex::new(None),
             give_up_after: Mutex::new(None),
             give_ups: Mutex::new(Arc::new(GiveUps::default())),
@@ -392,6 +401,31 @@ impl Rsm {
         }
     }
 
+    /// Makes a read-only request safe to answer from the state machine without a log entry
+    /// (ReadIndex, Raft thesis §6.4): returns once this peer has confirmed that it still
+    /// leads and its state machine reflects every op committed before the call. The caller
+    /// then reads the state machine directly. `NotReady`: this leader has not committed an
+    /// entry of its term yet; submit the read through the log instead.
+    pub fn read_barrier(&self) -> Result<(), ReadError> {
+        let s = &self.shared;
+        let index = s.raft.read_index(READ_TIMEOUT)?;
+        let deadline = Instant::now() + READ_TIMEOUT;
+        let mut applied = s.applied.lock();
+        while *applied < index {
+            if s.raft.killed() {
+                return Err(ReadError::Stopped);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                log::info!(target: "kvraft::rsm", "rsm-{}: read at {index} not applied within {READ_TIMEOUT:?} (applied {})", s.me, *applied);
+                return Err(ReadError::NotLeader);
+            }
+            s.applied_cv
+                .wait_until(&mut applied, deadline.min(now + LEADERSHIP_POLL));
+        }
+        Ok(())
+    }
+
     /// Kills the Raft peer (which closes the apply channel) and waits for the reader to exit.
     /// Idempotent; dropping the `Rsm` does it too.
     pub fn kill(&self) {
@@ -505,6 +539,7 @@ impl Shared {
                         };
                         let _ = w.reply.try_send(r);
                     }
+                    self.set_applied(index);
                     if self.maybe_snapshot(index, applied_bytes) {
                         applied_bytes = 0;
                     }
@@ -529,6 +564,7 @@ impl Shared {
                     log::debug!(target: "kvraft::rsm", "rsm-{}: installed snapshot through {index}", self.me);
                     last_applied = index;
                     applied_bytes = 0;
+                    self.set_applied(index);
                     // Ops covered by the snapshot: their replies are unknown here.
                     self.waiters.lock().retain(|&i, _| i > index);
                 }
@@ -537,6 +573,12 @@ impl Shared {
         // Raft was killed and closed the channel: every waiter gets WrongLeader.
         self.waiters.lock().clear();
         log::debug!(target: "kvraft::rsm", "rsm-{}: apply channel closed, reader exits", self.me);
+    }
+
+    /// The state machine now reflects the log through `index`: wakes reads waiting for it.
+    fn set_applied(&self, index: u64) {
+        *self.applied.lock() = index;
+        self.applied_cv.notify_all();
     }
 
     /// Stops this replica for good: kills its Raft peer (it never serves or votes again) and

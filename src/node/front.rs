@@ -2,21 +2,31 @@
 //! commands through the replicated log, on this node if it leads, else forwarded to the node
 //! that does (`Kv.Exec` on its peer port).
 //!
+//! Batching: a connection thread does not submit its request itself. It queues it and waits;
+//! [`PROPOSERS`] threads (`node<N>-propose<i>`) each take whatever is queued (requests of one
+//! kind, reads or writes, up to [`MAX_BATCH_REQUESTS`] / [`MAX_BATCH_BYTES`]) and run it as
+//! **one** log entry — or, for reads on the leader, one ReadIndex — here or forwarded in
+//! **one** `Kv.Exec`. Under load, what arrives while a batch is on its way rides in the next
+//! one, so a log entry, an fsync, an AppendEntries and a forward serve many clients.
+//!
 //! Exactly-once: every batch that writes is tagged with a client slot `(client id, seq)` taken
 //! from a pool for the batch's whole life, every retry (here or on another node) keeps the
 //! same tag, and the state machine's session table applies a tag at most once. A slot goes
 //! back to the pool with `seq + 1` once the batch has an answer or has been given up on, so
 //! each id has at most one request outstanding, as the session table requires.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
+use crossbeam::channel::{self, Sender};
+use parking_lot::{Condvar, Mutex};
 use serde::{Deserialize, Serialize};
 
-use super::machine::{KvCmd, KvOut, Outcome, Request};
-use crate::kvraft::rsm::{Rsm, SubmitError};
+use super::machine::{KvCmd, KvMachine, KvOut, Outcome, Request};
+use crate::kvraft::rsm::{ReadError, Rsm, SubmitError};
 use crate::labcodec;
 use crate::net::{ClientEnd, Service};
 use crate::resp::Reply;
@@ -33,11 +43,19 @@ const FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
 const NO_LEADER_PAUSE: Duration = Duration::from_millis(20);
 /// Client slots kept for reuse; more may be live at once, the surplus is dropped on return.
 const MAX_IDLE_SLOTS: usize = 4096;
+/// Threads that take queued requests and run them as batches: up to this many batches are
+/// on their way at once.
+pub const PROPOSERS: usize = 4;
+/// The most requests in one batch (one log entry, one forward).
+pub const MAX_BATCH_REQUESTS: usize = 1024;
+/// Roughly the most bytes of keys and values in one batch (a single larger request still
+/// goes, alone).
+pub const MAX_BATCH_BYTES: usize = 1 << 20;
 
-/// What `Kv.Exec` answers.
+/// What `Kv.Exec` answers: one outcome per request of the batch.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum ExecReply {
-    Done(Outcome),
+    Done(Vec<Outcome>),
     NotLeader,
     Stopped,
 }
@@ -76,33 +94,68 @@ impl Unavailable {
     }
 }
 
-/// Runs one request through this node's log: the handler of `Kv.Exec`, and the local path.
-fn exec_local(rsm: &Rsm, req: &Request) -> ExecReply {
-    let bytes = match labcodec::encode(req) {
+/// Runs a batch on this node: the handler of `Kv.Exec`, and the local path. A batch of reads
+/// only is answered from the state machine after a ReadIndex (Raft thesis §6.4: leadership
+/// confirmed by a heartbeat round, the state applied through the commit index seen then),
+/// without a log entry; until this leader has committed an entry of its term, reads go
+/// through the log like writes.
+fn exec_local(rsm: &Rsm, machine: &KvMachine, batch: &[Request]) -> ExecReply {
+    if !batch.is_empty() && batch.iter().all(Request::read_only) {
+        match rsm.read_barrier() {
+            Ok(()) => {
+                return ExecReply::Done(batch.iter().map(|r| machine.read(&r.cmds)).collect());
+            }
+            Err(ReadError::NotReady) => {}
+            Err(ReadError::NotLeader) => return ExecReply::NotLeader,
+            Err(ReadError::Stopped) => return ExecReply::Stopped,
+        }
+    }
+    let bad = |e: String| ExecReply::Done(vec![Outcome::Bad(e); batch.len()]);
+    let bytes = match labcodec::encode(&batch) {
         Ok(b) => b,
-        Err(e) => return ExecReply::Done(Outcome::Bad(e.to_string())),
+        Err(e) => return bad(e.to_string()),
     };
     match rsm.submit(bytes) {
-        Ok(reply) => match labcodec::decode::<Outcome>(&reply) {
-            Ok(outcome) => ExecReply::Done(outcome),
-            Err(e) => ExecReply::Done(Outcome::Bad(e.to_string())),
+        Ok(reply) => match labcodec::decode::<Vec<Outcome>>(&reply) {
+            Ok(outcomes) if outcomes.len() == batch.len() => ExecReply::Done(outcomes),
+            Ok(outcomes) => bad(format!(
+                "{} outcomes for a batch of {}",
+                outcomes.len(),
+                batch.len()
+            )),
+            Err(e) => bad(e.to_string()),
         },
         Err(SubmitError::WrongLeader) => ExecReply::NotLeader,
         Err(SubmitError::Stopped) => ExecReply::Stopped,
-        Err(SubmitError::Encode(e)) => ExecReply::Done(Outcome::Bad(e)),
+        Err(SubmitError::Encode(e)) => bad(e),
     }
 }
 
-/// The `Kv` service on the peer port: `Exec` runs a forwarded request on this node only (it
+/// The `Kv` service on the peer port: `Exec` runs a forwarded batch on this node only (it
 /// never forwards again, so a request cannot loop).
-pub fn kv_service(rsm: Arc<Rsm>) -> Service {
-    Service::new("Kv").method("Exec", move |req: Request| exec_local(&rsm, &req))
+pub fn kv_service(rsm: Arc<Rsm>, machine: Arc<KvMachine>) -> Service {
+    Service::new("Kv").method("Exec", move |batch: Vec<Request>| {
+        exec_local(&rsm, &machine, &batch)
+    })
 }
 
-/// The RESP command handler of one node.
-pub struct Front {
+/// A request waiting for a proposer, and where its answer goes.
+struct Pending {
+    req: Request,
+    /// One slot: the proposer answers once and never blocks.
+    reply: Sender<Result<Vec<KvOut>, Unavailable>>,
+}
+
+#[derive(Default)]
+struct Queue {
+    items: VecDeque<Pending>,
+    stopped: bool,
+}
+
+struct Shared {
     me: usize,
     rsm: Arc<Rsm>,
+    machine: Arc<KvMachine>,
     /// `peers[j]` reaches node `j`'s peer port; `None` at `me`.
     peers: Vec<Option<ClientEnd>>,
     /// The node that last answered as leader.
@@ -111,24 +164,82 @@ pub struct Front {
     slots: Mutex<Vec<(u64, u64)>>,
     /// Commands answered (for the status line).
     commands: AtomicU64,
+    /// Requests waiting for a proposer. Bounded by the connections: each connection thread
+    /// queues one request and waits for its answer.
+    queue: Mutex<Queue>,
+    queue_cv: Condvar,
+    /// Batches run and requests in them, for the debug log.
+    batches: AtomicU64,
+    batched: AtomicU64,
+}
+
+/// The RESP command handler of one node. [`shutdown`](Self::shutdown) (or drop) stops and
+/// joins its proposer threads; requests still queued then are answered "node stopped".
+pub struct Front {
+    shared: Arc<Shared>,
+    proposers: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Front {
-    pub fn new(me: usize, rsm: Arc<Rsm>, peers: Vec<Option<ClientEnd>>) -> Front {
-        Front {
+    pub fn new(
+        me: usize,
+        rsm: Arc<Rsm>,
+        machine: Arc<KvMachine>,
+        peers: Vec<Option<ClientEnd>>,
+    ) -> std::io::Result<Front> {
+        let shared = Arc::new(Shared {
             me,
             rsm,
+            machine,
             peers,
             leader_hint: AtomicUsize::new(me),
             slots: Mutex::new(Vec::new()),
             commands: AtomicU64::new(0),
+            queue: Mutex::new(Queue::default()),
+            queue_cv: Condvar::new(),
+            batches: AtomicU64::new(0),
+            batched: AtomicU64::new(0),
+        });
+        let front = Front {
+            shared: shared.clone(),
+            proposers: Mutex::new(Vec::new()),
+        };
+        for i in 0..PROPOSERS {
+            let s = shared.clone();
+            let h = thread::Builder::new()
+                .name(format!("node{}-propose{i}", me + 1))
+                .spawn(move || s.run_proposer())?;
+            front.proposers.lock().push(h);
         }
+        Ok(front)
     }
 
     pub fn commands(&self) -> u64 {
-        self.commands.load(Ordering::Relaxed)
+        self.shared.commands.load(Ordering::Relaxed)
     }
 
+    /// Stops the proposers (after the batch each is running) and joins them. Idempotent.
+    pub fn shutdown(&self) {
+        {
+            let mut q = self.shared.queue.lock();
+            q.stopped = true;
+            self.shared.queue_cv.notify_all();
+        }
+        for h in self.proposers.lock().drain(..) {
+            if h.join().is_err() {
+                log::error!(target: LOG, "node {}: a proposer thread panicked", self.shared.me + 1);
+            }
+        }
+    }
+}
+
+impl Drop for Front {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+impl Shared {
     fn take_slot(&self) -> (u64, u64) {
         if let Some(slot) = self.slots.lock().pop() {
             return slot;
@@ -145,27 +256,102 @@ impl Front {
         }
     }
 
-    /// Runs `cmds` (in order, as one log entry) on whichever node leads.
+    /// Runs `cmds` (in order, atomically) on whichever node leads, in a batch with whatever
+    /// other clients sent meanwhile.
     fn submit(&self, cmds: Vec<KvCmd>) -> Result<Vec<KvOut>, Unavailable> {
         let writes = cmds.iter().any(KvCmd::is_write);
         let slot = writes.then(|| self.take_slot());
         let (client, seq) = slot.unwrap_or((0, 0));
-        let req = Request { client, seq, cmds };
-        let result = self.submit_anywhere(&req, writes);
+        let (tx, rx) = channel::bounded(1);
+        let pending = Pending {
+            req: Request { client, seq, cmds },
+            reply: tx,
+        };
+        let queued = {
+            let mut q = self.queue.lock();
+            if !q.stopped {
+                q.items.push_back(pending);
+                self.queue_cv.notify_one();
+            }
+            !q.stopped
+        };
+        let result = if queued {
+            // A proposer answers every request it takes; a dropped sender means it could not.
+            rx.recv().unwrap_or(Err(Unavailable::Stopped))
+        } else {
+            Err(Unavailable::Stopped)
+        };
         if let Some((id, seq)) = slot {
+            // The request has an answer or has been given up on: the next one of this id
+            // is a new request.
             self.return_slot((id, seq + 1));
         }
         result
     }
 
-    fn submit_anywhere(&self, req: &Request, writes: bool) -> Result<Vec<KvOut>, Unavailable> {
+    fn run_proposer(&self) {
+        loop {
+            let batch = {
+                let mut q = self.queue.lock();
+                while q.items.is_empty() && !q.stopped {
+                    self.queue_cv.wait(&mut q);
+                }
+                if q.stopped {
+                    for p in q.items.drain(..) {
+                        let _ = p.reply.try_send(Err(Unavailable::Stopped));
+                    }
+                    return;
+                }
+                take_batch(&mut q.items)
+            };
+            self.run_batch(batch);
+        }
+    }
+
+    fn run_batch(&self, batch: Vec<Pending>) {
+        let writes = batch.iter().any(|p| !p.req.read_only());
+        let (reqs, replies): (Vec<Request>, Vec<_>) =
+            batch.into_iter().map(|p| (p.req, p.reply)).unzip();
+        let batches = self.batches.fetch_add(1, Ordering::Relaxed) + 1;
+        let batched =
+            self.batched.fetch_add(reqs.len() as u64, Ordering::Relaxed) + reqs.len() as u64;
+        log::trace!(target: LOG, "node {}: batch of {} {} ({batched} requests in {batches} batches so far)", self.me + 1, reqs.len(), if writes { "writes" } else { "reads" });
+        if batches.is_power_of_two() {
+            log::debug!(target: LOG, "node {}: {batched} requests in {batches} batches", self.me + 1);
+        }
+        match self.submit_anywhere(&reqs, writes) {
+            Ok(outcomes) => {
+                for (outcome, reply) in outcomes.into_iter().zip(replies) {
+                    let r = match outcome {
+                        Outcome::Done(outs) => Ok(outs),
+                        Outcome::Expired | Outcome::Stale => Err(Unavailable::Session),
+                        Outcome::Bad(e) => Err(Unavailable::Bad(e)),
+                    };
+                    let _ = reply.try_send(r);
+                }
+            }
+            Err(e) => {
+                for reply in replies {
+                    let _ = reply.try_send(Err(e.clone()));
+                }
+            }
+        }
+    }
+
+    /// Runs `batch` (one outcome per request) on whichever node leads, retrying elsewhere
+    /// with the same tags until one does or [`COMMAND_DEADLINE`] passes.
+    fn submit_anywhere(
+        &self,
+        batch: &[Request],
+        writes: bool,
+    ) -> Result<Vec<Outcome>, Unavailable> {
         let n = self.peers.len();
         let deadline = Instant::now() + COMMAND_DEADLINE;
         let mut target = self.leader_hint.load(Ordering::Relaxed) % n;
         let mut refused_in_a_row = 0;
         loop {
             let reply = if target == self.me {
-                exec_local(&self.rsm, req)
+                exec_local(&self.rsm, &self.machine, batch)
             } else {
                 let end = self.peers[target]
                     .as_ref()
@@ -173,7 +359,7 @@ impl Front {
                 let timeout = deadline
                     .saturating_duration_since(Instant::now())
                     .min(FORWARD_TIMEOUT);
-                match end.call_timeout::<_, ExecReply>("Kv.Exec", req, timeout) {
+                match end.call_timeout::<_, ExecReply>("Kv.Exec", &batch, timeout) {
                     Ok(r) => r,
                     Err(e) => {
                         log::debug!(target: LOG, "node {}: forward to node {} failed: {e}", self.me + 1, target + 1);
@@ -182,14 +368,18 @@ impl Front {
                 }
             };
             match reply {
-                ExecReply::Done(Outcome::Done(outs)) => {
+                ExecReply::Done(outcomes) if outcomes.len() == batch.len() => {
                     self.leader_hint.store(target, Ordering::Relaxed);
-                    return Ok(outs);
+                    return Ok(outcomes);
                 }
-                ExecReply::Done(Outcome::Expired) | ExecReply::Done(Outcome::Stale) => {
-                    return Err(Unavailable::Session);
+                ExecReply::Done(outcomes) => {
+                    return Err(Unavailable::Bad(format!(
+                        "node {} answered {} outcomes for a batch of {}",
+                        target + 1,
+                        outcomes.len(),
+                        batch.len()
+                    )));
                 }
-                ExecReply::Done(Outcome::Bad(e)) => return Err(Unavailable::Bad(e)),
                 ExecReply::Stopped if target == self.me => return Err(Unavailable::Stopped),
                 ExecReply::NotLeader | ExecReply::Stopped => {}
             }
@@ -205,6 +395,35 @@ impl Front {
             }
         }
     }
+}
+
+/// Takes the next batch off the queue: the first request and every other queued one of the
+/// same kind (reads apart from writes, so reads can take the ReadIndex path), within the
+/// batch limits. The rest stays queued, in order, for the next proposer.
+fn take_batch(items: &mut VecDeque<Pending>) -> Vec<Pending> {
+    let Some(first) = items.pop_front() else {
+        return Vec::new();
+    };
+    let read_only = first.req.read_only();
+    let mut bytes = first.req.approx_bytes();
+    let mut batch = vec![first];
+    let mut rest = VecDeque::new();
+    while let Some(p) = items.pop_front() {
+        let size = p.req.approx_bytes();
+        if batch.len() >= MAX_BATCH_REQUESTS || bytes + size > MAX_BATCH_BYTES {
+            rest.push_back(p);
+            rest.extend(items.drain(..));
+            break;
+        }
+        if p.req.read_only() == read_only {
+            bytes += size;
+            batch.push(p);
+        } else {
+            rest.push_back(p);
+        }
+    }
+    *items = rest;
+    batch
 }
 
 /// A command as the log carries it; `None` for those answered here.
@@ -259,7 +478,7 @@ impl CommandHandler for Front {
         let mut outs = if cmds.is_empty() {
             Ok(Vec::new().into_iter())
         } else {
-            self.submit(cmds).map(Vec::into_iter)
+            self.shared.submit(cmds).map(Vec::into_iter)
         };
         let replies = commands
             .into_iter()
@@ -276,7 +495,7 @@ impl CommandHandler for Front {
                 },
             })
             .collect();
-        self.commands.fetch_add(count, Ordering::Relaxed);
+        self.shared.commands.fetch_add(count, Ordering::Relaxed);
         replies
     }
 }

@@ -1,6 +1,8 @@
 //! The node's state machine: the versioned store plus the exactly-once session table, both in
-//! every snapshot. What goes through the Raft log is a [`Request`]: a batch of commands one
-//! client pipelined, tagged `(client, seq)` when it writes.
+//! every snapshot. What goes through the Raft log is a batch of [`Request`]s (`Vec<Request>`,
+//! one log entry for whatever the node's clients sent while the previous entry was on its
+//! way); a request is the commands one client pipelined, tagged `(client, seq)` when it
+//! writes. Each request of a batch is applied, and deduplicated, on its own.
 //!
 //! Keys and values are binary on the wire and `String`s in [`VersionedStore`]: each byte is
 //! stored as the char of the same number (Latin-1), which is lossless and leaves ASCII as is.
@@ -44,6 +46,19 @@ impl KvCmd {
             KvCmd::Set(..) | KvCmd::Del(_) | KvCmd::Incr(_) | KvCmd::VSet { .. }
         )
     }
+
+    /// Roughly the bytes it takes in a log entry (keys and values).
+    pub fn approx_bytes(&self) -> usize {
+        let keys = |ks: &[Vec<u8>]| ks.iter().map(|k| k.len() + 1).sum::<usize>();
+        8 + match self {
+            KvCmd::Get(k) | KvCmd::Incr(k) | KvCmd::VGet(k) => k.len(),
+            KvCmd::Set(k, v)
+            | KvCmd::VSet {
+                key: k, value: v, ..
+            } => k.len() + v.len(),
+            KvCmd::Del(ks) | KvCmd::Exists(ks) | KvCmd::MGet(ks) => keys(ks),
+        }
+    }
 }
 
 /// One command's result, turned into a RESP reply by the front end.
@@ -67,6 +82,17 @@ pub struct Request {
     pub client: u64,
     pub seq: u64,
     pub cmds: Vec<KvCmd>,
+}
+
+impl Request {
+    /// Whether it only reads (it then needs no session, and may be served by a ReadIndex).
+    pub fn read_only(&self) -> bool {
+        self.client == 0
+    }
+
+    pub fn approx_bytes(&self) -> usize {
+        16 + self.cmds.iter().map(KvCmd::approx_bytes).sum::<usize>()
+    }
 }
 
 /// What executing a [`Request`] gave.
@@ -226,6 +252,17 @@ impl KvMachine {
         }
     }
 
+    /// Runs read-only commands on the state as it is now, without touching the log or the
+    /// sessions (the caller made sure, with a ReadIndex, that the state is recent enough).
+    /// Atomic with respect to every applied request.
+    pub fn read(&self, cmds: &[KvCmd]) -> Outcome {
+        let _inner = self.inner.lock();
+        if let Some(w) = cmds.iter().find(|c| c.is_write()) {
+            return Outcome::Bad(format!("a write in a read-only request: {w:?}"));
+        }
+        Outcome::Done(cmds.iter().map(|c| self.execute(c)).collect())
+    }
+
     fn run(&self, req: &Request) -> Outcome {
         let mut inner = self.inner.lock();
         inner.applied += 1;
@@ -251,15 +288,16 @@ impl KvMachine {
 }
 
 impl StateMachine for KvMachine {
+    /// A log entry is a batch of requests; the reply is one outcome per request.
     fn do_op(&self, req: &[u8]) -> Vec<u8> {
-        let outcome = match labcodec::decode::<Request>(req) {
-            Ok(req) => self.run(&req),
+        let outcomes: Vec<Outcome> = match labcodec::decode::<Vec<Request>>(req) {
+            Ok(batch) => batch.iter().map(|r| self.run(r)).collect(),
             Err(e) => {
                 log::error!(target: LOG, "a log entry does not decode: {e}");
-                Outcome::Bad(e.to_string())
+                vec![Outcome::Bad(e.to_string())]
             }
         };
-        labcodec::encode(&outcome).unwrap_or_default()
+        labcodec::encode(&outcomes).unwrap_or_default()
     }
 
     fn snapshot(&self) -> Vec<u8> {
@@ -292,8 +330,47 @@ mod tests {
     use super::*;
 
     fn run(m: &KvMachine, client: u64, seq: u64, cmds: Vec<KvCmd>) -> Outcome {
-        let bytes = labcodec::encode(&Request { client, seq, cmds }).unwrap();
-        labcodec::decode(&m.do_op(&bytes)).unwrap()
+        let bytes = labcodec::encode(&vec![Request { client, seq, cmds }]).unwrap();
+        let mut outs: Vec<Outcome> = labcodec::decode(&m.do_op(&bytes)).unwrap();
+        assert_eq!(outs.len(), 1);
+        outs.pop().unwrap()
+    }
+
+    #[test]
+    fn a_batch_applies_each_request_once_and_reads_need_no_log() {
+        let m = KvMachine::new();
+        let incr = |client, seq| Request {
+            client,
+            seq,
+            cmds: vec![KvCmd::Incr(b"n".to_vec())],
+        };
+        // The same tag twice in one entry (a retried forward that was batched again) applies
+        // once; another client's request in the same entry applies on its own.
+        let batch = vec![incr(7, 1), incr(7, 1), incr(9, 1)];
+        let outs: Vec<Outcome> =
+            labcodec::decode(&m.do_op(&labcodec::encode(&batch).unwrap())).unwrap();
+        assert_eq!(
+            outs,
+            vec![
+                Outcome::Done(vec![KvOut::Int(1)]),
+                Outcome::Done(vec![KvOut::Int(1)]),
+                Outcome::Done(vec![KvOut::Int(2)]),
+            ]
+        );
+        let applied = m.applied();
+        assert_eq!(
+            m.read(&[KvCmd::Get(b"n".to_vec())]),
+            Outcome::Done(vec![KvOut::Bulk(b"2".to_vec())])
+        );
+        assert_eq!(
+            m.applied(),
+            applied,
+            "a local read is not an applied request"
+        );
+        assert!(matches!(
+            m.read(&[KvCmd::Incr(b"n".to_vec())]),
+            Outcome::Bad(_)
+        ));
     }
 
     #[test]
@@ -327,8 +404,8 @@ mod tests {
     #[test]
     fn bad_entry_and_bad_snapshot_are_errors() {
         let m = KvMachine::new();
-        let out: Outcome = labcodec::decode(&m.do_op(&[0xff, 0xff, 0xff])).unwrap();
-        assert!(matches!(out, Outcome::Bad(_)));
+        let out: Vec<Outcome> = labcodec::decode(&m.do_op(&[0xff, 0xff, 0xff])).unwrap();
+        assert!(matches!(out[..], [Outcome::Bad(_)]));
         assert!(m.restore(&[1, 2, 3]).is_err());
     }
 }

@@ -64,6 +64,8 @@ pub enum NodeError {
     },
     /// The replica could not start (corrupt state, say).
     Rsm(RsmError),
+    /// A thread could not be started.
+    Spawn { what: &'static str, reason: String },
 }
 
 impl fmt::Display for NodeError {
@@ -77,6 +79,7 @@ impl fmt::Display for NodeError {
                 write!(f, "cannot listen for {what} on {addr}: {reason}")
             }
             NodeError::Rsm(e) => write!(f, "{e}"),
+            NodeError::Spawn { what, reason } => write!(f, "cannot start {what}: {reason}"),
         }
     }
 }
@@ -181,8 +184,14 @@ impl Node {
         );
         let rsm = Arc::new(rsm.map_err(NodeError::Rsm)?);
         server.add_service(transport::raft_service(rsm.raft().handler()));
-        server.add_service(front::kv_service(rsm.clone()));
-        let front = Arc::new(Front::new(me, rsm.clone(), ends.clone()));
+        server.add_service(front::kv_service(rsm.clone(), machine.clone()));
+        let front = Front::new(me, rsm.clone(), machine.clone(), ends.clone()).map_err(|e| {
+            NodeError::Spawn {
+                what: "a proposer thread",
+                reason: e.to_string(),
+            }
+        })?;
+        let front = Arc::new(front);
         let resp = RespServer::start(
             &format!("node{}-resp", config.id),
             &config.client_addr,
@@ -239,6 +248,7 @@ impl Node {
         if let Some(resp) = self.resp.take() {
             resp.shutdown();
         }
+        self.front.shutdown();
         if let Some(server) = self.server.take() {
             server.shutdown();
         }

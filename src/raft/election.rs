@@ -121,6 +121,7 @@ impl Core {
             p.match_index = 0;
             p.inflight = None;
             p.dirty = false;
+            p.acked_round = 0;
         }
         log::info!(target: "raft::election", "raft-{} t{}: leader, log ..={}", self.me, st.term, st.log.last_index());
         // Assert authority at once rather than at the next tick.

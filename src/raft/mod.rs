@@ -14,6 +14,7 @@ mod election;
 pub mod harness;
 pub mod log;
 pub mod persist;
+mod read;
 mod replication;
 mod rpc;
 mod snapshot;
@@ -25,10 +26,12 @@ use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::thread::{self, JoinHandle};
+use std::time::Duration;
 
 use crossbeam::channel::Sender;
 use parking_lot::Mutex;
 
+pub use read::ReadIndexError;
 pub use rpc::{
     AppendEntriesArgs, AppendEntriesReply, InstallSnapshotArgs, InstallSnapshotReply,
     RequestVoteArgs, RequestVoteReply,
@@ -138,6 +141,16 @@ impl Raft {
     /// for agreement.
     pub fn start(&self, command: Vec<u8>) -> (u64, u64, bool) {
         self.core.start(command)
+    }
+
+    /// ReadIndex (Raft thesis §6.4): if this peer leads and has committed an entry of its
+    /// term, confirms with one round of AppendEntries that a majority still takes it as
+    /// leader and returns its commit index as it was when called. A read that the service
+    /// answers after applying through that index is linearizable. Blocks up to `timeout`;
+    /// `NotLeader` if not confirmed by then, `NotReady` if no entry of this term has
+    /// committed yet (go through the log).
+    pub fn read_index(&self, timeout: Duration) -> Result<u64, ReadIndexError> {
+        self.core.read_index(timeout)
     }
 
     /// The term of the entry at `index` in this peer's log: `None` past its end or inside

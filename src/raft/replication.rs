@@ -103,21 +103,25 @@ impl Core {
         log::trace!(target: "raft::append", "raft-{} t{}: append [{}..={}] to {peer}, commit {}", self.me, st.term, prev_log_index + 1, prev_log_index + n, st.commit_index);
         let core = self.clone();
         let term = st.term;
+        // Reads registered up to now are confirmed by this call's answer (ReadIndex).
+        let round = st.read_round;
         st.outbox.push(Box::new(move || {
             let c = core.clone();
             core.peers.append_entries(
                 peer,
                 args,
-                Box::new(move |r| c.on_append_reply(peer, term, seq, prev_log_index, n, r)),
+                Box::new(move |r| c.on_append_reply(peer, term, seq, round, prev_log_index, n, r)),
             )
         }));
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn on_append_reply(
         self: &Arc<Core>,
         peer: usize,
         term: u64,
         seq: u64,
+        round: u64,
         prev_log_index: u64,
         n: u64,
         r: Option<AppendEntriesReply>,
@@ -137,6 +141,12 @@ impl Core {
         }
         if st.role != Role::Leader || st.term != term {
             return;
+        }
+        // Any answer in our term, success or not, shows the peer still takes us as leader.
+        if reply.term == term {
+            let p = &mut st.peers[peer];
+            p.acked_round = p.acked_round.max(round);
+            self.confirm_reads(&mut st);
         }
         let last = st.log.last_index();
         let p = &mut st.peers[peer];

@@ -63,6 +63,9 @@ pub(super) struct Progress {
     pub outstanding: usize,
     /// Something new to send once the call in flight is answered.
     pub dirty: bool,
+    /// The highest read round (see [`State::read_round`]) of a call this peer answered in
+    /// the current term.
+    pub acked_round: u64,
 }
 
 impl Progress {
@@ -118,6 +121,11 @@ pub(super) struct State {
     /// Messages to send once the lock is released and the storage synced (see
     /// [`StateGuard`]).
     pub outbox: Vec<Box<dyn FnOnce() + Send>>,
+    /// ReadIndex: each read request opens a new round; every AppendEntries carries the round
+    /// current when it was sent, and its answer confirms the reads of that round and earlier.
+    pub read_round: u64,
+    /// Reads waiting for a majority to confirm their round (see `read.rs`).
+    pub reads: Vec<super::read::PendingRead>,
 }
 
 pub(crate) struct Core {
@@ -189,11 +197,14 @@ impl Core {
                     unanswered: 0,
                     outstanding: 0,
                     dirty: false,
+                    acked_round: 0,
                 };
                 n
             ],
             log,
             outbox: Vec::new(),
+            read_round: 0,
+            reads: Vec::new(),
         };
         log::info!(target: "raft::persist", "raft-{me} t{term}: restored, log ({base}..={}], voted {voted_for:?}", state.log.last_index());
         Ok((
@@ -234,6 +245,7 @@ impl Core {
     pub(super) fn stop_locked(&self, st: &mut State) {
         self.dead.store(true, Ordering::SeqCst);
         st.outbox.clear();
+        st.reads.clear();
         self.wake_all_for_kill();
     }
 
@@ -281,6 +293,8 @@ impl Core {
         }
         if st.role != Role::Follower {
             st.role = Role::Follower;
+            // A deposed leader answers no read: dropping the waiters tells them so.
+            st.reads.clear();
             // A deposed leader's election deadline is long past: without a fresh timeout it
             // would stand for election at once and disrupt the leader that replaced it.
             self.reset_election_timer(st);

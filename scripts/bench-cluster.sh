@@ -1,0 +1,267 @@
+#!/usr/bin/env bash
+# Benchmarks the 3-node raftkv cluster side by side with a durable single Redis and a 3-node
+# etcd, all on loopback, in one run, and prints one table. See scripts/README.md.
+set -uo pipefail
+
+usage() {
+    cat <<'USAGE'
+usage: scripts/bench-cluster.sh [-n REQUESTS] [-c CLIENTS] [-P PIPELINE] [--only LIST]
+                                [--target leader|follower] [--etcd-load s|m|l|xl]
+                                [--no-build] [--keep DIR]
+
+  -n REQUESTS     requests per redis-benchmark run (default 200000)
+  -c CLIENTS      redis-benchmark connections (default 50)
+  -P PIPELINE     the pipelined runs' depth (default 16)
+  --only LIST     comma-separated subset of raftkv,redis,etcd (default: all three)
+  --target T      which raftkv node redis-benchmark talks to: the leader (default) or a
+                  follower (every command then forwarded to the leader)
+  --etcd-load L   etcdctl check perf's workload (default l: 500 clients, up to 8000 writes/s
+                  for 60 s)
+  --no-build      use target/release/raftkv as it is
+  --keep DIR      copy the servers' logs there before the temp dir is removed
+
+Each system: redis-benchmark -t set,get -c CLIENTS -n REQUESTS, then the same with
+-P PIPELINE (raftkv and redis), or etcdctl check perf (etcd, writes only; it reports
+throughput, the slowest request and the standard deviation, not percentiles). raftkv: 3
+`raftkv serve` processes, data on disk, fsync before acknowledging; redis: one redis-server
+with appendonly yes, appendfsync always; etcd: 3 members, default durability. Missing tools
+are installed with apt-get (redis-tools, redis-server, etcd-server, etcd-client). Beside each
+figure: the 1-minute load average when the run ended (other work on the machine shows there).
+Every process started is stopped and the temp dir removed on every exit path.
+Run it under `nice -n 19` on a shared machine; children inherit the niceness.
+USAGE
+}
+
+requests=200000 clients=50 pipeline=16 only="raftkv,redis,etcd" target=leader
+etcd_load=l build=1 keep=""
+while (($#)); do
+    case $1 in
+    -n) requests=${2:?}; shift 2 ;;
+    -c) clients=${2:?}; shift 2 ;;
+    -P) pipeline=${2:?}; shift 2 ;;
+    --only) only=${2:?}; shift 2 ;;
+    --target) target=${2:?}; shift 2 ;;
+    --etcd-load) etcd_load=${2:?}; shift 2 ;;
+    --no-build) build=0; shift ;;
+    --keep) keep=${2:?}; shift 2 ;;
+    -h | --help) usage; exit 0 ;;
+    *) printf 'bench-cluster.sh: unknown argument %s\n\n' "$1" >&2; usage >&2; exit 2 ;;
+    esac
+done
+[[ $target == leader || $target == follower ]] || { echo "bench-cluster.sh: --target leader|follower" >&2; exit 2; }
+for n in "$requests" "$clients" "$pipeline"; do
+    [[ $n =~ ^[1-9][0-9]*$ ]] || { echo "bench-cluster.sh: '$n' is not a positive number" >&2; exit 2; }
+done
+wants() { [[ ",$only," == *",$1,"* ]]; }
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+log() { printf 'bench-cluster: %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# ---- every exit path stops what was started and removes the temp dir ----
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/bench-cluster.XXXXXX") || die "cannot make a temp dir"
+pids=()
+cleanup() {
+    local pid i
+    for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null; done
+    for i in $(seq 50); do
+        local alive=0
+        for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+        ((alive)) || break
+        sleep 0.1
+    done
+    for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null; done
+    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null; done
+    pids=()
+    if [[ -n $keep ]]; then
+        mkdir -p "$keep" && find "$tmp" -name '*.log' -exec cp --parents {} "$keep" \; 2>/dev/null
+    fi
+    rm -rf "$tmp"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM HUP
+
+# ---- tools ----
+need_pkgs=()
+wants raftkv || wants redis && { command -v redis-benchmark >/dev/null || need_pkgs+=(redis-tools); }
+wants redis && { command -v redis-server >/dev/null || need_pkgs+=(redis-server); }
+wants etcd && { command -v etcd >/dev/null || need_pkgs+=(etcd-server); }
+wants etcd && { command -v etcdctl >/dev/null || need_pkgs+=(etcd-client); }
+if ((${#need_pkgs[@]})); then
+    log "installing ${need_pkgs[*]} with apt-get"
+    # Packages start their services on install unless told not to: the benchmark starts its
+    # own on loopback ports.
+    policy=/usr/sbin/policy-rc.d
+    made_policy=0
+    if [[ ! -e $policy ]]; then printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && made_policy=1; fi
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}"; } >"$tmp/apt.log" 2>&1
+    rc=$?
+    ((made_policy)) && rm -f "$policy"
+    ((rc == 0)) || { cat "$tmp/apt.log" >&2; die "apt-get install ${need_pkgs[*]} failed"; }
+fi
+
+raftkv_bin="$repo/target/release/raftkv"
+if wants raftkv && ((build)); then
+    log "building raftkv (release)"
+    (cd "$repo" && CARGO_BUILD_JOBS=${CARGO_BUILD_JOBS:-1} cargo build --release --quiet --bin raftkv) ||
+        die "cargo build failed"
+fi
+if wants raftkv && [[ ! -x $raftkv_bin ]]; then die "no $raftkv_bin (drop --no-build)"; fi
+
+# ---- helpers ----
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+used_ports=" "
+free_port() {
+    local p
+    while :; do
+        p=$((20000 + RANDOM % 30000))
+        [[ $used_ports == *" $p "* ]] && continue
+        port_open "$p" && continue
+        used_ports+="$p "
+        echo "$p"
+        return
+    done
+}
+wait_port() { # PORT WHAT PID
+    local i
+    for i in $(seq 200); do
+        port_open "$1" && return 0
+        kill -0 "$3" 2>/dev/null || die "$2 exited before listening on $1 (see its log below)"
+        sleep 0.05
+    done
+    die "$2 did not listen on $1 within 10 s"
+}
+load1() { cut -d' ' -f1 /proc/loadavg; }
+
+# Rows of the final table: system|test|ops/s|p50|p99|load.
+rows=()
+# redis-benchmark against PORT, rows labelled SYSTEM.
+run_redis_benchmark() { # SYSTEM PORT
+    local system=$1 port=$2 p out line
+    for p in 1 "$pipeline"; do
+        local label="-c $clients" extra=()
+        ((p > 1)) && { label+=" -P $p"; extra=(-P "$p"); }
+        log "$system: redis-benchmark -t set,get -c $clients -n $requests ${extra[*]}"
+        out=$(redis-benchmark -h 127.0.0.1 -p "$port" -t set,get -c "$clients" -n "$requests" \
+            "${extra[@]}" --csv 2>"$tmp/rb.err") || { cat "$tmp/rb.err" >&2; die "redis-benchmark failed against $system"; }
+        local load
+        load=$(load1)
+        # "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
+        while IFS= read -r line; do
+            line=${line//\"/}
+            IFS=, read -r test rps _avg _min p50 _p95 p99 _max <<<"$line"
+            [[ $test == SET || $test == GET ]] || continue
+            rows+=("$system|$test $label|${rps%.*}|$p50|$p99|$load")
+            log "$system: $test $label: ${rps%.*} ops/s, p50 $p50 ms, p99 $p99 ms (load $load)"
+        done <<<"$out"
+    done
+}
+
+# ---- raftkv: 3 nodes, data on disk ----
+bench_raftkv() {
+    local i peers=() cports=() dir="$tmp/raftkv"
+    for i in 1 2 3; do peers+=("$i=127.0.0.1:$(free_port)"); cports+=("$(free_port)"); done
+    local peer_list
+    peer_list=$(IFS=,; echo "${peers[*]}")
+    for i in 1 2 3; do
+        mkdir -p "$dir/node-$i"
+        "$raftkv_bin" serve --id "$i" --peers "$peer_list" --client "127.0.0.1:${cports[i - 1]}" \
+            --data "$dir/node-$i" </dev/null >"$dir/node-$i.log" 2>&1 &
+        pids+=($!)
+    done
+    for i in 1 2 3; do wait_port "${cports[i - 1]}" "raftkv node $i" "${pids[${#pids[@]} - 4 + i]}"; done
+    local leader="" t
+    for t in $(seq 200); do
+        for i in 1 2 3; do
+            grep -q ' leader 1 ' "$dir/node-$i/status" 2>/dev/null && leader=$i
+        done
+        [[ -n $leader ]] && break
+        sleep 0.05
+    done
+    [[ -n $leader ]] || die "no raftkv leader within 10 s"
+    local node=$leader
+    [[ $target == follower ]] && node=$((leader % 3 + 1))
+    log "raftkv: leader is node $leader; benchmarking node $node ($target)"
+    run_redis_benchmark "raftkv ($target)" "${cports[node - 1]}"
+    for i in 1 2 3; do
+        [[ -s $dir/node-$i.log ]] && { log "raftkv node $i said:"; tail -5 "$dir/node-$i.log" >&2; }
+    done
+    stop_all
+}
+
+# ---- redis: one server, appendfsync always ----
+bench_redis() {
+    local port dir="$tmp/redis"
+    port=$(free_port)
+    mkdir -p "$dir"
+    redis-server --bind 127.0.0.1 --port "$port" --dir "$dir" --appendonly yes \
+        --appendfsync always --save '' --daemonize no --protected-mode yes \
+        --logfile "$dir/redis.log" </dev/null >/dev/null 2>&1 &
+    pids+=($!)
+    wait_port "$port" redis-server "$!"
+    run_redis_benchmark "redis (appendfsync always)" "$port"
+    stop_all
+}
+
+# ---- etcd: 3 members ----
+bench_etcd() {
+    local i dir="$tmp/etcd" cluster=() cports=() pports=()
+    for i in 1 2 3; do
+        cports+=("$(free_port)")
+        pports+=("$(free_port)")
+        cluster+=("e$i=http://127.0.0.1:${pports[i - 1]}")
+    done
+    local initial
+    initial=$(IFS=,; echo "${cluster[*]}")
+    mkdir -p "$dir"
+    for i in 1 2 3; do
+        etcd --name "e$i" --data-dir "$dir/e$i" \
+            --listen-client-urls "http://127.0.0.1:${cports[i - 1]}" \
+            --advertise-client-urls "http://127.0.0.1:${cports[i - 1]}" \
+            --listen-peer-urls "http://127.0.0.1:${pports[i - 1]}" \
+            --initial-advertise-peer-urls "http://127.0.0.1:${pports[i - 1]}" \
+            --initial-cluster "$initial" --initial-cluster-state new \
+            --initial-cluster-token "bench-$$" </dev/null >"$dir/e$i.log" 2>&1 &
+        pids+=($!)
+    done
+    local endpoints
+    endpoints=$(printf '127.0.0.1:%s,' "${cports[@]}")
+    endpoints=${endpoints%,}
+    for i in 1 2 3; do wait_port "${cports[i - 1]}" "etcd member $i" "${pids[${#pids[@]} - 4 + i]}"; done
+    local t
+    for t in $(seq 100); do
+        etcdctl --endpoints="$endpoints" endpoint health >/dev/null 2>&1 && break
+        sleep 0.1
+    done
+    log "etcd: etcdctl check perf --load=$etcd_load (60 s)"
+    local out load
+    out=$(etcdctl --endpoints="$endpoints" check perf --load="$etcd_load" 2>&1)
+    load=$(load1)
+    printf '%s\n' "$out" | grep -E 'Throughput|Slowest|Stddev|FAIL|PASS' >&2
+    local tput slowest
+    tput=$(sed -n 's/.*Throughput is \([0-9]*\) writes\/s.*/\1/p' <<<"$out" | head -1)
+    slowest=$(sed -n 's/.*Slowest request took \([0-9.]*\)s.*/\1/p' <<<"$out" | head -1)
+    [[ -n $tput ]] || { printf '%s\n' "$out" >&2; die "etcdctl check perf gave no throughput"; }
+    slowest=${slowest:+max $(awk -v s="$slowest" 'BEGIN { printf "%.1f", s * 1000 }')}
+    rows+=("etcd (3 members)|PUT check perf --load=$etcd_load|$tput|n/a|${slowest:-n/a}|$load")
+    stop_all
+}
+
+stop_all() {
+    local pid
+    for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null; done
+    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null; done
+    pids=()
+}
+
+log "temp dir $tmp; load average at start: $(cut -d' ' -f1-3 /proc/loadavg); $(nproc) CPUs"
+wants raftkv && bench_raftkv
+wants redis && bench_redis
+wants etcd && bench_etcd
+
+printf '\n%-28s %-22s %10s %9s %9s %6s\n' system test ops/s "p50 ms" "p99 ms" load1
+for r in "${rows[@]}"; do
+    IFS='|' read -r system test ops p50 p99 load <<<"$r"
+    printf '%-28s %-22s %10s %9s %9s %6s\n' "$system" "$test" "$ops" "$p50" "$p99" "$load"
+done

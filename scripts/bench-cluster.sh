@@ -11,13 +11,15 @@ usage: scripts/bench-cluster.sh [-n REQUESTS] [-c CLIENTS] [-P PIPELINE] [--only
 
   -n REQUESTS     requests per redis-benchmark run (default 200000)
   -c CLIENTS      redis-benchmark connections (default 50)
-  -P PIPELINE     the pipelined runs' depth (default 16)
+  -P PIPELINE     the pipelined runs' depth (default 16; 1: no pipelined runs)
   --only LIST     comma-separated subset of raftkv,redis,etcd (default: all three)
   --target T      which raftkv node redis-benchmark talks to: the leader (default) or a
                   follower (every command then forwarded to the leader)
   --etcd-load L   etcdctl check perf's workload (default l: 500 clients, up to 8000 writes/s
                   for 60 s)
   --no-build      use target/release/raftkv as it is
+  --bin PATH      benchmark this raftkv binary instead (implies --no-build; for A/B runs)
+  --tests LIST    redis-benchmark's -t (default set,get)
   --keep DIR      copy the servers' logs there before the temp dir is removed
 
 Each system: redis-benchmark -t set,get -c CLIENTS -n REQUESTS, then the same with
@@ -33,7 +35,7 @@ USAGE
 }
 
 requests=200000 clients=50 pipeline=16 only="raftkv,redis,etcd" target=leader
-etcd_load=l build=1 keep=""
+etcd_load=l build=1 keep="" bin="" tests=set,get
 while (($#)); do
     case $1 in
     -n) requests=${2:?}; shift 2 ;;
@@ -43,6 +45,8 @@ while (($#)); do
     --target) target=${2:?}; shift 2 ;;
     --etcd-load) etcd_load=${2:?}; shift 2 ;;
     --no-build) build=0; shift ;;
+    --bin) bin=${2:?}; build=0; shift 2 ;;
+    --tests) tests=${2:?}; shift 2 ;;
     --keep) keep=${2:?}; shift 2 ;;
     -h | --help) usage; exit 0 ;;
     *) printf 'bench-cluster.sh: unknown argument %s\n\n' "$1" >&2; usage >&2; exit 2 ;;
@@ -101,7 +105,7 @@ if ((${#need_pkgs[@]})); then
     ((rc == 0)) || { cat "$tmp/apt.log" >&2; die "apt-get install ${need_pkgs[*]} failed"; }
 fi
 
-raftkv_bin="$repo/target/release/raftkv"
+raftkv_bin=${bin:-$repo/target/release/raftkv}
 if wants raftkv && ((build)); then
     log "building raftkv (release)"
     (cd "$repo" && CARGO_BUILD_JOBS=${CARGO_BUILD_JOBS:-1} cargo build --release --quiet --bin raftkv) ||
@@ -139,11 +143,11 @@ rows=()
 # redis-benchmark against PORT, rows labelled SYSTEM.
 run_redis_benchmark() { # SYSTEM PORT
     local system=$1 port=$2 p out line
-    for p in 1 "$pipeline"; do
+    for p in $(printf "%s\n" 1 "$pipeline" | uniq); do
         local label="-c $clients" extra=()
         ((p > 1)) && { label+=" -P $p"; extra=(-P "$p"); }
-        log "$system: redis-benchmark -t set,get -c $clients -n $requests ${extra[*]}"
-        out=$(redis-benchmark -h 127.0.0.1 -p "$port" -t set,get -c "$clients" -n "$requests" \
+        log "$system: redis-benchmark -t $tests -c $clients -n $requests ${extra[*]}"
+        out=$(redis-benchmark -h 127.0.0.1 -p "$port" -t "$tests" -c "$clients" -n "$requests" \
             "${extra[@]}" --csv 2>"$tmp/rb.err") || { cat "$tmp/rb.err" >&2; die "redis-benchmark failed against $system"; }
         local load
         load=$(load1)

@@ -21,7 +21,6 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crossbeam::channel::{self, Sender};
 use parking_lot::{Condvar, Mutex};
 use serde::{Deserialize, Serialize};
 
@@ -139,11 +138,55 @@ pub fn kv_service(rsm: Arc<Rsm>, machine: Arc<KvMachine>) -> Service {
     })
 }
 
+type Answer = Result<Vec<KvOut>, Unavailable>;
+
+/// Where a queued request's answer goes: one slot and a condition variable. The waiting
+/// connection thread parks at once; a channel's receive would spin and yield first, which
+/// fifty waiting threads on two cores turn into a measurable share of the CPU.
+#[derive(Default)]
+struct AnswerSlot {
+    slot: Mutex<Option<Answer>>,
+    cv: Condvar,
+}
+
+impl AnswerSlot {
+    fn wait(&self) -> Answer {
+        let mut slot = self.slot.lock();
+        loop {
+            if let Some(answer) = slot.take() {
+                return answer;
+            }
+            self.cv.wait(&mut slot);
+        }
+    }
+}
+
+/// The proposer's end of an [`AnswerSlot`]: answers once, never blocks; dropped unanswered
+/// (a proposer that panicked), it answers "node stopped" so no connection waits forever.
+struct Responder(Option<Arc<AnswerSlot>>);
+
+impl Responder {
+    fn send(mut self, answer: Answer) {
+        if let Some(s) = self.0.take() {
+            *s.slot.lock() = Some(answer);
+            s.cv.notify_one();
+        }
+    }
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        if let Some(s) = self.0.take() {
+            *s.slot.lock() = Some(Err(Unavailable::Stopped));
+            s.cv.notify_one();
+        }
+    }
+}
+
 /// A request waiting for a proposer, and where its answer goes.
 struct Pending {
     req: Request,
-    /// One slot: the proposer answers once and never blocks.
-    reply: Sender<Result<Vec<KvOut>, Unavailable>>,
+    reply: Responder,
 }
 
 #[derive(Default)]
@@ -262,10 +305,10 @@ impl Shared {
         let writes = cmds.iter().any(KvCmd::is_write);
         let slot = writes.then(|| self.take_slot());
         let (client, seq) = slot.unwrap_or((0, 0));
-        let (tx, rx) = channel::bounded(1);
+        let answer = Arc::new(AnswerSlot::default());
         let pending = Pending {
             req: Request { client, seq, cmds },
-            reply: tx,
+            reply: Responder(Some(answer.clone())),
         };
         let queued = {
             let mut q = self.queue.lock();
@@ -276,8 +319,8 @@ impl Shared {
             !q.stopped
         };
         let result = if queued {
-            // A proposer answers every request it takes; a dropped sender means it could not.
-            rx.recv().unwrap_or(Err(Unavailable::Stopped))
+            // A proposer answers every request it takes (or its drop does).
+            answer.wait()
         } else {
             Err(Unavailable::Stopped)
         };
@@ -298,7 +341,7 @@ impl Shared {
                 }
                 if q.stopped {
                     for p in q.items.drain(..) {
-                        let _ = p.reply.try_send(Err(Unavailable::Stopped));
+                        p.reply.send(Err(Unavailable::Stopped));
                     }
                     return;
                 }
@@ -327,12 +370,12 @@ impl Shared {
                         Outcome::Expired | Outcome::Stale => Err(Unavailable::Session),
                         Outcome::Bad(e) => Err(Unavailable::Bad(e)),
                     };
-                    let _ = reply.try_send(r);
+                    reply.send(r);
                 }
             }
             Err(e) => {
                 for reply in replies {
-                    let _ = reply.try_send(Err(e.clone()));
+                    reply.send(Err(e.clone()));
                 }
             }
         }

@@ -115,8 +115,6 @@ impl Core {
 
     fn become_leader(self: &Arc<Core>, st: &mut State) {
         st.role = Role::Leader;
-        // Raised by the sync that follows (every entry held now is queued in the storage).
-        st.durable_index = 0;
         let next = st.log.last_index() + 1;
         for p in st.peers.iter_mut() {
             p.next_index = next;

@@ -105,9 +105,7 @@ impl Core {
         let term = st.term;
         // Reads registered up to now are confirmed by this call's answer (ReadIndex).
         let round = st.read_round;
-        // Sent before this peer's own sync (Raft thesis §10.2.1); `advance_commit` counts
-        // this peer only through its durable index.
-        st.outbox_unsynced.push(Box::new(move || {
+        st.outbox.push(Box::new(move || {
             let c = core.clone();
             core.peers.append_entries(
                 peer,
@@ -199,9 +197,7 @@ impl Core {
         let mut matched: Vec<u64> = (0..self.peers.len())
             .map(|p| {
                 if p == self.me {
-                    // Only what is on its own disk: its AppendEntries may leave before
-                    // its sync (see `StateGuard`).
-                    st.durable_index.min(st.log.last_index())
+                    st.log.last_index()
                 } else {
                     st.peers[p].match_index
                 }

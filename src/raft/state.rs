@@ -121,13 +121,6 @@ pub(super) struct State {
     /// Messages to send once the lock is released and the storage synced (see
     /// [`StateGuard`]).
     pub outbox: Vec<Box<dyn FnOnce() + Send>>,
-    /// A leader's AppendEntries, sent once the lock is released but *before* the storage
-    /// sync: the leader writes its log in parallel with replicating it (Raft thesis
-    /// §10.2.1), and counts itself towards a commit only through `durable_index`.
-    pub outbox_unsynced: Vec<Box<dyn FnOnce() + Send>>,
-    /// While leader: the last index of its log known to be durable on its own disk (what
-    /// `advance_commit` counts for itself). Raised after each sync; 0 on becoming leader.
-    pub durable_index: u64,
     /// ReadIndex: each read request opens a new round; every AppendEntries carries the round
     /// current when it was sent, and its answer confirms the reads of that round and earlier.
     pub read_round: u64,
@@ -210,8 +203,6 @@ impl Core {
             ],
             log,
             outbox: Vec::new(),
-            outbox_unsynced: Vec::new(),
-            durable_index: 0,
             read_round: 0,
             reads: Vec::new(),
         };
@@ -254,7 +245,6 @@ impl Core {
     pub(super) fn stop_locked(&self, st: &mut State) {
         self.dead.store(true, Ordering::SeqCst);
         st.outbox.clear();
-        st.outbox_unsynced.clear();
         st.reads.clear();
         self.wake_all_for_kill();
     }
@@ -396,28 +386,9 @@ impl Drop for StateGuard<'_> {
             return;
         };
         let outbox = std::mem::take(&mut st.outbox);
-        let unsynced = std::mem::take(&mut st.outbox_unsynced);
-        // Every entry in the log now has been handed to the storage: the sync below makes
-        // them all durable. A leader's term never truncates its log, so the index stays
-        // meaningful until it steps down.
-        let leader_term = (st.role == Role::Leader && st.durable_index < st.log.last_index())
-            .then_some((st.term, st.log.last_index()));
         drop(st);
-        if self.core.is_dead() {
+        if self.core.is_dead() || !self.core.sync_storage() || self.core.is_dead() {
             return;
-        }
-        for send in unsynced {
-            send();
-        }
-        if !self.core.sync_storage() || self.core.is_dead() {
-            return;
-        }
-        if let Some((term, written)) = leader_term {
-            let mut st = self.core.state.lock();
-            if st.role == Role::Leader && st.term == term && written > st.durable_index {
-                st.durable_index = written;
-                self.core.advance_commit(&mut st);
-            }
         }
         for send in outbox {
             send();

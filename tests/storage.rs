@@ -197,6 +197,39 @@ fn truncate_and_snapshot_survive_reopen() {
     assert_eq!(entries_of(&r), vec![entry(36)]);
 }
 
+/// `state_size` (what `maxraftstate` is compared with) counts the hard state and the live
+/// entries: it falls when a snapshot compacts entries that share a segment with live ones,
+/// and it is the same after a reopen.
+#[test]
+fn state_size_counts_only_entries_after_the_snapshot() {
+    let tmp = TempDir::new("statesize");
+    // One large segment: compaction can delete no file.
+    write_log(&tmp.0, 50, 1 << 20);
+    assert_eq!(segments(&tmp.0).len(), 1);
+    let log = FileLog::open(&tmp.0, opts(1 << 20)).unwrap();
+    log.restore().unwrap();
+    let full = log.state_size();
+    let per_entry = fs::metadata(&segments(&tmp.0)[0]).unwrap().len() as usize / 50;
+    assert!(full >= 50 * per_entry, "{full} bytes for 50 entries");
+    log.save_snapshot(40, entry(40).term, b"through 40")
+        .unwrap();
+    log.sync().unwrap();
+    assert_eq!(segments(&tmp.0).len(), 1, "the segment holds live entries");
+    let after = log.state_size();
+    assert!(
+        after < full - 35 * per_entry && after > 5 * per_entry,
+        "state size {after} after compacting 40 of 50 entries (was {full})"
+    );
+    drop(log);
+    let log = FileLog::open(&tmp.0, opts(1 << 20)).unwrap();
+    assert_eq!(log.state_size(), after, "state size after reopen");
+    // Appends count again.
+    log.restore().unwrap();
+    log.append(51, &[entry(51)]).unwrap();
+    log.sync().unwrap();
+    assert!(log.state_size() > after);
+}
+
 #[test]
 fn second_open_is_refused() {
     let tmp = TempDir::new("lock");

@@ -230,7 +230,7 @@ impl FileLog {
             Err(fs::TryLockError::Error(e)) => return Err(io_err(&lock_path, "lock", e)),
         }
         let (disk, restored) = recover(&dir, opts)?;
-        let state_bytes = disk.log_bytes + disk.hard_state_bytes;
+        let state_bytes = disk.state_bytes();
         Ok(FileLog {
             pending: Mutex::new(Pending {
                 ops: Vec::new(),
@@ -350,10 +350,8 @@ impl Storage for FileLog {
                     p.last = Some(disk.segments.last().expect("an active segment").last());
                 }
                 drop(p);
-                self.state_bytes.store(
-                    disk.log_bytes + disk.hard_state_bytes,
-                    std::sync::atomic::Ordering::Relaxed,
-                );
+                self.state_bytes
+                    .store(disk.state_bytes(), std::sync::atomic::Ordering::Relaxed);
                 Ok(())
             }
             Err(e) => {
@@ -370,6 +368,25 @@ impl Storage for FileLog {
 }
 
 impl Disk {
+    /// Bytes of Raft state this log keeps: the hard state and the records of the entries
+    /// after the snapshot. The records of compacted entries that still share the first
+    /// segment with live ones are not counted: they are dead, and a snapshot cannot remove
+    /// them before the segment is wholly below it, so counting them would make
+    /// `maxraftstate` ask for snapshots that cannot shrink the state.
+    fn state_bytes(&self) -> u64 {
+        let dead = self.segments.first().map_or(0, |seg| {
+            if self.base_index < seg.first {
+                return 0;
+            }
+            let n = (self.base_index + 1 - seg.first) as usize;
+            seg.entries.get(n).map_or(
+                seg.entries_end + if seg.sealed { SEAL_BYTES } else { 0 },
+                |e| e.0,
+            )
+        });
+        self.hard_state_bytes + self.log_bytes.saturating_sub(dead)
+    }
+
     fn carry_out(&mut self, ops: Vec<Op>) -> Result<(), StorageError> {
         let mut buf = Vec::new();
         for op in ops {

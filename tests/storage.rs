@@ -379,6 +379,57 @@ fn missing_segment_is_corruption() {
     }
 }
 
+/// With a single segment, deleting it must not read as a fresh log: the hard state (and any
+/// snapshot) says there was one.
+#[test]
+fn missing_only_segment_is_corruption() {
+    let tmp = TempDir::new("only");
+    write_log(&tmp.0, 5, 1 << 20);
+    let segs = segments(&tmp.0);
+    assert_eq!(segs.len(), 1);
+    fs::remove_file(&segs[0]).unwrap();
+    match reopen(&tmp.0) {
+        Err(StorageError::Corrupt { reason, .. }) => {
+            assert!(reason.contains("missing"), "{reason}")
+        }
+        Err(e) => panic!("the only segment deleted: wrong error {e}"),
+        Ok(r) => panic!(
+            "the only segment deleted: recovered ({}..={}]",
+            r.log.base_index(),
+            r.log.last_index()
+        ),
+    }
+    assert!(segments(&tmp.0).is_empty(), "recovery created nothing");
+}
+
+/// A snapshot that discards the whole log (its last entry is not in the log) leaves one
+/// empty segment after it, on every path: at once, after a reopen, and when a crash left
+/// the emptied old segment beside the new one.
+#[test]
+fn snapshot_discarding_the_log_always_leaves_a_segment() {
+    let tmp = TempDir::new("discard");
+    write_log(&tmp.0, 30, 400);
+    let old_first = segments(&tmp.0)[0].clone();
+    {
+        let log = FileLog::open(&tmp.0, opts(400)).unwrap();
+        log.restore().unwrap();
+        log.save_snapshot(50, 99, b"from the leader").unwrap();
+        log.sync().unwrap();
+        assert_eq!(log.state_size(), 16 + record::HEADER, "only the hard state");
+    }
+    let segs = segments(&tmp.0);
+    assert_eq!(segs.len(), 1);
+    assert!(segs[0].to_string_lossy().ends_with("51"), "{segs:?}");
+    let r = reopen(&tmp.0).unwrap();
+    assert_eq!((r.log.base_index(), r.log.last_index()), (50, 50));
+    // The crash window: the emptied old segment is still there beside the new one.
+    fs::File::create(&old_first).unwrap();
+    let r = reopen(&tmp.0).unwrap();
+    assert_eq!((r.log.base_index(), r.log.last_index()), (50, 50));
+    assert_eq!(r.snapshot, b"from the leader");
+    assert_eq!(segments(&tmp.0).len(), 1, "{:?}", segments(&tmp.0));
+}
+
 /// A truncation that crashed after cutting an older segment, before deleting the newer ones:
 /// recovery deletes the leftovers and keeps the cut log.
 #[test]

@@ -17,6 +17,7 @@
 //!
 //! See `ARCHITECTURE.md` at the repository root for how the parts fit.
 
+pub mod chaos;
 pub mod kvapi;
 pub mod kvraft;
 pub mod kvsrv;
@@ -30,6 +31,7 @@ pub mod raft;
 pub mod resp;
 pub mod session;
 pub mod shardkv;
+pub mod signal;
 pub mod storage;
 #[cfg(feature = "testing")]
 pub mod tester;

@@ -657,3 +657,217 @@ fn locked_data_dir_is_refused() {
     });
     assert_eq!(v, "OK");
 }
+
+// ---- faults: pauses, partitions, histories under chaos (issue 10) ----
+
+/// A seed that differs from run to run, printed by every failure that uses it.
+fn fresh_seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as u64)
+        .unwrap_or(0);
+    (u64::from(std::process::id()) << 32) ^ nanos
+}
+
+/// A test directory under the system's temp dir, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(what: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!(
+            "raftkv-{what}-{}-{}",
+            std::process::id(),
+            CLUSTERS.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("create the test directory");
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn chaos_options(dir: &Path, seed: u64, duration: Duration) -> raftkv::chaos::ChaosOptions {
+    let mut opts = raftkv::chaos::ChaosOptions::new(PathBuf::from(EXE));
+    opts.dir = dir.to_path_buf();
+    opts.seed = seed;
+    opts.duration = duration;
+    opts.clients = 6;
+    opts
+}
+
+#[test]
+fn paused_old_leader_serves_no_stale_read() {
+    let cluster = Cluster::new(3);
+    let old = cluster.leader();
+    let old_term = cluster.status(old).expect("the leader's status").term;
+    cluster.retry(old, "SET before the pause", |c| set(c, "k", "v1"));
+    // Connected before the pause: the GET below reaches the old leader the moment it wakes.
+    let mut stale = cluster.client(old);
+    let pid = cluster.children[old]
+        .as_ref()
+        .expect("the leader runs")
+        .id();
+    raftkv::signal::send(pid, raftkv::signal::Signal::Stop).expect("SIGSTOP");
+    // The others elect a leader in a later term and take a write the old one never saw.
+    let deadline = Instant::now() + PATIENCE;
+    let new = loop {
+        let newer = (0..3).filter(|&i| i != old).find(|&i| {
+            cluster
+                .status(i)
+                .is_some_and(|s| s.leader && s.term > old_term)
+        });
+        if let Some(i) = newer {
+            break i;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no new leader within {PATIENCE:?} after node {} (term {old_term}) was paused",
+            old + 1
+        );
+        thread::sleep(Duration::from_millis(50));
+    };
+    cluster.retry(new, "SET on the new leader", |c| set(c, "k", "v2"));
+    // The GET is sent while the old leader sleeps; it still believes it leads when it wakes.
+    let reader = thread::Builder::new()
+        .name("stale-get".into())
+        .spawn(move || get(&mut stale, "k"))
+        .expect("spawn the reader");
+    thread::sleep(Duration::from_millis(300));
+    raftkv::signal::send(pid, raftkv::signal::Signal::Cont).expect("SIGCONT");
+    let answer = reader.join().expect("the reader thread panicked");
+    match answer {
+        // An error (TRYAGAIN, a timeout) is allowed; a value must be the latest one.
+        Ok(value) => assert_eq!(
+            value.as_deref(),
+            Some("v2"),
+            "node {} (leader in term {old_term}, paused, then resumed) served a stale read",
+            old + 1
+        ),
+        Err(e) => eprintln!("the resumed old leader answered an error: {e}"),
+    }
+    let value = cluster.retry(old, "GET on the resumed old leader", |c| get(c, "k"));
+    assert_eq!(value.as_deref(), Some("v2"));
+}
+
+#[test]
+fn partition_majority_serves_minority_does_not() {
+    use raftkv::chaos::{ChaosCluster, ClusterOptions};
+    use raftkv::net::proxy::LinkMode;
+    let dir = TempDir::new("partition");
+    let mut cluster = ChaosCluster::start(ClusterOptions {
+        exe: PathBuf::from(EXE),
+        nodes: 3,
+        dir: dir.0.join("nodes"),
+        fault: None,
+        node_log: None,
+    })
+    .unwrap_or_else(|e| panic!("the cluster did not start: {e}"));
+    let leader = cluster.wait_for_leader(PATIENCE).expect("a leader");
+    let addrs: Vec<_> = (0..3).map(|i| cluster.client_addr(i)).collect();
+    let connect = |i: usize, timeout: Duration| {
+        let client = redis::Client::open(format!("redis://{}/", addrs[i])).expect("redis url");
+        let con = client
+            .get_connection_with_timeout(Duration::from_secs(2))
+            .unwrap_or_else(|e| panic!("connect to node {}: {e}", i + 1));
+        con.set_read_timeout(Some(timeout)).expect("read timeout");
+        con
+    };
+    let retry = |i: usize, what: &str, f: &dyn Fn(&mut redis::Connection) -> bool| {
+        let deadline = Instant::now() + PATIENCE;
+        while !f(&mut connect(i, Duration::from_secs(8))) {
+            assert!(
+                Instant::now() < deadline,
+                "{what} on node {} failed for {PATIENCE:?}",
+                i + 1
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    };
+    retry(leader, "SET before the partition", &|c| {
+        set(c, "k", "before").is_ok()
+    });
+    // The leader alone on one side: its links to both others drop every byte, both ways.
+    cluster.partition(&[leader], LinkMode::Blackhole);
+    let majority: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    retry(majority[0], "SET on the majority side", &|c| {
+        set(c, "k", "majority").is_ok()
+    });
+    let mut m1 = connect(majority[1], Duration::from_secs(8));
+    assert_eq!(get(&mut m1, "k").unwrap().as_deref(), Some("majority"));
+    // The minority side neither writes nor reads: every command fails or times out.
+    let mut minority = connect(leader, Duration::from_secs(3));
+    match set(&mut minority, "k", "minority") {
+        Ok(reply) => panic!(
+            "node {} alone in a minority acknowledged a write: {reply}",
+            leader + 1
+        ),
+        Err(e) => eprintln!("minority SET: {e}"),
+    }
+    let mut minority = connect(leader, Duration::from_secs(3));
+    match get(&mut minority, "k") {
+        Ok(value) => panic!(
+            "node {} alone in a minority served a read: {value:?}",
+            leader + 1
+        ),
+        Err(e) => eprintln!("minority GET: {e}"),
+    }
+    // Healed, the old leader catches up and serves again; the minority's SET may or may not
+    // have applied (its client never heard), nothing else.
+    cluster.heal();
+    let deadline = Instant::now() + PATIENCE;
+    let value = loop {
+        if let Ok(v) = get(&mut connect(leader, Duration::from_secs(8)), "k") {
+            break v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {} does not serve after healing",
+            leader + 1
+        );
+        thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        matches!(value.as_deref(), Some("majority") | Some("minority")),
+        "after healing node {} reads {value:?}",
+        leader + 1
+    );
+    retry(leader, "SET after healing", &|c| {
+        set(c, "k", "after").is_ok()
+    });
+    cluster.shutdown();
+}
+
+#[test]
+fn chaos_history_is_linearizable() {
+    let dir = TempDir::new("chaos");
+    let seed = fresh_seed();
+    let opts = chaos_options(&dir.0, seed, Duration::from_secs(8));
+    let report = raftkv::chaos::run(&opts).unwrap_or_else(|e| panic!("chaos seed {seed}: {e}"));
+    assert!(report.passed(), "{report}");
+    assert!(
+        report.faults.values().sum::<usize>() >= 1,
+        "no fault injected:\n{report}"
+    );
+    assert!(report.ops > 100, "too few operations:\n{report}");
+}
+
+#[test]
+fn chaos_checker_catches_reads_that_bypass_the_log() {
+    let dir = TempDir::new("chaos-fault");
+    let seed = fresh_seed();
+    let mut opts = chaos_options(&dir.0, seed, Duration::from_secs(8));
+    opts.node_fault = Some(raftkv::node::NodeFault::LocalReads);
+    let report = raftkv::chaos::run(&opts).unwrap_or_else(|e| panic!("chaos seed {seed}: {e}"));
+    assert!(
+        matches!(
+            report.verdict,
+            raftkv::chaos::Verdict::NotLinearizable { .. }
+        ),
+        "nodes reading without the log passed the checker:\n{report}"
+    );
+}

@@ -871,3 +871,128 @@ fn chaos_checker_catches_reads_that_bypass_the_log() {
         "nodes reading without the log passed the checker:\n{report}"
     );
 }
+
+/// A base port `p` with `p..p+n` and `p+1000..p+1000+n` free now (what `raftkv local
+/// --port p` needs), below the ephemeral range so that other tests' ports do not collide.
+fn local_base_port(n: u16) -> u16 {
+    let mut candidate = 20000 + (std::process::id() % 9000) as u16;
+    loop {
+        let wanted: Vec<u16> = (0..n)
+            .flat_map(|i| [candidate + i, candidate + 1000 + i])
+            .collect();
+        let bound: Vec<TcpListener> = wanted
+            .iter()
+            .filter_map(|&p| TcpListener::bind(("127.0.0.1", p)).ok())
+            .collect();
+        if bound.len() == wanted.len() {
+            return candidate;
+        }
+        candidate = 20000 + (candidate - 20000 + 37) % 9000;
+    }
+}
+
+/// `raftkv local` as a child, killed and reaped on drop if still running.
+struct Local(Child);
+
+impl Local {
+    fn start(dir: &Path, port: u16) -> Local {
+        let child = Command::new(EXE)
+            .args(["local", "--nodes", "3", "--port", &port.to_string()])
+            .arg("--dir")
+            .arg(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start raftkv local");
+        Local(child)
+    }
+
+    /// Sends `signal` and waits for the exit, which must come within 10 s.
+    fn stop(&mut self, signal: raftkv::signal::Signal) -> (std::process::ExitStatus, String) {
+        raftkv::signal::send(self.0.id(), signal).expect("signal raftkv local");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(status) = self.0.try_wait().expect("wait for raftkv local") {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "raftkv local did not exit within 10 s of {signal:?}"
+            );
+            thread::sleep(Duration::from_millis(20));
+        };
+        let mut out = String::new();
+        if let Some(mut stdout) = self.0.stdout.take() {
+            stdout.read_to_string(&mut out).expect("read its output");
+        }
+        (status, out)
+    }
+}
+
+impl Drop for Local {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs `f` on a fresh connection to `port` until it succeeds, within [`PATIENCE`].
+fn retry_port<T>(
+    port: u16,
+    what: &str,
+    f: impl Fn(&mut redis::Connection) -> redis::RedisResult<T>,
+) -> T {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).expect("redis url");
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let result = client
+            .get_connection_with_timeout(Duration::from_secs(1))
+            .and_then(|mut con| {
+                con.set_read_timeout(Some(Duration::from_secs(10)))?;
+                f(&mut con)
+            });
+        match result {
+            Ok(v) => return v,
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "{what} on port {port} failed for {PATIENCE:?}: {e}"
+                );
+                thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+#[test]
+fn local_stops_cleanly_on_sigint_and_restarts_on_its_data() {
+    let dir = TempDir::new("local");
+    let port = local_base_port(3);
+    let mut local = Local::start(&dir.0, port);
+    retry_port(port + 1, "SET through raftkv local", |c| {
+        set(c, "kept", "yes")
+    });
+    let (status, out) = local.stop(raftkv::signal::Signal::Int);
+    assert!(
+        status.success(),
+        "raftkv local exited with {status} after SIGINT:\n{out}"
+    );
+    assert!(out.contains("stopped"), "no word of the stop:\n{out}");
+    // Every node is gone: nothing listens on their ports, and their data directories are
+    // unlocked (the restart below could not open them otherwise).
+    for i in 0..3 {
+        assert!(
+            TcpStream::connect(("127.0.0.1", port + i)).is_err(),
+            "node {} still listens after raftkv local stopped",
+            i + 1
+        );
+    }
+    let mut again = Local::start(&dir.0, port);
+    let value = retry_port(port + 2, "GET after the restart", |c| get(c, "kept"));
+    assert_eq!(value.as_deref(), Some("yes"));
+    let (status, out) = again.stop(raftkv::signal::Signal::Term);
+    assert!(
+        status.success(),
+        "raftkv local exited with {status} after SIGTERM:\n{out}"
+    );
+}

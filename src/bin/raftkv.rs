@@ -14,6 +14,7 @@
 use std::fmt::Write as _;
 use std::fs;
 use std::io::{self, IsTerminal, Read, Write};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::OnceLock;
@@ -52,7 +53,7 @@ usage: raftkv serve --id N --peers 1=HOST:PORT,2=HOST:PORT,... --client HOST:POR
 Runs node N of the cluster listed in --peers (each node's peer port; every node must be given
 the same list). Redis clients connect to --client. The Raft log, snapshots and the node's
 status file live in DIR. --stop-on-stdin-eof: stop when standard input closes (how `local`
-and the tests tie a node's life to their own).";
+and the tests tie a node's life to their own). SIGINT and SIGTERM stop the node cleanly.";
 
 const CHAOS_HELP: &str = "\
 usage: raftkv chaos [--duration 30s] [--clients 8] [--nodes 3] [--keys 5] [--seed N]
@@ -421,6 +422,9 @@ fn serve(args: ServeArgs) -> ExitCode {
             return fail(format!("cannot start the stdin watcher: {e}"));
         }
     }
+    if let Err(e) = raftkv::signal::catch_stop_signals() {
+        return fail(format!("cannot catch SIGINT/SIGTERM: {e}"));
+    }
     let status_path = args.data.join("status");
     loop {
         let status = node.status();
@@ -442,11 +446,44 @@ fn serve(args: ServeArgs) -> ExitCode {
             node.shutdown();
             return fail(format!("stopped: {why}"));
         }
+        if let Some(signal) = raftkv::signal::stop_requested() {
+            log::info!(target: "raftkv", "node {}: {signal}; stopping", args.id);
+            node.shutdown();
+            return ExitCode::SUCCESS;
+        }
         if stop_rx.recv_timeout(Duration::from_millis(250)).is_ok() {
             log::info!(target: "raftkv", "node {}: standard input closed; stopping", args.id);
             node.shutdown();
             return ExitCode::SUCCESS;
         }
+    }
+}
+
+/// After a stop signal: every node stopped cleanly → exit 0.
+fn stop_local(children: &mut Children, signal: &str, tty: bool) -> ExitCode {
+    if tty {
+        println!();
+    }
+    println!("raftkv: {signal}: stopping every node");
+    let mut clean = true;
+    for (id, status) in children.stop() {
+        match status {
+            Some(s) if s.success() => {}
+            Some(s) => {
+                println!("raftkv: node {id} exited with {s}");
+                clean = false;
+            }
+            None => {
+                println!("raftkv: node {id} did not stop within {STOP_GRACE:?}; killed");
+                clean = false;
+            }
+        }
+    }
+    if clean {
+        println!("raftkv: stopped; the data stays for the next start");
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     }
 }
 
@@ -522,25 +559,53 @@ fn read_status(path: &Path) -> Option<NodeStatus> {
 
 struct Children(Vec<(usize, Child)>);
 
-impl Drop for Children {
-    fn drop(&mut self) {
+/// How long a node may take to stop after its standard input closes.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+impl Children {
+    /// Asks every node to stop (closing its standard input), waits up to [`STOP_GRACE`],
+    /// then kills what is left; every child is reaped. Returns each node's exit, `None` for
+    /// those that had to be killed.
+    fn stop(&mut self) -> Vec<(usize, Option<std::process::ExitStatus>)> {
         for (_, child) in &mut self.0 {
-            // Closing stdin asks the node to stop; kill it if it does not within a second.
             drop(child.stdin.take());
         }
-        let deadline = Instant::now() + Duration::from_secs(1);
-        for (_, child) in &mut self.0 {
-            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
-                thread::sleep(Duration::from_millis(20));
+        let deadline = Instant::now() + STOP_GRACE;
+        let mut out = Vec::new();
+        for (id, mut child) in self.0.drain(..) {
+            let mut status = None;
+            while status.is_none() && Instant::now() < deadline {
+                match child.try_wait() {
+                    Ok(Some(s)) => status = Some(s),
+                    Ok(None) => thread::sleep(Duration::from_millis(20)),
+                    Err(_) => break,
+                }
             }
-            let _ = child.kill();
-            let _ = child.wait();
+            if status.is_none() {
+                // Too slow, or waiting failed: it is killed and reaped either way.
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            out.push((id, status));
         }
+        out
+    }
+}
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
 fn local(args: LocalArgs) -> ExitCode {
     init_logging("local".into());
+    // Ctrl-C (or SIGTERM) reaches only this process: the nodes run in their own process
+    // groups and are stopped through their standard input, cleanly.
+    if let Err(e) = raftkv::signal::catch_stop_signals() {
+        eprintln!("raftkv local: cannot catch SIGINT/SIGTERM: {e}");
+        return ExitCode::from(1);
+    }
     let exe = match std::env::current_exe() {
         Ok(e) => e,
         Err(e) => {
@@ -566,6 +631,7 @@ fn local(args: LocalArgs) -> ExitCode {
             .arg(&data)
             .arg("--stop-on-stdin-eof")
             .stdin(Stdio::piped())
+            .process_group(0)
             .spawn();
         match spawned {
             Ok(child) => children.0.push((i + 1, child)),
@@ -586,7 +652,12 @@ fn local(args: LocalArgs) -> ExitCode {
     let mut last: Option<(Instant, u64)> = None;
     let mut last_plain = Instant::now() - Duration::from_secs(60);
     loop {
-        thread::sleep(Duration::from_millis(500));
+        for _ in 0..10 {
+            if let Some(signal) = raftkv::signal::stop_requested() {
+                return stop_local(&mut children, signal, tty);
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
         let mut line = String::new();
         let mut statuses = Vec::new();
         let mut down = Vec::new();

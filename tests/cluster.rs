@@ -503,13 +503,24 @@ fn bad_flags_exit_2() {
         ],
         &["local", "--nodes", "zero"],
         &["local", "--bogus"],
+        &["chaos", "--duration", "soon"],
+        &["chaos", "--duration", "0s"],
+        &["chaos", "--clients", "0"],
+        &["chaos", "--nodes", "2"],
+        &["chaos", "--seed", "-1"],
+        &["chaos", "--bogus"],
         &["frobnicate"],
     ] {
         let out = run(args);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
         assert!(!out.stderr.is_empty(), "{args:?} printed no message");
     }
-    for args in [&["--help"][..], &["serve", "--help"], &["local", "--help"]] {
+    for args in [
+        &["--help"][..],
+        &["serve", "--help"],
+        &["local", "--help"],
+        &["chaos", "--help"],
+    ] {
         let out = run(args);
         assert_eq!(out.status.code(), Some(0), "{args:?}: {out:?}");
         assert!(String::from_utf8_lossy(&out.stdout).contains("usage"));
@@ -995,4 +1006,64 @@ fn local_stops_cleanly_on_sigint_and_restarts_on_its_data() {
         status.success(),
         "raftkv local exited with {status} after SIGTERM:\n{out}"
     );
+}
+
+/// The processes whose command line mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir("/proc").expect("read /proc").flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(needle) {
+            found.push((pid, cmdline));
+        }
+    }
+    found
+}
+
+#[test]
+fn chaos_ctrl_c_stops_and_reaps_every_node() {
+    let dir = TempDir::new("chaos-int");
+    let mut chaos = Local(
+        Command::new(EXE)
+            .args(["chaos", "--duration", "60s", "--clients", "2"])
+            .arg("--dir")
+            .arg(&dir.0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start raftkv chaos"),
+    );
+    let needle = dir.0.to_string_lossy().into_owned();
+    let driver = chaos.0.id();
+    let nodes = || {
+        processes_mentioning(&needle)
+            .into_iter()
+            .filter(|(pid, _)| *pid != driver)
+            .collect::<Vec<_>>()
+    };
+    // Wait for the nodes to run, then for the faults to begin.
+    let deadline = Instant::now() + PATIENCE;
+    while nodes().len() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "raftkv chaos did not start 3 nodes within {PATIENCE:?}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    thread::sleep(Duration::from_secs(3));
+    let (status, out) = chaos.stop(raftkv::signal::Signal::Int);
+    assert_eq!(
+        status.code(),
+        Some(130),
+        "raftkv chaos after SIGINT: {status}\n{out}"
+    );
+    let left = nodes();
+    assert!(left.is_empty(), "nodes outlived raftkv chaos: {left:?}");
 }

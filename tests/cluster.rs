@@ -1067,3 +1067,23 @@ fn chaos_ctrl_c_stops_and_reaps_every_node() {
     let left = nodes();
     assert!(left.is_empty(), "nodes outlived raftkv chaos: {left:?}");
 }
+
+#[test]
+fn chaos_reports_a_cluster_that_cannot_start() {
+    use raftkv::chaos::{ChaosError, ClusterError};
+    let dir = TempDir::new("chaos-nostart");
+    let mut opts = chaos_options(&dir.0, 1, Duration::from_secs(1));
+    opts.exe = dir.0.join("no-such-raftkv");
+    match raftkv::chaos::run(&opts) {
+        Err(ChaosError::Start(ClusterError::Spawn { node: 1, .. })) => {}
+        other => panic!("a missing executable: {other:?}"),
+    }
+    // Nodes that exit at once (false(1) ignores its arguments and fails).
+    opts.exe = PathBuf::from("/bin/false");
+    match raftkv::chaos::run(&opts) {
+        Err(e @ ChaosError::Start(ClusterError::Exited { .. })) => {
+            assert!(e.to_string().contains("could not start"), "{e}");
+        }
+        other => panic!("nodes that exit at once: {other:?}"),
+    }
+}

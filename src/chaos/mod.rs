@@ -222,7 +222,9 @@ impl fmt::Display for ChaosReport {
 pub enum ChaosError {
     /// Bad options.
     Options(String),
-    /// The cluster could not start, or a fault could not be injected or undone.
+    /// The cluster could not start.
+    Start(ClusterError),
+    /// A fault could not be injected or undone.
     Cluster(ClusterError),
     /// A stop signal arrived (the cluster has been stopped).
     Interrupted(&'static str),
@@ -232,6 +234,7 @@ impl fmt::Display for ChaosError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ChaosError::Options(e) => f.write_str(e),
+            ChaosError::Start(e) => write!(f, "the cluster could not start: {e}"),
             ChaosError::Cluster(e) => write!(f, "{e}"),
             ChaosError::Interrupted(signal) => write!(f, "interrupted by {signal}"),
         }
@@ -287,7 +290,8 @@ pub fn run(opts: &ChaosOptions) -> Result<ChaosReport, ChaosError> {
         dir: run_dir.clone(),
         fault: opts.node_fault,
         node_log: std::env::var("RAFTKV_CHAOS_NODE_LOG").ok(),
-    })?;
+    })
+    .map_err(ChaosError::Start)?;
     let addrs: Vec<_> = (0..opts.nodes).map(|i| cluster.client_addr(i)).collect();
     let shared = Arc::new(client::Shared::new());
     let mut rng = SmallRng::seed_from_u64(opts.seed);

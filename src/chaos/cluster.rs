@@ -130,6 +130,38 @@ fn free_ports(n: usize) -> io::Result<Vec<u16>> {
         .collect()
 }
 
+/// Where [`cluster_ports`] looks first: below the usual ephemeral range (32768–60999), and
+/// below the ports `raftkv local`'s tests use.
+const QUIET_PORTS: std::ops::Range<u16> = 10000..20000;
+
+/// `n` free loopback ports for a cluster, taken below the kernel's ephemeral port range when
+/// it leaves room: an outgoing connection takes its local port from that range, so it can
+/// never occupy a node's port while the node is down between a kill and its restart (the
+/// restarted node could not listen). Otherwise any free ports.
+fn cluster_ports(n: usize) -> io::Result<Vec<u16>> {
+    let ephemeral_low = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok());
+    if ephemeral_low.is_none_or(|low| low < QUIET_PORTS.end) {
+        return free_ports(n);
+    }
+    let span = QUIET_PORTS.end - QUIET_PORTS.start;
+    let mut offset = rand::random::<u16>() % span;
+    // Held until all are found, so they differ; released for the nodes and proxies to bind.
+    let mut held = Vec::new();
+    for _ in 0..span {
+        let port = QUIET_PORTS.start + offset;
+        offset = (offset + 1) % span;
+        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
+            held.push((port, listener));
+            if held.len() == n {
+                return Ok(held.into_iter().map(|(port, _)| port).collect());
+            }
+        }
+    }
+    free_ports(n)
+}
+
 /// The last `max` bytes of a file, as text (empty if it cannot be read).
 fn tail(path: &Path, max: usize) -> String {
     let bytes = fs::read(path).unwrap_or_default();
@@ -151,7 +183,7 @@ impl ChaosCluster {
             .map_err(|e| setup(&format!("the directory {}", opts.dir.display()), e))?;
         // Every port at once, so they all differ: each node's peer and client port, then one
         // per directed link for its proxy.
-        let ports = free_ports(2 * n + n * (n - 1)).map_err(|e| setup("the ports", e))?;
+        let ports = cluster_ports(2 * n + n * (n - 1)).map_err(|e| setup("the ports", e))?;
         let peer_ports = ports[..n].to_vec();
         let client_ports = ports[n..2 * n].to_vec();
         let mut link_ports = ports[2 * n..].iter();

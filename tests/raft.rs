@@ -636,6 +636,17 @@ fn harness_fails_a_raft_that_skips_reapply_after_restart_3c() {
     );
 }
 
+/// The 3D log-size check can fail: with Raft's log never trimmed, `snapshot_basic_3d` must
+/// stop at "Log size too large" (in `tests/raft_file.rs`, measured on the file logs).
+#[test]
+fn harness_fails_a_raft_that_never_compacts_3d() {
+    let (passed, output) = run_test_in_child("snapshot_basic_3d", &[(FAULT_ENV, "no-compaction")]);
+    assert!(
+        !passed && output.contains("Log size too large"),
+        "snapshot_basic_3d passed, or failed otherwise, with a Raft whose log is never trimmed:\n{output}"
+    );
+}
+
 #[test]
 fn persist2_3c() {
     let servers = 5;
@@ -961,10 +972,10 @@ fn snapcommon(name: &str, disconnect: bool, reliable: bool, crash: bool) {
         } else {
             ts.one(rand_cmd(), servers - 1, true);
         }
-        if ts.g().log_size() >= MAX_LOG_SIZE {
+        if ts.log_size() >= MAX_LOG_SIZE {
             ts.fatal(&format!(
                 "Log size too large ({} >= {MAX_LOG_SIZE})",
-                ts.g().log_size()
+                ts.log_size()
             ));
         }
         if disconnect {

@@ -2,9 +2,8 @@
 //! `storage::FileLog` in a temporary directory instead of the labs' `Persister`: crashes close
 //! the peer's files, restarts recover from them. `cargo test --test raft_file 3c` runs the
 //! persistence tests, `3d` the snapshot ones.
-//!
-//! (The group's `log_size()` reads the persisters, which stay empty here: the 3D log-size
-//! check only bites in `tests/raft.rs`.)
+//! The 3D log-size check (`Test::log_size`) reads the file logs' state size: hard state and
+//! entry records after the snapshot.
 
 /// What `tests/raft.rs` imports as its harness: the file-backed `Test`, everything else as
 /// it is, and the child-process runner pointed at this binary's `lab::` names.

@@ -197,6 +197,39 @@ fn truncate_and_snapshot_survive_reopen() {
     assert_eq!(entries_of(&r), vec![entry(36)]);
 }
 
+/// `state_size` (what `maxraftstate` is compared with) counts the hard state and the live
+/// entries: it falls when a snapshot compacts entries that share a segment with live ones,
+/// and it is the same after a reopen.
+#[test]
+fn state_size_counts_only_entries_after_the_snapshot() {
+    let tmp = TempDir::new("statesize");
+    // One large segment: compaction can delete no file.
+    write_log(&tmp.0, 50, 1 << 20);
+    assert_eq!(segments(&tmp.0).len(), 1);
+    let log = FileLog::open(&tmp.0, opts(1 << 20)).unwrap();
+    log.restore().unwrap();
+    let full = log.state_size();
+    let per_entry = fs::metadata(&segments(&tmp.0)[0]).unwrap().len() as usize / 50;
+    assert!(full >= 50 * per_entry, "{full} bytes for 50 entries");
+    log.save_snapshot(40, entry(40).term, b"through 40")
+        .unwrap();
+    log.sync().unwrap();
+    assert_eq!(segments(&tmp.0).len(), 1, "the segment holds live entries");
+    let after = log.state_size();
+    assert!(
+        after < full - 35 * per_entry && after > 5 * per_entry,
+        "state size {after} after compacting 40 of 50 entries (was {full})"
+    );
+    drop(log);
+    let log = FileLog::open(&tmp.0, opts(1 << 20)).unwrap();
+    assert_eq!(log.state_size(), after, "state size after reopen");
+    // Appends count again.
+    log.restore().unwrap();
+    log.append(51, &[entry(51)]).unwrap();
+    log.sync().unwrap();
+    assert!(log.state_size() > after);
+}
+
 #[test]
 fn second_open_is_refused() {
     let tmp = TempDir::new("lock");
@@ -344,6 +377,57 @@ fn missing_segment_is_corruption() {
             ),
         }
     }
+}
+
+/// With a single segment, deleting it must not read as a fresh log: the hard state (and any
+/// snapshot) says there was one.
+#[test]
+fn missing_only_segment_is_corruption() {
+    let tmp = TempDir::new("only");
+    write_log(&tmp.0, 5, 1 << 20);
+    let segs = segments(&tmp.0);
+    assert_eq!(segs.len(), 1);
+    fs::remove_file(&segs[0]).unwrap();
+    match reopen(&tmp.0) {
+        Err(StorageError::Corrupt { reason, .. }) => {
+            assert!(reason.contains("missing"), "{reason}")
+        }
+        Err(e) => panic!("the only segment deleted: wrong error {e}"),
+        Ok(r) => panic!(
+            "the only segment deleted: recovered ({}..={}]",
+            r.log.base_index(),
+            r.log.last_index()
+        ),
+    }
+    assert!(segments(&tmp.0).is_empty(), "recovery created nothing");
+}
+
+/// A snapshot that discards the whole log (its last entry is not in the log) leaves one
+/// empty segment after it, on every path: at once, after a reopen, and when a crash left
+/// the emptied old segment beside the new one.
+#[test]
+fn snapshot_discarding_the_log_always_leaves_a_segment() {
+    let tmp = TempDir::new("discard");
+    write_log(&tmp.0, 30, 400);
+    let old_first = segments(&tmp.0)[0].clone();
+    {
+        let log = FileLog::open(&tmp.0, opts(400)).unwrap();
+        log.restore().unwrap();
+        log.save_snapshot(50, 99, b"from the leader").unwrap();
+        log.sync().unwrap();
+        assert_eq!(log.state_size(), 16 + record::HEADER, "only the hard state");
+    }
+    let segs = segments(&tmp.0);
+    assert_eq!(segs.len(), 1);
+    assert!(segs[0].to_string_lossy().ends_with("51"), "{segs:?}");
+    let r = reopen(&tmp.0).unwrap();
+    assert_eq!((r.log.base_index(), r.log.last_index()), (50, 50));
+    // The crash window: the emptied old segment is still there beside the new one.
+    fs::File::create(&old_first).unwrap();
+    let r = reopen(&tmp.0).unwrap();
+    assert_eq!((r.log.base_index(), r.log.last_index()), (50, 50));
+    assert_eq!(r.snapshot, b"from the leader");
+    assert_eq!(segments(&tmp.0).len(), 1, "{:?}", segments(&tmp.0));
 }
 
 /// A truncation that crashed after cutting an older segment, before deleting the newer ones:

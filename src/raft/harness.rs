@@ -28,7 +28,8 @@ pub const MAX_LOG_SIZE: usize = 2000;
 /// Environment variable naming a deliberate fault in the harness's view of Raft, so a test
 /// can show that a check fails when it should. `skip-reapply`: a restarted peer's apply
 /// stream skips what the peer applied before its crash, as a Raft that does not re-apply its
-/// log after a restart would.
+/// log after a restart would. `no-compaction`: the snapshotting service's snapshots never
+/// reach Raft, as a Raft that ignores `snapshot()` would (its log is never trimmed).
 pub const FAULT_ENV: &str = "RAFTKV_HARNESS_FAULT";
 
 fn harness_fault(name: &str) -> bool {
@@ -256,7 +257,7 @@ fn apply_snap(
                     None
                 }
             };
-            if let Some(s) = snap {
+            if let Some(s) = snap.filter(|_| !harness_fault("no-compaction")) {
                 let bytes = labcodec::encode(&s).map_err(|e| e.to_string())?;
                 // Called from the thread draining the apply channel, as a service would.
                 if let Some(r) = raft.upgrade() {
@@ -400,6 +401,27 @@ impl Test {
 
     pub fn begin(&self, desc: &str) {
         self.cfg.begin(desc);
+    }
+
+    /// The largest persisted Raft state in the group, in bytes: what the labs' persisters
+    /// hold (Go's `LogSize`), or with the file log what the peers' `FileLog`s keep (hard
+    /// state and the entries after the snapshot). A crashed peer's closed log counts 0.
+    pub fn log_size(&self) -> usize {
+        let files: Vec<Arc<file::ClosableLog>> = self
+            .srvs
+            .lock()
+            .iter()
+            .flatten()
+            .filter_map(|s| s.closer.clone())
+            .collect();
+        if files.is_empty() {
+            return self.g().log_size();
+        }
+        files
+            .iter()
+            .map(|l| Storage::state_size(&**l))
+            .max()
+            .unwrap_or(0)
     }
 
     /// The live Raft of peer `i`, if it runs.
@@ -639,8 +661,7 @@ impl Drop for Test {
 /// The Raft tests on the crash-safe file log (`tests/raft_file.rs`): the same harness, but
 /// each peer keeps its state in `storage::FileLog` in a temporary directory instead of the
 /// labs' `Persister`. A crash kills the peer and closes its log; the restarted peer recovers
-/// from the files. (The persister stays empty, so `ServerGrp::log_size` reads 0 here: the
-/// 3D size check is meaningful only in `tests/raft.rs`.)
+/// from the files. The persisters stay empty; [`Test::log_size`] reads the file logs.
 pub mod file {
     pub use super::*;
 

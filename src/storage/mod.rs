@@ -230,7 +230,7 @@ impl FileLog {
             Err(fs::TryLockError::Error(e)) => return Err(io_err(&lock_path, "lock", e)),
         }
         let (disk, restored) = recover(&dir, opts)?;
-        let state_bytes = disk.log_bytes + disk.hard_state_bytes;
+        let state_bytes = disk.state_bytes();
         Ok(FileLog {
             pending: Mutex::new(Pending {
                 ops: Vec::new(),
@@ -350,10 +350,8 @@ impl Storage for FileLog {
                     p.last = Some(disk.segments.last().expect("an active segment").last());
                 }
                 drop(p);
-                self.state_bytes.store(
-                    disk.log_bytes + disk.hard_state_bytes,
-                    std::sync::atomic::Ordering::Relaxed,
-                );
+                self.state_bytes
+                    .store(disk.state_bytes(), std::sync::atomic::Ordering::Relaxed);
                 Ok(())
             }
             Err(e) => {
@@ -370,6 +368,25 @@ impl Storage for FileLog {
 }
 
 impl Disk {
+    /// Bytes of Raft state this log keeps: the hard state and the records of the entries
+    /// after the snapshot. The records of compacted entries that still share the first
+    /// segment with live ones are not counted: they are dead, and a snapshot cannot remove
+    /// them before the segment is wholly below it, so counting them would make
+    /// `maxraftstate` ask for snapshots that cannot shrink the state.
+    fn state_bytes(&self) -> u64 {
+        let dead = self.segments.first().map_or(0, |seg| {
+            if self.base_index < seg.first {
+                return 0;
+            }
+            let n = (self.base_index + 1 - seg.first) as usize;
+            seg.entries.get(n).map_or(
+                seg.entries_end + if seg.sealed { SEAL_BYTES } else { 0 },
+                |e| e.0,
+            )
+        });
+        self.hard_state_bytes + self.log_bytes.saturating_sub(dead)
+    }
+
     fn carry_out(&mut self, ops: Vec<Op>) -> Result<(), StorageError> {
         let mut buf = Vec::new();
         for op in ops {
@@ -540,25 +557,10 @@ impl Disk {
             self.dirty_dir = true;
             return Ok(());
         }
-        // Nothing after the snapshot survives. Empty the first segment durably first: a
-        // crash then leaves an empty, unsealed segment followed by leftovers, which recovery
-        // deletes (and the snapshot's rule discards whatever the first one held).
-        self.cut_segment(0, self.segments[0].first - 1)?;
-        for seg in self.segments.split_off(1) {
-            self.remove_segment(&seg)?;
-        }
-        let seg = self.segments.pop().expect("the first segment");
-        self.remove_segment(&seg)?;
-        let (file, path) = create_segment(&self.dir, index + 1)?;
-        self.active = file;
+        // Nothing after the snapshot survives.
+        self.active = reset_segments(&self.dir, &mut self.segments, index + 1)?;
+        self.log_bytes = 0;
         self.dirty_active = false;
-        self.segments.push(Segment {
-            first: index + 1,
-            path,
-            entries: Vec::new(),
-            entries_end: 0,
-            sealed: false,
-        });
         self.dirty_dir = true;
         Ok(())
     }
@@ -580,6 +582,46 @@ fn create_segment(dir: &Path, first: u64) -> Result<(File, PathBuf), StorageErro
         .open(&path)
         .map_err(|e| io_err(&path, "create", e))?;
     Ok((file, path))
+}
+
+/// Empties the log, leaving one empty segment that starts at `first`, and returns it open
+/// for appending. There is never a moment without a segment (recovery takes a directory
+/// with a hard state or a snapshot but no segment for a deleted log): the first segment is
+/// emptied durably first, so a crash leaves an empty, unsealed segment followed by leftovers
+/// that recovery deletes; the new segment exists, the directory synced, before the emptied
+/// one goes.
+fn reset_segments(
+    dir: &Path,
+    segments: &mut Vec<Segment>,
+    first: u64,
+) -> Result<File, StorageError> {
+    let head = &mut segments[0];
+    OpenOptions::new()
+        .write(true)
+        .open(&head.path)
+        .and_then(|f| f.set_len(0).and_then(|()| f.sync_all()))
+        .map_err(|e| io_err(&head.path, "empty", e))?;
+    head.entries.clear();
+    head.entries_end = 0;
+    head.sealed = false;
+    for seg in segments.split_off(1) {
+        fs::remove_file(&seg.path).map_err(|e| io_err(&seg.path, "remove", e))?;
+    }
+    if segments[0].first == first {
+        return reopen_append(&segments[0].path);
+    }
+    let (file, path) = create_segment(dir, first)?;
+    fsync_dir(dir)?;
+    let old = segments.pop().expect("the emptied segment");
+    fs::remove_file(&old.path).map_err(|e| io_err(&old.path, "remove", e))?;
+    segments.push(Segment {
+        first,
+        path,
+        entries: Vec::new(),
+        entries_end: 0,
+        sealed: false,
+    });
+    Ok(file)
 }
 
 fn reopen_append(path: &Path) -> Result<File, StorageError> {
@@ -607,7 +649,9 @@ fn recover(dir: &Path, opts: FileLogOptions) -> Result<(Disk, Restored), Storage
         Some(p) => return Err(corrupt(&hs_path, 0, format!("{} bytes, want 16", p.len()))),
     };
     let snap_path = dir.join("snapshot");
-    let (base_index, base_term, snapshot) = match read_framed(&snap_path)? {
+    let snap = read_framed(&snap_path)?;
+    let snapshot_found = snap.is_some();
+    let (base_index, base_term, snapshot) = match snap {
         None => (0, 0, Vec::new()),
         Some(p) if p.len() >= 16 => (u64_at(&p, 0), u64_at(&p, 8), p[16..].to_vec()),
         Some(p) => return Err(corrupt(&snap_path, 0, format!("{} bytes", p.len()))),
@@ -629,6 +673,14 @@ fn recover(dir: &Path, opts: FileLogOptions) -> Result<(Disk, Restored), Storage
         }
     }
     names.sort();
+    if names.is_empty() && (hard_state_bytes > 0 || snapshot_found) {
+        // Every write path leaves at least one segment once the directory has state.
+        return Err(corrupt(
+            &dir.join(segment_name(base_index + 1)),
+            0,
+            "no log segment, but a hard state or snapshot: the log is missing",
+        ));
+    }
 
     let mut segments: Vec<Segment> = Vec::new();
     let mut entries: Vec<Entry> = Vec::new();
@@ -793,18 +845,20 @@ fn recover(dir: &Path, opts: FileLogOptions) -> Result<(Disk, Restored), Storage
         if log_last > base_index {
             log::warn!(target: "storage", "{}: log does not hold the snapshot's last entry {base_index} (t{base_term}): discarded", dir.display());
         }
-        for seg in segments.drain(..).rev() {
-            fs::remove_file(&seg.path).map_err(|e| io_err(&seg.path, "remove", e))?;
-        }
-        let (file, path) = create_segment(dir, base_index + 1)?;
+        let file = if segments.is_empty() {
+            let (file, path) = create_segment(dir, base_index + 1)?;
+            segments.push(Segment {
+                first: base_index + 1,
+                path,
+                entries: Vec::new(),
+                entries_end: 0,
+                sealed: false,
+            });
+            file
+        } else {
+            reset_segments(dir, &mut segments, base_index + 1)?
+        };
         fsync_dir(dir)?;
-        segments.push(Segment {
-            first: base_index + 1,
-            path,
-            entries: Vec::new(),
-            entries_end: 0,
-            sealed: false,
-        });
         (Log::from_parts(base_index, base_term, Vec::new()), file)
     };
     log::info!(target: "storage", "{}: recovered t{} vote {:?}, snapshot through {base_index}, log ({base_index}..={}] in {} segments", dir.display(), hard_state.term, hard_state.voted_for, log.last_index(), segments.len());

@@ -283,6 +283,8 @@ pub fn run(opts: &ChaosOptions) -> Result<ChaosReport, ChaosError> {
     let run_dir = opts
         .dir
         .join(format!("run-{}-{}", opts.seed, std::process::id()));
+    // A parent this run creates goes again after a clean pass, if nothing else is in it.
+    let parent_existed = opts.dir.exists();
     let _ = fs::remove_dir_all(&run_dir);
     let mut cluster = ChaosCluster::start(ClusterOptions {
         exe: opts.exe.clone(),
@@ -430,8 +432,10 @@ pub fn run(opts: &ChaosOptions) -> Result<ChaosReport, ChaosError> {
     };
     if report.passed() && fs::remove_dir_all(&run_dir).is_ok() {
         report.kept = false;
-        // The parent goes too if this run was its only content.
-        let _ = fs::remove_dir(&opts.dir);
+        if !parent_existed {
+            // Fails, harmlessly, when another run's directory is there too.
+            let _ = fs::remove_dir(&opts.dir);
+        }
     }
     Ok(report)
 }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use super::machine::{KvCmd, KvOut, Outcome, Request};
+use super::machine::{KvCmd, KvMachine, KvOut, Outcome, Request};
 use crate::kvraft::rsm::{Rsm, SubmitError};
 use crate::labcodec;
 use crate::net::{ClientEnd, Service};
@@ -111,6 +111,9 @@ pub struct Front {
     slots: Mutex<Vec<(u64, u64)>>,
     /// Commands answered (for the status line).
     commands: AtomicU64,
+    /// Set only by the deliberate fault [`super::NodeFault::LocalReads`]: read-only batches
+    /// are answered from this machine without the log.
+    local_reads: Option<Arc<KvMachine>>,
 }
 
 impl Front {
@@ -122,7 +125,15 @@ impl Front {
             leader_hint: AtomicUsize::new(me),
             slots: Mutex::new(Vec::new()),
             commands: AtomicU64::new(0),
+            local_reads: None,
         }
+    }
+
+    /// Breaks this front end on purpose: read-only batches are answered from `machine` as it
+    /// is, without the log (see [`super::NodeFault::LocalReads`]).
+    pub fn with_local_reads(mut self, machine: Arc<KvMachine>) -> Front {
+        self.local_reads = Some(machine);
+        self
     }
 
     pub fn commands(&self) -> u64 {
@@ -148,6 +159,9 @@ impl Front {
     /// Runs `cmds` (in order, as one log entry) on whichever node leads.
     fn submit(&self, cmds: Vec<KvCmd>) -> Result<Vec<KvOut>, Unavailable> {
         let writes = cmds.iter().any(KvCmd::is_write);
+        if let Some(machine) = self.local_reads.as_ref().filter(|_| !writes) {
+            return Ok(machine.read_local(&cmds));
+        }
         let slot = writes.then(|| self.take_slot());
         let (client, seq) = slot.unwrap_or((0, 0));
         let req = Request { client, seq, cmds };

@@ -152,6 +152,19 @@ impl KvMachine {
         self.store.len()
     }
 
+    /// Runs read-only commands on this replica's state as it is now, without the log: not
+    /// linearizable (a follower, or a deposed leader, may be behind). Only the deliberate
+    /// fault [`crate::node::NodeFault::LocalReads`] calls it, to prove that the chaos checker
+    /// catches stale reads.
+    pub fn read_local(&self, cmds: &[KvCmd]) -> Vec<KvOut> {
+        debug_assert!(
+            !cmds.iter().any(KvCmd::is_write),
+            "read_local given a write"
+        );
+        let _inner = self.inner.lock();
+        cmds.iter().map(|c| self.execute(c)).collect()
+    }
+
     fn get(&self, key: &[u8]) -> Option<(Vec<u8>, u64)> {
         let reply = self.store.get(&GetArgs {
             key: to_latin1(key),

@@ -12,11 +12,15 @@
 //! | — | [`net`]: RPC over TCP (threads, pipelined calls, re-dial, bounded frames and handlers) and a fault-injecting proxy |
 //! | — | [`resp`]: the Redis wire protocol (RESP2) and the command table of the KV service |
 //! | — | [`session`]: exactly-once table (client id, sequence number, last reply) for a replicated state machine |
+//! | — | [`node`]: one `raftkv` node (Raft over TCP on the file log, the KV state machine, the RESP front end) |
+//! | — | [`chaos`]: `raftkv chaos`, faults injected into a local cluster and the clients' history checked for linearizability |
+//! | — | [`signal`]: sending signals to processes, and SIGINT/SIGTERM as a flag |
 //! | — | [`labrpc`], [`labcodec`], [`porcupine`]: simulated network, codec, linearizability checker |
 //! | — | `tester` and the labs' `harness` modules: test support, built only with the `testing` feature (the tests and benches turn it on) |
 //!
 //! See `ARCHITECTURE.md` at the repository root for how the parts fit.
 
+pub mod chaos;
 pub mod kvapi;
 pub mod kvraft;
 pub mod kvsrv;
@@ -30,6 +34,7 @@ pub mod raft;
 pub mod resp;
 pub mod session;
 pub mod shardkv;
+pub mod signal;
 pub mod storage;
 #[cfg(feature = "testing")]
 pub mod tester;

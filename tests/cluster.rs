@@ -503,13 +503,24 @@ fn bad_flags_exit_2() {
         ],
         &["local", "--nodes", "zero"],
         &["local", "--bogus"],
+        &["chaos", "--duration", "soon"],
+        &["chaos", "--duration", "0s"],
+        &["chaos", "--clients", "0"],
+        &["chaos", "--nodes", "2"],
+        &["chaos", "--seed", "-1"],
+        &["chaos", "--bogus"],
         &["frobnicate"],
     ] {
         let out = run(args);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
         assert!(!out.stderr.is_empty(), "{args:?} printed no message");
     }
-    for args in [&["--help"][..], &["serve", "--help"], &["local", "--help"]] {
+    for args in [
+        &["--help"][..],
+        &["serve", "--help"],
+        &["local", "--help"],
+        &["chaos", "--help"],
+    ] {
         let out = run(args);
         assert_eq!(out.status.code(), Some(0), "{args:?}: {out:?}");
         assert!(String::from_utf8_lossy(&out.stdout).contains("usage"));
@@ -656,4 +667,423 @@ fn locked_data_dir_is_refused() {
         set(c, "still", "here")
     });
     assert_eq!(v, "OK");
+}
+
+// ---- faults: pauses, partitions, histories under chaos (issue 10) ----
+
+/// A seed that differs from run to run, printed by every failure that uses it.
+fn fresh_seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as u64)
+        .unwrap_or(0);
+    (u64::from(std::process::id()) << 32) ^ nanos
+}
+
+/// A test directory under the system's temp dir, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(what: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!(
+            "raftkv-{what}-{}-{}",
+            std::process::id(),
+            CLUSTERS.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("create the test directory");
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn chaos_options(dir: &Path, seed: u64, duration: Duration) -> raftkv::chaos::ChaosOptions {
+    let mut opts = raftkv::chaos::ChaosOptions::new(PathBuf::from(EXE));
+    opts.dir = dir.to_path_buf();
+    opts.seed = seed;
+    opts.duration = duration;
+    opts.clients = 6;
+    opts
+}
+
+#[test]
+fn paused_old_leader_serves_no_stale_read() {
+    let cluster = Cluster::new(3);
+    let old = cluster.leader();
+    let old_term = cluster.status(old).expect("the leader's status").term;
+    cluster.retry(old, "SET before the pause", |c| set(c, "k", "v1"));
+    // Connected before the pause: the GET below reaches the old leader the moment it wakes.
+    let mut stale = cluster.client(old);
+    let pid = cluster.children[old]
+        .as_ref()
+        .expect("the leader runs")
+        .id();
+    raftkv::signal::send(pid, raftkv::signal::Signal::Stop).expect("SIGSTOP");
+    // The others elect a leader in a later term and take a write the old one never saw.
+    let deadline = Instant::now() + PATIENCE;
+    let new = loop {
+        let newer = (0..3).filter(|&i| i != old).find(|&i| {
+            cluster
+                .status(i)
+                .is_some_and(|s| s.leader && s.term > old_term)
+        });
+        if let Some(i) = newer {
+            break i;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no new leader within {PATIENCE:?} after node {} (term {old_term}) was paused",
+            old + 1
+        );
+        thread::sleep(Duration::from_millis(50));
+    };
+    cluster.retry(new, "SET on the new leader", |c| set(c, "k", "v2"));
+    // The GET is sent while the old leader sleeps; it still believes it leads when it wakes.
+    let reader = thread::Builder::new()
+        .name("stale-get".into())
+        .spawn(move || get(&mut stale, "k"))
+        .expect("spawn the reader");
+    thread::sleep(Duration::from_millis(300));
+    raftkv::signal::send(pid, raftkv::signal::Signal::Cont).expect("SIGCONT");
+    let answer = reader.join().expect("the reader thread panicked");
+    match answer {
+        // An error (TRYAGAIN, a timeout) is allowed; a value must be the latest one.
+        Ok(value) => assert_eq!(
+            value.as_deref(),
+            Some("v2"),
+            "node {} (leader in term {old_term}, paused, then resumed) served a stale read",
+            old + 1
+        ),
+        Err(e) => eprintln!("the resumed old leader answered an error: {e}"),
+    }
+    let value = cluster.retry(old, "GET on the resumed old leader", |c| get(c, "k"));
+    assert_eq!(value.as_deref(), Some("v2"));
+}
+
+#[test]
+fn partition_majority_serves_minority_does_not() {
+    use raftkv::chaos::{ChaosCluster, ClusterOptions};
+    use raftkv::net::proxy::LinkMode;
+    let dir = TempDir::new("partition");
+    let mut cluster = ChaosCluster::start(ClusterOptions {
+        exe: PathBuf::from(EXE),
+        nodes: 3,
+        dir: dir.0.join("nodes"),
+        fault: None,
+        node_log: None,
+    })
+    .unwrap_or_else(|e| panic!("the cluster did not start: {e}"));
+    let leader = cluster.wait_for_leader(PATIENCE).expect("a leader");
+    let addrs: Vec<_> = (0..3).map(|i| cluster.client_addr(i)).collect();
+    let connect = |i: usize, timeout: Duration| {
+        let client = redis::Client::open(format!("redis://{}/", addrs[i])).expect("redis url");
+        let con = client
+            .get_connection_with_timeout(Duration::from_secs(2))
+            .unwrap_or_else(|e| panic!("connect to node {}: {e}", i + 1));
+        con.set_read_timeout(Some(timeout)).expect("read timeout");
+        con
+    };
+    let retry = |i: usize, what: &str, f: &dyn Fn(&mut redis::Connection) -> bool| {
+        let deadline = Instant::now() + PATIENCE;
+        while !f(&mut connect(i, Duration::from_secs(8))) {
+            assert!(
+                Instant::now() < deadline,
+                "{what} on node {} failed for {PATIENCE:?}",
+                i + 1
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    };
+    retry(leader, "SET before the partition", &|c| {
+        set(c, "k", "before").is_ok()
+    });
+    // The leader alone on one side: its links to both others drop every byte, both ways.
+    cluster.partition(&[leader], LinkMode::Blackhole);
+    let majority: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    retry(majority[0], "SET on the majority side", &|c| {
+        set(c, "k", "majority").is_ok()
+    });
+    let mut m1 = connect(majority[1], Duration::from_secs(8));
+    assert_eq!(get(&mut m1, "k").unwrap().as_deref(), Some("majority"));
+    // The minority side neither writes nor reads: every command fails or times out.
+    let mut minority = connect(leader, Duration::from_secs(3));
+    match set(&mut minority, "k", "minority") {
+        Ok(reply) => panic!(
+            "node {} alone in a minority acknowledged a write: {reply}",
+            leader + 1
+        ),
+        Err(e) => eprintln!("minority SET: {e}"),
+    }
+    let mut minority = connect(leader, Duration::from_secs(3));
+    match get(&mut minority, "k") {
+        Ok(value) => panic!(
+            "node {} alone in a minority served a read: {value:?}",
+            leader + 1
+        ),
+        Err(e) => eprintln!("minority GET: {e}"),
+    }
+    // Healed, the old leader catches up and serves again; the minority's SET may or may not
+    // have applied (its client never heard), nothing else.
+    cluster.heal();
+    let deadline = Instant::now() + PATIENCE;
+    let value = loop {
+        if let Ok(v) = get(&mut connect(leader, Duration::from_secs(8)), "k") {
+            break v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {} does not serve after healing",
+            leader + 1
+        );
+        thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        matches!(value.as_deref(), Some("majority") | Some("minority")),
+        "after healing node {} reads {value:?}",
+        leader + 1
+    );
+    retry(leader, "SET after healing", &|c| {
+        set(c, "k", "after").is_ok()
+    });
+    cluster.shutdown();
+}
+
+#[test]
+fn chaos_history_is_linearizable() {
+    let dir = TempDir::new("chaos");
+    let seed = fresh_seed();
+    let opts = chaos_options(&dir.0, seed, Duration::from_secs(8));
+    let report = raftkv::chaos::run(&opts).unwrap_or_else(|e| panic!("chaos seed {seed}: {e}"));
+    assert!(report.passed(), "{report}");
+    assert!(
+        report.faults.values().sum::<usize>() >= 1,
+        "no fault injected:\n{report}"
+    );
+    assert!(report.ops > 100, "too few operations:\n{report}");
+}
+
+#[test]
+fn chaos_checker_catches_reads_that_bypass_the_log() {
+    let dir = TempDir::new("chaos-fault");
+    let seed = fresh_seed();
+    let mut opts = chaos_options(&dir.0, seed, Duration::from_secs(8));
+    opts.node_fault = Some(raftkv::node::NodeFault::LocalReads);
+    let report = raftkv::chaos::run(&opts).unwrap_or_else(|e| panic!("chaos seed {seed}: {e}"));
+    assert!(
+        matches!(
+            report.verdict,
+            raftkv::chaos::Verdict::NotLinearizable { .. }
+        ),
+        "nodes reading without the log passed the checker:\n{report}"
+    );
+}
+
+/// A base port `p` with `p..p+n` and `p+1000..p+1000+n` free now (what `raftkv local
+/// --port p` needs), below the ephemeral range so that other tests' ports do not collide.
+fn local_base_port(n: u16) -> u16 {
+    let mut candidate = 20000 + (std::process::id() % 9000) as u16;
+    loop {
+        let wanted: Vec<u16> = (0..n)
+            .flat_map(|i| [candidate + i, candidate + 1000 + i])
+            .collect();
+        let bound: Vec<TcpListener> = wanted
+            .iter()
+            .filter_map(|&p| TcpListener::bind(("127.0.0.1", p)).ok())
+            .collect();
+        if bound.len() == wanted.len() {
+            return candidate;
+        }
+        candidate = 20000 + (candidate - 20000 + 37) % 9000;
+    }
+}
+
+/// `raftkv local` as a child, killed and reaped on drop if still running.
+struct Local(Child);
+
+impl Local {
+    fn start(dir: &Path, port: u16) -> Local {
+        let child = Command::new(EXE)
+            .args(["local", "--nodes", "3", "--port", &port.to_string()])
+            .arg("--dir")
+            .arg(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start raftkv local");
+        Local(child)
+    }
+
+    /// Sends `signal` and waits for the exit, which must come within 10 s.
+    fn stop(&mut self, signal: raftkv::signal::Signal) -> (std::process::ExitStatus, String) {
+        raftkv::signal::send(self.0.id(), signal).expect("signal raftkv local");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(status) = self.0.try_wait().expect("wait for raftkv local") {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "raftkv local did not exit within 10 s of {signal:?}"
+            );
+            thread::sleep(Duration::from_millis(20));
+        };
+        let mut out = String::new();
+        if let Some(mut stdout) = self.0.stdout.take() {
+            stdout.read_to_string(&mut out).expect("read its output");
+        }
+        (status, out)
+    }
+}
+
+impl Drop for Local {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs `f` on a fresh connection to `port` until it succeeds, within [`PATIENCE`].
+fn retry_port<T>(
+    port: u16,
+    what: &str,
+    f: impl Fn(&mut redis::Connection) -> redis::RedisResult<T>,
+) -> T {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).expect("redis url");
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let result = client
+            .get_connection_with_timeout(Duration::from_secs(1))
+            .and_then(|mut con| {
+                con.set_read_timeout(Some(Duration::from_secs(10)))?;
+                f(&mut con)
+            });
+        match result {
+            Ok(v) => return v,
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "{what} on port {port} failed for {PATIENCE:?}: {e}"
+                );
+                thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+#[test]
+fn local_stops_cleanly_on_sigint_and_restarts_on_its_data() {
+    let dir = TempDir::new("local");
+    let port = local_base_port(3);
+    let mut local = Local::start(&dir.0, port);
+    retry_port(port + 1, "SET through raftkv local", |c| {
+        set(c, "kept", "yes")
+    });
+    let (status, out) = local.stop(raftkv::signal::Signal::Int);
+    assert!(
+        status.success(),
+        "raftkv local exited with {status} after SIGINT:\n{out}"
+    );
+    assert!(out.contains("stopped"), "no word of the stop:\n{out}");
+    // Every node is gone: nothing listens on their ports, and their data directories are
+    // unlocked (the restart below could not open them otherwise).
+    for i in 0..3 {
+        assert!(
+            TcpStream::connect(("127.0.0.1", port + i)).is_err(),
+            "node {} still listens after raftkv local stopped",
+            i + 1
+        );
+    }
+    let mut again = Local::start(&dir.0, port);
+    let value = retry_port(port + 2, "GET after the restart", |c| get(c, "kept"));
+    assert_eq!(value.as_deref(), Some("yes"));
+    let (status, out) = again.stop(raftkv::signal::Signal::Term);
+    assert!(
+        status.success(),
+        "raftkv local exited with {status} after SIGTERM:\n{out}"
+    );
+}
+
+/// The processes whose command line mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir("/proc").expect("read /proc").flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(needle) {
+            found.push((pid, cmdline));
+        }
+    }
+    found
+}
+
+#[test]
+fn chaos_ctrl_c_stops_and_reaps_every_node() {
+    let dir = TempDir::new("chaos-int");
+    let mut chaos = Local(
+        Command::new(EXE)
+            .args(["chaos", "--duration", "60s", "--clients", "2"])
+            .arg("--dir")
+            .arg(&dir.0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start raftkv chaos"),
+    );
+    let needle = dir.0.to_string_lossy().into_owned();
+    let driver = chaos.0.id();
+    let nodes = || {
+        processes_mentioning(&needle)
+            .into_iter()
+            .filter(|(pid, _)| *pid != driver)
+            .collect::<Vec<_>>()
+    };
+    // Wait for the nodes to run, then for the faults to begin.
+    let deadline = Instant::now() + PATIENCE;
+    while nodes().len() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "raftkv chaos did not start 3 nodes within {PATIENCE:?}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    thread::sleep(Duration::from_secs(3));
+    let (status, out) = chaos.stop(raftkv::signal::Signal::Int);
+    assert_eq!(
+        status.code(),
+        Some(130),
+        "raftkv chaos after SIGINT: {status}\n{out}"
+    );
+    let left = nodes();
+    assert!(left.is_empty(), "nodes outlived raftkv chaos: {left:?}");
+}
+
+#[test]
+fn chaos_reports_a_cluster_that_cannot_start() {
+    use raftkv::chaos::{ChaosError, ClusterError};
+    let dir = TempDir::new("chaos-nostart");
+    let mut opts = chaos_options(&dir.0, 1, Duration::from_secs(1));
+    opts.exe = dir.0.join("no-such-raftkv");
+    match raftkv::chaos::run(&opts) {
+        Err(ChaosError::Start(ClusterError::Spawn { node: 1, .. })) => {}
+        other => panic!("a missing executable: {other:?}"),
+    }
+    // Nodes that exit at once (false(1) ignores its arguments and fails).
+    opts.exe = PathBuf::from("/bin/false");
+    match raftkv::chaos::run(&opts) {
+        Err(e @ ChaosError::Start(ClusterError::Exited { .. })) => {
+            assert!(e.to_string().contains("could not start"), "{e}");
+        }
+        other => panic!("nodes that exit at once: {other:?}"),
+    }
 }

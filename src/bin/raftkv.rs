@@ -4,14 +4,17 @@
 //! raftkv                      same as `raftkv local`
 //! raftkv local [--nodes 3] [--dir ./raftkv-data] [--port 7001]
 //! raftkv serve --id N --peers 1=HOST:PORT,2=HOST:PORT,3=HOST:PORT --client HOST:PORT --data DIR
+//! raftkv chaos [--duration 30s] [--clients 8] [--nodes 3] [--keys 5] [--seed N] [--dir DIR]
 //! ```
 //!
-//! Exit status: 0 after a clean stop, 1 when a node cannot start or stops on an error, 2 for
-//! a bad command line.
+//! Exit status: 0 after a clean stop (or a linearizable chaos run), 1 when a node cannot
+//! start or stops on an error (or a chaos run that is not linearizable), 2 for a bad command
+//! line.
 
 use std::fmt::Write as _;
 use std::fs;
 use std::io::{self, IsTerminal, Read, Write};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::OnceLock;
@@ -28,6 +31,9 @@ usage:
   raftkv [local] [--nodes N] [--dir DIR] [--port P]   a cluster of N local processes (default)
   raftkv serve --id N --peers 1=H:P,2=H:P,... --client H:P --data DIR
                                                      one node
+  raftkv chaos [--duration 30s] [--clients 8] [--nodes 3] [--seed N] [--dir DIR]
+                                                     break a local cluster on purpose and
+                                                     check what clients saw
   raftkv <command> --help                            the command's options
 
 Logs go to stderr when RUST_LOG is set (error, warn, info, debug, trace).";
@@ -47,7 +53,27 @@ usage: raftkv serve --id N --peers 1=HOST:PORT,2=HOST:PORT,... --client HOST:POR
 Runs node N of the cluster listed in --peers (each node's peer port; every node must be given
 the same list). Redis clients connect to --client. The Raft log, snapshots and the node's
 status file live in DIR. --stop-on-stdin-eof: stop when standard input closes (how `local`
-and the tests tie a node's life to their own).";
+and the tests tie a node's life to their own). SIGINT and SIGTERM stop the node cleanly.";
+
+const CHAOS_HELP: &str = "\
+usage: raftkv chaos [--duration 30s] [--clients 8] [--nodes 3] [--keys 5] [--seed N]
+                    [--dir DIR] [--check-timeout 120s]
+
+Starts a local cluster of N nodes (separate processes on 127.0.0.1, every peer link through
+a fault-injecting proxy), runs C clients on K shared keys over the Redis protocol (VGET and
+VSET, each client its own connection), and injects faults chosen from the seed: kill -9 and
+restart of the leader or a follower, SIGSTOP/SIGCONT pauses, partitions (the leader cut off,
+a minority split from the majority; links cut or blackholed). Then it heals everything,
+reads every key, and checks the recorded history for linearizability.
+
+Prints a live status line, then ops, latency percentiles, faults by kind and the verdict
+(with an HTML page of the history when it is not linearizable). Node data and logs go to
+DIR/run-<seed>-<pid> (default DIR: the system temp directory's raftkv-chaos), removed after
+a run that passes.
+
+Durations: 30s, 2m, 500ms, or plain seconds. Exit status: 0 linearizable, 1 not linearizable
+(or unknown, a node crashed, the cluster did not recover, the cluster could not start),
+2 bad command line, 130 interrupted.";
 
 /// A bad command line: the message, then exit 2.
 struct Usage(String);
@@ -64,36 +90,30 @@ fn main() -> ExitCode {
             println!("{MAIN_HELP}");
             return ExitCode::SUCCESS;
         }
-        Some(c @ ("local" | "serve")) => (c, &args[1..]),
+        Some(c @ ("local" | "serve" | "chaos")) => (c, &args[1..]),
         Some(flag) if flag.starts_with("--") => ("local", &args[..]),
         Some(other) => {
             eprintln!("raftkv: unknown command '{other}'\n\n{MAIN_HELP}");
             return ExitCode::from(2);
         }
     };
+    let help = match command {
+        "serve" => SERVE_HELP,
+        "chaos" => CHAOS_HELP,
+        _ => LOCAL_HELP,
+    };
     if rest.iter().any(|a| a == "--help" || a == "-h") {
-        println!(
-            "{}",
-            if command == "serve" {
-                SERVE_HELP
-            } else {
-                LOCAL_HELP
-            }
-        );
+        println!("{help}");
         return ExitCode::SUCCESS;
     }
     let result = match command {
         "serve" => parse_serve(rest).map(serve),
+        "chaos" => parse_chaos(rest).map(chaos),
         _ => parse_local(rest).map(local),
     };
     match result {
         Ok(code) => code,
         Err(Usage(msg)) => {
-            let help = if command == "serve" {
-                SERVE_HELP
-            } else {
-                LOCAL_HELP
-            };
             eprintln!("raftkv {command}: {msg}\n\n{help}");
             ExitCode::from(2)
         }
@@ -201,6 +221,80 @@ fn parse_local(args: &[String]) -> Result<LocalArgs, Usage> {
     })
 }
 
+/// `30s`, `2m`, `500ms`, or plain seconds.
+fn duration(flag: &str, value: &str) -> Result<Duration, Usage> {
+    let bad = || {
+        Usage(format!(
+            "{flag}: '{value}' is not a duration like 30s, 2m or 500ms"
+        ))
+    };
+    let (digits, unit) = match value.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => value.split_at(at),
+        None => (value, "s"),
+    };
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.checked_mul(60).ok_or_else(bad)?),
+        _ => return Err(bad()),
+    };
+    if d.is_zero() || d > Duration::from_secs(24 * 3600) {
+        return usage(format!(
+            "{flag} must be above 0 and at most 24h, not '{value}'"
+        ));
+    }
+    Ok(d)
+}
+
+fn parse_chaos(args: &[String]) -> Result<raftkv::chaos::ChaosOptions, Usage> {
+    let given = flags(
+        args,
+        &[
+            "--duration",
+            "--clients",
+            "--nodes",
+            "--keys",
+            "--seed",
+            "--dir",
+            "--check-timeout",
+        ],
+        &[],
+    )?;
+    let get = |name: &str| given.iter().find(|(f, _)| *f == name).map(|(_, v)| *v);
+    // The executable is found when the run starts; a placeholder until then.
+    let mut opts = raftkv::chaos::ChaosOptions::new(PathBuf::new());
+    if let Some(v) = get("--duration") {
+        opts.duration = duration("--duration", v)?;
+    }
+    if let Some(v) = get("--check-timeout") {
+        opts.check_timeout = duration("--check-timeout", v)?;
+    }
+    if let Some(v) = get("--clients") {
+        opts.clients = number("--clients", v, 1, 256)? as usize;
+    }
+    if let Some(v) = get("--nodes") {
+        opts.nodes = number("--nodes", v, 3, 9)? as usize;
+    }
+    if let Some(v) = get("--keys") {
+        opts.keys = number("--keys", v, 1, 1000)? as usize;
+    }
+    opts.seed = match get("--seed") {
+        Some(v) => number("--seed", v, 0, u64::MAX)?,
+        None => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1),
+    };
+    if let Some(v) = get("--dir") {
+        opts.dir = PathBuf::from(v);
+    }
+    // Hidden: the nodes run with the deliberate bug RAFTKV_NODE_FAULT names (proves the
+    // checker can fail).
+    opts.node_fault = raftkv::node::NodeFault::from_env().map_err(Usage)?;
+    Ok(opts)
+}
+
 // ---- logging ----
 
 struct StderrLog {
@@ -297,11 +391,16 @@ fn serve(args: ServeArgs) -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(e.to_string()),
     };
+    let fault = match raftkv::node::NodeFault::from_env() {
+        Ok(f) => f,
+        Err(e) => return fail(e),
+    };
     let config = NodeConfig {
         id: args.id,
         peers: args.peers.clone(),
         client_addr: args.client.clone(),
         max_raft_state: Some(raftkv::node::DEFAULT_MAX_RAFT_STATE),
+        fault,
     };
     let mut node = match Node::start(config, storage) {
         Ok(n) => n,
@@ -322,6 +421,9 @@ fn serve(args: ServeArgs) -> ExitCode {
         if let Err(e) = spawned {
             return fail(format!("cannot start the stdin watcher: {e}"));
         }
+    }
+    if let Err(e) = raftkv::signal::catch_stop_signals() {
+        return fail(format!("cannot catch SIGINT/SIGTERM: {e}"));
     }
     let status_path = args.data.join("status");
     loop {
@@ -344,10 +446,94 @@ fn serve(args: ServeArgs) -> ExitCode {
             node.shutdown();
             return fail(format!("stopped: {why}"));
         }
+        if let Some(signal) = raftkv::signal::stop_requested() {
+            log::info!(target: "raftkv", "node {}: {signal}; stopping", args.id);
+            node.shutdown();
+            return ExitCode::SUCCESS;
+        }
         if stop_rx.recv_timeout(Duration::from_millis(250)).is_ok() {
             log::info!(target: "raftkv", "node {}: standard input closed; stopping", args.id);
             node.shutdown();
             return ExitCode::SUCCESS;
+        }
+    }
+}
+
+/// After a stop signal: every node stopped cleanly → exit 0.
+fn stop_local(children: &mut Children, signal: &str, tty: bool) -> ExitCode {
+    if tty {
+        println!();
+    }
+    println!("raftkv: {signal}: stopping every node");
+    let mut clean = true;
+    for (id, status) in children.stop() {
+        match status {
+            Some(s) if s.success() => {}
+            Some(s) => {
+                println!("raftkv: node {id} exited with {s}");
+                clean = false;
+            }
+            None => {
+                println!("raftkv: node {id} did not stop within {STOP_GRACE:?}; killed");
+                clean = false;
+            }
+        }
+    }
+    if clean {
+        println!("raftkv: stopped; the data stays for the next start");
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+// ---- chaos ----
+
+fn chaos(mut opts: raftkv::chaos::ChaosOptions) -> ExitCode {
+    init_logging("chaos".into());
+    opts.exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("raftkv chaos: cannot find my own executable: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if let Err(e) = raftkv::signal::catch_stop_signals() {
+        eprintln!("raftkv chaos: cannot catch SIGINT/SIGTERM: {e}");
+        return ExitCode::from(1);
+    }
+    opts.status = if io::stdout().is_terminal() {
+        raftkv::chaos::StatusLine::Tty
+    } else {
+        raftkv::chaos::StatusLine::Lines
+    };
+    if let Some(fault) = opts.node_fault {
+        println!("raftkv chaos: the nodes run with the deliberate fault {fault:?}");
+    }
+    println!(
+        "raftkv chaos: {} nodes, {} clients, {} keys, {}s, seed {} (Ctrl-C stops)",
+        opts.nodes,
+        opts.clients,
+        opts.keys,
+        opts.duration.as_secs_f64(),
+        opts.seed
+    );
+    match raftkv::chaos::run(&opts) {
+        Ok(report) => {
+            println!("{report}");
+            if report.passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(raftkv::chaos::ChaosError::Interrupted(signal)) => {
+            eprintln!("raftkv chaos: interrupted by {signal}; every node stopped");
+            ExitCode::from(130)
+        }
+        Err(e) => {
+            eprintln!("raftkv chaos: {e}");
+            ExitCode::from(1)
         }
     }
 }
@@ -373,25 +559,53 @@ fn read_status(path: &Path) -> Option<NodeStatus> {
 
 struct Children(Vec<(usize, Child)>);
 
-impl Drop for Children {
-    fn drop(&mut self) {
+/// How long a node may take to stop after its standard input closes.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+impl Children {
+    /// Asks every node to stop (closing its standard input), waits up to [`STOP_GRACE`],
+    /// then kills what is left; every child is reaped. Returns each node's exit, `None` for
+    /// those that had to be killed.
+    fn stop(&mut self) -> Vec<(usize, Option<std::process::ExitStatus>)> {
         for (_, child) in &mut self.0 {
-            // Closing stdin asks the node to stop; kill it if it does not within a second.
             drop(child.stdin.take());
         }
-        let deadline = Instant::now() + Duration::from_secs(1);
-        for (_, child) in &mut self.0 {
-            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
-                thread::sleep(Duration::from_millis(20));
+        let deadline = Instant::now() + STOP_GRACE;
+        let mut out = Vec::new();
+        for (id, mut child) in self.0.drain(..) {
+            let mut status = None;
+            while status.is_none() && Instant::now() < deadline {
+                match child.try_wait() {
+                    Ok(Some(s)) => status = Some(s),
+                    Ok(None) => thread::sleep(Duration::from_millis(20)),
+                    Err(_) => break,
+                }
             }
-            let _ = child.kill();
-            let _ = child.wait();
+            if status.is_none() {
+                // Too slow, or waiting failed: it is killed and reaped either way.
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            out.push((id, status));
         }
+        out
+    }
+}
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
 fn local(args: LocalArgs) -> ExitCode {
     init_logging("local".into());
+    // Ctrl-C (or SIGTERM) reaches only this process: the nodes run in their own process
+    // groups and are stopped through their standard input, cleanly.
+    if let Err(e) = raftkv::signal::catch_stop_signals() {
+        eprintln!("raftkv local: cannot catch SIGINT/SIGTERM: {e}");
+        return ExitCode::from(1);
+    }
     let exe = match std::env::current_exe() {
         Ok(e) => e,
         Err(e) => {
@@ -417,6 +631,7 @@ fn local(args: LocalArgs) -> ExitCode {
             .arg(&data)
             .arg("--stop-on-stdin-eof")
             .stdin(Stdio::piped())
+            .process_group(0)
             .spawn();
         match spawned {
             Ok(child) => children.0.push((i + 1, child)),
@@ -437,7 +652,12 @@ fn local(args: LocalArgs) -> ExitCode {
     let mut last: Option<(Instant, u64)> = None;
     let mut last_plain = Instant::now() - Duration::from_secs(60);
     loop {
-        thread::sleep(Duration::from_millis(500));
+        for _ in 0..10 {
+            if let Some(signal) = raftkv::signal::stop_requested() {
+                return stop_local(&mut children, signal, tty);
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
         let mut line = String::new();
         let mut statuses = Vec::new();
         let mut down = Vec::new();

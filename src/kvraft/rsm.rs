@@ -277,7 +277,8 @@ impl Rsm {
         })
     }
 
-    /// Why this replica stopped for good, if it did (a snapshot it could not restore).
+    /// Why this replica stopped for good, if it did (a snapshot it could not restore). Once
+    /// this says so, the replica's Raft peer is already killed.
     pub fn failure(&self) -> Option<RsmError> {
         self.shared.failure.lock().clone()
     }
@@ -585,8 +586,9 @@ impl Shared {
     /// fails every waiting submitter. Called from the reader, which then returns.
     fn fail(&self, e: RsmError) {
         log::error!(target: "kvraft::rsm", "{e}; this replica stops");
-        self.failure.lock().get_or_insert(e);
+        // Raft first: whoever sees the failure must find the peer already stopped.
         self.raft.kill();
+        self.failure.lock().get_or_insert(e);
         self.waiters.lock().clear();
     }
 

@@ -17,7 +17,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -217,6 +217,9 @@ struct Shared {
     /// Batches run and requests in them, for the debug log.
     batches: AtomicU64,
     batched: AtomicU64,
+    /// Set only by the deliberate fault [`super::NodeFault::LocalReads`]: read-only requests
+    /// are answered from this node's machine without the log or a ReadIndex.
+    local_reads: AtomicBool,
 }
 
 /// The RESP command handler of one node. [`shutdown`](Self::shutdown) (or drop) stops and
@@ -245,6 +248,7 @@ impl Front {
             queue_cv: Condvar::new(),
             batches: AtomicU64::new(0),
             batched: AtomicU64::new(0),
+            local_reads: AtomicBool::new(false),
         });
         let front = Front {
             shared: shared.clone(),
@@ -258,6 +262,14 @@ impl Front {
             front.proposers.lock().push(h);
         }
         Ok(front)
+    }
+
+    /// Breaks this front end on purpose: read-only requests are answered from this node's
+    /// machine as it is, without the log or a ReadIndex (see
+    /// [`super::NodeFault::LocalReads`]).
+    pub fn with_local_reads(self) -> Front {
+        self.shared.local_reads.store(true, Ordering::SeqCst);
+        self
     }
 
     pub fn commands(&self) -> u64 {
@@ -306,6 +318,9 @@ impl Shared {
     /// other clients sent meanwhile.
     fn submit(&self, cmds: Vec<KvCmd>) -> Result<Vec<KvOut>, Unavailable> {
         let writes = cmds.iter().any(KvCmd::is_write);
+        if !writes && self.local_reads.load(Ordering::Relaxed) {
+            return Ok(self.machine.read_local(&cmds));
+        }
         let slot = writes.then(|| self.take_slot());
         let (client, seq) = slot.unwrap_or((0, 0));
         let answer = Arc::new(AnswerSlot::default());

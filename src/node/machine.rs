@@ -178,6 +178,22 @@ impl KvMachine {
         self.store.len()
     }
 
+    /// Runs read-only commands on this replica's state as it is now, without the log: not
+    /// linearizable by itself (a follower, or a deposed leader, may be behind). [`read`]
+    /// calls it after a ReadIndex; only the deliberate fault
+    /// [`crate::node::NodeFault::LocalReads`] calls it without one, to prove that the chaos
+    /// checker catches stale reads.
+    ///
+    /// [`read`]: KvMachine::read
+    pub fn read_local(&self, cmds: &[KvCmd]) -> Vec<KvOut> {
+        debug_assert!(
+            !cmds.iter().any(KvCmd::is_write),
+            "read_local given a write"
+        );
+        let _inner = self.inner.lock();
+        cmds.iter().map(|c| self.execute(c)).collect()
+    }
+
     fn get(&self, key: &[u8]) -> Option<(Vec<u8>, u64)> {
         let reply = self.store.get(&GetArgs {
             key: to_latin1(key),
@@ -256,11 +272,10 @@ impl KvMachine {
     /// sessions (the caller made sure, with a ReadIndex, that the state is recent enough).
     /// Atomic with respect to every applied request.
     pub fn read(&self, cmds: &[KvCmd]) -> Outcome {
-        let _inner = self.inner.lock();
         if let Some(w) = cmds.iter().find(|c| c.is_write()) {
             return Outcome::Bad(format!("a write in a read-only request: {w:?}"));
         }
-        Outcome::Done(cmds.iter().map(|c| self.execute(c)).collect())
+        Outcome::Done(self.read_local(cmds))
     }
 
     fn run(&self, req: &Request) -> Outcome {

@@ -43,6 +43,35 @@ pub struct NodeConfig {
     /// Where Redis clients connect.
     pub client_addr: String,
     pub max_raft_state: Option<usize>,
+    /// A deliberate bug, for proving that the chaos run's checker can fail; `None` in service.
+    pub fault: Option<NodeFault>,
+}
+
+/// The environment variable through which `raftkv serve` takes a [`NodeFault`] (hidden: not
+/// in `--help`; `raftkv chaos` sets it on its nodes when asked to prove the checker).
+pub const FAULT_ENV: &str = "RAFTKV_NODE_FAULT";
+
+/// A deliberate bug a node can be started with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeFault {
+    /// Answer read-only commands (GET, VGET, MGET, EXISTS) from this node's own state without
+    /// going through the log: a follower behind the leader, or a leader cut off from the
+    /// majority, serves stale values. Named `local-reads` in [`FAULT_ENV`].
+    LocalReads,
+}
+
+impl NodeFault {
+    /// The fault [`FAULT_ENV`] names, if any; an unknown name is an error.
+    pub fn from_env() -> Result<Option<NodeFault>, String> {
+        match std::env::var(FAULT_ENV) {
+            Err(_) => Ok(None),
+            Ok(v) if v.is_empty() => Ok(None),
+            Ok(v) if v == "local-reads" => Ok(Some(NodeFault::LocalReads)),
+            Ok(v) => Err(format!(
+                "{FAULT_ENV}={v}: unknown fault (known: local-reads)"
+            )),
+        }
+    }
 }
 
 /// Why a node could not start.
@@ -185,12 +214,17 @@ impl Node {
         let rsm = Arc::new(rsm.map_err(NodeError::Rsm)?);
         server.add_service(transport::raft_service(rsm.raft().handler()));
         server.add_service(front::kv_service(rsm.clone(), machine.clone()));
-        let front = Front::new(me, rsm.clone(), machine.clone(), ends.clone()).map_err(|e| {
-            NodeError::Spawn {
-                what: "a proposer thread",
-                reason: e.to_string(),
-            }
-        })?;
+        let mut front =
+            Front::new(me, rsm.clone(), machine.clone(), ends.clone()).map_err(|e| {
+                NodeError::Spawn {
+                    what: "a proposer thread",
+                    reason: e.to_string(),
+                }
+            })?;
+        if config.fault == Some(NodeFault::LocalReads) {
+            log::warn!(target: "node", "node {}: deliberate fault: reads bypass the log", config.id);
+            front = front.with_local_reads();
+        }
         let front = Arc::new(front);
         let resp = RespServer::start(
             &format!("node{}-resp", config.id),

@@ -1,0 +1,481 @@
+//! A local cluster of `raftkv serve` processes whose every peer link runs through a
+//! [`Proxy`] owned by this process, so that any node can be killed, paused or cut off.
+//!
+//! Node `i` reaches node `j` through `proxies[i][j]` (one proxy per directed link): node `i`'s
+//! `--peers` list names its own peer port for itself and the proxy addresses for the others.
+//! Cutting both directed links between two nodes separates them completely (forwarded client
+//! requests travel the same links as Raft's messages).
+//!
+//! Every child runs in its own process group (a Ctrl-C at the terminal reaches only the
+//! driver, which then stops them) and with `--stop-on-stdin-eof` (a driver that dies
+//! without cleaning up still takes its nodes with it). [`ChaosCluster`]'s drop kills and
+//! reaps every child, also while a panic unwinds.
+
+use std::fmt;
+use std::fs;
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::net::proxy::{LinkMode, Proxy};
+use crate::node::{FAULT_ENV, NodeFault};
+use crate::signal::{self, Signal};
+
+const LOG: &str = "chaos::cluster";
+
+/// How long a fresh cluster may take to elect its first leader.
+pub const START_PATIENCE: Duration = Duration::from_secs(20);
+
+/// Why the cluster could not start or be driven.
+#[derive(Debug)]
+pub enum ClusterError {
+    /// A port, a proxy or the run directory could not be set up.
+    Setup { what: String, reason: String },
+    /// A `raftkv serve` process could not be spawned.
+    Spawn { node: usize, reason: String },
+    /// A node exited during start-up; `log` is the end of its standard error.
+    Exited {
+        node: usize,
+        status: String,
+        log: String,
+    },
+    /// No node became leader in time.
+    NoLeader { waited: Duration },
+    /// A signal could not be delivered.
+    Signal { node: usize, reason: String },
+}
+
+impl fmt::Display for ClusterError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClusterError::Setup { what, reason } => write!(f, "cannot set up {what}: {reason}"),
+            ClusterError::Spawn { node, reason } => {
+                write!(f, "cannot start node {node}: {reason}")
+            }
+            ClusterError::Exited { node, status, log } => {
+                write!(f, "node {node} exited ({status})")?;
+                if !log.is_empty() {
+                    write!(f, "; its last words:\n{log}")?;
+                }
+                Ok(())
+            }
+            ClusterError::NoLeader { waited } => {
+                write!(f, "no node became leader within {waited:?}")
+            }
+            ClusterError::Signal { node, reason } => {
+                write!(f, "cannot signal node {node}: {reason}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ClusterError {}
+
+/// What a node's status file says (written by `raftkv serve` every 250 ms).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeView {
+    pub term: u64,
+    pub leader: bool,
+}
+
+/// What the driver did to a node, so it knows how to bring it back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeState {
+    Running,
+    Paused,
+    Killed,
+}
+
+/// How to start a [`ChaosCluster`].
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// The `raftkv` executable.
+    pub exe: PathBuf,
+    pub nodes: usize,
+    /// Where the nodes keep their data (`node-<i>/`) and logs (`node-<i>.log`); created.
+    pub dir: PathBuf,
+    /// A deliberate bug every node runs with (see [`NodeFault`]).
+    pub fault: Option<NodeFault>,
+    /// `RUST_LOG` for the nodes (their stderr goes to `node-<i>.log`).
+    pub node_log: Option<String>,
+}
+
+struct NodeProc {
+    child: Option<Child>,
+    state: NodeState,
+}
+
+/// The processes, the proxies and the addresses of one local cluster.
+pub struct ChaosCluster {
+    opts: ClusterOptions,
+    peer_ports: Vec<u16>,
+    client_ports: Vec<u16>,
+    /// `proxies[i][j]`: node `i`'s link to node `j` (`None` on the diagonal).
+    proxies: Vec<Vec<Option<Proxy>>>,
+    nodes: Vec<NodeProc>,
+}
+
+/// `n` loopback ports free now (all bound at once, so they differ, then released).
+fn free_ports(n: usize) -> io::Result<Vec<u16>> {
+    let listeners = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<io::Result<Vec<_>>>()?;
+    listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect()
+}
+
+/// Where [`cluster_ports`] looks first: below the usual ephemeral range (32768–60999), and
+/// below the ports `raftkv local`'s tests use.
+const QUIET_PORTS: std::ops::Range<u16> = 10000..20000;
+
+/// `n` free loopback ports for a cluster, taken below the kernel's ephemeral port range when
+/// it leaves room: an outgoing connection takes its local port from that range, so it can
+/// never occupy a node's port while the node is down between a kill and its restart (the
+/// restarted node could not listen). Otherwise any free ports.
+fn cluster_ports(n: usize) -> io::Result<Vec<u16>> {
+    let ephemeral_low = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok());
+    if ephemeral_low.is_none_or(|low| low < QUIET_PORTS.end) {
+        return free_ports(n);
+    }
+    let span = QUIET_PORTS.end - QUIET_PORTS.start;
+    let mut offset = rand::random::<u16>() % span;
+    // Held until all are found, so they differ; released for the nodes and proxies to bind.
+    let mut held = Vec::new();
+    for _ in 0..span {
+        let port = QUIET_PORTS.start + offset;
+        offset = (offset + 1) % span;
+        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
+            held.push((port, listener));
+            if held.len() == n {
+                return Ok(held.into_iter().map(|(port, _)| port).collect());
+            }
+        }
+    }
+    free_ports(n)
+}
+
+/// The last `max` bytes of a file, as text (empty if it cannot be read).
+fn tail(path: &Path, max: usize) -> String {
+    let bytes = fs::read(path).unwrap_or_default();
+    let start = bytes.len().saturating_sub(max);
+    String::from_utf8_lossy(&bytes[start..])
+        .trim_end()
+        .to_string()
+}
+
+impl ChaosCluster {
+    /// Starts the proxies and the nodes, and waits until one node leads.
+    pub fn start(opts: ClusterOptions) -> Result<ChaosCluster, ClusterError> {
+        let n = opts.nodes;
+        let setup = |what: &str, e: io::Error| ClusterError::Setup {
+            what: what.to_string(),
+            reason: e.to_string(),
+        };
+        fs::create_dir_all(&opts.dir)
+            .map_err(|e| setup(&format!("the directory {}", opts.dir.display()), e))?;
+        // Every port at once, so they all differ: each node's peer and client port, then one
+        // per directed link for its proxy.
+        let ports = cluster_ports(2 * n + n * (n - 1)).map_err(|e| setup("the ports", e))?;
+        let peer_ports = ports[..n].to_vec();
+        let client_ports = ports[n..2 * n].to_vec();
+        let mut link_ports = ports[2 * n..].iter();
+        let mut proxies = Vec::new();
+        for i in 0..n {
+            let mut row = Vec::new();
+            for (j, &target_port) in peer_ports.iter().enumerate() {
+                if i == j {
+                    row.push(None);
+                    continue;
+                }
+                let listen: SocketAddr =
+                    ([127, 0, 0, 1], *link_ports.next().expect("a port per link")).into();
+                let target: SocketAddr = ([127, 0, 0, 1], target_port).into();
+                let proxy =
+                    Proxy::start(&format!("chaos-link{}to{}", i + 1, j + 1), listen, target)
+                        .map_err(|e| {
+                            setup(&format!("the proxy {}->{} on {listen}", i + 1, j + 1), e)
+                        })?;
+                row.push(Some(proxy));
+            }
+            proxies.push(row);
+        }
+        let mut cluster = ChaosCluster {
+            opts,
+            peer_ports,
+            client_ports,
+            proxies,
+            nodes: (0..n)
+                .map(|_| NodeProc {
+                    child: None,
+                    state: NodeState::Killed,
+                })
+                .collect(),
+        };
+        for i in 0..n {
+            cluster.spawn(i)?;
+        }
+        cluster.wait_for_leader(START_PATIENCE)?;
+        Ok(cluster)
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.opts.dir
+    }
+
+    /// Where Redis clients reach node `i` (0-based).
+    pub fn client_addr(&self, i: usize) -> SocketAddr {
+        ([127, 0, 0, 1], self.client_ports[i]).into()
+    }
+
+    fn data(&self, i: usize) -> PathBuf {
+        self.opts.dir.join(format!("node-{}", i + 1))
+    }
+
+    /// Node `i`'s standard error.
+    pub fn log_path(&self, i: usize) -> PathBuf {
+        self.opts.dir.join(format!("node-{}.log", i + 1))
+    }
+
+    pub fn state(&self, i: usize) -> NodeState {
+        self.nodes[i].state
+    }
+
+    /// The process id of node `i`, if it runs.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.nodes[i].child.as_ref().map(Child::id)
+    }
+
+    fn spawn(&mut self, i: usize) -> Result<(), ClusterError> {
+        debug_assert!(self.nodes[i].child.is_none(), "node {} already runs", i + 1);
+        let peers: Vec<String> = (0..self.len())
+            .map(|j| {
+                let addr = match &self.proxies[i][j] {
+                    Some(proxy) => proxy.local_addr(),
+                    None => ([127, 0, 0, 1], self.peer_ports[i]).into(),
+                };
+                format!("{}={addr}", j + 1)
+            })
+            .collect();
+        // A status file of the previous incarnation must not be taken for this one's.
+        let _ = fs::remove_file(self.data(i).join("status"));
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(i))
+            .map_err(|e| ClusterError::Spawn {
+                node: i + 1,
+                reason: format!("{}: {e}", self.log_path(i).display()),
+            })?;
+        let mut command = Command::new(&self.opts.exe);
+        command
+            .arg("serve")
+            .args(["--id", &(i + 1).to_string()])
+            .args(["--peers", &peers.join(",")])
+            .args(["--client", &self.client_addr(i).to_string()])
+            .arg("--data")
+            .arg(self.data(i))
+            .arg("--stop-on-stdin-eof")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .env_remove(FAULT_ENV)
+            .process_group(0);
+        match &self.opts.node_log {
+            Some(level) => command.env("RUST_LOG", level),
+            None => command.env_remove("RUST_LOG"),
+        };
+        if self.opts.fault == Some(NodeFault::LocalReads) {
+            command.env(FAULT_ENV, "local-reads");
+        }
+        let child = command.spawn().map_err(|e| ClusterError::Spawn {
+            node: i + 1,
+            reason: format!("{}: {e}", self.opts.exe.display()),
+        })?;
+        log::info!(target: LOG, "node {} started (pid {})", i + 1, child.id());
+        self.nodes[i] = NodeProc {
+            child: Some(child),
+            state: NodeState::Running,
+        };
+        Ok(())
+    }
+
+    /// Node `i`'s status file, if it runs and has written one.
+    pub fn view(&self, i: usize) -> Option<NodeView> {
+        self.nodes[i].child.as_ref()?;
+        let text = fs::read_to_string(self.data(i).join("status")).ok()?;
+        let words: Vec<&str> = text.split_whitespace().collect();
+        Some(NodeView {
+            term: words.get(1)?.parse().ok()?,
+            leader: *words.get(3)? == "1",
+        })
+    }
+
+    /// The running (not paused) node that claims to lead in the highest term.
+    pub fn leader(&self) -> Option<usize> {
+        (0..self.len())
+            .filter(|&i| self.nodes[i].state == NodeState::Running)
+            .filter_map(|i| self.view(i).filter(|v| v.leader).map(|v| (i, v.term)))
+            .max_by_key(|&(_, term)| term)
+            .map(|(i, _)| i)
+    }
+
+    /// Waits until some node leads; a node that exits meanwhile is an error.
+    pub fn wait_for_leader(&mut self, patience: Duration) -> Result<usize, ClusterError> {
+        let deadline = Instant::now() + patience;
+        loop {
+            if let Some((node, status)) = self.exited().into_iter().next() {
+                return Err(ClusterError::Exited {
+                    node: node + 1,
+                    status: status.to_string(),
+                    log: tail(&self.log_path(node), 2000),
+                });
+            }
+            if let Some(leader) = self.leader() {
+                return Ok(leader);
+            }
+            if Instant::now() >= deadline {
+                return Err(ClusterError::NoLeader { waited: patience });
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Nodes that exited although the driver did not kill them (reaped, and then marked
+    /// killed, so that [`restart`](Self::restart) brings them back).
+    pub fn exited(&mut self) -> Vec<(usize, ExitStatus)> {
+        let mut out = Vec::new();
+        for (i, node) in self.nodes.iter_mut().enumerate() {
+            let Some(child) = node.child.as_mut() else {
+                continue;
+            };
+            if let Ok(Some(status)) = child.try_wait() {
+                log::warn!(target: LOG, "node {} exited on its own ({status})", i + 1);
+                node.child = None;
+                node.state = NodeState::Killed;
+                out.push((i, status));
+            }
+        }
+        out
+    }
+
+    /// `kill -9` node `i` and reap it.
+    pub fn kill9(&mut self, i: usize) {
+        if let Some(mut child) = self.nodes[i].child.take() {
+            // An error means it has already exited; wait() reaps it either way.
+            let _ = child.kill();
+            let _ = child.wait();
+            log::info!(target: LOG, "node {} killed", i + 1);
+        }
+        self.nodes[i].state = NodeState::Killed;
+    }
+
+    /// Starts a killed node again on its data.
+    pub fn restart(&mut self, i: usize) -> Result<(), ClusterError> {
+        if self.nodes[i].child.is_none() {
+            self.spawn(i)?;
+        }
+        Ok(())
+    }
+
+    fn signal(&mut self, i: usize, sig: Signal) -> Result<(), ClusterError> {
+        let Some(pid) = self.pid(i) else {
+            return Ok(());
+        };
+        signal::send(pid, sig).map_err(|e| ClusterError::Signal {
+            node: i + 1,
+            reason: e.to_string(),
+        })
+    }
+
+    /// `SIGSTOP`: node `i` freezes with its sockets open.
+    pub fn pause(&mut self, i: usize) -> Result<(), ClusterError> {
+        if self.nodes[i].state == NodeState::Running {
+            self.signal(i, Signal::Stop)?;
+            self.nodes[i].state = NodeState::Paused;
+            log::info!(target: LOG, "node {} paused", i + 1);
+        }
+        Ok(())
+    }
+
+    /// `SIGCONT` after [`pause`](Self::pause).
+    pub fn resume(&mut self, i: usize) -> Result<(), ClusterError> {
+        if self.nodes[i].state == NodeState::Paused {
+            self.signal(i, Signal::Cont)?;
+            self.nodes[i].state = NodeState::Running;
+            log::info!(target: LOG, "node {} resumed", i + 1);
+        }
+        Ok(())
+    }
+
+    /// Separates the nodes in `side` from the others: every link between the two sides,
+    /// both ways, is put in `mode` (cut or blackhole); links within a side forward.
+    pub fn partition(&self, side: &[usize], mode: LinkMode) {
+        for (i, row) in self.proxies.iter().enumerate() {
+            for (j, proxy) in row.iter().enumerate() {
+                if let Some(proxy) = proxy {
+                    let across = side.contains(&i) != side.contains(&j);
+                    proxy.set_mode(if across { mode } else { LinkMode::Forward });
+                }
+            }
+        }
+        log::info!(target: LOG, "partition {side:?} | rest ({mode:?})");
+    }
+
+    /// Every link forwards again.
+    pub fn heal(&self) {
+        for proxy in self.proxies.iter().flatten().flatten() {
+            if proxy.mode() != LinkMode::Forward {
+                proxy.heal();
+            }
+        }
+    }
+
+    /// Heals every link, resumes every paused node and restarts every killed one.
+    pub fn recover_all(&mut self) -> Result<(), ClusterError> {
+        self.heal();
+        for i in 0..self.len() {
+            match self.nodes[i].state {
+                NodeState::Paused => self.resume(i)?,
+                NodeState::Killed => self.restart(i)?,
+                NodeState::Running => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Kills and reaps every node and stops the proxies. Idempotent; also run on drop.
+    pub fn shutdown(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill9(i);
+        }
+        for row in &mut self.proxies {
+            for proxy in row.iter_mut() {
+                if let Some(proxy) = proxy.take() {
+                    proxy.shutdown();
+                }
+            }
+        }
+    }
+}
+
+impl Drop for ChaosCluster {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}

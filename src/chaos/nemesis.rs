@@ -1,0 +1,183 @@
+//! The faults a chaos run injects, chosen from a seeded RNG: what to break, for how long, and
+//! how to bring it back.
+
+use std::fmt;
+use std::time::Duration;
+
+use rand::Rng;
+use rand::rngs::SmallRng;
+
+use super::cluster::{ChaosCluster, ClusterError};
+use crate::net::proxy::LinkMode;
+
+/// A kind of fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FaultKind {
+    /// `kill -9` the leader; restart it on its data when the fault ends.
+    KillLeader,
+    /// `kill -9` a follower; restart it when the fault ends.
+    KillFollower,
+    /// `SIGSTOP` the leader; `SIGCONT` when the fault ends (it wakes up believing it leads).
+    PauseLeader,
+    /// `SIGSTOP` a follower; `SIGCONT` when the fault ends.
+    PauseFollower,
+    /// Cut the leader off from every other node through the proxies (both ways).
+    IsolateLeader,
+    /// Split the nodes into a random minority and the majority.
+    SplitMinority,
+}
+
+impl FaultKind {
+    pub const ALL: [FaultKind; 6] = [
+        FaultKind::KillLeader,
+        FaultKind::KillFollower,
+        FaultKind::PauseLeader,
+        FaultKind::PauseFollower,
+        FaultKind::IsolateLeader,
+        FaultKind::SplitMinority,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultKind::KillLeader => "kill -9 leader",
+            FaultKind::KillFollower => "kill -9 follower",
+            FaultKind::PauseLeader => "pause leader",
+            FaultKind::PauseFollower => "pause follower",
+            FaultKind::IsolateLeader => "isolate leader",
+            FaultKind::SplitMinority => "split minority/majority",
+        }
+    }
+}
+
+impl fmt::Display for FaultKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A fault in force, and how to undo it.
+#[derive(Debug, Clone)]
+pub struct ActiveFault {
+    pub kind: FaultKind,
+    /// The nodes it hit (0-based).
+    pub nodes: Vec<usize>,
+    /// For partitions: cut (connections reset) or blackhole (bytes dropped).
+    pub mode: Option<LinkMode>,
+    pub hold: Duration,
+}
+
+impl fmt::Display for ActiveFault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let nodes: Vec<String> = self.nodes.iter().map(|i| (i + 1).to_string()).collect();
+        write!(f, "{} (node {})", self.kind, nodes.join(","))?;
+        match self.mode {
+            Some(LinkMode::Cut) => f.write_str(" cut"),
+            Some(LinkMode::Blackhole) => f.write_str(" blackholed"),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Quiet time between faults.
+pub fn calm(rng: &mut SmallRng) -> Duration {
+    Duration::from_millis(rng.gen_range(1000..=2500))
+}
+
+/// Picks a fault for the cluster as it is (`leader`: the node that leads now, if known) and
+/// injects it.
+pub fn inject(
+    cluster: &mut ChaosCluster,
+    leader: Option<usize>,
+    rng: &mut SmallRng,
+) -> Result<ActiveFault, ClusterError> {
+    let n = cluster.len();
+    let kind = FaultKind::ALL[rng.gen_range(0..FaultKind::ALL.len())];
+    // Without a known leader, a "leader" fault hits a random node.
+    let leader = leader.unwrap_or_else(|| rng.gen_range(0..n));
+    let follower = {
+        let others: Vec<usize> = (0..n).filter(|&i| i != leader).collect();
+        others[rng.gen_range(0..others.len())]
+    };
+    let hold = Duration::from_millis(rng.gen_range(1000..=4000));
+    let mode = if rng.gen_bool(0.5) {
+        LinkMode::Cut
+    } else {
+        LinkMode::Blackhole
+    };
+    let fault = match kind {
+        FaultKind::KillLeader | FaultKind::KillFollower => {
+            let node = if kind == FaultKind::KillLeader {
+                leader
+            } else {
+                follower
+            };
+            cluster.kill9(node);
+            ActiveFault {
+                kind,
+                nodes: vec![node],
+                mode: None,
+                hold,
+            }
+        }
+        FaultKind::PauseLeader | FaultKind::PauseFollower => {
+            let node = if kind == FaultKind::PauseLeader {
+                leader
+            } else {
+                follower
+            };
+            cluster.pause(node)?;
+            ActiveFault {
+                kind,
+                nodes: vec![node],
+                mode: None,
+                hold,
+            }
+        }
+        FaultKind::IsolateLeader => {
+            cluster.partition(&[leader], mode);
+            ActiveFault {
+                kind,
+                nodes: vec![leader],
+                mode: Some(mode),
+                hold,
+            }
+        }
+        FaultKind::SplitMinority => {
+            let mut nodes: Vec<usize> = (0..n).collect();
+            // A partial Fisher-Yates: the first (n-1)/2 are the minority.
+            let minority = (n - 1) / 2;
+            for i in 0..minority {
+                let j = rng.gen_range(i..n);
+                nodes.swap(i, j);
+            }
+            nodes.truncate(minority);
+            nodes.sort_unstable();
+            cluster.partition(&nodes, mode);
+            ActiveFault {
+                kind,
+                nodes,
+                mode: Some(mode),
+                hold,
+            }
+        }
+    };
+    Ok(fault)
+}
+
+/// Undoes `fault`: restarts, resumes or heals.
+pub fn recover(cluster: &mut ChaosCluster, fault: &ActiveFault) -> Result<(), ClusterError> {
+    match fault.kind {
+        FaultKind::KillLeader | FaultKind::KillFollower => {
+            for &node in &fault.nodes {
+                cluster.restart(node)?;
+            }
+        }
+        FaultKind::PauseLeader | FaultKind::PauseFollower => {
+            for &node in &fault.nodes {
+                cluster.resume(node)?;
+            }
+        }
+        FaultKind::IsolateLeader | FaultKind::SplitMinority => cluster.heal(),
+    }
+    Ok(())
+}

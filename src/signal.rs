@@ -1,0 +1,81 @@
+//! Process signals, for the `raftkv` binary and the chaos driver: sending `SIGKILL`,
+//! `SIGSTOP`, `SIGCONT`, `SIGINT` or `SIGTERM` to a process, and turning `SIGINT`/`SIGTERM`
+//! into a flag the main loop polls (so a Ctrl-C stops the cluster cleanly instead of killing
+//! the driver with its children still running).
+//!
+//! The handler only stores the signal's number in an atomic: nothing else is safe inside a
+//! signal handler.
+
+use std::io;
+use std::sync::atomic::{AtomicI32, Ordering};
+
+/// The signals raftkv sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    Kill,
+    Stop,
+    Cont,
+    Int,
+    Term,
+}
+
+impl Signal {
+    fn number(self) -> libc::c_int {
+        match self {
+            Signal::Kill => libc::SIGKILL,
+            Signal::Stop => libc::SIGSTOP,
+            Signal::Cont => libc::SIGCONT,
+            Signal::Int => libc::SIGINT,
+            Signal::Term => libc::SIGTERM,
+        }
+    }
+}
+
+/// Sends `signal` to process `pid`.
+pub fn send(pid: u32, signal: Signal) -> io::Result<()> {
+    let pid = libc::pid_t::try_from(pid)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("pid {pid}")))?;
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    if unsafe { libc::kill(pid, signal.number()) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The last stop signal received (0: none).
+static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn record_stop_signal(signal: libc::c_int) {
+    STOP_SIGNAL.store(signal, Ordering::SeqCst);
+}
+
+/// From now on `SIGINT` and `SIGTERM` no longer end the process: they set the flag
+/// [`stop_requested`] reads.
+pub fn catch_stop_signals() -> io::Result<()> {
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: a zeroed sigaction is a valid value of the plain C struct; the handler is
+        // an extern "C" function that only does an atomic store, which is async-signal-safe.
+        let failed = unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = record_stop_signal as extern "C" fn(libc::c_int) as usize;
+            action.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(signal, &action, std::ptr::null_mut()) != 0
+        };
+        if failed {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// The name of the stop signal received since [`catch_stop_signals`], if any.
+pub fn stop_requested() -> Option<&'static str> {
+    match STOP_SIGNAL.load(Ordering::SeqCst) {
+        0 => None,
+        libc::SIGINT => Some("SIGINT"),
+        libc::SIGTERM => Some("SIGTERM"),
+        _ => Some("a stop signal"),
+    }
+}

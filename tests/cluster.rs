@@ -539,25 +539,31 @@ fn data_dir_of_another_node_is_refused() {
         .enumerate()
         .map(|(j, p)| format!("{}=127.0.0.1:{p}", j + 1))
         .collect();
+    let stderr = serve_fails(2, &peers.join(","), "127.0.0.1:0", &cluster.data(0));
+    assert!(stderr.contains("id 1"), "{stderr}");
+    assert!(Path::new(&cluster.data(0)).join("cluster").exists());
+}
+
+/// Runs `raftkv serve` once, expecting it to refuse to start: exit status 1. Returns its
+/// standard error.
+fn serve_fails(id: usize, peers: &str, client: &str, data: &Path) -> String {
     let out = Command::new(EXE)
         .arg("serve")
         .args([
             "--id",
-            "2",
+            &id.to_string(),
             "--peers",
-            &peers.join(","),
+            peers,
             "--client",
-            "127.0.0.1:0",
+            client,
         ])
         .arg("--data")
-        .arg(cluster.data(0))
+        .arg(data)
         .stdin(Stdio::null())
         .output()
         .expect("run raftkv");
     assert_eq!(out.status.code(), Some(1), "{out:?}");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("id 1"), "{stderr}");
-    assert!(Path::new(&cluster.data(0)).join("cluster").exists());
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// A data directory that cannot be created is a clear error, not a panic.
@@ -566,18 +572,13 @@ fn unusable_data_dir_is_an_error() {
     let dir = std::env::temp_dir().join(format!("raftkv-cluster-{}-file", std::process::id()));
     fs::write(&dir, b"a file, not a directory").unwrap();
     let ports = free_ports(2);
-    let out = Command::new(EXE)
-        .arg("serve")
-        .args(["--id", "1", "--peers", &format!("1=127.0.0.1:{}", ports[0])])
-        .args(["--client", &format!("127.0.0.1:{}", ports[1])])
-        .arg("--data")
-        .arg(dir.join("node"))
-        .stdin(Stdio::null())
-        .output()
-        .expect("run raftkv");
+    let stderr = serve_fails(
+        1,
+        &format!("1=127.0.0.1:{}", ports[0]),
+        &format!("127.0.0.1:{}", ports[1]),
+        &dir.join("node"),
+    );
     let _ = fs::remove_file(&dir);
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
-    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("cannot create"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
@@ -645,23 +646,7 @@ fn locked_data_dir_is_refused() {
         .enumerate()
         .map(|(j, p)| format!("{}=127.0.0.1:{p}", j + 1))
         .collect();
-    let out = Command::new(EXE)
-        .arg("serve")
-        .args([
-            "--id",
-            "1",
-            "--peers",
-            &peers.join(","),
-            "--client",
-            "127.0.0.1:0",
-        ])
-        .arg("--data")
-        .arg(cluster.data(0))
-        .stdin(Stdio::null())
-        .output()
-        .expect("run raftkv");
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = serve_fails(1, &peers.join(","), "127.0.0.1:0", &cluster.data(0));
     assert!(stderr.contains("locked"), "{stderr}");
     let v = cluster.retry(0, "SET on the node that holds the lock", |c| {
         set(c, "still", "here")

@@ -67,21 +67,27 @@ impl Cluster {
         self.dir.join(format!("node-{}", i + 1))
     }
 
-    /// Starts node `i` (0-based) on its data directory.
-    fn start(&mut self, i: usize) {
-        assert!(self.children[i].is_none(), "node {} already runs", i + 1);
+    /// The `--peers` list: `1=127.0.0.1:P1,2=…`.
+    fn peer_list(&self) -> String {
         let peers: Vec<String> = self
             .peer_ports
             .iter()
             .enumerate()
             .map(|(j, p)| format!("{}=127.0.0.1:{p}", j + 1))
             .collect();
+        peers.join(",")
+    }
+
+    /// Starts node `i` (0-based) on its data directory.
+    fn start(&mut self, i: usize) {
+        assert!(self.children[i].is_none(), "node {} already runs", i + 1);
+        let peers = self.peer_list();
         // A status file left by the previous run must not be taken for this one's.
         let _ = fs::remove_file(self.data(i).join("status"));
         let child = Command::new(EXE)
             .arg("serve")
             .args(["--id", &(i + 1).to_string()])
-            .args(["--peers", &peers.join(",")])
+            .args(["--peers", &peers])
             .args(["--client", &format!("127.0.0.1:{}", self.client_ports[i])])
             .arg("--data")
             .arg(self.data(i))
@@ -533,13 +539,7 @@ fn data_dir_of_another_node_is_refused() {
     let mut cluster = Cluster::new(3);
     cluster.leader();
     cluster.kill9(0);
-    let peers: Vec<String> = cluster
-        .peer_ports
-        .iter()
-        .enumerate()
-        .map(|(j, p)| format!("{}=127.0.0.1:{p}", j + 1))
-        .collect();
-    let stderr = serve_fails(2, &peers.join(","), "127.0.0.1:0", &cluster.data(0));
+    let stderr = serve_fails(2, &cluster.peer_list(), "127.0.0.1:0", &cluster.data(0));
     assert!(stderr.contains("id 1"), "{stderr}");
     assert!(Path::new(&cluster.data(0)).join("cluster").exists());
 }
@@ -640,13 +640,7 @@ fn incr_through_follower_applies_once_across_leader_kill9() {
 fn locked_data_dir_is_refused() {
     let cluster = Cluster::new(3);
     cluster.leader();
-    let peers: Vec<String> = cluster
-        .peer_ports
-        .iter()
-        .enumerate()
-        .map(|(j, p)| format!("{}=127.0.0.1:{p}", j + 1))
-        .collect();
-    let stderr = serve_fails(1, &peers.join(","), "127.0.0.1:0", &cluster.data(0));
+    let stderr = serve_fails(1, &cluster.peer_list(), "127.0.0.1:0", &cluster.data(0));
     assert!(stderr.contains("locked"), "{stderr}");
     let v = cluster.retry(0, "SET on the node that holds the lock", |c| {
         set(c, "still", "here")

@@ -47,6 +47,15 @@ fn settle_threads_named(prefix: &str, want: usize) -> usize {
 }
 
 fn cluster(net: &Network, n: usize) -> (Vec<Arc<Raft>>, Vec<Receiver<ApplyMsg>>) {
+    cluster_with(net, n, None)
+}
+
+/// A cluster whose apply channels hold `cap` messages (`None`: any number).
+fn cluster_with(
+    net: &Network,
+    n: usize,
+    cap: Option<usize>,
+) -> (Vec<Arc<Raft>>, Vec<Receiver<ApplyMsg>>) {
     let mut rafts = Vec::new();
     let mut rxs = Vec::new();
     for i in 0..n {
@@ -58,7 +67,7 @@ fn cluster(net: &Network, n: usize) -> (Vec<Arc<Raft>>, Vec<Receiver<ApplyMsg>>)
                 e
             })
             .collect();
-        let (tx, rx) = channel::unbounded();
+        let (tx, rx) = cap.map_or_else(channel::unbounded, channel::bounded);
         let raft = Arc::new(Raft::new(ends, i, Persister::new(), tx).unwrap());
         let mut server = Server::new();
         server.add_service(raft.rpc_service());
@@ -412,5 +421,111 @@ fn read_index_needs_a_majority_and_a_deposed_leader_answers_none() {
         rafts[new].read_index(Duration::from_secs(1)),
         Err(ReadIndexError::Stopped)
     );
+    net.cleanup();
+}
+
+/// Plays a service that reads `rx` until it closes, snapshotting every ten entries if
+/// `snapshots`. Returns the last index it saw.
+fn service(raft: Arc<Raft>, rx: Receiver<ApplyMsg>, snapshots: bool) -> thread::JoinHandle<u64> {
+    thread::spawn(move || {
+        let mut applied = 0;
+        for msg in rx {
+            match msg {
+                ApplyMsg::Command { index, .. } => {
+                    applied = index;
+                    if snapshots && index % 10 == 0 {
+                        raft.snapshot(index, index.to_le_bytes().to_vec());
+                    }
+                }
+                ApplyMsg::Snapshot { index, .. } => applied = index,
+            }
+        }
+        applied
+    })
+}
+
+/// A follower whose service stops taking entries keeps its persisted state near the log
+/// limit, paces the leader instead of drawing a storm of calls, and catches up once the
+/// service runs again. (The others never snapshot, so the leader never sends the lagging
+/// follower a snapshot instead of entries: only the limit can bound its log.)
+#[test]
+fn log_limit_bounds_a_follower_whose_service_lags() {
+    let _serial = SERIAL.lock();
+    const LIMIT: usize = 2000;
+    const ENTRY: usize = 100;
+    const N: u64 = 100;
+    let net = Network::new();
+    let n = 3;
+    let (rafts, mut rxs) = cluster_with(&net, n, Some(1));
+    for r in &rafts {
+        r.set_log_limit(Some(LIMIT));
+    }
+    let leader = wait_leader(&rafts);
+    let lagging = (leader + 1) % n;
+    let other = (leader + 2) % n;
+    let mut services = Vec::new();
+    let mut stalled = None;
+    for (i, rx) in rxs.drain(..).enumerate() {
+        if i == lagging {
+            stalled = Some(rx); // nobody reads it: the applier blocks on it
+        } else {
+            services.push(service(rafts[i].clone(), rx, false));
+        }
+    }
+    let stalled = stalled.unwrap();
+
+    let mut last = 0;
+    for k in 0..N {
+        let (index, term, ok) = rafts[leader].start(vec![k as u8; ENTRY]);
+        assert!(ok, "raft-{leader} (t{term}) lost the lead at command {k}");
+        last = index;
+        thread::sleep(Duration::from_millis(2));
+    }
+    // The leader and the other follower go on without the lagging one.
+    let t0 = Instant::now();
+    while rafts[other].term_at(last).is_none() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "raft-{other} did not get {last} within 5 s"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    thread::sleep(Duration::from_millis(200));
+    let rpcs = net.total_count();
+    thread::sleep(Duration::from_secs(1));
+    let idle_rpcs = net.total_count() - rpcs;
+    let size = rafts[lagging].persist_bytes();
+    assert!(
+        size <= LIMIT + 2 * ENTRY,
+        "raft-{lagging}: persisted state {size} bytes with its service stalled (limit {LIMIT})"
+    );
+    assert!(
+        rafts[lagging].term_at(last).is_none(),
+        "raft-{lagging} took every entry through {last} although its service took none"
+    );
+    // Two peers, a heartbeat each 100 ms, and a call per ROOM_WAIT (30 ms) from the held-up
+    // follower: about 55 a second. A leader that resent at once would make thousands.
+    assert!(
+        idle_rpcs < 150,
+        "{idle_rpcs} RPCs in a second while raft-{lagging} was at its limit"
+    );
+
+    // The service runs again: the follower takes, applies and trims the rest.
+    let catch_up = service(rafts[lagging].clone(), stalled, true);
+    let t0 = Instant::now();
+    while rafts[lagging].term_at(last).is_none() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "raft-{lagging} did not catch up to {last} within 5 s of its service resuming"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    for r in &rafts {
+        r.kill();
+    }
+    for s in services {
+        assert!(s.join().unwrap() >= last);
+    }
+    assert!(catch_up.join().unwrap() >= last);
     net.cleanup();
 }

@@ -38,6 +38,9 @@ pub const DEPOSED_GRACE: Duration = Duration::from_millis(300);
 const APPLY_BUFFER: usize = 256;
 /// How long [`Rsm::read_barrier`] waits for the leadership check, and then for the apply.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(1);
+/// A follower's Raft state is kept under this many times `maxraftstate` (see
+/// [`Raft::set_log_limit`]).
+const LOG_LIMIT_FACTOR: usize = 3;
 /// Per-entry bytes of the persisted log beyond the command itself (term, length), roughly.
 const ENTRY_OVERHEAD: usize = 4;
 
@@ -218,6 +221,14 @@ impl Rsm {
         // than it appends, so its unapplied (untrimmable) log grows without bound.
         let (apply_tx, apply_rx) = channel::bounded::<ApplyMsg>(APPLY_BUFFER);
         let raft = Arc::new(Raft::new(peers, me, storage, apply_tx).map_err(RsmError::Raft)?);
+        // A follower whose reader falls behind (a starved thread) must not take entries
+        // faster than it can apply and trim them: the state stays within a few
+        // `maxraftstate` (the 4C tests allow eight).
+        raft.set_log_limit(
+            maxraftstate
+                .filter(|&m| m > 0)
+                .map(|m| LOG_LIMIT_FACTOR * m),
+        );
         // Whatever snapshot Raft holds now (restored, or installed since it started): the
         // reader skips what it covers. Restored before the reader takes any entry.
         let mut last_applied = 0;

@@ -170,6 +170,21 @@ impl Raft {
         self.core.snapshot(index, data)
     }
 
+    /// Keeps this peer's persisted Raft state (as [`persist_bytes`](Raft::persist_bytes)
+    /// counts it) under about `bytes` while it follows: past the limit it takes no more
+    /// entries from the leader until a [`snapshot`](Raft::snapshot) makes room, so a follower
+    /// whose service applies slowly cannot grow a log it cannot trim. For a service that
+    /// snapshots when the state reaches some size; set it well above that size, since the
+    /// state also holds entries not yet applied. A leader's own log is not limited. `None`
+    /// (the default) takes everything.
+    pub fn set_log_limit(&self, bytes: Option<usize>) {
+        let limit = bytes.map_or(0, |b| b.max(1));
+        self.core
+            .log_limit
+            .store(limit, std::sync::atomic::Ordering::Relaxed);
+        self.core.notify_room();
+    }
+
     /// Size in bytes of the persisted Raft state (not counting the snapshot).
     pub fn persist_bytes(&self) -> usize {
         self.core.storage.state_size()

@@ -1,7 +1,8 @@
 //! Log replication and commitment. Raft §5.3 and §5.4.2.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use super::log::Entry;
 use super::rpc::{AppendEntriesArgs, AppendEntriesReply};
@@ -10,6 +11,11 @@ use super::state::{Core, MAX_OUTSTANDING, Role, State};
 /// The most entries one AppendEntries carries, so a far-behind follower catches up in
 /// bounded messages.
 const MAX_ENTRIES_PER_APPEND: usize = 512;
+/// How long a follower at its log limit holds an AppendEntries waiting for room. Well under
+/// the leader's [`INFLIGHT_STALE`](super::state::INFLIGHT_STALE), so the call is not given up.
+const ROOM_WAIT: Duration = Duration::from_millis(30);
+/// Per-entry bytes a persisted entry takes beyond its command (term, length), roughly.
+const ENTRY_OVERHEAD: usize = 16;
 
 impl Core {
     pub(crate) fn start(self: &Arc<Core>, command: Vec<u8>) -> (u64, u64, bool) {
@@ -152,7 +158,8 @@ impl Core {
         let p = &mut st.peers[peer];
         let old_next = p.next_index;
         if reply.success {
-            let matched = prev_log_index + n;
+            // The follower may have taken only part of what was sent (its log limit).
+            let matched = reply.match_index.min(prev_log_index + n);
             if matched > p.match_index {
                 p.match_index = matched;
             }
@@ -214,14 +221,52 @@ impl Core {
 
     /// Handles an AppendEntries (Raft Figure 2, receiver rules 1–5). A dead peer answers
     /// nothing and changes nothing; the reply leaves only once what it changed is durable.
+    ///
+    /// A follower whose persisted state has reached the service's log limit takes only what
+    /// fits, and then waits up to [`ROOM_WAIT`] for a snapshot to make room before it takes
+    /// the rest and answers. The leader resends as soon as the answer arrives, so a follower
+    /// whose service lags paces its leader (about one call per [`ROOM_WAIT`]) instead of
+    /// piling up entries it cannot trim.
     pub(crate) fn append_entries(&self, args: AppendEntriesArgs) -> Option<AppendEntriesReply> {
-        let reply = self.append_entries_synced(args)?;
+        let (mut reply, trimmed) = self.append_entries_synced(&args)?;
+        if trimmed && self.wait_for_room(ROOM_WAIT) {
+            reply = self.append_entries_synced(&args)?.0;
+        }
         // Stopped meanwhile, perhaps because the entries could not be saved: no answer.
         self.reply_if_alive(reply)
     }
 
-    /// Handles the request; what it changed is durable when this returns.
-    fn append_entries_synced(&self, args: AppendEntriesArgs) -> Option<AppendEntriesReply> {
+    /// Waits up to `timeout` for the persisted state to drop below the log limit. Returns
+    /// whether it did (false also when the peer is dead).
+    fn wait_for_room(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.state.lock();
+        loop {
+            if self.is_dead() {
+                return false;
+            }
+            if self.storage.state_size() < self.log_limit.load(Ordering::Relaxed) {
+                return true;
+            }
+            if self.room_cv.wait_until(&mut st, deadline).timed_out() {
+                return !self.is_dead()
+                    && self.storage.state_size() < self.log_limit.load(Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Wakes handlers waiting for room; called once a snapshot is durable.
+    pub(super) fn notify_room(&self) {
+        let _st = self.state.lock();
+        self.room_cv.notify_all();
+    }
+
+    /// Handles the request; what it changed is durable when this returns. Also says whether
+    /// entries were left out because the log is at its limit.
+    fn append_entries_synced(
+        &self,
+        args: &AppendEntriesArgs,
+    ) -> Option<(AppendEntriesReply, bool)> {
         let mut st = self.lock_state();
         if self.is_dead() {
             return None;
@@ -231,9 +276,10 @@ impl Core {
             success: false,
             conflict_term: None,
             conflict_index: 0,
+            match_index: 0,
         };
         if args.term < st.term {
-            return Some(reply);
+            return Some((reply, false));
         }
         if self.step_down(&mut st, args.term) {
             self.persist(&mut st);
@@ -250,20 +296,22 @@ impl Core {
             let skip = (base - prev) as usize;
             if skip >= entries.len() {
                 reply.success = true;
-                return self.reply_if_alive(reply);
+                reply.match_index = args.prev_log_index + args.entries.len() as u64;
+                return Some((reply, false));
             }
             entries = &entries[skip..];
             prev = base;
         } else if prev > st.log.last_index() {
             reply.conflict_index = st.log.last_index() + 1;
-            return self.reply_if_alive(reply);
+            return Some((reply, false));
         } else if prev > base && st.log.term_at(prev) != Some(args.prev_log_term) {
             // (At `base` itself the terms agree: both sides hold it committed.)
             let t = st.log.term_at(prev).unwrap_or(0);
             reply.conflict_term = Some(t);
             reply.conflict_index = st.log.first_index_of_term(t, prev);
-            return self.reply_if_alive(reply);
+            return Some((reply, false));
         }
+        let trimmed = self.fit_to_limit(&st, prev, &mut entries);
 
         // Append what is new; truncate only on a real conflict, so that a delayed, shorter
         // AppendEntries cannot erase entries a newer one added.
@@ -303,7 +351,34 @@ impl Core {
             }
         }
         reply.success = true;
-        Some(reply)
+        reply.match_index = last_new;
+        Some((reply, trimmed))
+    }
+
+    /// Cuts `entries` (which follow `prev`) so that what is new in them takes the persisted
+    /// state at most one entry past the log limit; always keeps the first new entry while the
+    /// state is under the limit. Cuts nothing when the service has been handed every entry
+    /// this peer holds: only its snapshot could make room, and it has had its chance.
+    /// Returns whether it cut anything.
+    fn fit_to_limit(&self, st: &State, prev: u64, entries: &mut &[Entry]) -> bool {
+        let limit = self.log_limit.load(Ordering::Relaxed);
+        if limit == 0 || st.log.last_index() <= st.last_applied {
+            return false;
+        }
+        let last = st.log.last_index();
+        let mut size = self.storage.state_size();
+        for (i, e) in entries.iter().enumerate() {
+            if prev + 1 + i as u64 <= last {
+                continue; // held already (or a conflict, replaced by as much)
+            }
+            if size >= limit {
+                log::debug!(target: "raft::append", "raft-{} t{}: log at its limit ({size} >= {limit} bytes): took {i} of {} entries after {prev}", self.me, st.term, entries.len());
+                *entries = &entries[..i];
+                return true;
+            }
+            size += e.command.len() + ENTRY_OVERHEAD;
+        }
+        false
     }
 
     /// `reply`, unless this peer died while handling the call (its state could not be saved).

@@ -40,6 +40,10 @@ pub struct AppendEntriesReply {
     /// term per round trip instead of one entry.
     pub conflict_term: Option<u64>,
     pub conflict_index: u64,
+    /// On success: the last index the follower now holds as the leader sent it. Below the
+    /// end of the entries sent when the follower took only part of them (its log is at the
+    /// limit the service set, see `Raft::set_log_limit`).
+    pub match_index: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

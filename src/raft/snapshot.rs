@@ -9,6 +9,12 @@ use super::state::{Core, Role, State};
 impl Core {
     /// The service holds a snapshot through `index`: discard the log up to it.
     pub(crate) fn snapshot(&self, index: u64, data: Vec<u8>) {
+        self.compact(index, data);
+        // Durable now: a follower at its log limit may take entries again.
+        self.notify_room();
+    }
+
+    fn compact(&self, index: u64, data: Vec<u8>) {
         let mut st = self.lock_state();
         if self.is_dead() {
             return;
@@ -95,6 +101,7 @@ impl Core {
         args: InstallSnapshotArgs,
     ) -> Option<InstallSnapshotReply> {
         let reply = self.install_snapshot_synced(args)?;
+        self.notify_room();
         self.reply_if_alive(reply)
     }
 

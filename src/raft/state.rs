@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam::channel::{self, Receiver, Sender};
@@ -137,6 +137,11 @@ pub(crate) struct Core {
     pub ticker_cv: Condvar,
     /// Wakes the applier (commit advanced, snapshot installed, kill).
     pub applier_cv: Condvar,
+    /// Wakes AppendEntries handlers waiting for the log to shrink below `log_limit`
+    /// (a snapshot, kill). Notified with the state lock held, so no wake-up is lost.
+    pub room_cv: Condvar,
+    /// Persisted state size (bytes) past which a follower takes no more entries; 0: none.
+    pub log_limit: AtomicUsize,
     pub dead: AtomicBool,
     /// Dropped on kill, which wakes an applier blocked on the apply channel.
     kill_tx: Mutex<Option<Sender<()>>>,
@@ -215,6 +220,8 @@ impl Core {
                 state: Mutex::new(state),
                 ticker_cv: Condvar::new(),
                 applier_cv: Condvar::new(),
+                room_cv: Condvar::new(),
+                log_limit: AtomicUsize::new(0),
                 dead: AtomicBool::new(false),
                 kill_tx: Mutex::new(Some(kill_tx)),
             },
@@ -253,6 +260,7 @@ impl Core {
         self.kill_tx.lock().take();
         self.ticker_cv.notify_all();
         self.applier_cv.notify_all();
+        self.room_cv.notify_all();
     }
 
     /// Takes the state lock for a path that may change persisted state or send messages.

@@ -5,7 +5,8 @@
 //! - `recovery`: open and restore a log of `RAFTKV_BENCH_RECOVERY_MB` MB (default 1024) of
 //!   4 KB entries.
 //! - `persist_vs_log_length/{persister,file_log}/L`: one append + sync on a log already holding
-//!   L entries of 100 bytes: the persister re-encodes the whole log, the file log appends.
+//!   L entries of 100 bytes: the persister encodes the entry and saves a header plus a range
+//!   of the entries it keeps encoded; the file log appends a record.
 //!
 //! Data directories go under `RAFTKV_BENCH_DIR` (default: the system temp dir); an fsync's
 //! cost is the disk's.

@@ -276,7 +276,9 @@ fn join_helper_fails_with_the_helpers_message() {
 
 /// The persister adapter keeps the log's entries encoded as they arrive; what it saves must be
 /// byte for byte the labs' format of the whole state, through appends, truncations,
-/// compactions, snapshot resets and hard-state changes.
+/// compactions, snapshot resets and hard-state changes. Saved states share the encoded
+/// entries: a crash copy taken at any step must keep reading what was saved then, whatever
+/// the storage does afterwards.
 #[test]
 fn persister_storage_saves_exactly_the_labs_format() {
     use raftkv::raft::log::{Entry, Log};
@@ -291,7 +293,8 @@ fn persister_storage_saves_exactly_the_labs_format() {
     storage.restore().expect("an empty persister restores");
     let mut model = Log::default();
     let mut hs = HardState::default();
-    for step in 0..2000 {
+    let mut copies = Vec::new();
+    for step in 0..12_000 {
         match rng.gen_range(0..10) {
             0..=4 => {
                 let n = rng.gen_range(1..5);
@@ -335,10 +338,91 @@ fn persister_storage_saves_exactly_the_labs_format() {
             }
         }
         storage.sync().expect("sync");
+        let want = encode_lab_state(hs, &model).unwrap();
         assert_eq!(
             persister.read_raft_state(),
-            encode_lab_state(hs, &model).unwrap(),
+            want,
             "saved state differs from the labs' format after step {step}"
+        );
+        assert_eq!(
+            persister.raft_state_size(),
+            want.len(),
+            "size after step {step}"
+        );
+        if step % 97 == 0 {
+            copies.push((step, persister.copy(), want));
+        }
+    }
+    for (step, copy, want) in copies {
+        assert_eq!(
+            copy.raft_state_size(),
+            want.len(),
+            "copy of step {step}: size"
+        );
+        assert_eq!(copy.read_raft_state(), want, "copy of step {step} changed");
+    }
+}
+
+/// A long run of appends and compactions (the store the adapter keeps its encoded entries in
+/// is replaced as the compacted prefix grows): every save, and every crash copy, still reads
+/// the labs' format.
+#[test]
+fn persister_storage_long_log_with_compactions() {
+    use raftkv::raft::log::{Entry, Log};
+    use raftkv::raft::persist::encode_lab_state;
+    use raftkv::raft::{HardState, Storage};
+    use raftkv::tester::PersisterStorage;
+
+    let persister = Persister::new();
+    let storage = PersisterStorage::new(persister.clone());
+    storage.restore().expect("an empty persister restores");
+    let mut model = Log::default();
+    let hs = HardState {
+        term: 3,
+        voted_for: Some(1),
+    };
+    storage.set_hard_state(hs).expect("hard state");
+    let mut copies = Vec::new();
+    for i in 1..=20_000u64 {
+        let e = Entry {
+            term: 3,
+            command: i.to_le_bytes()[..(i % 8) as usize].to_vec(),
+        };
+        storage.append(i, std::slice::from_ref(&e)).expect("append");
+        model.append(e);
+        if i % 10 == 0 {
+            storage.save_snapshot(i - 5, 3, b"snap").expect("snapshot");
+            model.compact_to(i - 5);
+        }
+        storage.sync().expect("sync");
+        if i % 1000 == 0 {
+            let want = encode_lab_state(hs, &model).unwrap();
+            assert_eq!(persister.read_raft_state(), want, "after entry {i}");
+            copies.push((i, persister.copy(), want));
+        }
+    }
+    // A restarted peer on a copy appends after truncating: the other copies are untouched.
+    let (_, last_copy, _) = copies.last().unwrap();
+    let restarted = PersisterStorage::new(last_copy.clone());
+    let r = restarted.restore().expect("restore");
+    restarted
+        .truncate_after(r.log.last_index() - 2)
+        .expect("truncate");
+    restarted
+        .append(
+            r.log.last_index() - 1,
+            &[Entry {
+                term: 4,
+                command: b"new".to_vec(),
+            }],
+        )
+        .expect("append");
+    restarted.sync().expect("sync");
+    for (i, copy, want) in copies.iter().take(copies.len() - 1) {
+        assert_eq!(
+            copy.read_raft_state(),
+            *want,
+            "copy after entry {i} changed"
         );
     }
 }

@@ -1,6 +1,9 @@
-//! The KV server of Lab 4: the versioned store of Lab 2, replicated with [`Rsm`]. Every Get
-//! and Put goes through the log, so a server cut off in a minority never answers, and never
-//! answers with stale data.
+//! The KV server of Lab 4: the versioned store of Lab 2, replicated with [`Rsm`]. Every Put
+//! goes through the log. A Get is answered by the leader without a log entry once ReadIndex
+//! (Raft thesis §6.4, [`Rsm::read_barrier`]) confirms that a majority still follows it and its
+//! store reflects every op committed before the Get arrived; until the leader has committed
+//! an entry of its term, Gets go through the log too. Either way a server cut off in a
+//! minority never answers, and never answers with stale data.
 //!
 //! There is no duplicate detection: a versioned Put executed twice fails the second time with
 //! `ErrVersion`, which the clerk reports as `ErrMaybe` when it had to retry.
@@ -9,7 +12,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::rsm::{Rsm, RsmError, StateMachine};
+use super::rsm::{ReadError, Rsm, RsmError, StateMachine};
 use crate::kvapi::{GetArgs, GetReply, KvErr, KvService, PutArgs, PutReply, VersionedStore};
 use crate::labcodec;
 use crate::raft::{RaftTransport, Storage};
@@ -61,6 +64,8 @@ impl StateMachine for KvStore {
 pub struct KvServer {
     me: usize,
     rsm: Rsm,
+    /// The rsm's state machine, read directly by Gets that ReadIndex vouched for.
+    store: Arc<KvStore>,
 }
 
 impl KvServer {
@@ -75,8 +80,8 @@ impl KvServer {
         maxraftstate: Option<usize>,
     ) -> Result<Arc<KvServer>, RsmError> {
         let store: Arc<KvStore> = Arc::new(KvStore::default());
-        let rsm = Rsm::new(peers, me, storage, maxraftstate, store)?;
-        Ok(Arc::new(KvServer { me, rsm }))
+        let rsm = Rsm::new(peers, me, storage, maxraftstate, store.clone())?;
+        Ok(Arc::new(KvServer { me, rsm, store }))
     }
 
     /// Kills the Raft peer and waits for the rsm reader; pending requests answer WrongLeader.
@@ -109,13 +114,22 @@ impl KvServer {
 
 impl KvService for KvServer {
     fn get(&self, args: GetArgs) -> GetReply {
+        let wrong_leader = GetReply {
+            value: String::new(),
+            version: 0,
+            err: KvErr::WrongLeader,
+        };
+        match self.rsm.read_barrier() {
+            Ok(()) => return self.store.store.get(&args),
+            Err(ReadError::NotReady) => {} // no entry of this term committed yet: the log
+            Err(e) => {
+                log::trace!(target: "kvraft::server", "kv-{}: read: {e:?}", self.me);
+                return wrong_leader;
+            }
+        }
         match self.submit(KvRequest::Get(args)) {
             Some(KvResponse::Get(r)) => r,
-            _ => GetReply {
-                value: String::new(),
-                version: 0,
-                err: KvErr::WrongLeader,
-            },
+            _ => wrong_leader,
         }
     }
 

@@ -182,7 +182,9 @@ impl Raft {
         self.core
             .log_limit
             .store(limit, std::sync::atomic::Ordering::Relaxed);
-        self.core.notify_room();
+        // Waiters re-check against the new limit (also when it was just removed).
+        let _st = self.core.state.lock();
+        self.core.room_cv.notify_all();
     }
 
     /// Size in bytes of the persisted Raft state (not counting the snapshot).

@@ -183,8 +183,7 @@ impl Raft {
             .log_limit
             .store(limit, std::sync::atomic::Ordering::Relaxed);
         // Waiters re-check against the new limit (also when it was just removed).
-        let _st = self.core.state.lock();
-        self.core.room_cv.notify_all();
+        self.core.wake_room();
     }
 
     /// Size in bytes of the persisted Raft state (not counting the snapshot).

@@ -258,9 +258,14 @@ impl Core {
     /// Wakes handlers waiting for room; called once a snapshot is durable. Without a limit
     /// nobody waits, and the snapshot path takes no extra lock.
     pub(super) fn notify_room(&self) {
-        if self.log_limit.load(Ordering::Relaxed) == 0 {
-            return;
+        if self.log_limit.load(Ordering::Relaxed) != 0 {
+            self.wake_room();
         }
+    }
+
+    /// Wakes every handler waiting for room, to re-check. Under the state lock, so a handler
+    /// between its check and its wait cannot miss it.
+    pub(super) fn wake_room(&self) {
         let _st = self.state.lock();
         self.room_cv.notify_all();
     }

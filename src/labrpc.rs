@@ -27,7 +27,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crossbeam::channel::{self, Receiver, RecvTimeoutError, Sender};
 use parking_lot::{Condvar, Mutex};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -35,6 +34,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::labcodec::{self, CodecError};
+use crate::oneshot;
 
 /// Upper bound (exclusive) of the random delay of an unreliable network, in ms.
 const SHORT_DELAY_MS: u64 = 27;
@@ -49,6 +49,9 @@ const SHORT_FAIL_DELAY_MS: u64 = 100;
 const DEAD_CHECK_INTERVAL: Duration = Duration::from_millis(20);
 /// How long an idle handler thread waits for work before it exits.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How many idle pool threads may spin for their next job at once (each for at most
+/// `oneshot`'s spin time).
+const POOL_SPINNERS: usize = 4;
 /// Environment variable that fixes the seed of every network decision.
 pub const SEED_ENV: &str = "RAFTKV_SEED";
 
@@ -547,13 +550,13 @@ impl Network {
         svc_meth: &str,
         args: Vec<u8>,
     ) -> Result<Result<Vec<u8>, RpcError>, RpcError> {
-        let (reply_tx, reply_rx) = channel::bounded(1);
+        let (reply_tx, reply_rx) = oneshot::channel();
         let job_server = server.clone();
         let job_method: Box<str> = svc_meth.into();
         let submitted = self.inner.pool.execute(Box::new(move || {
             let result = job_server.dispatch(&job_method, &args);
             // The caller may have given up; nobody to tell then.
-            let _ = reply_tx.send(result);
+            reply_tx.send(result);
         }));
         if !submitted {
             return Err(RpcError::NoReply);
@@ -562,12 +565,12 @@ impl Network {
         loop {
             match reply_rx.recv_timeout(DEAD_CHECK_INTERVAL) {
                 Ok(r) => return Ok(r),
-                Err(RecvTimeoutError::Timeout) => {
+                Err(oneshot::RecvTimeoutError::Timeout) => {
                     if self.is_done() || self.is_server_dead(end, server_name, server) {
                         return Err(RpcError::NoReply);
                     }
                 }
-                Err(RecvTimeoutError::Disconnected) => return Err(RpcError::NoReply),
+                Err(oneshot::RecvTimeoutError::Disconnected) => return Err(RpcError::NoReply),
             }
         }
     }
@@ -642,69 +645,81 @@ impl ClientEnd {
 
 type Job = Box<dyn FnOnce() + Send>;
 
-/// A cached thread pool: an idle thread takes the job if there is one, else a new thread is
-/// started, so a blocked handler never holds up another. Idle threads exit after
-/// `POOL_IDLE_TIMEOUT` or at shutdown.
+/// A cached thread pool: a job goes straight to an idle thread if there is one (the one idle
+/// for the shortest time, so few threads stay warm), else a new thread is started, so a
+/// blocked handler never holds up another. Idle threads park, without spinning, and exit
+/// after `POOL_IDLE_TIMEOUT` or at shutdown.
 struct Pool {
-    tx: Mutex<Option<Sender<Job>>>,
-    rx: Receiver<Job>,
-    /// Threads waiting for a job that no submitter has claimed yet.
-    idle: Arc<AtomicUsize>,
+    shared: Arc<PoolShared>,
     live: Arc<AtomicUsize>,
     spawned: AtomicUsize,
 }
 
+struct PoolShared {
+    /// Idle workers, the most recently idle last; `None` once shut down.
+    idle: Mutex<Option<Vec<Arc<Worker>>>>,
+    /// Idle workers spinning for their next job (at most `POOL_SPINNERS`).
+    spinning: AtomicUsize,
+}
+
+/// One pool thread's mailbox.
+struct Worker {
+    slot: Mutex<WorkerSlot>,
+    /// Set when the slot stops being `Waiting`: what a spinning worker watches.
+    mail: AtomicBool,
+    cv: Condvar,
+}
+
+enum WorkerSlot {
+    Waiting,
+    Job(Job),
+    Stop,
+}
+
 impl Pool {
     fn new() -> Pool {
-        let (tx, rx) = channel::unbounded();
         Pool {
-            tx: Mutex::new(Some(tx)),
-            rx,
-            idle: Arc::new(AtomicUsize::new(0)),
+            shared: Arc::new(PoolShared {
+                idle: Mutex::new(Some(Vec::new())),
+                spinning: AtomicUsize::new(0),
+            }),
             live: Arc::new(AtomicUsize::new(0)),
             spawned: AtomicUsize::new(0),
         }
     }
 
-    fn claim(idle: &AtomicUsize) -> bool {
-        idle.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
-            .is_ok()
-    }
-
     /// Runs `job` on a pool thread. False if the pool is shut down.
     fn execute(&self, job: Job) -> bool {
-        let tx = match self.tx.lock().as_ref() {
-            Some(tx) => tx.clone(),
-            None => return false,
+        let worker = {
+            let mut idle = self.shared.idle.lock();
+            match idle.as_mut() {
+                None => return false,
+                Some(idle) => idle.pop(),
+            }
         };
-        if Pool::claim(&self.idle) {
-            // The claimed thread cannot leave before it receives this job.
-            return tx.send(job).is_ok();
+        if let Some(w) = worker {
+            // Off the idle list, the worker waits for exactly this job.
+            *w.slot.lock() = WorkerSlot::Job(job);
+            w.mail.store(true, Ordering::Release);
+            w.cv.notify_one();
+            return true;
         }
-        let rx = self.rx.clone();
-        let idle = self.idle.clone();
+        let shared = self.shared.clone();
         let live = self.live.clone();
         let id = self.spawned.fetch_add(1, Ordering::Relaxed);
         live.fetch_add(1, Ordering::SeqCst);
         let spawned = thread::Builder::new()
             .name(format!("labrpc-handler-{id}"))
             .spawn(move || {
+                let me = Arc::new(Worker {
+                    slot: Mutex::new(WorkerSlot::Waiting),
+                    mail: AtomicBool::new(false),
+                    cv: Condvar::new(),
+                });
                 let mut job = Some(job);
                 while let Some(j) = job.take() {
                     j();
-                    idle.fetch_add(1, Ordering::AcqRel);
-                    job = loop {
-                        match rx.recv_timeout(POOL_IDLE_TIMEOUT) {
-                            Ok(next) => break Some(next),
-                            Err(RecvTimeoutError::Timeout) => {
-                                if Pool::claim(&idle) {
-                                    break None;
-                                }
-                                // A submitter claimed this thread: its job is on the way.
-                            }
-                            Err(RecvTimeoutError::Disconnected) => break None,
-                        }
-                    };
+                    job = shared.next_job(&me);
                 }
                 live.fetch_sub(1, Ordering::SeqCst);
             });
@@ -717,7 +732,71 @@ impl Pool {
     }
 
     fn shutdown(&self) {
-        // Dropping the only sender wakes every idle thread with `Disconnected`.
-        self.tx.lock().take();
+        let idle = self.shared.idle.lock().take();
+        for w in idle.into_iter().flatten() {
+            *w.slot.lock() = WorkerSlot::Stop;
+            w.mail.store(true, Ordering::Release);
+            w.cv.notify_one();
+        }
+    }
+}
+
+impl PoolShared {
+    /// If fewer than `POOL_SPINNERS` idle workers spin, watches `me`'s mailbox for a moment
+    /// before it parks. The most recently idle worker gets the next job, so while calls come
+    /// in quick succession (one clerk's, or Raft's AppendEntries rounds) the job usually
+    /// finds a thread awake and skips a futex wake-up, which on a quiet machine is most of an
+    /// RPC's cost. Only a few spin, yielding as they go, so under load it costs little CPU.
+    fn spin_for_mail(&self, me: &Worker) {
+        oneshot::spin_until(&me.mail, POOL_SPINNERS, &self.spinning);
+    }
+
+    /// Puts `me` on the idle list and waits for its next job: `None` when it should exit
+    /// (idle too long, or the pool shut down).
+    fn next_job(&self, me: &Arc<Worker>) -> Option<Job> {
+        me.mail.store(false, Ordering::Relaxed);
+        {
+            let mut idle = self.idle.lock();
+            idle.as_mut()?.push(me.clone());
+        }
+        self.spin_for_mail(me);
+        let deadline = Instant::now() + POOL_IDLE_TIMEOUT;
+        let mut slot = me.slot.lock();
+        loop {
+            match std::mem::replace(&mut *slot, WorkerSlot::Waiting) {
+                WorkerSlot::Job(j) => return Some(j),
+                WorkerSlot::Stop => return None,
+                WorkerSlot::Waiting => {}
+            }
+            if me.cv.wait_until(&mut slot, deadline).timed_out() {
+                if !matches!(*slot, WorkerSlot::Waiting) {
+                    continue;
+                }
+                // Leave the idle list, unless a submitter took us off it: then its job is
+                // on the way.
+                drop(slot);
+                let removed = {
+                    let mut idle = self.idle.lock();
+                    match idle.as_mut() {
+                        Some(list) => match list.iter().position(|w| Arc::ptr_eq(w, me)) {
+                            Some(i) => {
+                                list.remove(i);
+                                true
+                            }
+                            None => false,
+                        },
+                        // Shut down: `shutdown` took the list and sends Stop.
+                        None => false,
+                    }
+                };
+                if removed {
+                    return None;
+                }
+                slot = me.slot.lock();
+                while matches!(*slot, WorkerSlot::Waiting) {
+                    me.cv.wait(&mut slot);
+                }
+            }
+        }
     }
 }

@@ -29,6 +29,7 @@ pub mod labrpc;
 pub mod mr;
 pub mod net;
 pub mod node;
+pub mod oneshot;
 pub mod porcupine;
 pub mod raft;
 pub mod resp;

@@ -13,18 +13,19 @@
 //! a deposed leader's client mostly learns the real outcome instead of a retry that might
 //! execute its request twice.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crossbeam::channel::{self, Receiver, RecvTimeoutError, Sender};
-use parking_lot::{Condvar, Mutex};
+use crossbeam::channel::{self, Receiver, RecvTimeoutError};
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::labcodec;
+use crate::oneshot;
 /// Why [`Rsm::read_barrier`] could not vouch for a read: Raft's ReadIndex errors.
 pub use crate::raft::ReadIndexError as ReadError;
 use crate::raft::{ApplyMsg, Raft, RaftError, RaftTransport, Storage};
@@ -173,11 +174,19 @@ struct RsmSnapshot {
     state: Vec<u8>,
 }
 
+/// How far the state machine has applied, and the reads waiting for it to get further.
+struct Applied {
+    index: u64,
+    /// Reads by the index they wait for; answered (or dropped, when the reader exits) once
+    /// the state machine reaches it.
+    reads: BTreeMap<u64, Vec<oneshot::Sender<()>>>,
+}
+
 /// A submitter waiting for the op it started at some index.
 struct Waiter {
     id: u64,
     /// One slot: the reader answers once and never blocks.
-    reply: Sender<Result<Vec<u8>, SubmitError>>,
+    reply: oneshot::Sender<Result<Vec<u8>, SubmitError>>,
 }
 
 struct Shared {
@@ -188,8 +197,7 @@ struct Shared {
     /// Submitters by log index.
     waiters: Mutex<HashMap<u64, Waiter>>,
     /// The last log index the state machine reflects, for reads waiting on it.
-    applied: Mutex<u64>,
-    applied_cv: Condvar,
+    applied: Mutex<Applied>,
     /// Why this replica stopped, if it did (it then never serves again).
     failure: Mutex<Option<RsmError>>,
     /// Test-only: give up on a pending submit after this long (see [`Rsm::set_give_up_after`]).
@@ -260,8 +268,10 @@ impl Rsm {
             sm,
             maxraftstate,
             waiters: Mutex::new(HashMap::new()),
-            applied: Mutex::new(last_applied),
-            applied_cv: Condvar::new(),
+            applied: Mutex::new(Applied {
+                index: last_applied,
+                reads: BTreeMap::new(),
+            }),
             failure: Mutex::new(None),
             give_up_after: Mutex::new(None),
             give_ups: Mutex::new(Arc::new(GiveUps::default())),
@@ -327,7 +337,7 @@ impl Rsm {
                 return Err(SubmitError::Encode(e.to_string()));
             }
         };
-        let (tx, rx) = channel::bounded(1);
+        let (tx, rx) = oneshot::channel();
         let (index, term) = {
             // Start under the waiters lock so the reader cannot execute the op before its
             // waiter is registered. `start` never blocks; the reader never calls Raft while
@@ -357,8 +367,8 @@ impl Rsm {
                 Ok(r) => return s.answered(r, term, index, id),
                 // The reader dropped the waiter: it exited (peer killed), or another op took
                 // the index in a later term.
-                Err(RecvTimeoutError::Disconnected) => return Err(s.dropped()),
-                Err(RecvTimeoutError::Timeout) => {
+                Err(oneshot::RecvTimeoutError::Disconnected) => return Err(s.dropped()),
+                Err(oneshot::RecvTimeoutError::Timeout) => {
                     let (now_term, is_leader) = s.raft.get_state();
                     let killed = s.raft.killed();
                     let leading = now_term == term && is_leader && !killed;
@@ -422,20 +432,39 @@ impl Rsm {
         let s = &self.shared;
         let index = s.raft.read_index(READ_TIMEOUT)?;
         let deadline = Instant::now() + READ_TIMEOUT;
-        let mut applied = s.applied.lock();
-        while *applied < index {
+        let rx = {
+            let mut applied = s.applied.lock();
+            if applied.index >= index {
+                return Ok(());
+            }
+            // Woken by the apply that reaches `index`, not by every apply before it.
+            let (tx, rx) = oneshot::channel();
+            applied.reads.entry(index).or_default().push(tx);
+            rx
+        };
+        loop {
             if s.raft.killed() {
                 return Err(ReadError::Stopped);
             }
             let now = Instant::now();
             if now >= deadline {
-                log::info!(target: "kvraft::rsm", "rsm-{}: read at {index} not applied within {READ_TIMEOUT:?} (applied {})", s.me, *applied);
+                let at = s.applied.lock().index;
+                log::info!(target: "kvraft::rsm", "rsm-{}: read at {index} not applied within {READ_TIMEOUT:?} (applied {at})", s.me);
                 return Err(ReadError::NotLeader);
             }
-            s.applied_cv
-                .wait_until(&mut applied, deadline.min(now + LEADERSHIP_POLL));
+            match rx.recv_timeout(LEADERSHIP_POLL.min(deadline - now)) {
+                Ok(()) => return Ok(()),
+                Err(oneshot::RecvTimeoutError::Timeout) => continue,
+                // The reader exited (the peer was killed or failed).
+                Err(oneshot::RecvTimeoutError::Disconnected) => {
+                    return Err(if s.raft.killed() {
+                        ReadError::Stopped
+                    } else {
+                        ReadError::NotLeader
+                    });
+                }
+            }
         }
-        Ok(())
     }
 
     /// Kills the Raft peer (which closes the apply channel) and waits for the reader to exit.
@@ -549,7 +578,7 @@ impl Shared {
                             // Another leader's entry took the index: ours is lost.
                             Err(SubmitError::WrongLeader)
                         };
-                        let _ = w.reply.try_send(r);
+                        w.reply.send(r);
                     }
                     self.set_applied(index);
                     if self.maybe_snapshot(index, applied_bytes) {
@@ -584,13 +613,28 @@ impl Shared {
         }
         // Raft was killed and closed the channel: every waiter gets WrongLeader.
         self.waiters.lock().clear();
+        self.applied.lock().reads.clear();
         log::debug!(target: "kvraft::rsm", "rsm-{}: apply channel closed, reader exits", self.me);
     }
 
     /// The state machine now reflects the log through `index`: wakes reads waiting for it.
     fn set_applied(&self, index: u64) {
-        *self.applied.lock() = index;
-        self.applied_cv.notify_all();
+        let ready = {
+            let mut applied = self.applied.lock();
+            applied.index = index;
+            if applied
+                .reads
+                .first_key_value()
+                .is_none_or(|(&i, _)| i > index)
+            {
+                return;
+            }
+            let later = applied.reads.split_off(&(index + 1));
+            std::mem::replace(&mut applied.reads, later)
+        };
+        for tx in ready.into_values().flatten() {
+            tx.send(());
+        }
     }
 
     /// Stops this replica for good: kills its Raft peer (it never serves or votes again) and
@@ -601,6 +645,7 @@ impl Shared {
         self.raft.kill();
         self.failure.lock().get_or_insert(e);
         self.waiters.lock().clear();
+        self.applied.lock().reads.clear();
     }
 
     /// Snapshots through `index` when the persisted Raft state has reached `maxraftstate`

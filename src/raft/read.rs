@@ -18,9 +18,8 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crossbeam::channel::{self, Receiver, RecvTimeoutError, Sender};
-
 use super::state::{Core, Role, State};
+use crate::oneshot::{self, Receiver, RecvTimeoutError, Sender};
 
 /// A read waiting for its round to be confirmed by a majority.
 pub(crate) struct PendingRead {
@@ -73,7 +72,7 @@ impl Core {
         }
         st.read_round += 1;
         let round = st.read_round;
-        let (tx, rx) = channel::bounded(1);
+        let (tx, rx) = oneshot::channel();
         let index = st.commit_index;
         st.reads.push(PendingRead {
             round,
@@ -105,14 +104,14 @@ impl Core {
             .collect();
         rounds.sort_unstable_by(|a, b| b.cmp(a));
         let confirmed = rounds[self.majority() - 1];
-        st.reads.retain(|r| {
-            if r.round > confirmed {
-                return true;
-            }
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut st.reads)
+            .into_iter()
+            .partition(|r| r.round <= confirmed);
+        st.reads = waiting;
+        for r in ready {
             // The receiver may have timed out and gone: nothing to tell it then.
-            let _ = r.reply.try_send(r.index);
-            false
-        });
+            r.reply.send(r.index);
+        }
     }
 
     /// ReadIndex (see the module documentation): the index through which the service must

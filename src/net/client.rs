@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crossbeam::channel::{self, Sender, TrySendError};
+use crossbeam::channel::{Sender, TrySendError};
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use rand::Rng;
 use serde::Serialize;
@@ -20,6 +20,7 @@ use super::conn::{self, ConnConfig, ConnHandle, ConnThreads};
 use super::wire::{self, Frame};
 use super::{DEFAULT_MAX_FRAME_BYTES, NetError};
 use crate::labcodec;
+use crate::oneshot;
 
 const LOG: &str = "net::client";
 
@@ -225,10 +226,10 @@ impl ClientEnd {
         timeout: Duration,
     ) -> Result<R, NetError> {
         let body = labcodec::encode(args)?;
-        let (tx, rx) = channel::bounded(1);
+        let (tx, rx) = oneshot::channel();
         self.call_bytes(svc_meth, body, timeout, move |result| {
             // The caller is blocked on `rx` until this or the callback's drop.
-            let _ = tx.send(result);
+            tx.send(result);
         });
         match rx.recv() {
             Ok(reply) => Ok(labcodec::decode(&reply?)?),

@@ -287,7 +287,7 @@ impl Network {
                 done_flag: AtomicBool::new(false),
                 total_count: AtomicUsize::new(0),
                 total_bytes: AtomicU64::new(0),
-                pool: Pool::new(),
+                pool: Pool::new(POOL_IDLE_TIMEOUT),
             }),
         }
     }
@@ -648,7 +648,7 @@ type Job = Box<dyn FnOnce() + Send>;
 /// A cached thread pool: a job goes straight to an idle thread if there is one (the one idle
 /// for the shortest time, so few threads stay warm), else a new thread is started, so a
 /// blocked handler never holds up another. Idle threads park, without spinning, and exit
-/// after `POOL_IDLE_TIMEOUT` or at shutdown.
+/// after an idle timeout (`POOL_IDLE_TIMEOUT` for a `Network`) or at shutdown.
 struct Pool {
     shared: Arc<PoolShared>,
     live: Arc<AtomicUsize>,
@@ -656,6 +656,7 @@ struct Pool {
 }
 
 struct PoolShared {
+    idle_timeout: Duration,
     /// Idle workers, the most recently idle last; `None` once shut down.
     idle: Mutex<Option<Vec<Arc<Worker>>>>,
     /// Idle workers spinning for their next job (at most `POOL_SPINNERS`).
@@ -677,9 +678,10 @@ enum WorkerSlot {
 }
 
 impl Pool {
-    fn new() -> Pool {
+    fn new(idle_timeout: Duration) -> Pool {
         Pool {
             shared: Arc::new(PoolShared {
+                idle_timeout,
                 idle: Mutex::new(Some(Vec::new())),
                 spinning: AtomicUsize::new(0),
             }),
@@ -760,7 +762,7 @@ impl PoolShared {
             idle.as_mut()?.push(me.clone());
         }
         self.spin_for_mail(me);
-        let deadline = Instant::now() + POOL_IDLE_TIMEOUT;
+        let deadline = Instant::now() + self.idle_timeout;
         let mut slot = me.slot.lock();
         loop {
             match std::mem::replace(&mut *slot, WorkerSlot::Waiting) {
@@ -798,5 +800,101 @@ impl PoolShared {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod pool_tests {
+    use super::*;
+    use crossbeam::channel;
+
+    fn idle_count(pool: &Pool) -> usize {
+        pool.shared.idle.lock().as_ref().map_or(0, Vec::len)
+    }
+
+    fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn an_idle_thread_takes_the_next_job() {
+        let pool = Pool::new(Duration::from_secs(10));
+        for i in 0..50 {
+            let (tx, rx) = channel::bounded(1);
+            assert!(pool.execute(Box::new(move || tx.send(i).unwrap())));
+            assert_eq!(rx.recv().unwrap(), i);
+            wait_for("the worker to go idle", || idle_count(&pool) == 1);
+        }
+        assert_eq!(pool.spawned.load(Ordering::Relaxed), 1, "threads started");
+        pool.shutdown();
+        wait_for("the worker to exit", || {
+            pool.live.load(Ordering::SeqCst) == 0
+        });
+    }
+
+    #[test]
+    fn a_blocked_job_does_not_hold_up_another() {
+        let pool = Pool::new(Duration::from_secs(10));
+        let (release_tx, release_rx) = channel::bounded::<()>(0);
+        let (done_tx, done_rx) = channel::unbounded();
+        let d = done_tx.clone();
+        assert!(pool.execute(Box::new(move || {
+            release_rx.recv().unwrap();
+            d.send("blocked").unwrap();
+        })));
+        assert!(pool.execute(Box::new(move || done_tx.send("free").unwrap())));
+        assert_eq!(done_rx.recv_timeout(Duration::from_secs(5)), Ok("free"));
+        release_tx.send(()).unwrap();
+        assert_eq!(done_rx.recv_timeout(Duration::from_secs(5)), Ok("blocked"));
+        assert_eq!(pool.spawned.load(Ordering::Relaxed), 2);
+        pool.shutdown();
+        wait_for("the workers to exit", || {
+            pool.live.load(Ordering::SeqCst) == 0
+        });
+    }
+
+    #[test]
+    fn idle_threads_exit_after_the_timeout() {
+        let pool = Pool::new(Duration::from_millis(50));
+        let barrier = Arc::new(std::sync::Barrier::new(4));
+        for _ in 0..3 {
+            let b = barrier.clone();
+            assert!(pool.execute(Box::new(move || {
+                b.wait();
+            })));
+        }
+        barrier.wait();
+        assert_eq!(pool.spawned.load(Ordering::Relaxed), 3);
+        wait_for("idle workers to exit", || {
+            pool.live.load(Ordering::SeqCst) == 0
+        });
+        assert_eq!(
+            idle_count(&pool),
+            0,
+            "an exited worker left on the idle list"
+        );
+        // The pool still works: a new thread takes the next job.
+        let (tx, rx) = channel::bounded(1);
+        assert!(pool.execute(Box::new(move || tx.send(()).unwrap())));
+        rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        pool.shutdown();
+    }
+
+    #[test]
+    fn shutdown_wakes_idle_threads_and_refuses_jobs() {
+        let pool = Pool::new(Duration::from_secs(60));
+        for _ in 0..3 {
+            assert!(pool.execute(Box::new(|| thread::sleep(Duration::from_millis(10)))));
+        }
+        wait_for("the workers to go idle", || idle_count(&pool) == 3);
+        pool.shutdown();
+        wait_for("the workers to exit", || {
+            pool.live.load(Ordering::SeqCst) == 0
+        });
+        assert!(!pool.execute(Box::new(|| {})));
     }
 }

@@ -647,8 +647,9 @@ type Job = Box<dyn FnOnce() + Send>;
 
 /// A cached thread pool: a job goes straight to an idle thread if there is one (the one idle
 /// for the shortest time, so few threads stay warm), else a new thread is started, so a
-/// blocked handler never holds up another. Idle threads park, without spinning, and exit
-/// after an idle timeout (`POOL_IDLE_TIMEOUT` for a `Network`) or at shutdown.
+/// blocked handler never holds up another. Idle threads park (the first `POOL_SPINNERS` of
+/// them after a short spin) and exit after an idle timeout (`POOL_IDLE_TIMEOUT` for a
+/// `Network`) or at shutdown.
 struct Pool {
     shared: Arc<PoolShared>,
     live: Arc<AtomicUsize>,

@@ -127,7 +127,16 @@ impl<T> Drop for Sender<T> {
 impl<T> Receiver<T> {
     /// Waits for the value until `timeout` has passed.
     pub fn recv_timeout(&self, timeout: Duration) -> Result<T, RecvTimeoutError> {
-        let deadline = Instant::now() + timeout;
+        self.wait(Some(Instant::now() + timeout))
+    }
+
+    /// Waits for the value for as long as the sender lives.
+    pub fn recv(&self) -> Result<T, RecvError> {
+        self.wait(None).map_err(|_| RecvError)
+    }
+
+    /// Waits until the value comes, the sender is dropped, or `deadline` (if any) passes.
+    fn wait(&self, deadline: Option<Instant>) -> Result<T, RecvTimeoutError> {
         spin_until(&self.inner.ready, MAX_SPINNERS, &SPINNERS);
         let mut slot = self.inner.slot.lock();
         loop {
@@ -137,28 +146,18 @@ impl<T> Receiver<T> {
             if slot.sender_gone {
                 return Err(RecvTimeoutError::Disconnected);
             }
-            if self.inner.cv.wait_until(&mut slot, deadline).timed_out() {
-                return match slot.value.take() {
-                    Some(v) => Ok(v),
-                    None if slot.sender_gone => Err(RecvTimeoutError::Disconnected),
-                    None => Err(RecvTimeoutError::Timeout),
-                };
+            match deadline {
+                Some(d) => {
+                    // Timed out with nothing sent: the checks above get one last look first.
+                    if self.inner.cv.wait_until(&mut slot, d).timed_out()
+                        && slot.value.is_none()
+                        && !slot.sender_gone
+                    {
+                        return Err(RecvTimeoutError::Timeout);
+                    }
+                }
+                None => self.inner.cv.wait(&mut slot),
             }
-        }
-    }
-
-    /// Waits for the value for as long as the sender lives.
-    pub fn recv(&self) -> Result<T, RecvError> {
-        spin_until(&self.inner.ready, MAX_SPINNERS, &SPINNERS);
-        let mut slot = self.inner.slot.lock();
-        loop {
-            if let Some(v) = slot.value.take() {
-                return Ok(v);
-            }
-            if slot.sender_gone {
-                return Err(RecvError);
-            }
-            self.inner.cv.wait(&mut slot);
         }
     }
 }

@@ -45,7 +45,10 @@ pub trait Conn: Send + 'static {
 /// to [`AcceptorOptions::handshake_timeout`] (cleared afterwards), so one slow peer delays
 /// the next accepts by at most that long.
 #[derive(Clone)]
-pub struct Handshake(pub Arc<dyn Fn(&mut TcpStream, SocketAddr) -> io::Result<()> + Send + Sync>);
+pub struct Handshake(pub Arc<HandshakeFn>);
+
+/// The function a [`Handshake`] runs.
+pub type HandshakeFn = dyn Fn(&mut TcpStream, SocketAddr) -> io::Result<()> + Send + Sync;
 
 impl Handshake {
     pub fn new(
@@ -341,4 +344,158 @@ fn run_handshake<C>(
     (handshake.0)(stream, peer)?;
     stream.set_read_timeout(None)?;
     stream.set_write_timeout(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+
+    /// A connection served by a thread that echoes one byte back, then ends.
+    struct Echo {
+        stream: TcpStream,
+        thread: JoinHandle<()>,
+    }
+
+    impl Conn for Echo {
+        fn close(&self) {
+            let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        }
+        fn is_finished(&self) -> bool {
+            self.thread.is_finished()
+        }
+        fn join(self) -> thread::Result<()> {
+            self.thread.join()
+        }
+    }
+
+    struct EchoOwner {
+        refused: Arc<AtomicUsize>,
+    }
+
+    impl Accept for EchoOwner {
+        type Conn = Echo;
+        fn open(
+            &mut self,
+            mut stream: TcpStream,
+            _peer: SocketAddr,
+            _k: u64,
+            conns: &ConnList<Echo>,
+        ) -> io::Result<()> {
+            let clone = stream.try_clone()?;
+            let thread = thread::Builder::new().name("echo".into()).spawn(move || {
+                let mut b = [0u8; 1];
+                if stream.read_exact(&mut b).is_ok() {
+                    let _ = stream.write_all(&b);
+                }
+                // Hold the connection until the client goes.
+                let _ = stream.read(&mut b);
+            })?;
+            conns.push(Echo {
+                stream: clone,
+                thread,
+            });
+            Ok(())
+        }
+        fn refuse(&mut self, stream: &mut TcpStream, _peer: SocketAddr) {
+            self.refused.fetch_add(1, Ordering::SeqCst);
+            let _ = stream.write_all(b"F");
+        }
+    }
+
+    fn start(options: AcceptorOptions) -> (Acceptor<Echo>, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let refused = Arc::new(AtomicUsize::new(0));
+        let owner = EchoOwner {
+            refused: refused.clone(),
+        };
+        (
+            Acceptor::start("test-acceptor", listener, options, owner).unwrap(),
+            refused,
+        )
+    }
+
+    fn echo(addr: SocketAddr, byte: u8) -> (TcpStream, Option<u8>) {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(&[byte]).unwrap();
+        let mut b = [0u8; 1];
+        let got = match s.read(&mut b) {
+            Ok(1) => Some(b[0]),
+            _ => None,
+        };
+        (s, got)
+    }
+
+    #[test]
+    fn cap_refuses_and_reaping_frees_a_slot() {
+        let (mut acceptor, refused) = start(AcceptorOptions {
+            max_connections: 2,
+            ..AcceptorOptions::default()
+        });
+        let addr = acceptor.local_addr();
+        let (a, got) = echo(addr, b'a');
+        assert_eq!(got, Some(b'a'));
+        let (_b, got) = echo(addr, b'b');
+        assert_eq!(got, Some(b'b'));
+        // The third is over the cap: the owner's refusal, then closed.
+        let (_c, got) = echo(addr, b'c');
+        assert_eq!(got, Some(b'F'));
+        assert_eq!(refused.load(Ordering::SeqCst), 1);
+        assert_eq!(acceptor.refused(), 1);
+        // One leaves: once reaped, a new connection is served again.
+        drop(a);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while acceptor.conns().len() > 1 {
+            assert!(std::time::Instant::now() < deadline, "never reaped");
+            thread::sleep(Duration::from_millis(10));
+        }
+        let (_d, got) = echo(addr, b'd');
+        assert_eq!(got, Some(b'd'));
+        acceptor.stop().unwrap();
+        assert!(acceptor.conns().is_empty());
+    }
+
+    #[test]
+    fn handshake_runs_first_and_a_failed_one_closes_the_connection() {
+        let handshake = Handshake::new(|stream, _peer| {
+            let mut b = [0u8; 1];
+            stream.read_exact(&mut b)?;
+            if b[0] == b'!' {
+                stream.write_all(b"+")
+            } else {
+                Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    "bad greeting",
+                ))
+            }
+        });
+        let (mut acceptor, _) = start(AcceptorOptions {
+            handshake: Some(handshake),
+            handshake_timeout: Duration::from_secs(2),
+            ..AcceptorOptions::default()
+        });
+        let addr = acceptor.local_addr();
+        let mut good = TcpStream::connect(addr).unwrap();
+        good.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        good.write_all(b"!x").unwrap();
+        let mut b = [0u8; 2];
+        good.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"+x");
+        let (_bad, got) = echo(addr, b'?');
+        assert_eq!(got, None, "a failed handshake must close the connection");
+        assert_eq!(acceptor.conns().len(), 1);
+        // A peer that says nothing is given up on after the handshake timeout, and the
+        // acceptor goes on serving.
+        let _silent = TcpStream::connect(addr).unwrap();
+        let mut late = TcpStream::connect(addr).unwrap();
+        late.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        late.write_all(b"!y").unwrap();
+        late.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"+y");
+        acceptor.stop().unwrap();
+    }
 }

@@ -6,7 +6,7 @@
 # For each patch scripts/rule-variants/<binary>--<test>.patch (whose name contains FILTER):
 # copies the working tree (tracked and untracked files, not target/) to
 # target/rule-variants/tree, applies the patch there, builds tests/<binary>.rs (release, its
-# own target dir target/rule-variants/target) and runs that one test RUNS times (default 1).
+# the worktree's target dir) and runs that one test RUNS times (default 1).
 # The variant is caught if every run FAILS; the first line saying why is printed. The
 # working tree is never touched. Exit status: 0 every variant caught every run, 1 otherwise,
 # 2 usage or build error.
@@ -27,7 +27,9 @@ root=$(git rev-parse --show-toplevel)
 cd "$root"
 base="$root/target/rule-variants"
 tree="$base/tree"
-export CARGO_TARGET_DIR="$base/target"
+# The tree's own target dir would rebuild every dependency; the worktree's is reused
+# (only raftkv itself is rebuilt, under the copy's path).
+export CARGO_TARGET_DIR="${RULE_VARIANTS_TARGET_DIR:-$root/target}"
 mkdir -p "$base"
 
 copy_tree() {

@@ -6,7 +6,7 @@
 # For each patch scripts/rule-variants/<binary>--<test>.patch (whose name contains FILTER):
 # copies the working tree (tracked and untracked files, not target/) to
 # target/rule-variants/tree, applies the patch there, builds tests/<binary>.rs (release, its
-# the worktree's target dir) and runs that one test RUNS times (default 1).
+# its own target dir target/rule-variants/target) and runs that one test RUNS times (default 1).
 # The variant is caught if every run FAILS; the first line saying why is printed. The
 # working tree is never touched. Exit status: 0 every variant caught every run, 1 otherwise,
 # 2 usage or build error.
@@ -27,9 +27,14 @@ root=$(git rev-parse --show-toplevel)
 cd "$root"
 base="$root/target/rule-variants"
 tree="$base/tree"
-# The tree's own target dir would rebuild every dependency; the worktree's is reused
-# (only raftkv itself is rebuilt, under the copy's path).
-export CARGO_TARGET_DIR="${RULE_VARIANTS_TARGET_DIR:-$root/target}"
+# Its own target dir: cargo gives a workspace's own package the same artifact names wherever
+# it is built, so a patched build must never share the worktree's target dir. It is seeded
+# once from the worktree's release build, so dependencies are not built again.
+export CARGO_TARGET_DIR="${RULE_VARIANTS_TARGET_DIR:-$base/target}"
+if [[ ! -d "$CARGO_TARGET_DIR/release" && -d "$root/target/release" ]]; then
+    mkdir -p "$CARGO_TARGET_DIR"
+    cp -a "$root/target/release" "$CARGO_TARGET_DIR/release"
+fi
 mkdir -p "$base"
 
 copy_tree() {
@@ -56,7 +61,7 @@ for patch in scripts/rule-variants/*.patch; do
         exit 2
     fi
     exe=$(cd "$tree" && cargo test --release --test "$bin" --no-run --message-format=json 2>/dev/null \
-        | grep -o '"executable":"[^"]*"' | tail -1 | cut -d'"' -f4)
+        | grep -o '"executable":"[^"]*"' | tail -1 | cut -d'"' -f4 || true)
     if [[ -z "$exe" ]]; then
         echo "   build failed with $patch applied" >&2
         (cd "$tree" && cargo test --release --test "$bin" --no-run 2>&1 | tail -20) >&2

@@ -332,6 +332,14 @@ impl Script {
         self.refresh_active(&st);
     }
 
+    /// Removes every rule; held messages stay held.
+    pub fn clear_rules(&self) {
+        let mut st = self.inner.state.lock();
+        st.rules.clear();
+        self.note(&mut st, "rules cleared".to_string());
+        self.refresh_active(&st);
+    }
+
     /// Removes every rule and releases every held message.
     pub fn clear(&self) {
         let mut st = self.inner.state.lock();

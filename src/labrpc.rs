@@ -509,7 +509,6 @@ impl Network {
         inline: bool,
         held_reply: &mut Option<u64>,
     ) -> Result<Vec<u8>, RpcError> {
-        let _ = &held_reply;
         self.inner.total_count.fetch_add(1, Ordering::Relaxed);
         self.inner
             .total_bytes
@@ -537,19 +536,16 @@ impl Network {
 
         let owner: &str = route.owner.as_deref().unwrap_or(end);
         #[cfg(feature = "testing")]
-        let verdict = {
-            let verdict = if self.inner.script.is_active() {
-                self.inner.script.decide(&script::Msg {
-                    dir: script::Dir::Request,
-                    method: svc_meth,
-                    from: owner,
-                    to: &server_name,
-                    bytes: &args,
-                })
-            } else {
-                script::Verdict::Deliver(None)
-            };
-            verdict
+        let verdict = if self.inner.script.is_active() {
+            self.inner.script.decide(&script::Msg {
+                dir: script::Dir::Request,
+                method: svc_meth,
+                from: owner,
+                to: &server_name,
+                bytes: &args,
+            })
+        } else {
+            script::Verdict::Deliver(None)
         };
         #[cfg(feature = "testing")]
         let held_request = match verdict {

@@ -46,7 +46,8 @@ copy_tree() {
     rm -rf "$tree"
     mkdir -p "$tree"
     git ls-files -z --cached --others --exclude-standard \
-        | tar --null -T - -cf - 2>/dev/null | tar -xf - -C "$tree"
+        | tar --null -T - -cf - 2>/dev/null | tar -xf - -C "$tree" || true
+    [[ -f "$tree/Cargo.toml" ]] || { echo "cannot copy the tree to $tree" >&2; exit 2; }
 }
 
 caught=0
@@ -80,7 +81,7 @@ for patch in scripts/rule-variants/*.patch; do
         if [[ $rc -ne 0 ]]; then
             fails=$((fails + 1))
             if [[ -z "$why" ]]; then
-                why=$(grep -m1 -E 'Fatal:|panicked at|assertion' -A1 <<<"$out" | tr '\n' ' ' | cut -c1-400)
+                why=$(grep -m1 -E 'Fatal:|panicked at|assertion' -A1 <<<"$out" | tr '\n' ' ' | cut -c1-400 || true)
             fi
         fi
     done

@@ -6,9 +6,10 @@
 # For each patch scripts/rule-variants/<binary>--<test>.patch (whose name matches the
 # extended regex FILTER, and not --skip's):
 # copies the working tree (tracked and untracked files, not target/) to
-# target/rule-variants/tree, applies the patch there, builds tests/<binary>.rs (release, its
+# target/rule-variants/tree, applies the patch there, builds tests/<binary>.rs (release, in
 # its own target dir target/rule-variants/target) and runs that one test RUNS times (default 1).
-# The variant is caught if every run FAILS; the first line saying why is printed. The
+# The variant is caught if every run FAILS; the first line saying why is printed (each run's
+# output is kept in target/rule-variants/logs/<binary>--<test>-run<N>.log). The
 # working tree is never touched. Exit status: 0 every variant caught every run, 1 otherwise,
 # 2 usage or build error.
 set -euo pipefail
@@ -38,7 +39,7 @@ if [[ ! -d "$CARGO_TARGET_DIR/release" && -d "$root/target/release" ]]; then
     mkdir -p "$CARGO_TARGET_DIR"
     cp -a "$root/target/release" "$CARGO_TARGET_DIR/release"
 fi
-mkdir -p "$base"
+mkdir -p "$base/logs"
 # Incremental: each variant changes a few lines, so most of the crate's code is reused.
 export CARGO_PROFILE_RELEASE_INCREMENTAL=true
 
@@ -78,6 +79,7 @@ for patch in scripts/rule-variants/*.patch; do
     why=""
     for ((r = 1; r <= runs; r++)); do
         out=$(cd "$tree" && timeout 120 "$exe" --exact "$test" --test-threads=1 2>&1) && rc=0 || rc=$?
+        printf '%s\n\nexit %s\n' "$out" "$rc" > "$base/logs/$name-run$r.log"
         if [[ $rc -ne 0 ]]; then
             fails=$((fails + 1))
             if [[ -z "$why" ]]; then

@@ -258,7 +258,6 @@ fn parse_chaos(args: &[String]) -> Result<raftkv::chaos::ChaosOptions, Usage> {
             "--seed",
             "--dir",
             "--check-timeout",
-            "--history",
         ],
         &[],
     )?;
@@ -290,7 +289,6 @@ fn parse_chaos(args: &[String]) -> Result<raftkv::chaos::ChaosOptions, Usage> {
     if let Some(v) = get("--dir") {
         opts.dir = PathBuf::from(v);
     }
-    opts.history = get("--history").map(PathBuf::from);
     // Hidden: the nodes run with the deliberate bug RAFTKV_NODE_FAULT names (proves the
     // checker can fail).
     opts.node_fault = raftkv::node::NodeFault::from_env().map_err(Usage)?;

@@ -121,6 +121,9 @@ struct ChaosOpts {
     /// How long the linearizability check may take.
     #[arg(long, default_value = "120s", value_parser = parse_duration)]
     check_timeout: Duration,
+    /// Write the recorded history to FILE as JSON lines (docs/chaos-history.md).
+    #[arg(long, value_name = "FILE")]
+    history: Option<PathBuf>,
 }
 
 /// The `--peers` list, node 1 first.
@@ -237,6 +240,7 @@ fn chaos(o: ChaosOpts) -> ExitCode {
     if let Some(dir) = o.dir {
         opts.dir = dir;
     }
+    opts.history = o.history;
     opts.node_fault = node_fault;
     raftkv::chaos::run_from_cli(opts)
 }

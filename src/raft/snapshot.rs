@@ -96,18 +96,28 @@ impl Core {
     /// asked for, or from the start if the snapshot changed since. The piece is read from the
     /// storage outside the lock. At most [`MAX_CHUNKS_IN_FLIGHT`] pieces are out at once.
     fn send_snapshot_chunk(self: &Arc<Core>, st: &mut State, peer: usize, chunk: usize) {
-        let (index, last_term) = (st.log.base_index(), st.log.base_term());
-        let snapshot = st.snapshot.clone();
-        let total = snapshot.len();
-        let p = &mut st.peers[peer];
-        if p.chunks_out >= MAX_CHUNKS_IN_FLIGHT {
-            p.dirty = true;
+        if st.peers[peer].chunks_out >= MAX_CHUNKS_IN_FLIGHT {
+            st.peers[peer].dirty = true;
             return;
         }
-        if p.snap_index != index {
-            p.snap_index = index;
+        if st.peers[peer].snap_offset == 0 || st.peers[peer].snap_send.is_none() {
+            // (Re)start with the snapshot held now, read from the storage's file if it has
+            // one: a transfer never pins the bytes in memory.
+            if let SnapshotData::Mem(_) = st.snapshot
+                && let Some(src) = self.storage.snapshot_source()
+                && src.index() == st.log.base_index()
+                && src.term() == st.log.base_term()
+            {
+                st.snapshot = SnapshotData::Stored(src);
+            }
+            let snap = (st.log.base_index(), st.log.base_term(), st.snapshot.clone());
+            let p = &mut st.peers[peer];
+            p.snap_send = Some(snap);
             p.snap_offset = 0;
         }
+        let p = &mut st.peers[peer];
+        let (index, last_term, snapshot) = p.snap_send.clone().expect("a transfer under way");
+        let total = snapshot.len();
         let offset = p.snap_offset.min(total);
         p.seq += 1;
         p.inflight = Some((p.seq, Instant::now()));
@@ -179,12 +189,16 @@ impl Core {
         if reply.done {
             p.match_index = p.match_index.max(index);
             p.next_index = p.next_index.max(index + 1);
-            p.snap_index = 0;
+            p.snap_send = None;
             p.snap_offset = 0;
             log::debug!(target: "raft::snapshot", "raft-{} t{}: {peer} holds the snapshot through {index}", self.me, st.term);
             self.advance_commit(&mut st);
-        } else if p.snap_index == index {
+        } else if p.snap_send.as_ref().is_some_and(|s| s.0 == index) {
             p.snap_offset = reply.next_offset.min(total);
+            if p.snap_offset == 0 {
+                // Starting over: with the newest snapshot.
+                p.snap_send = None;
+            }
         }
         let p = &st.peers[peer];
         if p.dirty || p.next_index <= st.log.last_index() || p.next_index <= st.log.base_index() {
@@ -222,6 +236,11 @@ impl Core {
             st.leader_contact = Some(Instant::now());
             if index <= st.commit_index {
                 return self.reply_if_alive(reply(st.term, args.total, true));
+            }
+            if index == u64::MAX {
+                // No log reaches it; the next index would not exist.
+                log::warn!(target: "raft::snapshot", "raft-{} t{}: snapshot chunk through index {index} from {} refused", self.me, st.term, args.leader);
+                return self.reply_if_alive(reply(st.term, 0, false));
             }
             st.term
         };

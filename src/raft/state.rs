@@ -70,9 +70,11 @@ pub(super) struct Progress {
     /// The highest read round (see [`State::read_round`]) of a call this peer answered in
     /// the current term.
     pub acked_round: u64,
-    /// A snapshot streamed in chunks: the index of the snapshot being sent, the offset the
-    /// follower wants next, and the chunk calls out (at most [`MAX_CHUNKS_IN_FLIGHT`]).
-    pub snap_index: u64,
+    /// A snapshot streamed in chunks: the snapshot being sent (index, term, data; kept until
+    /// the transfer ends even if a newer one replaces it meanwhile, so a long transfer
+    /// finishes), the offset the follower wants next, and the chunk calls out (at most
+    /// [`MAX_CHUNKS_IN_FLIGHT`]).
+    pub snap_send: Option<(u64, u64, super::storage::SnapshotData)>,
     pub snap_offset: u64,
     pub chunks_out: usize,
 }
@@ -221,7 +223,7 @@ impl Core {
                     outstanding: 0,
                     dirty: false,
                     acked_round: 0,
-                    snap_index: 0,
+                    snap_send: None,
                     snap_offset: 0,
                     chunks_out: 0,
                 };

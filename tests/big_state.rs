@@ -1,7 +1,8 @@
 //! State above the old 64 MiB record and frame limits, on a real three-process cluster over
 //! loopback: 110 values of 1 MiB are written while one follower is down; that follower then
-//! catches up (its snapshot streamed in chunks), a restart of the whole cluster serves every
-//! key, and no node's peak resident memory reaches three times the live data.
+//! catches up (its snapshot streamed in chunks; killed once in the middle of the transfer,
+//! which then starts over), a restart of the whole cluster serves every key, and no node's
+//! peak resident memory reaches three times the live data.
 //!
 //! Every node is killed when the test ends, passing or failing (the cluster's drop, and
 //! `--stop-on-stdin-eof` if the test process itself dies); the data directories are removed.
@@ -251,6 +252,8 @@ fn state_above_64_mib_reaches_a_lagging_follower_and_survives_a_full_restart() {
     let lagging = (leader + 1) % 3;
     cluster.kill9(lagging);
     let live: u64 = (0..KEYS).map(|k| (key(k).len() + VALUE_BYTES) as u64).sum();
+    let mut failures: Vec<String> = Vec::new();
+    let mut peaks: Vec<(String, u64)> = Vec::new();
     for k in 0..KEYS {
         let v = value(k);
         let reply: String = cluster
@@ -261,11 +264,54 @@ fn state_above_64_mib_reaches_a_lagging_follower_and_survives_a_full_restart() {
         assert_eq!(reply, "OK");
     }
     let written = t0.elapsed();
-    let mut failures: Vec<String> = Vec::new();
-    let mut peaks: Vec<(String, u64)> = Vec::new();
+
+    // The follower that missed everything starts receiving the snapshot; it is killed in
+    // the middle of the transfer (its partial file on disk), and started again: the transfer
+    // starts over and the partial file is gone.
+    cluster.start(lagging);
+    let raft_dir = cluster.data(lagging).join("raft");
+    let partial = || -> Option<(PathBuf, u64)> {
+        fs::read_dir(&raft_dir).ok()?.flatten().find_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let len = e.metadata().ok()?.len();
+            (name.starts_with("snapshot-recv-") && name.ends_with(".tmp")).then(|| (e.path(), len))
+        })
+    };
+    let t = Instant::now();
+    let interrupted = loop {
+        if let Some((path, len)) = partial()
+            && len >= 8 << 20
+        {
+            cluster.kill9(lagging);
+            let left = fs::metadata(&path).map_or(0, |m| m.len());
+            break Ok((path, left));
+        }
+        if cluster.status(lagging).is_some_and(|s| s.keys == KEYS) {
+            break Err("the transfer finished before it could be interrupted".to_string());
+        }
+        if t.elapsed() > CATCH_UP {
+            break Err(format!("no snapshot transfer to node {} seen", lagging + 1));
+        }
+        thread::sleep(Duration::from_millis(2));
+    };
+    match &interrupted {
+        Ok((_, left)) => {
+            eprintln!(
+                "big_state: node {} killed with {} MiB of the snapshot received",
+                lagging + 1,
+                left >> 20
+            );
+            assert!(*left < live, "the partial file is partial");
+            cluster.start(lagging);
+        }
+        Err(e) => {
+            failures.push(format!("interrupted transfer: {e}"));
+            cluster.kill9(lagging);
+            cluster.start(lagging);
+        }
+    }
 
     // The follower that missed everything catches up: its state machine holds every key.
-    cluster.start(lagging);
     let t1 = Instant::now();
     let caught_up = loop {
         let leader_applied = (0..3)
@@ -294,6 +340,11 @@ fn state_above_64_mib_reaches_a_lagging_follower_and_survives_a_full_restart() {
     match &caught_up {
         Ok(d) => eprintln!("big_state: node {} caught up in {d:.1?}", lagging + 1),
         Err(e) => failures.push(format!("lagging follower: {e}")),
+    }
+    if let (Ok(_), Ok((path, _))) = (&caught_up, &interrupted)
+        && path.exists()
+    {
+        failures.push(format!("{} was left behind", path.display()));
     }
     for i in 0..3 {
         if cluster.exited(i).is_none() {

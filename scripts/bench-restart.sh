@@ -13,9 +13,9 @@ usage: scripts/bench-restart.sh [--mib N]... [--no-build] [--bin PATH] [--keep D
   --bin PATH   benchmark this raftkv binary instead (implies --no-build)
   --keep DIR   copy the nodes' logs there before the temp dir is removed
 
-For each size: start 3 `raftkv serve` processes, kill -9 node 3, SET N keys of 1 MiB through
-the leader (redis-cli --pipe), then
-  catch-up: start node 3; time until its status shows every key and the leader's applied count;
+For each size: start 3 `raftkv serve` processes, kill -9 a follower, SET N keys of 1 MiB through
+the leader, then
+  catch-up: start that follower; time until its status shows every key and the leader's applied count;
   restart:  kill -9 every node, start all three; time until a GET of the last key answers,
             and until every node's state machine holds every key.
 Prints each node's peak resident memory (VmHWM) and the ratio to the live data. Every process
@@ -89,7 +89,8 @@ kill9() {
 }
 field() { # field I NAME: a number from node I's status file (empty if none)
     local w
-    read -ra w <"$tmp/node-$(($1 + 1))/status" 2>/dev/null || return 0
+    [[ -f $tmp/node-$(($1 + 1))/status ]] || return 0
+    read -ra w <"$tmp/node-$(($1 + 1))/status" || return 0
     for ((k = 0; k + 1 < ${#w[@]}; k += 2)); do
         [[ ${w[k]} == "$2" ]] && { printf '%s' "${w[k + 1]}"; return 0; }
     done
@@ -115,17 +116,27 @@ for mib in "${sizes[@]}"; do
     lag=$(((l + 1) % 3))
     kill9 "$lag"
     t=$(now)
-    # SET big0..big<N-1>, 1 MiB each, as one pipelined RESP stream.
-    python3 - "$mib" <<'PY' | redis-cli -h 127.0.0.1 -p "${cports[$l]}" --pipe >"$tmp/pipe.out" 2>&1
-import sys
-n = int(sys.argv[1])
-out = sys.stdout.buffer
+    # SET big0..big<N-1>, 1 MiB each, one after another on one connection (a TRYAGAIN is
+    # retried; anything else fails the run).
+    python3 - "$mib" "${cports[$l]}" <<'PY' || { echo "loading failed" >&2; exit 1; }
+import socket, sys, time
+n, port = int(sys.argv[1]), int(sys.argv[2])
+s = socket.create_connection(("127.0.0.1", port))
+f = s.makefile("rb")
 for k in range(n):
     key = f"big{k}".encode()
     val = bytes((97 + (i * 7 + k * 3) % 26) for i in range(26)) * ((1 << 20) // 26) + b"x" * ((1 << 20) % 26)
-    out.write(b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(key), key, len(val), val))
+    for attempt in range(100):
+        s.sendall(b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(key), key, len(val), val))
+        reply = f.readline()
+        if reply == b"+OK\r\n":
+            break
+        if not reply.startswith(b"-TRYAGAIN"):
+            sys.exit(f"SET {key.decode()}: {reply!r}")
+        time.sleep(0.2)
+    else:
+        sys.exit(f"SET {key.decode()}: no leader")
 PY
-    grep -q "errors: 0, replies: $mib" "$tmp/pipe.out" || { echo "loading failed:" >&2; cat "$tmp/pipe.out" >&2; exit 1; }
     load_s=$(since "$t")
     keys_l=$(field "$l" keys)
 
@@ -146,7 +157,7 @@ PY
     for i in 0 1 2; do start "$i"; done
     nl=$(leader) || { echo "no leader after the restart" >&2; exit 1; }
     deadline=$((SECONDS + 1800))
-    until [[ $(redis-cli -h 127.0.0.1 -p "${cports[$nl]}" STRLEN "big$((mib - 1))" 2>/dev/null) == 1048576 ]]; do
+    until [[ $(redis-cli -h 127.0.0.1 -p "${cports[$nl]}" GET "big$((mib - 1))" 2>/dev/null | wc -c) -eq 1048577 ]]; do
         ((SECONDS < deadline)) || { echo "the restarted cluster does not serve" >&2; exit 1; }
         sleep 0.1
     done

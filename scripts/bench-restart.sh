@@ -87,19 +87,17 @@ kill9() {
     wait "${pids[$i]}" 2>/dev/null
     pids[i]=0
 }
-field() { # field I NAME: a number from node I's status file (empty if none)
-    local w
-    [[ -f $tmp/node-$(($1 + 1))/status ]] || return 0
-    read -ra w <"$tmp/node-$(($1 + 1))/status" || return 0
-    for ((k = 0; k + 1 < ${#w[@]}; k += 2)); do
-        [[ ${w[k]} == "$2" ]] && { printf '%s' "${w[k + 1]}"; return 0; }
-    done
+field() { # field I NAME: a value from node I's status file (JSON; empty if none)
+    local f="$tmp/node-$(($1 + 1))/status" v
+    [[ -f $f ]] || return 0
+    v=$(grep -o "\"$2\":[^,}]*" "$f" 2>/dev/null) || return 0
+    printf '%s' "${v#*:}"
 }
 leader() { # waits up to 120 s; prints the leader's index
     local deadline=$((SECONDS + 120)) i
     while ((SECONDS < deadline)); do
         for i in 0 1 2; do
-            ((pids[i] > 0)) && [[ $(field "$i" leader) == 1 ]] && { echo "$i"; return 0; }
+            ((pids[i] > 0)) && [[ $(field "$i" leader) == true ]] && { echo "$i"; return 0; }
         done
         sleep 0.05
     done

@@ -10,9 +10,10 @@
 use std::fs;
 use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
+
+use raftkv::proc::{NodeProcess, NodeStatusFile, ServeSpec};
 
 const EXE: &str = env!("CARGO_BIN_EXE_raftkv");
 /// Keys written, each with a value of [`VALUE_BYTES`].
@@ -27,7 +28,7 @@ struct Cluster {
     dir: PathBuf,
     peer_ports: Vec<u16>,
     client_ports: Vec<u16>,
-    children: Vec<Option<Child>>,
+    children: Vec<Option<NodeProcess>>,
 }
 
 /// `n` free loopback ports (all bound at once, so they differ, then released).
@@ -41,11 +42,9 @@ fn free_ports(n: usize) -> Vec<u16> {
         .collect()
 }
 
-/// What a node's status file says.
+/// What the test reads of a node's status file.
 #[derive(Debug, Clone, Copy, Default)]
 struct Status {
-    term: u64,
-    leader: bool,
     applied: u64,
     keys: usize,
 }
@@ -75,42 +74,37 @@ impl Cluster {
     /// Starts node `i`, with `RAFTKV_NODE_FAULT` set to `fault` if given.
     fn start_with(&mut self, i: usize, fault: Option<&str>) {
         assert!(self.children[i].is_none(), "node {} already runs", i + 1);
-        let peers: Vec<String> = self
-            .peer_ports
-            .iter()
-            .enumerate()
-            .map(|(j, p)| format!("{}=127.0.0.1:{p}", j + 1))
-            .collect();
-        let _ = fs::remove_file(self.data(i).join("status"));
-        let mut cmd = Command::new(EXE);
+        let spec = ServeSpec {
+            exe: PathBuf::from(EXE),
+            id: i + 1,
+            peers: self
+                .peer_ports
+                .iter()
+                .map(|p| format!("127.0.0.1:{p}"))
+                .collect(),
+            client: format!("127.0.0.1:{}", self.client_ports[i]),
+            data: self.data(i),
+        };
+        let mut cmd = spec.command();
         cmd.env_remove("RAFTKV_NODE_FAULT");
         if let Some(f) = fault {
             cmd.env("RAFTKV_NODE_FAULT", f);
         }
-        let child = cmd
-            .arg("serve")
-            .args(["--id", &(i + 1).to_string()])
-            .args(["--peers", &peers.join(",")])
-            .args(["--client", &format!("127.0.0.1:{}", self.client_ports[i])])
-            .arg("--data")
-            .arg(self.data(i))
-            .arg("--stop-on-stdin-eof")
-            .stdin(Stdio::piped())
-            .spawn()
+        let child = spec
+            .spawn(&mut cmd)
             .unwrap_or_else(|e| panic!("start node {}: {e}", i + 1));
         self.children[i] = Some(child);
     }
 
     fn kill9(&mut self, i: usize) {
         if let Some(mut child) = self.children[i].take() {
-            child.kill().expect("SIGKILL");
-            child.wait().expect("reap");
+            child.kill9().expect("SIGKILL and reap");
         }
     }
 
     /// Peak resident memory of node `i` so far (`VmHWM`), in bytes.
     fn peak_rss(&self, i: usize) -> u64 {
-        let pid = self.children[i].as_ref().expect("node runs").id();
+        let pid = self.children[i].as_ref().expect("node runs").pid();
         let text = fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
         let kb: u64 = text
             .lines()
@@ -120,23 +114,18 @@ impl Cluster {
         kb * 1024
     }
 
-    /// Whether node `i` has exited (and how, as far as its status says).
+    /// Whether node `i` has exited (and how).
     fn exited(&mut self, i: usize) -> Option<String> {
         let child = self.children[i].as_mut()?;
-        match child.try_wait() {
-            Ok(Some(st)) => Some(format!("node {} exited: {st}", i + 1)),
-            _ => None,
-        }
+        child
+            .try_exit()
+            .map(|st| format!("node {} exited: {st}", i + 1))
     }
 
     fn status(&self, i: usize) -> Option<Status> {
-        let text = fs::read_to_string(self.data(i).join("status")).ok()?;
-        let w: Vec<&str> = text.split_whitespace().collect();
-        Some(Status {
-            term: w.get(1)?.parse().ok()?,
-            leader: *w.get(3)? == "1",
-            applied: w.get(5)?.parse().ok()?,
-            keys: w.get(9)?.parse().ok()?,
+        NodeStatusFile::read(&NodeStatusFile::path(&self.data(i))).map(|s| Status {
+            applied: s.applied,
+            keys: s.keys,
         })
     }
 
@@ -144,11 +133,14 @@ impl Cluster {
     fn leader(&mut self, patience: Duration) -> Result<usize, String> {
         let deadline = Instant::now() + patience;
         loop {
-            let leader = (0..self.children.len())
-                .filter(|&i| self.children[i].is_some())
-                .filter_map(|i| self.status(i).filter(|s| s.leader).map(|s| (i, s.term)))
-                .max_by_key(|&(_, term)| term);
-            if let Some((i, _)) = leader {
+            let running = (0..self.children.len()).filter(|&i| self.children[i].is_some());
+            let statuses = running.map(|i| {
+                (
+                    i,
+                    NodeStatusFile::read(&NodeStatusFile::path(&self.data(i))),
+                )
+            });
+            if let Some(i) = raftkv::proc::leader_of(statuses) {
                 return Ok(i);
             }
             for i in 0..self.children.len() {
@@ -196,10 +188,8 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        for child in self.children.iter_mut().flatten() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        // Each node is killed and reaped as its handle drops.
+        self.children.clear();
         let _ = fs::remove_dir_all(&self.dir);
     }
 }

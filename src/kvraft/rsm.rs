@@ -167,11 +167,21 @@ enum LogOp {
 }
 
 /// What the rsm hands Raft as a snapshot: the service's state and the index it reflects, so
-/// a restarted peer knows where it is.
-#[derive(Serialize, Deserialize)]
-struct RsmSnapshot {
+/// a restarted peer knows where it is. Read borrowing the state from the snapshot's bytes, and
+/// written by [`encode_snapshot`], so a large state is never copied.
+#[derive(Deserialize)]
+struct RsmSnapshot<'a> {
     index: u64,
-    state: Vec<u8>,
+    #[serde(borrow)]
+    state: &'a [u8],
+}
+
+/// The encoding of `RsmSnapshot { index, state }`: that of `(index, state.len())` followed
+/// by the state's bytes, built in the state's own buffer.
+fn encode_snapshot(index: u64, mut state: Vec<u8>) -> Result<Vec<u8>, labcodec::CodecError> {
+    let head = labcodec::encode(&(index, state.len() as u64))?;
+    state.splice(0..0, head);
+    Ok(state)
 }
 
 /// How far the state machine has applied, and the reads waiting for it to get further.
@@ -273,17 +283,23 @@ impl Rsm {
         // Whatever snapshot Raft holds now (restored, or installed since it started): the
         // reader skips what it covers. Restored before the reader takes any entry.
         let mut last_applied = 0;
-        let snap = raft.snapshot_data();
+        let corrupt = |index, reason: String| RsmError::CorruptSnapshot {
+            peer: me,
+            index,
+            reason,
+        };
+        let snap = match raft.read_snapshot() {
+            Ok(snap) => snap,
+            Err(e) => {
+                raft.kill();
+                return Err(corrupt(None, e.to_string()));
+            }
+        };
         if !snap.is_empty() {
-            let corrupt = |index, reason: String| RsmError::CorruptSnapshot {
-                peer: me,
-                index,
-                reason,
-            };
-            let restored = labcodec::decode::<RsmSnapshot>(&snap)
+            let restored = labcodec::decode_borrowed::<RsmSnapshot>(&snap)
                 .map_err(|e| corrupt(None, e.to_string()))
                 .and_then(|s| {
-                    sm.restore(&s.state)
+                    sm.restore(s.state)
                         .map_err(|e| corrupt(Some(s.index), e.to_string()))?;
                     Ok(s.index)
                 });
@@ -654,9 +670,9 @@ impl Shared {
                     if index <= last_applied {
                         continue;
                     }
-                    let restored = labcodec::decode::<RsmSnapshot>(&data)
+                    let restored = labcodec::decode_borrowed::<RsmSnapshot>(&data)
                         .map_err(|e| e.to_string())
-                        .and_then(|s| self.sm.restore(&s.state).map_err(|e| e.to_string()));
+                        .and_then(|s| self.sm.restore(s.state).map_err(|e| e.to_string()));
                     if let Err(reason) = restored {
                         // Applying later entries to the old state would diverge silently:
                         // this replica stops for good.
@@ -741,11 +757,7 @@ impl Shared {
             // The log outgrew the limit between two applies: this peer applies slowly.
             log::warn!(target: "kvraft::rsm", "rsm-{}: Raft state {size} bytes > 4 * maxraftstate {max} at {index}", self.me);
         }
-        let snap = RsmSnapshot {
-            index,
-            state: self.sm.snapshot(),
-        };
-        match labcodec::encode(&snap) {
+        match encode_snapshot(index, self.sm.snapshot()) {
             Ok(data) => {
                 log::debug!(target: "kvraft::rsm", "rsm-{}: snapshot through {index} ({} bytes)", self.me, data.len());
                 self.raft.snapshot(index, data);

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::check::{self, MAX_TERM};
 use super::rpc::{RequestVoteArgs, RequestVoteReply};
 use super::state::{Core, ELECTION_TIMEOUT_MIN_MS, Role, State};
 
@@ -15,6 +16,11 @@ impl Core {
     /// a real election, so a peer that was cut off, or merely starved of CPU long enough to
     /// miss heartbeats, cannot depose a working leader by bumping the term.
     pub(super) fn start_pre_vote(self: &Arc<Core>, st: &mut State) {
+        let Some(next_term) = next_term(st.term) else {
+            log::error!(target: "raft::election", "raft-{} t{}: at the largest term, cannot stand", self.me, st.term);
+            self.reset_election_timer(st);
+            return;
+        };
         st.role = Role::PreCandidate;
         st.votes.clear();
         st.votes.insert(self.me);
@@ -24,7 +30,7 @@ impl Core {
             self.start_election(st);
             return;
         }
-        self.request_votes(st, st.term + 1, true);
+        self.request_votes(st, next_term, true);
     }
 
     /// Queues RequestVote (or a pre-vote) for `term` to every other peer; they leave once the
@@ -54,7 +60,12 @@ impl Core {
 
     /// Becomes candidate for the next term and asks every peer for its vote.
     pub(super) fn start_election(self: &Arc<Core>, st: &mut State) {
-        st.term += 1;
+        let Some(next_term) = next_term(st.term) else {
+            log::error!(target: "raft::election", "raft-{} t{}: at the largest term, cannot stand", self.me, st.term);
+            self.reset_election_timer(st);
+            return;
+        };
+        st.term = next_term;
         st.role = Role::Candidate;
         st.voted_for = Some(self.me);
         st.votes.clear();
@@ -83,6 +94,10 @@ impl Core {
         let Some(reply) = r else { return };
         let mut st = self.lock_state();
         if self.is_dead() {
+            return;
+        }
+        if reply.term > MAX_TERM || check::term_jump(reply.term, st.term).is_err() {
+            log::warn!(target: "raft::check", "raft-{} t{}: ignored a vote reply from peer {peer}: term {} out of range", self.me, st.term, reply.term);
             return;
         }
         if reply.term > st.term {
@@ -134,6 +149,10 @@ impl Core {
     /// log is at least as up-to-date as ours (Raft §5.4.1). A dead peer answers nothing and
     /// changes nothing; the reply leaves only once the vote is durable.
     pub(crate) fn request_vote(&self, args: RequestVoteArgs) -> Option<RequestVoteReply> {
+        if let Err(why) = check::request_vote(&args, self.me, self.peers.len()) {
+            self.refused("RequestVote", args.candidate, &why);
+            return None;
+        }
         let reply = self.request_vote_synced(args)?;
         // Stopped meanwhile, perhaps because the vote could not be saved: no answer.
         self.reply_if_alive(reply)
@@ -143,6 +162,10 @@ impl Core {
     fn request_vote_synced(&self, args: RequestVoteArgs) -> Option<RequestVoteReply> {
         let mut st = self.lock_state();
         if self.is_dead() {
+            return None;
+        }
+        if let Err(why) = check::term_jump(args.term, st.term) {
+            self.refused("RequestVote", args.candidate, &why);
             return None;
         }
         if args.pre_vote {
@@ -193,4 +216,9 @@ impl Core {
             vote_granted: granted,
         }
     }
+}
+
+/// The term after `term`, unless that is beyond [`MAX_TERM`].
+fn next_term(term: u64) -> Option<u64> {
+    term.checked_add(1).filter(|&t| t <= MAX_TERM)
 }

@@ -4,14 +4,16 @@
 
 use std::collections::BTreeSet;
 use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam::channel::{self, Receiver, Sender};
-use parking_lot::{Condvar, Mutex, MutexGuard};
+use parking_lot::{Condvar, Mutex, MutexGuard, RwLock};
 use rand::Rng;
 
 use super::RaftError;
+use super::check::{MAX_INDEX, MAX_TERM, Refusal, Validator};
 use super::log::Log;
 use super::storage::Storage;
 use super::transport::RaftTransport;
@@ -143,6 +145,8 @@ pub(crate) struct Core {
     /// Persisted state size (bytes) past which a follower takes no more entries; 0: none.
     pub log_limit: AtomicUsize,
     pub dead: AtomicBool,
+    /// The service's check of commands and snapshots from the leader (see `check.rs`).
+    pub validator: RwLock<Option<Arc<dyn Validator>>>,
     /// Dropped on kill, which wakes an applier blocked on the apply channel.
     kill_tx: Mutex<Option<Sender<()>>>,
 }
@@ -172,6 +176,15 @@ impl Core {
                 reason: format!(
                     "log holds term {} beyond current term {term}",
                     log.last_term()
+                ),
+            });
+        }
+        if term > MAX_TERM || log.last_index() > MAX_INDEX {
+            return Err(RaftError::CorruptState {
+                peer: me,
+                reason: format!(
+                    "term {term} or last index {} beyond the largest ({MAX_TERM})",
+                    log.last_index()
                 ),
             });
         }
@@ -223,10 +236,21 @@ impl Core {
                 room_cv: Condvar::new(),
                 log_limit: AtomicUsize::new(0),
                 dead: AtomicBool::new(false),
+                validator: RwLock::new(None),
                 kill_tx: Mutex::new(Some(kill_tx)),
             },
             kill_rx,
         ))
+    }
+
+    /// Logs a message refused by `check.rs`, naming the peer it claims to come from.
+    pub(super) fn refused(&self, what: &str, from: usize, why: &Refusal) {
+        log::warn!(target: "raft::check", "raft-{}: refused {what} from peer {from}: {why}", self.me);
+    }
+
+    /// The validator, if the service gave one (cloned out: never held while checking).
+    pub(super) fn validator(&self) -> Option<Arc<dyn Validator>> {
+        self.validator.read().clone()
     }
 
     pub(super) fn is_dead(&self) -> bool {
@@ -317,7 +341,7 @@ impl Core {
     }
 
     /// Elections and heartbeats: sleeps until the next deadline (or a wake-up) and acts on it.
-    pub(super) fn run_ticker(self: &std::sync::Arc<Core>) {
+    pub(super) fn run_ticker(self: &Arc<Core>) {
         while !self.is_dead() {
             {
                 // Released (storage synced, messages sent) before waiting.

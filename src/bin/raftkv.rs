@@ -4,6 +4,7 @@
 //! raftkv                      same as `raftkv local`
 //! raftkv local [--nodes 3] [--dir ./raftkv-data] [--port 7001]
 //! raftkv serve --id N --peers 1=HOST:PORT,2=HOST:PORT,3=HOST:PORT --client HOST:PORT --data DIR
+//!              --peer-secret-file FILE
 //! raftkv chaos [--duration 30s] [--clients 8] [--nodes 3] [--keys 5] [--seed N] [--dir DIR]
 //! ```
 //!
@@ -30,7 +31,7 @@ raftkv: a linearizable key/value store on Raft, spoken to with any Redis client.
 usage:
   raftkv [local] [--nodes N] [--dir DIR] [--port P]   a cluster of N local processes (default)
   raftkv serve --id N --peers 1=H:P,2=H:P,... --client H:P --data DIR
-                                                     one node
+               --peer-secret-file FILE               one node
   raftkv chaos [--duration 30s] [--clients 8] [--nodes 3] [--seed N] [--dir DIR]
                                                      break a local cluster on purpose and
                                                      check what clients saw
@@ -43,16 +44,20 @@ usage: raftkv local [--nodes N] [--dir DIR] [--port P]
 
 Starts N nodes (default 3) as separate processes on 127.0.0.1, node i's Redis port at P+i-1
 (default P = 7001) and its peer port at P+1000+i-1, each keeping its data in DIR/node-i
-(default ./raftkv-data). Prints where to connect and one live status line. Ctrl-C stops every
+(default ./raftkv-data). The peer links are authenticated with the secret in DIR/peer-secret,
+created (mode 0600) on the first start. Prints where to connect and one live status line. Ctrl-C stops every
 node; starting again with the same DIR finds the data where it was.";
 
 const SERVE_HELP: &str = "\
 usage: raftkv serve --id N --peers 1=HOST:PORT,2=HOST:PORT,... --client HOST:PORT --data DIR
-                    [--stop-on-stdin-eof]
+                    --peer-secret-file FILE [--stop-on-stdin-eof]
 
 Runs node N of the cluster listed in --peers (each node's peer port; every node must be given
 the same list). Redis clients connect to --client. The Raft log, snapshots and the node's
-status file live in DIR. --stop-on-stdin-eof: stop when standard input closes (how `local`
+status file live in DIR. --peer-secret-file: the cluster's shared secret (at least 16 bytes,
+mode 0600, the same file on every node); every peer connection starts with a handshake proving
+both ends hold it, and nothing else is read from a peer that fails it. It authenticates, it
+does not encrypt. --stop-on-stdin-eof: stop when standard input closes (how `local`
 and the tests tie a node's life to their own). SIGINT and SIGTERM stop the node cleanly.";
 
 const CHAOS_HELP: &str = "\
@@ -161,13 +166,20 @@ struct ServeArgs {
     peers: Vec<String>,
     client: String,
     data: PathBuf,
+    peer_secret_file: PathBuf,
     stop_on_stdin_eof: bool,
 }
 
 fn parse_serve(args: &[String]) -> Result<ServeArgs, Usage> {
     let given = flags(
         args,
-        &["--id", "--peers", "--client", "--data"],
+        &[
+            "--id",
+            "--peers",
+            "--client",
+            "--data",
+            "--peer-secret-file",
+        ],
         &["--stop-on-stdin-eof"],
     )?;
     let get = |name: &str| given.iter().find(|(f, _)| *f == name).map(|(_, v)| *v);
@@ -201,6 +213,7 @@ fn parse_serve(args: &[String]) -> Result<ServeArgs, Usage> {
         peers: peers.into_iter().map(|(_, a)| a).collect(),
         client: need("--client")?.to_string(),
         data: PathBuf::from(need("--data")?),
+        peer_secret_file: PathBuf::from(need("--peer-secret-file")?),
         stop_on_stdin_eof: get("--stop-on-stdin-eof").is_some(),
     })
 }
@@ -387,6 +400,10 @@ fn serve(args: ServeArgs) -> ExitCode {
     if let Err(e) = check_identity(&args.data, args.id, &args.peers) {
         return fail(e);
     }
+    let peer_secret = match raftkv::node::secret::read_secret(&args.peer_secret_file) {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
     let storage = match open_storage(&args.data.join("raft")) {
         Ok(s) => s,
         Err(e) => return fail(e.to_string()),
@@ -401,6 +418,10 @@ fn serve(args: ServeArgs) -> ExitCode {
         client_addr: args.client.clone(),
         max_raft_state: Some(raftkv::node::DEFAULT_MAX_RAFT_STATE),
         fault,
+        peer_secret,
+        // The peer lists differ between nodes (a proxy may stand for a peer), so the cluster
+        // is named by its size; the secret is what authenticates.
+        cluster_id: format!("raftkv/{}", args.peers.len()),
     };
     let mut node = match Node::start(config, storage) {
         Ok(n) => n,
@@ -619,6 +640,14 @@ fn local(args: LocalArgs) -> ExitCode {
     let peers: Vec<String> = (0..n)
         .map(|i| format!("{}=127.0.0.1:{}", i + 1, peer_port(i)))
         .collect();
+    let secret = args.dir.join(raftkv::node::secret::SECRET_FILE);
+    if let Err(e) = fs::create_dir_all(&args.dir)
+        .map_err(|e| format!("cannot create {}: {e}", args.dir.display()))
+        .and_then(|()| raftkv::node::secret::create_secret(&secret))
+    {
+        eprintln!("raftkv local: {e}");
+        return ExitCode::from(1);
+    }
     let mut children = Children(Vec::new());
     for i in 0..n {
         let data = args.dir.join(format!("node-{}", i + 1));
@@ -629,6 +658,8 @@ fn local(args: LocalArgs) -> ExitCode {
             .args(["--client", &format!("127.0.0.1:{}", client_port(i))])
             .arg("--data")
             .arg(&data)
+            .arg("--peer-secret-file")
+            .arg(&secret)
             .arg("--stop-on-stdin-eof")
             .stdin(Stdio::piped())
             .process_group(0)

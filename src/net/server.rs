@@ -3,12 +3,12 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam::channel::{self, Receiver, Sender, TrySendError};
 use parking_lot::{Mutex, RwLock};
@@ -16,6 +16,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::conn::{self, ConnConfig, ConnHandle, ConnThreads};
+use super::handshake::{self, HANDSHAKE_TIMEOUT, PeerAuth};
 use super::wire::{self, Frame, RemoteError};
 use super::{DEFAULT_MAX_FRAME_BYTES, RateLimitedLog};
 use crate::labcodec;
@@ -42,6 +43,14 @@ pub struct ServerOptions {
     pub write_timeout: Duration,
     /// Replies queued for one connection's writer.
     pub send_queue: usize,
+    /// With it, every connection must first pass the peer handshake (see
+    /// [`handshake`](super::handshake)) within [`HANDSHAKE_TIMEOUT`]; nothing it sends before
+    /// is decoded. An authenticated node holds one connection: a new one from the same node
+    /// replaces the old. `None`: connections are served at once (tests, tools).
+    pub auth: Option<PeerAuth>,
+    /// Connections still in the handshake, at most; the oldest is closed to make room for a
+    /// new one, so a flood of idle sockets cannot keep a node out for long.
+    pub max_unauthenticated: usize,
 }
 
 impl Default for ServerOptions {
@@ -53,6 +62,8 @@ impl Default for ServerOptions {
             max_connections: 256,
             write_timeout: Duration::from_secs(5),
             send_queue: 1024,
+            auth: None,
+            max_unauthenticated: 64,
         }
     }
 }
@@ -124,11 +135,34 @@ struct Inner {
     dispatched: AtomicUsize,
     refused: AtomicU64,
     busy_log: RateLimitedLog,
+    next_conn: AtomicU64,
+    /// Handshakes refused, and connections closed unauthenticated to make room.
+    unauthenticated_log: RateLimitedLog,
+    handshakes_refused: AtomicU64,
 }
 
 struct ConnEntry {
     handle: ConnHandle,
     threads: ConnThreads,
+    /// The node at the other end, once the handshake has proved it.
+    node: Option<u64>,
+}
+
+/// A connection in the handshake, on its own thread.
+struct Handshaking {
+    /// A handle on the socket, to close it (which ends the handshake at once).
+    stream: TcpStream,
+    peer: SocketAddr,
+    /// Decided once: the accept loop closes it to make room, or its thread serves it.
+    outcome: Arc<Mutex<Outcome>>,
+    thread: JoinHandle<()>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Pending,
+    Serving,
+    Evicted,
 }
 
 /// A TCP RPC server. Dropping it (or [`shutdown`](Self::shutdown)) closes every connection and
@@ -161,6 +195,9 @@ impl Server {
             dispatched: AtomicUsize::new(0),
             refused: AtomicU64::new(0),
             busy_log: RateLimitedLog::new(Duration::from_secs(1)),
+            next_conn: AtomicU64::new(0),
+            unauthenticated_log: RateLimitedLog::new(Duration::from_secs(1)),
+            handshakes_refused: AtomicU64::new(0),
         });
         let (job_tx, job_rx) = channel::bounded::<Job>(options.handler_queue.max(1));
         let mut server = Server {
@@ -218,7 +255,12 @@ impl Server {
         self.inner.refused.load(Ordering::Relaxed)
     }
 
-    /// Connections open now.
+    /// Connections refused in the handshake (or closed before finishing it) so far.
+    pub fn handshakes_refused(&self) -> u64 {
+        self.inner.handshakes_refused.load(Ordering::Relaxed)
+    }
+
+    /// Connections open now (authenticated ones, when the server authenticates).
     pub fn connections(&self) -> usize {
         self.conns
             .lock()
@@ -275,13 +317,14 @@ impl Drop for Server {
 fn accept_loop(
     listener: &TcpListener,
     inner: &Arc<Inner>,
-    conns: &Mutex<Vec<ConnEntry>>,
+    conns: &Arc<Mutex<Vec<ConnEntry>>>,
     job_tx: &Sender<Job>,
 ) {
     let name = &inner.name;
-    let mut next_conn = 0u64;
+    let mut handshaking: Vec<Handshaking> = Vec::new();
     while !inner.stop.load(Ordering::SeqCst) {
         reap(conns);
+        reap_handshakes(&mut handshaking);
         let (stream, peer) = match listener.accept() {
             Ok(accepted) => accepted,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -294,38 +337,175 @@ fn accept_loop(
                 continue;
             }
         };
-        let open = conns.lock().len();
-        if open >= inner.options.max_connections {
-            log::warn!(target: LOG, "{name}: refusing connection from {peer}: {open} connections open (the limit)");
-            continue;
-        }
         if let Err(e) = stream.set_nonblocking(false) {
             log::warn!(target: LOG, "{name}: connection from {peer}: {e}");
             continue;
         }
-        let config = ConnConfig {
-            name: format!("{name}-c{next_conn}"),
-            log_target: LOG,
-            peer,
-            max_frame_bytes: inner.options.max_frame_bytes,
-            write_timeout: inner.options.write_timeout,
-            send_queue: inner.options.send_queue.max(1),
-        };
-        next_conn += 1;
-        let on_frame = {
-            let inner = inner.clone();
-            let job_tx = job_tx.clone();
-            move |frame, reply_tx: &Sender<Vec<u8>>| {
-                on_request(&inner, &job_tx, peer, frame, reply_tx)
+        let Some(auth) = &inner.options.auth else {
+            let open = conns.lock().len();
+            if open >= inner.options.max_connections {
+                log::warn!(target: LOG, "{name}: refusing connection from {peer}: {open} connections open (the limit)");
+                continue;
             }
+            serve(inner, conns, job_tx, stream, peer, None);
+            continue;
         };
-        match conn::start(stream, config, on_frame, || {}) {
-            Ok((handle, threads)) => {
-                log::debug!(target: LOG, "{name}: connection from {peer}");
-                conns.lock().push(ConnEntry { handle, threads });
-            }
-            Err(e) => log::warn!(target: LOG, "{name}: cannot serve {peer}: {e}"),
+        if handshaking.len() >= inner.options.max_unauthenticated.max(1) {
+            evict_oldest(inner, &mut handshaking);
         }
+        let Ok(handle) = stream.try_clone() else {
+            continue;
+        };
+        let outcome = Arc::new(Mutex::new(Outcome::Pending));
+        let spawned = {
+            let (inner, conns, job_tx, auth, outcome) = (
+                inner.clone(),
+                conns.clone(),
+                job_tx.clone(),
+                auth.clone(),
+                outcome.clone(),
+            );
+            let k = inner.next_conn.fetch_add(1, Ordering::Relaxed);
+            thread::Builder::new()
+                .name(format!("{name}-hs{k}"))
+                .spawn(move || authenticate(&inner, &conns, &job_tx, &auth, stream, peer, &outcome))
+        };
+        match spawned {
+            Ok(thread) => handshaking.push(Handshaking {
+                stream: handle,
+                peer,
+                outcome,
+                thread,
+            }),
+            Err(e) => log::warn!(target: LOG, "{name}: cannot start a handshake with {peer}: {e}"),
+        }
+    }
+    // Shutdown: end every handshake (a finished one has registered its connection, which
+    // the server closes next).
+    for h in &handshaking {
+        let _ = h.stream.shutdown(Shutdown::Both);
+    }
+    for h in handshaking {
+        let _ = h.thread.join();
+    }
+}
+
+/// Closes the oldest connection still in the handshake, to make room for a new one: the
+/// oldest has had the longest to prove itself.
+fn evict_oldest(inner: &Inner, handshaking: &mut Vec<Handshaking>) {
+    let Some(k) = handshaking.iter().position(|h| {
+        let mut outcome = h.outcome.lock();
+        if *outcome == Outcome::Pending {
+            *outcome = Outcome::Evicted;
+            true
+        } else {
+            false
+        }
+    }) else {
+        return; // all of them authenticated meanwhile
+    };
+    let oldest = handshaking.remove(k);
+    let _ = oldest.stream.shutdown(Shutdown::Both);
+    inner.handshakes_refused.fetch_add(1, Ordering::Relaxed);
+    if let Some(count) = inner.unauthenticated_log.tick() {
+        log::warn!(target: LOG, "{}: {} connections in the handshake (the limit): closed the oldest, from {} ({count} refused since the last report)", inner.name, inner.options.max_unauthenticated, oldest.peer);
+    }
+    let _ = oldest.thread.join();
+}
+
+/// Joins the handshake threads that are done.
+fn reap_handshakes(handshaking: &mut Vec<Handshaking>) {
+    let (done, running): (Vec<_>, Vec<_>) = std::mem::take(handshaking)
+        .into_iter()
+        .partition(|h| h.thread.is_finished());
+    *handshaking = running;
+    for h in done {
+        let _ = h.thread.join();
+    }
+}
+
+/// A handshake thread: serves the connection if the peer proves itself within
+/// [`HANDSHAKE_TIMEOUT`], else closes it and says why.
+fn authenticate(
+    inner: &Arc<Inner>,
+    conns: &Mutex<Vec<ConnEntry>>,
+    job_tx: &Sender<Job>,
+    auth: &PeerAuth,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    outcome: &Mutex<Outcome>,
+) {
+    let name = &inner.name;
+    match handshake::accept(&mut stream, auth, Instant::now() + HANDSHAKE_TIMEOUT) {
+        Ok(node) => {
+            {
+                let mut outcome = outcome.lock();
+                if *outcome == Outcome::Evicted || inner.stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                *outcome = Outcome::Serving;
+            }
+            log::debug!(target: LOG, "{name}: node {node} authenticated from {peer}");
+            serve(inner, conns, job_tx, stream, peer, Some(node));
+        }
+        Err(e) => {
+            if *outcome.lock() == Outcome::Evicted || inner.stop.load(Ordering::SeqCst) {
+                return; // counted and logged by whoever closed it
+            }
+            inner.handshakes_refused.fetch_add(1, Ordering::Relaxed);
+            if let Some(count) = inner.unauthenticated_log.tick() {
+                log::warn!(target: LOG, "{name}: refused peer connection from {peer}: {e} ({count} refused since the last report)");
+            }
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+/// Starts serving `stream`. A connection from an authenticated node replaces any other
+/// from that node.
+fn serve(
+    inner: &Arc<Inner>,
+    conns: &Mutex<Vec<ConnEntry>>,
+    job_tx: &Sender<Job>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    node: Option<u64>,
+) {
+    let name = &inner.name;
+    let k = inner.next_conn.fetch_add(1, Ordering::Relaxed);
+    let config = ConnConfig {
+        name: format!("{name}-c{k}"),
+        log_target: LOG,
+        peer,
+        max_frame_bytes: inner.options.max_frame_bytes,
+        write_timeout: inner.options.write_timeout,
+        send_queue: inner.options.send_queue.max(1),
+    };
+    let on_frame = {
+        let inner = inner.clone();
+        let job_tx = job_tx.clone();
+        move |frame, reply_tx: &Sender<Vec<u8>>| on_request(&inner, &job_tx, peer, frame, reply_tx)
+    };
+    let mut conns = conns.lock();
+    if let Some(node) = node {
+        for old in conns.iter().filter(|c| c.node == Some(node)) {
+            log::info!(target: LOG, "{name}: node {node} connected again from {peer}: its older connection is closed");
+            old.handle.close();
+        }
+    } else if conns.len() >= inner.options.max_connections {
+        log::warn!(target: LOG, "{name}: refusing connection from {peer}: {} connections open (the limit)", conns.len());
+        return;
+    }
+    match conn::start(stream, config, on_frame, || {}) {
+        Ok((handle, threads)) => {
+            log::debug!(target: LOG, "{name}: connection from {peer}");
+            conns.push(ConnEntry {
+                handle,
+                threads,
+                node,
+            });
+        }
+        Err(e) => log::warn!(target: LOG, "{name}: cannot serve {peer}: {e}"),
     }
 }
 

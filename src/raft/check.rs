@@ -145,10 +145,7 @@ pub(super) fn append_entries(
     term("prev_log_term", a.prev_log_term)?;
     not_ahead("prev_log_term", a.prev_log_term, a.term)?;
     index("leader_commit", a.leader_commit)?;
-    let last = a
-        .prev_log_index
-        .checked_add(a.entries.len() as u64)
-        .unwrap_or(u64::MAX);
+    let last = a.prev_log_index.saturating_add(a.entries.len() as u64);
     index("last entry's index", last)?;
     for e in &a.entries {
         not_ahead("an entry's term", e.term, a.term)?;

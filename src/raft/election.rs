@@ -137,6 +137,7 @@ impl Core {
             p.inflight = None;
             p.dirty = false;
             p.acked_round = 0;
+            p.last_answer = None;
         }
         log::info!(target: "raft::election", "raft-{} t{}: leader, log ..={}", self.me, st.term, st.log.last_index());
         // Assert authority at once rather than at the next tick.
@@ -171,6 +172,17 @@ impl Core {
         if args.pre_vote {
             return Some(self.pre_vote(&st, &args));
         }
+        if args.term > st.term && self.leader_alive(&st) {
+            // Raft dissertation §4.2.3: a server that heard from a leader within the minimum
+            // election timeout neither adopts the term nor votes. A candidate that passed
+            // pre-vote found a majority not hearing from the leader, so this stops only a
+            // disruptive (or rogue) peer from deposing a working leader.
+            log::debug!(target: "raft::election", "raft-{} t{}: vote for {} at t{}: ignored, leader alive", self.me, st.term, args.candidate, args.term);
+            return Some(RequestVoteReply {
+                term: st.term,
+                vote_granted: false,
+            });
+        }
         let mut changed = false;
         if args.term > st.term {
             changed = self.step_down(&mut st, args.term);
@@ -199,16 +211,32 @@ impl Core {
         })
     }
 
+    /// Whether a leader is known to be working: this peer leads and a majority (itself
+    /// included) answered it within the minimum election timeout, or it heard from a leader
+    /// of its term that recently. It then refuses (pre-)votes for a newer term.
+    fn leader_alive(&self, st: &State) -> bool {
+        if st.role == Role::Leader {
+            let answered = (0..self.peers.len())
+                .filter(|&p| {
+                    p == self.me
+                        || st.peers[p]
+                            .last_answer
+                            .is_some_and(|t| t.elapsed() < LEADER_STICKINESS)
+                })
+                .count();
+            return answered >= self.majority();
+        }
+        st.leader_contact
+            .is_some_and(|t| t.elapsed() < LEADER_STICKINESS)
+    }
+
     /// Answers a pre-vote: yes if a vote at `args.term` could be granted now — the term is
     /// ahead of ours, the candidate's log is at least as up-to-date, and we have not heard
     /// from a leader lately (and are not one). Changes nothing.
     fn pre_vote(&self, st: &State, args: &RequestVoteArgs) -> RequestVoteReply {
         let up_to_date =
             (args.last_log_term, args.last_log_index) >= (st.log.last_term(), st.log.last_index());
-        let leader_alive = st.role == Role::Leader
-            || st
-                .leader_contact
-                .is_some_and(|t| t.elapsed() < LEADER_STICKINESS);
+        let leader_alive = self.leader_alive(st);
         let granted = args.term > st.term && up_to_date && !leader_alive;
         log::debug!(target: "raft::election", "raft-{} t{}: pre-vote for {} (t{} log ..={} t{}): {}", self.me, st.term, args.candidate, args.term, args.last_log_index, args.last_log_term, if granted { "granted" } else if leader_alive { "refused, leader alive" } else { "refused" });
         RequestVoteReply {

@@ -68,6 +68,8 @@ pub(super) struct Progress {
     /// The highest read round (see [`State::read_round`]) of a call this peer answered in
     /// the current term.
     pub acked_round: u64,
+    /// When this peer last answered a call of this leader's term.
+    pub last_answer: Option<Instant>,
 }
 
 impl Progress {
@@ -80,7 +82,10 @@ impl Progress {
             self.inflight = None;
         }
         match &r {
-            Some(_) => self.unanswered = 0,
+            Some(_) => {
+                self.unanswered = 0;
+                self.last_answer = Some(Instant::now());
+            }
             None if current => self.unanswered = self.unanswered.saturating_add(1),
             None => {}
         }
@@ -216,6 +221,7 @@ impl Core {
                     outstanding: 0,
                     dirty: false,
                     acked_round: 0,
+                    last_answer: None,
                 };
                 n
             ],

@@ -715,8 +715,8 @@ fn hold_connections(port: u16, n: usize, stop: &std::sync::atomic::AtomicBool) -
 }
 
 /// 300 connections held open to the leader's peer port (each reopened as soon as the node
-/// closes it) do not keep a restarted follower from reaching the leader, and do not grow
-/// the leader's memory.
+/// closes it) do not keep a restarted follower from reaching the leader (it catches up, and
+/// a write through it is forwarded to the leader), and do not grow the leader's memory.
 #[test]
 fn held_connections_do_not_shut_out_a_restarted_follower() {
     let mut cluster = Cluster::new();
@@ -746,6 +746,12 @@ fn held_connections_do_not_shut_out_a_restarted_follower() {
         );
         thread::sleep(Duration::from_millis(50));
     }
+    // The follower reaches the leader itself: a write through it is forwarded over its own
+    // connection to the leader's peer port.
+    let ok: String = cluster.retry(follower, "SET through the restarted follower", |c| {
+        redis::cmd("SET").arg("h-via-follower").arg("v").query(c)
+    });
+    assert_eq!(ok, "OK");
     let rss_during = rss_kib(pid);
     stop.store(true, Ordering::SeqCst);
     let opened = holder.join().expect("holder thread");

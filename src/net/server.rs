@@ -1,12 +1,15 @@
-//! The server side: a listener thread, a reader and a writer thread per connection, and a
-//! fixed pool of handler threads fed through a bounded queue.
+//! The server side: an [`Acceptor`](super::acceptor::Acceptor) (the listener thread, the
+//! connection cap, the optional handshake), a reader and a writer thread per connection, and
+//! a fixed pool of handler threads fed through a bounded queue. With
+//! [`ServerOptions::auth`] every connection first passes the peer handshake
+//! ([`handshake`](super::handshake)) on a thread of its own, `<name>-hs<k>`.
 
 use std::collections::HashMap;
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -15,6 +18,8 @@ use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use super::acceptor::{Accept, Acceptor, AcceptorOptions, ConnList, Handshake};
+use super::acceptor::close_and_join;
 use super::conn::{self, ConnConfig, ConnHandle, ConnThreads};
 use super::handshake::{self, HANDSHAKE_TIMEOUT, PeerAuth};
 use super::wire::{self, Frame, RemoteError};
@@ -22,10 +27,6 @@ use super::{DEFAULT_MAX_FRAME_BYTES, RateLimitedLog};
 use crate::labcodec;
 
 const LOG: &str = "net::server";
-
-/// How long the listener thread sleeps when no connection is waiting (it also checks for
-/// shutdown then).
-const ACCEPT_POLL: Duration = Duration::from_millis(5);
 
 /// A server's limits.
 #[derive(Debug, Clone)]
@@ -37,19 +38,21 @@ pub struct ServerOptions {
     pub handler_queue: usize,
     /// Largest frame accepted (and reply sent); a peer sending a larger one is disconnected.
     pub max_frame_bytes: usize,
-    /// Connections open at once; further ones are closed on accept.
+    /// Connections open at once; further ones are closed on accept (and the limit hit logged).
     pub max_connections: usize,
+    /// Runs on each accepted connection before it carries frames (see [`Handshake`]).
+    pub handshake: Option<Handshake>,
     /// A peer that does not read its replies for this long is disconnected.
     pub write_timeout: Duration,
     /// Replies queued for one connection's writer.
     pub send_queue: usize,
     /// With it, every connection must first pass the peer handshake (see
-    /// [`handshake`](super::handshake)) within [`HANDSHAKE_TIMEOUT`]; nothing it sends before
-    /// is decoded. An authenticated node holds one connection: a new one from the same node
-    /// replaces the old. `None`: connections are served at once (tests, tools).
+    /// [`handshake`](super::handshake)) within [`HANDSHAKE_TIMEOUT`], on its own thread;
+    /// nothing it sends before is decoded. An authenticated node holds one connection: a new
+    /// one from the same node replaces the old. `None`: connections are served at once.
     pub auth: Option<PeerAuth>,
     /// Connections still in the handshake, at most; the oldest is closed to make room for a
-    /// new one, so a flood of idle sockets cannot keep a node out for long.
+    /// new one, so a flood of idle sockets cannot keep a node out.
     pub max_unauthenticated: usize,
 }
 
@@ -60,6 +63,7 @@ impl Default for ServerOptions {
             handler_queue: 1024,
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
             max_connections: 256,
+            handshake: None,
             write_timeout: Duration::from_secs(5),
             send_queue: 1024,
             auth: None,
@@ -131,38 +135,206 @@ struct Inner {
     addr: SocketAddr,
     options: ServerOptions,
     services: RwLock<HashMap<String, Arc<Service>>>,
-    stop: AtomicBool,
     dispatched: AtomicUsize,
     refused: AtomicU64,
     busy_log: RateLimitedLog,
-    next_conn: AtomicU64,
+    /// The connection of each authenticated node.
+    nodes: Mutex<HashMap<u64, ConnHandle>>,
     /// Handshakes refused, and connections closed unauthenticated to make room.
     unauthenticated_log: RateLimitedLog,
     handshakes_refused: AtomicU64,
 }
 
+/// One accepted connection: served at once, or (with authentication) first in the handshake
+/// on its own thread, which then serves it.
 struct ConnEntry {
-    handle: ConnHandle,
-    threads: ConnThreads,
-    /// The node at the other end, once the handshake has proved it.
-    node: Option<u64>,
+    /// The accept number, `k` of the thread names.
+    k: u64,
+    /// With authentication: a handle on the socket (shutting it down ends the handshake, or
+    /// the connection served after it) and the handshake thread.
+    handshake: Option<(TcpStream, JoinHandle<()>)>,
+    /// The connection once served.
+    served: Arc<Mutex<Option<(ConnHandle, ConnThreads)>>>,
 }
 
-/// A connection in the handshake, on its own thread.
-struct Handshaking {
-    /// A handle on the socket, to close it (which ends the handshake at once).
+impl ConnEntry {
+    /// Still in the handshake.
+    fn pending(&self) -> bool {
+        self.handshake
+            .as_ref()
+            .is_some_and(|(_, t)| !t.is_finished())
+            && self.served.lock().is_none()
+    }
+
+    fn is_open(&self) -> bool {
+        self.served
+            .lock()
+            .as_ref()
+            .is_some_and(|(h, _)| !h.is_closed())
+    }
+}
+
+impl super::acceptor::Conn for ConnEntry {
+    fn close(&self) {
+        if let Some((socket, _)) = &self.handshake {
+            // Sticky: a connection served after this finds its socket shut.
+            let _ = socket.shutdown(Shutdown::Both);
+        }
+        if let Some((handle, _)) = &*self.served.lock() {
+            handle.close();
+        }
+    }
+
+    fn is_finished(&self) -> bool {
+        self.handshake.as_ref().is_none_or(|(_, t)| t.is_finished())
+            && self
+                .served
+                .lock()
+                .as_ref()
+                .is_none_or(|(_, threads)| threads.is_finished())
+    }
+
+    fn join(self) -> thread::Result<()> {
+        if let Some((_, thread)) = self.handshake {
+            thread.join()?;
+        }
+        let served = self.served.lock().take();
+        match served {
+            Some((_, threads)) => std::panic::catch_unwind(AssertUnwindSafe(|| threads.join())),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Starts the reader and writer of each accepted connection, or its handshake first.
+struct Opener {
+    inner: Arc<Inner>,
+    job_tx: Sender<Job>,
+}
+
+impl Accept for Opener {
+    type Conn = ConnEntry;
+
+    fn open(
+        &mut self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        k: u64,
+        conns: &ConnList<ConnEntry>,
+    ) -> io::Result<()> {
+        let served = Arc::new(Mutex::new(None));
+        let Some(auth) = self.inner.options.auth.clone() else {
+            *served.lock() = Some(start_conn(&self.inner, &self.job_tx, stream, peer, k)?);
+            conns.push(ConnEntry {
+                k,
+                handshake: None,
+                served,
+            });
+            return Ok(());
+        };
+        if conns.count(ConnEntry::pending) >= self.inner.options.max_unauthenticated.max(1) {
+            evict_oldest(&self.inner, conns);
+        }
+        let socket = stream.try_clone()?;
+        let thread = {
+            let (inner, job_tx, served) = (self.inner.clone(), self.job_tx.clone(), served.clone());
+            thread::Builder::new()
+                .name(format!("{}-hs{k}", self.inner.name))
+                .spawn(move || authenticate(&inner, &job_tx, &auth, stream, peer, k, &served))?
+        };
+        conns.push(ConnEntry {
+            k,
+            handshake: Some((socket, thread)),
+            served,
+        });
+        Ok(())
+    }
+}
+
+/// Closes the oldest connection still in the handshake, to make room for a new one: it has
+/// had the longest to prove itself.
+fn evict_oldest(inner: &Inner, conns: &ConnList<ConnEntry>) {
+    let oldest = std::cell::Cell::new(u64::MAX);
+    conns.count(|c| {
+        if c.pending() {
+            oldest.set(oldest.get().min(c.k));
+        }
+        false
+    });
+    let oldest = oldest.get();
+    let taken = conns.take_where(|c| c.k == oldest);
+    if taken.is_empty() {
+        return;
+    }
+    inner.handshakes_refused.fetch_add(1, Ordering::Relaxed);
+    if let Some(count) = inner.unauthenticated_log.tick() {
+        log::warn!(target: LOG, "{}: {} connections in the handshake (the limit): closed the oldest ({count} refused since the last report)", inner.name, inner.options.max_unauthenticated);
+    }
+    if let Err(panic) = close_and_join(taken) {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// A handshake thread: serves the connection if the peer proves itself within
+/// [`HANDSHAKE_TIMEOUT`], else closes it and says why.
+fn authenticate(
+    inner: &Arc<Inner>,
+    job_tx: &Sender<Job>,
+    auth: &PeerAuth,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    k: u64,
+    served: &Mutex<Option<(ConnHandle, ConnThreads)>>,
+) {
+    let name = &inner.name;
+    match handshake::accept(&mut stream, auth, Instant::now() + HANDSHAKE_TIMEOUT) {
+        Ok(node) => {
+            log::debug!(target: LOG, "{name}: node {node} authenticated from {peer}");
+            match start_conn(inner, job_tx, stream, peer, k) {
+                Ok((handle, threads)) => {
+                    if let Some(old) = inner.nodes.lock().insert(node, handle.clone())
+                        && !old.is_closed()
+                    {
+                        log::info!(target: LOG, "{name}: node {node} connected again from {peer}: its older connection is closed");
+                        old.close();
+                    }
+                    *served.lock() = Some((handle, threads));
+                }
+                Err(e) => log::warn!(target: LOG, "{name}: cannot serve {peer}: {e}"),
+            }
+        }
+        Err(e) => {
+            inner.handshakes_refused.fetch_add(1, Ordering::Relaxed);
+            if let Some(count) = inner.unauthenticated_log.tick() {
+                log::warn!(target: LOG, "{name}: refused peer connection from {peer}: {e} ({count} refused since the last report)");
+            }
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+/// Starts the reader and writer of a connection.
+fn start_conn(
+    inner: &Arc<Inner>,
+    job_tx: &Sender<Job>,
     stream: TcpStream,
     peer: SocketAddr,
-    /// Decided once: the accept loop closes it to make room, or its thread serves it.
-    outcome: Arc<Mutex<Outcome>>,
-    thread: JoinHandle<()>,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Outcome {
-    Pending,
-    Serving,
-    Evicted,
+    k: u64,
+) -> io::Result<(ConnHandle, ConnThreads)> {
+    let config = ConnConfig {
+        name: format!("{}-c{k}", inner.name),
+        log_target: LOG,
+        peer,
+        max_frame_bytes: inner.options.max_frame_bytes,
+        write_timeout: inner.options.write_timeout,
+        send_queue: inner.options.send_queue.max(1),
+    };
+    let on_frame = {
+        let inner = inner.clone();
+        let job_tx = job_tx.clone();
+        move |frame, reply_tx: &Sender<Vec<u8>>| on_request(&inner, &job_tx, peer, frame, reply_tx)
+    };
+    conn::start(stream, config, on_frame, || {})
 }
 
 /// A TCP RPC server. Dropping it (or [`shutdown`](Self::shutdown)) closes every connection and
@@ -170,8 +342,7 @@ enum Outcome {
 pub struct Server {
     inner: Arc<Inner>,
     job_tx: Option<Sender<Job>>,
-    conns: Arc<Mutex<Vec<ConnEntry>>>,
-    accept: Option<JoinHandle<()>>,
+    acceptor: Option<Acceptor<ConnEntry>>,
     workers: Vec<JoinHandle<()>>,
 }
 
@@ -184,18 +355,16 @@ impl Server {
         options: ServerOptions,
     ) -> io::Result<Server> {
         let listener = TcpListener::bind(bind)?;
-        listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let inner = Arc::new(Inner {
             name: name.to_string(),
             addr,
             options: options.clone(),
             services: RwLock::new(HashMap::new()),
-            stop: AtomicBool::new(false),
             dispatched: AtomicUsize::new(0),
             refused: AtomicU64::new(0),
             busy_log: RateLimitedLog::new(Duration::from_secs(1)),
-            next_conn: AtomicU64::new(0),
+            nodes: Mutex::new(HashMap::new()),
             unauthenticated_log: RateLimitedLog::new(Duration::from_secs(1)),
             handshakes_refused: AtomicU64::new(0),
         });
@@ -203,8 +372,7 @@ impl Server {
         let mut server = Server {
             inner: inner.clone(),
             job_tx: Some(job_tx.clone()),
-            conns: Arc::new(Mutex::new(Vec::new())),
-            accept: None,
+            acceptor: None,
             workers: Vec::new(),
         };
         for i in 0..options.handler_threads.max(1) {
@@ -222,12 +390,17 @@ impl Server {
                 }
             }
         }
-        let conns = server.conns.clone();
-        server.accept = Some(
-            thread::Builder::new()
-                .name(format!("{name}-accept"))
-                .spawn(move || accept_loop(&listener, &inner, &conns, &job_tx))?,
-        );
+        let accept_options = AcceptorOptions {
+            max_connections: options.max_connections,
+            handshake: options.handshake.clone(),
+            ..AcceptorOptions::default()
+        };
+        server.acceptor = Some(Acceptor::start(
+            name,
+            listener,
+            accept_options,
+            Opener { inner, job_tx },
+        )?);
         log::info!(target: LOG, "{name}: listening on {addr}");
         Ok(server)
     }
@@ -255,18 +428,16 @@ impl Server {
         self.inner.refused.load(Ordering::Relaxed)
     }
 
-    /// Connections refused in the handshake (or closed before finishing it) so far.
-    pub fn handshakes_refused(&self) -> u64 {
-        self.inner.handshakes_refused.load(Ordering::Relaxed)
+    /// Connections served now (past the handshake, when the server authenticates).
+    pub fn connections(&self) -> usize {
+        self.acceptor
+            .as_ref()
+            .map_or(0, |a| a.conns().count(|c| c.is_open()))
     }
 
-    /// Connections open now (authenticated ones, when the server authenticates).
-    pub fn connections(&self) -> usize {
-        self.conns
-            .lock()
-            .iter()
-            .filter(|c| !c.handle.is_closed())
-            .count()
+    /// Connections refused in the handshake, or closed before finishing it, so far.
+    pub fn handshakes_refused(&self) -> u64 {
+        self.inner.handshakes_refused.load(Ordering::Relaxed)
     }
 
     /// Stops accepting, closes every connection and joins every thread. Handlers running now
@@ -276,20 +447,7 @@ impl Server {
     }
 
     fn stop_and_join(&mut self) {
-        self.inner.stop.store(true, Ordering::SeqCst);
-        let mut panic = None;
-        if let Some(accept) = self.accept.take() {
-            panic = accept.join().err();
-        }
-        let conns: Vec<ConnEntry> = std::mem::take(&mut *self.conns.lock());
-        for conn in &conns {
-            conn.handle.close();
-        }
-        for conn in conns {
-            if let Err(p) = std::panic::catch_unwind(AssertUnwindSafe(|| conn.threads.join())) {
-                panic.get_or_insert(p);
-            }
-        }
+        let mut panic = self.acceptor.take().and_then(|mut a| a.stop().err());
         // The last sender: the workers finish the queued calls and exit.
         self.job_tx.take();
         for worker in self.workers.drain(..) {
@@ -308,219 +466,9 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        if self.accept.is_some() || !self.workers.is_empty() {
+        if self.acceptor.is_some() || !self.workers.is_empty() {
             self.stop_and_join();
         }
-    }
-}
-
-fn accept_loop(
-    listener: &TcpListener,
-    inner: &Arc<Inner>,
-    conns: &Arc<Mutex<Vec<ConnEntry>>>,
-    job_tx: &Sender<Job>,
-) {
-    let name = &inner.name;
-    let mut handshaking: Vec<Handshaking> = Vec::new();
-    while !inner.stop.load(Ordering::SeqCst) {
-        reap(conns);
-        reap_handshakes(&mut handshaking);
-        let (stream, peer) = match listener.accept() {
-            Ok(accepted) => accepted,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                thread::sleep(ACCEPT_POLL);
-                continue;
-            }
-            Err(e) => {
-                log::warn!(target: LOG, "{name}: accept failed: {e}");
-                thread::sleep(ACCEPT_POLL);
-                continue;
-            }
-        };
-        if let Err(e) = stream.set_nonblocking(false) {
-            log::warn!(target: LOG, "{name}: connection from {peer}: {e}");
-            continue;
-        }
-        let Some(auth) = &inner.options.auth else {
-            let open = conns.lock().len();
-            if open >= inner.options.max_connections {
-                log::warn!(target: LOG, "{name}: refusing connection from {peer}: {open} connections open (the limit)");
-                continue;
-            }
-            serve(inner, conns, job_tx, stream, peer, None);
-            continue;
-        };
-        if handshaking.len() >= inner.options.max_unauthenticated.max(1) {
-            evict_oldest(inner, &mut handshaking);
-        }
-        let Ok(handle) = stream.try_clone() else {
-            continue;
-        };
-        let outcome = Arc::new(Mutex::new(Outcome::Pending));
-        let spawned = {
-            let (inner, conns, job_tx, auth, outcome) = (
-                inner.clone(),
-                conns.clone(),
-                job_tx.clone(),
-                auth.clone(),
-                outcome.clone(),
-            );
-            let k = inner.next_conn.fetch_add(1, Ordering::Relaxed);
-            thread::Builder::new()
-                .name(format!("{name}-hs{k}"))
-                .spawn(move || authenticate(&inner, &conns, &job_tx, &auth, stream, peer, &outcome))
-        };
-        match spawned {
-            Ok(thread) => handshaking.push(Handshaking {
-                stream: handle,
-                peer,
-                outcome,
-                thread,
-            }),
-            Err(e) => log::warn!(target: LOG, "{name}: cannot start a handshake with {peer}: {e}"),
-        }
-    }
-    // Shutdown: end every handshake (a finished one has registered its connection, which
-    // the server closes next).
-    for h in &handshaking {
-        let _ = h.stream.shutdown(Shutdown::Both);
-    }
-    for h in handshaking {
-        let _ = h.thread.join();
-    }
-}
-
-/// Closes the oldest connection still in the handshake, to make room for a new one: the
-/// oldest has had the longest to prove itself.
-fn evict_oldest(inner: &Inner, handshaking: &mut Vec<Handshaking>) {
-    let Some(k) = handshaking.iter().position(|h| {
-        let mut outcome = h.outcome.lock();
-        if *outcome == Outcome::Pending {
-            *outcome = Outcome::Evicted;
-            true
-        } else {
-            false
-        }
-    }) else {
-        return; // all of them authenticated meanwhile
-    };
-    let oldest = handshaking.remove(k);
-    let _ = oldest.stream.shutdown(Shutdown::Both);
-    inner.handshakes_refused.fetch_add(1, Ordering::Relaxed);
-    if let Some(count) = inner.unauthenticated_log.tick() {
-        log::warn!(target: LOG, "{}: {} connections in the handshake (the limit): closed the oldest, from {} ({count} refused since the last report)", inner.name, inner.options.max_unauthenticated, oldest.peer);
-    }
-    let _ = oldest.thread.join();
-}
-
-/// Joins the handshake threads that are done.
-fn reap_handshakes(handshaking: &mut Vec<Handshaking>) {
-    let (done, running): (Vec<_>, Vec<_>) = std::mem::take(handshaking)
-        .into_iter()
-        .partition(|h| h.thread.is_finished());
-    *handshaking = running;
-    for h in done {
-        let _ = h.thread.join();
-    }
-}
-
-/// A handshake thread: serves the connection if the peer proves itself within
-/// [`HANDSHAKE_TIMEOUT`], else closes it and says why.
-fn authenticate(
-    inner: &Arc<Inner>,
-    conns: &Mutex<Vec<ConnEntry>>,
-    job_tx: &Sender<Job>,
-    auth: &PeerAuth,
-    mut stream: TcpStream,
-    peer: SocketAddr,
-    outcome: &Mutex<Outcome>,
-) {
-    let name = &inner.name;
-    match handshake::accept(&mut stream, auth, Instant::now() + HANDSHAKE_TIMEOUT) {
-        Ok(node) => {
-            {
-                let mut outcome = outcome.lock();
-                if *outcome == Outcome::Evicted || inner.stop.load(Ordering::SeqCst) {
-                    return;
-                }
-                *outcome = Outcome::Serving;
-            }
-            log::debug!(target: LOG, "{name}: node {node} authenticated from {peer}");
-            serve(inner, conns, job_tx, stream, peer, Some(node));
-        }
-        Err(e) => {
-            if *outcome.lock() == Outcome::Evicted || inner.stop.load(Ordering::SeqCst) {
-                return; // counted and logged by whoever closed it
-            }
-            inner.handshakes_refused.fetch_add(1, Ordering::Relaxed);
-            if let Some(count) = inner.unauthenticated_log.tick() {
-                log::warn!(target: LOG, "{name}: refused peer connection from {peer}: {e} ({count} refused since the last report)");
-            }
-            let _ = stream.shutdown(Shutdown::Both);
-        }
-    }
-}
-
-/// Starts serving `stream`. A connection from an authenticated node replaces any other
-/// from that node.
-fn serve(
-    inner: &Arc<Inner>,
-    conns: &Mutex<Vec<ConnEntry>>,
-    job_tx: &Sender<Job>,
-    stream: TcpStream,
-    peer: SocketAddr,
-    node: Option<u64>,
-) {
-    let name = &inner.name;
-    let k = inner.next_conn.fetch_add(1, Ordering::Relaxed);
-    let config = ConnConfig {
-        name: format!("{name}-c{k}"),
-        log_target: LOG,
-        peer,
-        max_frame_bytes: inner.options.max_frame_bytes,
-        write_timeout: inner.options.write_timeout,
-        send_queue: inner.options.send_queue.max(1),
-    };
-    let on_frame = {
-        let inner = inner.clone();
-        let job_tx = job_tx.clone();
-        move |frame, reply_tx: &Sender<Vec<u8>>| on_request(&inner, &job_tx, peer, frame, reply_tx)
-    };
-    let mut conns = conns.lock();
-    if let Some(node) = node {
-        for old in conns.iter().filter(|c| c.node == Some(node)) {
-            log::info!(target: LOG, "{name}: node {node} connected again from {peer}: its older connection is closed");
-            old.handle.close();
-        }
-    } else if conns.len() >= inner.options.max_connections {
-        log::warn!(target: LOG, "{name}: refusing connection from {peer}: {} connections open (the limit)", conns.len());
-        return;
-    }
-    match conn::start(stream, config, on_frame, || {}) {
-        Ok((handle, threads)) => {
-            log::debug!(target: LOG, "{name}: connection from {peer}");
-            conns.push(ConnEntry {
-                handle,
-                threads,
-                node,
-            });
-        }
-        Err(e) => log::warn!(target: LOG, "{name}: cannot serve {peer}: {e}"),
-    }
-}
-
-/// Joins the threads of connections that have ended.
-fn reap(conns: &Mutex<Vec<ConnEntry>>) {
-    let finished: Vec<ConnEntry> = {
-        let mut conns = conns.lock();
-        let (done, open) = std::mem::take(&mut *conns)
-            .into_iter()
-            .partition(|c| c.threads.is_finished());
-        *conns = open;
-        done
-    };
-    for conn in finished {
-        conn.threads.join();
     }
 }
 

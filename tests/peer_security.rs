@@ -22,6 +22,7 @@ use raftkv::labcodec;
 use raftkv::net::handshake::{self, PeerAuth};
 use raftkv::net::wire;
 use raftkv::node::secret::{SECRET_FILE, create_secret, read_secret};
+use raftkv::proc::status::NodeStatusFile;
 use raftkv::raft::log::Entry;
 use raftkv::raft::{AppendEntriesArgs, InstallSnapshotArgs, RequestVoteArgs};
 
@@ -104,7 +105,7 @@ impl Cluster {
             .enumerate()
             .map(|(j, p)| format!("{}=127.0.0.1:{p}", j + 1))
             .collect();
-        let _ = fs::remove_file(self.data(i).join("status"));
+        let _ = fs::remove_file(NodeStatusFile::path(&self.data(i)));
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -148,11 +149,10 @@ impl Cluster {
     }
 
     fn status(&self, i: usize) -> Option<Status> {
-        let text = fs::read_to_string(self.data(i).join("status")).ok()?;
-        let words: Vec<&str> = text.split_whitespace().collect();
+        let status = NodeStatusFile::read(&NodeStatusFile::path(&self.data(i)))?;
         Some(Status {
-            term: words.get(1)?.parse().ok()?,
-            leader: *words.get(3)? == "1",
+            term: status.term,
+            leader: status.leader,
         })
     }
 
@@ -683,9 +683,7 @@ fn rss_kib(pid: u32) -> u64 {
 
 /// Node `i`'s applied count, from its status file.
 fn applied(cluster: &Cluster, i: usize) -> Option<u64> {
-    let text = fs::read_to_string(cluster.data(i).join("status")).ok()?;
-    let words: Vec<&str> = text.split_whitespace().collect();
-    words.get(5)?.parse().ok()
+    NodeStatusFile::read(&NodeStatusFile::path(&cluster.data(i))).map(|s| s.applied)
 }
 
 /// Keeps `n` sockets open to `port` until `stop`, reopening those the node closes, each

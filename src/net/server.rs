@@ -18,8 +18,8 @@ use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::acceptor::{Accept, Acceptor, AcceptorOptions, ConnList, Handshake};
 use super::acceptor::close_and_join;
+use super::acceptor::{Accept, Acceptor, AcceptorOptions, ConnList, Handshake};
 use super::conn::{self, ConnConfig, ConnHandle, ConnThreads};
 use super::handshake::{self, HANDSHAKE_TIMEOUT, PeerAuth};
 use super::wire::{self, Frame, RemoteError};

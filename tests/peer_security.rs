@@ -558,10 +558,13 @@ fn garbage_entry_and_snapshot_from_a_rogue_member_are_refused() {
         .expect("send");
     s.write_all(&garbage_snapshot(terms[0] + 1, rogue_id))
         .expect("send");
-    // Both answered (with "no reply": the refusal), so both were handled.
+    // And one speaking for the leader: a member speaks only as itself.
+    s.write_all(&request_vote(terms[0] + 1, leader, false))
+        .expect("send");
+    // All answered (with "no reply": the refusal), so all were handled.
     let mut answers = 0;
     s.set_read_timeout(Some(PATIENCE)).expect("timeout");
-    while answers < 2 {
+    while answers < 3 {
         let mut prefix = [0u8; 4];
         s.read_exact(&mut prefix).expect("an answer");
         let mut body = vec![0u8; u32::from_be_bytes(prefix) as usize];
@@ -582,6 +585,12 @@ fn garbage_entry_and_snapshot_from_a_rogue_member_are_refused() {
             log.contains(&format!("refused InstallSnapshot {from}")),
             "{log}"
         );
+        let claim = format!(
+            "refused RequestVote from node {}: it claims to come from node {}",
+            rogue_id + 1,
+            leader + 1
+        );
+        assert!(log.contains(&claim), "{log}");
     }
     full_restart(&mut cluster, "r", 20);
 }

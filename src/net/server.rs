@@ -72,7 +72,9 @@ impl Default for ServerOptions {
     }
 }
 
-type Handler = Box<dyn Fn(&[u8]) -> Result<Vec<u8>, RemoteError> + Send + Sync>;
+/// A method: gets the node the call came from (authenticated by the handshake; `None`
+/// without authentication) and the request body.
+type Handler = Box<dyn Fn(Option<u64>, &[u8]) -> Result<Vec<u8>, RemoteError> + Send + Sync>;
 
 /// A named set of methods, as [`labrpc::Service`](crate::labrpc::Service).
 pub struct Service {
@@ -91,16 +93,28 @@ impl Service {
     /// Adds method `name`: the handler gets the decoded arguments and returns the reply,
     /// which is encoded back to the caller. Arguments that do not decode are answered with
     /// [`RemoteError::BadArguments`] without running the handler.
-    pub fn method<A, R, F>(mut self, name: &str, handler: F) -> Service
+    pub fn method<A, R, F>(self, name: &str, handler: F) -> Service
     where
         A: DeserializeOwned,
         R: Serialize,
         F: Fn(A) -> R + Send + Sync + 'static,
     {
-        let handler: Handler = Box::new(move |bytes: &[u8]| {
+        self.method_from(name, move |_node: Option<u64>, args: A| handler(args))
+    }
+
+    /// As [`method`](Self::method), and the handler also gets the node the call came from:
+    /// the one the peer handshake proved, `None` on a server without authentication.
+    pub fn method_from<A, R, F>(mut self, name: &str, handler: F) -> Service
+    where
+        A: DeserializeOwned,
+        R: Serialize,
+        F: Fn(Option<u64>, A) -> R + Send + Sync + 'static,
+    {
+        let handler: Handler = Box::new(move |node: Option<u64>, bytes: &[u8]| {
             let args: A =
                 labcodec::decode(bytes).map_err(|e| RemoteError::BadArguments(e.to_string()))?;
-            labcodec::encode(&handler(args)).map_err(|e| RemoteError::BadArguments(e.to_string()))
+            labcodec::encode(&handler(node, args))
+                .map_err(|e| RemoteError::BadArguments(e.to_string()))
         });
         self.methods.insert(name.to_string(), handler);
         self
@@ -112,8 +126,10 @@ impl Service {
     where
         F: Fn(&[u8]) -> Vec<u8> + Send + Sync + 'static,
     {
-        self.methods
-            .insert(name.to_string(), Box::new(move |bytes| Ok(handler(bytes))));
+        self.methods.insert(
+            name.to_string(),
+            Box::new(move |_, bytes| Ok(handler(bytes))),
+        );
         self
     }
 
@@ -127,6 +143,8 @@ struct Job {
     method: String,
     body: Vec<u8>,
     peer: SocketAddr,
+    /// The node the handshake proved at the other end.
+    node: Option<u64>,
     reply_tx: Sender<Vec<u8>>,
 }
 
@@ -224,7 +242,14 @@ impl Accept for Opener {
     ) -> io::Result<()> {
         let served = Arc::new(Mutex::new(None));
         let Some(auth) = self.inner.options.auth.clone() else {
-            *served.lock() = Some(start_conn(&self.inner, &self.job_tx, stream, peer, k)?);
+            *served.lock() = Some(start_conn(
+                &self.inner,
+                &self.job_tx,
+                stream,
+                peer,
+                None,
+                k,
+            )?);
             conns.push(ConnEntry {
                 k,
                 handshake: None,
@@ -290,7 +315,7 @@ fn authenticate(
     match handshake::accept(&mut stream, auth, Instant::now() + HANDSHAKE_TIMEOUT) {
         Ok(node) => {
             log::debug!(target: LOG, "{name}: node {node} authenticated from {peer}");
-            match start_conn(inner, job_tx, stream, peer, k) {
+            match start_conn(inner, job_tx, stream, peer, Some(node), k) {
                 Ok((handle, threads)) => {
                     if let Some(old) = inner.nodes.lock().insert(node, handle.clone())
                         && !old.is_closed()
@@ -319,6 +344,7 @@ fn start_conn(
     job_tx: &Sender<Job>,
     stream: TcpStream,
     peer: SocketAddr,
+    node: Option<u64>,
     k: u64,
 ) -> io::Result<(ConnHandle, ConnThreads)> {
     let config = ConnConfig {
@@ -332,7 +358,9 @@ fn start_conn(
     let on_frame = {
         let inner = inner.clone();
         let job_tx = job_tx.clone();
-        move |frame, reply_tx: &Sender<Vec<u8>>| on_request(&inner, &job_tx, peer, frame, reply_tx)
+        move |frame, reply_tx: &Sender<Vec<u8>>| {
+            on_request(&inner, &job_tx, peer, node, frame, reply_tx)
+        }
     };
     conn::start(stream, config, on_frame, || {})
 }
@@ -477,6 +505,7 @@ fn on_request(
     inner: &Inner,
     job_tx: &Sender<Job>,
     peer: SocketAddr,
+    node: Option<u64>,
     frame: Frame,
     reply_tx: &Sender<Vec<u8>>,
 ) -> bool {
@@ -488,6 +517,7 @@ fn on_request(
         method,
         body,
         peer,
+        node,
         reply_tx: reply_tx.clone(),
     };
     match job_tx.try_send(job) {
@@ -560,7 +590,7 @@ fn dispatch(inner: &Inner, job: &Job) -> Result<Vec<u8>, RemoteError> {
             service: service_name.to_string(),
             method: method_name.to_string(),
         })?;
-    std::panic::catch_unwind(AssertUnwindSafe(|| handler(&job.body))).unwrap_or_else(|_| {
+    std::panic::catch_unwind(AssertUnwindSafe(|| handler(job.node, &job.body))).unwrap_or_else(|_| {
         log::error!(target: LOG, "{}: handler of {} panicked (call from {})", inner.name, job.method, job.peer);
         Err(RemoteError::HandlerPanicked)
     })

@@ -54,6 +54,8 @@ impl Cluster {
         let dir = std::env::temp_dir().join(format!("raftkv-bigstate-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).expect("create the test directory");
+        raftkv::node::secret::create_secret(&dir.join(raftkv::node::secret::SECRET_FILE))
+            .expect("create the peer secret");
         let ports = free_ports(2 * n);
         Cluster {
             dir,
@@ -84,6 +86,7 @@ impl Cluster {
                 .collect(),
             client: format!("127.0.0.1:{}", self.client_ports[i]),
             data: self.data(i),
+            peer_secret: self.dir.join(raftkv::node::secret::SECRET_FILE),
         };
         let mut cmd = spec.command();
         cmd.env_remove("RAFTKV_NODE_FAULT");

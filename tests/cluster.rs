@@ -81,6 +81,8 @@ impl Cluster {
         ));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).expect("create the test directory");
+        raftkv::node::secret::create_secret(&dir.join(raftkv::node::secret::SECRET_FILE))
+            .expect("create the peer secret");
         let ports = free_ports(2 * n);
         let mut cluster = Cluster {
             dir,
@@ -110,6 +112,7 @@ impl Cluster {
                 .collect(),
             client: format!("127.0.0.1:{}", self.client_ports[i]),
             data: self.data(i),
+            peer_secret: self.dir.join(raftkv::node::secret::SECRET_FILE),
         }
     }
 
@@ -576,6 +579,13 @@ fn serve_fails(id: usize, peers: &str, client: &str, data: &Path) -> String {
         ])
         .arg("--data")
         .arg(data)
+        // The cluster's secret, beside the nodes' data directories.
+        .arg("--peer-secret-file")
+        .arg(
+            data.parent()
+                .expect("a data directory in a directory")
+                .join(raftkv::node::secret::SECRET_FILE),
+        )
         .stdin(Stdio::null())
         .output()
         .expect("run raftkv");

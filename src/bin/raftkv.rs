@@ -93,6 +93,11 @@ struct ServeOpts {
     /// The node's data directory.
     #[arg(long)]
     data: PathBuf,
+    /// The cluster's peer secret: the same file on every node, at least 16 bytes, mode 0600.
+    /// Every peer connection starts with a handshake proving both ends hold it (it
+    /// authenticates; it does not encrypt). `raftkv local` creates DIR/peer-secret.
+    #[arg(long, value_name = "FILE")]
+    peer_secret_file: PathBuf,
     /// Stop when standard input closes (how `local` and the tests tie a node's life to theirs).
     #[arg(long)]
     stop_on_stdin_eof: bool,
@@ -205,6 +210,7 @@ fn main() -> ExitCode {
                 peers: o.peers.0,
                 client: o.client,
                 data: o.data,
+                peer_secret_file: o.peer_secret_file,
                 stop_on_stdin_eof: o.stop_on_stdin_eof,
             })
         }

@@ -175,6 +175,8 @@ impl ChaosCluster {
         };
         fs::create_dir_all(&opts.dir)
             .map_err(|e| setup(&format!("the directory {}", opts.dir.display()), e))?;
+        crate::node::secret::create_secret(&opts.dir.join(crate::node::secret::SECRET_FILE))
+            .map_err(|e| setup("the peer secret", std::io::Error::other(e)))?;
         // Every port at once, so they all differ: each node's peer and client port, then one
         // per directed link for its proxy.
         let ports = cluster_ports(2 * n + n * (n - 1)).map_err(|e| setup("the ports", e))?;
@@ -307,6 +309,7 @@ impl ChaosCluster {
             peers,
             client: self.client_addr(i).to_string(),
             data: self.data(i),
+            peer_secret: self.opts.dir.join(crate::node::secret::SECRET_FILE),
         }
     }
 

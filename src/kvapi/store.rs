@@ -102,6 +102,11 @@ impl VersionedStore {
         *self.data.lock() = map;
     }
 
+    /// Whether `bytes` is a map [`restore`](Self::restore) would take.
+    pub fn check(bytes: &[u8]) -> Result<(), CodecError> {
+        labcodec::decode::<Vec<(String, (String, Tversion))>>(bytes).map(|_| ())
+    }
+
     /// Replaces the map by one [`encode`](Self::encode)d earlier; unchanged on bad bytes.
     pub fn restore(&self, bytes: &[u8]) -> Result<(), CodecError> {
         let entries: Vec<(String, (String, Tversion))> = labcodec::decode(bytes)?;

@@ -28,7 +28,7 @@ use crate::labcodec;
 use crate::oneshot;
 /// Why [`Rsm::read_barrier`] could not vouch for a read: Raft's ReadIndex errors.
 pub use crate::raft::ReadIndexError as ReadError;
-use crate::raft::{ApplyMsg, Raft, RaftError, RaftTransport, Storage};
+use crate::raft::{ApplyMsg, Raft, RaftError, RaftTransport, Storage, Validator};
 
 /// How often a waiting submitter checks that its peer still leads in the term it started in.
 pub const LEADERSHIP_POLL: Duration = Duration::from_millis(50);
@@ -112,6 +112,37 @@ pub trait StateMachine: Send + Sync {
     /// Asked after each executed op; only honoured when snapshots are on.
     fn wants_snapshot(&self) -> bool {
         false
+    }
+    /// Whether `req` is a request this machine can execute. Raft asks (through the rsm's
+    /// validator) before a follower persists an entry from its leader: an entry that fails is
+    /// refused, so garbage never reaches the log. The default takes every request.
+    fn check_op(&self, _req: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
+    /// Whether `data` is a state [`restore`](Self::restore) would take; asked before an
+    /// InstallSnapshot is persisted. The default takes every state.
+    fn check_snapshot(&self, _data: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// What the rsm gives Raft to check the leader's entries and snapshots: the log format's
+/// envelope (a [`LogOp`], an [`RsmSnapshot`]) and, inside it, the state machine's own check.
+struct RsmValidator {
+    sm: Arc<dyn StateMachine>,
+}
+
+impl Validator for RsmValidator {
+    fn check_entry(&self, command: &[u8]) -> Result<(), String> {
+        match labcodec::decode::<LogOp>(command).map_err(|e| e.to_string())? {
+            LogOp::Request { req, .. } => self.sm.check_op(&req),
+            LogOp::TermStart => Ok(()),
+        }
+    }
+
+    fn check_snapshot(&self, data: &[u8]) -> Result<(), String> {
+        let snap = labcodec::decode_borrowed::<RsmSnapshot>(data).map_err(|e| e.to_string())?;
+        self.sm.check_snapshot(&snap.state)
     }
 }
 
@@ -272,6 +303,8 @@ impl Rsm {
         // than it appends, so its unapplied (untrimmable) log grows without bound.
         let (apply_tx, apply_rx) = channel::bounded::<ApplyMsg>(APPLY_BUFFER);
         let raft = Arc::new(Raft::new(peers, me, storage, apply_tx).map_err(RsmError::Raft)?);
+        // Before the service registers the peer's handler with its transport.
+        raft.set_validator(Arc::new(RsmValidator { sm: sm.clone() }));
         // A follower whose reader falls behind (a starved thread) must not take entries
         // faster than it can apply and trim them: the state stays within a few
         // `maxraftstate` (the 4C tests allow eight).

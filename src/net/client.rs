@@ -17,8 +17,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::conn::{self, ConnConfig, ConnHandle, ConnThreads};
+use super::handshake::{self, PeerAuth};
 use super::wire::{self, Frame};
-use super::{DEFAULT_MAX_FRAME_BYTES, NetError};
+use super::{DEFAULT_MAX_FRAME_BYTES, NetError, RateLimitedLog};
 use crate::labcodec;
 use crate::oneshot;
 
@@ -46,6 +47,18 @@ pub struct ClientOptions {
     pub send_queue: usize,
     /// A server that does not read for this long is disconnected.
     pub write_timeout: Duration,
+    /// With it, each connection first passes the peer handshake (within `connect_timeout`)
+    /// as the given node, to the given node; see [`handshake`](super::handshake).
+    pub auth: Option<DialAuth>,
+}
+
+/// Who dials whom, for the peer handshake.
+#[derive(Debug, Clone)]
+pub struct DialAuth {
+    /// This node.
+    pub local: PeerAuth,
+    /// The node expected at the address dialled.
+    pub remote_node: u64,
 }
 
 impl Default for ClientOptions {
@@ -59,6 +72,7 @@ impl Default for ClientOptions {
             max_waiting_calls: 1024,
             send_queue: 4096,
             write_timeout: Duration::from_secs(5),
+            auth: None,
         }
     }
 }
@@ -101,6 +115,8 @@ struct Shared {
     next_id: AtomicU64,
     state: Mutex<State>,
     wake: Condvar,
+    /// Failed peer handshakes (another secret, cluster or node at the address).
+    handshake_log: RateLimitedLog,
 }
 
 impl Shared {
@@ -167,6 +183,7 @@ impl ClientEnd {
                 manager_wakes_at: now,
             }),
             wake: Condvar::new(),
+            handshake_log: RateLimitedLog::new(Duration::from_secs(10)),
         });
         let manager = {
             let shared = shared.clone();
@@ -483,7 +500,16 @@ fn dial_once(shared: &Arc<Shared>, state: &mut MutexGuard<'_, State>) {
     let generation = state.generation + 1;
     let options = &shared.options;
     let started = MutexGuard::unlocked(state, || {
-        let stream = TcpStream::connect_timeout(&peer, options.connect_timeout)?;
+        let mut stream = TcpStream::connect_timeout(&peer, options.connect_timeout)?;
+        if let Some(auth) = &options.auth {
+            let deadline = Instant::now() + options.connect_timeout;
+            handshake::dial(&mut stream, &auth.local, auth.remote_node, deadline).map_err(|e| {
+                if let Some(count) = shared.handshake_log.tick() {
+                    log::warn!(target: LOG, "{name}: peer handshake with node {} at {peer} failed: {e} ({count} since the last report)", auth.remote_node);
+                }
+                std::io::Error::other(e.to_string())
+            })?;
+        }
         let config = ConnConfig {
             name: format!("{name}-{generation}"),
             log_target: LOG,

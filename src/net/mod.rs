@@ -31,6 +31,7 @@
 pub mod acceptor;
 mod client;
 mod conn;
+pub mod handshake;
 pub mod proxy;
 mod server;
 pub mod wire;
@@ -39,7 +40,8 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-pub use client::{ClientEnd, ClientOptions};
+pub use client::{ClientEnd, ClientOptions, DialAuth};
+pub use handshake::PeerAuth;
 pub use server::{Server, ServerOptions, Service};
 pub use wire::RemoteError;
 

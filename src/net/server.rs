@@ -1,23 +1,27 @@
 //! The server side: an [`Acceptor`](super::acceptor::Acceptor) (the listener thread, the
 //! connection cap, the optional handshake), a reader and a writer thread per connection, and
-//! a fixed pool of handler threads fed through a bounded queue.
+//! a fixed pool of handler threads fed through a bounded queue. With
+//! [`ServerOptions::auth`] every connection first passes the peer handshake
+//! ([`handshake`](super::handshake)) on a thread of its own, `<name>-hs<k>`.
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam::channel::{self, Receiver, Sender, TrySendError};
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use super::acceptor::close_and_join;
 use super::acceptor::{Accept, Acceptor, AcceptorOptions, ConnList, Handshake};
 use super::conn::{self, ConnConfig, ConnHandle, ConnThreads};
+use super::handshake::{self, HANDSHAKE_TIMEOUT, PeerAuth};
 use super::wire::{self, Frame, RemoteError};
 use super::{DEFAULT_MAX_FRAME_BYTES, RateLimitedLog};
 use crate::labcodec;
@@ -42,6 +46,14 @@ pub struct ServerOptions {
     pub write_timeout: Duration,
     /// Replies queued for one connection's writer.
     pub send_queue: usize,
+    /// With it, every connection must first pass the peer handshake (see
+    /// [`handshake`](super::handshake)) within [`HANDSHAKE_TIMEOUT`], on its own thread;
+    /// nothing it sends before is decoded. An authenticated node holds one connection: a new
+    /// one from the same node replaces the old. `None`: connections are served at once.
+    pub auth: Option<PeerAuth>,
+    /// Connections still in the handshake, at most; the oldest is closed to make room for a
+    /// new one, so a flood of idle sockets cannot keep a node out.
+    pub max_unauthenticated: usize,
 }
 
 impl Default for ServerOptions {
@@ -54,11 +66,15 @@ impl Default for ServerOptions {
             handshake: None,
             write_timeout: Duration::from_secs(5),
             send_queue: 1024,
+            auth: None,
+            max_unauthenticated: 64,
         }
     }
 }
 
-type Handler = Box<dyn Fn(&[u8]) -> Result<Vec<u8>, RemoteError> + Send + Sync>;
+/// A method: gets the node the call came from (authenticated by the handshake; `None`
+/// without authentication) and the request body.
+type Handler = Box<dyn Fn(Option<u64>, &[u8]) -> Result<Vec<u8>, RemoteError> + Send + Sync>;
 
 /// A named set of methods, as [`labrpc::Service`](crate::labrpc::Service).
 pub struct Service {
@@ -77,16 +93,28 @@ impl Service {
     /// Adds method `name`: the handler gets the decoded arguments and returns the reply,
     /// which is encoded back to the caller. Arguments that do not decode are answered with
     /// [`RemoteError::BadArguments`] without running the handler.
-    pub fn method<A, R, F>(mut self, name: &str, handler: F) -> Service
+    pub fn method<A, R, F>(self, name: &str, handler: F) -> Service
     where
         A: DeserializeOwned,
         R: Serialize,
         F: Fn(A) -> R + Send + Sync + 'static,
     {
-        let handler: Handler = Box::new(move |bytes: &[u8]| {
+        self.method_from(name, move |_node: Option<u64>, args: A| handler(args))
+    }
+
+    /// As [`method`](Self::method), and the handler also gets the node the call came from:
+    /// the one the peer handshake proved, `None` on a server without authentication.
+    pub fn method_from<A, R, F>(mut self, name: &str, handler: F) -> Service
+    where
+        A: DeserializeOwned,
+        R: Serialize,
+        F: Fn(Option<u64>, A) -> R + Send + Sync + 'static,
+    {
+        let handler: Handler = Box::new(move |node: Option<u64>, bytes: &[u8]| {
             let args: A =
                 labcodec::decode(bytes).map_err(|e| RemoteError::BadArguments(e.to_string()))?;
-            labcodec::encode(&handler(args)).map_err(|e| RemoteError::BadArguments(e.to_string()))
+            labcodec::encode(&handler(node, args))
+                .map_err(|e| RemoteError::BadArguments(e.to_string()))
         });
         self.methods.insert(name.to_string(), handler);
         self
@@ -98,8 +126,10 @@ impl Service {
     where
         F: Fn(&[u8]) -> Vec<u8> + Send + Sync + 'static,
     {
-        self.methods
-            .insert(name.to_string(), Box::new(move |bytes| Ok(handler(bytes))));
+        self.methods.insert(
+            name.to_string(),
+            Box::new(move |_, bytes| Ok(handler(bytes))),
+        );
         self
     }
 
@@ -113,6 +143,8 @@ struct Job {
     method: String,
     body: Vec<u8>,
     peer: SocketAddr,
+    /// The node the handshake proved at the other end.
+    node: Option<u64>,
     reply_tx: Sender<Vec<u8>>,
 }
 
@@ -124,28 +156,75 @@ struct Inner {
     dispatched: AtomicUsize,
     refused: AtomicU64,
     busy_log: RateLimitedLog,
+    /// The connection of each authenticated node.
+    nodes: Mutex<HashMap<u64, ConnHandle>>,
+    /// Handshakes refused, and connections closed unauthenticated to make room.
+    unauthenticated_log: RateLimitedLog,
+    handshakes_refused: AtomicU64,
 }
 
+/// One accepted connection: served at once, or (with authentication) first in the handshake
+/// on its own thread, which then serves it.
 struct ConnEntry {
-    handle: ConnHandle,
-    threads: ConnThreads,
+    /// The accept number, `k` of the thread names.
+    k: u64,
+    /// With authentication: a handle on the socket (shutting it down ends the handshake, or
+    /// the connection served after it) and the handshake thread.
+    handshake: Option<(TcpStream, JoinHandle<()>)>,
+    /// The connection once served.
+    served: Arc<Mutex<Option<(ConnHandle, ConnThreads)>>>,
+}
+
+impl ConnEntry {
+    /// Still in the handshake.
+    fn pending(&self) -> bool {
+        self.handshake
+            .as_ref()
+            .is_some_and(|(_, t)| !t.is_finished())
+            && self.served.lock().is_none()
+    }
+
+    fn is_open(&self) -> bool {
+        self.served
+            .lock()
+            .as_ref()
+            .is_some_and(|(h, _)| !h.is_closed())
+    }
 }
 
 impl super::acceptor::Conn for ConnEntry {
     fn close(&self) {
-        self.handle.close();
+        if let Some((socket, _)) = &self.handshake {
+            // Sticky: a connection served after this finds its socket shut.
+            let _ = socket.shutdown(Shutdown::Both);
+        }
+        if let Some((handle, _)) = &*self.served.lock() {
+            handle.close();
+        }
     }
 
     fn is_finished(&self) -> bool {
-        self.threads.is_finished()
+        self.handshake.as_ref().is_none_or(|(_, t)| t.is_finished())
+            && self
+                .served
+                .lock()
+                .as_ref()
+                .is_none_or(|(_, threads)| threads.is_finished())
     }
 
     fn join(self) -> thread::Result<()> {
-        std::panic::catch_unwind(AssertUnwindSafe(|| self.threads.join()))
+        if let Some((_, thread)) = self.handshake {
+            thread.join()?;
+        }
+        let served = self.served.lock().take();
+        match served {
+            Some((_, threads)) => std::panic::catch_unwind(AssertUnwindSafe(|| threads.join())),
+            None => Ok(()),
+        }
     }
 }
 
-/// Starts the reader and writer of each accepted connection.
+/// Starts the reader and writer of each accepted connection, or its handshake first.
 struct Opener {
     inner: Arc<Inner>,
     job_tx: Sender<Job>,
@@ -161,26 +240,129 @@ impl Accept for Opener {
         k: u64,
         conns: &ConnList<ConnEntry>,
     ) -> io::Result<()> {
-        let inner = &self.inner;
-        let config = ConnConfig {
-            name: format!("{}-c{k}", inner.name),
-            log_target: LOG,
-            peer,
-            max_frame_bytes: inner.options.max_frame_bytes,
-            write_timeout: inner.options.write_timeout,
-            send_queue: inner.options.send_queue.max(1),
+        let served = Arc::new(Mutex::new(None));
+        let Some(auth) = self.inner.options.auth.clone() else {
+            *served.lock() = Some(start_conn(
+                &self.inner,
+                &self.job_tx,
+                stream,
+                peer,
+                None,
+                k,
+            )?);
+            conns.push(ConnEntry {
+                k,
+                handshake: None,
+                served,
+            });
+            return Ok(());
         };
-        let on_frame = {
-            let inner = inner.clone();
-            let job_tx = self.job_tx.clone();
-            move |frame, reply_tx: &Sender<Vec<u8>>| {
-                on_request(&inner, &job_tx, peer, frame, reply_tx)
-            }
+        if conns.count(ConnEntry::pending) >= self.inner.options.max_unauthenticated.max(1) {
+            evict_oldest(&self.inner, conns);
+        }
+        let socket = stream.try_clone()?;
+        let thread = {
+            let (inner, job_tx, served) = (self.inner.clone(), self.job_tx.clone(), served.clone());
+            thread::Builder::new()
+                .name(format!("{}-hs{k}", self.inner.name))
+                .spawn(move || authenticate(&inner, &job_tx, &auth, stream, peer, k, &served))?
         };
-        let (handle, threads) = conn::start(stream, config, on_frame, || {})?;
-        conns.push(ConnEntry { handle, threads });
+        conns.push(ConnEntry {
+            k,
+            handshake: Some((socket, thread)),
+            served,
+        });
         Ok(())
     }
+}
+
+/// Closes the oldest connection still in the handshake, to make room for a new one: it has
+/// had the longest to prove itself.
+fn evict_oldest(inner: &Inner, conns: &ConnList<ConnEntry>) {
+    let oldest = std::cell::Cell::new(u64::MAX);
+    conns.count(|c| {
+        if c.pending() {
+            oldest.set(oldest.get().min(c.k));
+        }
+        false
+    });
+    let oldest = oldest.get();
+    let taken = conns.take_where(|c| c.k == oldest);
+    if taken.is_empty() {
+        return;
+    }
+    inner.handshakes_refused.fetch_add(1, Ordering::Relaxed);
+    if let Some(count) = inner.unauthenticated_log.tick() {
+        log::warn!(target: LOG, "{}: {} connections in the handshake (the limit): closed the oldest ({count} refused since the last report)", inner.name, inner.options.max_unauthenticated);
+    }
+    if let Err(panic) = close_and_join(taken) {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// A handshake thread: serves the connection if the peer proves itself within
+/// [`HANDSHAKE_TIMEOUT`], else closes it and says why.
+fn authenticate(
+    inner: &Arc<Inner>,
+    job_tx: &Sender<Job>,
+    auth: &PeerAuth,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    k: u64,
+    served: &Mutex<Option<(ConnHandle, ConnThreads)>>,
+) {
+    let name = &inner.name;
+    match handshake::accept(&mut stream, auth, Instant::now() + HANDSHAKE_TIMEOUT) {
+        Ok(node) => {
+            log::debug!(target: LOG, "{name}: node {node} authenticated from {peer}");
+            match start_conn(inner, job_tx, stream, peer, Some(node), k) {
+                Ok((handle, threads)) => {
+                    if let Some(old) = inner.nodes.lock().insert(node, handle.clone())
+                        && !old.is_closed()
+                    {
+                        log::info!(target: LOG, "{name}: node {node} connected again from {peer}: its older connection is closed");
+                        old.close();
+                    }
+                    *served.lock() = Some((handle, threads));
+                }
+                Err(e) => log::warn!(target: LOG, "{name}: cannot serve {peer}: {e}"),
+            }
+        }
+        Err(e) => {
+            inner.handshakes_refused.fetch_add(1, Ordering::Relaxed);
+            if let Some(count) = inner.unauthenticated_log.tick() {
+                log::warn!(target: LOG, "{name}: refused peer connection from {peer}: {e} ({count} refused since the last report)");
+            }
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+/// Starts the reader and writer of a connection.
+fn start_conn(
+    inner: &Arc<Inner>,
+    job_tx: &Sender<Job>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    node: Option<u64>,
+    k: u64,
+) -> io::Result<(ConnHandle, ConnThreads)> {
+    let config = ConnConfig {
+        name: format!("{}-c{k}", inner.name),
+        log_target: LOG,
+        peer,
+        max_frame_bytes: inner.options.max_frame_bytes,
+        write_timeout: inner.options.write_timeout,
+        send_queue: inner.options.send_queue.max(1),
+    };
+    let on_frame = {
+        let inner = inner.clone();
+        let job_tx = job_tx.clone();
+        move |frame, reply_tx: &Sender<Vec<u8>>| {
+            on_request(&inner, &job_tx, peer, node, frame, reply_tx)
+        }
+    };
+    conn::start(stream, config, on_frame, || {})
 }
 
 /// A TCP RPC server. Dropping it (or [`shutdown`](Self::shutdown)) closes every connection and
@@ -210,6 +392,9 @@ impl Server {
             dispatched: AtomicUsize::new(0),
             refused: AtomicU64::new(0),
             busy_log: RateLimitedLog::new(Duration::from_secs(1)),
+            nodes: Mutex::new(HashMap::new()),
+            unauthenticated_log: RateLimitedLog::new(Duration::from_secs(1)),
+            handshakes_refused: AtomicU64::new(0),
         });
         let (job_tx, job_rx) = channel::bounded::<Job>(options.handler_queue.max(1));
         let mut server = Server {
@@ -271,11 +456,16 @@ impl Server {
         self.inner.refused.load(Ordering::Relaxed)
     }
 
-    /// Connections open now.
+    /// Connections served now (past the handshake, when the server authenticates).
     pub fn connections(&self) -> usize {
         self.acceptor
             .as_ref()
-            .map_or(0, |a| a.conns().count(|c| !c.handle.is_closed()))
+            .map_or(0, |a| a.conns().count(|c| c.is_open()))
+    }
+
+    /// Connections refused in the handshake, or closed before finishing it, so far.
+    pub fn handshakes_refused(&self) -> u64 {
+        self.inner.handshakes_refused.load(Ordering::Relaxed)
     }
 
     /// Stops accepting, closes every connection and joins every thread. Handlers running now
@@ -315,6 +505,7 @@ fn on_request(
     inner: &Inner,
     job_tx: &Sender<Job>,
     peer: SocketAddr,
+    node: Option<u64>,
     frame: Frame,
     reply_tx: &Sender<Vec<u8>>,
 ) -> bool {
@@ -326,6 +517,7 @@ fn on_request(
         method,
         body,
         peer,
+        node,
         reply_tx: reply_tx.clone(),
     };
     match job_tx.try_send(job) {
@@ -398,7 +590,7 @@ fn dispatch(inner: &Inner, job: &Job) -> Result<Vec<u8>, RemoteError> {
             service: service_name.to_string(),
             method: method_name.to_string(),
         })?;
-    std::panic::catch_unwind(AssertUnwindSafe(|| handler(&job.body))).unwrap_or_else(|_| {
+    std::panic::catch_unwind(AssertUnwindSafe(|| handler(job.node, &job.body))).unwrap_or_else(|_| {
         log::error!(target: LOG, "{}: handler of {} panicked (call from {})", inner.name, job.method, job.peer);
         Err(RemoteError::HandlerPanicked)
     })

@@ -209,7 +209,8 @@ impl fmt::Display for ReadError {
     }
 }
 
-/// Reads one frame. The body is read only once its length is known to be within `max_bytes`.
+/// Reads one frame. The body is read only once its length is known to be within `max_bytes`,
+/// into a buffer that grows with what arrives.
 pub fn read_frame(stream: &mut impl Read, max_bytes: usize) -> Result<Frame, ReadError> {
     let mut prefix = [0u8; 4];
     let mut got = 0;
@@ -229,8 +230,17 @@ pub fn read_frame(stream: &mut impl Read, max_bytes: usize) -> Result<Frame, Rea
             max: max_bytes,
         });
     }
-    let mut body = vec![0u8; len];
-    stream.read_exact(&mut body).map_err(ReadError::Io)?;
+    // Grown as the bytes arrive, never sized from the claim: a peer that stalls inside a
+    // frame holds only what it has sent.
+    let mut body = Vec::with_capacity(len.min(64 << 10));
+    let got = stream
+        .by_ref()
+        .take(len as u64)
+        .read_to_end(&mut body)
+        .map_err(ReadError::Io)?;
+    if got < len {
+        return Err(ReadError::Io(io::ErrorKind::UnexpectedEof.into()));
+    }
     labcodec::decode::<FrameBuf>(&body)
         .map(Frame::from)
         .map_err(ReadError::Garbage)

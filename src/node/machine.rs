@@ -325,6 +325,21 @@ impl StateMachine for KvMachine {
         labcodec::encode(&outcomes).unwrap_or_default()
     }
 
+    fn check_op(&self, req: &[u8]) -> Result<(), String> {
+        labcodec::decode::<Vec<Request>>(req)
+            .map(|_| ())
+            .map_err(|e| format!("not a batch of requests: {e}"))
+    }
+
+    fn check_snapshot(&self, data: &[u8]) -> Result<(), String> {
+        let snap: MachineSnapshot =
+            labcodec::decode(data).map_err(|e| format!("not a node snapshot: {e}"))?;
+        // The store decoded with the envelope; the sessions must also restore.
+        SessionTable::restore(snap.sessions)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
     fn snapshot(&self) -> Vec<u8> {
         let inner = self.inner.lock();
         let sessions = inner.sessions.snapshot();

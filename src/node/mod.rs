@@ -14,6 +14,7 @@
 
 pub mod front;
 pub mod machine;
+pub mod secret;
 pub mod transport;
 
 use std::fmt;
@@ -22,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::kvraft::rsm::{Rsm, RsmError};
-use crate::net::{ClientEnd, ClientOptions, Server, ServerOptions};
+use crate::net::{ClientEnd, ClientOptions, DialAuth, PeerAuth, Server, ServerOptions};
 use crate::raft::Storage;
 use crate::resp::server::{RespOptions, RespServer};
 pub use front::Front;
@@ -45,6 +46,12 @@ pub struct NodeConfig {
     pub max_raft_state: Option<usize>,
     /// A deliberate bug, for proving that the chaos run's checker can fail; `None` in service.
     pub fault: Option<NodeFault>,
+    /// The cluster's peer secret: every peer link proves both ends hold it (see
+    /// [`net::handshake`](crate::net::handshake)).
+    pub peer_secret: Vec<u8>,
+    /// The cluster's id, carried in every peer handshake: a node of another cluster is
+    /// refused even if it holds the same secret.
+    pub cluster_id: String,
 }
 
 /// The environment variable through which `raftkv serve` takes a [`NodeFault`] (hidden: not
@@ -190,6 +197,13 @@ impl Node {
             .enumerate()
             .map(|(i, a)| resolve(i + 1, a))
             .collect::<Result<Vec<_>, _>>()?;
+        let auth = PeerAuth::new(
+            &config.peer_secret,
+            config.cluster_id.as_bytes(),
+            config.id as u64,
+            n as u64,
+        )
+        .map_err(NodeError::Config)?;
         // Bind the peer port first: a node that cannot listen must not start Raft.
         let server = Server::start(
             &format!("node{}-peer", config.id),
@@ -198,6 +212,7 @@ impl Node {
                 // Forwarded requests block a handler until they commit; Raft's RPCs share
                 // the pool, so it is larger than the default.
                 handler_threads: 32,
+                auth: Some(auth.clone()),
                 ..ServerOptions::default()
             },
         )
@@ -216,11 +231,14 @@ impl Node {
             .enumerate()
             .map(|(j, &addr)| {
                 (j != me).then(|| {
-                    ClientEnd::connect(
-                        &format!("node{}-to{}", config.id, j + 1),
-                        addr,
-                        options.clone(),
-                    )
+                    let options = ClientOptions {
+                        auth: Some(DialAuth {
+                            local: auth.clone(),
+                            remote_node: j as u64 + 1,
+                        }),
+                        ..options.clone()
+                    };
+                    ClientEnd::connect(&format!("node{}-to{}", config.id, j + 1), addr, options)
                 })
             })
             .collect();

@@ -90,19 +90,35 @@ impl RaftTransport for TcpRaftTransport {
     }
 }
 
-/// The `Raft` service: each method answers `Option<reply>` (`None` from a stopped peer).
+/// The `Raft` service: each method answers `Option<reply>` (`None` from a stopped peer, or
+/// to a message refused). A message that names another sender than the node the peer
+/// handshake proved is refused and logged: a member speaks only as itself.
 pub fn raft_service(h: RaftHandler) -> Service {
     let (h1, h2, h3, h4) = (h.clone(), h.clone(), h.clone(), h);
     Service::new("Raft")
-        .method("RequestVote", move |a: RequestVoteArgs| h1.request_vote(a))
-        .method("AppendEntries", move |a: AppendEntriesArgs| {
-            h2.append_entries(a)
+        .method_from("RequestVote", move |node, a: RequestVoteArgs| {
+            as_itself(node, a.candidate, "RequestVote").then(|| h1.request_vote(a))?
         })
-        .method("InstallSnapshot", move |a: InstallSnapshotArgs| {
-            h3.install_snapshot(a)
+        .method_from("AppendEntries", move |node, a: AppendEntriesArgs| {
+            as_itself(node, a.leader, "AppendEntries").then(|| h2.append_entries(a))?
+        })
+        .method_from("InstallSnapshot", move |node, a: InstallSnapshotArgs| {
+            as_itself(node, a.leader, "InstallSnapshot").then(|| h3.install_snapshot(a))?
         })
         .method(
             "InstallSnapshotChunk",
             move |a: InstallSnapshotChunkArgs| h4.install_snapshot_chunk(a),
         )
+}
+
+/// Whether a message claiming peer `claimed` (0-based) came from that node (1-based), when
+/// the connection is authenticated.
+fn as_itself(node: Option<u64>, claimed: usize, what: &str) -> bool {
+    match node {
+        Some(n) if n != claimed as u64 + 1 => {
+            log::warn!(target: "node::transport", "refused {what} from node {n}: it claims to come from node {}", claimed + 1);
+            false
+        }
+        _ => true,
+    }
 }

@@ -104,6 +104,14 @@ pub fn run(args: LocalArgs) -> ExitCode {
     let peers: Vec<String> = (0..n)
         .map(|i| format!("127.0.0.1:{}", peer_port(i)))
         .collect();
+    let secret = args.dir.join(crate::node::secret::SECRET_FILE);
+    if let Err(e) = std::fs::create_dir_all(&args.dir)
+        .map_err(|e| format!("cannot create {}: {e}", args.dir.display()))
+        .and_then(|()| crate::node::secret::create_secret(&secret))
+    {
+        eprintln!("raftkv local: {e}");
+        return ExitCode::from(1);
+    }
     let mut children = Children(Vec::new());
     for i in 0..n {
         let spec = ServeSpec {
@@ -112,6 +120,7 @@ pub fn run(args: LocalArgs) -> ExitCode {
             peers: peers.clone(),
             client: format!("127.0.0.1:{}", client_port(i)),
             data: args.dir.join(format!("node-{}", i + 1)),
+            peer_secret: secret.clone(),
         };
         match spec.spawn(&mut spec.command()) {
             Ok(node) => children.0.push((spec, node)),

@@ -28,6 +28,8 @@ pub struct ServeArgs {
     pub peers: Vec<String>,
     pub client: String,
     pub data: PathBuf,
+    /// The cluster's peer secret (see [`node::secret`](crate::node::secret)).
+    pub peer_secret_file: PathBuf,
     pub stop_on_stdin_eof: bool,
 }
 
@@ -71,6 +73,10 @@ pub fn run(args: ServeArgs) -> ExitCode {
     if let Err(e) = check_identity(&args.data, args.id, &args.peers) {
         return fail(e);
     }
+    let peer_secret = match crate::node::secret::read_secret(&args.peer_secret_file) {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
     let storage = match open_storage(&args.data.join("raft")) {
         Ok(s) => s,
         Err(e) => return fail(e.to_string()),
@@ -85,6 +91,10 @@ pub fn run(args: ServeArgs) -> ExitCode {
         client_addr: args.client.clone(),
         max_raft_state: Some(crate::node::DEFAULT_MAX_RAFT_STATE),
         fault,
+        peer_secret,
+        // The peer lists differ between nodes (a proxy may stand for a peer), so the cluster
+        // is named by its size; the secret is what authenticates.
+        cluster_id: format!("raftkv/{}", args.peers.len()),
     };
     let mut node = match Node::start(config, storage) {
         Ok(n) => n,

@@ -31,6 +31,8 @@ pub struct ServeSpec {
     pub client: String,
     /// Its data directory.
     pub data: PathBuf,
+    /// The cluster's peer secret (`--peer-secret-file`).
+    pub peer_secret: PathBuf,
 }
 
 impl ServeSpec {
@@ -55,6 +57,8 @@ impl ServeSpec {
             .args(["--client", &self.client])
             .arg("--data")
             .arg(&self.data)
+            .arg("--peer-secret-file")
+            .arg(&self.peer_secret)
             .arg("--stop-on-stdin-eof")
             .stdin(Stdio::piped())
             .process_group(0);

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::check::{self, MAX_TERM};
 use super::rpc::{RequestVoteArgs, RequestVoteReply};
 use super::state::{Core, ELECTION_TIMEOUT_MIN_MS, Role, State};
 
@@ -15,6 +16,11 @@ impl Core {
     /// a real election, so a peer that was cut off, or merely starved of CPU long enough to
     /// miss heartbeats, cannot depose a working leader by bumping the term.
     pub(super) fn start_pre_vote(self: &Arc<Core>, st: &mut State) {
+        let Some(next_term) = next_term(st.term) else {
+            log::error!(target: "raft::election", "raft-{} t{}: at the largest term, cannot stand", self.me, st.term);
+            self.reset_election_timer(st);
+            return;
+        };
         st.role = Role::PreCandidate;
         st.votes.clear();
         st.votes.insert(self.me);
@@ -24,7 +30,7 @@ impl Core {
             self.start_election(st);
             return;
         }
-        self.request_votes(st, st.term + 1, true);
+        self.request_votes(st, next_term, true);
     }
 
     /// Queues RequestVote (or a pre-vote) for `term` to every other peer; they leave once the
@@ -54,7 +60,12 @@ impl Core {
 
     /// Becomes candidate for the next term and asks every peer for its vote.
     pub(super) fn start_election(self: &Arc<Core>, st: &mut State) {
-        st.term += 1;
+        let Some(next_term) = next_term(st.term) else {
+            log::error!(target: "raft::election", "raft-{} t{}: at the largest term, cannot stand", self.me, st.term);
+            self.reset_election_timer(st);
+            return;
+        };
+        st.term = next_term;
         st.role = Role::Candidate;
         st.voted_for = Some(self.me);
         st.votes.clear();
@@ -83,6 +94,10 @@ impl Core {
         let Some(reply) = r else { return };
         let mut st = self.lock_state();
         if self.is_dead() {
+            return;
+        }
+        if reply.term > MAX_TERM || check::term_jump(reply.term, st.term).is_err() {
+            log::warn!(target: "raft::check", "raft-{} t{}: ignored a vote reply from peer {peer}: term {} out of range", self.me, st.term, reply.term);
             return;
         }
         if reply.term > st.term {
@@ -122,6 +137,7 @@ impl Core {
             p.inflight = None;
             p.dirty = false;
             p.acked_round = 0;
+            p.last_answer = None;
         }
         log::info!(target: "raft::election", "raft-{} t{}: leader, log ..={}", self.me, st.term, st.log.last_index());
         // Assert authority at once rather than at the next tick.
@@ -134,6 +150,10 @@ impl Core {
     /// log is at least as up-to-date as ours (Raft §5.4.1). A dead peer answers nothing and
     /// changes nothing; the reply leaves only once the vote is durable.
     pub(crate) fn request_vote(&self, args: RequestVoteArgs) -> Option<RequestVoteReply> {
+        if let Err(why) = check::request_vote(&args, self.me, self.peers.len()) {
+            self.refused("RequestVote", args.candidate, &why);
+            return None;
+        }
         let reply = self.request_vote_synced(args)?;
         // Stopped meanwhile, perhaps because the vote could not be saved: no answer.
         self.reply_if_alive(reply)
@@ -145,8 +165,23 @@ impl Core {
         if self.is_dead() {
             return None;
         }
+        if let Err(why) = check::term_jump(args.term, st.term) {
+            self.refused("RequestVote", args.candidate, &why);
+            return None;
+        }
         if args.pre_vote {
             return Some(self.pre_vote(&st, &args));
+        }
+        if args.term > st.term && self.leader_alive(&st) {
+            // Raft dissertation §4.2.3: a server that heard from a leader within the minimum
+            // election timeout neither adopts the term nor votes. A candidate that passed
+            // pre-vote found a majority not hearing from the leader, so this stops only a
+            // disruptive (or rogue) peer from deposing a working leader.
+            log::debug!(target: "raft::election", "raft-{} t{}: vote for {} at t{}: ignored, leader alive", self.me, st.term, args.candidate, args.term);
+            return Some(RequestVoteReply {
+                term: st.term,
+                vote_granted: false,
+            });
         }
         let mut changed = false;
         if args.term > st.term {
@@ -176,16 +211,32 @@ impl Core {
         })
     }
 
+    /// Whether a leader is known to be working: this peer leads and a majority (itself
+    /// included) answered it within the minimum election timeout, or it heard from a leader
+    /// of its term that recently. It then refuses (pre-)votes for a newer term.
+    fn leader_alive(&self, st: &State) -> bool {
+        if st.role == Role::Leader {
+            let answered = (0..self.peers.len())
+                .filter(|&p| {
+                    p == self.me
+                        || st.peers[p]
+                            .last_answer
+                            .is_some_and(|t| t.elapsed() < LEADER_STICKINESS)
+                })
+                .count();
+            return answered >= self.majority();
+        }
+        st.leader_contact
+            .is_some_and(|t| t.elapsed() < LEADER_STICKINESS)
+    }
+
     /// Answers a pre-vote: yes if a vote at `args.term` could be granted now — the term is
     /// ahead of ours, the candidate's log is at least as up-to-date, and we have not heard
     /// from a leader lately (and are not one). Changes nothing.
     fn pre_vote(&self, st: &State, args: &RequestVoteArgs) -> RequestVoteReply {
         let up_to_date =
             (args.last_log_term, args.last_log_index) >= (st.log.last_term(), st.log.last_index());
-        let leader_alive = st.role == Role::Leader
-            || st
-                .leader_contact
-                .is_some_and(|t| t.elapsed() < LEADER_STICKINESS);
+        let leader_alive = self.leader_alive(st);
         let granted = args.term > st.term && up_to_date && !leader_alive;
         log::debug!(target: "raft::election", "raft-{} t{}: pre-vote for {} (t{} log ..={} t{}): {}", self.me, st.term, args.candidate, args.term, args.last_log_index, args.last_log_term, if granted { "granted" } else if leader_alive { "refused, leader alive" } else { "refused" });
         RequestVoteReply {
@@ -193,4 +244,9 @@ impl Core {
             vote_granted: granted,
         }
     }
+}
+
+/// The term after `term`, unless that is beyond [`MAX_TERM`].
+fn next_term(term: u64) -> Option<u64> {
+    term.checked_add(1).filter(|&t| t <= MAX_TERM)
 }

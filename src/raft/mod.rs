@@ -9,6 +9,7 @@
 //! storage sync. Commands are opaque bytes: Raft never looks inside them.
 
 mod apply;
+pub mod check;
 mod election;
 #[cfg(feature = "testing")]
 pub mod harness;
@@ -31,6 +32,7 @@ use std::time::Duration;
 use crossbeam::channel::Sender;
 use parking_lot::Mutex;
 
+pub use check::{MAX_INDEX, MAX_TERM, MAX_TERM_JUMP, Refusal, Validator};
 pub use read::ReadIndexError;
 pub use rpc::{
     AppendEntriesArgs, AppendEntriesReply, InstallSnapshotArgs, InstallSnapshotChunkArgs,
@@ -187,6 +189,13 @@ impl Raft {
             .store(limit, std::sync::atomic::Ordering::Relaxed);
         // Waiters re-check against the new limit (also when it was just removed).
         self.core.wake_room();
+    }
+
+    /// Gives Raft the service's check of commands and snapshots from the leader: an
+    /// AppendEntries holding a command it refuses, or an InstallSnapshot whose data it
+    /// refuses, is refused before anything is persisted (see [`check`]).
+    pub fn set_validator(&self, validator: Arc<dyn Validator>) {
+        *self.core.validator.write() = Some(validator);
     }
 
     /// Size in bytes of the persisted Raft state (not counting the snapshot).

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use super::check::{self, MAX_TERM};
 use super::log::Entry;
 use super::rpc::{AppendEntriesArgs, AppendEntriesReply};
 use super::state::{Core, MAX_OUTSTANDING, Role, State};
@@ -150,6 +151,10 @@ impl Core {
         let Some(reply) = st.peers[peer].call_returned(seq, r) else {
             return; // lost: the next heartbeat retries
         };
+        if reply.term > MAX_TERM || check::term_jump(reply.term, st.term).is_err() {
+            log::warn!(target: "raft::check", "raft-{} t{}: ignored an append reply from peer {peer}: term {} out of range", self.me, st.term, reply.term);
+            return;
+        }
         if reply.term > st.term {
             if self.step_down(&mut st, reply.term) {
                 self.persist(&mut st);
@@ -239,6 +244,18 @@ impl Core {
     /// whose service lags paces its leader (about one call per [`ROOM_WAIT`]) instead of
     /// piling up entries it cannot trim.
     pub(crate) fn append_entries(&self, args: AppendEntriesArgs) -> Option<AppendEntriesReply> {
+        // Before the lock and before anything changes: a refused message adopts no term,
+        // resets no timer and persists nothing.
+        let checked = check::append_entries(&args, self.me, self.peers.len()).and_then(|()| {
+            match self.validator() {
+                Some(v) => check::entries(&args, &*v),
+                None => Ok(()),
+            }
+        });
+        if let Err(why) = checked {
+            self.refused("AppendEntries", args.leader, &why);
+            return None;
+        }
         let (mut reply, trimmed) = self.append_entries_synced(&args)?;
         if trimmed && self.wait_for_room(ROOM_WAIT) {
             reply = self.append_entries_synced(&args)?.0;
@@ -289,6 +306,10 @@ impl Core {
     ) -> Option<(AppendEntriesReply, bool)> {
         let mut st = self.lock_state();
         if self.is_dead() {
+            return None;
+        }
+        if let Err(why) = check::term_jump(args.term, st.term) {
+            self.refused("AppendEntries", args.leader, &why);
             return None;
         }
         let mut reply = AppendEntriesReply {

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::check::{self, MAX_TERM, Refusal};
 use super::rpc::{
     InstallSnapshotArgs, InstallSnapshotChunkArgs, InstallSnapshotChunkReply, InstallSnapshotReply,
 };
@@ -221,9 +222,17 @@ impl Core {
             next_offset,
             done,
         };
+        if let Err(why) = check::install_snapshot_chunk(&args, self.me, self.peers.len()) {
+            self.refused("InstallSnapshotChunk", args.leader, &why);
+            return None;
+        }
         let term = {
             let mut st = self.lock_state();
             if self.is_dead() {
+                return None;
+            }
+            if let Err(why) = check::term_jump(args.term, st.term) {
+                self.refused("InstallSnapshotChunk", args.leader, &why);
                 return None;
             }
             if args.term < st.term {
@@ -339,6 +348,10 @@ impl Core {
         let Some(reply) = st.peers[peer].call_returned(seq, r) else {
             return;
         };
+        if reply.term > MAX_TERM || check::term_jump(reply.term, st.term).is_err() {
+            log::warn!(target: "raft::check", "raft-{} t{}: ignored a snapshot reply from peer {peer}: term {} out of range", self.me, st.term, reply.term);
+            return;
+        }
         if reply.term > st.term {
             if self.step_down(&mut st, reply.term) {
                 self.persist(&mut st);
@@ -365,6 +378,19 @@ impl Core {
         &self,
         args: InstallSnapshotArgs,
     ) -> Option<InstallSnapshotReply> {
+        // Before the lock and before anything changes (see `append_entries`).
+        let checked = check::install_snapshot(&args, self.me, self.peers.len()).and_then(|()| {
+            match self.validator() {
+                Some(v) => v
+                    .check_snapshot(&args.data)
+                    .map_err(|reason| Refusal::Snapshot { reason }),
+                None => Ok(()),
+            }
+        });
+        if let Err(why) = checked {
+            self.refused("InstallSnapshot", args.leader, &why);
+            return None;
+        }
         let reply = self.install_snapshot_synced(args)?;
         self.adopt_stored_snapshot();
         self.notify_room();
@@ -374,6 +400,10 @@ impl Core {
     fn install_snapshot_synced(&self, args: InstallSnapshotArgs) -> Option<InstallSnapshotReply> {
         let mut st = self.lock_state();
         if self.is_dead() {
+            return None;
+        }
+        if let Err(why) = check::term_jump(args.term, st.term) {
+            self.refused("InstallSnapshot", args.leader, &why);
             return None;
         }
         if args.term < st.term {

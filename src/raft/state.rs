@@ -4,14 +4,16 @@
 
 use std::collections::BTreeSet;
 use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam::channel::{self, Receiver, Sender};
-use parking_lot::{Condvar, Mutex, MutexGuard};
+use parking_lot::{Condvar, Mutex, MutexGuard, RwLock};
 use rand::Rng;
 
 use super::RaftError;
+use super::check::{MAX_INDEX, MAX_TERM, Refusal, Validator};
 use super::log::Log;
 use super::storage::{SnapshotData, Storage};
 use super::transport::RaftTransport;
@@ -77,6 +79,8 @@ pub(super) struct Progress {
     pub snap_send: Option<(u64, u64, super::storage::SnapshotData)>,
     pub snap_offset: u64,
     pub chunks_out: usize,
+    /// When this peer last answered a call of this leader's term.
+    pub last_answer: Option<Instant>,
 }
 
 impl Progress {
@@ -89,7 +93,10 @@ impl Progress {
             self.inflight = None;
         }
         match &r {
-            Some(_) => self.unanswered = 0,
+            Some(_) => {
+                self.unanswered = 0;
+                self.last_answer = Some(Instant::now());
+            }
             None if current => self.unanswered = self.unanswered.saturating_add(1),
             None => {}
         }
@@ -155,6 +162,8 @@ pub(crate) struct Core {
     /// Persisted state size (bytes) past which a follower takes no more entries; 0: none.
     pub log_limit: AtomicUsize,
     pub dead: AtomicBool,
+    /// The service's check of commands and snapshots from the leader (see `check.rs`).
+    pub validator: RwLock<Option<Arc<dyn Validator>>>,
     /// Dropped on kill, which wakes an applier blocked on the apply channel.
     kill_tx: Mutex<Option<Sender<()>>>,
 }
@@ -195,6 +204,15 @@ impl Core {
                 ),
             });
         }
+        if term > MAX_TERM || log.last_index() > MAX_INDEX {
+            return Err(RaftError::CorruptState {
+                peer: me,
+                reason: format!(
+                    "term {term} or last index {} beyond the largest ({MAX_TERM})",
+                    log.last_index()
+                ),
+            });
+        }
         let n = peers.len();
         let now = Instant::now();
         let base = log.base_index();
@@ -226,6 +244,7 @@ impl Core {
                     snap_send: None,
                     snap_offset: 0,
                     chunks_out: 0,
+                    last_answer: None,
                 };
                 n
             ],
@@ -246,10 +265,21 @@ impl Core {
                 room_cv: Condvar::new(),
                 log_limit: AtomicUsize::new(0),
                 dead: AtomicBool::new(false),
+                validator: RwLock::new(None),
                 kill_tx: Mutex::new(Some(kill_tx)),
             },
             kill_rx,
         ))
+    }
+
+    /// Logs a message refused by `check.rs`, naming the peer it claims to come from.
+    pub(super) fn refused(&self, what: &str, from: usize, why: &Refusal) {
+        log::warn!(target: "raft::check", "raft-{}: refused {what} from peer {from}: {why}", self.me);
+    }
+
+    /// The validator, if the service gave one (cloned out: never held while checking).
+    pub(super) fn validator(&self) -> Option<Arc<dyn Validator>> {
+        self.validator.read().clone()
     }
 
     pub(super) fn is_dead(&self) -> bool {
@@ -340,7 +370,7 @@ impl Core {
     }
 
     /// Elections and heartbeats: sleeps until the next deadline (or a wake-up) and acts on it.
-    pub(super) fn run_ticker(self: &std::sync::Arc<Core>) {
+    pub(super) fn run_ticker(self: &Arc<Core>) {
         while !self.is_dead() {
             {
                 // Released (storage synced, messages sent) before waiting.

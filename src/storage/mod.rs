@@ -43,7 +43,8 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::raft::log::{Entry, Log};
 use crate::raft::{
-    ChunkOutcome, HardState, Restored, SnapshotChunk, SnapshotSource, Storage, StorageError,
+    ChunkOutcome, HardState, MAX_INDEX, MAX_TERM, Restored, SnapshotChunk, SnapshotSource, Storage,
+    StorageError,
 };
 use record::Decoded;
 use snapfile::FileSnapshot;
@@ -133,6 +134,17 @@ enum Op {
 enum SnapIn {
     Bytes(Arc<Vec<u8>>),
     Received(Arc<FileSnapshot>),
+}
+
+impl Op {
+    fn name(&self) -> &'static str {
+        match self {
+            Op::HardState(_) => "hard state",
+            Op::Append(..) => "append",
+            Op::Truncate(_) => "truncate",
+            Op::Snapshot(..) => "snapshot",
+        }
+    }
 }
 
 struct Pending {
@@ -395,6 +407,24 @@ impl FileLog {
 
     fn queue(&self, op: Op) -> Result<(), StorageError> {
         let mut p = self.pending.lock();
+        // Nothing out of range reaches the disk, so recovery's arithmetic cannot wrap.
+        let out_of_range = match &op {
+            Op::HardState(hs) => hs.term > MAX_TERM,
+            Op::Append(first, entries) => {
+                *first == 0
+                    || first
+                        .checked_add(entries.len() as u64)
+                        .is_none_or(|end| end - 1 > MAX_INDEX)
+                    || entries.iter().any(|e| e.term > MAX_TERM)
+            }
+            Op::Truncate(after) => *after > MAX_INDEX,
+            Op::Snapshot(index, term, _) => *index > MAX_INDEX || *term > MAX_TERM,
+        };
+        if out_of_range {
+            return Err(StorageError::Invalid {
+                reason: format!("{}: index or term out of range", op.name()),
+            });
+        }
         match &op {
             Op::HardState(_) => {}
             Op::Append(first, entries) => {
@@ -968,9 +998,26 @@ fn recover(dir: &Path, opts: FileLogOptions) -> Result<(Disk, Restored), Storage
             ));
         }
     };
-    let snap = FileSnapshot::open(&dir.join("snapshot"))?.map(Arc::new);
+    if hard_state.term > MAX_TERM {
+        return Err(corrupt(
+            &hs_path,
+            0,
+            format!("term {} above the largest {MAX_TERM}", hard_state.term),
+        ));
+    }
+    let snap_path = dir.join("snapshot");
+    let snap = FileSnapshot::open(&snap_path)?.map(Arc::new);
     let snapshot_found = snap.is_some();
     let (base_index, base_term) = snap.as_ref().map_or((0, 0), |s| (s.index(), s.term()));
+    if base_index > MAX_INDEX || base_term > MAX_TERM {
+        return Err(corrupt(
+            &snap_path,
+            0,
+            format!(
+                "snapshot through {base_index} (t{base_term}): above the largest index or term"
+            ),
+        ));
+    }
 
     // Segments, by first index.
     let mut names: Vec<(u64, PathBuf)> = Vec::new();
@@ -981,6 +1028,13 @@ fn recover(dir: &Path, opts: FileLogOptions) -> Result<(Disk, Restored), Storage
             let first = n
                 .parse::<u64>()
                 .map_err(|_| corrupt(&de.path(), 0, "not a segment name"))?;
+            if first == 0 || first > MAX_INDEX {
+                return Err(corrupt(
+                    &de.path(),
+                    0,
+                    "a segment's first index out of range",
+                ));
+            }
             names.push((first, de.path()));
         } else if name.ends_with(".tmp") {
             // A replacement that never got renamed: the old file stands.
@@ -1078,6 +1132,13 @@ fn recover(dir: &Path, opts: FileLogOptions) -> Result<(Disk, Restored), Storage
                     term,
                     command,
                 }) => {
+                    if term > MAX_TERM || index > MAX_INDEX {
+                        return Err(corrupt(
+                            &path,
+                            offset as u64,
+                            format!("entry {index} (t{term}): above the largest index or term"),
+                        ));
+                    }
                     let want = seg.first + seg.entries.len() as u64;
                     if index != want {
                         return Err(corrupt(

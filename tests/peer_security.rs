@@ -1,0 +1,779 @@
+//! The peer port under attack (issue 19): three real `raftkv serve` processes on loopback,
+//! and forged Raft messages sent to them from a plain socket (no handshake), from a socket
+//! that speaks the handshake and the wire format but holds another secret, and from one
+//! holding the cluster's secret (a member gone rogue). The cluster must keep its leader, its
+//! term and its data, and keep serving; nothing forged may reach a disk. Every node is killed
+//! when the test ends (the cluster's drop, and `--stop-on-stdin-eof`).
+//!
+//! `RAFTKV_TEST_EXE` runs another `raftkv` binary, and `RAFTKV_TEST_NO_PEER_SECRET=1` starts
+//! it without `--peer-secret-file` and sends the "rogue" messages without a handshake: how
+//! these attacks are replayed against a build that has no peer authentication.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use raftkv::labcodec;
+use raftkv::net::handshake::{self, PeerAuth};
+use raftkv::net::wire;
+use raftkv::node::secret::{SECRET_FILE, create_secret, read_secret};
+use raftkv::proc::status::NodeStatusFile;
+use raftkv::raft::log::Entry;
+use raftkv::raft::{AppendEntriesArgs, InstallSnapshotArgs, RequestVoteArgs};
+
+/// How long a cluster may take to elect a leader, or a command to succeed.
+const PATIENCE: Duration = Duration::from_secs(15);
+/// Longer than an election timeout (400–700 ms): damage done by a message shows by then.
+const SETTLE: Duration = Duration::from_millis(1500);
+const NODES: usize = 3;
+
+static CLUSTERS: AtomicU32 = AtomicU32::new(0);
+
+fn exe() -> String {
+    std::env::var("RAFTKV_TEST_EXE").unwrap_or_else(|_| env!("CARGO_BIN_EXE_raftkv").into())
+}
+
+/// Whether the nodes run without peer authentication (an older build, see the module doc).
+fn no_secret() -> bool {
+    std::env::var_os("RAFTKV_TEST_NO_PEER_SECRET").is_some()
+}
+
+struct Cluster {
+    dir: PathBuf,
+    peer_ports: Vec<u16>,
+    client_ports: Vec<u16>,
+    children: Vec<Option<Child>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Status {
+    term: u64,
+    leader: bool,
+}
+
+fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("local addr").port())
+        .collect()
+}
+
+impl Cluster {
+    fn new() -> Cluster {
+        let dir = std::env::temp_dir().join(format!(
+            "raftkv-peersec-{}-{}",
+            std::process::id(),
+            CLUSTERS.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("create the test directory");
+        create_secret(&dir.join(SECRET_FILE)).expect("create the peer secret");
+        let ports = free_ports(2 * NODES);
+        let mut cluster = Cluster {
+            dir,
+            peer_ports: ports[..NODES].to_vec(),
+            client_ports: ports[NODES..].to_vec(),
+            children: (0..NODES).map(|_| None).collect(),
+        };
+        for i in 0..NODES {
+            cluster.start(i);
+        }
+        cluster
+    }
+
+    fn data(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("node-{}", i + 1))
+    }
+
+    fn log_path(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("node-{}.log", i + 1))
+    }
+
+    fn start(&mut self, i: usize) {
+        assert!(self.children[i].is_none(), "node {} already runs", i + 1);
+        let peers: Vec<String> = self
+            .peer_ports
+            .iter()
+            .enumerate()
+            .map(|(j, p)| format!("{}=127.0.0.1:{p}", j + 1))
+            .collect();
+        let _ = fs::remove_file(NodeStatusFile::path(&self.data(i)));
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(i))
+            .expect("node log");
+        let mut command = Command::new(exe());
+        command
+            .arg("serve")
+            .args(["--id", &(i + 1).to_string()])
+            .args(["--peers", &peers.join(",")])
+            .args(["--client", &format!("127.0.0.1:{}", self.client_ports[i])])
+            .arg("--data")
+            .arg(self.data(i));
+        if !no_secret() {
+            command
+                .arg("--peer-secret-file")
+                .arg(self.dir.join(SECRET_FILE));
+        }
+        let child = command
+            .arg("--stop-on-stdin-eof")
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start node {}: {e}", i + 1));
+        self.children[i] = Some(child);
+    }
+
+    fn kill9(&mut self, i: usize) {
+        let mut child = self.children[i].take().expect("node is running");
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reap");
+    }
+
+    fn alive(&mut self, i: usize) -> bool {
+        match self.children[i].as_mut() {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    fn status(&self, i: usize) -> Option<Status> {
+        let status = NodeStatusFile::read(&NodeStatusFile::path(&self.data(i)))?;
+        Some(Status {
+            term: status.term,
+            leader: status.leader,
+        })
+    }
+
+    /// The node leading in the highest term, and that term, waiting up to [`PATIENCE`].
+    fn leader(&self) -> (usize, u64) {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let leader = (0..NODES)
+                .filter(|&i| self.children[i].is_some())
+                .filter_map(|i| self.status(i).filter(|s| s.leader).map(|s| (i, s.term)))
+                .max_by_key(|&(_, term)| term);
+            if let Some(found) = leader {
+                return found;
+            }
+            assert!(Instant::now() < deadline, "no leader within {PATIENCE:?}");
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Every node's term, once each has written a status naming one leader in one term.
+    fn settled_terms(&self) -> Vec<u64> {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let statuses: Vec<Option<Status>> = (0..NODES).map(|i| self.status(i)).collect();
+            let terms: Vec<u64> = statuses.iter().flatten().map(|s| s.term).collect();
+            let leaders = statuses.iter().flatten().filter(|s| s.leader).count();
+            if terms.len() == NODES && leaders == 1 && terms.iter().all(|&t| t == terms[0]) {
+                return terms;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the cluster did not settle: {statuses:?}"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn client(&self, i: usize) -> redis::Connection {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{}/", self.client_ports[i]))
+            .expect("redis url");
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            match client.get_connection_with_timeout(Duration::from_secs(1)) {
+                Ok(con) => {
+                    con.set_read_timeout(Some(Duration::from_secs(10)))
+                        .expect("read timeout");
+                    return con;
+                }
+                Err(e) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "node {} does not accept clients: {e}",
+                        i + 1
+                    );
+                    thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+
+    /// Runs `f` on a fresh connection to node `i` until it succeeds, within [`PATIENCE`].
+    fn retry<T>(
+        &self,
+        i: usize,
+        what: &str,
+        f: impl Fn(&mut redis::Connection) -> redis::RedisResult<T>,
+    ) -> T {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let mut con = self.client(i);
+            match f(&mut con) {
+                Ok(v) => return v,
+                Err(e) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "{what} on node {} failed for {PATIENCE:?}: {e}",
+                        i + 1
+                    );
+                    thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    }
+
+    fn write_keys(&self, prefix: &str, n: usize) {
+        let (leader, _) = self.leader();
+        for k in 0..n {
+            let key = format!("{prefix}{k}");
+            let ok: String = self.retry(leader, "SET", |c| {
+                redis::cmd("SET").arg(&key).arg(format!("v{k}")).query(c)
+            });
+            assert_eq!(ok, "OK");
+        }
+    }
+
+    /// Every key written by [`write_keys`](Self::write_keys) reads back, through every node.
+    fn check_keys(&self, prefix: &str, n: usize) {
+        for i in 0..NODES {
+            for k in 0..n {
+                let key = format!("{prefix}{k}");
+                let got: Option<String> =
+                    self.retry(i, "GET", |c| redis::cmd("GET").arg(&key).query(c));
+                assert_eq!(
+                    got.as_deref(),
+                    Some(&*format!("v{k}")),
+                    "{key} on node {}",
+                    i + 1
+                );
+            }
+        }
+    }
+
+    fn log_text(&self, i: usize) -> String {
+        fs::read_to_string(self.log_path(i)).unwrap_or_default()
+    }
+
+    fn secret(&self) -> Vec<u8> {
+        read_secret(&self.dir.join(SECRET_FILE)).expect("the cluster's secret")
+    }
+}
+
+/// Node `id`'s side of the handshake with `secret`.
+fn auth_as(id: u64, secret: &[u8]) -> PeerAuth {
+    PeerAuth::new(
+        secret,
+        format!("raftkv/{NODES}").as_bytes(),
+        id,
+        NODES as u64,
+    )
+    .expect("auth")
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for child in self.children.iter_mut().flatten() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// One request frame as a node's peer port reads it.
+fn frame<A: serde::Serialize>(id: u64, method: &str, args: &A) -> Vec<u8> {
+    let body = labcodec::encode(args).expect("encode args");
+    wire::encode_request(id, method, &body).expect("encode frame")
+}
+
+fn request_vote(term: u64, candidate: usize, pre_vote: bool) -> Vec<u8> {
+    frame(
+        1,
+        "Raft.RequestVote",
+        &RequestVoteArgs {
+            term,
+            candidate,
+            last_log_index: u64::MAX,
+            last_log_term: term,
+            pre_vote,
+        },
+    )
+}
+
+/// The issue's forged AppendEntries: prev 0 and one garbage entry at index 1, in a term
+/// above the cluster's (3 in the issue's fresh cluster).
+fn garbage_append(term: u64, leader: usize) -> Vec<u8> {
+    frame(
+        2,
+        "Raft.AppendEntries",
+        &AppendEntriesArgs {
+            term,
+            leader,
+            prev_log_index: 0,
+            prev_log_term: 0,
+            entries: vec![Entry {
+                term,
+                command: vec![0xde, 0xad, 0xbe, 0xef, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff],
+            }],
+            leader_commit: 0,
+        },
+    )
+}
+
+fn garbage_snapshot(term: u64, leader: usize) -> Vec<u8> {
+    frame(
+        3,
+        "Raft.InstallSnapshot",
+        &InstallSnapshotArgs {
+            term,
+            leader,
+            last_included_index: 1_000,
+            last_included_term: term,
+            data: vec![0xff; 4096],
+        },
+    )
+}
+
+/// Reads until the node closes the socket; fails if it does not within 2 s. Returns what
+/// it sent.
+fn read_until_closed(stream: &mut TcpStream) -> Vec<u8> {
+    stream
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("timeout");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return got,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return got,
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the node kept an unauthenticated connection open for 2 s"
+        );
+    }
+}
+
+/// Sends `frames` to node `i` from a plain socket (no handshake), and from one that runs the
+/// handshake as node `claimed` with a secret that is not the cluster's, then sends them
+/// anyway. With authentication the node closes both without a reply.
+fn send_as_outsiders(cluster: &Cluster, i: usize, claimed: u64, frames: &[Vec<u8>]) {
+    let addr = ("127.0.0.1", cluster.peer_ports[i]);
+    let mut plain = TcpStream::connect(addr).expect("connect");
+    for f in frames {
+        // The node may close as soon as it sees the first bytes are not a handshake.
+        if plain.write_all(f).is_err() {
+            break;
+        }
+    }
+    let answered = read_until_closed(&mut plain);
+    if !no_secret() {
+        assert!(
+            answered.is_empty(),
+            "node {} answered a plain socket",
+            i + 1
+        );
+    }
+
+    let mut wrong = TcpStream::connect(addr).expect("connect");
+    let outsider = auth_as(claimed, b"not the cluster's secret at all");
+    let dialled = handshake::dial(
+        &mut wrong,
+        &outsider,
+        i as u64 + 1,
+        Instant::now() + Duration::from_secs(1),
+    );
+    if !no_secret() {
+        assert!(dialled.is_err(), "a wrong secret passed the handshake");
+    }
+    for f in frames {
+        if wrong.write_all(f).is_err() {
+            break;
+        }
+    }
+    let answered = read_until_closed(&mut wrong);
+    if !no_secret() {
+        assert!(
+            answered.is_empty(),
+            "node {} answered a wrong secret",
+            i + 1
+        );
+    }
+}
+
+/// A connection to node `i` (at `port`) as node `claimed`, holding the cluster's `secret`.
+fn rogue(port: u16, i: usize, claimed: u64, secret: &[u8]) -> TcpStream {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    if !no_secret() {
+        handshake::dial(
+            &mut s,
+            &auth_as(claimed, secret),
+            i as u64 + 1,
+            Instant::now() + Duration::from_secs(1),
+        )
+        .expect("the cluster's secret passes the handshake");
+    }
+    s
+}
+
+/// Leader, term and data are as they were, every node is up, and the cluster still takes
+/// writes.
+fn assert_unharmed(cluster: &mut Cluster, leader: usize, terms: &[u64], prefix: &str, n: usize) {
+    thread::sleep(SETTLE);
+    for i in 0..NODES {
+        assert!(
+            cluster.alive(i),
+            "node {} died: {}",
+            i + 1,
+            cluster.log_text(i)
+        );
+    }
+    assert_eq!(cluster.settled_terms(), terms, "the term changed");
+    assert_eq!(cluster.leader().0, leader, "the leader changed");
+    cluster.check_keys(prefix, n);
+    cluster.write_keys(&format!("{prefix}after-"), 3);
+    cluster.check_keys(&format!("{prefix}after-"), 3);
+}
+
+/// Kills every node at once, starts them again, and checks the data came back.
+fn full_restart(cluster: &mut Cluster, prefix: &str, n: usize) {
+    for i in 0..NODES {
+        cluster.kill9(i);
+    }
+    for i in 0..NODES {
+        cluster.start(i);
+    }
+    cluster.leader();
+    cluster.check_keys(prefix, n);
+    thread::sleep(SETTLE);
+    for i in 0..NODES {
+        assert!(
+            cluster.alive(i),
+            "node {} died after the restart: {}",
+            i + 1,
+            cluster.log_text(i)
+        );
+    }
+}
+
+#[test]
+fn request_vote_at_max_term_from_outsiders_changes_nothing() {
+    let mut cluster = Cluster::new();
+    cluster.write_keys("k", 20);
+    let (leader, _) = cluster.leader();
+    let terms = cluster.settled_terms();
+    for i in 0..NODES {
+        let other = (i + 1) % NODES;
+        send_as_outsiders(
+            &cluster,
+            i,
+            other as u64 + 1,
+            &[
+                request_vote(u64::MAX, other, true),
+                request_vote(u64::MAX, other, false),
+            ],
+        );
+    }
+    assert_unharmed(&mut cluster, leader, &terms, "k", 20);
+    if !no_secret() {
+        assert!(cluster.log_text(0).contains("refused peer connection from"));
+    }
+    full_restart(&mut cluster, "k", 20);
+}
+
+#[test]
+fn garbage_install_snapshot_from_outsiders_changes_nothing() {
+    let mut cluster = Cluster::new();
+    cluster.write_keys("s", 20);
+    let (leader, _) = cluster.leader();
+    let terms = cluster.settled_terms();
+    for i in (0..NODES).filter(|&i| i != leader) {
+        send_as_outsiders(
+            &cluster,
+            i,
+            leader as u64 + 1,
+            &[garbage_snapshot(terms[0], leader)],
+        );
+    }
+    assert_unharmed(&mut cluster, leader, &terms, "s", 20);
+    full_restart(&mut cluster, "s", 20);
+}
+
+#[test]
+fn forged_append_entries_from_outsiders_changes_nothing() {
+    let mut cluster = Cluster::new();
+    cluster.write_keys("a", 20);
+    let (leader, _) = cluster.leader();
+    let terms = cluster.settled_terms();
+    for i in (0..NODES).filter(|&i| i != leader) {
+        send_as_outsiders(
+            &cluster,
+            i,
+            leader as u64 + 1,
+            &[garbage_append(terms[0].max(2) + 1, leader)],
+        );
+    }
+    assert_unharmed(&mut cluster, leader, &terms, "a", 20);
+    full_restart(&mut cluster, "a", 20);
+}
+
+/// With the secret: the garbage entry and snapshot reach Raft, which refuses them before
+/// anything is persisted (the service cannot decode them), and says so naming the peer.
+#[test]
+fn garbage_entry_and_snapshot_from_a_rogue_member_are_refused() {
+    let mut cluster = Cluster::new();
+    cluster.write_keys("r", 20);
+    let (leader, _) = cluster.leader();
+    let terms = cluster.settled_terms();
+    let follower = (leader + 1) % NODES;
+    // The rogue speaks as the third node, stopped meanwhile: a live node's own connection
+    // would replace the rogue's (one connection per node) before its messages were read.
+    let rogue_id = (leader + 2) % NODES;
+    cluster.kill9(rogue_id);
+    let port = cluster.peer_ports[follower];
+    let mut s = rogue(port, follower, rogue_id as u64 + 1, &cluster.secret());
+    s.write_all(&garbage_append(terms[0].max(2) + 1, rogue_id))
+        .expect("send");
+    s.write_all(&garbage_snapshot(terms[0] + 1, rogue_id))
+        .expect("send");
+    // And one speaking for the leader: a member speaks only as itself.
+    s.write_all(&request_vote(terms[0] + 1, leader, false))
+        .expect("send");
+    // All answered (with "no reply": the refusal), so all were handled.
+    let mut answers = 0;
+    s.set_read_timeout(Some(PATIENCE)).expect("timeout");
+    while answers < 3 {
+        let mut prefix = [0u8; 4];
+        s.read_exact(&mut prefix).expect("an answer");
+        let mut body = vec![0u8; u32::from_be_bytes(prefix) as usize];
+        s.read_exact(&mut body).expect("an answer");
+        answers += 1;
+    }
+    drop(s);
+    cluster.start(rogue_id);
+    assert_unharmed(&mut cluster, leader, &terms, "r", 20);
+    if !no_secret() {
+        let log = cluster.log_text(follower);
+        let from = format!("from peer {rogue_id}");
+        assert!(
+            log.contains(&format!("refused AppendEntries {from}")),
+            "{log}"
+        );
+        assert!(
+            log.contains(&format!("refused InstallSnapshot {from}")),
+            "{log}"
+        );
+        let claim = format!(
+            "refused RequestVote from node {}: it claims to come from node {}",
+            rogue_id + 1,
+            leader + 1
+        );
+        assert!(log.contains(&claim), "{log}");
+    }
+    full_restart(&mut cluster, "r", 20);
+}
+
+/// SETs on the leader for `time`; returns how many were answered OK.
+fn writes_for(cluster: &Cluster, time: Duration, tag: &str) -> usize {
+    let (leader, _) = cluster.leader();
+    let mut con = cluster.client(leader);
+    let start = Instant::now();
+    let mut ok = 0;
+    while start.elapsed() < time {
+        let r: redis::RedisResult<String> = redis::cmd("SET")
+            .arg(format!("{tag}{ok}"))
+            .arg("x")
+            .query(&mut con);
+        match r {
+            Ok(_) => ok += 1,
+            Err(_) => con = cluster.client(leader),
+        }
+    }
+    ok
+}
+
+/// A RequestVote every 50 ms, each a term higher, to every node (at `ports`), for `time`:
+/// as a member holding `secret`, or from plain sockets.
+fn flood(ports: &[u16], secret: Option<&[u8]>, first_term: u64, time: Duration) {
+    let start = Instant::now();
+    let mut term = first_term;
+    while start.elapsed() < time {
+        for (i, &port) in ports.iter().enumerate() {
+            let claimed = (i + 1) % ports.len();
+            let f = request_vote(term, claimed, false);
+            match secret {
+                Some(secret) => {
+                    let _ = rogue(port, i, claimed as u64 + 1, secret).write_all(&f);
+                }
+                None => {
+                    if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
+                        let _ = s.write_all(&f);
+                    }
+                }
+            }
+        }
+        term += 1;
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn request_vote_flood_from_an_outsider_has_no_effect() {
+    let mut cluster = Cluster::new();
+    cluster.write_keys("f", 10);
+    let (leader, _) = cluster.leader();
+    let terms = cluster.settled_terms();
+    let flooding = {
+        let (ports, first) = (cluster.peer_ports.clone(), terms[0] + 1);
+        thread::spawn(move || flood(&ports, None, first, Duration::from_secs(3)))
+    };
+    let during = writes_for(&cluster, Duration::from_secs(3), "fw");
+    flooding.join().expect("flood thread");
+    assert!(during > 0, "no write succeeded during the flood");
+    assert_unharmed(&mut cluster, leader, &terms, "f", 10);
+}
+
+/// A member gone rogue floods RequestVotes with the secret: a node that hears from its
+/// leader ignores a vote request for a newer term (Raft dissertation §4.2.3), so the leader
+/// stays. Prints writes per second before and during the flood.
+#[test]
+fn request_vote_flood_from_a_rogue_member_keeps_the_leader() {
+    let mut cluster = Cluster::new();
+    cluster.write_keys("m", 10);
+    let (leader, _) = cluster.leader();
+    let terms = cluster.settled_terms();
+    let before = writes_for(&cluster, Duration::from_secs(3), "mb");
+    let flooding = {
+        let (ports, first, secret) = (cluster.peer_ports.clone(), terms[0] + 1, cluster.secret());
+        thread::spawn(move || flood(&ports, Some(&secret), first, Duration::from_secs(3)))
+    };
+    let during = writes_for(&cluster, Duration::from_secs(3), "md");
+    flooding.join().expect("flood thread");
+    println!(
+        "rogue RequestVote flood (every 50 ms, term + 1, to every node): {:.0} writes/s before, {:.0} during",
+        before as f64 / 3.0,
+        during as f64 / 3.0
+    );
+    assert!(during > 0, "no write succeeded during the flood");
+    assert_unharmed(&mut cluster, leader, &terms, "m", 10);
+}
+
+/// Resident memory of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS")
+}
+
+/// Node `i`'s applied count, from its status file.
+fn applied(cluster: &Cluster, i: usize) -> Option<u64> {
+    NodeStatusFile::read(&NodeStatusFile::path(&cluster.data(i))).map(|s| s.applied)
+}
+
+/// Keeps `n` sockets open to `port` until `stop`, reopening those the node closes, each
+/// having sent half a handshake (slowloris). Returns how many it opened in all.
+fn hold_connections(port: u16, n: usize, stop: &std::sync::atomic::AtomicBool) -> usize {
+    let mut held: Vec<TcpStream> = Vec::new();
+    let mut opened = 0;
+    while !stop.load(Ordering::SeqCst) {
+        held.retain(|s| {
+            let mut b = [0u8; 1];
+            s.set_nonblocking(true).is_ok()
+                && matches!((&*s).read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        });
+        while held.len() < n {
+            match TcpStream::connect(("127.0.0.1", port)) {
+                Ok(mut s) => {
+                    let _ = s.write_all(b"RKVP\x01\x00\x00");
+                    held.push(s);
+                    opened += 1;
+                }
+                Err(_) => break,
+            }
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    opened
+}
+
+/// 300 connections held open to the leader's peer port (each reopened as soon as the node
+/// closes it) do not keep a restarted follower from reaching the leader (it catches up, and
+/// a write through it is forwarded to the leader), and do not grow the leader's memory.
+#[test]
+fn held_connections_do_not_shut_out_a_restarted_follower() {
+    let mut cluster = Cluster::new();
+    cluster.write_keys("h", 10);
+    let (leader, _) = cluster.leader();
+    let follower = (leader + 1) % NODES;
+    let pid = cluster.children[leader].as_ref().expect("leader runs").id();
+    let rss_before = rss_kib(pid);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let holder = {
+        let (port, stop) = (cluster.peer_ports[leader], stop.clone());
+        thread::spawn(move || hold_connections(port, 300, &stop))
+    };
+    thread::sleep(Duration::from_secs(2));
+    cluster.kill9(follower);
+    cluster.write_keys("h2-", 10);
+    cluster.start(follower);
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (l, f) = (applied(&cluster, leader), applied(&cluster, follower));
+        if l.is_some() && l == f {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the restarted follower did not catch up: applied {f:?} vs the leader's {l:?}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    // The follower reaches the leader itself: a write through it is forwarded over its own
+    // connection to the leader's peer port.
+    let ok: String = cluster.retry(follower, "SET through the restarted follower", |c| {
+        redis::cmd("SET").arg("h-via-follower").arg("v").query(c)
+    });
+    assert_eq!(ok, "OK");
+    let rss_during = rss_kib(pid);
+    stop.store(true, Ordering::SeqCst);
+    let opened = holder.join().expect("holder thread");
+    println!(
+        "held 300 connections to the leader's peer port ({opened} opened in all): RSS {rss_before} KiB before, {rss_during} KiB during"
+    );
+    if !no_secret() {
+        assert!(
+            opened > 300,
+            "the node closed no unauthenticated connection"
+        );
+        assert!(
+            rss_during < rss_before + 64 * 1024,
+            "RSS grew from {rss_before} to {rss_during} KiB"
+        );
+    }
+    cluster.check_keys("h2-", 10);
+}

@@ -22,6 +22,9 @@ struct Cluster {
     peer_ports: Vec<u16>,
     client_ports: Vec<u16>,
     children: Vec<Option<Child>>,
+    /// Given as `--bootstrap` to each node's first start.
+    cluster_id: String,
+    founded: Vec<bool>,
 }
 
 /// `n` free loopback ports (all bound at once, so they differ, then released).
@@ -56,6 +59,8 @@ impl Cluster {
             peer_ports: ports[..n].to_vec(),
             client_ports: ports[n..].to_vec(),
             children: (0..n).map(|_| None).collect(),
+            cluster_id: raftkv::node::identity::random_cluster_id(),
+            founded: vec![false; n],
         };
         for i in 0..n {
             cluster.start(i);
@@ -84,17 +89,23 @@ impl Cluster {
         let peers = self.peer_list();
         // A status file left by the previous run must not be taken for this one's.
         let _ = fs::remove_file(self.data(i).join("status"));
-        let child = Command::new(EXE)
+        let mut command = Command::new(EXE);
+        command
             .arg("serve")
             .args(["--id", &(i + 1).to_string()])
             .args(["--peers", &peers])
             .args(["--client", &format!("127.0.0.1:{}", self.client_ports[i])])
             .arg("--data")
             .arg(self.data(i))
-            .arg("--stop-on-stdin-eof")
+            .arg("--stop-on-stdin-eof");
+        if !self.founded[i] {
+            command.args(["--bootstrap", &self.cluster_id]);
+        }
+        let child = command
             .stdin(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("start node {}: {e}", i + 1));
+        self.founded[i] = true;
         self.children[i] = Some(child);
     }
 
@@ -541,7 +552,7 @@ fn data_dir_of_another_node_is_refused() {
     cluster.kill9(0);
     let stderr = serve_fails(2, &cluster.peer_list(), "127.0.0.1:0", &cluster.data(0));
     assert!(stderr.contains("id 1"), "{stderr}");
-    assert!(Path::new(&cluster.data(0)).join("cluster").exists());
+    assert!(Path::new(&cluster.data(0)).join("identity").exists());
 }
 
 /// Runs `raftkv serve` once, expecting it to refuse to start: exit status 1. Returns its

@@ -4,6 +4,7 @@
 //! raftkv                      same as `raftkv local`
 //! raftkv local [--nodes 3] [--dir ./raftkv-data] [--port 7001]
 //! raftkv serve --id N --peers 1=HOST:PORT,2=HOST:PORT,3=HOST:PORT --client HOST:PORT --data DIR
+//!              [--bootstrap CLUSTER_ID]
 //! raftkv chaos [--duration 30s] [--clients 8] [--nodes 3] [--keys 5] [--seed N] [--dir DIR]
 //! ```
 //!
@@ -21,8 +22,10 @@ use std::sync::OnceLock;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use raftkv::node::{Node, NodeConfig, NodeStatus};
+use raftkv::node::identity::{IDENTITY_FILE, LEGACY_FILE, random_cluster_id};
+use raftkv::node::{ClusterIdentity, Node, NodeConfig, NodeStatus};
 use raftkv::raft::{Storage, StorageError};
+use std::sync::Arc;
 
 const MAIN_HELP: &str = "\
 raftkv: a linearizable key/value store on Raft, spoken to with any Redis client.
@@ -48,12 +51,18 @@ node; starting again with the same DIR finds the data where it was.";
 
 const SERVE_HELP: &str = "\
 usage: raftkv serve --id N --peers 1=HOST:PORT,2=HOST:PORT,... --client HOST:PORT --data DIR
-                    [--stop-on-stdin-eof]
+                    [--bootstrap CLUSTER_ID] [--stop-on-stdin-eof]
 
 Runs node N of the cluster listed in --peers (each node's peer port; every node must be given
-the same list). Redis clients connect to --client. The Raft log, snapshots and the node's
-status file live in DIR. --stop-on-stdin-eof: stop when standard input closes (how `local`
-and the tests tie a node's life to their own). SIGINT and SIGTERM stop the node cleanly.";
+the same list). Redis clients connect to --client. The Raft log, snapshots, the node's
+identity and its status file live in DIR.
+--bootstrap CLUSTER_ID: found a new cluster (give every founding node the same id: 8 to 64
+characters from 0-9 a-z A-Z - _, e.g. 32 random hex digits). Only for a cluster's first
+start: a node started on an empty DIR without it waits for a leader of its cluster, catches
+up, and only then votes (how a node whose disk was replaced rejoins). A DIR of another
+cluster is refused.
+--stop-on-stdin-eof: stop when standard input closes (how `local` and the tests tie a node's
+life to their own). SIGINT and SIGTERM stop the node cleanly.";
 
 const CHAOS_HELP: &str = "\
 usage: raftkv chaos [--duration 30s] [--clients 8] [--nodes 3] [--keys 5] [--seed N]
@@ -161,13 +170,14 @@ struct ServeArgs {
     peers: Vec<String>,
     client: String,
     data: PathBuf,
+    bootstrap: Option<String>,
     stop_on_stdin_eof: bool,
 }
 
 fn parse_serve(args: &[String]) -> Result<ServeArgs, Usage> {
     let given = flags(
         args,
-        &["--id", "--peers", "--client", "--data"],
+        &["--id", "--peers", "--client", "--data", "--bootstrap"],
         &["--stop-on-stdin-eof"],
     )?;
     let get = |name: &str| given.iter().find(|(f, _)| *f == name).map(|(_, v)| *v);
@@ -201,6 +211,13 @@ fn parse_serve(args: &[String]) -> Result<ServeArgs, Usage> {
         peers: peers.into_iter().map(|(_, a)| a).collect(),
         client: need("--client")?.to_string(),
         data: PathBuf::from(need("--data")?),
+        bootstrap: match get("--bootstrap") {
+            Some(id) => {
+                raftkv::node::identity::valid_cluster_id(id).map_err(|e| Usage(e.to_string()))?;
+                Some(id.to_string())
+            }
+            None => None,
+        },
         stop_on_stdin_eof: get("--stop-on-stdin-eof").is_some(),
     })
 }
@@ -345,26 +362,6 @@ fn open_storage(dir: &Path) -> Result<Box<dyn Storage>, StorageError> {
     Ok(Box::new(storage))
 }
 
-/// The cluster a data directory belongs to: a node started with another id or another peer
-/// list would mix two clusters' logs.
-fn check_identity(data: &Path, id: usize, peers: &[String]) -> Result<(), String> {
-    let path = data.join("cluster");
-    let identity = format!("id {id}\npeers {}\n", peers.join(","));
-    match fs::read_to_string(&path) {
-        Ok(stored) if stored == identity => Ok(()),
-        Ok(stored) => Err(format!(
-            "{} says this directory holds {}, but the command line says {}; \
-             use the same --id and --peers, or another --data",
-            path.display(),
-            stored.trim().replace('\n', ", "),
-            identity.trim().replace('\n', ", ")
-        )),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => write_atomically(&path, &identity)
-            .map_err(|e| format!("cannot write {}: {e}", path.display())),
-        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
-    }
-}
-
 fn write_atomically(path: &Path, contents: &str) -> io::Result<()> {
     let tmp = path.with_extension("tmp");
     {
@@ -384,10 +381,32 @@ fn serve(args: ServeArgs) -> ExitCode {
     if let Err(e) = fs::create_dir_all(&args.data) {
         return fail(format!("cannot create {}: {e}", args.data.display()));
     }
-    if let Err(e) = check_identity(&args.data, args.id, &args.peers) {
-        return fail(e);
+    let raft_dir = args.data.join("raft");
+    let had_identity = args.data.join(IDENTITY_FILE).exists();
+    let raft_missing = !raft_dir.exists();
+    if args.bootstrap.is_some() && !had_identity {
+        // The Raft directory before the identity: an identity never exists without one.
+        if let Err(e) = fs::create_dir_all(&raft_dir) {
+            return fail(format!("cannot create {}: {e}", raft_dir.display()));
+        }
     }
-    let storage = match open_storage(&args.data.join("raft")) {
+    // The identity before the storage: a directory of another cluster or node is refused
+    // before anything in it is opened (recovery may cut a torn tail).
+    let identity =
+        match ClusterIdentity::open(&args.data, args.id, &args.peers, args.bootstrap.as_deref()) {
+            Ok(i) => Arc::new(i),
+            Err(e) => return fail(e.to_string()),
+        };
+    if had_identity && raft_missing {
+        return fail(format!(
+            "lost state: {} is missing but {} says this node is a member of cluster {}; it must not vote or serve without its log; to replace the node, remove {} entirely and start it again without --bootstrap: it rejoins, catches up from the leader and only then votes",
+            raft_dir.display(),
+            args.data.join(IDENTITY_FILE).display(),
+            identity.cluster_id().unwrap_or_default(),
+            args.data.display()
+        ));
+    }
+    let storage = match open_storage(&raft_dir) {
         Ok(s) => s,
         Err(e) => return fail(e.to_string()),
     };
@@ -401,6 +420,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         client_addr: args.client.clone(),
         max_raft_state: Some(raftkv::node::DEFAULT_MAX_RAFT_STATE),
         fault,
+        identity,
     };
     let mut node = match Node::start(config, storage) {
         Ok(n) => n,
@@ -445,6 +465,10 @@ fn serve(args: ServeArgs) -> ExitCode {
         if let Some(why) = node.stopped() {
             node.shutdown();
             return fail(format!("stopped: {why}"));
+        }
+        if let Err(e) = node.record_progress() {
+            node.shutdown();
+            return fail(format!("stopped: {e}"));
         }
         if let Some(signal) = raftkv::signal::stop_requested() {
             log::info!(target: "raftkv", "node {}: {signal}; stopping", args.id);
@@ -598,6 +622,14 @@ impl Drop for Children {
     }
 }
 
+/// The cluster id a node's data directory holds, if it holds a readable identity.
+fn stored_cluster_id(data: &Path) -> Option<String> {
+    let text = fs::read_to_string(data.join(IDENTITY_FILE)).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("cluster "))
+        .map(str::to_string)
+}
+
 fn local(args: LocalArgs) -> ExitCode {
     init_logging("local".into());
     // Ctrl-C (or SIGTERM) reaches only this process: the nodes run in their own process
@@ -619,20 +651,31 @@ fn local(args: LocalArgs) -> ExitCode {
     let peers: Vec<String> = (0..n)
         .map(|i| format!("{}=127.0.0.1:{}", i + 1, peer_port(i)))
         .collect();
+    // A new cluster gets a random id, given to every node as --bootstrap; on a restart the
+    // nodes' identities hold it (a format-1 directory is upgraded with it). A node whose
+    // directory is gone rejoins without --bootstrap: it waits for the leader and catches up.
+    let stored = (0..n).find_map(|i| {
+        let data = args.dir.join(format!("node-{}", i + 1));
+        stored_cluster_id(&data)
+    });
+    let cluster_id = stored.clone().unwrap_or_else(random_cluster_id);
     let mut children = Children(Vec::new());
     for i in 0..n {
         let data = args.dir.join(format!("node-{}", i + 1));
-        let spawned = Command::new(&exe)
+        let bootstrap = stored.is_none() || data.join(LEGACY_FILE).exists();
+        let mut command = Command::new(&exe);
+        command
             .arg("serve")
             .args(["--id", &(i + 1).to_string()])
             .args(["--peers", &peers.join(",")])
             .args(["--client", &format!("127.0.0.1:{}", client_port(i))])
             .arg("--data")
             .arg(&data)
-            .arg("--stop-on-stdin-eof")
-            .stdin(Stdio::piped())
-            .process_group(0)
-            .spawn();
+            .arg("--stop-on-stdin-eof");
+        if bootstrap {
+            command.args(["--bootstrap", &cluster_id]);
+        }
+        let spawned = command.stdin(Stdio::piped()).process_group(0).spawn();
         match spawned {
             Ok(child) => children.0.push((i + 1, child)),
             Err(e) => {

@@ -117,6 +117,9 @@ pub struct ChaosCluster {
     /// `proxies[i][j]`: node `i`'s link to node `j` (`None` on the diagonal).
     proxies: Vec<Vec<Option<Proxy>>>,
     nodes: Vec<NodeProc>,
+    /// The cluster id, given as `--bootstrap` to each node's first start only.
+    cluster_id: String,
+    founded: Vec<bool>,
 }
 
 /// `n` loopback ports free now (all bound at once, so they differ, then released).
@@ -218,6 +221,8 @@ impl ChaosCluster {
                     state: NodeState::Killed,
                 })
                 .collect(),
+            cluster_id: crate::node::identity::random_cluster_id(),
+            founded: vec![false; n],
         };
         for i in 0..n {
             cluster.spawn(i)?;
@@ -290,7 +295,11 @@ impl ChaosCluster {
             .args(["--client", &self.client_addr(i).to_string()])
             .arg("--data")
             .arg(self.data(i))
-            .arg("--stop-on-stdin-eof")
+            .arg("--stop-on-stdin-eof");
+        if !self.founded[i] {
+            command.args(["--bootstrap", &self.cluster_id]);
+        }
+        command
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(log)
@@ -308,6 +317,7 @@ impl ChaosCluster {
             reason: format!("{}: {e}", self.opts.exe.display()),
         })?;
         log::info!(target: LOG, "node {} started (pid {})", i + 1, child.id());
+        self.founded[i] = true;
         self.nodes[i] = NodeProc {
             child: Some(child),
             state: NodeState::Running,

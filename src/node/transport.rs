@@ -2,30 +2,53 @@
 //! message a `call_async` whose outcome becomes `Some(reply)` or `None`) and the receiving
 //! side ([`raft_service`], the `Raft` service on the node's `net::Server`). A killed peer's
 //! handler answers nothing; the service then sends `None`, which the caller treats as no reply.
+//!
+//! Every message carries the sender's cluster id ([`Tagged`]); the receiver answers nothing
+//! to a message of another cluster, and a node that has no cluster yet adopts the id of the
+//! first leader's message (AppendEntries or InstallSnapshot) before handling it.
 
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use super::identity::ClusterIdentity;
 use crate::net::{ClientEnd, NetError, Service};
 use crate::raft::{
     AppendEntriesArgs, AppendEntriesReply, InstallSnapshotArgs, InstallSnapshotReply, OnReply,
     RaftHandler, RaftTransport, RequestVoteArgs, RequestVoteReply,
 };
 
+/// A Raft message with the sender's cluster id (empty while it has none).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Tagged<A> {
+    pub cluster: String,
+    pub msg: A,
+}
+
 /// `ends[j]` reaches peer `j`; `None` at the node's own number.
 pub struct TcpRaftTransport {
     ends: Vec<Option<ClientEnd>>,
+    identity: Arc<ClusterIdentity>,
 }
 
 impl TcpRaftTransport {
-    pub fn new(ends: Vec<Option<ClientEnd>>) -> TcpRaftTransport {
-        TcpRaftTransport { ends }
+    pub fn new(ends: Vec<Option<ClientEnd>>, identity: Arc<ClusterIdentity>) -> TcpRaftTransport {
+        TcpRaftTransport { ends, identity }
     }
 
-    fn send<A, R>(&self, peer: usize, method: &str, args: &A, on_reply: OnReply<R>)
+    fn send<A, R>(&self, peer: usize, method: &str, args: A, on_reply: OnReply<R>)
     where
         A: serde::Serialize,
         R: serde::de::DeserializeOwned + Send + 'static,
     {
+        let tagged = Tagged {
+            cluster: self.identity.cluster_id().unwrap_or_default(),
+            msg: args,
+        };
         match self.ends.get(peer).and_then(|e| e.as_ref()) {
-            Some(end) => end.call_async(method, args, move |r: Result<Option<R>, NetError>| {
+            Some(end) => end.call_async(method, &tagged, move |r: Result<Option<R>, NetError>| {
                 on_reply(r.ok().flatten())
             }),
             // Raft never sends to itself; an unknown peer is a lost message.
@@ -45,7 +68,7 @@ impl RaftTransport for TcpRaftTransport {
         args: RequestVoteArgs,
         on_reply: OnReply<RequestVoteReply>,
     ) {
-        self.send(peer, "Raft.RequestVote", &args, on_reply);
+        self.send(peer, "Raft.RequestVote", args, on_reply);
     }
 
     fn append_entries(
@@ -54,7 +77,7 @@ impl RaftTransport for TcpRaftTransport {
         args: AppendEntriesArgs,
         on_reply: OnReply<AppendEntriesReply>,
     ) {
-        self.send(peer, "Raft.AppendEntries", &args, on_reply);
+        self.send(peer, "Raft.AppendEntries", args, on_reply);
     }
 
     fn install_snapshot(
@@ -63,19 +86,55 @@ impl RaftTransport for TcpRaftTransport {
         args: InstallSnapshotArgs,
         on_reply: OnReply<InstallSnapshotReply>,
     ) {
-        self.send(peer, "Raft.InstallSnapshot", &args, on_reply);
+        self.send(peer, "Raft.InstallSnapshot", args, on_reply);
     }
 }
 
-/// The `Raft` service: each method answers `Option<reply>` (`None` from a stopped peer).
-pub fn raft_service(h: RaftHandler) -> Service {
+/// How often a refused message is logged (a peer of another cluster retries every heartbeat).
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Admits or refuses each incoming message by its cluster id.
+struct Admission {
+    identity: Arc<ClusterIdentity>,
+    last_logged: Mutex<Option<Instant>>,
+}
+
+impl Admission {
+    fn admit(&self, method: &str, cluster: &str, from_leader: bool) -> Option<()> {
+        match self.identity.admit(cluster, from_leader) {
+            Ok(()) => Some(()),
+            Err(refusal) => {
+                let mut last = self.last_logged.lock();
+                if last.is_none_or(|at| at.elapsed() >= REFUSAL_LOG_EVERY) {
+                    *last = Some(Instant::now());
+                    log::warn!(target: "node::transport", "node {}: {method} refused: {refusal}", self.identity.node());
+                }
+                None
+            }
+        }
+    }
+}
+
+/// The `Raft` service: each method answers `Option<reply>` (`None` from a stopped peer, or
+/// to a message this node refuses by its cluster id).
+pub fn raft_service(h: RaftHandler, identity: Arc<ClusterIdentity>) -> Service {
     let (h1, h2, h3) = (h.clone(), h.clone(), h);
+    let gate = Arc::new(Admission {
+        identity,
+        last_logged: Mutex::new(None),
+    });
+    let (g1, g2, g3) = (gate.clone(), gate.clone(), gate);
     Service::new("Raft")
-        .method("RequestVote", move |a: RequestVoteArgs| h1.request_vote(a))
-        .method("AppendEntries", move |a: AppendEntriesArgs| {
-            h2.append_entries(a)
+        .method("RequestVote", move |t: Tagged<RequestVoteArgs>| {
+            g1.admit("RequestVote", &t.cluster, false)?;
+            h1.request_vote(t.msg)
         })
-        .method("InstallSnapshot", move |a: InstallSnapshotArgs| {
-            h3.install_snapshot(a)
+        .method("AppendEntries", move |t: Tagged<AppendEntriesArgs>| {
+            g2.admit("AppendEntries", &t.cluster, true)?;
+            h2.append_entries(t.msg)
+        })
+        .method("InstallSnapshot", move |t: Tagged<InstallSnapshotArgs>| {
+            g3.admit("InstallSnapshot", &t.cluster, true)?;
+            h3.install_snapshot(t.msg)
         })
 }

@@ -110,6 +110,9 @@ impl Core {
     pub(super) fn storage_failed(&self, st: &mut State, what: &str, e: &StorageError) {
         if !self.is_dead() {
             log::error!(target: "raft::persist", "raft-{} t{}: storage failed ({what}): {e}; stopping this peer", self.me, st.term);
+            self.failure
+                .lock()
+                .get_or_insert_with(|| format!("storage failed ({what}): {e}"));
         }
         self.stop_locked(st);
     }

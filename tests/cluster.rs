@@ -22,7 +22,7 @@ struct Cluster {
     peer_ports: Vec<u16>,
     client_ports: Vec<u16>,
     children: Vec<Option<Child>>,
-    /// Given as `--bootstrap` to each node's first start.
+    /// `--cluster` on every start, `--bootstrap` on each node's first.
     cluster_id: String,
     founded: Vec<bool>,
 }
@@ -97,7 +97,8 @@ impl Cluster {
             .args(["--client", &format!("127.0.0.1:{}", self.client_ports[i])])
             .arg("--data")
             .arg(self.data(i))
-            .arg("--stop-on-stdin-eof");
+            .arg("--stop-on-stdin-eof")
+            .args(["--cluster", &self.cluster_id]);
         if !self.founded[i] {
             command.args(["--bootstrap", &self.cluster_id]);
         }

@@ -4,7 +4,7 @@
 //! raftkv                      same as `raftkv local`
 //! raftkv local [--nodes 3] [--dir ./raftkv-data] [--port 7001]
 //! raftkv serve --id N --peers 1=HOST:PORT,2=HOST:PORT,3=HOST:PORT --client HOST:PORT --data DIR
-//!              [--bootstrap CLUSTER_ID]
+//!              [--cluster CLUSTER_ID] [--bootstrap CLUSTER_ID]
 //! raftkv chaos [--duration 30s] [--clients 8] [--nodes 3] [--keys 5] [--seed N] [--dir DIR]
 //! ```
 //!
@@ -51,11 +51,13 @@ node; starting again with the same DIR finds the data where it was.";
 
 const SERVE_HELP: &str = "\
 usage: raftkv serve --id N --peers 1=HOST:PORT,2=HOST:PORT,... --client HOST:PORT --data DIR
-                    [--bootstrap CLUSTER_ID] [--stop-on-stdin-eof]
+                    [--cluster CLUSTER_ID] [--bootstrap CLUSTER_ID] [--stop-on-stdin-eof]
 
 Runs node N of the cluster listed in --peers (each node's peer port; every node must be given
 the same list). Redis clients connect to --client. The Raft log, snapshots, the node's
 identity and its status file live in DIR.
+--cluster CLUSTER_ID: the cluster this node belongs to: a DIR of another cluster is refused,
+and a node on an empty DIR joins only a leader of this cluster.
 --bootstrap CLUSTER_ID: found a new cluster (give every founding node the same id: 8 to 64
 characters from 0-9 a-z A-Z - _, e.g. 32 random hex digits). Only for a cluster's first
 start: a node started on an empty DIR without it waits for a leader of its cluster, catches
@@ -171,13 +173,21 @@ struct ServeArgs {
     client: String,
     data: PathBuf,
     bootstrap: Option<String>,
+    cluster: Option<String>,
     stop_on_stdin_eof: bool,
 }
 
 fn parse_serve(args: &[String]) -> Result<ServeArgs, Usage> {
     let given = flags(
         args,
-        &["--id", "--peers", "--client", "--data", "--bootstrap"],
+        &[
+            "--id",
+            "--peers",
+            "--client",
+            "--data",
+            "--bootstrap",
+            "--cluster",
+        ],
         &["--stop-on-stdin-eof"],
     )?;
     let get = |name: &str| given.iter().find(|(f, _)| *f == name).map(|(_, v)| *v);
@@ -211,15 +221,20 @@ fn parse_serve(args: &[String]) -> Result<ServeArgs, Usage> {
         peers: peers.into_iter().map(|(_, a)| a).collect(),
         client: need("--client")?.to_string(),
         data: PathBuf::from(need("--data")?),
-        bootstrap: match get("--bootstrap") {
-            Some(id) => {
-                raftkv::node::identity::valid_cluster_id(id).map_err(|e| Usage(e.to_string()))?;
-                Some(id.to_string())
-            }
-            None => None,
-        },
+        bootstrap: cluster_id_flag(get("--bootstrap"))?,
+        cluster: cluster_id_flag(get("--cluster"))?,
         stop_on_stdin_eof: get("--stop-on-stdin-eof").is_some(),
     })
+}
+
+fn cluster_id_flag(value: Option<&str>) -> Result<Option<String>, Usage> {
+    match value {
+        Some(id) => {
+            raftkv::node::identity::valid_cluster_id(id).map_err(|e| Usage(e.to_string()))?;
+            Ok(Some(id.to_string()))
+        }
+        None => Ok(None),
+    }
 }
 
 struct LocalArgs {
@@ -392,11 +407,16 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
     // The identity before the storage: a directory of another cluster or node is refused
     // before anything in it is opened (recovery may cut a torn tail).
-    let identity =
-        match ClusterIdentity::open(&args.data, args.id, &args.peers, args.bootstrap.as_deref()) {
-            Ok(i) => Arc::new(i),
-            Err(e) => return fail(e.to_string()),
-        };
+    let identity = match ClusterIdentity::open(
+        &args.data,
+        args.id,
+        &args.peers,
+        args.bootstrap.as_deref(),
+        args.cluster.as_deref(),
+    ) {
+        Ok(i) => Arc::new(i),
+        Err(e) => return fail(e.to_string()),
+    };
     if had_identity && raft_missing {
         return fail(format!(
             "lost state: {} is missing but {} says this node is a member of cluster {}; it must not vote or serve without its log; to replace the node, remove {} entirely and start it again without --bootstrap: it rejoins, catches up from the leader and only then votes",
@@ -671,7 +691,8 @@ fn local(args: LocalArgs) -> ExitCode {
             .args(["--client", &format!("127.0.0.1:{}", client_port(i))])
             .arg("--data")
             .arg(&data)
-            .arg("--stop-on-stdin-eof");
+            .arg("--stop-on-stdin-eof")
+            .args(["--cluster", &cluster_id]);
         if bootstrap {
             command.args(["--bootstrap", &cluster_id]);
         }

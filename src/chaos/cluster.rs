@@ -117,7 +117,7 @@ pub struct ChaosCluster {
     /// `proxies[i][j]`: node `i`'s link to node `j` (`None` on the diagonal).
     proxies: Vec<Vec<Option<Proxy>>>,
     nodes: Vec<NodeProc>,
-    /// The cluster id, given as `--bootstrap` to each node's first start only.
+    /// The cluster id: `--cluster` on every start, `--bootstrap` on each node's first.
     cluster_id: String,
     founded: Vec<bool>,
 }
@@ -295,7 +295,8 @@ impl ChaosCluster {
             .args(["--client", &self.client_addr(i).to_string()])
             .arg("--data")
             .arg(self.data(i))
-            .arg("--stop-on-stdin-eof");
+            .arg("--stop-on-stdin-eof")
+            .args(["--cluster", &self.cluster_id]);
         if !self.founded[i] {
             command.args(["--bootstrap", &self.cluster_id]);
         }

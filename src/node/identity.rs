@@ -266,6 +266,8 @@ pub struct ClusterIdentity {
     peers: String,
     /// `None` until the node has a cluster (joining on an empty directory).
     record: Mutex<Option<IdentityRecord>>,
+    /// The cluster the command line says this node belongs to, if it says.
+    expected: Option<String>,
     write_gate: Mutex<Option<Instant>>,
 }
 
@@ -273,16 +275,27 @@ impl ClusterIdentity {
     /// Opens the identity of node `node` (1-based) in `data`: checks it against the command
     /// line, upgrades format 1 when `bootstrap` gives the cluster id, and creates it when
     /// `bootstrap` founds a new cluster. Without `bootstrap` an empty directory gives an
-    /// identity with no cluster yet (the node waits for a leader).
+    /// identity with no cluster yet (the node waits for a leader). `expected`: the cluster
+    /// the node must belong to (a directory of another is refused; a joining node adopts
+    /// only that id); `bootstrap` implies it.
     pub fn open(
         data: &Path,
         node: usize,
         peers: &[String],
         bootstrap: Option<&str>,
+        expected: Option<&str>,
     ) -> Result<ClusterIdentity, IdentityError> {
-        if let Some(id) = bootstrap {
+        for id in bootstrap.iter().chain(expected.iter()) {
             valid_cluster_id(id)?;
         }
+        if let (Some(b), Some(e)) = (bootstrap, expected)
+            && b != e
+        {
+            return Err(IdentityError::BadClusterId(format!(
+                "{b}' (--bootstrap) differs from '{e}' (--cluster)"
+            )));
+        }
+        let expected = bootstrap.or(expected);
         let peers = peers.join(",");
         let path = data.join(IDENTITY_FILE);
         let identity = |record| ClusterIdentity {
@@ -290,6 +303,7 @@ impl ClusterIdentity {
             node,
             peers: peers.clone(),
             record: Mutex::new(record),
+            expected: expected.map(str::to_string),
             write_gate: Mutex::new(None),
         };
         let read = |p: &Path| match fs::read_to_string(p) {
@@ -308,7 +322,7 @@ impl ClusterIdentity {
         };
         if let Some(text) = read(&path)? {
             let record = IdentityRecord::decode(&path, &text)?;
-            if let Some(id) = bootstrap
+            if let Some(id) = expected
                 && id != record.cluster
             {
                 return Err(IdentityError::ForeignCluster {
@@ -409,6 +423,14 @@ impl ClusterIdentity {
                 })
             };
         }
+        if let Some(ours) = &self.expected
+            && ours != theirs
+        {
+            return Err(Refusal::ForeignCluster {
+                ours: ours.clone(),
+                theirs: theirs.to_string(),
+            });
+        }
         if !from_leader || valid_cluster_id(theirs).is_err() {
             return Err(Refusal::NotJoined);
         }
@@ -488,11 +510,11 @@ mod tests {
     #[test]
     fn bootstrap_then_reopen_and_foreign_id_refused() {
         let d = dir("boot");
-        let id = ClusterIdentity::open(&d, 1, &peers(), Some("aaaaaaaa11")).unwrap();
+        let id = ClusterIdentity::open(&d, 1, &peers(), Some("aaaaaaaa11"), None).unwrap();
         assert_eq!(id.cluster_id().as_deref(), Some("aaaaaaaa11"));
         assert!(id.is_voter());
         id.record_progress(3, 40, true).unwrap();
-        let again = ClusterIdentity::open(&d, 1, &peers(), None).unwrap();
+        let again = ClusterIdentity::open(&d, 1, &peers(), None, None).unwrap();
         let r = again.record().unwrap();
         assert_eq!((r.term, r.applied), (3, 40));
         let e = ClusterIdentity::open(&d, 1, &peers(), Some("bbbbbbbb22")).unwrap_err();
@@ -501,7 +523,7 @@ mod tests {
             msg.contains("aaaaaaaa11") && msg.contains("bbbbbbbb22"),
             "{msg}"
         );
-        let e = ClusterIdentity::open(&d, 2, &peers(), None).unwrap_err();
+        let e = ClusterIdentity::open(&d, 2, &peers(), None, None).unwrap_err();
         assert!(matches!(e, IdentityError::OtherNode { .. }), "{e}");
         fs::remove_dir_all(&d).unwrap();
     }
@@ -509,7 +531,12 @@ mod tests {
     #[test]
     fn joining_node_adopts_only_from_a_leader() {
         let d = dir("join");
-        let id = ClusterIdentity::open(&d, 2, &peers(), None).unwrap();
+        let picky = ClusterIdentity::open(&d, 2, &peers(), None, Some("ffffffff66")).unwrap();
+        assert!(matches!(
+            picky.admit("cccccccc33", true),
+            Err(Refusal::ForeignCluster { .. })
+        ));
+        let id = ClusterIdentity::open(&d, 2, &peers(), None, None).unwrap();
         assert_eq!(id.cluster_id(), None);
         assert_eq!(id.admit("cccccccc33", false), Err(Refusal::NotJoined));
         assert!(!d.join(IDENTITY_FILE).exists());
@@ -519,12 +546,12 @@ mod tests {
             id.admit("dddddddd44", true),
             Err(Refusal::ForeignCluster { .. })
         ));
-        let reopened = ClusterIdentity::open(&d, 2, &peers(), None).unwrap();
+        let reopened = ClusterIdentity::open(&d, 2, &peers(), None, None).unwrap();
         assert_eq!(reopened.cluster_id().as_deref(), Some("cccccccc33"));
         assert!(!reopened.is_voter());
         reopened.record_progress(1, 1, true).unwrap();
         assert!(
-            ClusterIdentity::open(&d, 2, &peers(), None)
+            ClusterIdentity::open(&d, 2, &peers(), None, None)
                 .unwrap()
                 .is_voter()
         );
@@ -545,7 +572,7 @@ mod tests {
             msg.contains("format 1") && msg.contains("format 2"),
             "{msg}"
         );
-        let id = ClusterIdentity::open(&d, 1, &peers(), Some("eeeeeeee55")).unwrap();
+        let id = ClusterIdentity::open(&d, 1, &peers(), Some("eeeeeeee55"), None).unwrap();
         assert_eq!(id.cluster_id().as_deref(), Some("eeeeeeee55"));
         assert!(!d.join(LEGACY_FILE).exists());
         fs::remove_dir_all(&d).unwrap();
@@ -555,7 +582,7 @@ mod tests {
     fn malformed_identity_is_an_error() {
         let d = dir("bad");
         fs::write(d.join(IDENTITY_FILE), "raftkv identity 9\n").unwrap();
-        let e = ClusterIdentity::open(&d, 1, &peers(), None).unwrap_err();
+        let e = ClusterIdentity::open(&d, 1, &peers(), None, None).unwrap_err();
         assert!(e.to_string().contains("format 9"), "{e}");
         assert!(valid_cluster_id("short").is_err());
         assert!(valid_cluster_id(&random_cluster_id()).is_ok());

@@ -848,7 +848,9 @@ fn partition_majority_serves_minority_does_not() {
 fn chaos_history_is_linearizable() {
     let dir = TempDir::new("chaos");
     let seed = fresh_seed();
-    let opts = chaos_options(&dir.0, seed, Duration::from_secs(8));
+    let mut opts = chaos_options(&dir.0, seed, Duration::from_secs(8));
+    let history = dir.0.join("history.jsonl");
+    opts.history = Some(history.clone());
     let report = raftkv::chaos::run(&opts).unwrap_or_else(|e| panic!("chaos seed {seed}: {e}"));
     assert!(report.passed(), "{report}");
     assert!(
@@ -856,6 +858,26 @@ fn chaos_history_is_linearizable() {
         "no fault injected:\n{report}"
     );
     assert!(report.ops > 100, "too few operations:\n{report}");
+    // The history file holds the whole run, and checked on its own it gives the same verdict.
+    assert_eq!(
+        recheck(&history, report.ops),
+        raftkv::chaos::Verdict::Linearizable
+    );
+}
+
+/// Reads a `--history` file back (it must hold `ops` operations) and checks it again.
+fn recheck(history: &Path, ops: usize) -> raftkv::chaos::Verdict {
+    let mut records = raftkv::chaos::history::read_history(history)
+        .unwrap_or_else(|e| panic!("read the history back: {e}"));
+    assert_eq!(records.len(), ops, "operations in {}", history.display());
+    let end = records
+        .iter()
+        .map(|r| r.ret.unwrap_or(r.call))
+        .max()
+        .unwrap_or(0)
+        + 1;
+    let html = history.with_extension("html");
+    raftkv::chaos::check_history(&mut records, end, Duration::from_secs(60), &html).verdict
 }
 
 #[test]
@@ -864,6 +886,8 @@ fn chaos_checker_catches_reads_that_bypass_the_log() {
     let seed = fresh_seed();
     let mut opts = chaos_options(&dir.0, seed, Duration::from_secs(8));
     opts.node_fault = Some(raftkv::node::NodeFault::LocalReads);
+    let history = dir.0.join("history.jsonl");
+    opts.history = Some(history.clone());
     let report = raftkv::chaos::run(&opts).unwrap_or_else(|e| panic!("chaos seed {seed}: {e}"));
     assert!(
         matches!(
@@ -872,6 +896,11 @@ fn chaos_checker_catches_reads_that_bypass_the_log() {
         ),
         "nodes reading without the log passed the checker:\n{report}"
     );
+    // The file carries what the verdict rests on: checked on its own, it is rejected too.
+    assert!(matches!(
+        recheck(&history, report.ops),
+        raftkv::chaos::Verdict::NotLinearizable { .. }
+    ));
 }
 
 /// A base port `p` with `p..p+n` and `p+1000..p+1000+n` free now (what `raftkv local

@@ -517,12 +517,14 @@ mod tests {
         let again = ClusterIdentity::open(&d, 1, &peers(), None, None).unwrap();
         let r = again.record().unwrap();
         assert_eq!((r.term, r.applied), (3, 40));
-        let e = ClusterIdentity::open(&d, 1, &peers(), Some("bbbbbbbb22")).unwrap_err();
+        let e = ClusterIdentity::open(&d, 1, &peers(), Some("bbbbbbbb22"), None).unwrap_err();
         let msg = e.to_string();
         assert!(
             msg.contains("aaaaaaaa11") && msg.contains("bbbbbbbb22"),
             "{msg}"
         );
+        let e = ClusterIdentity::open(&d, 1, &peers(), None, Some("bbbbbbbb22")).unwrap_err();
+        assert!(matches!(e, IdentityError::ForeignCluster { .. }), "{e}");
         let e = ClusterIdentity::open(&d, 2, &peers(), None, None).unwrap_err();
         assert!(matches!(e, IdentityError::OtherNode { .. }), "{e}");
         fs::remove_dir_all(&d).unwrap();
@@ -566,7 +568,7 @@ mod tests {
             "id 1\npeers 1=127.0.0.1:1,2=127.0.0.1:2\n",
         )
         .unwrap();
-        let e = ClusterIdentity::open(&d, 1, &peers(), None).unwrap_err();
+        let e = ClusterIdentity::open(&d, 1, &peers(), None, None).unwrap_err();
         let msg = e.to_string();
         assert!(
             msg.contains("format 1") && msg.contains("format 2"),

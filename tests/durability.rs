@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
+
+use raftkv::proc::{NodeProcess, NodeStatusFile, ServeSpec};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -51,31 +53,37 @@ fn free_ports(n: usize) -> Vec<u16> {
         .collect()
 }
 
-/// A cluster of `raftkv serve` processes; each node's stderr goes to `DIR/node-<i>.err`.
+/// A cluster of `raftkv serve` processes (started through the process kit); each node's
+/// stderr goes to `DIR/node-<i>.err`.
 struct Cluster {
     dir: PathBuf,
     peer_ports: Vec<u16>,
     client_ports: Vec<u16>,
-    children: Vec<Option<Child>>,
+    children: Vec<Option<NodeProcess>>,
     cluster_id: String,
     /// Started once already: later starts get no `--bootstrap`.
     founded: Vec<bool>,
 }
 
 impl Cluster {
-    /// A new cluster in `dir` on `ports` (peer ports, then client ports), every node started.
-    fn new(dir: &Path, ports: &[u16]) -> Cluster {
+    /// A cluster in `dir` on `ports` (peer ports, then client ports), no node started yet.
+    fn empty(dir: &Path, ports: &[u16]) -> Cluster {
         fs::create_dir_all(dir).expect("the cluster's directory");
         let n = ports.len() / 2;
-        let mut cluster = Cluster {
+        Cluster {
             dir: dir.to_path_buf(),
             peer_ports: ports[..n].to_vec(),
             client_ports: ports[n..].to_vec(),
             children: (0..n).map(|_| None).collect(),
             cluster_id: raftkv::node::identity::random_cluster_id(),
             founded: vec![false; n],
-        };
-        for i in 0..n {
+        }
+    }
+
+    /// A new cluster in `dir` on `ports`, every node started.
+    fn new(dir: &Path, ports: &[u16]) -> Cluster {
+        let mut cluster = Cluster::empty(dir, ports);
+        for i in 0..cluster.children.len() {
             cluster.start(i);
         }
         cluster
@@ -93,27 +101,20 @@ impl Cluster {
         fs::read_to_string(self.stderr_path(i)).unwrap_or_default()
     }
 
-    fn command(&self, i: usize) -> Command {
-        let peers: Vec<String> = self
-            .peer_ports
-            .iter()
-            .enumerate()
-            .map(|(j, p)| format!("{}=127.0.0.1:{p}", j + 1))
-            .collect();
-        let mut command = Command::new(EXE);
-        command
-            .arg("serve")
-            .args(["--id", &(i + 1).to_string()])
-            .args(["--peers", &peers.join(",")])
-            .args(["--client", &format!("127.0.0.1:{}", self.client_ports[i])])
-            .arg("--data")
-            .arg(self.data(i))
-            .arg("--stop-on-stdin-eof")
-            .args(["--cluster", &self.cluster_id]);
-        if !self.founded[i] {
-            command.args(["--bootstrap", &self.cluster_id]);
+    fn spec(&self, i: usize) -> ServeSpec {
+        ServeSpec {
+            exe: PathBuf::from(EXE),
+            id: i + 1,
+            peers: self
+                .peer_ports
+                .iter()
+                .map(|p| format!("127.0.0.1:{p}"))
+                .collect(),
+            client: format!("127.0.0.1:{}", self.client_ports[i]),
+            data: self.data(i),
+            cluster: Some(self.cluster_id.clone()),
+            bootstrap: !self.founded[i],
         }
-        command
     }
 
     /// Starts node `i` (0-based) on its data directory; its stderr starts afresh.
@@ -123,16 +124,13 @@ impl Cluster {
 
     fn start_with(&mut self, i: usize, adjust: impl FnOnce(&mut Command)) {
         assert!(self.children[i].is_none(), "node {} already runs", i + 1);
-        let _ = fs::remove_file(self.data(i).join("status"));
         let err = fs::File::create(self.stderr_path(i)).expect("stderr file");
-        let mut command = self.command(i);
-        command
-            .stdin(Stdio::piped())
-            .stderr(err)
-            .env_remove("RUST_LOG");
+        let spec = self.spec(i);
+        let mut command = spec.command();
+        command.stderr(err).env_remove("RUST_LOG");
         adjust(&mut command);
-        let child = command
-            .spawn()
+        let child = spec
+            .spawn(&mut command)
             .unwrap_or_else(|e| panic!("start node {}: {e}", i + 1));
         self.founded[i] = true;
         self.children[i] = Some(child);
@@ -140,50 +138,43 @@ impl Cluster {
 
     fn kill9(&mut self, i: usize) {
         if let Some(mut child) = self.children[i].take() {
-            let _ = child.kill();
-            let _ = child.wait();
+            child.kill9().expect("SIGKILL and reap");
         }
+    }
+
+    /// Node `i` has exited on its own (reaped), or still runs.
+    fn exited(&mut self, i: usize) -> bool {
+        self.children[i]
+            .as_mut()
+            .is_some_and(|c| c.try_exit().is_some())
     }
 
     /// Waits up to `within` for node `i` to exit on its own; reaps it.
     fn wait_exit(&mut self, i: usize, within: Duration) -> ExitStatus {
-        let deadline = Instant::now() + within;
-        loop {
-            let child = self.children[i].as_mut().expect("node was started");
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                self.children[i] = None;
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
+        let child = self.children[i].as_mut().expect("node was started");
+        let status = child.wait_exit(within);
+        let Some(status) = status else {
+            panic!(
                 "node {} still runs after {within:?}; stderr: {}",
                 i + 1,
                 self.stderr(i)
             );
-            thread::sleep(Duration::from_millis(50));
-        }
+        };
+        self.children[i] = None;
+        status
     }
 
-    /// (term, leader, applied) from node `i`'s status file.
-    fn status(&self, i: usize) -> Option<(u64, bool, u64)> {
-        let text = fs::read_to_string(self.data(i).join("status")).ok()?;
-        let words: Vec<&str> = text.split_whitespace().collect();
-        Some((
-            words.get(1)?.parse().ok()?,
-            *words.get(3)? == "1",
-            words.get(5)?.parse().ok()?,
-        ))
+    /// Node `i`'s status file.
+    fn status(&self, i: usize) -> Option<NodeStatusFile> {
+        NodeStatusFile::read(&NodeStatusFile::path(&self.data(i)))
     }
 
     /// The running node that leads in the highest term, waiting up to [`PATIENCE`].
     fn leader(&self) -> usize {
         let deadline = Instant::now() + PATIENCE;
         loop {
-            let leader = (0..self.children.len())
-                .filter(|&i| self.children[i].is_some())
-                .filter_map(|i| self.status(i).filter(|s| s.1).map(|s| (i, s.0)))
-                .max_by_key(|&(_, term)| term);
-            if let Some((i, _)) = leader {
+            let running = (0..self.children.len()).filter(|&i| self.children[i].is_some());
+            if let Some(i) = raftkv::proc::leader_of(running.map(|i| (i, self.status(i)))) {
                 return i;
             }
             assert!(Instant::now() < deadline, "no leader within {PATIENCE:?}");
@@ -258,14 +249,14 @@ impl Cluster {
     fn wait_applied(&self, i: usize, applied: u64, patience: Duration) {
         let deadline = Instant::now() + patience;
         loop {
-            if self.status(i).is_some_and(|s| s.2 >= applied) {
+            if self.status(i).is_some_and(|s| s.applied >= applied) {
                 return;
             }
             assert!(
                 Instant::now() < deadline,
                 "node {} applied {:?} of {applied} after {patience:?}",
                 i + 1,
-                self.status(i).map(|s| s.2)
+                self.status(i).map(|s| s.applied)
             );
             thread::sleep(Duration::from_millis(50));
         }
@@ -356,7 +347,7 @@ fn wiped_raft_dir_is_refused_and_the_replaced_node_catches_up() {
     fs::remove_dir_all(cluster.data(follower)).expect("remove the node's directory");
     cluster.start(follower);
     write_keys(&cluster, leader, "c", 20, &mut acked);
-    let leader_applied = cluster.status(leader).expect("leader status").2;
+    let leader_applied = cluster.status(leader).expect("leader status").applied;
     cluster.wait_applied(follower, leader_applied, PATIENCE);
     // It caught up and votes: without the old leader, it and `other` elect a leader that
     // serves every acknowledged key.
@@ -508,14 +499,7 @@ fn full_disk_stops_the_node_naming_the_cause_and_it_catches_up_after() {
     let ports = free_ports(6);
     let full = 2;
     let tmpfs = Tmpfs::mount(&dir.0.join(format!("node-{}", full + 1)), 32 << 20);
-    let mut cluster = Cluster {
-        dir: dir.0.clone(),
-        peer_ports: ports[..3].to_vec(),
-        client_ports: ports[3..].to_vec(),
-        children: (0..3).map(|_| None).collect(),
-        cluster_id: raftkv::node::identity::random_cluster_id(),
-        founded: vec![false; 3],
-    };
+    let mut cluster = Cluster::empty(&dir.0, &ports);
     for i in 0..3 {
         if i == full && tmpfs.is_none() {
             cluster.start_with(i, |c| limit_file_size(c, 4 << 20));
@@ -536,8 +520,7 @@ fn full_disk_stops_the_node_naming_the_cause_and_it_catches_up_after() {
     let mut k = 0;
     let via = (full + 1) % 3;
     loop {
-        let child = cluster.children[full].as_mut().expect("started");
-        if child.try_wait().expect("try_wait").is_some() {
+        if cluster.exited(full) {
             break;
         }
         assert!(
@@ -553,6 +536,12 @@ fn full_disk_stops_the_node_naming_the_cause_and_it_catches_up_after() {
     let status = cluster.wait_exit(full, Duration::from_secs(1));
     assert_eq!(status.code(), Some(1), "{status}");
     let stderr = cluster.stderr(full);
+    // Its last status says it stopped and why.
+    let last = cluster
+        .status(full)
+        .expect("the stopped node's last status");
+    let why = last.stopped.expect("the status file says the node stopped");
+    assert!(!last.leader, "{why}");
     let line = one_line(&stderr);
     let cause = if tmpfs.is_some() {
         "No space left on device"
@@ -563,6 +552,7 @@ fn full_disk_stops_the_node_naming_the_cause_and_it_catches_up_after() {
         line.contains(cause) && line.contains(&cluster.data(full).display().to_string()),
         "{line}"
     );
+    assert!(why.contains(cause), "status file: {why}");
     assert!(
         ["write", "fsync", "create", "sync"]
             .iter()
@@ -574,7 +564,7 @@ fn full_disk_stops_the_node_naming_the_cause_and_it_catches_up_after() {
     // Space freed, node 3 restarted: it catches up.
     let _ = fs::remove_file(&filler);
     cluster.start(full);
-    let applied = cluster.status(via).expect("status").2;
+    let applied = cluster.status(via).expect("status").applied;
     cluster.wait_applied(full, applied, PATIENCE);
     // With one of the others down, node 3 is needed for every write and read.
     let leader = cluster.leader();
@@ -653,11 +643,7 @@ fn isolated_leader_steps_down_and_its_clients_are_told_to_try_again() {
         .join("nodes")
         .join(format!("node-{}", leader + 1))
         .join("status");
-    let leads = || {
-        fs::read_to_string(&status)
-            .map(|t| t.split_whitespace().nth(3) == Some("1"))
-            .unwrap_or(false)
-    };
+    let leads = || NodeStatusFile::read(&status).is_some_and(|s| s.leader);
     assert!(leads(), "node {} should lead", leader + 1);
     cluster.partition(&[leader], LinkMode::Blackhole);
     let cut_at = Instant::now();

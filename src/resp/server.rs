@@ -17,12 +17,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use parking_lot::Mutex;
-
 use super::{Command, CommandError, Decoder, Limits, ParseError, Reply};
+use crate::net::acceptor::{self, Accept, Acceptor, AcceptorOptions, ConnList, Handshake};
 
 const LOG: &str = "resp::server";
-const ACCEPT_POLL: Duration = Duration::from_millis(5);
 const READ_CHUNK: usize = 16 << 10;
 
 /// What executes the commands of every connection. It runs on the connection's thread and
@@ -46,8 +44,11 @@ impl<F: Fn(Command) -> Reply + Send + Sync + 'static> CommandHandler for F {
 #[derive(Debug, Clone)]
 pub struct RespOptions {
     pub limits: Limits,
-    /// Connections open at once; more are answered with an error and closed.
+    /// Connections open at once; more are answered with an error and closed (and the limit
+    /// hit logged).
     pub max_connections: usize,
+    /// Runs on each accepted connection before its first command is read (see [`Handshake`]).
+    pub handshake: Option<Handshake>,
     /// Commands handed to the handler in one batch, at most.
     pub max_batch: usize,
     /// A client that does not read its replies for this long is disconnected.
@@ -59,6 +60,7 @@ impl Default for RespOptions {
         RespOptions {
             limits: Limits::default(),
             max_connections: 1024,
+            handshake: None,
             max_batch: 1024,
             write_timeout: Duration::from_secs(10),
         }
@@ -79,13 +81,27 @@ struct ConnEntry {
     thread: JoinHandle<()>,
 }
 
+impl acceptor::Conn for ConnEntry {
+    fn close(&self) {
+        // An error means the socket is already shut.
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+
+    fn is_finished(&self) -> bool {
+        self.thread.is_finished()
+    }
+
+    fn join(self) -> thread::Result<()> {
+        self.thread.join()
+    }
+}
+
 /// A RESP listener. Dropping it (or [`shutdown`](Self::shutdown)) closes every connection and
 /// joins every thread (after the handler calls running then return).
 pub struct RespServer {
     inner: Arc<Inner>,
     addr: SocketAddr,
-    conns: Arc<Mutex<Vec<ConnEntry>>>,
-    accept: Option<JoinHandle<()>>,
+    acceptor: Option<Acceptor<ConnEntry>>,
 }
 
 impl RespServer {
@@ -97,7 +113,6 @@ impl RespServer {
         handler: Arc<dyn CommandHandler>,
     ) -> io::Result<RespServer> {
         let listener = TcpListener::bind(bind)?;
-        listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let inner = Arc::new(Inner {
             name: name.to_string(),
@@ -107,19 +122,24 @@ impl RespServer {
             commands: AtomicU64::new(0),
             protocol_errors: AtomicU64::new(0),
         });
-        let conns = Arc::new(Mutex::new(Vec::new()));
-        let accept = {
-            let (inner, conns) = (inner.clone(), conns.clone());
-            thread::Builder::new()
-                .name(format!("{name}-accept"))
-                .spawn(move || accept_loop(&listener, &inner, &conns))?
+        let accept_options = AcceptorOptions {
+            max_connections: inner.options.max_connections,
+            handshake: inner.options.handshake.clone(),
+            ..AcceptorOptions::default()
         };
+        let acceptor = Acceptor::start(
+            name,
+            listener,
+            accept_options,
+            Opener {
+                inner: inner.clone(),
+            },
+        )?;
         log::info!(target: LOG, "{name}: RESP on {addr}");
         Ok(RespServer {
             inner,
             addr,
-            conns,
-            accept: Some(accept),
+            acceptor: Some(acceptor),
         })
     }
 
@@ -129,11 +149,7 @@ impl RespServer {
 
     /// Connections open now.
     pub fn connections(&self) -> usize {
-        self.conns
-            .lock()
-            .iter()
-            .filter(|c| !c.thread.is_finished())
-            .count()
+        self.acceptor.as_ref().map_or(0, |a| a.conns().open())
     }
 
     /// Commands handed to the handler so far.
@@ -152,17 +168,7 @@ impl RespServer {
 
     fn stop_and_join(&mut self) {
         self.inner.stop.store(true, Ordering::SeqCst);
-        let mut panic = self.accept.take().and_then(|a| a.join().err());
-        let conns = std::mem::take(&mut *self.conns.lock());
-        for conn in &conns {
-            // An error means the socket is already shut.
-            let _ = conn.stream.shutdown(Shutdown::Both);
-        }
-        for conn in conns {
-            if let Err(p) = conn.thread.join() {
-                panic.get_or_insert(p);
-            }
-        }
+        let panic = self.acceptor.take().and_then(|mut a| a.stop().err());
         log::info!(target: LOG, "{}: stopped", self.inner.name);
         if let Some(p) = panic
             && !thread::panicking()
@@ -174,84 +180,50 @@ impl RespServer {
 
 impl Drop for RespServer {
     fn drop(&mut self) {
-        if self.accept.is_some() {
+        if self.acceptor.is_some() {
             self.stop_and_join();
         }
     }
 }
 
-fn accept_loop(listener: &TcpListener, inner: &Arc<Inner>, conns: &Mutex<Vec<ConnEntry>>) {
-    let name = &inner.name;
-    let mut next_conn = 0u64;
-    while !inner.stop.load(Ordering::SeqCst) {
-        reap(conns);
-        let (mut stream, peer) = match listener.accept() {
-            Ok(accepted) => accepted,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                thread::sleep(ACCEPT_POLL);
-                continue;
-            }
-            Err(e) => {
-                log::warn!(target: LOG, "{name}: accept failed: {e}");
-                thread::sleep(ACCEPT_POLL);
-                continue;
-            }
-        };
-        let setup = stream
-            .set_nonblocking(false)
-            .and_then(|()| stream.set_nodelay(true))
-            .and_then(|()| stream.set_write_timeout(Some(inner.options.write_timeout)));
-        if let Err(e) = setup {
-            log::warn!(target: LOG, "{name}: connection from {peer}: {e}");
-            continue;
-        }
-        let open = conns.lock().len();
-        if open >= inner.options.max_connections {
-            log::warn!(target: LOG, "{name}: refusing {peer}: {open} connections open (the limit)");
-            // Best effort: the client may already be gone.
-            let _ = stream
-                .write_all(&Reply::Error("ERR max number of clients reached".into()).to_bytes());
-            continue;
-        }
-        let clone = match stream.try_clone() {
-            Ok(clone) => clone,
-            Err(e) => {
-                log::warn!(target: LOG, "{name}: connection from {peer}: {e}");
-                continue;
-            }
-        };
-        let conn_name = format!("{name}-c{next_conn}");
-        next_conn += 1;
-        let spawned = {
-            let inner = inner.clone();
+/// Starts the thread of each accepted connection.
+struct Opener {
+    inner: Arc<Inner>,
+}
+
+impl Accept for Opener {
+    type Conn = ConnEntry;
+
+    fn open(
+        &mut self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        k: u64,
+        conns: &ConnList<ConnEntry>,
+    ) -> io::Result<()> {
+        stream.set_nodelay(true)?;
+        stream.set_write_timeout(Some(self.inner.options.write_timeout))?;
+        let clone = stream.try_clone()?;
+        let conn_name = format!("{}-c{k}", self.inner.name);
+        let thread = {
+            let inner = self.inner.clone();
             let conn_name = conn_name.clone();
             thread::Builder::new()
                 .name(conn_name.clone())
-                .spawn(move || serve(&inner, &conn_name, stream, peer))
+                .spawn(move || serve(&inner, &conn_name, stream, peer))?
         };
-        match spawned {
-            Ok(thread) => conns.lock().push(ConnEntry {
-                stream: clone,
-                thread,
-            }),
-            Err(e) => log::warn!(target: LOG, "{name}: cannot serve {peer}: {e}"),
-        }
+        conns.push(ConnEntry {
+            stream: clone,
+            thread,
+        });
+        Ok(())
     }
-}
 
-fn reap(conns: &Mutex<Vec<ConnEntry>>) {
-    let finished: Vec<ConnEntry> = {
-        let mut conns = conns.lock();
-        let (done, open) = std::mem::take(&mut *conns)
-            .into_iter()
-            .partition(|c| c.thread.is_finished());
-        *conns = open;
-        done
-    };
-    for conn in finished {
-        if let Err(panic) = conn.thread.join() {
-            std::panic::resume_unwind(panic);
-        }
+    fn refuse(&mut self, stream: &mut TcpStream, _peer: SocketAddr) {
+        // Best effort: the client may already be gone.
+        let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
+        let _ =
+            stream.write_all(&Reply::Error("ERR max number of clients reached".into()).to_bytes());
     }
 }
 

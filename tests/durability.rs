@@ -371,6 +371,57 @@ fn wiped_raft_dir_is_refused_and_the_replaced_node_catches_up() {
     assert!(cluster.children[follower].is_some() && cluster.children[other].is_some());
 }
 
+/// A follower whose `raft/` directory was replaced by an older copy of itself (a restored
+/// backup) refuses to start: its identity records more than the copy holds.
+#[test]
+fn raft_dir_older_than_recorded_is_refused() {
+    let dir = TempDir::new("older");
+    let mut cluster = Cluster::new(&dir.0, &free_ports(6));
+    let leader = cluster.leader();
+    let follower = (leader + 1) % 3;
+    let other = (leader + 2) % 3;
+    let mut acked = BTreeMap::new();
+    write_keys(&cluster, leader, "a", 20, &mut acked);
+    cluster.wait_applied(follower, 20, PATIENCE);
+    cluster.kill9(follower);
+    let raft = cluster.data(follower).join("raft");
+    let old = cluster.data(follower).join("raft.old");
+    let copied = Command::new("cp")
+        .arg("-a")
+        .arg(&raft)
+        .arg(&old)
+        .status()
+        .expect("cp");
+    assert!(copied.success(), "cp -a {}: {copied}", raft.display());
+    let copied_at = cluster.recorded_applied(follower);
+    cluster.start(follower);
+    write_keys(&cluster, leader, "b", 200, &mut acked);
+    let deadline = Instant::now() + PATIENCE;
+    while cluster.recorded_applied(follower) <= copied_at + 100 {
+        assert!(
+            Instant::now() < deadline,
+            "node {} recorded {} (copy at {copied_at})",
+            follower + 1,
+            cluster.recorded_applied(follower)
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    cluster.kill9(follower);
+    fs::remove_dir_all(&raft).expect("remove raft/");
+    fs::rename(&old, &raft).expect("put the old copy in place");
+    cluster.start(follower);
+    let status = cluster.wait_exit(follower, Duration::from_secs(10));
+    assert_eq!(status.code(), Some(1), "{status}");
+    let stderr = cluster.stderr(follower);
+    let line = one_line(&stderr);
+    assert!(
+        line.contains("lost state") && line.contains("records term") && line.contains("remove"),
+        "{line}"
+    );
+    write_keys(&cluster, other, "c", 20, &mut acked);
+    cluster.check_keys(other, &acked);
+}
+
 /// Every file under `dir` with its bytes, but the status file (which [`Cluster::start`]
 /// removes, so that an old one is not taken for the new process's).
 fn contents(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {

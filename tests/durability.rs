@@ -371,6 +371,56 @@ fn wiped_raft_dir_is_refused_and_the_replaced_node_catches_up() {
     assert!(cluster.children[follower].is_some() && cluster.children[other].is_some());
 }
 
+/// A node whose whole directory was wiped cannot help elect a leader that lacks committed
+/// writes: with the leader down, the wiped node (no identity, no log) and the node that missed
+/// the writes must not form a majority. No read may return a state without an acknowledged
+/// key; once the old leader is back, every key is served.
+#[test]
+fn wiped_node_does_not_elect_a_leader_missing_writes() {
+    let dir = TempDir::new("noelect");
+    let mut cluster = Cluster::new(&dir.0, &free_ports(6));
+    let leader = cluster.leader();
+    let behind = (leader + 1) % 3;
+    let wiped = (leader + 2) % 3;
+    let mut acked = BTreeMap::new();
+    write_keys(&cluster, leader, "a", 10, &mut acked);
+    cluster.kill9(behind);
+    // Committed on the leader and `wiped` only.
+    write_keys(&cluster, leader, "b", 50, &mut acked);
+    cluster.kill9(leader);
+    cluster.kill9(wiped);
+    fs::remove_dir_all(cluster.data(wiped)).expect("wipe the node's directory");
+    cluster.start(wiped);
+    cluster.start(behind);
+    // For a while (several election timeouts), neither may serve a read that lacks a key.
+    let until = Instant::now() + Duration::from_secs(5);
+    let mut answered = 0;
+    while Instant::now() < until {
+        for i in [behind, wiped] {
+            let Ok(mut con) = cluster.connect(i, Duration::from_secs(6)) else {
+                continue;
+            };
+            let got: redis::RedisResult<Option<String>> =
+                redis::cmd("GET").arg("b49").query(&mut con);
+            if let Ok(value) = got {
+                answered += 1;
+                assert_eq!(
+                    value.as_deref(),
+                    Some("b-value-49"),
+                    "node {} served a state without the acknowledged key b49",
+                    i + 1
+                );
+            }
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("reads answered without the old leader: {answered}");
+    cluster.start(leader);
+    for i in 0..3 {
+        cluster.check_keys(i, &acked);
+    }
+}
+
 /// A follower whose `raft/` directory was replaced by an older copy of itself (a restored
 /// backup) refuses to start: its identity records more than the copy holds.
 #[test]

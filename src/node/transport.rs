@@ -3,6 +3,10 @@
 //! side ([`raft_service`], the `Raft` service on the node's `net::Server`). A killed peer's
 //! handler answers nothing; the service then sends `None`, which the caller treats as no reply.
 //!
+//! Snapshots go in pieces (`Raft.InstallSnapshotChunk`, [`SNAPSHOT_CHUNK_BYTES`] of data
+//! each, far below the frame limit), never as one message: a snapshot may be larger than any
+//! frame, and the receiver assembles it in a file rather than in memory.
+//!
 //! Every message carries the sender's cluster id ([`Tagged`]); the receiver answers nothing
 //! to a message of another cluster, and a node that has no cluster yet adopts the id of the
 //! first leader's message (AppendEntries or InstallSnapshot) before handling it.
@@ -16,8 +20,9 @@ use serde::{Deserialize, Serialize};
 use super::identity::ClusterIdentity;
 use crate::net::{ClientEnd, NetError, Service};
 use crate::raft::{
-    AppendEntriesArgs, AppendEntriesReply, InstallSnapshotArgs, InstallSnapshotReply, OnReply,
-    RaftHandler, RaftTransport, RequestVoteArgs, RequestVoteReply,
+    AppendEntriesArgs, AppendEntriesReply, InstallSnapshotArgs, InstallSnapshotChunkArgs,
+    InstallSnapshotChunkReply, InstallSnapshotReply, OnReply, RaftHandler, RaftTransport,
+    RequestVoteArgs, RequestVoteReply,
 };
 
 /// A Raft message with the sender's cluster id (empty while it has none).
@@ -26,6 +31,11 @@ pub struct Tagged<A> {
     pub cluster: String,
     pub msg: A,
 }
+
+/// Data bytes per snapshot piece: one snapshot chunk record of the file log, so a piece is
+/// read and written as one checksummed record.
+pub const SNAPSHOT_CHUNK_BYTES: usize = crate::storage::record::SNAPSHOT_CHUNK;
+const _: () = assert!(SNAPSHOT_CHUNK_BYTES + (64 << 10) < crate::net::DEFAULT_MAX_FRAME_BYTES);
 
 /// `ends[j]` reaches peer `j`; `None` at the node's own number.
 pub struct TcpRaftTransport {
@@ -88,6 +98,19 @@ impl RaftTransport for TcpRaftTransport {
     ) {
         self.send(peer, "Raft.InstallSnapshot", args, on_reply);
     }
+
+    fn snapshot_chunk_bytes(&self) -> Option<usize> {
+        Some(SNAPSHOT_CHUNK_BYTES)
+    }
+
+    fn install_snapshot_chunk(
+        &self,
+        peer: usize,
+        args: InstallSnapshotChunkArgs,
+        on_reply: OnReply<InstallSnapshotChunkReply>,
+    ) {
+        self.send(peer, "Raft.InstallSnapshotChunk", args, on_reply);
+    }
 }
 
 /// How often a refused message is logged (a peer of another cluster retries every heartbeat).
@@ -118,12 +141,12 @@ impl Admission {
 /// The `Raft` service: each method answers `Option<reply>` (`None` from a stopped peer, or
 /// to a message this node refuses by its cluster id).
 pub fn raft_service(h: RaftHandler, identity: Arc<ClusterIdentity>) -> Service {
-    let (h1, h2, h3) = (h.clone(), h.clone(), h);
+    let (h1, h2, h3, h4) = (h.clone(), h.clone(), h.clone(), h);
     let gate = Arc::new(Admission {
         identity,
         last_logged: Mutex::new(None),
     });
-    let (g1, g2, g3) = (gate.clone(), gate.clone(), gate);
+    let (g1, g2, g3, g4) = (gate.clone(), gate.clone(), gate.clone(), gate);
     Service::new("Raft")
         .method("RequestVote", move |t: Tagged<RequestVoteArgs>| {
             g1.admit("RequestVote", &t.cluster, false)?;
@@ -137,4 +160,11 @@ pub fn raft_service(h: RaftHandler, identity: Arc<ClusterIdentity>) -> Service {
             g3.admit("InstallSnapshot", &t.cluster, true)?;
             h3.install_snapshot(t.msg)
         })
+        .method(
+            "InstallSnapshotChunk",
+            move |t: Tagged<InstallSnapshotChunkArgs>| {
+                g4.admit("InstallSnapshotChunk", &t.cluster, true)?;
+                h4.install_snapshot_chunk(t.msg)
+            },
+        )
 }

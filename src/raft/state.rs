@@ -12,7 +12,7 @@ use parking_lot::{Condvar, Mutex, MutexGuard};
 use rand::Rng;
 
 use super::log::Log;
-use super::storage::Storage;
+use super::storage::{SnapshotData, Storage};
 use super::transport::RaftTransport;
 use super::{RaftError, RaftOptions};
 
@@ -33,6 +33,10 @@ pub(super) const INFLIGHT_STALE_MAX: Duration = Duration::from_millis(250);
 /// The most calls to one peer whose outcome is still unknown. Calls to a cut-off peer can take
 /// seconds to fail; each holds a network thread meanwhile.
 pub(super) const MAX_OUTSTANDING: usize = 40;
+/// The most snapshot chunks to one peer whose outcome is still unknown: a chunk presumed lost
+/// is sent again only within this bound, so a slow follower never has more than this many
+/// chunks (and their buffers) queued towards it.
+pub(super) const MAX_CHUNKS_IN_FLIGHT: usize = 2;
 /// A ticker that wakes this much later than it asked was not scheduled for a while (an
 /// overloaded machine, a stopped process): whatever the leader sent meanwhile has not been
 /// handled yet either, so a follower gives it [`OVERSLEEP_GRACE`] before standing.
@@ -76,6 +80,13 @@ pub(super) struct Progress {
     pub acked_round: u64,
     /// When this peer last answered any call (CheckQuorum); reset when leadership begins.
     pub last_heard: Instant,
+    /// A snapshot streamed in chunks: the snapshot being sent (index, term, data; kept until
+    /// the transfer ends even if a newer one replaces it meanwhile, so a long transfer
+    /// finishes), the offset the follower wants next, and the chunk calls out (at most
+    /// [`MAX_CHUNKS_IN_FLIGHT`]).
+    pub snap_send: Option<(u64, u64, super::storage::SnapshotData)>,
+    pub snap_offset: u64,
+    pub chunks_out: usize,
 }
 
 impl Progress {
@@ -111,8 +122,9 @@ pub(super) struct State {
     pub term: u64,
     pub voted_for: Option<usize>,
     pub log: Log,
-    /// The service's snapshot covering the log through `log.base_index()`.
-    pub snapshot: Vec<u8>,
+    /// The service's snapshot covering the log through `log.base_index()`: in memory, or a
+    /// handle on the storage's copy once that is durable (see `Core::adopt_stored_snapshot`).
+    pub snapshot: SnapshotData,
     // Volatile.
     pub role: Role,
     pub commit_index: u64,
@@ -193,7 +205,15 @@ impl Core {
             reason: e.to_string(),
         })?;
         let (term, voted_for) = (restored.hard_state.term, restored.hard_state.voted_for);
-        let (log, snapshot) = (restored.log, restored.snapshot);
+        let log = restored.log;
+        // A storage that keeps the snapshot readable is read from when needed; otherwise Raft
+        // holds the bytes.
+        let snapshot = match storage.snapshot_source() {
+            Some(src) if src.index() == log.base_index() && src.term() == log.base_term() => {
+                SnapshotData::Stored(src)
+            }
+            _ => SnapshotData::Mem(std::sync::Arc::new(restored.snapshot)),
+        };
         if log.last_term() > term {
             return Err(RaftError::CorruptState {
                 peer: me,
@@ -233,6 +253,9 @@ impl Core {
                     dirty: false,
                     acked_round: 0,
                     last_heard: now,
+                    snap_send: None,
+                    snap_offset: 0,
+                    chunks_out: 0,
                 };
                 n
             ],

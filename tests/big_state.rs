@@ -29,6 +29,9 @@ struct Cluster {
     peer_ports: Vec<u16>,
     client_ports: Vec<u16>,
     children: Vec<Option<NodeProcess>>,
+    /// `--cluster` on every start, `--bootstrap` on each node's first.
+    cluster_id: String,
+    founded: Vec<bool>,
 }
 
 /// `n` free loopback ports (all bound at once, so they differ, then released).
@@ -62,6 +65,8 @@ impl Cluster {
             peer_ports: ports[..n].to_vec(),
             client_ports: ports[n..].to_vec(),
             children: (0..n).map(|_| None).collect(),
+            cluster_id: raftkv::node::identity::random_cluster_id(),
+            founded: vec![false; n],
         }
     }
 
@@ -87,7 +92,10 @@ impl Cluster {
             client: format!("127.0.0.1:{}", self.client_ports[i]),
             data: self.data(i),
             peer_secret: self.dir.join(raftkv::node::secret::SECRET_FILE),
+            cluster: Some(self.cluster_id.clone()),
+            bootstrap: !self.founded[i],
         };
+        self.founded[i] = true;
         let mut cmd = spec.command();
         cmd.env_remove("RAFTKV_NODE_FAULT");
         if let Some(f) = fault {

@@ -30,6 +30,9 @@ struct Cluster {
     peer_ports: Vec<u16>,
     client_ports: Vec<u16>,
     children: Vec<Option<NodeProcess>>,
+    /// `--cluster` on every start, `--bootstrap` on each node's first.
+    cluster_id: String,
+    founded: Vec<bool>,
 }
 
 /// `n` free loopback ports (all bound at once, so they differ, then released).
@@ -89,6 +92,8 @@ impl Cluster {
             peer_ports: ports[..n].to_vec(),
             client_ports: ports[n..].to_vec(),
             children: (0..n).map(|_| None).collect(),
+            cluster_id: raftkv::node::identity::random_cluster_id(),
+            founded: vec![false; n],
         };
         for i in 0..n {
             cluster.start(i);
@@ -113,6 +118,8 @@ impl Cluster {
             client: format!("127.0.0.1:{}", self.client_ports[i]),
             data: self.data(i),
             peer_secret: self.dir.join(raftkv::node::secret::SECRET_FILE),
+            cluster: Some(self.cluster_id.clone()),
+            bootstrap: !self.founded[i],
         }
     }
 
@@ -128,6 +135,7 @@ impl Cluster {
         let child = spec
             .spawn(&mut spec.command())
             .unwrap_or_else(|e| panic!("start node {}: {e}", i + 1));
+        self.founded[i] = true;
         self.children[i] = Some(child);
     }
 
@@ -561,7 +569,7 @@ fn data_dir_of_another_node_is_refused() {
     cluster.kill9(0);
     let stderr = serve_fails(2, &cluster.peer_list(), "127.0.0.1:0", &cluster.data(0));
     assert!(stderr.contains("id 1"), "{stderr}");
-    assert!(Path::new(&cluster.data(0)).join("cluster").exists());
+    assert!(Path::new(&cluster.data(0)).join("identity").exists());
 }
 
 /// Runs `raftkv serve` once, expecting it to refuse to start: exit status 1. Returns its

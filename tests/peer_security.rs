@@ -124,6 +124,12 @@ impl Cluster {
                 .arg("--peer-secret-file")
                 .arg(self.dir.join(SECRET_FILE));
         }
+        // The cluster is founded on each node's first start; later starts name it.
+        let founded = self.data(i).join("identity").exists();
+        command.args([
+            if founded { "--cluster" } else { "--bootstrap" },
+            "peer-security-test",
+        ]);
         let child = command
             .arg("--stop-on-stdin-eof")
             .env("RUST_LOG", "warn")

@@ -47,8 +47,11 @@ enum Cmd {
     #[command(help_template = HELP)]
     #[command(
         after_help = "Every node must be given the same --peers list (each node's peer \
-        port). The Raft log, snapshots and the node's status file live in --data. SIGINT and \
-        SIGTERM stop the node cleanly."
+        port). The Raft log, snapshots, the node's identity and its status file live in --data. \
+        A new cluster: give every founding node the same --bootstrap ID on its first start \
+        only. A node started on an empty --data without it waits for a leader of its cluster, \
+        catches up, and only then votes (how a node whose disk was lost rejoins). A --data of \
+        another cluster or node is refused. SIGINT and SIGTERM stop the node cleanly."
     )]
     Serve(ServeOpts),
     /// Break a local cluster on purpose and check what clients saw.
@@ -98,6 +101,13 @@ struct ServeOpts {
     /// authenticates; it does not encrypt). `raftkv local` creates DIR/peer-secret.
     #[arg(long, value_name = "FILE")]
     peer_secret_file: PathBuf,
+    /// The cluster this node belongs to (8-64 characters of 0-9 a-z A-Z - _): a --data of
+    /// another cluster is refused, and a node on an empty --data joins only this cluster.
+    #[arg(long, value_name = "ID", value_parser = parse_cluster_id)]
+    cluster: Option<String>,
+    /// Found a new cluster with this id (the same on every founding node; first start only).
+    #[arg(long, value_name = "ID", value_parser = parse_cluster_id)]
+    bootstrap: Option<String>,
     /// Stop when standard input closes (how `local` and the tests tie a node's life to theirs).
     #[arg(long)]
     stop_on_stdin_eof: bool,
@@ -161,6 +171,11 @@ fn parse_peers(value: &str) -> Result<Peers, String> {
     Ok(Peers(peers.into_iter().map(|(_, a)| a).collect()))
 }
 
+fn parse_cluster_id(value: &str) -> Result<String, String> {
+    raftkv::node::identity::valid_cluster_id(value).map_err(|e| e.to_string())?;
+    Ok(value.to_string())
+}
+
 /// `30s`, `2m`, `500ms`, or plain seconds; above 0 and at most 24 h.
 fn parse_duration(value: &str) -> Result<Duration, String> {
     let bad = || format!("'{value}' is not a duration like 30s, 2m or 500ms");
@@ -211,6 +226,8 @@ fn main() -> ExitCode {
                 client: o.client,
                 data: o.data,
                 peer_secret_file: o.peer_secret_file,
+                bootstrap: o.bootstrap,
+                cluster: o.cluster,
                 stop_on_stdin_eof: o.stop_on_stdin_eof,
             })
         }

@@ -111,6 +111,9 @@ pub struct ChaosCluster {
     /// `proxies[i][j]`: node `i`'s link to node `j` (`None` on the diagonal).
     proxies: Vec<Vec<Option<Proxy>>>,
     nodes: Vec<NodeProc>,
+    /// The cluster id: `--cluster` on every start, `--bootstrap` on each node's first.
+    cluster_id: String,
+    founded: Vec<bool>,
 }
 
 /// `n` loopback ports free now (all bound at once, so they differ, then released).
@@ -214,6 +217,8 @@ impl ChaosCluster {
                     state: NodeState::Killed,
                 })
                 .collect(),
+            cluster_id: crate::node::identity::random_cluster_id(),
+            founded: vec![false; n],
         };
         for i in 0..n {
             cluster.spawn(i)?;
@@ -294,6 +299,7 @@ impl ChaosCluster {
             reason: format!("{}: {e}", self.opts.exe.display()),
         })?;
         log::info!(target: LOG, "node {} started (pid {})", i + 1, child.pid());
+        self.founded[i] = true;
         self.nodes[i] = NodeProc {
             child: Some(child),
             state: NodeState::Running,
@@ -310,6 +316,8 @@ impl ChaosCluster {
             client: self.client_addr(i).to_string(),
             data: self.data(i),
             peer_secret: self.opts.dir.join(crate::node::secret::SECRET_FILE),
+            cluster: Some(self.cluster_id.clone()),
+            bootstrap: !self.founded[i],
         }
     }
 

@@ -28,7 +28,7 @@ use crate::labcodec;
 use crate::oneshot;
 /// Why [`Rsm::read_barrier`] could not vouch for a read: Raft's ReadIndex errors.
 pub use crate::raft::ReadIndexError as ReadError;
-use crate::raft::{ApplyMsg, Raft, RaftError, RaftTransport, Storage, Validator};
+use crate::raft::{ApplyMsg, Raft, RaftError, RaftOptions, RaftTransport, Storage, Validator};
 
 /// How often a waiting submitter checks that its peer still leads in the term it started in.
 pub const LEADERSHIP_POLL: Duration = Duration::from_millis(50);
@@ -298,11 +298,25 @@ impl Rsm {
         maxraftstate: Option<usize>,
         sm: Arc<dyn StateMachine>,
     ) -> Result<Rsm, RsmError> {
+        Rsm::with_options(peers, me, storage, maxraftstate, sm, RaftOptions::default())
+    }
+
+    /// [`Rsm::new`] on a Raft peer started with `options`.
+    pub fn with_options(
+        peers: impl Into<Box<dyn RaftTransport>>,
+        me: usize,
+        storage: impl Into<Box<dyn Storage>>,
+        maxraftstate: Option<usize>,
+        sm: Arc<dyn StateMachine>,
+        options: RaftOptions,
+    ) -> Result<Rsm, RsmError> {
         // Buffered, unlike the lab's channel: handing entries over one at a time costs a
         // thread switch each, and on a loaded machine a follower then applies more slowly
         // than it appends, so its unapplied (untrimmable) log grows without bound.
         let (apply_tx, apply_rx) = channel::bounded::<ApplyMsg>(APPLY_BUFFER);
-        let raft = Arc::new(Raft::new(peers, me, storage, apply_tx).map_err(RsmError::Raft)?);
+        let raft = Arc::new(
+            Raft::with_options(peers, me, storage, apply_tx, options).map_err(RsmError::Raft)?,
+        );
         // Before the service registers the peer's handler with its transport.
         raft.set_validator(Arc::new(RsmValidator { sm: sm.clone() }));
         // A follower whose reader falls behind (a starved thread) must not take entries

@@ -13,6 +13,7 @@
 //! `raftkv` binary gives it the file log in `--data DIR`.
 
 pub mod front;
+pub mod identity;
 pub mod machine;
 pub mod secret;
 pub mod transport;
@@ -24,9 +25,10 @@ use std::time::Duration;
 
 use crate::kvraft::rsm::{Rsm, RsmError};
 use crate::net::{ClientEnd, ClientOptions, DialAuth, PeerAuth, Server, ServerOptions};
-use crate::raft::Storage;
+use crate::raft::{RaftOptions, Storage};
 use crate::resp::server::{RespOptions, RespServer};
 pub use front::Front;
+pub use identity::ClusterIdentity;
 pub use machine::KvMachine;
 pub use transport::TcpRaftTransport;
 
@@ -52,6 +54,9 @@ pub struct NodeConfig {
     /// The cluster's id, carried in every peer handshake: a node of another cluster is
     /// refused even if it holds the same secret.
     pub cluster_id: String,
+    /// The data directory's identity: the cluster id on every peer message, whether this
+    /// node votes yet, and the least Raft state it must find at start.
+    pub identity: Arc<ClusterIdentity>,
 }
 
 /// The environment variable through which `raftkv serve` takes a [`NodeFault`] (hidden: not
@@ -102,6 +107,9 @@ pub enum NodeError {
     Rsm(RsmError),
     /// A thread could not be started.
     Spawn { what: &'static str, reason: String },
+    /// The Raft state is missing or older than the identity's high-water mark (or present
+    /// without an identity): the node lost state and must not vote or serve.
+    LostState(String),
 }
 
 impl fmt::Display for NodeError {
@@ -116,6 +124,7 @@ impl fmt::Display for NodeError {
             }
             NodeError::Rsm(e) => write!(f, "{e}"),
             NodeError::Spawn { what, reason } => write!(f, "cannot start {what}: {reason}"),
+            NodeError::LostState(e) => write!(f, "lost state: {e}"),
         }
     }
 }
@@ -137,6 +146,7 @@ pub struct NodeStatus {
 /// A running node. [`shutdown`](Self::shutdown) (or drop) stops the client port, the peer
 /// port, the replica and the peer connections, joining every thread.
 pub struct Node {
+    identity: Arc<ClusterIdentity>,
     id: usize,
     resp: Option<RespServer>,
     server: Option<Server>,
@@ -243,15 +253,29 @@ impl Node {
             })
             .collect();
         let machine = Arc::new(KvMachine::new());
-        let rsm = Rsm::new(
-            Box::new(TcpRaftTransport::new(ends.clone())) as Box<dyn crate::raft::RaftTransport>,
+        let identity = config.identity.clone();
+        let rsm = Rsm::with_options(
+            Box::new(TcpRaftTransport::new(ends.clone(), identity.clone()))
+                as Box<dyn crate::raft::RaftTransport>,
             me,
             storage,
             config.max_raft_state,
             machine.clone(),
+            RaftOptions {
+                voter: identity.is_voter(),
+                check_quorum: true,
+            },
         );
         let rsm = Arc::new(rsm.map_err(NodeError::Rsm)?);
-        server.add_service(transport::raft_service(rsm.raft().handler()));
+        // Before the peer port serves Raft: nothing has been sent or answered yet.
+        if let Err(e) = check_restored(&identity, rsm.raft().restored_extent()) {
+            rsm.kill();
+            return Err(e);
+        }
+        server.add_service(transport::raft_service(
+            rsm.raft().handler(),
+            identity.clone(),
+        ));
         server.add_service(front::kv_service(rsm.clone(), machine.clone()));
         let mut front =
             Front::new(me, rsm.clone(), machine.clone(), ends.clone()).map_err(|e| {
@@ -278,6 +302,7 @@ impl Node {
         })?;
         log::info!(target: "node", "node {}: peers on {}, clients on {}", config.id, addrs[me], resp.local_addr());
         Ok(Node {
+            identity,
             id: config.id,
             resp: Some(resp),
             server: Some(server),
@@ -308,12 +333,33 @@ impl Node {
         }
     }
 
-    /// Whether the replica has stopped (a storage error, a snapshot it could not read).
+    /// Whether the replica has stopped, and why (a storage error names the operation, the
+    /// file and the OS error; a snapshot it could not read).
     pub fn stopped(&self) -> Option<String> {
         if let Some(e) = self.rsm.failure() {
             return Some(e.to_string());
         }
-        self.rsm.raft().killed().then(|| "raft stopped".to_string())
+        let raft = self.rsm.raft();
+        if let Some(e) = raft.failure() {
+            return Some(e);
+        }
+        raft.killed().then(|| "raft stopped".to_string())
+    }
+
+    /// The cluster id (`None` while a node that joined on an empty directory waits for a
+    /// leader). A peer handshake states it.
+    pub fn cluster_id(&self) -> Option<String> {
+        self.identity.cluster_id()
+    }
+
+    /// Saves the identity's high-water mark (the term synced and index applied so far) and
+    /// whether the node votes now; at most once a second, cheap otherwise. Call it
+    /// periodically. An error (the disk) means the node must stop.
+    pub fn record_progress(&self) -> Result<(), identity::IdentityError> {
+        let raft = self.rsm.raft();
+        let (term, applied) = raft.durable_progress();
+        self.identity
+            .record_progress(term, applied, raft.is_voter())
     }
 
     /// Stops everything and joins every thread. Idempotent.
@@ -329,6 +375,26 @@ impl Node {
         for end in &self.ends {
             end.shutdown();
         }
+    }
+}
+
+/// Refuses Raft state that is less than the identity says the node had: `restored` is the
+/// restored (term, last log index).
+fn check_restored(identity: &ClusterIdentity, restored: (u64, u64)) -> Result<(), NodeError> {
+    let (term, last) = restored;
+    let dir = identity.dir().display().to_string();
+    let replace = format!(
+        "to replace the node, remove {dir} entirely and start it again without --bootstrap: it rejoins, catches up from the leader and only then votes"
+    );
+    match identity.record() {
+        Some(r) if term < r.term || last < r.applied => Err(NodeError::LostState(format!(
+            "{dir}/identity records term {} and log index {} applied, but {dir}/raft holds term {term} and a log through {last} (missing, truncated or an older copy); it must not vote or serve with that; {replace}",
+            r.term, r.applied
+        ))),
+        None if term > 0 || last > 0 => Err(NodeError::LostState(format!(
+            "{dir}/raft holds term {term} and a log through {last} but {dir}/identity is missing, so its cluster is unknown; {replace}"
+        ))),
+        _ => Ok(()),
     }
 }
 

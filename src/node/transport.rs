@@ -6,13 +6,31 @@
 //! Snapshots go in pieces (`Raft.InstallSnapshotChunk`, [`SNAPSHOT_CHUNK_BYTES`] of data
 //! each, far below the frame limit), never as one message: a snapshot may be larger than any
 //! frame, and the receiver assembles it in a file rather than in memory.
+//!
+//! Every message carries the sender's cluster id ([`Tagged`]); the receiver answers nothing
+//! to a message of another cluster, and a node that has no cluster yet adopts the id of the
+//! first leader's message (AppendEntries or InstallSnapshot) before handling it.
 
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use super::identity::ClusterIdentity;
 use crate::net::{ClientEnd, NetError, Service};
 use crate::raft::{
     AppendEntriesArgs, AppendEntriesReply, InstallSnapshotArgs, InstallSnapshotChunkArgs,
     InstallSnapshotChunkReply, InstallSnapshotReply, OnReply, RaftHandler, RaftTransport,
     RequestVoteArgs, RequestVoteReply,
 };
+
+/// A Raft message with the sender's cluster id (empty while it has none).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Tagged<A> {
+    pub cluster: String,
+    pub msg: A,
+}
 
 /// Data bytes per snapshot piece: one snapshot chunk record of the file log, so a piece is
 /// read and written as one checksummed record.
@@ -22,20 +40,25 @@ const _: () = assert!(SNAPSHOT_CHUNK_BYTES + (64 << 10) < crate::net::DEFAULT_MA
 /// `ends[j]` reaches peer `j`; `None` at the node's own number.
 pub struct TcpRaftTransport {
     ends: Vec<Option<ClientEnd>>,
+    identity: Arc<ClusterIdentity>,
 }
 
 impl TcpRaftTransport {
-    pub fn new(ends: Vec<Option<ClientEnd>>) -> TcpRaftTransport {
-        TcpRaftTransport { ends }
+    pub fn new(ends: Vec<Option<ClientEnd>>, identity: Arc<ClusterIdentity>) -> TcpRaftTransport {
+        TcpRaftTransport { ends, identity }
     }
 
-    fn send<A, R>(&self, peer: usize, method: &str, args: &A, on_reply: OnReply<R>)
+    fn send<A, R>(&self, peer: usize, method: &str, args: A, on_reply: OnReply<R>)
     where
         A: serde::Serialize,
         R: serde::de::DeserializeOwned + Send + 'static,
     {
+        let tagged = Tagged {
+            cluster: self.identity.cluster_id().unwrap_or_default(),
+            msg: args,
+        };
         match self.ends.get(peer).and_then(|e| e.as_ref()) {
-            Some(end) => end.call_async(method, args, move |r: Result<Option<R>, NetError>| {
+            Some(end) => end.call_async(method, &tagged, move |r: Result<Option<R>, NetError>| {
                 on_reply(r.ok().flatten())
             }),
             // Raft never sends to itself; an unknown peer is a lost message.
@@ -55,7 +78,7 @@ impl RaftTransport for TcpRaftTransport {
         args: RequestVoteArgs,
         on_reply: OnReply<RequestVoteReply>,
     ) {
-        self.send(peer, "Raft.RequestVote", &args, on_reply);
+        self.send(peer, "Raft.RequestVote", args, on_reply);
     }
 
     fn append_entries(
@@ -64,7 +87,7 @@ impl RaftTransport for TcpRaftTransport {
         args: AppendEntriesArgs,
         on_reply: OnReply<AppendEntriesReply>,
     ) {
-        self.send(peer, "Raft.AppendEntries", &args, on_reply);
+        self.send(peer, "Raft.AppendEntries", args, on_reply);
     }
 
     fn install_snapshot(
@@ -73,7 +96,7 @@ impl RaftTransport for TcpRaftTransport {
         args: InstallSnapshotArgs,
         on_reply: OnReply<InstallSnapshotReply>,
     ) {
-        self.send(peer, "Raft.InstallSnapshot", &args, on_reply);
+        self.send(peer, "Raft.InstallSnapshot", args, on_reply);
     }
 
     fn snapshot_chunk_bytes(&self) -> Option<usize> {
@@ -86,28 +109,65 @@ impl RaftTransport for TcpRaftTransport {
         args: InstallSnapshotChunkArgs,
         on_reply: OnReply<InstallSnapshotChunkReply>,
     ) {
-        self.send(peer, "Raft.InstallSnapshotChunk", &args, on_reply);
+        self.send(peer, "Raft.InstallSnapshotChunk", args, on_reply);
+    }
+}
+
+/// How often a refused message is logged (a peer of another cluster retries every heartbeat).
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Admits or refuses each incoming message by its cluster id.
+struct Admission {
+    identity: Arc<ClusterIdentity>,
+    last_logged: Mutex<Option<Instant>>,
+}
+
+impl Admission {
+    fn admit(&self, method: &str, cluster: &str, from_leader: bool) -> Option<()> {
+        match self.identity.admit(cluster, from_leader) {
+            Ok(()) => Some(()),
+            Err(refusal) => {
+                let mut last = self.last_logged.lock();
+                if last.is_none_or(|at| at.elapsed() >= REFUSAL_LOG_EVERY) {
+                    *last = Some(Instant::now());
+                    log::warn!(target: "node::transport", "node {}: {method} refused: {refusal}", self.identity.node());
+                }
+                None
+            }
+        }
     }
 }
 
 /// The `Raft` service: each method answers `Option<reply>` (`None` from a stopped peer, or
-/// to a message refused). A message that names another sender than the node the peer
-/// handshake proved is refused and logged: a member speaks only as itself.
-pub fn raft_service(h: RaftHandler) -> Service {
+/// to a message refused: of another cluster, or naming another sender than the node the
+/// peer handshake proved — a member speaks only as itself).
+pub fn raft_service(h: RaftHandler, identity: Arc<ClusterIdentity>) -> Service {
     let (h1, h2, h3, h4) = (h.clone(), h.clone(), h.clone(), h);
+    let gate = Arc::new(Admission {
+        identity,
+        last_logged: Mutex::new(None),
+    });
+    let (g1, g2, g3, g4) = (gate.clone(), gate.clone(), gate.clone(), gate);
     Service::new("Raft")
-        .method_from("RequestVote", move |node, a: RequestVoteArgs| {
-            as_itself(node, a.candidate, "RequestVote").then(|| h1.request_vote(a))?
+        .method_from("RequestVote", move |node, t: Tagged<RequestVoteArgs>| {
+            g1.admit("RequestVote", &t.cluster, false)?;
+            as_itself(node, t.msg.candidate, "RequestVote").then(|| h1.request_vote(t.msg))?
         })
-        .method_from("AppendEntries", move |node, a: AppendEntriesArgs| {
-            as_itself(node, a.leader, "AppendEntries").then(|| h2.append_entries(a))?
+        .method_from("AppendEntries", move |node, t: Tagged<AppendEntriesArgs>| {
+            g2.admit("AppendEntries", &t.cluster, true)?;
+            as_itself(node, t.msg.leader, "AppendEntries").then(|| h2.append_entries(t.msg))?
         })
-        .method_from("InstallSnapshot", move |node, a: InstallSnapshotArgs| {
-            as_itself(node, a.leader, "InstallSnapshot").then(|| h3.install_snapshot(a))?
+        .method_from("InstallSnapshot", move |node, t: Tagged<InstallSnapshotArgs>| {
+            g3.admit("InstallSnapshot", &t.cluster, true)?;
+            as_itself(node, t.msg.leader, "InstallSnapshot").then(|| h3.install_snapshot(t.msg))?
         })
-        .method(
+        .method_from(
             "InstallSnapshotChunk",
-            move |a: InstallSnapshotChunkArgs| h4.install_snapshot_chunk(a),
+            move |node, t: Tagged<InstallSnapshotChunkArgs>| {
+                g4.admit("InstallSnapshotChunk", &t.cluster, true)?;
+                as_itself(node, t.msg.leader, "InstallSnapshotChunk")
+                    .then(|| h4.install_snapshot_chunk(t.msg))?
+            },
         )
 }
 

@@ -4,13 +4,15 @@
 //! is left and reaps all.
 
 use std::fmt::Write as _;
+use std::fs;
 use std::io::{self, IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{ExitCode, ExitStatus};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use super::spawn::{NodeProcess, ServeSpec, leader_of};
+use crate::node::identity::{IDENTITY_FILE, LEGACY_FILE, random_cluster_id};
 
 /// How long a node may take to stop after its standard input closes.
 pub const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -83,6 +85,14 @@ fn stop_local(children: &mut Children, signal: &str, tty: bool) -> ExitCode {
     }
 }
 
+/// The cluster id a node's data directory holds, if it holds a readable identity.
+fn stored_cluster_id(data: &Path) -> Option<String> {
+    let text = fs::read_to_string(data.join(IDENTITY_FILE)).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("cluster "))
+        .map(str::to_string)
+}
+
 /// Runs the cluster until a stop signal, or until every node has exited.
 pub fn run(args: LocalArgs) -> ExitCode {
     // Ctrl-C (or SIGTERM) reaches only this process: the nodes run in their own process
@@ -112,6 +122,12 @@ pub fn run(args: LocalArgs) -> ExitCode {
         eprintln!("raftkv local: {e}");
         return ExitCode::from(1);
     }
+    // A new cluster gets a random id, given to every node as --bootstrap; on a restart the
+    // nodes' identities hold it (a format-1 directory is upgraded with it). A node whose
+    // directory is gone rejoins without --bootstrap: it waits for the leader and catches up.
+    let node_dir = |i: usize| args.dir.join(format!("node-{}", i + 1));
+    let stored = (0..n).find_map(|i| stored_cluster_id(&node_dir(i)));
+    let cluster_id = stored.clone().unwrap_or_else(random_cluster_id);
     let mut children = Children(Vec::new());
     for i in 0..n {
         let spec = ServeSpec {
@@ -119,7 +135,9 @@ pub fn run(args: LocalArgs) -> ExitCode {
             id: i + 1,
             peers: peers.clone(),
             client: format!("127.0.0.1:{}", client_port(i)),
-            data: args.dir.join(format!("node-{}", i + 1)),
+            data: node_dir(i),
+            cluster: Some(cluster_id.clone()),
+            bootstrap: stored.is_none() || node_dir(i).join(LEGACY_FILE).exists(),
             peer_secret: secret.clone(),
         };
         match spec.spawn(&mut spec.command()) {
@@ -151,7 +169,11 @@ pub fn run(args: LocalArgs) -> ExitCode {
         let mut down = Vec::new();
         for (spec, node) in &mut children.0 {
             match node.try_exit() {
-                Some(status) => down.push(format!("node {} exited ({status})", spec.id)),
+                // A node that stopped on an error said why in its last status.
+                Some(status) => match spec.status().and_then(|s| s.stopped) {
+                    Some(why) => down.push(format!("node {} stopped: {why}", spec.id)),
+                    None => down.push(format!("node {} exited ({status})", spec.id)),
+                },
                 None => statuses.push((spec.id, spec.status())),
             }
         }

@@ -1,17 +1,22 @@
-//! `raftkv serve`: one node as a process. It checks that its data directory belongs to it,
-//! opens the file log, starts the [`Node`], and then, every 250 ms, rewrites its status file
-//! and checks whether it should stop: a replica that stopped (exit 1), standard input closed
-//! with `--stop-on-stdin-eof`, or SIGINT/SIGTERM (exit 0 after a clean shutdown).
+//! `raftkv serve`: one node as a process. It checks that its data directory belongs to it and
+//! to its cluster (the identity, see [`crate::node::identity`]), opens the file log, starts the
+//! [`Node`] (which refuses Raft state below the identity's high-water mark), and then, every
+//! 250 ms, rewrites its status file, records the high-water mark, and checks whether it should
+//! stop: a replica that stopped (exit 1, the cause in the status file and on stderr), standard
+//! input closed with `--stop-on-stdin-eof`, or SIGINT/SIGTERM (exit 0 after a clean
+//! shutdown).
 
 use std::fs;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use super::status::{NodeStatusFile, write_atomically};
-use crate::node::{Node, NodeConfig};
+use super::status::NodeStatusFile;
+use crate::node::identity::IDENTITY_FILE;
+use crate::node::{ClusterIdentity, Node, NodeConfig};
 use crate::raft::{Storage, StorageError};
 
 const LOG: &str = "raftkv";
@@ -30,6 +35,10 @@ pub struct ServeArgs {
     pub data: PathBuf,
     /// The cluster's peer secret (see [`node::secret`](crate::node::secret)).
     pub peer_secret_file: PathBuf,
+    /// `--bootstrap`: found a new cluster with this id.
+    pub bootstrap: Option<String>,
+    /// `--cluster`: the cluster this node must belong to.
+    pub cluster: Option<String>,
     pub stop_on_stdin_eof: bool,
 }
 
@@ -41,26 +50,6 @@ fn open_storage(dir: &Path) -> Result<Box<dyn Storage>, StorageError> {
     Ok(Box::new(storage))
 }
 
-/// The cluster a data directory belongs to: a node started with another id or another peer
-/// list would mix two clusters' logs.
-fn check_identity(data: &Path, id: usize, peers: &[String]) -> Result<(), String> {
-    let path = data.join("cluster");
-    let identity = format!("id {id}\npeers {}\n", peers.join(","));
-    match fs::read_to_string(&path) {
-        Ok(stored) if stored == identity => Ok(()),
-        Ok(stored) => Err(format!(
-            "{} says this directory holds {}, but the command line says {}; \
-             use the same --id and --peers, or another --data",
-            path.display(),
-            stored.trim().replace('\n', ", "),
-            identity.trim().replace('\n', ", ")
-        )),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => write_atomically(&path, &identity)
-            .map_err(|e| format!("cannot write {}: {e}", path.display())),
-        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
-    }
-}
-
 /// Runs the node until it is told to stop; the process's exit code.
 pub fn run(args: ServeArgs) -> ExitCode {
     let fail = |msg: String| {
@@ -70,14 +59,41 @@ pub fn run(args: ServeArgs) -> ExitCode {
     if let Err(e) = fs::create_dir_all(&args.data) {
         return fail(format!("cannot create {}: {e}", args.data.display()));
     }
-    if let Err(e) = check_identity(&args.data, args.id, &args.peers) {
-        return fail(e);
+    let raft_dir = args.data.join("raft");
+    let had_identity = args.data.join(IDENTITY_FILE).exists();
+    let raft_missing = !raft_dir.exists();
+    if args.bootstrap.is_some() && !had_identity {
+        // The Raft directory before the identity: an identity never exists without one.
+        if let Err(e) = fs::create_dir_all(&raft_dir) {
+            return fail(format!("cannot create {}: {e}", raft_dir.display()));
+        }
     }
     let peer_secret = match crate::node::secret::read_secret(&args.peer_secret_file) {
         Ok(s) => s,
         Err(e) => return fail(e),
     };
-    let storage = match open_storage(&args.data.join("raft")) {
+    // The identity before the storage: a directory of another cluster or node is refused
+    // before anything in it is opened (recovery may cut a torn tail).
+    let identity = match ClusterIdentity::open(
+        &args.data,
+        args.id,
+        &args.peers,
+        args.bootstrap.as_deref(),
+        args.cluster.as_deref(),
+    ) {
+        Ok(i) => Arc::new(i),
+        Err(e) => return fail(e.to_string()),
+    };
+    if had_identity && raft_missing {
+        return fail(format!(
+            "lost state: {} is missing but {} says this node is a member of cluster {}; it must not vote or serve without its log; to replace the node, remove {} entirely and start it again without --bootstrap: it rejoins, catches up from the leader and only then votes",
+            raft_dir.display(),
+            args.data.join(IDENTITY_FILE).display(),
+            identity.cluster_id().unwrap_or_default(),
+            args.data.display()
+        ));
+    }
+    let storage = match open_storage(&raft_dir) {
         Ok(s) => s,
         Err(e) => return fail(e.to_string()),
     };
@@ -95,6 +111,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
         // The peer lists differ between nodes (a proxy may stand for a peer), so the cluster
         // is named by its size; the secret is what authenticates.
         cluster_id: format!("raftkv/{}", args.peers.len()),
+        identity,
     };
     let mut node = match Node::start(config, storage) {
         Ok(n) => n,
@@ -128,7 +145,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
     let status_path = NodeStatusFile::path(&args.data);
     loop {
         let status = node.status();
-        let file = NodeStatusFile {
+        let mut file = NodeStatusFile {
             term: status.term,
             leader: status.leader,
             applied: status.applied,
@@ -138,13 +155,23 @@ pub fn run(args: ServeArgs) -> ExitCode {
                 .client_addr()
                 .map(|a| a.to_string())
                 .unwrap_or_default(),
+            stopped: None,
         };
+        // A failed write or fsync of the identity stops the node as the log's would.
+        let stopped = node
+            .stopped()
+            .or_else(|| node.record_progress().err().map(|e| e.to_string()));
+        if let Some(why) = stopped {
+            node.shutdown();
+            file.leader = false;
+            file.stopped = Some(why.clone());
+            if let Err(e) = file.write_last(&status_path) {
+                log::warn!(target: LOG, "cannot write {}: {e}", status_path.display());
+            }
+            return fail(format!("stopped: {why}"));
+        }
         if let Err(e) = file.write(&status_path) {
             log::warn!(target: LOG, "cannot write {}: {e}", status_path.display());
-        }
-        if let Some(why) = node.stopped() {
-            node.shutdown();
-            return fail(format!("stopped: {why}"));
         }
         if let Some(signal) = crate::signal::stop_requested() {
             log::info!(target: LOG, "node {}: {signal}; stopping", args.id);

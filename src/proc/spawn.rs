@@ -33,6 +33,11 @@ pub struct ServeSpec {
     pub data: PathBuf,
     /// The cluster's peer secret (`--peer-secret-file`).
     pub peer_secret: PathBuf,
+    /// `--cluster`: the cluster the node must belong to (`None`: not stated).
+    pub cluster: Option<String>,
+    /// `--bootstrap` with that id: the node founds the cluster (a new cluster's first start
+    /// only; a node on an empty directory without it waits for a leader).
+    pub bootstrap: bool,
 }
 
 impl ServeSpec {
@@ -62,6 +67,12 @@ impl ServeSpec {
             .arg("--stop-on-stdin-eof")
             .stdin(Stdio::piped())
             .process_group(0);
+        if let Some(id) = &self.cluster {
+            command.args(["--cluster", id]);
+            if self.bootstrap {
+                command.args(["--bootstrap", id]);
+            }
+        }
         command
     }
 

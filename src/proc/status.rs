@@ -26,6 +26,10 @@ pub struct NodeStatusFile {
     pub keys: usize,
     /// Where Redis clients reach it (empty if not listening).
     pub client: String,
+    /// Set in the node's last status when it stopped on an error: why (for a disk error the
+    /// operation, the file and the OS error).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped: Option<String>,
 }
 
 impl NodeStatusFile {
@@ -39,6 +43,23 @@ impl NodeStatusFile {
     pub fn write(&self, path: &Path) -> io::Result<()> {
         let text = serde_json::to_string(self).map_err(io::Error::other)?;
         write_atomically(path, &(text + "\n"))
+    }
+
+    /// Writes the file as [`write`](Self::write) does or, if that fails (a full disk has no
+    /// room for a temporary file), over the old file in place: a page it already has needs
+    /// no new space. A reader may then see a torn file, which reads as `None`.
+    pub fn write_last(&self, path: &Path) -> io::Result<()> {
+        let Err(first) = self.write(path) else {
+            return Ok(());
+        };
+        let text = serde_json::to_string(self).map_err(io::Error::other)? + "\n";
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(|_| first)?;
+        f.write_all(text.as_bytes())?;
+        f.set_len(text.len() as u64)?;
+        f.sync_all()
     }
 
     /// Reads the file; `None` when it is missing or does not parse (a node that has not
@@ -76,9 +97,16 @@ mod tests {
             commands: 9,
             keys: 3,
             client: "127.0.0.1:7001".into(),
+            stopped: None,
         };
         status.write(&path).unwrap();
-        assert_eq!(NodeStatusFile::read(&path), Some(status));
+        assert_eq!(NodeStatusFile::read(&path), Some(status.clone()));
+        let stopped = NodeStatusFile {
+            stopped: Some("storage failed (sync): write x: No space left on device".into()),
+            ..status
+        };
+        stopped.write_last(&path).unwrap();
+        assert_eq!(NodeStatusFile::read(&path), Some(stopped));
         fs::write(&path, "term 1 leader 1").unwrap();
         assert_eq!(NodeStatusFile::read(&path), None);
         fs::remove_file(&path).unwrap();

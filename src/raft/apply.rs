@@ -76,6 +76,13 @@ impl Core {
             if !self.sync_storage() {
                 return;
             }
+            if let Some(last) = msgs.last() {
+                let index = match last {
+                    ApplyMsg::Command { index, .. } | ApplyMsg::Snapshot { index, .. } => *index,
+                };
+                self.delivered
+                    .fetch_max(index, std::sync::atomic::Ordering::SeqCst);
+            }
             for m in msgs {
                 if self.is_dead() {
                     return;

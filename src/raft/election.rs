@@ -134,10 +134,13 @@ impl Core {
         for p in st.peers.iter_mut() {
             p.next_index = next;
             p.match_index = 0;
+            p.match_seq = 0;
             p.inflight = None;
             p.dirty = false;
             p.acked_round = 0;
             p.last_answer = None;
+            // CheckQuorum counts from the start of this leadership.
+            p.last_heard = Instant::now();
         }
         log::info!(target: "raft::election", "raft-{} t{}: leader, log ..={}", self.me, st.term, st.log.last_index());
         // Assert authority at once rather than at the next tick.
@@ -168,6 +171,16 @@ impl Core {
         if let Err(why) = check::term_jump(args.term, st.term) {
             self.refused("RequestVote", args.candidate, &why);
             return None;
+        }
+        if !self.voter.load(std::sync::atomic::Ordering::SeqCst) {
+            // A peer that joined on an empty directory votes only once it holds what its
+            // leader had committed: with less, its vote could elect a leader missing
+            // committed entries. It changes nothing, not even its term.
+            log::debug!(target: "raft::election", "raft-{} t{}: {}vote for {} refused: not a voter yet", self.me, st.term, if args.pre_vote { "pre-" } else { "" }, args.candidate);
+            return Some(RequestVoteReply {
+                term: st.term,
+                vote_granted: false,
+            });
         }
         if args.pre_vote {
             return Some(self.pre_vote(&st, &args));

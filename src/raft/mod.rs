@@ -86,6 +86,27 @@ impl fmt::Display for RaftError {
 
 impl std::error::Error for RaftError {}
 
+/// How a peer behaves beyond the labs' Raft. The default is the labs' Raft exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RaftOptions {
+    /// Whether the peer may vote and campaign from the start. `false` for a peer that joins
+    /// with an empty log (a replaced disk): it follows, and becomes a voter once it holds
+    /// everything its leader had committed when it last heard from it.
+    pub voter: bool,
+    /// CheckQuorum (Raft dissertation §6.2): a leader that has not heard from a majority
+    /// within an election timeout steps down.
+    pub check_quorum: bool,
+}
+
+impl Default for RaftOptions {
+    fn default() -> Self {
+        RaftOptions {
+            voter: true,
+            check_quorum: false,
+        }
+    }
+}
+
 /// One Raft peer.
 pub struct Raft {
     core: Arc<Core>,
@@ -102,7 +123,18 @@ impl Raft {
         storage: impl Into<Box<dyn Storage>>,
         apply_tx: Sender<ApplyMsg>,
     ) -> Result<Raft, RaftError> {
-        let (core, kill_rx) = Core::restore(peers.into(), me, storage.into())?;
+        Raft::with_options(peers, me, storage, apply_tx, RaftOptions::default())
+    }
+
+    /// [`Raft::new`] with the behaviour `options` chooses.
+    pub fn with_options(
+        peers: impl Into<Box<dyn RaftTransport>>,
+        me: usize,
+        storage: impl Into<Box<dyn Storage>>,
+        apply_tx: Sender<ApplyMsg>,
+        options: RaftOptions,
+    ) -> Result<Raft, RaftError> {
+        let (core, kill_rx) = Core::restore(peers.into(), me, storage.into(), options)?;
         let core = Arc::new(core);
         let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
             thread::Builder::new()
@@ -237,6 +269,34 @@ impl Raft {
     /// Whether the peer is stopped: killed, or stopped by a storage error.
     pub fn killed(&self) -> bool {
         self.core.dead.load(Ordering::SeqCst)
+    }
+
+    /// Why a storage error stopped this peer (the operation, the file, the OS error), if one
+    /// did.
+    pub fn failure(&self) -> Option<String> {
+        self.core.failure.lock().clone()
+    }
+
+    /// Whether this peer votes and campaigns (see [`RaftOptions::voter`]).
+    pub fn is_voter(&self) -> bool {
+        self.core.voter.load(Ordering::SeqCst)
+    }
+
+    /// What this peer's storage is known to hold durably: the highest term synced, and the
+    /// highest index handed to the applier (only ever after it was synced). A later start on
+    /// the same storage that finds less lost state; see [`Raft::restored_extent`].
+    pub fn durable_progress(&self) -> (u64, u64) {
+        (
+            self.core.synced_term.load(Ordering::SeqCst),
+            self.core.delivered.load(Ordering::SeqCst),
+        )
+    }
+
+    /// The current term and the last log index (the snapshot's, if the log after it is
+    /// empty): right after start, what the storage held.
+    pub fn restored_extent(&self) -> (u64, u64) {
+        let st = self.core.state.lock();
+        (st.term, st.log.last_index())
     }
 
     /// What a transport's server side hands this peer's incoming requests to.

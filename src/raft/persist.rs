@@ -115,6 +115,14 @@ impl Core {
     pub(super) fn storage_failed(&self, st: &mut State, what: &str, e: &StorageError) {
         if !self.is_dead() {
             log::error!(target: "raft::persist", "raft-{} t{}: storage failed ({what}): {e}; stopping this peer", self.me, st.term);
+            // The error that stopped the storage, even when another thread met it first.
+            let cause = match e {
+                StorageError::Failed { first } => first.clone(),
+                e => e.to_string(),
+            };
+            self.failure
+                .lock()
+                .get_or_insert_with(|| format!("storage failed ({what}): {cause}"));
         }
         self.stop_locked(st);
     }

@@ -178,6 +178,7 @@ impl Core {
             let matched = reply.match_index.min(prev_log_index + n);
             if matched > p.match_index {
                 p.match_index = matched;
+                p.match_seq = p.seq;
             }
             p.next_index = p.next_index.max(matched + 1);
             log::trace!(target: "raft::append", "raft-{} t{term}: append to {peer} ok, match {}", self.me, p.match_index);
@@ -192,7 +193,18 @@ impl Core {
                 },
                 None => reply.conflict_index,
             };
+            let me = self.me;
             let p = &mut st.peers[peer];
+            if reply.conflict_term.is_none()
+                && reply.conflict_index <= p.match_index
+                && seq > p.match_seq
+            {
+                // Its log ends before what it acknowledged holding: it lost its state (a
+                // wiped or replaced disk). Start again from what it has, or it would be
+                // asked forever for an index it can no longer match.
+                log::error!(target: "raft::append", "raft-{me} t{term}: peer {peer} answers with a log ending at {} but had acknowledged up to {}: it lost its state (wiped or replaced disk?)", reply.conflict_index.saturating_sub(1), p.match_index);
+                p.match_index = reply.conflict_index.saturating_sub(1);
+            }
             // A stale rejection must not move next_index below what is known to match.
             p.next_index = next.clamp(p.match_index + 1, last + 1);
             log::debug!(target: "raft::append", "raft-{} t{term}: append to {peer} rejected at {}, next {}", self.me, prev_log_index, p.next_index);
@@ -390,6 +402,11 @@ impl Core {
                 st.commit_index = commit;
                 self.applier_cv.notify_all();
             }
+        }
+        if st.commit_index >= args.leader_commit && !self.voter.load(Ordering::SeqCst) {
+            // It now holds everything the leader had committed when it sent this.
+            log::info!(target: "raft::election", "raft-{} t{}: caught up with leader {} (commit {}); voting from now on", self.me, st.term, args.leader, st.commit_index);
+            self.voter.store(true, Ordering::SeqCst);
         }
         reply.success = true;
         reply.match_index = last_new;

@@ -188,7 +188,10 @@ impl Core {
         }
         let p = &mut st.peers[peer];
         if reply.done {
-            p.match_index = p.match_index.max(index);
+            if index > p.match_index {
+                p.match_index = index;
+                p.match_seq = p.seq;
+            }
             p.next_index = p.next_index.max(index + 1);
             p.snap_send = None;
             p.snap_offset = 0;
@@ -362,7 +365,10 @@ impl Core {
             return;
         }
         let p = &mut st.peers[peer];
-        p.match_index = p.match_index.max(index);
+        if index > p.match_index {
+            p.match_index = index;
+            p.match_seq = p.seq;
+        }
         p.next_index = p.next_index.max(index + 1);
         self.advance_commit(&mut st);
         let p = &st.peers[peer];

@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam::channel::{self, Receiver, Sender};
@@ -17,6 +17,7 @@ use super::check::{MAX_INDEX, MAX_TERM, Refusal, Validator};
 use super::log::Log;
 use super::storage::{SnapshotData, Storage};
 use super::transport::RaftTransport;
+use super::RaftOptions;
 
 /// A leader sends at most this many heartbeats a second per peer (the tester allows ten).
 pub(super) const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
@@ -44,6 +45,10 @@ pub(super) const MAX_CHUNKS_IN_FLIGHT: usize = 2;
 /// handled yet either, so a follower gives it [`OVERSLEEP_GRACE`] before standing.
 const OVERSLEEP: Duration = Duration::from_millis(50);
 const OVERSLEEP_GRACE: Duration = Duration::from_millis(150);
+/// CheckQuorum (Raft dissertation §6.2): a leader that has not heard from a majority (itself
+/// included) for this long steps down. One full election timeout: by then the followers it
+/// lost may have elected another leader, and its clients are better served elsewhere.
+pub(super) const CHECK_QUORUM_WINDOW: Duration = Duration::from_millis(ELECTION_TIMEOUT_MAX_MS);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Role {
@@ -59,6 +64,10 @@ pub(super) enum Role {
 pub(super) struct Progress {
     pub next_index: u64,
     pub match_index: u64,
+    /// The last call sent when `match_index` was last raised: a call sent after that, whose
+    /// answer shows a log ending before `match_index`, means the peer lost state (an answer
+    /// to an earlier call may merely be late).
+    pub match_seq: u64,
     /// The call in flight, if any: its sequence number and when it was sent.
     pub inflight: Option<(u64, Instant)>,
     pub seq: u64,
@@ -72,6 +81,8 @@ pub(super) struct Progress {
     /// The highest read round (see [`State::read_round`]) of a call this peer answered in
     /// the current term.
     pub acked_round: u64,
+    /// When this peer last answered any call (CheckQuorum); reset when leadership begins.
+    pub last_heard: Instant,
     /// A snapshot streamed in chunks: the snapshot being sent (index, term, data; kept until
     /// the transfer ends even if a newer one replaces it meanwhile, so a long transfer
     /// finishes), the offset the follower wants next, and the chunk calls out (at most
@@ -96,6 +107,7 @@ impl Progress {
             Some(_) => {
                 self.unanswered = 0;
                 self.last_answer = Some(Instant::now());
+                self.last_heard = Instant::now();
             }
             None if current => self.unanswered = self.unanswered.saturating_add(1),
             None => {}
@@ -164,6 +176,20 @@ pub(crate) struct Core {
     pub dead: AtomicBool,
     /// The service's check of commands and snapshots from the leader (see `check.rs`).
     pub validator: RwLock<Option<Arc<dyn Validator>>>,
+    /// Why a storage error stopped this peer (the first error), for the service to report.
+    pub failure: Mutex<Option<String>>,
+    /// Whether this peer may vote and campaign. A peer that starts without it (its node
+    /// joined on an empty directory) only follows, until it holds everything its leader had
+    /// committed when it last heard from it; then it votes like any other.
+    pub voter: AtomicBool,
+    /// CheckQuorum: a leader that has not heard from a majority within
+    /// [`CHECK_QUORUM_WINDOW`] steps down.
+    pub check_quorum: bool,
+    /// The highest term known to be durable (synced), and the highest index the applier has
+    /// delivered (each delivered only once durable): what a service may record elsewhere as
+    /// the least state this peer must find at its next start.
+    pub synced_term: AtomicU64,
+    pub delivered: AtomicU64,
     /// Dropped on kill, which wakes an applier blocked on the apply channel.
     kill_tx: Mutex<Option<Sender<()>>>,
 }
@@ -180,6 +206,7 @@ impl Core {
         peers: Box<dyn RaftTransport>,
         me: usize,
         storage: Box<dyn Storage>,
+        options: RaftOptions,
     ) -> Result<(Core, Receiver<()>), RaftError> {
         let restored = storage.restore().map_err(|e| RaftError::CorruptState {
             peer: me,
@@ -235,12 +262,14 @@ impl Core {
                 Progress {
                     next_index: log.last_index() + 1,
                     match_index: 0,
+                    match_seq: 0,
                     inflight: None,
                     seq: 0,
                     unanswered: 0,
                     outstanding: 0,
                     dirty: false,
                     acked_round: 0,
+                    last_heard: now,
                     snap_send: None,
                     snap_offset: 0,
                     chunks_out: 0,
@@ -266,6 +295,11 @@ impl Core {
                 log_limit: AtomicUsize::new(0),
                 dead: AtomicBool::new(false),
                 validator: RwLock::new(None),
+                failure: Mutex::new(None),
+                voter: AtomicBool::new(options.voter),
+                check_quorum: options.check_quorum,
+                synced_term: AtomicU64::new(term),
+                delivered: AtomicU64::new(base),
                 kill_tx: Mutex::new(Some(kill_tx)),
             },
             kill_rx,
@@ -364,6 +398,32 @@ impl Core {
         changed
     }
 
+    /// Whether a majority (this leader included) answered some call within the last
+    /// [`CHECK_QUORUM_WINDOW`].
+    fn quorum_heard(&self, st: &State, now: Instant) -> bool {
+        let heard = (0..self.peers.len())
+            .filter(|&p| {
+                p == self.me
+                    || now.saturating_duration_since(st.peers[p].last_heard) < CHECK_QUORUM_WINDOW
+            })
+            .count();
+        heard >= self.majority()
+    }
+
+    /// CheckQuorum (Raft dissertation §6.2): this leader lost touch with a majority; it steps
+    /// down in its term, so its clients and waiting writes go elsewhere instead of waiting on
+    /// entries it cannot commit.
+    fn step_down_no_quorum(&self, st: &mut State) {
+        let silent: Vec<usize> = (0..self.peers.len())
+            .filter(|&p| p != self.me)
+            .filter(|&p| st.peers[p].last_heard.elapsed() >= CHECK_QUORUM_WINDOW)
+            .collect();
+        log::warn!(target: "raft::election", "raft-{} t{}: no answer from peers {silent:?} within {CHECK_QUORUM_WINDOW:?}: a majority is out of reach; stepping down (CheckQuorum)", self.me, st.term);
+        st.leader_contact = None;
+        let term = st.term;
+        self.step_down(st, term);
+    }
+
     pub(super) fn reset_election_timer(&self, st: &mut State) {
         st.election_deadline = Instant::now() + random_election_timeout();
         st.election_grace_used = false;
@@ -377,12 +437,19 @@ impl Core {
                 let mut st = self.lock_state();
                 let now = Instant::now();
                 if st.role == Role::Leader {
-                    if now >= st.heartbeat_due {
+                    if self.check_quorum && !self.quorum_heard(&st, now) {
+                        self.step_down_no_quorum(&mut st);
+                    } else if now >= st.heartbeat_due {
                         st.heartbeat_due = now + HEARTBEAT_INTERVAL;
                         self.broadcast_append(&mut st);
                     }
                 } else if now >= st.election_deadline {
-                    self.start_pre_vote(&mut st);
+                    if self.voter.load(Ordering::SeqCst) {
+                        self.start_pre_vote(&mut st);
+                    } else {
+                        // Not a voter yet: it waits for a leader instead of standing.
+                        self.reset_election_timer(&mut st);
+                    }
                 }
             }
             let mut st = self.state.lock();
@@ -447,10 +514,13 @@ impl Drop for StateGuard<'_> {
             return;
         };
         let outbox = std::mem::take(&mut st.outbox);
+        let term = st.term;
         drop(st);
         if self.core.is_dead() || !self.core.sync_storage() || self.core.is_dead() {
             return;
         }
+        // Everything queued before the sync is durable, this term included.
+        self.core.synced_term.fetch_max(term, Ordering::SeqCst);
         for send in outbox {
             send();
         }

@@ -81,6 +81,7 @@ impl CommandHandler for MemStore {
                 data.insert(key, (value, version + 1));
                 Reply::ok()
             }
+            Command::DbSize => Reply::Integer(data.len() as i64),
             Command::Quit => unreachable!("the server answers QUIT itself"),
         }
     }
@@ -310,7 +311,7 @@ fn connection_limit_refuses_with_an_error() {
     let (server, _store) = start(
         "rl-r",
         RespOptions {
-            max_connections: 2,
+            max_clients: 2,
             ..RespOptions::default()
         },
     );

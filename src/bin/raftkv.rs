@@ -14,6 +14,7 @@
 use std::fmt::Write as _;
 use std::fs;
 use std::io::{self, IsTerminal, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -39,21 +40,37 @@ usage:
 Logs go to stderr when RUST_LOG is set (error, warn, info, debug, trace).";
 
 const LOCAL_HELP: &str = "\
-usage: raftkv local [--nodes N] [--dir DIR] [--port P]
+usage: raftkv local [--nodes N] [--dir DIR] [--port P] [--requirepass-file FILE | --auth]
 
 Starts N nodes (default 3) as separate processes on 127.0.0.1, node i's Redis port at P+i-1
 (default P = 7001) and its peer port at P+1000+i-1, each keeping its data in DIR/node-i
 (default ./raftkv-data). Prints where to connect and one live status line. Ctrl-C stops every
-node; starting again with the same DIR finds the data where it was.";
+node; starting again with the same DIR finds the data where it was. --requirepass-file FILE:
+clients must AUTH with the password in FILE; --auth: the same with DIR/requirepass, created
+(mode 0600, a random password) if it does not exist.";
 
 const SERVE_HELP: &str = "\
 usage: raftkv serve --id N --peers 1=HOST:PORT,2=HOST:PORT,... --client HOST:PORT --data DIR
+                    [--requirepass-file FILE] [--maxclients N] [--timeout SECS]
+                    [--partial-frame-timeout SECS] [--maxmemory-clients BYTES]
                     [--stop-on-stdin-eof]
 
 Runs node N of the cluster listed in --peers (each node's peer port; every node must be given
 the same list). Redis clients connect to --client. The Raft log, snapshots and the node's
-status file live in DIR. --stop-on-stdin-eof: stop when standard input closes (how `local`
-and the tests tie a node's life to their own). SIGINT and SIGTERM stop the node cleanly.";
+status file live in DIR (made private: directories 0700, files 0600). --stop-on-stdin-eof:
+stop when standard input closes (how `local` and the tests tie a node's life to their own).
+SIGINT and SIGTERM stop the node cleanly.
+
+Clients, as Redis's settings of the same names:
+  --requirepass-file FILE   clients must AUTH with the password in FILE (one line); without
+                            it --client must be a loopback address (protected mode)
+  --maxclients N            connections at once (default 10000)
+  --timeout SECS            close a client idle this long (default 0: never)
+  --partial-frame-timeout SECS
+                            close a client that sent part of a command and completed none
+                            for this long (default 30)
+  --maxmemory-clients BYTES input held for partly received commands, all clients together;
+                            past it the client holding the most is closed (default 268435456)";
 
 const CHAOS_HELP: &str = "\
 usage: raftkv chaos [--duration 30s] [--clients 8] [--nodes 3] [--keys 5] [--seed N]
@@ -162,12 +179,24 @@ struct ServeArgs {
     client: String,
     data: PathBuf,
     stop_on_stdin_eof: bool,
+    requirepass_file: Option<PathBuf>,
+    clients: raftkv::resp::server::RespOptions,
 }
 
 fn parse_serve(args: &[String]) -> Result<ServeArgs, Usage> {
     let given = flags(
         args,
-        &["--id", "--peers", "--client", "--data"],
+        &[
+            "--id",
+            "--peers",
+            "--client",
+            "--data",
+            "--requirepass-file",
+            "--maxclients",
+            "--timeout",
+            "--partial-frame-timeout",
+            "--maxmemory-clients",
+        ],
         &["--stop-on-stdin-eof"],
     )?;
     let get = |name: &str| given.iter().find(|(f, _)| *f == name).map(|(_, v)| *v);
@@ -196,12 +225,28 @@ fn parse_serve(args: &[String]) -> Result<ServeArgs, Usage> {
     if id > peers.len() {
         return usage(format!("--id {id} is not in --peers"));
     }
+    let mut clients = raftkv::resp::server::RespOptions::default();
+    if let Some(v) = get("--maxclients") {
+        clients.max_clients = number("--maxclients", v, 1, 1_000_000)? as usize;
+    }
+    if let Some(v) = get("--timeout") {
+        clients.idle_timeout = Duration::from_secs(number("--timeout", v, 0, 365 * 86_400)?);
+    }
+    if let Some(v) = get("--partial-frame-timeout") {
+        clients.partial_frame_timeout =
+            Duration::from_secs(number("--partial-frame-timeout", v, 1, 86_400)?);
+    }
+    if let Some(v) = get("--maxmemory-clients") {
+        clients.max_input_bytes = number("--maxmemory-clients", v, 1 << 20, 1 << 40)? as usize;
+    }
     Ok(ServeArgs {
         id,
         peers: peers.into_iter().map(|(_, a)| a).collect(),
         client: need("--client")?.to_string(),
         data: PathBuf::from(need("--data")?),
         stop_on_stdin_eof: get("--stop-on-stdin-eof").is_some(),
+        requirepass_file: get("--requirepass-file").map(PathBuf::from),
+        clients,
     })
 }
 
@@ -209,15 +254,28 @@ struct LocalArgs {
     nodes: usize,
     dir: PathBuf,
     port: u16,
+    requirepass_file: Option<PathBuf>,
+    auth: bool,
 }
 
 fn parse_local(args: &[String]) -> Result<LocalArgs, Usage> {
-    let given = flags(args, &["--nodes", "--dir", "--port"], &[])?;
+    let given = flags(
+        args,
+        &["--nodes", "--dir", "--port", "--requirepass-file"],
+        &["--auth"],
+    )?;
     let get = |name: &str| given.iter().find(|(f, _)| *f == name).map(|(_, v)| *v);
+    let auth = get("--auth").is_some();
+    let requirepass_file = get("--requirepass-file").map(PathBuf::from);
+    if auth && requirepass_file.is_some() {
+        return usage("give --auth or --requirepass-file, not both");
+    }
     Ok(LocalArgs {
         nodes: get("--nodes").map_or(Ok(3), |v| number("--nodes", v, 1, 9))? as usize,
         dir: PathBuf::from(get("--dir").unwrap_or("./raftkv-data")),
         port: get("--port").map_or(Ok(7001), |v| number("--port", v, 1, 64000))? as u16,
+        requirepass_file,
+        auth,
     })
 }
 
@@ -368,7 +426,12 @@ fn check_identity(data: &Path, id: usize, peers: &[String]) -> Result<(), String
 fn write_atomically(path: &Path, contents: &str) -> io::Result<()> {
     let tmp = path.with_extension("tmp");
     {
-        let mut f = fs::File::create(&tmp)?;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
         f.write_all(contents.as_bytes())?;
         f.sync_all()?;
     }
@@ -381,8 +444,28 @@ fn serve(args: ServeArgs) -> ExitCode {
         eprintln!("raftkv serve: node {}: {msg}", args.id);
         ExitCode::from(1)
     };
+    raftkv::node::files::private_umask();
     if let Err(e) = fs::create_dir_all(&args.data) {
         return fail(format!("cannot create {}: {e}", args.data.display()));
+    }
+    if let Err(e) = raftkv::node::files::make_private(&args.data) {
+        return fail(format!("cannot make {} private: {e}", args.data.display()));
+    }
+    let mut clients = args.clients.clone();
+    if let Some(file) = &args.requirepass_file {
+        match raftkv::resp::auth::Password::from_file(file) {
+            Ok(p) => clients.password = Some(p),
+            Err(e) => return fail(e.to_string()),
+        }
+    }
+    match raftkv::node::files::raise_open_files_limit() {
+        Ok(limit) if limit < clients.max_clients as u64 + 128 => {
+            log::warn!(target: "raftkv", "node {}: only {limit} open files allowed; fewer than --maxclients {} connections will be accepted", args.id, clients.max_clients);
+        }
+        Ok(_) => {}
+        Err(e) => {
+            log::warn!(target: "raftkv", "node {}: cannot raise the open files limit: {e}", args.id)
+        }
     }
     if let Err(e) = check_identity(&args.data, args.id, &args.peers) {
         return fail(e);
@@ -399,6 +482,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         id: args.id,
         peers: args.peers.clone(),
         client_addr: args.client.clone(),
+        clients,
         max_raft_state: Some(raftkv::node::DEFAULT_MAX_RAFT_STATE),
         fault,
     };
@@ -598,6 +682,24 @@ impl Drop for Children {
     }
 }
 
+/// Creates `path` with a random password (32 hex digits, mode 0600) unless it exists.
+fn ensure_password_file(path: &Path) -> io::Result<()> {
+    if path.exists() {
+        return Ok(());
+    }
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    let password = format!("{:032x}\n", rand::random::<u128>());
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(password.as_bytes())?;
+    f.sync_all()
+}
+
 fn local(args: LocalArgs) -> ExitCode {
     init_logging("local".into());
     // Ctrl-C (or SIGTERM) reaches only this process: the nodes run in their own process
@@ -612,6 +714,17 @@ fn local(args: LocalArgs) -> ExitCode {
             eprintln!("raftkv local: cannot find my own executable: {e}");
             return ExitCode::from(1);
         }
+    };
+    raftkv::node::files::private_umask();
+    let requirepass_file = if args.auth {
+        let path = args.dir.join("requirepass");
+        if let Err(e) = ensure_password_file(&path) {
+            eprintln!("raftkv local: cannot create {}: {e}", path.display());
+            return ExitCode::from(1);
+        }
+        Some(path)
+    } else {
+        args.requirepass_file.clone()
     };
     let n = args.nodes;
     let client_port = |i: usize| args.port as usize + i;
@@ -629,6 +742,11 @@ fn local(args: LocalArgs) -> ExitCode {
             .args(["--client", &format!("127.0.0.1:{}", client_port(i))])
             .arg("--data")
             .arg(&data)
+            .args(
+                requirepass_file
+                    .iter()
+                    .flat_map(|f| [std::ffi::OsStr::new("--requirepass-file"), f.as_os_str()]),
+            )
             .arg("--stop-on-stdin-eof")
             .stdin(Stdio::piped())
             .process_group(0)
@@ -641,8 +759,12 @@ fn local(args: LocalArgs) -> ExitCode {
             }
         }
     }
+    let auth_hint = match &requirepass_file {
+        Some(f) => format!(" --askpass    (password in {})", f.display()),
+        None => String::new(),
+    };
     println!(
-        "raftkv: {n} nodes, data in {}. Connect to any of them:\n  redis-cli -p {}    (nodes on ports {}–{})\nCtrl-C stops the cluster.",
+        "raftkv: {n} nodes, data in {}. Connect to any of them:\n  redis-cli -p {}{auth_hint}    (nodes on ports {}–{})\nCtrl-C stops the cluster.",
         args.dir.display(),
         client_port(0),
         client_port(0),

@@ -441,8 +441,8 @@ struct Conn {
 impl Conn {
     fn facts(&self, now: Instant) -> ConnFacts {
         ConnFacts {
-            addr: self.peer.to_string(),
-            laddr: self.local.to_string(),
+            addr: self.peer,
+            laddr: self.local,
             fd: self.stream.as_raw_fd(),
             age_secs: now.duration_since(self.created).as_secs(),
             idle_secs: now.duration_since(self.last_interaction).as_secs(),
@@ -780,7 +780,7 @@ impl EventLoop {
                         input_bytes_limit: options.max_input_bytes,
                         max_bulk_bytes: options.limits.max_bulk_bytes,
                         protected_mode: options.protected_mode,
-                        bind: self.bind.clone(),
+                        bind: &self.bind,
                         facts: conn.facts(now),
                         other_clients: &others,
                     };

@@ -102,7 +102,7 @@ pub struct ServerView<'a> {
     pub input_bytes_limit: usize,
     pub max_bulk_bytes: usize,
     pub protected_mode: bool,
-    pub bind: String,
+    pub bind: &'a str,
     /// This connection, as the server's I/O sees it.
     pub facts: ConnFacts,
     /// `CLIENT LIST`'s lines for every other connection.
@@ -111,8 +111,8 @@ pub struct ServerView<'a> {
 
 /// What only the server's I/O knows of this connection (for `CLIENT INFO` / `LIST`).
 pub struct ConnFacts {
-    pub addr: String,
-    pub laddr: String,
+    pub addr: std::net::SocketAddr,
+    pub laddr: std::net::SocketAddr,
     pub fd: i32,
     pub age_secs: u64,
     pub idle_secs: u64,
@@ -134,7 +134,8 @@ pub struct Session {
     queued_bytes: usize,
     /// A queued command was refused: `EXEC` discards the transaction.
     multi_failed: bool,
-    last_command: String,
+    /// The last command's name, lower case (at most 32 bytes).
+    last_command: Vec<u8>,
 }
 
 /// Whether the connection goes on after a command.
@@ -275,7 +276,7 @@ impl Session {
             multi: None,
             queued_bytes: 0,
             multi_failed: false,
-            last_command: "NULL".into(),
+            last_command: b"NULL".to_vec(),
         }
     }
 
@@ -288,7 +289,9 @@ impl Session {
     pub fn process(&mut self, args: Vec<Vec<u8>>, work: &mut Work, view: &ServerView) -> Flow {
         let protocol = self.protocol;
         if let Some(name) = args.first() {
-            self.last_command = String::from_utf8_lossy(name).to_ascii_lowercase();
+            self.last_command.clear();
+            self.last_command
+                .extend(name.iter().take(32).map(u8::to_ascii_lowercase));
         }
         if self.multi.is_some() {
             return self.queue(args, work, view);
@@ -622,7 +625,7 @@ impl Session {
             if self.multi.is_some() { "x" } else { "N" },
             facts.qbuf,
             facts.omem,
-            self.last_command,
+            String::from_utf8_lossy(&self.last_command),
             String::from_utf8_lossy(&self.lib_name),
             String::from_utf8_lossy(&self.lib_ver),
             self.protocol.version(),
@@ -714,7 +717,7 @@ fn config(args: Vec<Vec<u8>>, view: &ServerView) -> Reply {
             let params: Vec<(&str, String)> = vec![
                 ("appendfsync", "always".into()),
                 ("appendonly", "yes".into()),
-                ("bind", view.bind.clone()),
+                ("bind", view.bind.to_string()),
                 ("databases", "1".into()),
                 ("maxclients", view.max_clients.to_string()),
                 ("port", view.port.to_string()),

@@ -127,44 +127,38 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
     sorted[i]
 }
 
-fn parse_list(s: &str) -> Vec<usize> {
-    s.split(',')
-        .map(|x| {
-            x.trim()
-                .parse()
-                .unwrap_or_else(|_| usage(&format!("not a number: {x}")))
-        })
-        .collect()
-}
-
-fn usage(msg: &str) -> ! {
-    eprintln!("kvraft bench: {msg}");
-    eprintln!(
-        "usage: cargo bench --bench kvraft -- [--secs S] [--clerks 1,8,32,128] [--servers 3,5] [--decay SECS]"
-    );
-    std::process::exit(2);
+/// `cargo bench --bench kvraft -- [--secs S] [--clerks 1,8,32,128] [--servers 3,5] [--decay SECS]`
+#[derive(clap::Parser)]
+#[command(
+    name = "kvraft bench",
+    help_template = "{about-with-newline}\nusage: {usage}\n\n{all-args}"
+)]
+struct Cli {
+    /// Seconds per cell.
+    #[arg(long, default_value_t = 3)]
+    secs: u64,
+    /// Clerk counts, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32,128")]
+    clerks: Vec<usize>,
+    /// Server counts, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "3,5")]
+    servers: Vec<usize>,
+    /// Instead of the table: one clerk's Puts for SECS, counted per second.
+    #[arg(long)]
+    decay: Option<u64>,
+    /// What `cargo bench` passes; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
 }
 
 fn main() {
-    let mut secs = 3u64;
-    let mut clerks = vec![1, 8, 32, 128];
-    let mut servers = vec![3, 5];
-    let mut decay: Option<u64> = None;
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        let mut value = || {
-            args.next()
-                .unwrap_or_else(|| usage(&format!("{a} needs a value")))
-        };
-        match a.as_str() {
-            "--secs" => secs = value().parse().unwrap_or_else(|_| usage("bad --secs")),
-            "--clerks" => clerks = parse_list(&value()),
-            "--servers" => servers = parse_list(&value()),
-            "--decay" => decay = Some(value().parse().unwrap_or_else(|_| usage("bad --decay"))),
-            "--bench" => {} // what cargo bench passes
-            other => usage(&format!("unknown argument {other}")),
-        }
-    }
+    let Cli {
+        secs,
+        clerks,
+        servers,
+        decay,
+        ..
+    } = <Cli as clap::Parser>::parse();
 
     if let Some(d) = decay {
         let cell = Cell {

@@ -195,7 +195,7 @@ bench_raftkv() { # [PASSWORD]
     local leader="" t
     for t in $(seq 200); do
         for i in 1 2 3; do
-            grep -q ' leader 1 ' "$dir/node-$i/status" 2>/dev/null && leader=$i
+            grep -q '"leader":true' "$dir/node-$i/status" 2>/dev/null && leader=$i
         done
         [[ -n $leader ]] && break
         sleep 0.05

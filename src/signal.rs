@@ -1,12 +1,18 @@
 //! Process signals, for the `raftkv` binary and the chaos driver: sending `SIGKILL`,
-//! `SIGSTOP`, `SIGCONT`, `SIGINT` or `SIGTERM` to a process, and turning `SIGINT`/`SIGTERM`
-//! into a flag the main loop polls (so a Ctrl-C stops the cluster cleanly instead of killing
-//! the driver with its children still running).
+//! `SIGSTOP`, `SIGCONT`, `SIGINT` or `SIGTERM` to a child process, and turning
+//! `SIGINT`/`SIGTERM` into a flag the main loop polls (so a Ctrl-C stops the cluster cleanly
+//! instead of killing the driver with its children still running).
+//!
+//! A signal is only ever sent to a child, through its [`Child`] handle, after checking that it
+//! has not been reaped: once reaped, its pid may belong to any other process (the sender
+//! itself included, in a different life of the machine's pid space), and there is no way to
+//! send to a process group or to "every process" from here.
 //!
 //! The handler only stores the signal's number in an atomic: nothing else is safe inside a
 //! signal handler.
 
 use std::io;
+use std::process::Child;
 use std::sync::atomic::{AtomicI32, Ordering};
 
 /// The signals raftkv sends.
@@ -31,10 +37,30 @@ impl Signal {
     }
 }
 
-/// Sends `signal` to process `pid`.
-pub fn send(pid: u32, signal: Signal) -> io::Result<()> {
+/// Sends `signal` to `child` unless it has exited (an error then, and nothing is sent). The
+/// check reaps an exited child; since the handle is borrowed mutably, nobody else can reap it
+/// between the check and the `kill(2)`, so the pid still names this child (a zombie at worst,
+/// to which a signal does nothing).
+pub fn to_child(child: &mut Child, signal: Signal) -> io::Result<()> {
+    match child.try_wait()? {
+        Some(status) => Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!(
+                "process {} has exited ({status}); not signalled",
+                child.id()
+            ),
+        )),
+        None => send(child.id(), signal),
+    }
+}
+
+/// Sends `signal` to the one process `pid` (never 0 or a negative number, which would name a
+/// process group or every process).
+fn send(pid: u32, signal: Signal) -> io::Result<()> {
     let pid = libc::pid_t::try_from(pid)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("pid {pid}")))?;
+        .ok()
+        .filter(|&p| p > 0)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("pid {pid}")))?;
     // SAFETY: kill(2) takes plain integers and touches no memory of ours.
     if unsafe { libc::kill(pid, signal.number()) } == 0 {
         Ok(())

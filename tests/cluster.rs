@@ -1,12 +1,20 @@
 //! The `raftkv` binary as a real cluster: three `raftkv serve` processes on loopback, talked to
 //! with the `redis` crate. Every node is killed when the test ends, passing or failing (the
 //! cluster's drop, and `--stop-on-stdin-eof` if the test process itself dies).
+//!
+//! Nodes are started by the process kit (`raftkv::proc`): each in its own process group, and
+//! signalled only through its handle, never once reaped. A socket read with a timeout
+//! (SO_RCVTIMEO) fails with EINTR when the test process is stopped and continued or runs a
+//! signal handler, and is never restarted: [`no_eintr`] retries such a call on a fresh
+//! connection.
 
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+
+use raftkv::proc::{NodeProcess, NodeStatusFile, ServeSpec};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -21,7 +29,7 @@ struct Cluster {
     dir: PathBuf,
     peer_ports: Vec<u16>,
     client_ports: Vec<u16>,
-    children: Vec<Option<Child>>,
+    children: Vec<Option<NodeProcess>>,
 }
 
 /// `n` free loopback ports (all bound at once, so they differ, then released).
@@ -35,10 +43,33 @@ fn free_ports(n: usize) -> Vec<u16> {
         .collect()
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Status {
-    term: u64,
-    leader: bool,
+/// The error of a call interrupted by a signal (EINTR), which says nothing about the node.
+fn interrupted(e: &redis::RedisError) -> bool {
+    use std::error::Error as _;
+    let kind = e
+        .source()
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .map(std::io::Error::kind);
+    kind == Some(std::io::ErrorKind::Interrupted)
+        || (e.is_io_error() && e.to_string().contains("os error 4"))
+}
+
+/// Runs `f` on a connection from `connect`, again on a fresh one (within [`PATIENCE`]) while it
+/// fails with EINTR: a read interrupted by a signal to the test process loses the reply's
+/// place in the stream, so the connection cannot be reused.
+fn no_eintr<T>(
+    mut connect: impl FnMut() -> redis::Connection,
+    f: impl Fn(&mut redis::Connection) -> redis::RedisResult<T>,
+) -> redis::RedisResult<T> {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        match f(&mut connect()) {
+            Err(e) if interrupted(&e) && Instant::now() < deadline => {
+                eprintln!("a call was interrupted by a signal ({e}); again on a fresh connection");
+            }
+            other => return other,
+        }
+    }
 }
 
 impl Cluster {
@@ -67,33 +98,32 @@ impl Cluster {
         self.dir.join(format!("node-{}", i + 1))
     }
 
+    /// How node `i` (0-based) is started.
+    fn spec(&self, i: usize) -> ServeSpec {
+        ServeSpec {
+            exe: PathBuf::from(EXE),
+            id: i + 1,
+            peers: self
+                .peer_ports
+                .iter()
+                .map(|p| format!("127.0.0.1:{p}"))
+                .collect(),
+            client: format!("127.0.0.1:{}", self.client_ports[i]),
+            data: self.data(i),
+        }
+    }
+
     /// The `--peers` list: `1=127.0.0.1:P1,2=…`.
     fn peer_list(&self) -> String {
-        let peers: Vec<String> = self
-            .peer_ports
-            .iter()
-            .enumerate()
-            .map(|(j, p)| format!("{}=127.0.0.1:{p}", j + 1))
-            .collect();
-        peers.join(",")
+        self.spec(0).peer_list()
     }
 
     /// Starts node `i` (0-based) on its data directory.
     fn start(&mut self, i: usize) {
         assert!(self.children[i].is_none(), "node {} already runs", i + 1);
-        let peers = self.peer_list();
-        // A status file left by the previous run must not be taken for this one's.
-        let _ = fs::remove_file(self.data(i).join("status"));
-        let child = Command::new(EXE)
-            .arg("serve")
-            .args(["--id", &(i + 1).to_string()])
-            .args(["--peers", &peers])
-            .args(["--client", &format!("127.0.0.1:{}", self.client_ports[i])])
-            .arg("--data")
-            .arg(self.data(i))
-            .arg("--stop-on-stdin-eof")
-            .stdin(Stdio::piped())
-            .spawn()
+        let spec = self.spec(i);
+        let child = spec
+            .spawn(&mut spec.command())
             .unwrap_or_else(|e| panic!("start node {}: {e}", i + 1));
         self.children[i] = Some(child);
     }
@@ -101,36 +131,24 @@ impl Cluster {
     /// `kill -9` node `i` and reap it.
     fn kill9(&mut self, i: usize) {
         let mut child = self.children[i].take().expect("node is running");
-        child.kill().expect("SIGKILL");
-        child.wait().expect("reap");
+        child.kill9().expect("SIGKILL and reap");
     }
 
     /// Node `i` has not exited.
     fn alive(&mut self, i: usize) -> bool {
-        match self.children[i].as_mut() {
-            Some(child) => matches!(child.try_wait(), Ok(None)),
-            None => false,
-        }
+        self.children[i].as_mut().is_some_and(NodeProcess::alive)
     }
 
-    fn status(&self, i: usize) -> Option<Status> {
-        let text = fs::read_to_string(self.data(i).join("status")).ok()?;
-        let words: Vec<&str> = text.split_whitespace().collect();
-        Some(Status {
-            term: words.get(1)?.parse().ok()?,
-            leader: *words.get(3)? == "1",
-        })
+    fn status(&self, i: usize) -> Option<NodeStatusFile> {
+        NodeStatusFile::read(&NodeStatusFile::path(&self.data(i)))
     }
 
     /// The running node that leads in the highest term, waiting up to [`PATIENCE`].
     fn leader(&self) -> usize {
         let deadline = Instant::now() + PATIENCE;
         loop {
-            let leader = (0..self.children.len())
-                .filter(|&i| self.children[i].is_some())
-                .filter_map(|i| self.status(i).filter(|s| s.leader).map(|s| (i, s.term)))
-                .max_by_key(|&(_, term)| term);
-            if let Some((i, _)) = leader {
+            let running = (0..self.children.len()).filter(|&i| self.children[i].is_some());
+            if let Some(i) = raftkv::proc::leader_of(running.map(|i| (i, self.status(i)))) {
                 return i;
             }
             assert!(Instant::now() < deadline, "no leader within {PATIENCE:?}");
@@ -191,8 +209,7 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         for child in self.children.iter_mut().flatten() {
-            let _ = child.kill();
-            let _ = child.wait();
+            let _ = child.kill9();
         }
         let _ = fs::remove_dir_all(&self.dir);
     }
@@ -692,17 +709,17 @@ fn chaos_options(dir: &Path, seed: u64, duration: Duration) -> raftkv::chaos::Ch
 
 #[test]
 fn paused_old_leader_serves_no_stale_read() {
-    let cluster = Cluster::new(3);
+    let mut cluster = Cluster::new(3);
     let old = cluster.leader();
     let old_term = cluster.status(old).expect("the leader's status").term;
     cluster.retry(old, "SET before the pause", |c| set(c, "k", "v1"));
     // Connected before the pause: the GET below reaches the old leader the moment it wakes.
     let mut stale = cluster.client(old);
-    let pid = cluster.children[old]
-        .as_ref()
+    cluster.children[old]
+        .as_mut()
         .expect("the leader runs")
-        .id();
-    raftkv::signal::send(pid, raftkv::signal::Signal::Stop).expect("SIGSTOP");
+        .signal(raftkv::signal::Signal::Stop)
+        .expect("SIGSTOP");
     // The others elect a leader in a later term and take a write the old one never saw.
     let deadline = Instant::now() + PATIENCE;
     let new = loop {
@@ -728,7 +745,11 @@ fn paused_old_leader_serves_no_stale_read() {
         .spawn(move || get(&mut stale, "k"))
         .expect("spawn the reader");
     thread::sleep(Duration::from_millis(300));
-    raftkv::signal::send(pid, raftkv::signal::Signal::Cont).expect("SIGCONT");
+    cluster.children[old]
+        .as_mut()
+        .expect("the leader runs")
+        .signal(raftkv::signal::Signal::Cont)
+        .expect("SIGCONT");
     let answer = reader.join().expect("the reader thread panicked");
     match answer {
         // An error (TRYAGAIN, a timeout) is allowed; a value must be the latest one.
@@ -787,19 +808,22 @@ fn partition_majority_serves_minority_does_not() {
     retry(majority[0], "SET on the majority side", &|c| {
         set(c, "k", "majority").is_ok()
     });
-    let mut m1 = connect(majority[1], Duration::from_secs(8));
-    assert_eq!(get(&mut m1, "k").unwrap().as_deref(), Some("majority"));
-    // The minority side neither writes nor reads: every command fails or times out.
-    let mut minority = connect(leader, Duration::from_secs(3));
-    match set(&mut minority, "k", "minority") {
+    let m1 = no_eintr(
+        || connect(majority[1], Duration::from_secs(8)),
+        |c| get(c, "k"),
+    );
+    assert_eq!(m1.unwrap().as_deref(), Some("majority"));
+    // The minority side neither writes nor reads: every command fails or times out (an
+    // interrupted call says nothing, and is made again).
+    let minority = || connect(leader, Duration::from_secs(3));
+    match no_eintr(minority, |c| set(c, "k", "minority")) {
         Ok(reply) => panic!(
             "node {} alone in a minority acknowledged a write: {reply}",
             leader + 1
         ),
         Err(e) => eprintln!("minority SET: {e}"),
     }
-    let mut minority = connect(leader, Duration::from_secs(3));
-    match get(&mut minority, "k") {
+    match no_eintr(minority, |c| get(c, "k")) {
         Ok(value) => panic!(
             "node {} alone in a minority served a read: {value:?}",
             leader + 1
@@ -836,7 +860,9 @@ fn partition_majority_serves_minority_does_not() {
 fn chaos_history_is_linearizable() {
     let dir = TempDir::new("chaos");
     let seed = fresh_seed();
-    let opts = chaos_options(&dir.0, seed, Duration::from_secs(8));
+    let mut opts = chaos_options(&dir.0, seed, Duration::from_secs(8));
+    let history = dir.0.join("history.jsonl");
+    opts.history = Some(history.clone());
     let report = raftkv::chaos::run(&opts).unwrap_or_else(|e| panic!("chaos seed {seed}: {e}"));
     assert!(report.passed(), "{report}");
     assert!(
@@ -844,6 +870,26 @@ fn chaos_history_is_linearizable() {
         "no fault injected:\n{report}"
     );
     assert!(report.ops > 100, "too few operations:\n{report}");
+    // The history file holds the whole run, and checked on its own it gives the same verdict.
+    assert_eq!(
+        recheck(&history, report.ops),
+        raftkv::chaos::Verdict::Linearizable
+    );
+}
+
+/// Reads a `--history` file back (it must hold `ops` operations) and checks it again.
+fn recheck(history: &Path, ops: usize) -> raftkv::chaos::Verdict {
+    let mut records = raftkv::chaos::history::read_history(history)
+        .unwrap_or_else(|e| panic!("read the history back: {e}"));
+    assert_eq!(records.len(), ops, "operations in {}", history.display());
+    let end = records
+        .iter()
+        .map(|r| r.ret.unwrap_or(r.call))
+        .max()
+        .unwrap_or(0)
+        + 1;
+    let html = history.with_extension("html");
+    raftkv::chaos::check_history(&mut records, end, Duration::from_secs(60), &html).verdict
 }
 
 #[test]
@@ -852,6 +898,8 @@ fn chaos_checker_catches_reads_that_bypass_the_log() {
     let seed = fresh_seed();
     let mut opts = chaos_options(&dir.0, seed, Duration::from_secs(8));
     opts.node_fault = Some(raftkv::node::NodeFault::LocalReads);
+    let history = dir.0.join("history.jsonl");
+    opts.history = Some(history.clone());
     let report = raftkv::chaos::run(&opts).unwrap_or_else(|e| panic!("chaos seed {seed}: {e}"));
     assert!(
         matches!(
@@ -860,6 +908,11 @@ fn chaos_checker_catches_reads_that_bypass_the_log() {
         ),
         "nodes reading without the log passed the checker:\n{report}"
     );
+    // The file carries what the verdict rests on: checked on its own, it is rejected too.
+    assert!(matches!(
+        recheck(&history, report.ops),
+        raftkv::chaos::Verdict::NotLinearizable { .. }
+    ));
 }
 
 /// A base port `p` with `p..p+n` and `p+1000..p+1000+n` free now (what `raftkv local
@@ -899,7 +952,7 @@ impl Local {
 
     /// Sends `signal` and waits for the exit, which must come within 10 s.
     fn stop(&mut self, signal: raftkv::signal::Signal) -> (std::process::ExitStatus, String) {
-        raftkv::signal::send(self.0.id(), signal).expect("signal raftkv local");
+        raftkv::signal::to_child(&mut self.0, signal).expect("signal raftkv local");
         let deadline = Instant::now() + Duration::from_secs(10);
         let status = loop {
             if let Some(status) = self.0.try_wait().expect("wait for raftkv local") {

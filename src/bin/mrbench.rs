@@ -26,18 +26,21 @@ struct Bench {
     runs: usize,
 }
 
+/// Times word count with `mrsequential` and with 1, 2 and 4 workers.
+#[derive(clap::Parser)]
+#[command(
+    name = "mrbench",
+    help_template = "{about-with-newline}\nusage: {usage}\n\n{all-args}"
+)]
+struct Cli {
+    /// Timed runs of each configuration (the best is reported).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    runs: u64,
+}
+
 fn main() -> ExitCode {
-    let mut runs = 3;
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match (arg.as_str(), args.next().and_then(|v| v.parse().ok())) {
-            ("--runs", Some(n)) if n > 0 => runs = n,
-            _ => {
-                eprintln!("usage: mrbench [--runs N]");
-                return ExitCode::from(2);
-            }
-        }
-    }
+    raftkv::mr::cli::init_logging();
+    let runs = <Cli as clap::Parser>::parse().runs as usize;
     match run(runs) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -27,22 +27,25 @@ use raftkv::tester::kvtest::rand_value;
 const NCLERKS: usize = 32;
 const SIZES: [(usize, &str); 2] = [(1 << 10, "1 KB"), (1 << 20, "1 MB")];
 
+/// The sharded KV service on the tests' simulated network: throughput, then shard moves.
+#[derive(clap::Parser)]
+#[command(
+    name = "shardkvbench",
+    help_template = "{about-with-newline}\nusage: {usage}\n\n{all-args}"
+)]
+struct Cli {
+    /// Seconds of the throughput run.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    secs: u64,
+    /// Moves of each shard size.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    moves: u64,
+}
+
 fn main() -> ExitCode {
-    let (mut secs, mut moves) = (5u64, 5usize);
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match (
-            arg.as_str(),
-            args.next().and_then(|v| v.parse::<u64>().ok()),
-        ) {
-            ("--secs", Some(n)) if n > 0 => secs = n,
-            ("--moves", Some(n)) if n > 0 => moves = n as usize,
-            _ => {
-                eprintln!("usage: shardkvbench [--secs S] [--moves N]");
-                return ExitCode::from(2);
-            }
-        }
-    }
+    raftkv::logging::init("shardkvbench", None);
+    let cli = <Cli as clap::Parser>::parse();
+    let (secs, moves) = (cli.secs, cli.moves as usize);
     match throughput(Duration::from_secs(secs)).and_then(|()| shard_moves(moves)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -6,24 +6,25 @@
 //! Cutting both directed links between two nodes separates them completely (forwarded client
 //! requests travel the same links as Raft's messages).
 //!
-//! Every child runs in its own process group (a Ctrl-C at the terminal reaches only the
-//! driver, which then stops them) and with `--stop-on-stdin-eof` (a driver that dies
-//! without cleaning up still takes its nodes with it). [`ChaosCluster`]'s drop kills and
-//! reaps every child, also while a panic unwinds.
+//! Every child is started by the process kit's [`ServeSpec`]: in its own process group (a
+//! Ctrl-C at the terminal reaches only the driver, which then stops them) and with
+//! `--stop-on-stdin-eof` (a driver that dies without cleaning up still takes its nodes with
+//! it); it is signalled only through its [`NodeProcess`], never once reaped. [`ChaosCluster`]'s
+//! drop kills and reaps every child, also while a panic unwinds.
 
 use std::fmt;
 use std::fs;
 use std::io;
 use std::net::{SocketAddr, TcpListener};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::net::proxy::{LinkMode, Proxy};
 use crate::node::{FAULT_ENV, NodeFault};
-use crate::signal::{self, Signal};
+use crate::proc::{NodeProcess, NodeStatusFile, ServeSpec};
+use crate::signal::Signal;
 
 const LOG: &str = "chaos::cluster";
 
@@ -75,13 +76,6 @@ impl fmt::Display for ClusterError {
 
 impl std::error::Error for ClusterError {}
 
-/// What a node's status file says (written by `raftkv serve` every 250 ms).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NodeView {
-    pub term: u64,
-    pub leader: bool,
-}
-
 /// What the driver did to a node, so it knows how to bring it back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NodeState {
@@ -105,7 +99,7 @@ pub struct ClusterOptions {
 }
 
 struct NodeProc {
-    child: Option<Child>,
+    child: Option<NodeProcess>,
     state: NodeState,
 }
 
@@ -258,7 +252,7 @@ impl ChaosCluster {
 
     /// The process id of node `i`, if it runs.
     pub fn pid(&self, i: usize) -> Option<u32> {
-        self.nodes[i].child.as_ref().map(Child::id)
+        self.nodes[i].child.as_ref().map(NodeProcess::pid)
     }
 
     fn spawn(&mut self, i: usize) -> Result<(), ClusterError> {
@@ -269,11 +263,10 @@ impl ChaosCluster {
                     Some(proxy) => proxy.local_addr(),
                     None => ([127, 0, 0, 1], self.peer_ports[i]).into(),
                 };
-                format!("{}={addr}", j + 1)
+                addr.to_string()
             })
             .collect();
-        // A status file of the previous incarnation must not be taken for this one's.
-        let _ = fs::remove_file(self.data(i).join("status"));
+        let spec = self.spec(i, peers);
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -282,20 +275,11 @@ impl ChaosCluster {
                 node: i + 1,
                 reason: format!("{}: {e}", self.log_path(i).display()),
             })?;
-        let mut command = Command::new(&self.opts.exe);
+        let mut command = spec.command();
         command
-            .arg("serve")
-            .args(["--id", &(i + 1).to_string()])
-            .args(["--peers", &peers.join(",")])
-            .args(["--client", &self.client_addr(i).to_string()])
-            .arg("--data")
-            .arg(self.data(i))
-            .arg("--stop-on-stdin-eof")
-            .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(log)
-            .env_remove(FAULT_ENV)
-            .process_group(0);
+            .env_remove(FAULT_ENV);
         match &self.opts.node_log {
             Some(level) => command.env("RUST_LOG", level),
             None => command.env_remove("RUST_LOG"),
@@ -303,11 +287,11 @@ impl ChaosCluster {
         if self.opts.fault == Some(NodeFault::LocalReads) {
             command.env(FAULT_ENV, "local-reads");
         }
-        let child = command.spawn().map_err(|e| ClusterError::Spawn {
+        let child = spec.spawn(&mut command).map_err(|e| ClusterError::Spawn {
             node: i + 1,
             reason: format!("{}: {e}", self.opts.exe.display()),
         })?;
-        log::info!(target: LOG, "node {} started (pid {})", i + 1, child.id());
+        log::info!(target: LOG, "node {} started (pid {})", i + 1, child.pid());
         self.nodes[i] = NodeProc {
             child: Some(child),
             state: NodeState::Running,
@@ -315,24 +299,30 @@ impl ChaosCluster {
         Ok(())
     }
 
+    /// How node `i` is started, dialling its peers at `peers`.
+    fn spec(&self, i: usize, peers: Vec<String>) -> ServeSpec {
+        ServeSpec {
+            exe: self.opts.exe.clone(),
+            id: i + 1,
+            peers,
+            client: self.client_addr(i).to_string(),
+            data: self.data(i),
+        }
+    }
+
     /// Node `i`'s status file, if it runs and has written one.
-    pub fn view(&self, i: usize) -> Option<NodeView> {
+    pub fn view(&self, i: usize) -> Option<NodeStatusFile> {
         self.nodes[i].child.as_ref()?;
-        let text = fs::read_to_string(self.data(i).join("status")).ok()?;
-        let words: Vec<&str> = text.split_whitespace().collect();
-        Some(NodeView {
-            term: words.get(1)?.parse().ok()?,
-            leader: *words.get(3)? == "1",
-        })
+        NodeStatusFile::read(&NodeStatusFile::path(&self.data(i)))
     }
 
     /// The running (not paused) node that claims to lead in the highest term.
     pub fn leader(&self) -> Option<usize> {
-        (0..self.len())
-            .filter(|&i| self.nodes[i].state == NodeState::Running)
-            .filter_map(|i| self.view(i).filter(|v| v.leader).map(|v| (i, v.term)))
-            .max_by_key(|&(_, term)| term)
-            .map(|(i, _)| i)
+        crate::proc::leader_of(
+            (0..self.len())
+                .filter(|&i| self.nodes[i].state == NodeState::Running)
+                .map(|i| (i, self.view(i))),
+        )
     }
 
     /// Waits until some node leads; a node that exits meanwhile is an error.
@@ -364,7 +354,7 @@ impl ChaosCluster {
             let Some(child) = node.child.as_mut() else {
                 continue;
             };
-            if let Ok(Some(status)) = child.try_wait() {
+            if let Some(status) = child.try_exit() {
                 log::warn!(target: LOG, "node {} exited on its own ({status})", i + 1);
                 node.child = None;
                 node.state = NodeState::Killed;
@@ -377,9 +367,7 @@ impl ChaosCluster {
     /// `kill -9` node `i` and reap it.
     pub fn kill9(&mut self, i: usize) {
         if let Some(mut child) = self.nodes[i].child.take() {
-            // An error means it has already exited; wait() reaps it either way.
-            let _ = child.kill();
-            let _ = child.wait();
+            let _ = child.kill9();
             log::info!(target: LOG, "node {} killed", i + 1);
         }
         self.nodes[i].state = NodeState::Killed;
@@ -393,11 +381,17 @@ impl ChaosCluster {
         Ok(())
     }
 
+    /// Signals node `i` through its process handle (never a pid it no longer owns).
     fn signal(&mut self, i: usize, sig: Signal) -> Result<(), ClusterError> {
-        let Some(pid) = self.pid(i) else {
+        let Some(child) = self.nodes[i].child.as_mut() else {
             return Ok(());
         };
-        signal::send(pid, sig).map_err(|e| ClusterError::Signal {
+        if !child.alive() {
+            // Exited on its own: nothing to signal; `exited` reports it and the run restarts it.
+            log::warn!(target: LOG, "node {} has exited; {sig:?} not sent", i + 1);
+            return Ok(());
+        }
+        child.signal(sig).map_err(|e| ClusterError::Signal {
             node: i + 1,
             reason: e.to_string(),
         })

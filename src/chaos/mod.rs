@@ -15,13 +15,14 @@
 
 pub mod client;
 pub mod cluster;
+pub mod history;
 pub mod nemesis;
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fs;
 use std::io::{self, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::thread;
@@ -76,6 +77,8 @@ pub struct ChaosOptions {
     /// The checker gives up (verdict unknown) after this long.
     pub check_timeout: Duration,
     pub status: StatusLine,
+    /// Where to write the recorded history as JSON lines (`docs/chaos-history.md`), if anywhere.
+    pub history: Option<PathBuf>,
 }
 
 impl ChaosOptions {
@@ -93,6 +96,7 @@ impl ChaosOptions {
             node_fault: None,
             check_timeout: Duration::from_secs(120),
             status: StatusLine::Off,
+            history: None,
         }
     }
 }
@@ -122,6 +126,9 @@ pub struct ChaosReport {
     pub ops: usize,
     /// Writes whose outcome is unknown (recorded as possibly applied).
     pub unknown_writes: usize,
+    /// Of those, how many a later read of their value showed had taken effect by then
+    /// ([`history::bound_unknown_writes`]).
+    pub bounded_writes: usize,
     /// Reads that got no answer (left out of the history).
     pub failed_reads: u64,
     /// Latency of the operations with a definite answer.
@@ -161,10 +168,11 @@ impl fmt::Display for ChaosReport {
         )?;
         writeln!(
             f,
-            "ops:      {} ({:.0}/s); {} writes of unknown outcome, {} reads unanswered",
+            "ops:      {} ({:.0}/s); {} writes of unknown outcome ({} seen by a later read), {} reads unanswered",
             self.ops,
             self.ops as f64 / secs,
             self.unknown_writes,
+            self.bounded_writes,
             self.failed_reads
         )?;
         writeln!(
@@ -228,6 +236,8 @@ pub enum ChaosError {
     Cluster(ClusterError),
     /// A stop signal arrived (the cluster has been stopped).
     Interrupted(&'static str),
+    /// The history file could not be written.
+    History { path: PathBuf, reason: String },
 }
 
 impl fmt::Display for ChaosError {
@@ -237,6 +247,13 @@ impl fmt::Display for ChaosError {
             ChaosError::Start(e) => write!(f, "the cluster could not start: {e}"),
             ChaosError::Cluster(e) => write!(f, "{e}"),
             ChaosError::Interrupted(signal) => write!(f, "interrupted by {signal}"),
+            ChaosError::History { path, reason } => {
+                write!(
+                    f,
+                    "cannot write the history to {}: {reason}",
+                    path.display()
+                )
+            }
         }
     }
 }
@@ -279,6 +296,13 @@ pub fn run(opts: &ChaosOptions) -> Result<ChaosReport, ChaosError> {
         return Err(ChaosError::Options(
             "a chaos run needs at least one client and one key".into(),
         ));
+    }
+    // A history file that cannot be written is found out before the run, not after it.
+    if let Some(path) = &opts.history {
+        fs::File::create(path).map_err(|e| ChaosError::History {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
     }
     let run_dir = opts
         .dir
@@ -376,40 +400,20 @@ pub fn run(opts: &ChaosOptions) -> Result<ChaosReport, ChaosError> {
         latencies[rank - 1]
     };
     let unknown_writes = records.iter().filter(|r| r.ret.is_none()).count();
-    let history: Vec<Operation<KvInput, KvOutput>> = records
-        .iter()
-        .map(|r| Operation {
-            client_id: r.client,
-            input: r.input.clone(),
-            call: r.call,
-            output: r.output.clone(),
-            return_time: r.ret.unwrap_or(end),
-        })
-        .collect();
-    let check_start = Instant::now();
-    let check_opts = CheckOptions {
-        timeout: Some(opts.check_timeout),
-        ..CheckOptions::default()
-    };
-    let (result, _) = porcupine::check_operations_with(&KvModel, &history, &check_opts);
-    let verdict = match result {
-        CheckResult::Ok => Verdict::Linearizable,
-        CheckResult::Unknown => Verdict::Unknown,
-        CheckResult::Illegal => {
-            let (_, info) =
-                porcupine::check_operations_verbose(&KvModel, &history, Some(opts.check_timeout));
-            let path = run_dir.join("history.html");
-            let html = match porcupine::visualize_to_file(&KvModel, &info, &path) {
-                Ok(()) => Some(path),
-                Err(e) => {
-                    log::warn!(target: LOG, "cannot write {}: {e}", path.display());
-                    None
-                }
-            };
-            Verdict::NotLinearizable { html }
-        }
-    };
-    let check_time = check_start.elapsed();
+    if let Some(path) = &opts.history {
+        history::write_history(path, &records).map_err(|e| ChaosError::History {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+    }
+    let checked = check_history(
+        &mut records,
+        end,
+        opts.check_timeout,
+        &run_dir.join("history.html"),
+    );
+    let (verdict, bounded_writes, check_time) =
+        (checked.verdict, checked.bounded_writes, checked.check_time);
     let mut report = ChaosReport {
         seed: opts.seed,
         nodes: opts.nodes,
@@ -418,6 +422,7 @@ pub fn run(opts: &ChaosOptions) -> Result<ChaosReport, ChaosError> {
         elapsed,
         ops: records.len(),
         unknown_writes,
+        bounded_writes,
         failed_reads: shared.failed_reads.load(Ordering::Relaxed),
         p50: percentile(0.50),
         p99: percentile(0.99),
@@ -438,6 +443,59 @@ pub fn run(opts: &ChaosOptions) -> Result<ChaosReport, ChaosError> {
         }
     }
     Ok(report)
+}
+
+/// What [`check_history`] found.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    pub verdict: Verdict,
+    /// Unknown writes bounded by a later read of their value.
+    pub bounded_writes: usize,
+    pub check_time: Duration,
+}
+
+/// Checks a recorded history against the KV model: bounds the unknown writes a later read
+/// shows took effect ([`history::bound_unknown_writes`]), gives the rest `end` as their
+/// return, and runs porcupine within `timeout`. A history that is not linearizable is drawn
+/// to `html` (the path is in the verdict if it could be written).
+pub fn check_history(records: &mut [Record], end: i64, timeout: Duration, html: &Path) -> Checked {
+    let bounded_writes = history::bound_unknown_writes(records);
+    let history: Vec<Operation<KvInput, KvOutput>> = records
+        .iter()
+        .map(|r| Operation {
+            client_id: r.client,
+            input: r.input.clone(),
+            call: r.call,
+            output: r.output.clone(),
+            return_time: r.ret.unwrap_or(end),
+        })
+        .collect();
+    let check_start = Instant::now();
+    let check_opts = CheckOptions {
+        timeout: Some(timeout),
+        ..CheckOptions::default()
+    };
+    let (result, _) = porcupine::check_operations_with(&KvModel, &history, &check_opts);
+    let verdict = match result {
+        CheckResult::Ok => Verdict::Linearizable,
+        CheckResult::Unknown => Verdict::Unknown,
+        CheckResult::Illegal => {
+            let (_, info) = porcupine::check_operations_verbose(&KvModel, &history, Some(timeout));
+            let html = match porcupine::visualize_to_file(&KvModel, &info, html) {
+                Ok(()) => Some(html.to_path_buf()),
+                Err(e) => {
+                    log::warn!(target: LOG, "cannot write {}: {e}", html.display());
+                    None
+                }
+            };
+            Verdict::NotLinearizable { html }
+        }
+    };
+    Checked {
+        verdict,
+        bounded_writes,
+        check_time: check_start.elapsed(),
+    }
 }
 
 /// The fault loop, on the driver's thread, until the duration is up or a stop signal.
@@ -561,6 +619,48 @@ impl Status {
     fn finish(&mut self) {
         if self.style == StatusLine::Tty {
             println!();
+        }
+    }
+}
+
+/// `raftkv chaos` once its options are parsed: catches SIGINT/SIGTERM, prints the run's
+/// header, a live status line and the report; the process's exit code (0 linearizable, 1 not
+/// or the run failed, 130 interrupted).
+pub fn run_from_cli(mut opts: ChaosOptions) -> std::process::ExitCode {
+    use std::io::IsTerminal;
+    use std::process::ExitCode;
+    if let Err(e) = crate::signal::catch_stop_signals() {
+        eprintln!("raftkv chaos: cannot catch SIGINT/SIGTERM: {e}");
+        return ExitCode::from(1);
+    }
+    opts.status = if std::io::stdout().is_terminal() {
+        crate::chaos::StatusLine::Tty
+    } else {
+        crate::chaos::StatusLine::Lines
+    };
+    if let Some(fault) = opts.node_fault {
+        println!("raftkv chaos: the nodes run with the deliberate fault {fault:?}");
+    }
+    println!(
+        "raftkv chaos: {} nodes, {} clients, {} keys, {}s, seed {} (Ctrl-C stops)",
+        opts.nodes,
+        opts.clients,
+        opts.keys,
+        opts.duration.as_secs_f64(),
+        opts.seed
+    );
+    match crate::chaos::run(&opts) {
+        Ok(report) => {
+            println!("{report}");
+            ExitCode::from(if report.passed() { 0 } else { 1 })
+        }
+        Err(crate::chaos::ChaosError::Interrupted(signal)) => {
+            eprintln!("raftkv chaos: interrupted by {signal}; every node stopped");
+            ExitCode::from(130)
+        }
+        Err(e) => {
+            eprintln!("raftkv chaos: {e}");
+            ExitCode::from(1)
         }
     }
 }

@@ -1,5 +1,5 @@
-//! What the MapReduce binaries share: the `--socket` flag, error exits, and a small stderr
-//! logger switched on by `MR_LOG` (silent unless asked).
+//! What the MapReduce binaries share: the `--socket` flag, error exits, and the logger
+//! (`RUST_LOG`, or `MR_LOG`; silent unless asked).
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -7,50 +7,56 @@ use std::process::ExitCode;
 
 use crate::mr::MrError;
 
-/// The environment variable that turns logging on: `error`, `warn`, `info`, `debug` or `trace`.
+/// The environment variable that turns logging on when `RUST_LOG` is unset (same syntax).
 pub const LOG_ENV: &str = "MR_LOG";
 
 /// A parsed command line: the common flags and the positional arguments.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default, PartialEq, Eq, clap::Parser)]
+#[command(
+    no_binary_name = true,
+    disable_help_flag = true,
+    disable_version_flag = true,
+    args_override_self = true
+)]
 pub struct Args {
     /// `--socket PATH` or `--socket=PATH`.
+    #[arg(long, value_parser = clap::builder::TypedValueParser::map(
+        clap::builder::NonEmptyStringValueParser::new(),
+        PathBuf::from,
+    ))]
     pub socket: Option<PathBuf>,
     /// `-h` or `--help`.
+    #[arg(short = 'h', long = "help")]
     pub help: bool,
     /// Everything else, in order; everything after `--` lands here untouched.
     pub positional: Vec<String>,
 }
 
-/// Parses `[--socket PATH] [-h|--help] [--] ARGS...`. Unknown flags and non-UTF-8 arguments
-/// are usage errors.
+/// Parses `[--socket PATH] [-h|--help] [--] ARGS...` (with clap). Unknown flags and non-UTF-8
+/// arguments are usage errors, worded as the MapReduce programs always have.
 pub fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, MrError> {
-    let mut parsed = Args::default();
-    let mut args = args.into_iter();
-    let mut flags_done = false;
-    while let Some(arg) = args.next() {
-        let arg = arg
-            .into_string()
-            .map_err(|a| MrError::Usage(format!("argument {a:?} is not valid UTF-8")))?;
-        if flags_done || !arg.starts_with('-') || arg == "-" {
-            parsed.positional.push(arg);
-            continue;
-        }
-        match arg.as_str() {
-            "--" => flags_done = true,
-            "-h" | "--help" => parsed.help = true,
-            "--socket" => {
-                let path = args
-                    .next()
-                    .ok_or_else(|| MrError::Usage("--socket needs a path".into()))?;
-                parsed.socket = Some(PathBuf::from(path));
+    use clap::Parser;
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    Args::try_parse_from(args).map_err(|e| {
+        let arg = match e.get(ContextKind::InvalidArg) {
+            Some(ContextValue::String(arg)) => arg.clone(),
+            _ => String::new(),
+        };
+        MrError::Usage(match e.kind() {
+            ErrorKind::UnknownArgument => format!("unknown flag {arg:?}"),
+            ErrorKind::InvalidValue | ErrorKind::NoEquals if arg.starts_with("--socket") => {
+                "--socket needs a path".into()
             }
-            _ => match arg.strip_prefix("--socket=") {
-                Some(path) if !path.is_empty() => parsed.socket = Some(PathBuf::from(path)),
-                _ => return Err(MrError::Usage(format!("unknown flag {arg:?}"))),
-            },
-        }
-    }
-    Ok(parsed)
+            ErrorKind::InvalidUtf8 => "an argument is not valid UTF-8".into(),
+            _ => e
+                .render()
+                .to_string()
+                .lines()
+                .next()
+                .unwrap_or("bad arguments")
+                .to_string(),
+        })
+    })
 }
 
 /// The running program's file name, for messages.
@@ -82,43 +88,13 @@ pub fn fail(err: &MrError, usage: &str) -> ExitCode {
     }
 }
 
-struct StderrLogger {
-    level: log::LevelFilter,
-}
-
-impl log::Log for StderrLogger {
-    fn enabled(&self, metadata: &log::Metadata) -> bool {
-        metadata.level() <= self.level
-    }
-
-    fn log(&self, record: &log::Record) {
-        if self.enabled(record.metadata()) {
-            eprintln!(
-                "[{} {} {}] {}",
-                std::process::id(),
-                record.level(),
-                record.target(),
-                record.args()
-            );
-        }
-    }
-
-    fn flush(&self) {}
-}
-
-/// Installs the stderr logger at the level named by `$MR_LOG`; does nothing if it is unset or
-/// a logger is already installed.
+/// Installs the crate's logger ([`crate::logging`], `env_logger`) at what `RUST_LOG` names
+/// (its filter syntax), or `$MR_LOG` when `RUST_LOG` is unset; silent if neither is set.
 pub fn init_logging() {
-    let Some(level) = std::env::var(LOG_ENV)
-        .ok()
-        .and_then(|v| v.parse::<log::LevelFilter>().ok())
-    else {
-        return;
-    };
-    let logger = Box::new(StderrLogger { level });
-    if log::set_boxed_logger(logger).is_ok() {
-        log::set_max_level(level);
-    }
+    crate::logging::init(
+        &format!("{}[{}]", program_name(), std::process::id()),
+        Some(LOG_ENV),
+    );
 }
 
 #[cfg(test)]
@@ -146,5 +122,18 @@ mod tests {
         assert!(matches!(parse(&["--bogus"]), Err(MrError::Usage(_))));
         assert!(matches!(parse(&["--socket"]), Err(MrError::Usage(_))));
         assert!(matches!(parse(&["--socket="]), Err(MrError::Usage(_))));
+        let message = |args: &[&str]| match parse(args) {
+            Err(MrError::Usage(m)) => m,
+            other => panic!("{args:?}: {other:?}"),
+        };
+        assert_eq!(
+            message(&["--nreduce", "3", "x"]),
+            "unknown flag \"--nreduce\""
+        );
+        assert_eq!(message(&["--socket"]), "--socket needs a path");
+        assert_eq!(message(&["--socket="]), "--socket needs a path");
+        let a = parse(&["--socket", "a", "--socket", "b", "-h"]).unwrap();
+        assert_eq!(a.socket, Some(PathBuf::from("b")));
+        assert!(a.help);
     }
 }

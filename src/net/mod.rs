@@ -28,6 +28,7 @@
 //! or may not have run. Calls made while no connection is up wait (boundedly) for the next one,
 //! within their timeout.
 
+pub mod acceptor;
 mod client;
 mod conn;
 pub mod proxy;

@@ -13,7 +13,7 @@
 //! A cluster under test lists each node's peers at proxy addresses (one proxy per directed
 //! link), so a test partitions nodes by cutting or blackholing the proxies between them.
 //!
-//! Threads: `<name>-accept`; per forwarded connection `<name>-<k>` with suffixes `ur`/`uw`
+//! Threads: `<name>-accept` (an [`Acceptor`]); per forwarded connection `<name>-<k>` with suffixes `ur`/`uw`
 //! (client to target: reader, delayed writer) and `dr`/`dw` (target to client).
 
 use std::io::{self, Read, Write};
@@ -26,9 +26,12 @@ use std::time::{Duration, Instant};
 use crossbeam::channel::{self, Receiver, RecvTimeoutError, Sender};
 use parking_lot::Mutex;
 
+use super::acceptor::{self, Accept, Acceptor, AcceptorOptions, ConnList};
+
 const LOG: &str = "net::proxy";
 
-const ACCEPT_POLL: Duration = Duration::from_millis(5);
+/// Forwarded connections open at once (each has four threads); more are closed on accept.
+const MAX_LINKS: usize = 256;
 /// How long the proxy waits for the target to accept a forwarded connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Chunks read but not yet delivered, per direction (the reader waits when it is full).
@@ -68,6 +71,26 @@ struct LinkEntry {
     threads: Vec<JoinHandle<()>>,
 }
 
+impl acceptor::Conn for LinkEntry {
+    fn close(&self) {
+        self.link.close();
+    }
+
+    fn is_finished(&self) -> bool {
+        self.threads.iter().all(|h| h.is_finished())
+    }
+
+    fn join(self) -> thread::Result<()> {
+        let mut panic = None;
+        for handle in self.threads {
+            if let Err(p) = handle.join() {
+                panic.get_or_insert(p);
+            }
+        }
+        panic.map_or(Ok(()), Err)
+    }
+}
+
 struct Inner {
     name: String,
     target: SocketAddr,
@@ -77,7 +100,6 @@ struct Inner {
     /// Blackholed now (mirrors `mode`, read by the pumps without a lock).
     blackhole: AtomicBool,
     stop: AtomicBool,
-    links: Mutex<Vec<LinkEntry>>,
     accepted: AtomicUsize,
     refused: AtomicUsize,
     bytes_forwarded: AtomicU64,
@@ -89,14 +111,14 @@ struct Inner {
 pub struct Proxy {
     inner: Arc<Inner>,
     addr: SocketAddr,
-    accept: Option<JoinHandle<()>>,
+    acceptor: Option<Acceptor<LinkEntry>>,
+    links: Arc<ConnList<LinkEntry>>,
 }
 
 impl Proxy {
     /// Listens on `listen` (port 0 picks a free one) and forwards to `target`.
     pub fn start(name: &str, listen: impl ToSocketAddrs, target: SocketAddr) -> io::Result<Proxy> {
         let listener = TcpListener::bind(listen)?;
-        listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let inner = Arc::new(Inner {
             name: name.to_string(),
@@ -105,23 +127,29 @@ impl Proxy {
             delay_us: AtomicU64::new(0),
             blackhole: AtomicBool::new(false),
             stop: AtomicBool::new(false),
-            links: Mutex::new(Vec::new()),
             accepted: AtomicUsize::new(0),
             refused: AtomicUsize::new(0),
             bytes_forwarded: AtomicU64::new(0),
             bytes_dropped: AtomicU64::new(0),
         });
-        let accept = {
-            let inner = inner.clone();
-            thread::Builder::new()
-                .name(format!("{name}-accept"))
-                .spawn(move || accept_loop(&listener, &inner))?
+        let options = AcceptorOptions {
+            max_connections: MAX_LINKS,
+            ..AcceptorOptions::default()
         };
+        let acceptor = Acceptor::start(
+            name,
+            listener,
+            options,
+            Forwarder {
+                inner: inner.clone(),
+            },
+        )?;
         log::info!(target: LOG, "{name}: {addr} -> {target}");
         Ok(Proxy {
             inner,
             addr,
-            accept: Some(accept),
+            links: acceptor.conns().clone(),
+            acceptor: Some(acceptor),
         })
     }
 
@@ -160,16 +188,11 @@ impl Proxy {
             self.inner
                 .blackhole
                 .store(mode == LinkMode::Blackhole, Ordering::SeqCst);
-            let mut links = self.inner.links.lock();
             match mode {
-                LinkMode::Cut => std::mem::take(&mut *links),
-                LinkMode::Forward => {
-                    let (tainted, clean) = std::mem::take(&mut *links)
-                        .into_iter()
-                        .partition(|l| l.link.tainted.load(Ordering::SeqCst));
-                    *links = clean;
-                    tainted
-                }
+                LinkMode::Cut => self.links.take_where(|_| true),
+                LinkMode::Forward => self
+                    .links
+                    .take_where(|l| l.link.tainted.load(Ordering::SeqCst)),
                 LinkMode::Blackhole => Vec::new(),
             }
         };
@@ -188,12 +211,7 @@ impl Proxy {
 
     /// Connections being forwarded now.
     pub fn connections(&self) -> usize {
-        self.inner
-            .links
-            .lock()
-            .iter()
-            .filter(|l| !l.link.closed.load(Ordering::SeqCst))
-            .count()
+        self.links.count(|l| !l.link.closed.load(Ordering::SeqCst))
     }
 
     /// Connections accepted and forwarded so far.
@@ -222,16 +240,7 @@ impl Proxy {
 
     fn stop_and_join(&mut self) {
         self.inner.stop.store(true, Ordering::SeqCst);
-        let mut panic = None;
-        if let Some(accept) = self.accept.take() {
-            panic = accept.join().err();
-        }
-        let links = std::mem::take(&mut *self.inner.links.lock());
-        if let Err(p) =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| close_and_join(links)))
-        {
-            panic.get_or_insert(p);
-        }
+        let panic = self.acceptor.take().and_then(|mut a| a.stop().err());
         if let Some(p) = panic
             && !thread::panicking()
         {
@@ -242,7 +251,7 @@ impl Proxy {
 
 impl Drop for Proxy {
     fn drop(&mut self) {
-        if self.accept.is_some() {
+        if self.acceptor.is_some() {
             self.stop_and_join();
         }
     }
@@ -250,81 +259,54 @@ impl Drop for Proxy {
 
 /// Closes the links and joins their threads; a pump's panic is passed on.
 fn close_and_join(links: Vec<LinkEntry>) {
-    for entry in &links {
-        entry.link.close();
-    }
-    for entry in links {
-        for handle in entry.threads {
-            if let Err(panic) = handle.join() {
-                std::panic::resume_unwind(panic);
-            }
-        }
+    if let Err(panic) = acceptor::close_and_join(links) {
+        std::panic::resume_unwind(panic);
     }
 }
 
-fn accept_loop(listener: &TcpListener, inner: &Arc<Inner>) {
-    let name = &inner.name;
-    let mut next_link = 0u64;
-    while !inner.stop.load(Ordering::SeqCst) {
-        reap(inner);
-        let (client, peer) = match listener.accept() {
-            Ok(accepted) => accepted,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                thread::sleep(ACCEPT_POLL);
-                continue;
-            }
-            Err(e) => {
-                log::warn!(target: LOG, "{name}: accept failed: {e}");
-                thread::sleep(ACCEPT_POLL);
-                continue;
-            }
-        };
+/// Forwards each accepted connection to the target, unless the link is cut.
+struct Forwarder {
+    inner: Arc<Inner>,
+}
+
+impl Accept for Forwarder {
+    type Conn = LinkEntry;
+
+    fn open(
+        &mut self,
+        client: TcpStream,
+        peer: SocketAddr,
+        k: u64,
+        links: &ConnList<LinkEntry>,
+    ) -> io::Result<()> {
+        let inner = &self.inner;
+        let name = &inner.name;
         if *inner.mode.lock() == LinkMode::Cut {
             inner.refused.fetch_add(1, Ordering::Relaxed);
             log::debug!(target: LOG, "{name}: link cut: closing the connection from {peer}");
-            continue;
+            return Ok(());
         }
-        let upstream = match client
-            .set_nonblocking(false)
-            .and_then(|()| TcpStream::connect_timeout(&inner.target, CONNECT_TIMEOUT))
-        {
+        let upstream = match TcpStream::connect_timeout(&inner.target, CONNECT_TIMEOUT) {
             Ok(upstream) => upstream,
             Err(e) => {
                 inner.refused.fetch_add(1, Ordering::Relaxed);
                 log::debug!(target: LOG, "{name}: cannot reach {} for {peer}: {e}", inner.target);
-                continue;
+                return Ok(());
             }
         };
-        let id = next_link;
-        next_link += 1;
-        match forward(inner, id, client, upstream) {
-            Ok(entry) => {
-                inner.accepted.fetch_add(1, Ordering::Relaxed);
-                // Lock order: mode, then links (as `set_mode`), so a cut that raced with this
-                // accept either sees this link or is seen here.
-                let mode = inner.mode.lock();
-                if *mode == LinkMode::Cut {
-                    drop(mode);
-                    close_and_join(vec![entry]);
-                } else {
-                    inner.links.lock().push(entry);
-                }
-            }
-            Err(e) => log::warn!(target: LOG, "{name}: cannot forward {peer}: {e}"),
+        let entry = forward(inner, k, client, upstream)?;
+        inner.accepted.fetch_add(1, Ordering::Relaxed);
+        // Lock order: mode, then links (as `set_mode`), so a cut that raced with this
+        // accept either sees this link or is seen here.
+        let mode = inner.mode.lock();
+        if *mode == LinkMode::Cut {
+            drop(mode);
+            close_and_join(vec![entry]);
+        } else {
+            links.push(entry);
         }
+        Ok(())
     }
-}
-
-fn reap(inner: &Inner) {
-    let finished: Vec<LinkEntry> = {
-        let mut links = inner.links.lock();
-        let (done, open) = std::mem::take(&mut *links)
-            .into_iter()
-            .partition(|l| l.threads.iter().all(|h| h.is_finished()));
-        *links = open;
-        done
-    };
-    close_and_join(finished);
 }
 
 /// Starts the four pump threads of one forwarded connection.

@@ -1,30 +1,28 @@
-//! The server side: a listener thread, a reader and a writer thread per connection, and a
-//! fixed pool of handler threads fed through a bounded queue.
+//! The server side: an [`Acceptor`](super::acceptor::Acceptor) (the listener thread, the
+//! connection cap, the optional handshake), a reader and a writer thread per connection, and
+//! a fixed pool of handler threads fed through a bounded queue.
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use crossbeam::channel::{self, Receiver, Sender, TrySendError};
-use parking_lot::{Mutex, RwLock};
+use parking_lot::RwLock;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use super::acceptor::{Accept, Acceptor, AcceptorOptions, ConnList, Handshake};
 use super::conn::{self, ConnConfig, ConnHandle, ConnThreads};
 use super::wire::{self, Frame, RemoteError};
 use super::{DEFAULT_MAX_FRAME_BYTES, RateLimitedLog};
 use crate::labcodec;
 
 const LOG: &str = "net::server";
-
-/// How long the listener thread sleeps when no connection is waiting (it also checks for
-/// shutdown then).
-const ACCEPT_POLL: Duration = Duration::from_millis(5);
 
 /// A server's limits.
 #[derive(Debug, Clone)]
@@ -36,8 +34,10 @@ pub struct ServerOptions {
     pub handler_queue: usize,
     /// Largest frame accepted (and reply sent); a peer sending a larger one is disconnected.
     pub max_frame_bytes: usize,
-    /// Connections open at once; further ones are closed on accept.
+    /// Connections open at once; further ones are closed on accept (and the limit hit logged).
     pub max_connections: usize,
+    /// Runs on each accepted connection before it carries frames (see [`Handshake`]).
+    pub handshake: Option<Handshake>,
     /// A peer that does not read its replies for this long is disconnected.
     pub write_timeout: Duration,
     /// Replies queued for one connection's writer.
@@ -51,6 +51,7 @@ impl Default for ServerOptions {
             handler_queue: 1024,
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
             max_connections: 256,
+            handshake: None,
             write_timeout: Duration::from_secs(5),
             send_queue: 1024,
         }
@@ -120,7 +121,6 @@ struct Inner {
     addr: SocketAddr,
     options: ServerOptions,
     services: RwLock<HashMap<String, Arc<Service>>>,
-    stop: AtomicBool,
     dispatched: AtomicUsize,
     refused: AtomicU64,
     busy_log: RateLimitedLog,
@@ -131,13 +131,64 @@ struct ConnEntry {
     threads: ConnThreads,
 }
 
+impl super::acceptor::Conn for ConnEntry {
+    fn close(&self) {
+        self.handle.close();
+    }
+
+    fn is_finished(&self) -> bool {
+        self.threads.is_finished()
+    }
+
+    fn join(self) -> thread::Result<()> {
+        std::panic::catch_unwind(AssertUnwindSafe(|| self.threads.join()))
+    }
+}
+
+/// Starts the reader and writer of each accepted connection.
+struct Opener {
+    inner: Arc<Inner>,
+    job_tx: Sender<Job>,
+}
+
+impl Accept for Opener {
+    type Conn = ConnEntry;
+
+    fn open(
+        &mut self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        k: u64,
+        conns: &ConnList<ConnEntry>,
+    ) -> io::Result<()> {
+        let inner = &self.inner;
+        let config = ConnConfig {
+            name: format!("{}-c{k}", inner.name),
+            log_target: LOG,
+            peer,
+            max_frame_bytes: inner.options.max_frame_bytes,
+            write_timeout: inner.options.write_timeout,
+            send_queue: inner.options.send_queue.max(1),
+        };
+        let on_frame = {
+            let inner = inner.clone();
+            let job_tx = self.job_tx.clone();
+            move |frame, reply_tx: &Sender<Vec<u8>>| {
+                on_request(&inner, &job_tx, peer, frame, reply_tx)
+            }
+        };
+        let (handle, threads) = conn::start(stream, config, on_frame, || {})?;
+        conns.push(ConnEntry { handle, threads });
+        Ok(())
+    }
+}
+
 /// A TCP RPC server. Dropping it (or [`shutdown`](Self::shutdown)) closes every connection and
 /// joins every thread, after the handlers running then return.
 pub struct Server {
     inner: Arc<Inner>,
     job_tx: Option<Sender<Job>>,
-    conns: Arc<Mutex<Vec<ConnEntry>>>,
-    accept: Option<JoinHandle<()>>,
+    acceptor: Option<Acceptor<ConnEntry>>,
     workers: Vec<JoinHandle<()>>,
 }
 
@@ -150,14 +201,12 @@ impl Server {
         options: ServerOptions,
     ) -> io::Result<Server> {
         let listener = TcpListener::bind(bind)?;
-        listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let inner = Arc::new(Inner {
             name: name.to_string(),
             addr,
             options: options.clone(),
             services: RwLock::new(HashMap::new()),
-            stop: AtomicBool::new(false),
             dispatched: AtomicUsize::new(0),
             refused: AtomicU64::new(0),
             busy_log: RateLimitedLog::new(Duration::from_secs(1)),
@@ -166,8 +215,7 @@ impl Server {
         let mut server = Server {
             inner: inner.clone(),
             job_tx: Some(job_tx.clone()),
-            conns: Arc::new(Mutex::new(Vec::new())),
-            accept: None,
+            acceptor: None,
             workers: Vec::new(),
         };
         for i in 0..options.handler_threads.max(1) {
@@ -185,12 +233,17 @@ impl Server {
                 }
             }
         }
-        let conns = server.conns.clone();
-        server.accept = Some(
-            thread::Builder::new()
-                .name(format!("{name}-accept"))
-                .spawn(move || accept_loop(&listener, &inner, &conns, &job_tx))?,
-        );
+        let accept_options = AcceptorOptions {
+            max_connections: options.max_connections,
+            handshake: options.handshake.clone(),
+            ..AcceptorOptions::default()
+        };
+        server.acceptor = Some(Acceptor::start(
+            name,
+            listener,
+            accept_options,
+            Opener { inner, job_tx },
+        )?);
         log::info!(target: LOG, "{name}: listening on {addr}");
         Ok(server)
     }
@@ -220,11 +273,9 @@ impl Server {
 
     /// Connections open now.
     pub fn connections(&self) -> usize {
-        self.conns
-            .lock()
-            .iter()
-            .filter(|c| !c.handle.is_closed())
-            .count()
+        self.acceptor
+            .as_ref()
+            .map_or(0, |a| a.conns().count(|c| !c.handle.is_closed()))
     }
 
     /// Stops accepting, closes every connection and joins every thread. Handlers running now
@@ -234,20 +285,7 @@ impl Server {
     }
 
     fn stop_and_join(&mut self) {
-        self.inner.stop.store(true, Ordering::SeqCst);
-        let mut panic = None;
-        if let Some(accept) = self.accept.take() {
-            panic = accept.join().err();
-        }
-        let conns: Vec<ConnEntry> = std::mem::take(&mut *self.conns.lock());
-        for conn in &conns {
-            conn.handle.close();
-        }
-        for conn in conns {
-            if let Err(p) = std::panic::catch_unwind(AssertUnwindSafe(|| conn.threads.join())) {
-                panic.get_or_insert(p);
-            }
-        }
+        let mut panic = self.acceptor.take().and_then(|mut a| a.stop().err());
         // The last sender: the workers finish the queued calls and exit.
         self.job_tx.take();
         for worker in self.workers.drain(..) {
@@ -266,81 +304,9 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        if self.accept.is_some() || !self.workers.is_empty() {
+        if self.acceptor.is_some() || !self.workers.is_empty() {
             self.stop_and_join();
         }
-    }
-}
-
-fn accept_loop(
-    listener: &TcpListener,
-    inner: &Arc<Inner>,
-    conns: &Mutex<Vec<ConnEntry>>,
-    job_tx: &Sender<Job>,
-) {
-    let name = &inner.name;
-    let mut next_conn = 0u64;
-    while !inner.stop.load(Ordering::SeqCst) {
-        reap(conns);
-        let (stream, peer) = match listener.accept() {
-            Ok(accepted) => accepted,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                thread::sleep(ACCEPT_POLL);
-                continue;
-            }
-            Err(e) => {
-                log::warn!(target: LOG, "{name}: accept failed: {e}");
-                thread::sleep(ACCEPT_POLL);
-                continue;
-            }
-        };
-        let open = conns.lock().len();
-        if open >= inner.options.max_connections {
-            log::warn!(target: LOG, "{name}: refusing connection from {peer}: {open} connections open (the limit)");
-            continue;
-        }
-        if let Err(e) = stream.set_nonblocking(false) {
-            log::warn!(target: LOG, "{name}: connection from {peer}: {e}");
-            continue;
-        }
-        let config = ConnConfig {
-            name: format!("{name}-c{next_conn}"),
-            log_target: LOG,
-            peer,
-            max_frame_bytes: inner.options.max_frame_bytes,
-            write_timeout: inner.options.write_timeout,
-            send_queue: inner.options.send_queue.max(1),
-        };
-        next_conn += 1;
-        let on_frame = {
-            let inner = inner.clone();
-            let job_tx = job_tx.clone();
-            move |frame, reply_tx: &Sender<Vec<u8>>| {
-                on_request(&inner, &job_tx, peer, frame, reply_tx)
-            }
-        };
-        match conn::start(stream, config, on_frame, || {}) {
-            Ok((handle, threads)) => {
-                log::debug!(target: LOG, "{name}: connection from {peer}");
-                conns.lock().push(ConnEntry { handle, threads });
-            }
-            Err(e) => log::warn!(target: LOG, "{name}: cannot serve {peer}: {e}"),
-        }
-    }
-}
-
-/// Joins the threads of connections that have ended.
-fn reap(conns: &Mutex<Vec<ConnEntry>>) {
-    let finished: Vec<ConnEntry> = {
-        let mut conns = conns.lock();
-        let (done, open) = std::mem::take(&mut *conns)
-            .into_iter()
-            .partition(|c| c.threads.is_finished());
-        *conns = open;
-        done
-    };
-    for conn in finished {
-        conn.threads.join();
     }
 }
 

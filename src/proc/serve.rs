@@ -86,7 +86,9 @@ pub fn run(args: ServeArgs) -> ExitCode {
             log::warn!(target: LOG, "node {}: only {limit} open files allowed; fewer than --maxclients {} connections will be accepted", args.id, clients.max_clients);
         }
         Ok(_) => {}
-        Err(e) => log::warn!(target: LOG, "node {}: cannot raise the open files limit: {e}", args.id),
+        Err(e) => {
+            log::warn!(target: LOG, "node {}: cannot raise the open files limit: {e}", args.id)
+        }
     }
     if let Err(e) = check_identity(&args.data, args.id, &args.peers) {
         return fail(e);

@@ -16,6 +16,10 @@
 //!   delivered, so a client never sees success for an operation persisted into a superseded
 //!   persister.
 //!
+//! With the `testing` feature a test can also decide exactly what happens to chosen messages
+//! (hold, release in a chosen order, drop, duplicate, delay, crash the server): see
+//! [`script`]. Without rules the script costs one atomic load per call.
+//!
 //! Handlers run on a cached pool of named threads that grows when every thread is busy, so a
 //! handler that blocks for seconds never delays other calls. [`Network::cleanup`] makes every
 //! pending and future call return [`RpcError::NoReply`] and lets every pool thread exit.
@@ -35,6 +39,9 @@ use serde::de::DeserializeOwned;
 
 use crate::labcodec::{self, CodecError};
 use crate::oneshot;
+
+#[cfg(feature = "testing")]
+pub mod script;
 
 /// Upper bound (exclusive) of the random delay of an unreliable network, in ms.
 const SHORT_DELAY_MS: u64 = 27;
@@ -218,6 +225,8 @@ impl Server {
 struct EndState {
     enabled: bool,
     server: Option<String>,
+    /// Who calls through this end (a server's name), for the script's sender matching.
+    owner: Option<Arc<str>>,
 }
 
 #[derive(Default)]
@@ -232,6 +241,8 @@ struct Topology {
 /// What a call needs to know about the network at the moment it is sent.
 struct Route {
     server: Option<(String, Arc<Server>)>,
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
+    owner: Option<Arc<str>>,
     reliable: bool,
     long_delays: bool,
     long_reordering: bool,
@@ -248,6 +259,8 @@ struct NetInner {
     total_count: AtomicUsize,
     total_bytes: AtomicU64,
     pool: Pool,
+    #[cfg(feature = "testing")]
+    script: script::Script,
 }
 
 /// The simulated network. Cheap to clone; all clones are the same network.
@@ -288,6 +301,8 @@ impl Network {
                 total_count: AtomicUsize::new(0),
                 total_bytes: AtomicU64::new(0),
                 pool: Pool::new(POOL_IDLE_TIMEOUT),
+                #[cfg(feature = "testing")]
+                script: script::Script::default(),
             }),
         }
     }
@@ -304,7 +319,23 @@ impl Network {
         self.inner.done_flag.store(true, Ordering::SeqCst);
         *self.inner.done.lock() = true;
         self.inner.done_cv.notify_all();
+        #[cfg(feature = "testing")]
+        self.inner.script.shutdown();
         self.inner.pool.shutdown();
+    }
+
+    /// This network's script: exact control of chosen messages (see [`script`]).
+    #[cfg(feature = "testing")]
+    pub fn script(&self) -> script::Script {
+        self.inner.script.clone()
+    }
+
+    /// Labels end `end` as `owner`'s (a server name): the script matches the sender of a
+    /// request, and the receiver of a reply, by this label.
+    pub fn set_end_owner(&self, end: &str, owner: &str) {
+        if let Some(e) = self.inner.topology.lock().ends.get_mut(end) {
+            e.owner = Some(Arc::from(owner));
+        }
     }
 
     /// Handler threads still alive (0 some time after cleanup once handlers returned).
@@ -344,6 +375,7 @@ impl Network {
             EndState {
                 enabled: false,
                 server: None,
+                owner: None,
             },
         );
         Some(ClientEnd {
@@ -433,6 +465,7 @@ impl Network {
 
     fn route(&self, end: &str) -> Route {
         let topo = self.inner.topology.lock();
+        let owner = topo.ends.get(end).and_then(|e| e.owner.clone());
         let server = topo.ends.get(end).and_then(|e| {
             if !e.enabled {
                 return None;
@@ -443,6 +476,7 @@ impl Network {
         });
         Route {
             server,
+            owner,
             reliable: topo.reliable,
             long_delays: topo.long_delays,
             long_reordering: topo.long_reordering,
@@ -464,12 +498,16 @@ impl Network {
     /// Makes one call. With `inline`, the handler runs on the calling thread (a pool thread
     /// of an asynchronous call, where nobody waits): the outcome is then known only once the
     /// handler returns, but one thread hand-off fewer makes the call cheaper.
+    ///
+    /// `held_reply` is set when the script held the reply and released it: the caller tells
+    /// the script once the reply has been handed over ([`Network::reply_delivered`]).
     fn call_bytes(
         &self,
         end: &str,
         svc_meth: &str,
         args: Vec<u8>,
         inline: bool,
+        held_reply: &mut Option<u64>,
     ) -> Result<Vec<u8>, RpcError> {
         self.inner.total_count.fetch_add(1, Ordering::Relaxed);
         self.inner
@@ -478,8 +516,8 @@ impl Network {
         if self.is_done() {
             return Err(RpcError::NoReply);
         }
-        let route = self.route(end);
-        let Some((server_name, server)) = route.server else {
+        let mut route = self.route(end);
+        let Some((server_name, server)) = route.server.take() else {
             // No reply, after a while: a Raft that waits on calls to a disconnected peer is
             // caught by the long delay.
             self.unreachable_delay(route.long_delays);
@@ -496,14 +534,86 @@ impl Network {
             }
         }
 
-        let result = if inline {
-            server.dispatch(svc_meth, &args)
+        let owner: &str = route.owner.as_deref().unwrap_or(end);
+        #[cfg(feature = "testing")]
+        let verdict = if self.inner.script.is_active() {
+            self.inner.script.decide(&script::Msg {
+                dir: script::Dir::Request,
+                method: svc_meth,
+                from: owner,
+                to: &server_name,
+                bytes: &args,
+            })
         } else {
-            self.dispatch_and_wait(end, &server_name, &server, svc_meth, args)?
+            script::Verdict::Deliver(None)
+        };
+        #[cfg(feature = "testing")]
+        let held_request = match verdict {
+            script::Verdict::Drop => return Err(RpcError::NoReply),
+            script::Verdict::Deliver(id) => id,
+            script::Verdict::Duplicate => {
+                // The first copy's reply is what the caller gets; the second's is lost.
+                let first = if inline {
+                    server.dispatch(svc_meth, &args)
+                } else {
+                    self.dispatch_and_wait(end, &server_name, &server, svc_meth, args.clone())?
+                };
+                let _ = server.dispatch(svc_meth, &args);
+                return self.finish_call(
+                    end,
+                    svc_meth,
+                    &server_name,
+                    &server,
+                    owner,
+                    first,
+                    &route,
+                    held_reply,
+                );
+            }
+            script::Verdict::DuplicateLater => {
+                self.hold_copy(svc_meth, owner, &server_name, &server, &args);
+                None
+            }
         };
 
+        let result = if inline {
+            Ok(server.dispatch(svc_meth, &args))
+        } else {
+            self.dispatch_and_wait(end, &server_name, &server, svc_meth, args)
+        };
+        #[cfg(feature = "testing")]
+        if let Some(id) = held_request {
+            self.inner.script.delivered(id);
+        }
+        self.finish_call(
+            end,
+            svc_meth,
+            &server_name,
+            &server,
+            owner,
+            result?,
+            &route,
+            held_reply,
+        )
+    }
+
+    /// The reply's way back: what the network (and the script) does to it.
+    #[allow(clippy::too_many_arguments)]
+    fn finish_call(
+        &self,
+        end: &str,
+        svc_meth: &str,
+        server_name: &str,
+        server: &Arc<Server>,
+        owner: &str,
+        result: Result<Vec<u8>, RpcError>,
+        route: &Route,
+        held_reply: &mut Option<u64>,
+    ) -> Result<Vec<u8>, RpcError> {
+        let _ = (svc_meth, owner, &held_reply);
+
         // A server that died while its handler ran must not be seen to succeed.
-        if self.is_server_dead(end, &server_name, &server) {
+        if self.is_server_dead(end, server_name, server) {
             return Err(RpcError::NoReply);
         }
         if result == Err(RpcError::NoReply) {
@@ -513,6 +623,24 @@ impl Network {
             return Err(RpcError::NoReply);
         }
         let reply = result?;
+        #[cfg(feature = "testing")]
+        if self.inner.script.is_active() {
+            match self.inner.script.decide(&script::Msg {
+                dir: script::Dir::Reply,
+                method: svc_meth,
+                from: server_name,
+                to: owner,
+                bytes: &reply,
+            }) {
+                script::Verdict::Drop => return Err(RpcError::NoReply),
+                script::Verdict::Deliver(id) => *held_reply = id,
+                // A reply is not duplicated (an RPC caller takes one answer).
+                script::Verdict::Duplicate | script::Verdict::DuplicateLater => {}
+            }
+            if self.is_server_dead(end, server_name, server) {
+                return Err(RpcError::NoReply);
+            }
+        }
         if !route.reliable && self.rand_below(1000) < 100 {
             return Err(RpcError::NoReply); // reply lost
         }
@@ -528,6 +656,68 @@ impl Network {
             .total_bytes
             .fetch_add(reply.len() as u64, Ordering::Relaxed);
         Ok(reply)
+    }
+
+    /// Tells the script that a held reply has been handed to its caller.
+    fn reply_delivered(&self, held_reply: Option<u64>) {
+        #[cfg(feature = "testing")]
+        if let Some(id) = held_reply {
+            self.inner.script.delivered(id);
+        }
+        let _ = held_reply;
+    }
+
+    /// A late duplicate: a copy of a request, held until the test releases it, then delivered
+    /// to the same server instance if it is still there (its reply goes nowhere).
+    #[cfg(feature = "testing")]
+    fn hold_copy(
+        &self,
+        svc_meth: &str,
+        from: &str,
+        server_name: &str,
+        server: &Arc<Server>,
+        args: &[u8],
+    ) {
+        let script = self.inner.script.clone();
+        let msg = script::Msg {
+            dir: script::Dir::Request,
+            method: svc_meth,
+            from,
+            to: server_name,
+            bytes: args,
+        };
+        let id = script.hold(
+            &msg,
+            true,
+            0,
+            &format!("request {svc_meth} {from}->{server_name}"),
+        );
+        let net = self.clone();
+        let server = server.clone();
+        let name = server_name.to_string();
+        let method = svc_meth.to_string();
+        let args = args.to_vec();
+        let spawned = thread::Builder::new()
+            .name("labrpc-script-copy".to_string())
+            .spawn(move || {
+                if script.wait_released(id) {
+                    let same = net
+                        .inner
+                        .topology
+                        .lock()
+                        .servers
+                        .get(&name)
+                        .is_some_and(|s| Arc::ptr_eq(s, &server));
+                    if same && !net.is_done() {
+                        let _ = server.dispatch(&method, &args);
+                    }
+                }
+                script.delivered(id);
+            });
+        if let Err(e) = spawned {
+            log::error!(target: "labrpc::script", "cannot start a thread for a held copy: {e}");
+            self.inner.script.drop_held(id);
+        }
     }
 
     /// How long a call to a server that is not there takes to fail.
@@ -602,8 +792,13 @@ impl ClientEnd {
         args: &A,
     ) -> Result<R, RpcError> {
         let bytes = labcodec::encode(args)?;
-        let reply = self.net.call_bytes(&self.name, svc_meth, bytes, false)?;
-        Ok(labcodec::decode(&reply)?)
+        let mut held = None;
+        let reply = self
+            .net
+            .call_bytes(&self.name, svc_meth, bytes, false, &mut held);
+        let result = reply.and_then(|r| Ok(labcodec::decode(&r)?));
+        self.net.reply_delivered(held);
+        result
     }
 
     /// Like [`call`](Self::call), but returns at once: the call is made on a network thread,
@@ -634,11 +829,13 @@ impl ClientEnd {
         let method: Box<str> = svc_meth.into();
         let net = self.net.clone();
         net.inner.pool.execute(Box::new(move || {
+            let mut held = None;
             let result = end
                 .net
-                .call_bytes(&end.name, &method, bytes, true)
+                .call_bytes(&end.name, &method, bytes, true, &mut held)
                 .and_then(|reply| Ok(labcodec::decode(&reply)?));
             on_reply(result);
+            end.net.reply_delivered(held);
         }));
     }
 }

@@ -150,6 +150,15 @@ pub struct RsmTest {
 impl RsmTest {
     /// `maxraftstate`: `None` never snapshots.
     pub fn new(maxraftstate: Option<usize>) -> Arc<RsmTest> {
+        RsmTest::new_scripted(maxraftstate, |_| {})
+    }
+
+    /// [`RsmTest::new`] with the network's script prepared by `setup` before any peer starts
+    /// (the rule tests, which decide exactly what happens to chosen messages).
+    pub fn new_scripted(
+        maxraftstate: Option<usize>,
+        setup: impl FnOnce(&crate::labrpc::script::Script),
+    ) -> Arc<RsmTest> {
         let srvs: Arc<Mutex<Vec<Option<Arc<RsmSrv>>>>> = Arc::new(Mutex::new(vec![None; NSRV]));
         let fatal = Arc::new(Mutex::new(None));
         let start_fn: StartFn = {
@@ -174,7 +183,7 @@ impl RsmTest {
                 },
             )
         };
-        let cfg = Config::new(NSRV, true, start_fn);
+        let cfg = Config::new_with(NSRV, true, start_fn, |net| setup(&net.script()));
         Arc::new(RsmTest {
             cfg,
             srvs,

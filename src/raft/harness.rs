@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{ApplyMsg, Raft, Storage};
 use crate::labcodec;
-use crate::labrpc::{ClientEnd, Service};
+use crate::labrpc::script::Script;
+use crate::labrpc::{ClientEnd, Network, Service};
 use crate::tester::{Config, GRP0, IService, Persister, RaftRpcService, ServerGrp, StartFn, Tgid};
 
 /// The tester allows a second for an election.
@@ -34,6 +35,14 @@ pub const FAULT_ENV: &str = "RAFTKV_HARNESS_FAULT";
 
 fn harness_fault(name: &str) -> bool {
     std::env::var(FAULT_ENV).is_ok_and(|v| v == name)
+}
+
+/// The labs' persister as each peer's storage.
+fn persister_storage() -> OpenStorage {
+    Arc::new(|_i: usize, persister: Persister| {
+        let data = persister.read_snapshot();
+        (persister.into(), data, None)
+    })
 }
 
 /// The test's configuration, for the appliers (they start before it exists).
@@ -77,6 +86,15 @@ struct Applied {
     max_index: u64,
     /// The first error peer `i`'s apply stream showed.
     errors: Vec<Option<String>>,
+    /// Everything peer `i`'s service was handed since its last start, in order.
+    history: Vec<Vec<Delivered>>,
+}
+
+/// One thing a peer's service was handed, as the rule tests look at it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivered {
+    Command(u64),
+    Snapshot(u64),
 }
 
 impl Applied {
@@ -142,6 +160,7 @@ impl RfSrv {
             let mut a = applied.lock();
             let before = a.logs[me].keys().max().copied().unwrap_or(0);
             a.logs[me].clear();
+            a.history[me].clear();
             if harness_fault("skip-reapply") {
                 before
             } else {
@@ -180,6 +199,10 @@ impl RfSrv {
                     {
                         continue; // the skip-reapply fault
                     }
+                    applied.lock().history[me].push(match &m {
+                        ApplyMsg::Command { index, .. } => Delivered::Command(*index),
+                        ApplyMsg::Snapshot { index, .. } => Delivered::Snapshot(*index),
+                    });
                     let r = if snapshot {
                         apply_snap(&applied, me, m, &mut last_applied, &weak_raft)
                     } else {
@@ -340,20 +363,31 @@ pub struct Test {
 impl Test {
     /// `n` peers, reliable or not, with the snapshotting tester service or not.
     pub fn new(n: usize, reliable: bool, snapshot: bool) -> Test {
-        let open: OpenStorage = Arc::new(|_i: usize, persister: Persister| {
-            let data = persister.read_snapshot();
-            (persister.into(), data, None)
-        });
-        Test::with_storage(n, reliable, snapshot, open)
+        Test::with_storage(n, reliable, snapshot, persister_storage(), |_| {})
+    }
+
+    /// `n` peers on a reliable network whose script `setup` prepares before any peer
+    /// starts: the rule tests, which decide exactly what happens to chosen messages.
+    pub fn new_scripted(n: usize, snapshot: bool, setup: impl FnOnce(&Script)) -> Test {
+        Test::with_storage(n, true, snapshot, persister_storage(), |net| {
+            setup(&net.script())
+        })
     }
 
     /// [`Test::new`] with the peers' storage opened by `open`.
-    fn with_storage(n: usize, reliable: bool, snapshot: bool, open: OpenStorage) -> Test {
+    fn with_storage(
+        n: usize,
+        reliable: bool,
+        snapshot: bool,
+        open: OpenStorage,
+        before_start: impl FnOnce(&Network),
+    ) -> Test {
         let srvs: Arc<Mutex<Vec<Option<Arc<RfSrv>>>>> = Arc::new(Mutex::new(vec![None; n]));
         let applied = Arc::new(Mutex::new(Applied {
             logs: vec![HashMap::new(); n],
             max_index: 0,
             errors: vec![None; n],
+            history: vec![Vec::new(); n],
         }));
         let cfg_cell: CfgCell = Arc::new(OnceLock::new());
         let start_fn: StartFn = {
@@ -378,7 +412,7 @@ impl Test {
                 },
             )
         };
-        let cfg = Config::new(n, reliable, start_fn);
+        let cfg = Config::new_with(n, reliable, start_fn, before_start);
         let _ = cfg_cell.set(Arc::downgrade(&cfg));
         // Calls to disconnected peers take up to 7 s to fail: Raft must not wait for them.
         cfg.set_long_delays(true);
@@ -636,6 +670,84 @@ impl Test {
         cmd
     }
 
+    /// The network's script (exact control of chosen messages).
+    pub fn script(&self) -> Script {
+        self.cfg.net().script()
+    }
+
+    /// Peer `i`'s name on the network: what the script's rules name senders and receivers by.
+    pub fn name(&self, i: usize) -> String {
+        self.g().srv_name(i)
+    }
+
+    pub fn names(&self, peers: &[usize]) -> Vec<String> {
+        self.g().srv_names_to(peers)
+    }
+
+    /// A fresh end to peer `i`, labelled `tester` for the script: a test sends peer `i`
+    /// messages of its own making through it (as another peer would).
+    pub fn inject_end(&self, i: usize) -> ClientEnd {
+        let net = self.cfg.net();
+        let end = loop {
+            if let Some(e) = net.make_end(&crate::tester::randstring(20)) {
+                break e;
+            }
+        };
+        net.connect(end.name(), &self.name(i));
+        net.set_end_owner(end.name(), "tester");
+        net.enable(end.name(), true);
+        end
+    }
+
+    /// Waits up to `timeout` for peer `i` to lead; returns its term.
+    pub fn wait_leader(&self, i: usize, timeout: Duration) -> u64 {
+        let t0 = Instant::now();
+        loop {
+            if let Some(r) = self.raft(i) {
+                let (term, leader) = r.get_state();
+                if leader {
+                    return term;
+                }
+            }
+            if t0.elapsed() > timeout {
+                self.fatal(&format!(
+                    "peer {i} did not become leader within {timeout:?}"
+                ));
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits up to `timeout` for `cond`; false if it never held.
+    pub fn wait_until(&self, timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+        let t0 = Instant::now();
+        while !cond() {
+            if t0.elapsed() > timeout {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        true
+    }
+
+    /// What peer `i` has persisted now: term and vote, and its log.
+    pub fn persisted(&self, i: usize) -> (super::HardState, super::log::Log) {
+        match super::persist::decode_lab_state(&self.g().persister(i).read_raft_state()) {
+            Ok(s) => s,
+            Err(e) => self.fatal(&format!("peer {i}: persisted state unreadable: {e}")),
+        }
+    }
+
+    /// The command peer `i`'s service applied at `index` since its last start, if any.
+    pub fn applied_at(&self, i: usize, index: u64) -> Option<TestCmd> {
+        self.applied.lock().logs[i].get(&index).cloned()
+    }
+
+    /// Everything peer `i`'s service was handed since its last start, in order.
+    pub fn apply_history(&self, i: usize) -> Vec<Delivered> {
+        self.applied.lock().history[i].clone()
+    }
+
     /// RPCs delivered to all peers so far.
     pub fn rpcs(&self) -> usize {
         (0..self.n).map(|i| self.g().rpc_count(i)).sum()
@@ -785,7 +897,7 @@ pub mod file {
                 (Box::new(log.clone()) as Box<dyn Storage>, snap, Some(log))
             });
             Test {
-                inner: super::Test::with_storage(n, reliable, snapshot, open),
+                inner: super::Test::with_storage(n, reliable, snapshot, open, |_| {}),
                 _dirs: Dirs(root),
             }
         }

@@ -35,6 +35,17 @@ impl Config {
     /// A network with group [`GRP0`] of `n` servers started and connected, then made reliable
     /// or not (in that order, as the Go tester does).
     pub fn new(n: usize, reliable: bool, start_fn: StartFn) -> Arc<Config> {
+        Config::new_with(n, reliable, start_fn, |_| {})
+    }
+
+    /// [`Config::new`], with `before_start` run on the network before any server starts (a
+    /// test that scripts the network from the first message).
+    pub fn new_with(
+        n: usize,
+        reliable: bool,
+        start_fn: StartFn,
+        before_start: impl FnOnce(&Network),
+    ) -> Arc<Config> {
         super::logging::init();
         let net = Network::new();
         log::info!(target: "tester", "network seed {} (set {}={} to replay)", net.seed(), crate::labrpc::SEED_ENV, net.seed());
@@ -47,6 +58,7 @@ impl Config {
             ops: AtomicUsize::new(0),
             cleaned: AtomicBool::new(false),
         });
+        before_start(&cfg.net);
         cfg.make_group_start(GRP0, n, start_fn);
         cfg.net.set_reliable(reliable);
         cfg

@@ -138,6 +138,8 @@ impl ServerGrp {
                     }
                 };
                 self.net.connect(end.name(), &self.srv_name(j));
+                // The script (exact network control) matches senders by this label.
+                self.net.set_end_owner(end.name(), &self.srv_name(i));
                 end
             })
             .collect();

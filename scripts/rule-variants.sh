@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Shows that every rule test catches the broken variant it exists for.
+#
+#   scripts/rule-variants.sh [-n RUNS] [--skip REGEX] [FILTER]
+#
+# For each patch scripts/rule-variants/<binary>--<test>.patch (whose name matches the
+# extended regex FILTER, and not --skip's):
+# copies the working tree (tracked and untracked files, not target/) to
+# target/rule-variants/tree, applies the patch there, builds tests/<binary>.rs (release, in
+# its own target dir target/rule-variants/target) and runs that one test RUNS times (default 1).
+# The variant is caught if every run FAILS; the first line saying why is printed (each run's
+# output is kept in target/rule-variants/logs/<binary>--<test>-run<N>.log). The
+# working tree is never touched. Exit status: 0 every variant caught every run, 1 otherwise,
+# 2 usage or build error.
+set -euo pipefail
+
+runs=1
+filter=""
+skip=""
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        -n) runs="$2"; shift 2 ;;
+        --skip) skip="$2"; shift 2 ;;
+        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+        -*) echo "unknown option $1" >&2; exit 2 ;;
+        *) filter="$1"; shift ;;
+    esac
+done
+
+root=$(git rev-parse --show-toplevel)
+cd "$root"
+base="$root/target/rule-variants"
+tree="$base/tree"
+# Its own target dir: cargo gives a workspace's own package the same artifact names wherever
+# it is built, so a patched build must never share the worktree's target dir. It is seeded
+# once from the worktree's release build, so dependencies are not built again.
+export CARGO_TARGET_DIR="${RULE_VARIANTS_TARGET_DIR:-$base/target}"
+if [[ ! -d "$CARGO_TARGET_DIR/release" && -d "$root/target/release" ]]; then
+    mkdir -p "$CARGO_TARGET_DIR"
+    cp -a "$root/target/release" "$CARGO_TARGET_DIR/release"
+fi
+mkdir -p "$base/logs"
+# Incremental: each variant changes a few lines, so most of the crate's code is reused.
+export CARGO_PROFILE_RELEASE_INCREMENTAL=true
+
+copy_tree() {
+    rm -rf "$tree"
+    mkdir -p "$tree"
+    git ls-files -z --cached --others --exclude-standard \
+        | tar --null -T - -cf - 2>/dev/null | tar -xf - -C "$tree" || true
+    [[ -f "$tree/Cargo.toml" ]] || { echo "cannot copy the tree to $tree" >&2; exit 2; }
+}
+
+caught=0
+missed=0
+table=()
+for patch in scripts/rule-variants/*.patch; do
+    name=$(basename "$patch" .patch)
+    [[ -n "$filter" && ! "$name" =~ $filter ]] && continue
+    [[ -n "$skip" && "$name" =~ $skip ]] && continue
+    bin=${name%%--*}
+    test=${name#*--}
+    what=$(head -1 "$patch")
+    echo "== $bin::$test"
+    echo "   $what"
+    copy_tree
+    if ! (cd "$tree" && patch -s -p1 --no-backup-if-mismatch < "$root/$patch"); then
+        echo "   cannot apply $patch" >&2
+        exit 2
+    fi
+    exe=$(cd "$tree" && cargo test --release --test "$bin" --no-run --message-format=json 2>/dev/null \
+        | grep -o '"executable":"[^"]*"' | tail -1 | cut -d'"' -f4 || true)
+    if [[ -z "$exe" ]]; then
+        echo "   build failed with $patch applied" >&2
+        (cd "$tree" && cargo test --release --test "$bin" --no-run 2>&1 | tail -20) >&2
+        exit 2
+    fi
+    fails=0
+    why=""
+    for ((r = 1; r <= runs; r++)); do
+        out=$(cd "$tree" && timeout 120 "$exe" --exact "$test" --test-threads=1 2>&1) && rc=0 || rc=$?
+        printf '%s\n\nexit %s\n' "$out" "$rc" > "$base/logs/$name-run$r.log"
+        if [[ $rc -ne 0 ]]; then
+            fails=$((fails + 1))
+            if [[ -z "$why" ]]; then
+                why=$(grep -m1 -E 'Fatal:|panicked at|assertion' -A1 <<<"$out" | tr '\n' ' ' | cut -c1-400 || true)
+            fi
+        fi
+    done
+    if [[ $fails -eq $runs ]]; then
+        caught=$((caught + 1))
+        echo "   FAILS as it should ($fails/$runs runs): $why"
+        table+=("$bin::$test | caught $fails/$runs | $why")
+    else
+        missed=$((missed + 1))
+        echo "   NOT CAUGHT: passed $((runs - fails)) of $runs runs"
+        table+=("$bin::$test | MISSED $((runs - fails))/$runs passed | $why")
+    fi
+done
+rm -rf "$tree"
+echo
+printf '%s\n' "${table[@]}"
+echo "$caught caught, $missed missed"
+[[ $missed -eq 0 ]]

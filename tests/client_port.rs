@@ -317,6 +317,15 @@ fn idle_timeout_closes_idle_clients_and_maxclients_refuses_with_redis_error() {
     drop(con);
 }
 
+/// A directory removed when dropped, also when the test fails.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
 fn write_password(dir: &Path, password: &str) -> PathBuf {
     fs::create_dir_all(dir).unwrap();
     let path = dir.join("requirepass");
@@ -328,8 +337,10 @@ fn write_password(dir: &Path, password: &str) -> PathBuf {
 /// write forwarded by a follower, and the errors without or with a wrong password.
 #[test]
 fn auth_with_requirepass_file_and_the_redis_crate() {
-    let secrets = std::env::temp_dir().join(format!("raftkv-clientport-pw-{}", std::process::id()));
-    let file = write_password(&secrets, "correct horse");
+    let secrets = RemoveOnDrop(
+        std::env::temp_dir().join(format!("raftkv-clientport-pw-{}", std::process::id())),
+    );
+    let file = write_password(&secrets.0, "correct horse");
     let flag = file.display().to_string();
     let cluster = Cluster::start(
         3,
@@ -381,7 +392,6 @@ fn auth_with_requirepass_file_and_the_redis_crate() {
         .expect("a wrong password must be refused");
     // The crate reads the server's WRONGPASS as a failed authentication.
     assert_eq!(err.kind(), redis::ErrorKind::AuthenticationFailed, "{err}");
-    let _ = fs::remove_dir_all(&secrets);
 }
 
 /// Runs `raftkv serve` that must refuse to start: its stderr.
@@ -452,8 +462,10 @@ fn protected_mode_and_bad_password_files_refuse_to_start() {
         missing.contains("cannot read the password file /nonexistent/raftkv-password"),
         "{missing}"
     );
-    let dir = std::env::temp_dir().join(format!("raftkv-clientport-empty-{}", std::process::id()));
-    let empty = write_password(&dir, "");
+    let dir = RemoveOnDrop(
+        std::env::temp_dir().join(format!("raftkv-clientport-empty-{}", std::process::id())),
+    );
+    let empty = write_password(&dir.0, "");
     let refused = serve_refuses(&[
         "--client",
         "127.0.0.1:PORT",
@@ -461,7 +473,6 @@ fn protected_mode_and_bad_password_files_refuse_to_start() {
         &empty.display().to_string(),
     ]);
     assert!(refused.contains("is empty"), "{refused}");
-    let _ = fs::remove_dir_all(&dir);
 }
 
 /// Every file a node keeps is private (0600, directories 0700) though it was started with

@@ -69,6 +69,7 @@ fn main() {
                 data.insert(key, (value, version + 1));
                 Reply::ok()
             }
+            Command::DbSize => Reply::Integer(data.len() as i64),
             Command::Quit => Reply::ok(),
         }
     };

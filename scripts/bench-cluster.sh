@@ -20,6 +20,8 @@ usage: scripts/bench-cluster.sh [-n REQUESTS] [-c CLIENTS] [-P PIPELINE] [--only
   --no-build      use target/release/raftkv as it is
   --bin PATH      benchmark this raftkv binary instead (implies --no-build; for A/B runs)
   --tests LIST    redis-benchmark's -t (default set,get)
+  --auth          benchmark raftkv twice: without a password, then with one
+                  (--requirepass-file; redis-benchmark -a)
   --keep DIR      copy the servers' logs there before the temp dir is removed
 
 Each system: redis-benchmark -t set,get -c CLIENTS -n REQUESTS, then the same with
@@ -35,7 +37,7 @@ USAGE
 }
 
 requests=200000 clients=50 pipeline=16 only="raftkv,redis,etcd" target=leader
-etcd_load=l build=1 keep="" bin="" tests=set,get
+etcd_load=l build=1 keep="" bin="" tests=set,get auth=0
 while (($#)); do
     case $1 in
     -n) requests=${2:?}; shift 2 ;;
@@ -47,6 +49,7 @@ while (($#)); do
     --no-build) build=0; shift ;;
     --bin) bin=${2:?}; build=0; shift 2 ;;
     --tests) tests=${2:?}; shift 2 ;;
+    --auth) auth=1; shift ;;
     --keep) keep=${2:?}; shift 2 ;;
     -h | --help) usage; exit 0 ;;
     *) printf 'bench-cluster.sh: unknown argument %s\n\n' "$1" >&2; usage >&2; exit 2 ;;
@@ -147,13 +150,15 @@ load1() { cut -d' ' -f1 /proc/loadavg; }
 # Rows of the final table: system|test|ops/s|p50|p99|load.
 rows=()
 # redis-benchmark against PORT, rows labelled SYSTEM.
-run_redis_benchmark() { # SYSTEM PORT
-    local system=$1 port=$2 p out line
+run_redis_benchmark() { # SYSTEM PORT [PASSWORD]
+    local system=$1 port=$2 password=${3:-} p out line
+    local auth=()
+    [[ -n $password ]] && auth=(-a "$password")
     for p in $(printf "%s\n" 1 "$pipeline" | uniq); do
         local label="-c $clients" extra=()
         ((p > 1)) && { label+=" -P $p"; extra=(-P "$p"); }
         log "$system: redis-benchmark -t $tests -c $clients -n $requests ${extra[*]}"
-        out=$(redis-benchmark -h 127.0.0.1 -p "$port" -t "$tests" -c "$clients" -n "$requests" \
+        out=$(redis-benchmark -h 127.0.0.1 -p "$port" "${auth[@]}" -t "$tests" -c "$clients" -n "$requests" \
             "${extra[@]}" --csv 2>"$tmp/rb.err") || { cat "$tmp/rb.err" >&2; die "redis-benchmark failed against $system"; }
         local load
         load=$(load1)
@@ -169,15 +174,25 @@ run_redis_benchmark() { # SYSTEM PORT
 }
 
 # ---- raftkv: 3 nodes, data on disk ----
-bench_raftkv() {
-    local i peers=() cports=() dir="$tmp/raftkv"
+bench_raftkv() { # [PASSWORD]
+    local password=${1:-} i peers=() cports=() dir="$tmp/raftkv" pass_flag=() label=""
+    rm -rf "$dir"
+    if [[ -n $password ]]; then
+        (umask 077 && printf '%s\n' "$password" >"$tmp/requirepass")
+        pass_flag=(--requirepass-file "$tmp/requirepass")
+        label=", auth"
+    fi
     for i in 1 2 3; do peers+=("$i=127.0.0.1:$(free_port)"); cports+=("$(free_port)"); done
     local peer_list
     peer_list=$(IFS=,; echo "${peers[*]}")
+    mkdir -p "$dir"
+    head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$dir/peer-secret"
+    chmod 600 "$dir/peer-secret"
     for i in 1 2 3; do
         mkdir -p "$dir/node-$i"
         "$raftkv_bin" serve --id "$i" --peers "$peer_list" --client "127.0.0.1:${cports[i - 1]}" \
-            --data "$dir/node-$i" </dev/null >"$dir/node-$i.log" 2>&1 &
+            --data "$dir/node-$i" --peer-secret-file "$dir/peer-secret" --bootstrap bench-cluster \
+            "${pass_flag[@]}" </dev/null >"$dir/node-$i.log" 2>&1 &
         pids+=($!)
     done
     for i in 1 2 3; do wait_port "${cports[i - 1]}" "raftkv node $i" "${pids[${#pids[@]} - 4 + i]}" "$dir/node-$i.log"; done
@@ -193,7 +208,7 @@ bench_raftkv() {
     local node=$leader
     [[ $target == follower ]] && node=$((leader % 3 + 1))
     log "raftkv: leader is node $leader; benchmarking node $node ($target)"
-    run_redis_benchmark "raftkv ($target)" "${cports[node - 1]}"
+    run_redis_benchmark "raftkv ($target$label)" "${cports[node - 1]}" "$password"
     for i in 1 2 3; do
         [[ -s $dir/node-$i.log ]] && { log "raftkv node $i said:"; tail -5 "$dir/node-$i.log" >&2; }
     done
@@ -273,6 +288,7 @@ stop_all() {
 
 log "temp dir $tmp; load average at start: $(cut -d' ' -f1-3 /proc/loadavg); $(nproc) CPUs"
 wants raftkv && bench_raftkv
+wants raftkv && ((auth)) && bench_raftkv "bench-$RANDOM$RANDOM"
 wants redis && bench_redis
 wants etcd && bench_etcd
 

@@ -74,10 +74,14 @@ for i in 0 1 2; do ports+=("$(free_port)"); cports+=("$(free_port)"); done
 peers="1=127.0.0.1:${ports[0]},2=127.0.0.1:${ports[1]},3=127.0.0.1:${ports[2]}"
 
 start() { # start I (0-based)
-    local i=$1
+    local i=$1 join=--bootstrap
     rm -f "$tmp/node-$((i + 1))/status"
+    [[ -f "$tmp/peer-secret" ]] || { head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$tmp/peer-secret"; chmod 600 "$tmp/peer-secret"; }
+    # The cluster is founded on a node's first start; later starts name it.
+    [[ -f "$tmp/node-$((i + 1))/identity" ]] && join=--cluster
     "$bin" serve --id $((i + 1)) --peers "$peers" --client "127.0.0.1:${cports[$i]}" \
-        --data "$tmp/node-$((i + 1))" >>"$tmp/node-$((i + 1)).log" 2>&1 </dev/null &
+        --data "$tmp/node-$((i + 1))" --peer-secret-file "$tmp/peer-secret" "$join" bench-restart \
+        >>"$tmp/node-$((i + 1)).log" 2>&1 </dev/null &
     pids[i]=$!
 }
 kill9() {

@@ -12,8 +12,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+use raftkv::resp::auth::Password;
 use raftkv::resp::command::NOT_AN_INTEGER;
-use raftkv::resp::server::{CommandHandler, RespOptions, RespServer};
+use raftkv::resp::server::{CommandHandler, RespOptions, RespServer, check_protected_mode};
 use raftkv::resp::{Command, Limits, Reply, decode_reply, encode_command};
 
 /// Key → (value, version).
@@ -81,6 +82,7 @@ impl CommandHandler for MemStore {
                 data.insert(key, (value, version + 1));
                 Reply::ok()
             }
+            Command::DbSize => Reply::Integer(data.len() as i64),
             Command::Quit => unreachable!("the server answers QUIT itself"),
         }
     }
@@ -136,6 +138,21 @@ impl Client {
     fn cmd(&mut self, args: &[&str]) -> Reply {
         self.send(&encode_command(args));
         self.reply()
+    }
+
+    /// Sends a command and returns its reply exactly as it came on the wire.
+    fn raw(&mut self, args: &[&str]) -> String {
+        self.send(&encode_command(args));
+        loop {
+            if let Some((_, used)) = decode_reply(&self.buf, &Limits::default()).unwrap() {
+                let bytes: Vec<u8> = self.buf.drain(..used).collect();
+                return String::from_utf8_lossy(&bytes).into_owned();
+            }
+            let mut chunk = [0u8; 4096];
+            let n = self.stream.read(&mut chunk).expect("a reply");
+            assert!(n > 0, "connection closed while waiting for a reply");
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
     }
 
     /// Reads until the server closes the connection; whatever came before must be empty.
@@ -310,7 +327,7 @@ fn connection_limit_refuses_with_an_error() {
     let (server, _store) = start(
         "rl-r",
         RespOptions {
-            max_connections: 2,
+            max_clients: 2,
             ..RespOptions::default()
         },
     );
@@ -362,4 +379,457 @@ fn shutdown_joins_every_thread() {
         assert!(Instant::now() < deadline, "threads still running: {left:?}");
         thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// HELLO's map after the protocol number: what Redis 7.2 answers, with raftkv's client id.
+fn hello_tail(id: u64) -> String {
+    format!(
+        ":{id}\r\n$4\r\nmode\r\n$10\r\nstandalone\r\n$4\r\nrole\r\n$6\r\nmaster\r\n$7\r\nmodules\r\n*0\r\n"
+    )
+}
+
+fn hello(proto: u8, id: u64) -> String {
+    let head = if proto == 3 { "%7" } else { "*14" };
+    format!(
+        "{head}\r\n$6\r\nserver\r\n$5\r\nredis\r\n$7\r\nversion\r\n$5\r\n7.2.0\r\n$5\r\nproto\r\n:{proto}\r\n$2\r\nid\r\n{}",
+        hello_tail(id)
+    )
+}
+
+/// The connection commands real clients send at connect, byte for byte as redis-server 7.0
+/// answered them when these were written (CLIENT SETINFO as 7.2 documents it).
+#[test]
+fn handshake_commands_answer_as_redis_does() {
+    let (server, _store) = start("rh-r", RespOptions::default());
+    let mut c = Client::connect(server.local_addr());
+    let id: u64 = match c.cmd(&["CLIENT", "ID"]) {
+        Reply::Integer(id) => id as u64,
+        other => panic!("CLIENT ID answered {other:?}"),
+    };
+    assert_eq!(c.raw(&["HELLO"]), hello(2, id));
+    assert_eq!(c.raw(&["HELLO", "2"]), hello(2, id));
+    assert_eq!(
+        c.raw(&["HELLO", "4"]),
+        "-NOPROTO unsupported protocol version\r\n"
+    );
+    assert_eq!(
+        c.raw(&["HELLO", "x"]),
+        "-ERR Protocol version is not an integer or out of range\r\n"
+    );
+    assert_eq!(
+        c.raw(&["HELLO", "2", "AUTH"]),
+        "-ERR Syntax error in HELLO option 'AUTH'\r\n"
+    );
+    assert_eq!(
+        c.raw(&["HELLO", "2", "BOGUS"]),
+        "-ERR Syntax error in HELLO option 'BOGUS'\r\n"
+    );
+    assert_eq!(
+        c.raw(&["HELLO", "2", "AUTH", "default", "any", "SETNAME", "n1"]),
+        hello(2, id)
+    );
+    assert_eq!(c.raw(&["CLIENT", "GETNAME"]), "$2\r\nn1\r\n");
+    assert_eq!(
+        c.raw(&["AUTH", "pw"]),
+        "-ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?\r\n"
+    );
+    assert_eq!(c.raw(&["AUTH", "default", "pw"]), "+OK\r\n");
+    assert_eq!(c.raw(&["AUTH", "a", "b", "c"]), "-ERR syntax error\r\n");
+    assert_eq!(c.raw(&["CLIENT", "SETNAME", "myname"]), "+OK\r\n");
+    assert_eq!(
+        c.raw(&["CLIENT", "SETNAME", "my name"]),
+        "-ERR Client names cannot contain spaces, newlines or special characters.\r\n"
+    );
+    assert_eq!(
+        c.raw(&["CLIENT", "SETNAME", "my", "name"]),
+        "-ERR wrong number of arguments for 'client|setname' command\r\n"
+    );
+    assert_eq!(c.raw(&["CLIENT", "GETNAME"]), "$6\r\nmyname\r\n");
+    assert_eq!(
+        c.raw(&["CLIENT", "SETINFO", "LIB-NAME", "redis-py"]),
+        "+OK\r\n"
+    );
+    assert_eq!(c.raw(&["CLIENT", "SETINFO", "LIB-VER", "8.2.0"]), "+OK\r\n");
+    assert_eq!(
+        c.raw(&["CLIENT", "SETINFO", "BAD", "x"]),
+        "-ERR Unrecognized option 'BAD'\r\n"
+    );
+    assert_eq!(
+        c.raw(&["CLIENT", "BOGUS"]),
+        "-ERR unknown subcommand 'BOGUS'. Try CLIENT HELP.\r\n"
+    );
+    assert_eq!(
+        c.raw(&["CLIENT"]),
+        "-ERR wrong number of arguments for 'client' command\r\n"
+    );
+    let info = c.raw(&["CLIENT", "INFO"]);
+    assert!(
+        info.contains(&format!("id={id} addr=127.0.0.1:"))
+            && info.contains(" name=myname ")
+            && info.contains(" lib-name=redis-py lib-ver=8.2.0 resp=2\n"),
+        "{info}"
+    );
+    let list = c.raw(&["CLIENT", "LIST"]);
+    assert!(list.contains(&format!("id={id} ")), "{list}");
+    assert_eq!(c.raw(&["SELECT", "0"]), "+OK\r\n");
+    assert_eq!(c.raw(&["SELECT", "1"]), "-ERR DB index is out of range\r\n");
+    assert_eq!(
+        c.raw(&["SELECT", "x"]),
+        "-ERR value is not an integer or out of range\r\n"
+    );
+    assert_eq!(c.raw(&["DBSIZE"]), ":0\r\n");
+    assert_eq!(
+        c.raw(&["DBSIZE", "x"]),
+        "-ERR wrong number of arguments for 'dbsize' command\r\n"
+    );
+    assert_eq!(c.raw(&["ECHO", "hi"]), "$2\r\nhi\r\n");
+    assert_eq!(
+        c.raw(&["ECHO"]),
+        "-ERR wrong number of arguments for 'echo' command\r\n"
+    );
+    // What redis-benchmark reads before it starts.
+    assert_eq!(
+        c.raw(&["CONFIG", "GET", "save"]),
+        "*2\r\n$4\r\nsave\r\n$0\r\n\r\n"
+    );
+    assert_eq!(
+        c.raw(&["CONFIG", "GET", "appendonly"]),
+        "*2\r\n$10\r\nappendonly\r\n$3\r\nyes\r\n"
+    );
+    assert_eq!(
+        c.raw(&["CONFIG", "GET", "maxclients"]),
+        "*2\r\n$10\r\nmaxclients\r\n$5\r\n10000\r\n"
+    );
+    assert_eq!(
+        c.raw(&["CONFIG", "GET", "timeout"]),
+        "*2\r\n$7\r\ntimeout\r\n$1\r\n0\r\n"
+    );
+    assert_eq!(c.raw(&["CONFIG", "GET", "nosuch"]), "*0\r\n");
+    assert_eq!(
+        c.raw(&["CONFIG"]),
+        "-ERR wrong number of arguments for 'config' command\r\n"
+    );
+    assert_eq!(c.raw(&["COMMAND", "COUNT"]), ":22\r\n");
+    assert_eq!(
+        c.raw(&["COMMAND", "DOCS", "get"]),
+        "*2\r\n$3\r\nget\r\n*6\r\n$7\r\nsummary\r\n$34\r\nReturns the string value of a key.\r\n$5\r\nsince\r\n$5\r\n1.0.0\r\n$5\r\ngroup\r\n$6\r\nstring\r\n"
+    );
+    assert_eq!(c.raw(&["COMMAND", "DOCS", "nosuch"]), "*0\r\n");
+    assert_eq!(
+        c.raw(&["COMMAND", "FOO"]),
+        "-ERR unknown subcommand 'FOO'. Try COMMAND HELP.\r\n"
+    );
+    match c.cmd(&["COMMAND"]) {
+        Reply::Array(entries) => assert_eq!(entries.len(), 22),
+        other => panic!("COMMAND answered {other:?}"),
+    }
+    let info = c.raw(&["INFO"]);
+    for section in [
+        "# Server\r\n",
+        "# Clients\r\nconnected_clients:1\r\nmaxclients:10000\r\n",
+        "# Keyspace\r\n",
+    ] {
+        assert!(info.contains(section), "{section:?} missing from {info}");
+    }
+    assert_eq!(c.raw(&["INFO", "keyspace"]), "$12\r\n# Keyspace\r\n\r\n");
+    assert_eq!(c.cmd(&["SET", "k", "v"]), Reply::ok());
+    assert_eq!(
+        c.raw(&["INFO", "keyspace"]),
+        "$44\r\n# Keyspace\r\ndb0:keys=1,expires=0,avg_ttl=0\r\n\r\n"
+    );
+    // RESP3 after HELLO 3: nil is `_`, maps are `%`, text is verbatim.
+    assert_eq!(c.raw(&["HELLO", "3"]), hello(3, id));
+    assert_eq!(c.raw(&["GET", "nosuch"]), "_\r\n");
+    assert_eq!(c.raw(&["MGET", "k", "nosuch"]), "*2\r\n$1\r\nv\r\n_\r\n");
+    assert_eq!(
+        c.raw(&["CONFIG", "GET", "save"]),
+        "%1\r\n$4\r\nsave\r\n$0\r\n\r\n"
+    );
+    assert_eq!(
+        c.raw(&["INFO", "keyspace"]),
+        "=48\r\ntxt:# Keyspace\r\ndb0:keys=1,expires=0,avg_ttl=0\r\n\r\n"
+    );
+    assert_eq!(c.raw(&["HELLO", "2"]), hello(2, id));
+    assert_eq!(c.raw(&["GET", "nosuch"]), "$-1\r\n");
+}
+
+#[test]
+fn multi_exec_runs_the_queued_commands_as_one_batch() {
+    let (server, store) = start("rm-r", RespOptions::default());
+    let mut c = Client::connect(server.local_addr());
+    assert_eq!(c.raw(&["EXEC"]), "-ERR EXEC without MULTI\r\n");
+    assert_eq!(c.raw(&["DISCARD"]), "-ERR DISCARD without MULTI\r\n");
+    assert_eq!(c.raw(&["MULTI"]), "+OK\r\n");
+    assert_eq!(c.raw(&["MULTI"]), "-ERR MULTI calls can not be nested\r\n");
+    for i in 0..5 {
+        assert_eq!(c.raw(&["INCR", "n"]), "+QUEUED\r\n", "INCR {i}");
+    }
+    assert_eq!(c.raw(&["PING"]), "+QUEUED\r\n");
+    assert_eq!(c.raw(&["GET", "n"]), "+QUEUED\r\n");
+    assert_eq!(
+        c.raw(&["EXEC"]),
+        "*7\r\n:1\r\n:2\r\n:3\r\n:4\r\n:5\r\n+PONG\r\n$1\r\n5\r\n"
+    );
+    assert_eq!(
+        store.largest_batch.load(Ordering::SeqCst),
+        6,
+        "one batch for the transaction"
+    );
+    // A refused command discards the whole transaction.
+    assert_eq!(c.raw(&["MULTI"]), "+OK\r\n");
+    assert_eq!(
+        c.raw(&["NOSUCH"]),
+        "-ERR unknown command 'NOSUCH', with args beginning with: \r\n"
+    );
+    assert_eq!(
+        c.raw(&["SET", "m"]),
+        "-ERR wrong number of arguments for 'set' command\r\n"
+    );
+    assert_eq!(c.raw(&["SET", "m", "1"]), "+QUEUED\r\n");
+    assert_eq!(
+        c.raw(&["EXEC"]),
+        "-EXECABORT Transaction discarded because of previous errors.\r\n"
+    );
+    assert_eq!(c.raw(&["GET", "m"]), "$-1\r\n");
+    assert_eq!(c.raw(&["MULTI"]), "+OK\r\n");
+    assert_eq!(c.raw(&["SET", "m", "1"]), "+QUEUED\r\n");
+    assert_eq!(c.raw(&["DISCARD"]), "+OK\r\n");
+    assert_eq!(c.raw(&["GET", "m"]), "$-1\r\n");
+}
+
+const NOAUTH: &str = "-NOAUTH Authentication required.\r\n";
+const WRONGPASS: &str = "-WRONGPASS invalid username-password pair or user is disabled.\r\n";
+
+/// AUTH as Redis documents it (`requirepass`): error strings byte for byte as redis-server
+/// 7.0 answered them.
+#[test]
+fn auth_as_redis_documents() {
+    let options = RespOptions {
+        password: Some(Password::new(b"s3cret").unwrap()),
+        ..RespOptions::default()
+    };
+    let (server, _store) = start("ra-r", options);
+    let mut c = Client::connect(server.local_addr());
+    for command in [
+        &["PING"][..],
+        &["GET", "a"],
+        &["SET", "a", "1"],
+        &["CLIENT", "SETNAME", "x"],
+        &["SELECT", "0"],
+        &["INFO"],
+        &["DBSIZE"],
+        &["MULTI"],
+        &["CONFIG", "GET", "save"],
+    ] {
+        assert_eq!(c.raw(command), NOAUTH, "{command:?} before AUTH");
+    }
+    // Unknown commands and wrong arity are reported first, as Redis does.
+    assert_eq!(
+        c.raw(&["NOSUCH", "a"]),
+        "-ERR unknown command 'NOSUCH', with args beginning with: 'a' \r\n"
+    );
+    assert_eq!(
+        c.raw(&["GET"]),
+        "-ERR wrong number of arguments for 'get' command\r\n"
+    );
+    assert_eq!(
+        c.raw(&["HELLO", "2"]),
+        "-NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time\r\n"
+    );
+    assert_eq!(
+        c.raw(&["HELLO", "2", "AUTH", "default", "wrong"]),
+        WRONGPASS
+    );
+    assert_eq!(c.raw(&["HELLO", "2", "AUTH", "bob", "s3cret"]), WRONGPASS);
+    assert_eq!(c.raw(&["AUTH", "wrong"]), WRONGPASS);
+    assert_eq!(c.raw(&["AUTH", "default", "wrong"]), WRONGPASS);
+    assert_eq!(c.raw(&["AUTH", "bob", "s3cret"]), WRONGPASS);
+    assert_eq!(c.raw(&["AUTH", "s3cre"]), WRONGPASS);
+    assert_eq!(c.raw(&["AUTH", "s3crett"]), WRONGPASS);
+    assert_eq!(c.raw(&["PING"]), NOAUTH);
+    assert_eq!(c.raw(&["AUTH", "s3cret"]), "+OK\r\n");
+    assert_eq!(c.raw(&["PING"]), "+PONG\r\n");
+    assert_eq!(c.raw(&["SET", "a", "1"]), "+OK\r\n");
+    // A failed AUTH later does not log the client out (Redis keeps it authenticated).
+    assert_eq!(c.raw(&["AUTH", "wrong"]), WRONGPASS);
+    assert_eq!(c.raw(&["GET", "a"]), "$1\r\n1\r\n");
+
+    let mut d = Client::connect(server.local_addr());
+    assert_eq!(d.raw(&["AUTH", "default", "s3cret"]), "+OK\r\n");
+    assert_eq!(d.raw(&["GET", "a"]), "$1\r\n1\r\n");
+
+    let mut e = Client::connect(server.local_addr());
+    let reply = e.raw(&["HELLO", "3", "AUTH", "default", "s3cret", "SETNAME", "n1"]);
+    assert!(reply.starts_with("%7\r\n$6\r\nserver\r\n"), "{reply}");
+    assert_eq!(e.raw(&["CLIENT", "GETNAME"]), "$2\r\nn1\r\n");
+
+    // QUIT needs no AUTH.
+    let mut q = Client::connect(server.local_addr());
+    assert_eq!(q.raw(&["QUIT"]), "+OK\r\n");
+    q.expect_closed();
+
+    // Before AUTH, commands are read under small limits: no 1 MB value from a stranger.
+    let mut big = Client::connect(server.local_addr());
+    big.send(b"*2\r\n$4\r\nAUTH\r\n$20000\r\n");
+    match big.reply() {
+        Reply::Error(e) => assert!(
+            e.starts_with("ERR Protocol error: invalid bulk length"),
+            "{e}"
+        ),
+        other => panic!("a 20,000-byte password was answered {other:?}"),
+    }
+    big.expect_closed();
+}
+
+#[test]
+fn protected_mode_refuses_an_open_port_without_a_password() {
+    let refused = RespServer::start(
+        "rpm-r",
+        "0.0.0.0:0",
+        RespOptions::default(),
+        Arc::new(MemStore::default()),
+    );
+    let e = refused
+        .err()
+        .expect("an open port without a password must be refused");
+    assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied);
+    let text = e.to_string();
+    assert!(
+        text.contains("protected mode")
+            && text.contains("--requirepass-file")
+            && text.contains("127.0.0.1"),
+        "{text}"
+    );
+    // With a password the same address is allowed (checked without binding it).
+    let with_password = RespOptions {
+        password: Some(Password::new(b"pw").unwrap()),
+        ..RespOptions::default()
+    };
+    let open: Vec<SocketAddr> = vec!["0.0.0.0:0".parse().unwrap()];
+    check_protected_mode(&open, &with_password).unwrap();
+    let loopback: Vec<SocketAddr> =
+        vec!["127.0.0.1:0".parse().unwrap(), "[::1]:0".parse().unwrap()];
+    check_protected_mode(&loopback, &RespOptions::default()).unwrap();
+}
+
+/// Waits up to `limit` for the server to close `stream`; the time it took.
+fn closed_within(stream: &mut TcpStream, limit: Duration) -> Duration {
+    let start = Instant::now();
+    stream.set_read_timeout(Some(limit)).unwrap();
+    let mut rest = Vec::new();
+    match stream.read_to_end(&mut rest) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("not closed within {limit:?}: {e}"),
+    }
+    start.elapsed()
+}
+
+#[test]
+fn idle_and_partial_frame_timeouts_close_what_they_should() {
+    // Each timeout on its own server, so that one cannot do the other's work. Long enough
+    // that the active client, pinging every 100 ms, is not taken for idle when this test's
+    // thread is starved of CPU for a while on a loaded machine.
+    let timeout = Duration::from_secs(3);
+    let (idle_server, _store) = start(
+        "rti-r",
+        RespOptions {
+            idle_timeout: timeout,
+            ..RespOptions::default()
+        },
+    );
+    let (partial_server, _store) = start(
+        "rtp-r",
+        RespOptions {
+            partial_frame_timeout: timeout,
+            ..RespOptions::default()
+        },
+    );
+    // Idle timeout: a silent client goes, an active one stays.
+    let mut idle = TcpStream::connect(idle_server.local_addr()).unwrap();
+    let mut active_a = Client::connect(idle_server.local_addr());
+    // Partial-frame timeout: half a SET then silence goes, and so does a client trickling a
+    // command that never completes (it is not idle); a silent client and an active one stay.
+    let mut half = TcpStream::connect(partial_server.local_addr()).unwrap();
+    half.write_all(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$100\r\nabc")
+        .unwrap();
+    let mut trickle = TcpStream::connect(partial_server.local_addr()).unwrap();
+    let mut silent = Client::connect(partial_server.local_addr());
+    let mut active_p = Client::connect(partial_server.local_addr());
+    let begin = Instant::now();
+    let mut trickled = 0;
+    while begin.elapsed() < timeout + Duration::from_millis(1500) {
+        assert_eq!(active_a.cmd(&["PING"]), Reply::Simple("PONG".into()));
+        assert_eq!(active_p.cmd(&["PING"]), Reply::Simple("PONG".into()));
+        if trickle.write_all(b"x").is_ok() {
+            trickled += 1;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert!(trickled > 0);
+    for (name, stream) in [
+        ("idle", &mut idle),
+        ("half a frame", &mut half),
+        ("trickle", &mut trickle),
+    ] {
+        let waited = closed_within(stream, Duration::from_secs(10));
+        assert!(waited < Duration::from_secs(10), "{name} still open");
+    }
+    assert_eq!(active_a.cmd(&["PING"]), Reply::Simple("PONG".into()));
+    assert_eq!(active_p.cmd(&["PING"]), Reply::Simple("PONG".into()));
+    assert_eq!(
+        silent.cmd(&["PING"]),
+        Reply::Simple("PONG".into()),
+        "no idle timeout there"
+    );
+    assert_eq!(idle_server.limit_closes(), 1);
+    assert_eq!(partial_server.limit_closes(), 2);
+}
+
+#[test]
+fn stalled_large_commands_are_bounded_in_total() {
+    let options = RespOptions {
+        max_input_bytes: 16 << 20,
+        ..RespOptions::default()
+    };
+    let (server, _store) = start("rb-r", options);
+    let addr = server.local_addr();
+    // 12 clients each send 3.5 MB of a 4 MB MGET and stall: 42 MB wanted, 16 MB allowed.
+    let chunk = vec![b'k'; 1000];
+    let mut stalled: Vec<TcpStream> = Vec::new();
+    for _ in 0..12 {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"*4000\r\n$4\r\nMGET\r\n").unwrap();
+        let mut sent = 0;
+        while sent < 3_500_000 {
+            let mut element = format!("${}\r\n", chunk.len()).into_bytes();
+            element.extend_from_slice(&chunk);
+            element.extend_from_slice(b"\r\n");
+            if s.write_all(&element).is_err() {
+                break; // closed already: over the budget
+            }
+            sent += element.len();
+        }
+        stalled.push(s);
+    }
+    let mut closed = 0;
+    for s in &mut stalled {
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut byte = [0u8; 1];
+        match s.read(&mut byte) {
+            Ok(0) => closed += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => closed += 1,
+            _ => {}
+        }
+    }
+    // At most 16 MB / 3.5 MB = 4 can be held at once.
+    assert!(
+        closed >= 12 - 5,
+        "only {closed} of 12 stalled clients were closed"
+    );
+    let mut c = Client::connect(addr);
+    assert_eq!(c.cmd(&["SET", "still", "here"]), Reply::ok());
+    assert!(server.limit_closes() >= 7);
 }

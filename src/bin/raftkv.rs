@@ -80,6 +80,13 @@ struct LocalOpts {
     /// Node 1's Redis port (P).
     #[arg(long, default_value_t = 7001, value_parser = clap::value_parser!(u16).range(1..=64000))]
     port: u16,
+    /// Clients must AUTH with the password in FILE (its first line).
+    #[arg(long, value_name = "FILE", conflicts_with = "auth")]
+    requirepass_file: Option<PathBuf>,
+    /// Clients must AUTH with the password in DIR/requirepass (created, mode 0600, with a
+    /// random password if it does not exist).
+    #[arg(long)]
+    auth: bool,
 }
 
 #[derive(Args)]
@@ -111,6 +118,23 @@ struct ServeOpts {
     /// Stop when standard input closes (how `local` and the tests tie a node's life to theirs).
     #[arg(long)]
     stop_on_stdin_eof: bool,
+    /// Clients must AUTH with the password in FILE (its first line). Without it, --client
+    /// must be a loopback address (protected mode).
+    #[arg(long, value_name = "FILE")]
+    requirepass_file: Option<PathBuf>,
+    /// Client connections at once; more get Redis's "max number of clients reached".
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    maxclients: u64,
+    /// Close a client silent this many seconds (0: never), as Redis's `timeout`.
+    #[arg(long, value_name = "SECS", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=31_536_000))]
+    timeout: u64,
+    /// Close a client that sent part of a command and completed none for this many seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    partial_frame_timeout: u64,
+    /// Bytes of partly received commands held for all clients together; past it the client
+    /// holding the most is closed.
+    #[arg(long, value_name = "BYTES", default_value_t = 256 << 20, value_parser = clap::value_parser!(u64).range((1 << 20)..=(1 << 40)))]
+    maxmemory_clients: u64,
 }
 
 #[derive(Args)]
@@ -210,6 +234,8 @@ fn main() -> ExitCode {
                 nodes: o.nodes as usize,
                 dir: o.dir,
                 port: o.port,
+                requirepass_file: o.requirepass_file,
+                auth: o.auth,
             })
         }
         Cmd::Serve(o) => {
@@ -229,6 +255,14 @@ fn main() -> ExitCode {
                 bootstrap: o.bootstrap,
                 cluster: o.cluster,
                 stop_on_stdin_eof: o.stop_on_stdin_eof,
+                requirepass_file: o.requirepass_file,
+                clients: raftkv::resp::server::RespOptions {
+                    max_clients: o.maxclients as usize,
+                    idle_timeout: Duration::from_secs(o.timeout),
+                    partial_frame_timeout: Duration::from_secs(o.partial_frame_timeout),
+                    max_input_bytes: o.maxmemory_clients as usize,
+                    ..raftkv::resp::server::RespOptions::default()
+                },
             })
         }
         Cmd::Chaos(o) => chaos(o),

@@ -227,6 +227,8 @@ struct Shared {
 pub struct Front {
     shared: Arc<Shared>,
     proposers: Mutex<Vec<JoinHandle<()>>>,
+    /// Every node's peer address, node `i + 1` at `members[i]` (for `INFO raft`).
+    members: Vec<String>,
 }
 
 impl Front {
@@ -253,6 +255,7 @@ impl Front {
         let front = Front {
             shared: shared.clone(),
             proposers: Mutex::new(Vec::new()),
+            members: Vec::new(),
         };
         for i in 0..PROPOSERS {
             let s = shared.clone();
@@ -269,6 +272,13 @@ impl Front {
     /// [`super::NodeFault::LocalReads`]).
     pub fn with_local_reads(self) -> Front {
         self.shared.local_reads.store(true, Ordering::SeqCst);
+        self
+    }
+
+    /// Names the cluster's members (peer addresses, node `i + 1` at `members[i]`) for
+    /// `INFO raft`.
+    pub fn with_members(mut self, members: Vec<String>) -> Front {
+        self.members = members;
         self
     }
 
@@ -506,6 +516,7 @@ fn to_kv(cmd: &Command) -> Option<KvCmd> {
             value,
             version,
         },
+        Command::DbSize => KvCmd::DbSize,
         Command::Ping(_) | Command::Quit => return None,
     })
 }
@@ -529,6 +540,38 @@ impl CommandHandler for Front {
         self.handle_batch(vec![command])
             .pop()
             .unwrap_or_else(|| Reply::Error("ERR internal: no reply".into()))
+    }
+
+    /// `INFO raft`: this node's own view, read without a round of the log (unlike `DBSIZE`
+    /// and `INFO keyspace`, which are linearizable reads): a follower's commit index may lag
+    /// the leader's, and `leader` is the node that last answered as leader here.
+    fn info(&self) -> Vec<(String, String)> {
+        let raft = self.shared.rsm.raft();
+        let (term, leading) = raft.get_state();
+        let (commit_index, last_applied) = raft.progress();
+        let me = self.shared.me;
+        let leader = if leading {
+            me
+        } else {
+            self.shared.leader_hint.load(Ordering::Relaxed)
+        };
+        let members: Vec<String> = self
+            .members
+            .iter()
+            .enumerate()
+            .map(|(i, addr)| format!("{}={addr}", i + 1))
+            .collect();
+        let text = format!(
+            "# Raft\r\nnode_id:{}\r\nrole:{}\r\nterm:{term}\r\ncommit_index:{commit_index}\r\n\
+             last_applied:{last_applied}\r\nleader:{}\r\nmembers:{}\r\n\
+             applied_requests:{}\r\n",
+            me + 1,
+            if leading { "leader" } else { "follower" },
+            leader + 1,
+            members.join(","),
+            self.shared.machine.applied(),
+        );
+        vec![("raft".to_string(), text)]
     }
 
     /// The KV commands of a pipelined batch go through the log as one entry; PING and QUIT

@@ -37,6 +37,8 @@ pub enum KvCmd {
         value: Vec<u8>,
         version: u64,
     },
+    /// The number of keys (`DBSIZE`).
+    DbSize,
 }
 
 impl KvCmd {
@@ -57,6 +59,7 @@ impl KvCmd {
                 key: k, value: v, ..
             } => k.len() + v.len(),
             KvCmd::Del(ks) | KvCmd::Exists(ks) | KvCmd::MGet(ks) => keys(ks),
+            KvCmd::DbSize => 0,
         }
     }
 }
@@ -256,6 +259,7 @@ impl KvMachine {
                     .map(|k| self.get(k).map_or(KvOut::Null, |(v, _)| KvOut::Bulk(v)))
                     .collect(),
             ),
+            KvCmd::DbSize => KvOut::Int(self.store.len() as i64),
             KvCmd::VGet(key) => self
                 .get(key)
                 .map_or(KvOut::Null, |(v, version)| KvOut::Versioned(v, version)),

@@ -12,6 +12,7 @@
 //! Storage is chosen by the caller ([`Node::start`] takes a `Box<dyn raft::Storage>`); the
 //! `raftkv` binary gives it the file log in `--data DIR`.
 
+pub mod files;
 pub mod front;
 pub mod identity;
 pub mod machine;
@@ -45,6 +46,8 @@ pub struct NodeConfig {
     pub peers: Vec<String>,
     /// Where Redis clients connect.
     pub client_addr: String,
+    /// The client port's limits, timeouts and password.
+    pub clients: RespOptions,
     pub max_raft_state: Option<usize>,
     /// A deliberate bug, for proving that the chaos run's checker can fail; `None` in service.
     pub fault: Option<NodeFault>,
@@ -201,6 +204,17 @@ impl Node {
             )));
         }
         let me = config.id - 1;
+        // Refuse an open client port before anything starts.
+        if let Ok(client_addrs) = config.client_addr.to_socket_addrs() {
+            let client_addrs: Vec<SocketAddr> = client_addrs.collect();
+            crate::resp::server::check_protected_mode(&client_addrs, &config.clients).map_err(
+                |e| NodeError::Bind {
+                    what: "clients",
+                    addr: config.client_addr.clone(),
+                    reason: e.to_string(),
+                },
+            )?;
+        }
         let addrs = config
             .peers
             .iter()
@@ -288,11 +302,11 @@ impl Node {
             log::warn!(target: "node", "node {}: deliberate fault: reads bypass the log", config.id);
             front = front.with_local_reads();
         }
-        let front = Arc::new(front);
+        let front = Arc::new(front.with_members(config.peers.clone()));
         let resp = RespServer::start(
             &format!("node{}-resp", config.id),
             &config.client_addr,
-            RespOptions::default(),
+            config.clients.clone(),
             front.clone(),
         )
         .map_err(|e| NodeError::Bind {

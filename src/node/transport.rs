@@ -153,14 +153,21 @@ pub fn raft_service(h: RaftHandler, identity: Arc<ClusterIdentity>) -> Service {
             g1.admit("RequestVote", &t.cluster, false)?;
             as_itself(node, t.msg.candidate, "RequestVote").then(|| h1.request_vote(t.msg))?
         })
-        .method_from("AppendEntries", move |node, t: Tagged<AppendEntriesArgs>| {
-            g2.admit("AppendEntries", &t.cluster, true)?;
-            as_itself(node, t.msg.leader, "AppendEntries").then(|| h2.append_entries(t.msg))?
-        })
-        .method_from("InstallSnapshot", move |node, t: Tagged<InstallSnapshotArgs>| {
-            g3.admit("InstallSnapshot", &t.cluster, true)?;
-            as_itself(node, t.msg.leader, "InstallSnapshot").then(|| h3.install_snapshot(t.msg))?
-        })
+        .method_from(
+            "AppendEntries",
+            move |node, t: Tagged<AppendEntriesArgs>| {
+                g2.admit("AppendEntries", &t.cluster, true)?;
+                as_itself(node, t.msg.leader, "AppendEntries").then(|| h2.append_entries(t.msg))?
+            },
+        )
+        .method_from(
+            "InstallSnapshot",
+            move |node, t: Tagged<InstallSnapshotArgs>| {
+                g3.admit("InstallSnapshot", &t.cluster, true)?;
+                as_itself(node, t.msg.leader, "InstallSnapshot")
+                    .then(|| h3.install_snapshot(t.msg))?
+            },
+        )
         .method_from(
             "InstallSnapshotChunk",
             move |node, t: Tagged<InstallSnapshotChunkArgs>| {

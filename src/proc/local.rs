@@ -6,6 +6,7 @@
 use std::fmt::Write as _;
 use std::fs;
 use std::io::{self, IsTerminal, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, ExitStatus};
 use std::thread;
@@ -24,6 +25,28 @@ pub struct LocalArgs {
     pub dir: PathBuf,
     /// Node i's Redis port is `port + i - 1`, its peer port `port + 1000 + i - 1`.
     pub port: u16,
+    /// Clients must AUTH with the password in this file.
+    pub requirepass_file: Option<PathBuf>,
+    /// Clients must AUTH with the password in `dir/requirepass`, created if missing.
+    pub auth: bool,
+}
+
+/// Creates `path` with a random password (32 hex digits, mode 0600) unless it exists.
+fn ensure_password_file(path: &Path) -> io::Result<()> {
+    if path.exists() {
+        return Ok(());
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let password = format!("{:032x}\n", rand::random::<u128>());
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(password.as_bytes())?;
+    f.sync_all()
 }
 
 struct Children(Vec<(ServeSpec, NodeProcess)>);
@@ -108,6 +131,17 @@ pub fn run(args: LocalArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    crate::node::files::private_umask();
+    let requirepass_file = if args.auth {
+        let path = args.dir.join("requirepass");
+        if let Err(e) = ensure_password_file(&path) {
+            eprintln!("raftkv local: cannot create {}: {e}", path.display());
+            return ExitCode::from(1);
+        }
+        Some(path)
+    } else {
+        args.requirepass_file.clone()
+    };
     let n = args.nodes;
     let client_port = |i: usize| args.port as usize + i;
     let peer_port = |i: usize| args.port as usize + 1000 + i;
@@ -140,7 +174,11 @@ pub fn run(args: LocalArgs) -> ExitCode {
             bootstrap: stored.is_none() || node_dir(i).join(LEGACY_FILE).exists(),
             peer_secret: secret.clone(),
         };
-        match spec.spawn(&mut spec.command()) {
+        let mut command = spec.command();
+        if let Some(file) = &requirepass_file {
+            command.arg("--requirepass-file").arg(file);
+        }
+        match spec.spawn(&mut command) {
             Ok(node) => children.0.push((spec, node)),
             Err(e) => {
                 eprintln!("raftkv local: cannot start node {}: {e}", i + 1);
@@ -148,8 +186,12 @@ pub fn run(args: LocalArgs) -> ExitCode {
             }
         }
     }
+    let auth_hint = match &requirepass_file {
+        Some(f) => format!(" --askpass    (password in {})", f.display()),
+        None => String::new(),
+    };
     println!(
-        "raftkv: {n} nodes, data in {}. Connect to any of them:\n  redis-cli -p {}    (nodes on ports {}–{})\nCtrl-C stops the cluster.",
+        "raftkv: {n} nodes, data in {}. Connect to any of them:\n  redis-cli -p {}{auth_hint}    (nodes on ports {}–{})\nCtrl-C stops the cluster.",
         args.dir.display(),
         client_port(0),
         client_port(0),

@@ -40,6 +40,10 @@ pub struct ServeArgs {
     /// `--cluster`: the cluster this node must belong to.
     pub cluster: Option<String>,
     pub stop_on_stdin_eof: bool,
+    /// The client password's file (`--requirepass-file`).
+    pub requirepass_file: Option<PathBuf>,
+    /// The client port's limits and timeouts (the password is read from the file).
+    pub clients: crate::resp::server::RespOptions,
 }
 
 /// The durable storage of a node's Raft state in `dir`.
@@ -56,8 +60,28 @@ pub fn run(args: ServeArgs) -> ExitCode {
         eprintln!("raftkv serve: node {}: {msg}", args.id);
         ExitCode::from(1)
     };
+    crate::node::files::private_umask();
     if let Err(e) = fs::create_dir_all(&args.data) {
         return fail(format!("cannot create {}: {e}", args.data.display()));
+    }
+    if let Err(e) = crate::node::files::make_private(&args.data) {
+        return fail(format!("cannot make {} private: {e}", args.data.display()));
+    }
+    let mut clients = args.clients.clone();
+    if let Some(file) = &args.requirepass_file {
+        match crate::resp::auth::Password::from_file(file) {
+            Ok(p) => clients.password = Some(p),
+            Err(e) => return fail(e.to_string()),
+        }
+    }
+    match crate::node::files::raise_open_files_limit() {
+        Ok(limit) if limit < clients.max_clients as u64 + 128 => {
+            log::warn!(target: LOG, "node {}: only {limit} open files allowed; fewer than --maxclients {} connections will be accepted", args.id, clients.max_clients);
+        }
+        Ok(_) => {}
+        Err(e) => {
+            log::warn!(target: LOG, "node {}: cannot raise the open files limit: {e}", args.id)
+        }
     }
     let raft_dir = args.data.join("raft");
     let had_identity = args.data.join(IDENTITY_FILE).exists();
@@ -105,6 +129,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
         id: args.id,
         peers: args.peers.clone(),
         client_addr: args.client.clone(),
+        clients,
         max_raft_state: Some(crate::node::DEFAULT_MAX_RAFT_STATE),
         fault,
         peer_secret,

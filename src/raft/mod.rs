@@ -201,6 +201,12 @@ impl Raft {
         self.core.get_state()
     }
 
+    /// This peer's commit index and the last index it delivered to its service.
+    pub fn progress(&self) -> (u64, u64) {
+        let st = self.core.state.lock();
+        (st.commit_index, st.last_applied)
+    }
+
     /// The service has a snapshot of everything through `index`: Raft may discard that part
     /// of its log.
     pub fn snapshot(&self, index: u64, data: Vec<u8>) {

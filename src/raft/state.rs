@@ -13,11 +13,11 @@ use parking_lot::{Condvar, Mutex, MutexGuard, RwLock};
 use rand::Rng;
 
 use super::RaftError;
+use super::RaftOptions;
 use super::check::{MAX_INDEX, MAX_TERM, Refusal, Validator};
 use super::log::Log;
 use super::storage::{SnapshotData, Storage};
 use super::transport::RaftTransport;
-use super::RaftOptions;
 
 /// A leader sends at most this many heartbeats a second per peer (the tester allows ten).
 pub(super) const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);

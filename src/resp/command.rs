@@ -12,7 +12,11 @@
 //! | `MGET` | `key [key …]` | array of bulk values or nils |
 //! | `VGET` | `key` | `[value, version]`, or nil |
 //! | `VSET` | `key value version` | `+OK`, `-ERRVERSION …` or `-ERRMAYBE …` |
+//! | `DBSIZE` | | integer: keys in the store |
 //! | `QUIT` | | `+OK`, then the server closes the connection |
+//!
+//! The commands about the connection itself (`HELLO`, `AUTH`, `CLIENT`, `SELECT`, `INFO`,
+//! `MULTI`/`EXEC`, …) are in [`super::session`].
 //!
 //! `VGET` and `VSET` are the lab's versioned `Get` and `Put`: `VSET` installs the value only if
 //! `version` is the key's current version (0 creates a key), and answers `ERRMAYBE` when a
@@ -41,6 +45,8 @@ pub enum Command {
         value: Vec<u8>,
         version: u64,
     },
+    /// `DBSIZE`: how many keys the store holds.
+    DbSize,
     Quit,
 }
 
@@ -127,6 +133,7 @@ const TABLE: &[(&str, &str, Arity)] = &[
     ("MGET", "mget", Arity::AtLeast(2)),
     ("VGET", "vget", Arity::Exactly(2)),
     ("VSET", "vset", Arity::Exactly(4)),
+    ("DBSIZE", "dbsize", Arity::Exactly(1)),
     ("QUIT", "quit", Arity::Exactly(1)),
 ];
 
@@ -185,6 +192,7 @@ impl Command {
                     version,
                 }
             }
+            "DBSIZE" => Command::DbSize,
             "QUIT" => Command::Quit,
             other => unreachable!("command {other} is in the table but not mapped"),
         };
@@ -203,6 +211,7 @@ impl Command {
             Command::MGet(_) => "mget",
             Command::VGet(_) => "vget",
             Command::VSet { .. } => "vset",
+            Command::DbSize => "dbsize",
             Command::Quit => "quit",
         }
     }
@@ -230,7 +239,7 @@ impl Command {
                 value,
                 version,
             } => args.extend([key.clone(), value.clone(), version.to_string().into_bytes()]),
-            Command::Quit => {}
+            Command::DbSize | Command::Quit => {}
         }
         args
     }

@@ -15,9 +15,11 @@
 //! A [`ParseError`] means the stream is broken: the server answers
 //! [`ParseError::reply`] and closes the connection, as Redis does.
 
+pub mod auth;
 pub mod command;
 mod inline;
 pub mod server;
+pub mod session;
 
 use std::fmt;
 
@@ -49,6 +51,9 @@ impl Default for Limits {
         }
     }
 }
+
+/// A decoder's empty buffer keeps up to this much capacity for the next command.
+const RETAINED_BUFFER_BYTES: usize = 64 << 10;
 
 /// The longest `*<count>` or `$<len>` header line (without its type byte and CRLF) we wait for;
 /// a 64-bit count needs at most 20 characters.
@@ -195,6 +200,31 @@ impl Decoder {
 
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    /// Changes the limits for what is read from now on (a command already being read keeps
+    /// the size it was admitted with, and is checked against the new limits as it goes on).
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+    }
+
+    /// Whether part of a command has arrived and the rest has not.
+    pub fn mid_command(&self) -> bool {
+        self.partial.is_some() || self.buffered() > 0
+    }
+
+    /// Memory this decoder holds for input: its buffer and the arguments of a command being
+    /// read.
+    pub fn held_bytes(&self) -> usize {
+        self.buf.capacity() + self.partial.as_ref().map_or(0, |p| p.frame_bytes)
+    }
+
+    /// Gives back the memory of a buffer that is empty now (it grew for a large command).
+    pub fn release_if_empty(&mut self) {
+        if self.pos == self.buf.len() && self.buf.capacity() > RETAINED_BUFFER_BYTES {
+            self.buf = Vec::new();
+            self.pos = 0;
+        }
     }
 
     /// Appends bytes read from the stream.
@@ -438,6 +468,29 @@ pub enum Reply {
     Null,
     /// `*2\r\n…`.
     Array(Vec<Reply>),
+    /// A map: `%2\r\n` then key, value, key, value in RESP3; a flat array of keys and values
+    /// in RESP2 (how Redis answers `HELLO` and `CONFIG GET` to each).
+    Map(Vec<(Reply, Reply)>),
+    /// Text meant for a person (`INFO`, `CLIENT INFO`): a verbatim string `=` with the
+    /// `txt` format in RESP3, a bulk string in RESP2.
+    Verbatim(String),
+}
+
+/// The protocol a connection speaks, chosen by `HELLO` (RESP2 until then).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Resp2,
+    Resp3,
+}
+
+impl Protocol {
+    /// The number `HELLO` takes and answers.
+    pub fn version(self) -> i64 {
+        match self {
+            Protocol::Resp2 => 2,
+            Protocol::Resp3 => 3,
+        }
+    }
 }
 
 impl Reply {
@@ -445,8 +498,14 @@ impl Reply {
         Reply::Simple("OK".into())
     }
 
-    /// Appends the wire form to `out`.
+    /// Appends the RESP2 wire form to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {
+        self.encode_as(Protocol::Resp2, out);
+    }
+
+    /// Appends the wire form in `protocol` to `out`.
+    pub fn encode_as(&self, protocol: Protocol, out: &mut Vec<u8>) {
+        let resp3 = protocol == Protocol::Resp3;
         match self {
             Reply::Simple(text) => encode_line(out, b'+', text),
             Reply::Error(text) => encode_line(out, b'-', text),
@@ -462,15 +521,32 @@ impl Reply {
                 out.extend_from_slice(bytes);
                 out.extend_from_slice(b"\r\n");
             }
+            Reply::Null if resp3 => out.extend_from_slice(b"_\r\n"),
             Reply::Null => out.extend_from_slice(b"$-1\r\n"),
             Reply::Array(items) => {
-                out.push(b'*');
-                out.extend_from_slice(items.len().to_string().as_bytes());
-                out.extend_from_slice(b"\r\n");
+                encode_header(out, b'*', items.len());
                 for item in items {
-                    item.encode(out);
+                    item.encode_as(protocol, out);
                 }
             }
+            Reply::Map(pairs) => {
+                if resp3 {
+                    encode_header(out, b'%', pairs.len());
+                } else {
+                    encode_header(out, b'*', pairs.len() * 2);
+                }
+                for (key, value) in pairs {
+                    key.encode_as(protocol, out);
+                    value.encode_as(protocol, out);
+                }
+            }
+            Reply::Verbatim(text) if resp3 => {
+                encode_header(out, b'=', text.len() + 4);
+                out.extend_from_slice(b"txt:");
+                out.extend_from_slice(text.as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+            Reply::Verbatim(text) => Reply::Bulk(text.as_bytes().to_vec()).encode_as(protocol, out),
         }
     }
 
@@ -480,6 +556,12 @@ impl Reply {
         self.encode(&mut out);
         out
     }
+}
+
+pub(crate) fn encode_header(out: &mut Vec<u8>, kind: u8, len: usize) {
+    out.push(kind);
+    out.extend_from_slice(len.to_string().as_bytes());
+    out.extend_from_slice(b"\r\n");
 }
 
 fn encode_line(out: &mut Vec<u8>, kind: u8, text: &str) {
@@ -550,6 +632,54 @@ fn decode_reply_at(
                 ),
             };
             Ok(Some((reply, end - start)))
+        }
+        b'_' => match bytes.get(start + 1..start + 3) {
+            None => Ok(None),
+            Some(b"\r\n") => Ok(Some((Reply::Null, 3))),
+            Some(_) => Err(ParseError::MissingCrlf { offset: offset + 1 }),
+        },
+        b'=' => match decode_reply_at(&[b"$", &bytes[start + 1..]].concat(), 0, limits, depth)? {
+            None => Ok(None),
+            Some((Reply::Bulk(body), used)) => {
+                // A verbatim string is `<3-letter format>:` then the text.
+                let text = body
+                    .get(4..)
+                    .ok_or(ParseError::InvalidBulkLength { offset })?;
+                Ok(Some((
+                    Reply::Verbatim(String::from_utf8_lossy(text).into_owned()),
+                    used,
+                )))
+            }
+            Some(_) => Err(ParseError::InvalidBulkLength { offset }),
+        },
+        b'%' => {
+            if depth >= limits.max_reply_depth {
+                return Err(ParseError::ReplyTooDeep {
+                    max: limits.max_reply_depth,
+                    offset,
+                });
+            }
+            let (count, header_len) = match read_header(&bytes[start..], offset, true)? {
+                Header::Incomplete => return Ok(None),
+                Header::Value(count, header_len) => (count, header_len),
+            };
+            if count < 0 || count > limits.max_array_len as i64 / 2 {
+                return Err(ParseError::InvalidMultibulkLength { offset });
+            }
+            let mut at = start + header_len;
+            let mut pairs = Vec::with_capacity((count as usize).min(16));
+            for _ in 0..count {
+                let Some((key, used)) = decode_reply_at(bytes, at, limits, depth + 1)? else {
+                    return Ok(None);
+                };
+                at += used;
+                let Some((value, used)) = decode_reply_at(bytes, at, limits, depth + 1)? else {
+                    return Ok(None);
+                };
+                at += used;
+                pairs.push((key, value));
+            }
+            Ok(Some((Reply::Map(pairs), at - start)))
         }
         b'$' => {
             let (len, header_len) = match read_header(&bytes[start..], offset, false) {

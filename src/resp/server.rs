@@ -1,37 +1,79 @@
 //! A RESP front end: a TCP listener whose connections speak Redis's protocol to a
-//! [`CommandHandler`]. One thread per connection; the commands a client pipelined (those that
-//! arrived in the same reads) go to the handler as one batch and their replies are written
-//! with one flush.
+//! [`CommandHandler`].
 //!
-//! What a connection does with bad input, as Redis does:
+//! One event-loop thread (`<name>-loop`, on `mio`) owns the listener and every connection: it
+//! reads, decodes, answers the commands about the connection itself ([`super::session`]), and
+//! hands the KV commands a client pipelined — one batch per connection at a time — to a fixed
+//! pool of worker threads (`<name>-w<i>`) that call the handler, which may block (for a Raft
+//! commit, say). A worker encodes the replies and gives them back to the loop, which writes
+//! them. A connection is not read while its batch runs or its replies wait to be written, so
+//! what one client can make the server hold is one batch's input and one batch's output.
+//!
+//! Idle connections cost a few hundred bytes each and no thread, so the default limit is
+//! Redis's 10,000 clients. What a connection does with bad input, as Redis does:
 //! * unknown command, wrong arity, a bad integer: the error reply, and the connection goes on;
-//! * a malformed or oversized frame ([`ParseError`]): the error reply, then the connection is
-//!   closed (the stream cannot be resynchronised); the peer and the offset are logged;
-//! * more connections than [`RespOptions::max_connections`]: `-ERR max number of clients
-//!   reached`, then closed.
+//! * a malformed or oversized frame ([`super::ParseError`]): the error reply, then the
+//!   connection is closed (the stream cannot be resynchronised); the peer and the offset are
+//!   logged;
+//! * more connections than [`RespOptions::max_clients`]: `-ERR max number of clients
+//!   reached`, then closed;
+//! * silent for [`RespOptions::idle_timeout`] (Redis's `timeout`; zero: never): closed;
+//! * part of a command sent and nothing completed for
+//!   [`RespOptions::partial_frame_timeout`]: closed (a slowloris client);
+//! * input held for partly received commands above [`RespOptions::max_input_bytes`] over
+//!   all connections: the connection holding the most is closed (Redis's
+//!   `maxmemory-clients`);
+//! * replies not read for [`RespOptions::write_timeout`]: closed.
+//!
+//! With a password ([`RespOptions::password`]) every command but `AUTH`, `HELLO` and `QUIT`
+//! answers `-NOAUTH` until the client authenticates, and the commands of an unauthenticated
+//! client are read under [`RespOptions::unauthenticated_limits`].
 
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use super::{Command, CommandError, Decoder, Limits, ParseError, Reply};
-use crate::net::acceptor::{self, Accept, Acceptor, AcceptorOptions, ConnList, Handshake};
+use crossbeam::channel::{self, Receiver, Sender};
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token, Waker};
+
+use super::auth::Password;
+use super::session::{ConnFacts, ServerView, Session, Slot, Work, render_info};
+use super::{Command, Decoder, Limits, Reply, encode_header};
 
 const LOG: &str = "resp::server";
-const READ_CHUNK: usize = 16 << 10;
+const LISTENER: Token = Token(0);
+const WAKER: Token = Token(1);
+/// Connection ids (and tokens) start here and are never reused.
+const FIRST_CONN_ID: u64 = 2;
+const READ_CHUNK: usize = 64 << 10;
+/// Reads one connection may take in one turn before the others get theirs.
+const READS_PER_TURN: usize = 16;
+/// How often timeouts are checked (and a paused accept retried).
+const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
+/// At most one log line a second for refused connections.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
-/// What executes the commands of every connection. It runs on the connection's thread and
-/// may block (for a Raft commit, say); the connection reads nothing more meanwhile.
+/// What executes the commands of every connection. It runs on a worker thread and may block
+/// (for a Raft commit, say); the connection reads nothing more meanwhile.
 pub trait CommandHandler: Send + Sync + 'static {
     fn handle(&self, command: Command) -> Reply;
 
     /// The commands one client pipelined, in order; one reply each, in the same order. The
-    /// default runs them one by one; a replicated store can submit them together.
+    /// default runs them one by one; a replicated store can submit them together (and must
+    /// run them atomically: an `EXEC` is one batch).
     fn handle_batch(&self, commands: Vec<Command>) -> Vec<Reply> {
         commands.into_iter().map(|c| self.handle(c)).collect()
+    }
+
+    /// Sections the store adds to `INFO`: lower-case name and text (`# Name\r\nkey:value\r\n…`).
+    fn info(&self) -> Vec<(String, String)> {
+        Vec::new()
     }
 }
 
@@ -44,103 +86,184 @@ impl<F: Fn(Command) -> Reply + Send + Sync + 'static> CommandHandler for F {
 #[derive(Debug, Clone)]
 pub struct RespOptions {
     pub limits: Limits,
-    /// Connections open at once; more are answered with an error and closed (and the limit
-    /// hit logged).
-    pub max_connections: usize,
-    /// Runs on each accepted connection before its first command is read (see [`Handshake`]).
-    pub handshake: Option<Handshake>,
+    /// The limits a client's commands are read under until it authenticates (only with a
+    /// password): small, as Redis's for unauthenticated clients.
+    pub unauthenticated_limits: Limits,
+    /// Connections open at once (Redis's `maxclients`); more are answered with an error and
+    /// closed.
+    pub max_clients: usize,
     /// Commands handed to the handler in one batch, at most.
     pub max_batch: usize,
     /// A client that does not read its replies for this long is disconnected.
     pub write_timeout: Duration,
+    /// A client that sends nothing for this long is disconnected (Redis's `timeout`); zero:
+    /// never.
+    pub idle_timeout: Duration,
+    /// A client that sent part of a command and completed none for this long is
+    /// disconnected.
+    pub partial_frame_timeout: Duration,
+    /// Bytes of partly received commands (and queued transactions) held for all connections
+    /// together; above it the connection holding the most is closed.
+    pub max_input_bytes: usize,
+    /// Threads that run handler calls: batches of different connections in flight at once.
+    pub workers: usize,
+    /// The password clients must give (`requirepass`); `None`: none.
+    pub password: Option<Password>,
+    /// Refuse to listen on an address other than loopback without a password (Redis's
+    /// `protected-mode`).
+    pub protected_mode: bool,
 }
 
 impl Default for RespOptions {
     fn default() -> Self {
         RespOptions {
             limits: Limits::default(),
-            max_connections: 1024,
-            handshake: None,
+            unauthenticated_limits: Limits {
+                max_bulk_bytes: 16 << 10,
+                max_array_len: 10,
+                max_frame_bytes: 64 << 10,
+                max_inline_bytes: 16 << 10,
+                ..Limits::default()
+            },
+            max_clients: 10_000,
             max_batch: 1024,
             write_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::ZERO,
+            partial_frame_timeout: Duration::from_secs(30),
+            max_input_bytes: 256 << 20,
+            workers: 64,
+            password: None,
+            protected_mode: true,
         }
     }
 }
 
-struct Inner {
+/// What the loop, the workers and the handle share.
+struct Shared {
     name: String,
     options: RespOptions,
     handler: Arc<dyn CommandHandler>,
     stop: AtomicBool,
+    waker: Waker,
     commands: AtomicU64,
     protocol_errors: AtomicU64,
-}
-
-struct ConnEntry {
-    stream: TcpStream,
-    thread: JoinHandle<()>,
-}
-
-impl acceptor::Conn for ConnEntry {
-    fn close(&self) {
-        // An error means the socket is already shut.
-        let _ = self.stream.shutdown(Shutdown::Both);
-    }
-
-    fn is_finished(&self) -> bool {
-        self.thread.is_finished()
-    }
-
-    fn join(self) -> thread::Result<()> {
-        self.thread.join()
-    }
+    connections: AtomicUsize,
+    /// Connections closed by a limit or timeout (refused, idle, slow, over the input budget).
+    limit_closes: AtomicU64,
 }
 
 /// A RESP listener. Dropping it (or [`shutdown`](Self::shutdown)) closes every connection and
 /// joins every thread (after the handler calls running then return).
 pub struct RespServer {
-    inner: Arc<Inner>,
+    shared: Arc<Shared>,
     addr: SocketAddr,
-    acceptor: Option<Acceptor<ConnEntry>>,
+    event_loop: Option<JoinHandle<()>>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+/// Why a server will not listen on an address: protected mode.
+fn protected_mode_refusal(addr: SocketAddr) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        format!(
+            "protected mode: clients on {addr} could reach the data without a password; \
+             give a password (--requirepass-file FILE), or listen on a loopback address \
+             (127.0.0.1)"
+        ),
+    )
+}
+
+/// Protected mode (Redis's): without a password, a server listens only on loopback
+/// addresses unless [`RespOptions::protected_mode`] is off.
+pub fn check_protected_mode(bind: &[SocketAddr], options: &RespOptions) -> io::Result<()> {
+    if options.protected_mode
+        && options.password.is_none()
+        && let Some(open) = bind.iter().find(|a| !a.ip().is_loopback())
+    {
+        return Err(protected_mode_refusal(*open));
+    }
+    Ok(())
 }
 
 impl RespServer {
-    /// Listens on `bind` (port 0 picks a free one). Threads: `<name>-accept`, `<name>-c<k>`.
+    /// Listens on `bind` (port 0 picks a free one). Threads: `<name>-loop`, `<name>-w<i>`.
     pub fn start(
         name: &str,
         bind: impl ToSocketAddrs,
         options: RespOptions,
         handler: Arc<dyn CommandHandler>,
     ) -> io::Result<RespServer> {
-        let listener = TcpListener::bind(bind)?;
+        let bind: Vec<SocketAddr> = bind.to_socket_addrs()?.collect();
+        check_protected_mode(&bind, &options)?;
+        let listener = std::net::TcpListener::bind(&bind[..])?;
+        listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
-        let inner = Arc::new(Inner {
+        let mut listener = TcpListener::from_std(listener);
+        let poll = Poll::new()?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let waker = Waker::new(poll.registry(), WAKER)?;
+        let workers = options.workers.max(1);
+        let shared = Arc::new(Shared {
             name: name.to_string(),
             options,
             handler,
             stop: AtomicBool::new(false),
+            waker,
             commands: AtomicU64::new(0),
             protocol_errors: AtomicU64::new(0),
+            connections: AtomicUsize::new(0),
+            limit_closes: AtomicU64::new(0),
         });
-        let accept_options = AcceptorOptions {
-            max_connections: inner.options.max_connections,
-            handshake: inner.options.handshake.clone(),
-            ..AcceptorOptions::default()
-        };
-        let acceptor = Acceptor::start(
-            name,
-            listener,
-            accept_options,
-            Opener {
-                inner: inner.clone(),
-            },
-        )?;
-        log::info!(target: LOG, "{name}: RESP on {addr}");
-        Ok(RespServer {
-            inner,
+        let (job_tx, job_rx) = channel::unbounded::<Job>();
+        let (done_tx, done_rx) = channel::unbounded::<Done>();
+        let mut server = RespServer {
+            shared: shared.clone(),
             addr,
-            acceptor: Some(acceptor),
-        })
+            event_loop: None,
+            workers: Vec::new(),
+        };
+        for i in 0..workers {
+            let (shared, jobs, done) = (shared.clone(), job_rx.clone(), done_tx.clone());
+            let spawned = thread::Builder::new()
+                .name(format!("{name}-w{i}"))
+                .spawn(move || run_worker(&shared, &jobs, &done));
+            match spawned {
+                Ok(h) => server.workers.push(h),
+                // Dropping `server` stops and joins the workers started so far.
+                Err(e) => return Err(e),
+            }
+        }
+        drop((job_rx, done_tx));
+        let event_loop = EventLoop {
+            shared: shared.clone(),
+            poll,
+            listener,
+            port: addr.port(),
+            bind: bind
+                .iter()
+                .map(|a| a.ip().to_string())
+                .collect::<Vec<_>>()
+                .join(" "),
+            conns: HashMap::new(),
+            runnable: VecDeque::new(),
+            next_id: FIRST_CONN_ID,
+            input_held: 0,
+            jobs: job_tx,
+            done: done_rx,
+            started: Instant::now(),
+            accept_paused_until: None,
+            refused_since_log: 0,
+            last_refusal_log: None,
+            chunk: vec![0; READ_CHUNK],
+        };
+        server.event_loop = Some(
+            thread::Builder::new()
+                .name(format!("{name}-loop"))
+                .spawn(move || event_loop.run())?,
+        );
+        log::info!(target: LOG, "{name}: RESP on {addr}");
+        Ok(server)
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -149,17 +272,22 @@ impl RespServer {
 
     /// Connections open now.
     pub fn connections(&self) -> usize {
-        self.acceptor.as_ref().map_or(0, |a| a.conns().open())
+        self.shared.connections.load(Ordering::Relaxed)
     }
 
-    /// Commands handed to the handler so far.
+    /// Commands received so far.
     pub fn commands(&self) -> u64 {
-        self.inner.commands.load(Ordering::Relaxed)
+        self.shared.commands.load(Ordering::Relaxed)
     }
 
     /// Connections closed for a malformed or oversized frame.
     pub fn protocol_errors(&self) -> u64 {
-        self.inner.protocol_errors.load(Ordering::Relaxed)
+        self.shared.protocol_errors.load(Ordering::Relaxed)
+    }
+
+    /// Connections refused or closed by a limit or a timeout.
+    pub fn limit_closes(&self) -> u64 {
+        self.shared.limit_closes.load(Ordering::Relaxed)
     }
 
     pub fn shutdown(mut self) {
@@ -167,170 +295,641 @@ impl RespServer {
     }
 
     fn stop_and_join(&mut self) {
-        self.inner.stop.store(true, Ordering::SeqCst);
-        // Passes a connection thread's panic on, unless this thread is already panicking.
-        if let Some(mut acceptor) = self.acceptor.take() {
-            acceptor.shutdown();
+        self.shared.stop.store(true, Ordering::SeqCst);
+        if let Err(e) = self.shared.waker.wake() {
+            log::error!(target: LOG, "{}: cannot wake the event loop: {e}", self.shared.name);
         }
-        log::info!(target: LOG, "{}: stopped", self.inner.name);
+        // The loop closes every connection and drops the job queue, which ends the workers.
+        let mut panic = self.event_loop.take().and_then(|h| h.join().err());
+        for h in self.workers.drain(..) {
+            if let Err(p) = h.join() {
+                panic.get_or_insert(p);
+            }
+        }
+        log::info!(target: LOG, "{}: stopped", self.shared.name);
+        if let Some(p) = panic
+            && !thread::panicking()
+        {
+            std::panic::resume_unwind(p);
+        }
     }
 }
 
 impl Drop for RespServer {
     fn drop(&mut self) {
-        if self.acceptor.is_some() {
+        if self.event_loop.is_some() || !self.workers.is_empty() {
             self.stop_and_join();
         }
     }
 }
 
-/// Starts the thread of each accepted connection.
-struct Opener {
-    inner: Arc<Inner>,
+/// A connection's batch for a worker.
+struct Job {
+    conn: u64,
+    work: Work,
 }
 
-impl Accept for Opener {
-    type Conn = ConnEntry;
+/// A worker's answer: the encoded replies.
+struct Done {
+    conn: u64,
+    out: Vec<u8>,
+    close: bool,
+}
 
-    fn open(
-        &mut self,
-        stream: TcpStream,
-        peer: SocketAddr,
-        k: u64,
-        conns: &ConnList<ConnEntry>,
-    ) -> io::Result<()> {
-        stream.set_nodelay(true)?;
-        stream.set_write_timeout(Some(self.inner.options.write_timeout))?;
-        let clone = stream.try_clone()?;
-        let conn_name = format!("{}-c{k}", self.inner.name);
-        let thread = {
-            let inner = self.inner.clone();
-            let conn_name = conn_name.clone();
-            thread::Builder::new()
-                .name(conn_name.clone())
-                .spawn(move || serve(&inner, &conn_name, stream, peer))?
+fn run_worker(shared: &Shared, jobs: &Receiver<Job>, done: &Sender<Done>) {
+    while let Ok(Job { conn, work }) = jobs.recv() {
+        let close = work.close;
+        let out = execute(&*shared.handler, work);
+        if done.send(Done { conn, out, close }).is_err() {
+            return;
+        }
+        if let Err(e) = shared.waker.wake() {
+            log::error!(target: LOG, "{}: cannot wake the event loop: {e}", shared.name);
+        }
+    }
+}
+
+/// Runs a batch's KV commands on the handler and encodes every reply in order.
+fn execute(handler: &dyn CommandHandler, work: Work) -> Vec<u8> {
+    let count = work.kv.len();
+    let replies = if count == 0 {
+        Vec::new()
+    } else {
+        handler.handle_batch(work.kv)
+    };
+    debug_assert_eq!(replies.len(), count, "one reply per command");
+    fn wants_info(slots: &[Slot]) -> bool {
+        slots.iter().any(|s| match s {
+            Slot::Info { .. } => true,
+            Slot::Exec { slots, .. } => wants_info(slots),
+            _ => false,
+        })
+    }
+    let store_info = if wants_info(&work.slots) {
+        handler.info()
+    } else {
+        Vec::new()
+    };
+    let mut out = Vec::new();
+    for slot in work.slots {
+        encode_slot(slot, &replies, &store_info, &mut out);
+    }
+    out
+}
+
+fn encode_slot(slot: Slot, replies: &[Reply], store_info: &[(String, String)], out: &mut Vec<u8>) {
+    let missing = || Reply::Error("ERR internal error: no reply".into());
+    match slot {
+        Slot::Ready(bytes) => out.extend_from_slice(&bytes),
+        Slot::Kv { index, protocol } => match replies.get(index) {
+            Some(reply) => reply.encode_as(protocol, out),
+            None => missing().encode_as(protocol, out),
+        },
+        Slot::Exec { slots, .. } => {
+            encode_header(out, b'*', slots.len());
+            for slot in slots {
+                encode_slot(slot, replies, store_info, out);
+            }
+        }
+        Slot::Info {
+            local,
+            wanted,
+            keyspace,
+            protocol,
+        } => {
+            let store: Vec<String> = store_info
+                .iter()
+                .filter(|(name, _)| wanted.as_ref().is_none_or(|w| w.contains(name)))
+                .map(|(_, text)| text.clone())
+                .collect();
+            let keys = keyspace.map(|i| match replies.get(i) {
+                Some(Reply::Integer(n)) => Ok(*n),
+                Some(Reply::Error(e)) => Err(e.clone()),
+                _ => Err("no answer".to_string()),
+            });
+            Reply::Verbatim(render_info(local, store, keys)).encode_as(protocol, out);
+        }
+    }
+}
+
+/// One client connection, owned by the event loop.
+struct Conn {
+    stream: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    decoder: Decoder,
+    session: Session,
+    /// Replies not yet written: `out[out_pos..]`.
+    out: Vec<u8>,
+    out_pos: usize,
+    /// A batch is with a worker.
+    busy: bool,
+    /// Close once `out` is written.
+    closing: bool,
+    /// In the loop's run queue.
+    scheduled: bool,
+    created: Instant,
+    last_interaction: Instant,
+    /// Since when part of a command has waited for the rest with no command completed.
+    partial_since: Option<Instant>,
+    /// Since when written replies have waited for the client to read.
+    write_stalled_since: Option<Instant>,
+    /// Bytes this connection counts in the loop's input budget.
+    held: usize,
+}
+
+impl Conn {
+    fn facts(&self, now: Instant) -> ConnFacts {
+        ConnFacts {
+            addr: self.peer,
+            laddr: self.local,
+            fd: self.stream.as_raw_fd(),
+            age_secs: now.duration_since(self.created).as_secs(),
+            idle_secs: now.duration_since(self.last_interaction).as_secs(),
+            qbuf: self.decoder.buffered(),
+            omem: self.out.len() - self.out_pos,
+        }
+    }
+
+    fn pending_out(&self) -> bool {
+        self.out_pos < self.out.len()
+    }
+
+    /// Writes what it can of `out`. `Ok(true)` when all is written.
+    fn flush(&mut self, now: Instant) -> io::Result<bool> {
+        while self.pending_out() {
+            match self.stream.write(&self.out[self.out_pos..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    self.out_pos += n;
+                    self.last_interaction = now;
+                    self.write_stalled_since = Some(now);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.write_stalled_since.get_or_insert(now);
+                    return Ok(false);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.out.clear();
+        self.out_pos = 0;
+        if self.out.capacity() > READ_CHUNK {
+            self.out = Vec::new();
+        }
+        self.write_stalled_since = None;
+        Ok(true)
+    }
+
+    fn held_now(&self) -> usize {
+        self.decoder.held_bytes() + self.session.queued_bytes()
+    }
+}
+
+/// Why the loop closes a connection.
+#[derive(Debug)]
+enum Close {
+    /// The client closed, or the connection broke.
+    Gone(Option<io::Error>),
+    /// After `QUIT` or a protocol error, once the replies were written.
+    Done,
+    /// The node-wide input budget was exceeded and this connection held the most.
+    InputBudget { held: usize, total: usize },
+}
+
+struct EventLoop {
+    shared: Arc<Shared>,
+    poll: Poll,
+    listener: TcpListener,
+    port: u16,
+    bind: String,
+    conns: HashMap<u64, Conn>,
+    runnable: VecDeque<u64>,
+    next_id: u64,
+    /// Sum of every connection's `held`.
+    input_held: usize,
+    jobs: Sender<Job>,
+    done: Receiver<Done>,
+    started: Instant,
+    /// Accepting failed for lack of resources (file descriptors): retried at this time.
+    accept_paused_until: Option<Instant>,
+    refused_since_log: u64,
+    last_refusal_log: Option<Instant>,
+    chunk: Vec<u8>,
+}
+
+impl EventLoop {
+    fn run(mut self) {
+        let name = self.shared.name.clone();
+        let mut events = Events::with_capacity(1024);
+        let mut last_sweep = Instant::now();
+        while !self.shared.stop.load(Ordering::SeqCst) {
+            let timeout = if self.runnable.is_empty() {
+                SWEEP_INTERVAL
+            } else {
+                Duration::ZERO
+            };
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    log::error!(target: LOG, "{name}: poll failed: {e}");
+                    thread::sleep(SWEEP_INTERVAL);
+                }
+                continue;
+            }
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER => self.accept_all(),
+                    WAKER => {}
+                    Token(t) => self.schedule(t as u64),
+                }
+            }
+            while let Ok(done) = self.done.try_recv() {
+                if let Some(conn) = self.conns.get_mut(&done.conn) {
+                    conn.busy = false;
+                    conn.out.extend_from_slice(&done.out);
+                    conn.closing |= done.close;
+                    self.schedule(done.conn);
+                }
+            }
+            // Only what was runnable at the start of this turn: a connection that used up
+            // its reads goes to the back, after the others.
+            for _ in 0..self.runnable.len() {
+                let Some(id) = self.runnable.pop_front() else {
+                    break;
+                };
+                self.advance(id);
+            }
+            let now = Instant::now();
+            if now.duration_since(last_sweep) >= SWEEP_INTERVAL {
+                last_sweep = now;
+                self.sweep(now);
+                if self.accept_paused_until.is_some_and(|t| now >= t) {
+                    self.accept_all();
+                }
+            }
+        }
+        let ids: Vec<u64> = self.conns.keys().copied().collect();
+        for id in ids {
+            if let Some(conn) = self.conns.remove(&id) {
+                self.close(conn, Close::Done);
+            }
+        }
+    }
+
+    fn schedule(&mut self, id: u64) {
+        if let Some(conn) = self.conns.get_mut(&id)
+            && !conn.scheduled
+        {
+            conn.scheduled = true;
+            self.runnable.push_back(id);
+        }
+    }
+
+    fn accept_all(&mut self) {
+        let name = self.shared.name.clone();
+        self.accept_paused_until = None;
+        loop {
+            let (mut stream, peer) = match self.listener.accept() {
+                Ok(accepted) => accepted,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // EMFILE and the like: the pending connections stay in the backlog until
+                    // a descriptor frees; no new readiness event would announce them.
+                    log::warn!(target: LOG, "{name}: accept failed: {e}; retrying in {SWEEP_INTERVAL:?}");
+                    self.accept_paused_until = Some(Instant::now() + SWEEP_INTERVAL);
+                    return;
+                }
+            };
+            let shared = self.shared.clone();
+            let options = &shared.options;
+            if self.conns.len() >= options.max_clients {
+                // Best effort: the client may already be gone, and a full socket buffer is
+                // not waited for.
+                let _ = stream.write(b"-ERR max number of clients reached\r\n");
+                self.shared.limit_closes.fetch_add(1, Ordering::Relaxed);
+                self.refused(peer);
+                continue;
+            }
+            let local = match stream.local_addr() {
+                Ok(a) => a,
+                Err(e) => {
+                    log::debug!(target: LOG, "{name}: connection from {peer}: {e}");
+                    continue;
+                }
+            };
+            if let Err(e) = stream.set_nodelay(true) {
+                log::debug!(target: LOG, "{name}: connection from {peer}: {e}");
+                continue;
+            }
+            let id = self.next_id;
+            self.next_id += 1;
+            let registered = self.poll.registry().register(
+                &mut stream,
+                Token(id as usize),
+                Interest::READABLE | Interest::WRITABLE,
+            );
+            if let Err(e) = registered {
+                log::warn!(target: LOG, "{name}: cannot watch the connection from {peer}: {e}");
+                continue;
+            }
+            let password_required = options.password.is_some();
+            let limits = if password_required {
+                options.unauthenticated_limits
+            } else {
+                options.limits
+            };
+            let now = Instant::now();
+            let conn = Conn {
+                stream,
+                peer,
+                local,
+                decoder: Decoder::new(limits),
+                session: Session::new(id, password_required),
+                out: Vec::new(),
+                out_pos: 0,
+                busy: false,
+                closing: false,
+                scheduled: false,
+                created: now,
+                last_interaction: now,
+                partial_since: None,
+                write_stalled_since: None,
+                held: 0,
+            };
+            self.conns.insert(id, conn);
+            self.shared
+                .connections
+                .store(self.conns.len(), Ordering::Relaxed);
+            log::debug!(target: LOG, "{name}: client {id} {peer} connected");
+        }
+    }
+
+    fn refused(&mut self, peer: SocketAddr) {
+        self.refused_since_log += 1;
+        let now = Instant::now();
+        if self
+            .last_refusal_log
+            .is_none_or(|t| now.duration_since(t) >= REFUSAL_LOG_INTERVAL)
+        {
+            log::warn!(
+                target: LOG,
+                "{}: refused {} connection(s) (latest from {peer}): {} clients open, the maxclients limit",
+                self.shared.name,
+                self.refused_since_log,
+                self.conns.len()
+            );
+            self.refused_since_log = 0;
+            self.last_refusal_log = Some(now);
+        }
+    }
+
+    /// Serves one connection as far as it can go without waiting.
+    fn advance(&mut self, id: u64) {
+        let Some(mut conn) = self.conns.remove(&id) else {
+            return;
         };
-        conns.push(ConnEntry {
-            stream: clone,
-            thread,
-        });
+        conn.scheduled = false;
+        match self.drive(&mut conn) {
+            Ok(()) => {
+                self.conns.insert(id, conn);
+            }
+            Err(why) => self.close(conn, why),
+        }
+    }
+
+    fn drive(&mut self, conn: &mut Conn) -> Result<(), Close> {
+        let mut reads = 0;
+        loop {
+            if conn.busy {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if !conn.flush(now).map_err(|e| Close::Gone(Some(e)))? {
+                return Ok(());
+            }
+            if conn.closing {
+                return Err(Close::Done);
+            }
+            if let Some(work) = self.take_work(conn, now) {
+                self.account(conn)?;
+                if work.needs_store() {
+                    conn.busy = true;
+                    let job = Job {
+                        conn: conn.session.id,
+                        work,
+                    };
+                    if self.jobs.send(job).is_err() {
+                        return Err(Close::Done);
+                    }
+                    return Ok(());
+                }
+                conn.closing |= work.close;
+                conn.out = execute(&*self.shared.handler, work);
+                conn.out_pos = 0;
+                continue;
+            }
+            if reads == READS_PER_TURN {
+                // More may be waiting: come back after the others had their turn.
+                conn.scheduled = true;
+                self.runnable.push_back(conn.session.id);
+                return Ok(());
+            }
+            match conn.stream.read(&mut self.chunk) {
+                Ok(0) => return Err(Close::Gone(None)),
+                Ok(n) => {
+                    reads += 1;
+                    conn.last_interaction = now;
+                    conn.decoder.feed(&self.chunk[..n]);
+                    self.account(conn)?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Close::Gone(Some(e))),
+            }
+        }
+    }
+
+    /// Takes the complete commands the connection has (up to a batch) and works out their
+    /// answers or the batch for the store; `None` if there were none.
+    fn take_work(&self, conn: &mut Conn, now: Instant) -> Option<Work> {
+        let options = &self.shared.options;
+        let mut work = Work::default();
+        let mut completed = false;
+        let others = || -> Vec<(u64, String)> {
+            self.conns
+                .values()
+                .map(|c| (c.session.id, c.session.describe(&c.facts(now))))
+                .collect()
+        };
+        while work.kv.len() < options.max_batch && work.slots.len() < options.max_batch {
+            match conn.decoder.next_command() {
+                Ok(Some(args)) => {
+                    completed = true;
+                    self.shared.commands.fetch_add(1, Ordering::Relaxed);
+                    let view = ServerView {
+                        password: options.password.as_ref(),
+                        started: self.started,
+                        port: self.port,
+                        connected_clients: self.conns.len() + 1,
+                        max_clients: options.max_clients,
+                        idle_timeout_secs: options.idle_timeout.as_secs(),
+                        partial_frame_timeout_secs: options.partial_frame_timeout.as_secs(),
+                        input_bytes_held: self.input_held,
+                        input_bytes_limit: options.max_input_bytes,
+                        max_bulk_bytes: options.limits.max_bulk_bytes,
+                        protected_mode: options.protected_mode,
+                        bind: &self.bind,
+                        facts: conn.facts(now),
+                        other_clients: &others,
+                    };
+                    let was_authenticated = conn.session.authenticated;
+                    let flow = conn.session.process(args, &mut work, &view);
+                    if conn.session.authenticated && !was_authenticated {
+                        conn.decoder.set_limits(options.limits);
+                    }
+                    if work.close || flow == super::session::Flow::Close {
+                        work.close = true;
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    self.shared.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                    log::warn!(
+                        target: LOG,
+                        "{}: client {} {}: {e}; closing the connection",
+                        self.shared.name,
+                        conn.session.id,
+                        conn.peer
+                    );
+                    work.slots.push(Slot::Ready(e.reply().to_bytes()));
+                    work.close = true;
+                    break;
+                }
+            }
+        }
+        if conn.decoder.mid_command() && !work.close {
+            if completed || conn.partial_since.is_none() {
+                conn.partial_since = Some(now);
+            }
+        } else {
+            conn.partial_since = None;
+            conn.decoder.release_if_empty();
+        }
+        (!work.slots.is_empty()).then_some(work)
+    }
+
+    /// Updates the connection's share of the input budget; over the budget, closes the
+    /// connection holding the most (this one: `Err`).
+    fn account(&mut self, conn: &mut Conn) -> Result<(), Close> {
+        let held = conn.held_now();
+        self.input_held = self.input_held - conn.held + held;
+        conn.held = held;
+        let limit = self.shared.options.max_input_bytes;
+        while self.input_held > limit {
+            let largest = self
+                .conns
+                .iter()
+                .max_by_key(|(_, c)| c.held)
+                .map(|(id, c)| (*id, c.held));
+            match largest {
+                Some((id, other)) if other > conn.held => {
+                    let total = self.input_held;
+                    if let Some(victim) = self.conns.remove(&id) {
+                        self.close(victim, Close::InputBudget { held: other, total });
+                    }
+                }
+                _ => {
+                    return Err(Close::InputBudget {
+                        held: conn.held,
+                        total: self.input_held,
+                    });
+                }
+            }
+        }
         Ok(())
     }
 
-    fn refuse(&mut self, stream: &mut TcpStream, _peer: SocketAddr) {
-        // Best effort: the client may already be gone.
-        let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
-        let _ =
-            stream.write_all(&Reply::Error("ERR max number of clients reached".into()).to_bytes());
-    }
-}
-
-/// What a connection does after a batch.
-enum Next {
-    Continue,
-    Close,
-}
-
-/// One connection: read, decode, execute in batches, reply, until the client leaves, QUITs,
-/// breaks the protocol or the server stops.
-fn serve(inner: &Inner, name: &str, mut stream: TcpStream, peer: SocketAddr) {
-    log::debug!(target: LOG, "{name}: client {peer} connected");
-    let mut decoder = Decoder::new(inner.options.limits);
-    let mut chunk = vec![0u8; READ_CHUNK];
-    let mut out = Vec::new();
-    loop {
-        let n = match stream.read(&mut chunk) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                if !inner.stop.load(Ordering::SeqCst) {
-                    log::debug!(target: LOG, "{name}: read from {peer}: {e}");
-                }
-                break;
+    /// Closes connections past a timeout.
+    fn sweep(&mut self, now: Instant) {
+        let shared = self.shared.clone();
+        let options = &shared.options;
+        let mut expired = Vec::new();
+        for (id, conn) in &self.conns {
+            if conn.busy {
+                continue;
             }
-        };
-        decoder.feed(&chunk[..n]);
-        let next = run_available(inner, name, peer, &mut decoder, &mut out);
-        if !out.is_empty() {
-            if let Err(e) = stream.write_all(&out) {
-                log::debug!(target: LOG, "{name}: write to {peer}: {e}");
-                break;
+            let why = if conn.write_stalled_since.is_some_and(|t| {
+                conn.pending_out() && now.duration_since(t) >= options.write_timeout
+            }) {
+                Some("did not read its replies")
+            } else if conn
+                .partial_since
+                .is_some_and(|t| now.duration_since(t) >= options.partial_frame_timeout)
+            {
+                Some("sent part of a command and no more")
+            } else if !options.idle_timeout.is_zero()
+                && now.duration_since(conn.last_interaction) >= options.idle_timeout
+            {
+                Some("idle")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                expired.push((*id, why));
             }
-            out.clear();
         }
-        if let Next::Close = next {
-            break;
-        }
-    }
-    // The client may be gone already.
-    let _ = stream.shutdown(Shutdown::Both);
-    log::debug!(target: LOG, "{name}: client {peer} gone");
-}
-
-/// Runs every command the decoder has, in batches; their replies go to `out`.
-fn run_available(
-    inner: &Inner,
-    name: &str,
-    peer: SocketAddr,
-    decoder: &mut Decoder,
-    out: &mut Vec<u8>,
-) -> Next {
-    let mut batch: Vec<Command> = Vec::new();
-    let flush = |batch: &mut Vec<Command>, out: &mut Vec<u8>| {
-        if batch.is_empty() {
-            return;
-        }
-        let count = batch.len();
-        inner.commands.fetch_add(count as u64, Ordering::Relaxed);
-        let replies = inner.handler.handle_batch(std::mem::take(batch));
-        debug_assert_eq!(replies.len(), count, "one reply per command");
-        for reply in replies.iter().take(count) {
-            reply.encode(out);
-        }
-        for _ in replies.len()..count {
-            Reply::Error("ERR internal error: no reply".into()).encode(out);
-        }
-    };
-    loop {
-        match decoder.next_command() {
-            Ok(Some(args)) => match Command::parse(args) {
-                Ok(Command::Quit) => {
-                    flush(&mut batch, out);
-                    Reply::ok().encode(out);
-                    return Next::Close;
-                }
-                Ok(command) => {
-                    batch.push(command);
-                    if batch.len() >= inner.options.max_batch {
-                        flush(&mut batch, out);
-                    }
-                }
-                Err(e) => {
-                    flush(&mut batch, out);
-                    log_command_error(name, peer, &e);
-                    e.reply().encode(out);
-                }
-            },
-            Ok(None) => {
-                flush(&mut batch, out);
-                return Next::Continue;
-            }
-            Err(e) => {
-                flush(&mut batch, out);
-                protocol_error(inner, name, peer, &e);
-                e.reply().encode(out);
-                return Next::Close;
+        for (id, why) in expired {
+            if let Some(conn) = self.conns.remove(&id) {
+                let limit = match why {
+                    "idle" => options.idle_timeout,
+                    "did not read its replies" => options.write_timeout,
+                    _ => options.partial_frame_timeout,
+                };
+                log::info!(
+                    target: LOG,
+                    "{}: closing client {id} {}: {why} for {limit:?}",
+                    self.shared.name,
+                    conn.peer
+                );
+                self.shared.limit_closes.fetch_add(1, Ordering::Relaxed);
+                self.close(conn, Close::Done);
             }
         }
     }
-}
 
-fn log_command_error(name: &str, peer: SocketAddr, e: &CommandError) {
-    log::debug!(target: LOG, "{name}: {peer}: {e}");
-}
-
-fn protocol_error(inner: &Inner, name: &str, peer: SocketAddr, e: &ParseError) {
-    inner.protocol_errors.fetch_add(1, Ordering::Relaxed);
-    log::warn!(target: LOG, "{name}: client {peer}: {e}; closing the connection");
+    fn close(&mut self, mut conn: Conn, why: Close) {
+        let name = &self.shared.name;
+        let id = conn.session.id;
+        match &why {
+            Close::Gone(None) | Close::Done => {
+                log::debug!(target: LOG, "{name}: client {id} {} gone", conn.peer)
+            }
+            Close::Gone(Some(e)) => {
+                log::debug!(target: LOG, "{name}: client {id} {}: {e}", conn.peer)
+            }
+            Close::InputBudget { held, total } => {
+                self.shared.limit_closes.fetch_add(1, Ordering::Relaxed);
+                log::warn!(
+                    target: LOG,
+                    "{name}: closing client {id} {}: it holds {held} bytes of unfinished input, and all clients {total}, over the limit of {}",
+                    conn.peer,
+                    self.shared.options.max_input_bytes
+                );
+            }
+        }
+        self.input_held -= conn.held;
+        // Errors here mean the socket is gone already.
+        let _ = self.poll.registry().deregister(&mut conn.stream);
+        let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+        drop(conn);
+        self.shared
+            .connections
+            .store(self.conns.len(), Ordering::Relaxed);
+        if self.accept_paused_until.is_some() {
+            self.accept_all();
+        }
+    }
 }

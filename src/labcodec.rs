@@ -62,6 +62,19 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
         })
 }
 
+/// Decodes a `T` from exactly `bytes`, borrowing from them where `T` does (a `&[u8]` field
+/// is not copied).
+pub fn decode_borrowed<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, CodecError> {
+    options()
+        .with_limit(bytes.len() as u64)
+        .deserialize(bytes)
+        .map_err(|e| CodecError {
+            op: "decode",
+            type_name: std::any::type_name::<T>(),
+            reason: e.to_string(),
+        })
+}
+
 /// The encoded size of `value` in bytes, without encoding it.
 pub fn encoded_len<T: Serialize + ?Sized>(value: &T) -> Result<u64, CodecError> {
     options().serialized_size(value).map_err(|e| CodecError {

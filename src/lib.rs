@@ -14,7 +14,9 @@
 //! | — | [`session`]: exactly-once table (client id, sequence number, last reply) for a replicated state machine |
 //! | — | [`node`]: one `raftkv` node (Raft over TCP on the file log, the KV state machine, the RESP front end) |
 //! | — | [`chaos`]: `raftkv chaos`, faults injected into a local cluster and the clients' history checked for linearizability |
-//! | — | [`signal`]: sending signals to processes, and SIGINT/SIGTERM as a flag |
+//! | — | [`proc`]: the process kit: a node's status file, the one `raftkv serve` spawner, `serve`'s main loop and the `local` supervisor |
+//! | — | [`signal`]: sending signals to child processes (never once reaped), and SIGINT/SIGTERM as a flag |
+//! | — | [`logging`]: the one `log` back end (`env_logger`, `RUST_LOG` filter syntax) of every binary and the tests |
 //! | — | [`labrpc`], [`labcodec`], [`porcupine`]: simulated network, codec, linearizability checker |
 //! | — | `tester` and the labs' `harness` modules: test support, built only with the `testing` feature (the tests and benches turn it on) |
 //!

@@ -415,7 +415,11 @@ fn snapshot_discarding_the_log_always_leaves_a_segment() {
         log.restore().unwrap();
         log.save_snapshot(50, 99, b"from the leader").unwrap();
         log.sync().unwrap();
-        assert_eq!(log.state_size(), 16 + record::HEADER, "only the hard state");
+        assert_eq!(
+            log.state_size(),
+            record::max_payload(record::KIND_HARD_STATE) + record::HEADER,
+            "only the hard state"
+        );
     }
     let segs = segments(&tmp.0);
     assert_eq!(segs.len(), 1);
@@ -510,4 +514,308 @@ fn sigkill_while_appending() {
             "round {round}: recovered entries differ"
         );
     }
+}
+
+/// One limit per record kind: the largest command the log writes reads back after a reopen;
+/// one byte more is refused by the writer with an error, and nothing is written.
+#[test]
+fn largest_entry_reads_back_and_one_byte_more_is_refused() {
+    let tmp = TempDir::new("largest");
+    let big = Entry {
+        term: 1,
+        command: vec![0xab; record::MAX_COMMAND],
+    };
+    {
+        let log = FileLog::open(&tmp.0, opts(1 << 30)).unwrap();
+        log.restore().unwrap();
+        log.set_hard_state(HardState {
+            term: 1,
+            voted_for: None,
+        })
+        .unwrap();
+        log.append(1, std::slice::from_ref(&big)).unwrap();
+        log.sync().unwrap();
+        let bytes_before: u64 = segments(&tmp.0)
+            .iter()
+            .map(|p| fs::metadata(p).unwrap().len())
+            .sum();
+        let over = Entry {
+            term: 1,
+            command: vec![0xab; record::MAX_COMMAND + 1],
+        };
+        let e = log.append(2, &[over]).unwrap_err();
+        assert!(
+            e.to_string().contains(&record::MAX_COMMAND.to_string()),
+            "the refusal names the limit: {e}"
+        );
+        log.sync().unwrap();
+        let bytes_after: u64 = segments(&tmp.0)
+            .iter()
+            .map(|p| fs::metadata(p).unwrap().len())
+            .sum();
+        assert_eq!(
+            bytes_before, bytes_after,
+            "nothing written for the refused entry"
+        );
+    }
+    let r = reopen(&tmp.0).unwrap();
+    assert_eq!(r.log.last_index(), 1);
+    assert_eq!(entries_of(&r), vec![big]);
+}
+
+/// A snapshot above the old 64 MiB record limit is written in chunks and reads back whole and
+/// piece by piece; the bytes Raft restores are the bytes saved.
+#[test]
+fn snapshot_above_the_old_record_limit_reads_back() {
+    let tmp = TempDir::new("bigsnap");
+    let data: Vec<u8> = (0..(70u64 << 20)).map(|i| (i % 251) as u8).collect();
+    {
+        let log = FileLog::open(&tmp.0, opts(400)).unwrap();
+        log.restore().unwrap();
+        log.save_snapshot(7, 2, &data).unwrap();
+        log.sync().unwrap();
+    }
+    let log = FileLog::open(&tmp.0, opts(400)).unwrap();
+    let src = log.snapshot_source().expect("a snapshot source");
+    assert_eq!(
+        (src.index(), src.term(), src.len()),
+        (7, 2, data.len() as u64)
+    );
+    assert_eq!(src.crc(), crc32c::crc32c(&data));
+    let off = (3 << 20) + 12345;
+    assert_eq!(
+        src.read(off, 5 << 20).unwrap(),
+        &data[off as usize..off as usize + (5 << 20)]
+    );
+    assert_eq!(
+        src.read(data.len() as u64 - 3, 100).unwrap(),
+        &data[data.len() - 3..]
+    );
+    let r = log.restore().unwrap();
+    assert_eq!(r.log.base_index(), 7);
+    assert!(r.snapshot == data, "the snapshot read back differs");
+}
+
+/// Damage inside a snapshot chunk is corruption naming the snapshot file and the offset of
+/// the damaged record.
+#[test]
+fn snapshot_damage_names_file_and_offset() {
+    let tmp = TempDir::new("snapdamage");
+    let data = vec![0x42u8; 3 * record::SNAPSHOT_CHUNK + 10];
+    {
+        let log = FileLog::open(&tmp.0, opts(400)).unwrap();
+        log.restore().unwrap();
+        log.save_snapshot(9, 1, &data).unwrap();
+        log.sync().unwrap();
+    }
+    let path = tmp.0.join("snapshot");
+    let mut bytes = fs::read(&path).unwrap();
+    // Header record (12 + 25), then chunk records of 12 + 1 + SNAPSHOT_CHUNK: damage the
+    // third chunk's data.
+    let chunk_rec = (record::HEADER + 1 + record::SNAPSHOT_CHUNK) as u64;
+    let third = (record::HEADER + 25) as u64 + 2 * chunk_rec;
+    bytes[third as usize + 500] ^= 0x10;
+    fs::write(&path, &bytes).unwrap();
+    match reopen(&tmp.0) {
+        Err(StorageError::Corrupt { path, offset, .. }) => {
+            assert!(path.ends_with("snapshot"), "{path}");
+            assert_eq!(offset, third, "the damaged chunk's offset");
+        }
+        other => panic!(
+            "damage not reported: {:?}",
+            other.map(|r| r.log.base_index())
+        ),
+    }
+}
+
+/// Writes `payload` framed as format 1 did (no kind byte required).
+fn old_frame(payload: &[u8]) -> Vec<u8> {
+    let len = (payload.len() as u32).to_le_bytes();
+    let mut out = len.to_vec();
+    out.extend_from_slice(&crc32c::crc32c(&len).to_le_bytes());
+    out.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// A directory written by the format before versions were recorded (format 1: hard state as
+/// term and vote without a kind byte, the snapshot as one record, no `format` file) is
+/// refused with a message naming both formats, not read as damage at some offset; so is a
+/// directory of a newer format.
+#[test]
+fn older_or_newer_format_is_refused_naming_both_versions() {
+    let tmp = TempDir::new("oldformat");
+    let mut hs = 3u64.to_le_bytes().to_vec();
+    hs.extend_from_slice(&1u64.to_le_bytes());
+    fs::write(tmp.0.join("hardstate"), old_frame(&hs)).unwrap();
+    let mut snap = 5u64.to_le_bytes().to_vec();
+    snap.extend_from_slice(&2u64.to_le_bytes());
+    snap.extend_from_slice(b"old service state");
+    fs::write(tmp.0.join("snapshot"), old_frame(&snap)).unwrap();
+    let mut seg = Vec::new();
+    for i in 6..=8u64 {
+        let mut p = vec![record::KIND_ENTRY];
+        p.extend_from_slice(&i.to_le_bytes());
+        p.extend_from_slice(&3u64.to_le_bytes());
+        p.extend_from_slice(b"old command");
+        seg.extend_from_slice(&old_frame(&p));
+    }
+    fs::write(tmp.0.join("log-00000000000000000006"), &seg).unwrap();
+    let before: Vec<(PathBuf, Vec<u8>)> = ["hardstate", "snapshot", "log-00000000000000000006"]
+        .iter()
+        .map(|n| (tmp.0.join(n), fs::read(tmp.0.join(n)).unwrap()))
+        .collect();
+    match reopen(&tmp.0) {
+        Err(e @ StorageError::Format { .. }) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains("format 1") && msg.contains("format 2"),
+                "names both versions: {msg}"
+            );
+            assert!(matches!(
+                e,
+                StorageError::Format {
+                    found: 1,
+                    supported: 2,
+                    ..
+                }
+            ));
+        }
+        Err(e) => panic!("an old directory reported as {e}"),
+        Ok(r) => panic!(
+            "an old-format directory was opened: log ({}..={}]",
+            r.log.base_index(),
+            r.log.last_index()
+        ),
+    }
+    for (path, bytes) in &before {
+        assert_eq!(
+            &fs::read(path).unwrap(),
+            bytes,
+            "{} left as it was",
+            path.display()
+        );
+    }
+    assert!(
+        !tmp.0.join("format").exists(),
+        "no format file written into it"
+    );
+
+    // A newer format: refused the same way.
+    let newer = TempDir::new("newformat");
+    drop(FileLog::open(&newer.0, opts(400)).unwrap());
+    let mut p = vec![6u8];
+    p.extend_from_slice(b"raftkv-log");
+    p.extend_from_slice(&3u32.to_le_bytes());
+    fs::write(newer.0.join("format"), old_frame(&p)).unwrap();
+    match reopen(&newer.0) {
+        Err(e @ StorageError::Format { found: 3, .. }) => {
+            assert!(e.to_string().contains("format 3"), "{e}")
+        }
+        other => panic!(
+            "a newer format opened: {:?}",
+            other.map(|r| r.log.last_index())
+        ),
+    }
+}
+
+/// A snapshot streamed in pieces: pieces out of order are answered with the offset wanted,
+/// a new snapshot's first piece restarts the transfer, a bad whole-data checksum restarts it,
+/// and a complete one is installed atomically and survives a reopen.
+#[test]
+fn streamed_snapshot_is_assembled_checked_and_installed() {
+    use raftkv::raft::{ChunkOutcome, SnapshotChunk};
+    let tmp = TempDir::new("recv");
+    write_log(&tmp.0, 30, 400);
+    let data: Vec<u8> = (0..(2 * record::SNAPSHOT_CHUNK + 77))
+        .map(|i| (i % 253) as u8)
+        .collect();
+    let crc = crc32c::crc32c(&data);
+    let c = record::SNAPSHOT_CHUNK;
+    let piece = |index: u64, offset: usize, crc: u32| SnapshotChunk {
+        index,
+        term: 9,
+        offset: offset as u64,
+        total: data.len() as u64,
+        crc,
+        data: &data[offset..(offset + c).min(data.len())],
+        done: offset + c >= data.len(),
+    };
+    let next = |o: ChunkOutcome| match o {
+        ChunkOutcome::Next(n) => n,
+        ChunkOutcome::Complete(_) => panic!("complete too early"),
+    };
+    let log = FileLog::open(&tmp.0, opts(400)).unwrap();
+    log.restore().unwrap();
+    // Not the start: start over.
+    assert_eq!(
+        next(log.receive_snapshot_chunk(piece(40, c, 0)).unwrap()),
+        0
+    );
+    assert_eq!(
+        next(log.receive_snapshot_chunk(piece(40, 0, 0)).unwrap()),
+        c as u64
+    );
+    // A repeat and a gap: the offset wanted.
+    assert_eq!(
+        next(log.receive_snapshot_chunk(piece(40, 0, 0)).unwrap()),
+        c as u64
+    );
+    assert_eq!(
+        next(log.receive_snapshot_chunk(piece(40, 2 * c, 0)).unwrap()),
+        c as u64
+    );
+    // Another snapshot's first piece restarts.
+    assert_eq!(
+        next(log.receive_snapshot_chunk(piece(41, 0, 0)).unwrap()),
+        c as u64
+    );
+    assert_eq!(
+        next(log.receive_snapshot_chunk(piece(41, c, 0)).unwrap()),
+        2 * c as u64
+    );
+    // The whole-data checksum does not match: restart.
+    assert_eq!(
+        next(
+            log.receive_snapshot_chunk(piece(41, 2 * c, crc ^ 1))
+                .unwrap()
+        ),
+        0
+    );
+    let tmps = |d: &Path| {
+        fs::read_dir(d)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".tmp")
+            })
+            .count()
+    };
+    assert_eq!(tmps(&tmp.0), 0, "a failed transfer leaves no file");
+    let mut complete = None;
+    for off in (0..data.len()).step_by(c) {
+        match log.receive_snapshot_chunk(piece(41, off, crc)).unwrap() {
+            ChunkOutcome::Next(n) => assert_eq!(n, (off + c) as u64),
+            ChunkOutcome::Complete(s) => complete = Some(s),
+        }
+    }
+    let src = complete.expect("complete after the last piece");
+    assert_eq!(
+        (src.index(), src.term(), src.len()),
+        (41, 9, data.len() as u64)
+    );
+    assert!(
+        fs::read(tmp.0.join("snapshot")).is_err(),
+        "not installed before asked"
+    );
+    log.install_received_snapshot(&src).unwrap();
+    log.sync().unwrap();
+    assert_eq!(tmps(&tmp.0), 0, "the temporary file was renamed into place");
+    drop(log);
+    let r = reopen(&tmp.0).unwrap();
+    assert_eq!((r.log.base_index(), r.log.last_index()), (41, 41));
+    assert!(r.snapshot == data, "installed snapshot differs");
 }

@@ -87,6 +87,21 @@ impl VersionedStore {
         labcodec::encode(&entries).unwrap_or_default()
     }
 
+    /// Runs `f` on every entry, sorted by key, under the lock: a caller that serializes the
+    /// map within a larger value does so without an intermediate copy.
+    pub fn with_sorted<R>(&self, f: impl FnOnce(&[(&String, &(String, Tversion))]) -> R) -> R {
+        let data = self.data.lock();
+        let mut entries: Vec<(&String, &(String, Tversion))> = data.iter().collect();
+        entries.sort();
+        f(&entries)
+    }
+
+    /// Replaces the map by `entries` (as [`with_sorted`](Self::with_sorted) showed them).
+    pub fn replace(&self, entries: Vec<(String, (String, Tversion))>) {
+        let map: HashMap<String, (String, Tversion)> = entries.into_iter().collect();
+        *self.data.lock() = map;
+    }
+
     /// Replaces the map by one [`encode`](Self::encode)d earlier; unchanged on bad bytes.
     pub fn restore(&self, bytes: &[u8]) -> Result<(), CodecError> {
         let entries: Vec<(String, (String, Tversion))> = labcodec::decode(bytes)?;

@@ -167,11 +167,21 @@ enum LogOp {
 }
 
 /// What the rsm hands Raft as a snapshot: the service's state and the index it reflects, so
-/// a restarted peer knows where it is.
-#[derive(Serialize, Deserialize)]
-struct RsmSnapshot {
+/// a restarted peer knows where it is. Read borrowing the state from the snapshot's bytes, and
+/// written by [`encode_snapshot`], so a large state is never copied.
+#[derive(Deserialize)]
+struct RsmSnapshot<'a> {
     index: u64,
-    state: Vec<u8>,
+    #[serde(borrow)]
+    state: &'a [u8],
+}
+
+/// The encoding of `RsmSnapshot { index, state }`: that of `(index, state.len())` followed
+/// by the state's bytes, built in the state's own buffer.
+fn encode_snapshot(index: u64, mut state: Vec<u8>) -> Result<Vec<u8>, labcodec::CodecError> {
+    let head = labcodec::encode(&(index, state.len() as u64))?;
+    state.splice(0..0, head);
+    Ok(state)
 }
 
 /// How far the state machine has applied, and the reads waiting for it to get further.
@@ -182,11 +192,44 @@ struct Applied {
     reads: BTreeMap<u64, Vec<oneshot::Sender<()>>>,
 }
 
-/// A submitter waiting for the op it started at some index.
+/// A submitter waiting for its op, registered (by the op's id) before `Raft::start` is called.
 struct Waiter {
-    id: u64,
+    /// The index `start` gave the op, once the submitter has learned it.
+    index: Option<u64>,
     /// One slot: the reader answers once and never blocks.
     reply: oneshot::Sender<Result<Vec<u8>, SubmitError>>,
+}
+
+/// The submitters waiting for their ops. Keyed by op id, so that a submitter is registered
+/// before it calls `Raft::start` and the call runs outside this lock (`start` syncs the
+/// storage: an fsync with the file log): the reader can answer an op that commits before its
+/// submitter has even learned its index.
+#[derive(Default)]
+struct Waiters {
+    by_id: HashMap<u64, Waiter>,
+    /// Which op each known index was started for (to tell a submitter at once that another
+    /// leader's op took its index).
+    by_index: HashMap<u64, u64>,
+    /// The last index the reader has handled (applied or covered by a snapshot).
+    applied: u64,
+}
+
+impl Waiters {
+    fn remove(&mut self, id: u64) -> Option<Waiter> {
+        let w = self.by_id.remove(&id)?;
+        if let Some(index) = w.index
+            && self.by_index.get(&index) == Some(&id)
+        {
+            self.by_index.remove(&index);
+        }
+        Some(w)
+    }
+
+    /// Every waiter is dropped (its submitter then answers `WrongLeader` or `Stopped`).
+    fn clear(&mut self) {
+        self.by_id.clear();
+        self.by_index.clear();
+    }
 }
 
 struct Shared {
@@ -194,8 +237,8 @@ struct Shared {
     raft: Arc<Raft>,
     sm: Arc<dyn StateMachine>,
     maxraftstate: Option<usize>,
-    /// Submitters by log index.
-    waiters: Mutex<HashMap<u64, Waiter>>,
+    /// Submitters by op id (and the index each was started at).
+    waiters: Mutex<Waiters>,
     /// The last log index the state machine reflects, for reads waiting on it.
     applied: Mutex<Applied>,
     /// Why this replica stopped, if it did (it then never serves again).
@@ -240,17 +283,23 @@ impl Rsm {
         // Whatever snapshot Raft holds now (restored, or installed since it started): the
         // reader skips what it covers. Restored before the reader takes any entry.
         let mut last_applied = 0;
-        let snap = raft.snapshot_data();
+        let corrupt = |index, reason: String| RsmError::CorruptSnapshot {
+            peer: me,
+            index,
+            reason,
+        };
+        let snap = match raft.read_snapshot() {
+            Ok(snap) => snap,
+            Err(e) => {
+                raft.kill();
+                return Err(corrupt(None, e.to_string()));
+            }
+        };
         if !snap.is_empty() {
-            let corrupt = |index, reason: String| RsmError::CorruptSnapshot {
-                peer: me,
-                index,
-                reason,
-            };
-            let restored = labcodec::decode::<RsmSnapshot>(&snap)
+            let restored = labcodec::decode_borrowed::<RsmSnapshot>(&snap)
                 .map_err(|e| corrupt(None, e.to_string()))
                 .and_then(|s| {
-                    sm.restore(&s.state)
+                    sm.restore(s.state)
                         .map_err(|e| corrupt(Some(s.index), e.to_string()))?;
                     Ok(s.index)
                 });
@@ -267,7 +316,10 @@ impl Rsm {
             raft,
             sm,
             maxraftstate,
-            waiters: Mutex::new(HashMap::new()),
+            waiters: Mutex::new(Waiters {
+                applied: last_applied,
+                ..Waiters::default()
+            }),
             applied: Mutex::new(Applied {
                 index: last_applied,
                 reads: BTreeMap::new(),
@@ -338,23 +390,46 @@ impl Rsm {
             }
         };
         let (tx, rx) = oneshot::channel();
-        let (index, term) = {
-            // Start under the waiters lock so the reader cannot execute the op before its
-            // waiter is registered. `start` never blocks; the reader never calls Raft while
-            // holding this lock.
+        // Registered before `start`, so the reader finds the waiter however soon the op
+        // commits; `start` itself (which syncs the storage) runs outside every rsm lock.
+        s.waiters.lock().by_id.insert(
+            id,
+            Waiter {
+                index: None,
+                reply: tx,
+            },
+        );
+        let (index, term, is_leader) = s.raft.start(cmd);
+        if !is_leader {
+            s.waiters.lock().remove(id);
+            return Err(if s.raft.killed() {
+                SubmitError::Stopped
+            } else {
+                SubmitError::WrongLeader
+            });
+        }
+        {
             let mut waiters = s.waiters.lock();
-            let (index, term, is_leader) = s.raft.start(cmd);
-            if !is_leader {
-                return Err(if s.raft.killed() {
-                    SubmitError::Stopped
-                } else {
-                    SubmitError::WrongLeader
-                });
+            let w = &mut *waiters;
+            if let Some(waiter) = w.by_id.get_mut(&id) {
+                if w.applied >= index {
+                    // The reader has passed the index without finding this op there: another
+                    // op took it (or a snapshot covered it, the reply unknown here).
+                    w.by_id.remove(&id);
+                    drop(waiters);
+                    return Err(s.dropped());
+                }
+                waiter.index = Some(index);
+                // A waiter left at this index by an earlier term is answered by dropping its
+                // sender: its op was overwritten by ours.
+                if let Some(old) = w.by_index.insert(index, id)
+                    && old != id
+                {
+                    w.by_id.remove(&old);
+                }
             }
-            // A waiter left at this index by an earlier term is answered by dropping its sender.
-            waiters.insert(index, Waiter { id, reply: tx });
-            (index, term)
-        };
+            // Else the reader has answered already: the reply waits in `rx`.
+        }
         log::trace!(target: "kvraft::rsm", "rsm-{} t{term}: submitted op {id:x} at {index}", s.me);
         let give_up_at = s.give_up_after.lock().map(|d| Instant::now() + d);
         let mut lost_since: Option<Instant> = None;
@@ -392,9 +467,7 @@ impl Rsm {
                     }
                     {
                         let mut waiters = s.waiters.lock();
-                        if waiters.get(&index).is_some_and(|w| w.id == id) {
-                            waiters.remove(&index);
-                        } else {
+                        if waiters.remove(id).is_none() {
                             // The reader took the waiter meanwhile: it answers (or drops the
                             // sender) right after, without blocking.
                             drop(waiters);
@@ -570,15 +643,23 @@ impl Shared {
                             (None, Vec::new())
                         }
                     };
-                    let waiter = self.waiters.lock().remove(&index);
-                    if let Some(w) = waiter {
-                        let r = if Some(w.id) == id {
-                            Ok(reply)
-                        } else {
-                            // Another leader's entry took the index: ours is lost.
-                            Err(SubmitError::WrongLeader)
+                    let (mine, overwritten) = {
+                        let mut waiters = self.waiters.lock();
+                        waiters.applied = index;
+                        let mine = id.and_then(|id| waiters.remove(id));
+                        // A submitter that started another op at this index: that op was
+                        // overwritten by another leader's entry, and is lost.
+                        let overwritten = match waiters.by_index.remove(&index) {
+                            Some(other) if Some(other) != id => waiters.by_id.remove(&other),
+                            _ => None,
                         };
-                        w.reply.send(r);
+                        (mine, overwritten)
+                    };
+                    if let Some(w) = mine {
+                        w.reply.send(Ok(reply));
+                    }
+                    if let Some(w) = overwritten {
+                        w.reply.send(Err(SubmitError::WrongLeader));
                     }
                     self.set_applied(index);
                     if self.maybe_snapshot(index, applied_bytes) {
@@ -589,9 +670,9 @@ impl Shared {
                     if index <= last_applied {
                         continue;
                     }
-                    let restored = labcodec::decode::<RsmSnapshot>(&data)
+                    let restored = labcodec::decode_borrowed::<RsmSnapshot>(&data)
                         .map_err(|e| e.to_string())
-                        .and_then(|s| self.sm.restore(&s.state).map_err(|e| e.to_string()));
+                        .and_then(|s| self.sm.restore(s.state).map_err(|e| e.to_string()));
                     if let Err(reason) = restored {
                         // Applying later entries to the old state would diverge silently:
                         // this replica stops for good.
@@ -606,8 +687,19 @@ impl Shared {
                     last_applied = index;
                     applied_bytes = 0;
                     self.set_applied(index);
-                    // Ops covered by the snapshot: their replies are unknown here.
-                    self.waiters.lock().retain(|&i, _| i > index);
+                    // Ops covered by the snapshot: their replies are unknown here. A submitter
+                    // that has not yet recorded its index finds `applied` past it.
+                    let mut waiters = self.waiters.lock();
+                    waiters.applied = index;
+                    let covered: Vec<u64> = waiters
+                        .by_index
+                        .iter()
+                        .filter(|&(&i, _)| i <= index)
+                        .map(|(_, &id)| id)
+                        .collect();
+                    for id in covered {
+                        waiters.remove(id);
+                    }
                 }
             }
         }
@@ -665,11 +757,7 @@ impl Shared {
             // The log outgrew the limit between two applies: this peer applies slowly.
             log::warn!(target: "kvraft::rsm", "rsm-{}: Raft state {size} bytes > 4 * maxraftstate {max} at {index}", self.me);
         }
-        let snap = RsmSnapshot {
-            index,
-            state: self.sm.snapshot(),
-        };
-        match labcodec::encode(&snap) {
+        match encode_snapshot(index, self.sm.snapshot()) {
             Ok(data) => {
                 log::debug!(target: "kvraft::rsm", "rsm-{}: snapshot through {index} ({} bytes)", self.me, data.len());
                 self.raft.snapshot(index, data);

@@ -240,11 +240,9 @@ impl Proxy {
 
     fn stop_and_join(&mut self) {
         self.inner.stop.store(true, Ordering::SeqCst);
-        let panic = self.acceptor.take().and_then(|mut a| a.stop().err());
-        if let Some(p) = panic
-            && !thread::panicking()
-        {
-            std::panic::resume_unwind(p);
+        // Passes a connection thread's panic on, unless this thread is already panicking.
+        if let Some(mut acceptor) = self.acceptor.take() {
+            acceptor.shutdown();
         }
     }
 }

@@ -151,10 +151,31 @@ fn resolve(node: usize, addr: &str) -> Result<SocketAddr, NodeError> {
         .ok_or_else(|| err("no address".into()))
 }
 
+/// Large buffers (values of a MiB, snapshot pieces, a snapshot being encoded or decoded) go to
+/// their own mappings and back to the system when freed. glibc otherwise raises its mapping
+/// threshold after the first such free and serves later ones from its per-thread arenas, which
+/// keep what is freed: measured with 110 MiB of 1 MiB values, a node's peak resident memory
+/// was 2.7 times the live data instead of 2.0.
+fn return_large_frees_to_the_system() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            // SAFETY: mallopt only sets an allocator parameter; any value is accepted or
+            // refused (returns 0) without effect on memory already allocated.
+            let ok = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10) };
+            if ok == 0 {
+                log::warn!(target: "node", "mallopt(M_MMAP_THRESHOLD) refused");
+            }
+        });
+    }
+}
+
 impl Node {
     /// Starts the node on `storage`. Returns once both ports listen; the node then finds or
     /// elects a leader on its own.
     pub fn start(config: NodeConfig, storage: Box<dyn Storage>) -> Result<Node, NodeError> {
+        return_large_frees_to_the_system();
         let n = config.peers.len();
         if config.id == 0 || config.id > n {
             return Err(NodeError::Config(format!(

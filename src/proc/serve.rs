@@ -34,6 +34,8 @@ pub struct ServeArgs {
 /// The durable storage of a node's Raft state in `dir`.
 fn open_storage(dir: &Path) -> Result<Box<dyn Storage>, StorageError> {
     let storage = crate::storage::FileLog::open(dir, crate::storage::FileLogOptions::default())?;
+    // Raft reads the snapshot from the file when it needs it, rather than holding it.
+    storage.keep_snapshot_on_disk();
     Ok(Box::new(storage))
 }
 

@@ -4,11 +4,12 @@ use crossbeam::channel::{Receiver, Sender, select};
 
 use super::ApplyMsg;
 use super::state::Core;
+use super::storage::SnapshotData;
 
 impl Core {
     pub(super) fn run_applier(&self, apply_tx: Sender<ApplyMsg>, kill_rx: Receiver<()>) {
         loop {
-            let msgs = {
+            let (msgs, snapshot) = {
                 let mut st = self.state.lock();
                 while !self.is_dead() && !st.snapshot_pending && st.last_applied >= st.commit_index
                 {
@@ -28,11 +29,11 @@ impl Core {
                     );
                     st.last_applied = index;
                     log::debug!(target: "raft::apply", "raft-{} t{}: deliver snapshot through {index}", self.me, st.term);
-                    vec![ApplyMsg::Snapshot {
-                        index,
-                        term: st.log.base_term(),
-                        data: st.snapshot.clone(),
-                    }]
+                    // Its bytes are read below, outside the lock.
+                    (
+                        Vec::new(),
+                        Some((index, st.log.base_term(), st.snapshot.clone())),
+                    )
                 } else {
                     let from = st.last_applied + 1;
                     let to = st.commit_index;
@@ -55,8 +56,19 @@ impl Core {
                         .collect();
                     st.last_applied = to;
                     log::trace!(target: "raft::apply", "raft-{} t{}: deliver [{from}..={to}]", self.me, st.term);
-                    msgs
+                    (msgs, None)
                 }
+            };
+            let msgs = match snapshot {
+                None => msgs,
+                Some((index, term, snap)) => match Self::snapshot_bytes(snap) {
+                    Ok(data) => vec![ApplyMsg::Snapshot { index, term, data }],
+                    Err(e) => {
+                        let mut st = self.state.lock();
+                        self.storage_failed(&mut st, "read snapshot", &e);
+                        return;
+                    }
+                },
             };
             // Outside the lock: the service may call back into Raft (snapshot) meanwhile.
             // Nothing is delivered before it is durable (a one-peer leader commits what it
@@ -73,6 +85,17 @@ impl Core {
                     recv(kill_rx) -> _ => return,
                 }
             }
+        }
+    }
+
+    /// A snapshot's bytes for the service: taken over from memory when Raft holds the only
+    /// reference, read from the storage otherwise.
+    fn snapshot_bytes(snap: SnapshotData) -> Result<Vec<u8>, super::StorageError> {
+        match snap {
+            SnapshotData::Mem(bytes) => {
+                Ok(std::sync::Arc::try_unwrap(bytes).unwrap_or_else(|b| b.as_ref().clone()))
+            }
+            stored => stored.read_all(),
         }
     }
 }

@@ -33,11 +33,14 @@ use parking_lot::Mutex;
 
 pub use read::ReadIndexError;
 pub use rpc::{
-    AppendEntriesArgs, AppendEntriesReply, InstallSnapshotArgs, InstallSnapshotReply,
-    RequestVoteArgs, RequestVoteReply,
+    AppendEntriesArgs, AppendEntriesReply, InstallSnapshotArgs, InstallSnapshotChunkArgs,
+    InstallSnapshotChunkReply, InstallSnapshotReply, RequestVoteArgs, RequestVoteReply,
 };
 use state::Core;
-pub use storage::{HardState, Restored, Storage, StorageError};
+pub use storage::{
+    ChunkOutcome, HardState, Restored, SnapshotChunk, SnapshotData, SnapshotSource, Storage,
+    StorageError,
+};
 pub use transport::{OnReply, RaftHandler, RaftTransport};
 
 /// What Raft delivers to its service, in index order.
@@ -192,9 +195,21 @@ impl Raft {
     }
 
     /// The snapshot this peer holds now (empty if none): what a service restores from at
-    /// start, before the first entry after it is delivered.
+    /// start, before the first entry after it is delivered. A snapshot the storage cannot
+    /// read back stops the peer (logged) and gives empty bytes; a service that must tell
+    /// the two apart calls [`read_snapshot`](Raft::read_snapshot).
     pub fn snapshot_data(&self) -> Vec<u8> {
-        self.core.state.lock().snapshot.clone()
+        self.read_snapshot().unwrap_or_default()
+    }
+
+    /// The snapshot this peer holds now (empty if none), read back from the storage if it
+    /// keeps it; an error (a damaged snapshot file, naming file and offset) stops the peer.
+    pub fn read_snapshot(&self) -> Result<Vec<u8>, StorageError> {
+        let snap = self.core.state.lock().snapshot.clone();
+        snap.read_all().inspect_err(|e| {
+            let mut st = self.core.state.lock();
+            self.core.storage_failed(&mut st, "read snapshot", e);
+        })
     }
 
     /// Stops the peer: no more RPCs are sent, nothing more is delivered, the apply channel is

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::log::{Entry, Log};
 use super::state::{Core, State};
-use super::storage::{HardState, Storage, StorageError};
+use super::storage::{HardState, SnapshotData, Storage, StorageError};
 use crate::labcodec::{self, CodecError};
 
 #[derive(Serialize, Deserialize)]
@@ -83,9 +83,14 @@ impl Core {
     pub(super) fn persist_snapshot(&self, st: &mut State) {
         let (index, term) = (st.log.base_index(), st.log.base_term());
         log::trace!(target: "raft::persist", "raft-{} t{}: snapshot {} bytes through {index}", self.me, st.term, st.snapshot.len());
-        let snapshot = std::mem::take(&mut st.snapshot);
-        self.queue(st, "snapshot", |s| s.save_snapshot(index, term, &snapshot));
-        st.snapshot = snapshot;
+        match st.snapshot.clone() {
+            SnapshotData::Mem(bytes) => self.queue(st, "snapshot", |s| {
+                s.save_snapshot_shared(index, term, bytes)
+            }),
+            // Already the storage's own (never the case: a new snapshot arrives as bytes, a
+            // streamed one is installed by `persist_received_snapshot`).
+            SnapshotData::Stored(_) => {}
+        }
     }
 
     /// Hands one change to the storage. Nothing is queued once the peer is dead; a change the

@@ -11,6 +11,10 @@ use super::state::{Core, MAX_OUTSTANDING, Role, State};
 /// The most entries one AppendEntries carries, so a far-behind follower catches up in
 /// bounded messages.
 const MAX_ENTRIES_PER_APPEND: usize = 512;
+/// An AppendEntries carries entries of at most about this many command bytes (at least one
+/// entry), so its message stays far below a transport's frame limit however large the
+/// entries are.
+const MAX_APPEND_BYTES: usize = 8 << 20;
 /// How long a follower at its log limit holds an AppendEntries waiting for room. Well under
 /// the leader's [`INFLIGHT_STALE`](super::state::INFLIGHT_STALE), so the call is not given up.
 const ROOM_WAIT: Duration = Duration::from_millis(30);
@@ -89,6 +93,13 @@ impl Core {
         };
         if entries.len() > MAX_ENTRIES_PER_APPEND {
             entries = &entries[..MAX_ENTRIES_PER_APPEND];
+        }
+        let mut bytes = 0usize;
+        if let Some(n) = entries.iter().position(|e| {
+            bytes = bytes.saturating_add(e.command.len());
+            bytes > MAX_APPEND_BYTES
+        }) {
+            entries = &entries[..n.max(1)];
         }
         let args = AppendEntriesArgs {
             term: st.term,

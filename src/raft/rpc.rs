@@ -59,3 +59,32 @@ pub struct InstallSnapshotArgs {
 pub struct InstallSnapshotReply {
     pub term: u64,
 }
+
+/// One piece of a snapshot streamed to a follower (Raft Figure 13's `offset` and `done`),
+/// used by transports that cannot carry a whole snapshot in one message
+/// ([`RaftTransport::snapshot_chunk_bytes`](super::RaftTransport::snapshot_chunk_bytes)).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InstallSnapshotChunkArgs {
+    pub term: u64,
+    pub leader: usize,
+    pub last_included_index: u64,
+    pub last_included_term: u64,
+    /// Where `data` starts in the snapshot.
+    pub offset: u64,
+    /// The snapshot's whole length.
+    pub total: u64,
+    /// CRC32C of the whole snapshot (checked by the receiver on the last piece).
+    pub crc: u32,
+    pub data: Vec<u8>,
+    /// The last piece.
+    pub done: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InstallSnapshotChunkReply {
+    pub term: u64,
+    /// The offset the follower wants next (0: start over).
+    pub next_offset: u64,
+    /// The follower holds the snapshot (installed now, or already covered by its log).
+    pub done: bool,
+}

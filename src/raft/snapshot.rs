@@ -3,15 +3,35 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::rpc::{InstallSnapshotArgs, InstallSnapshotReply};
-use super::state::{Core, Role, State};
+use super::rpc::{
+    InstallSnapshotArgs, InstallSnapshotChunkArgs, InstallSnapshotChunkReply, InstallSnapshotReply,
+};
+use super::state::{Core, MAX_CHUNKS_IN_FLIGHT, Role, State};
+use super::storage::{ChunkOutcome, SnapshotChunk, SnapshotData, SnapshotSource, StorageError};
 
 impl Core {
     /// The service holds a snapshot through `index`: discard the log up to it.
     pub(crate) fn snapshot(&self, index: u64, data: Vec<u8>) {
         self.compact(index, data);
         // Durable now: a follower at its log limit may take entries again.
+        self.adopt_stored_snapshot();
         self.notify_room();
+    }
+
+    /// Once the storage holds the snapshot durably and can read it back, Raft keeps a handle
+    /// on that copy instead of the bytes: a large state is then not in memory twice (the
+    /// service's, and Raft's).
+    pub(super) fn adopt_stored_snapshot(&self) {
+        let Some(src) = self.storage.snapshot_source() else {
+            return;
+        };
+        let mut st = self.state.lock();
+        if matches!(st.snapshot, SnapshotData::Mem(_))
+            && src.index() == st.log.base_index()
+            && src.term() == st.log.base_term()
+        {
+            st.snapshot = SnapshotData::Stored(src);
+        }
     }
 
     fn compact(&self, index: u64, data: Vec<u8>) {
@@ -25,20 +45,25 @@ impl Core {
             return;
         }
         st.log.compact_to(index);
-        st.snapshot = data;
+        st.snapshot = SnapshotData::Mem(Arc::new(data));
         self.persist_snapshot(&mut st);
         log::debug!(target: "raft::snapshot", "raft-{} t{}: snapshot through {index}, log ({index}..={}]", self.me, st.term, st.log.last_index());
     }
 
     /// Sends `peer` our snapshot: it needs entries we no longer have.
     pub(super) fn send_snapshot(self: &Arc<Core>, st: &mut State, peer: usize) {
-        let args = InstallSnapshotArgs {
+        if let Some(chunk) = self.peers.snapshot_chunk_bytes() {
+            self.send_snapshot_chunk(st, peer, chunk.max(1));
+            return;
+        }
+        let mut args = InstallSnapshotArgs {
             term: st.term,
             leader: self.me,
             last_included_index: st.log.base_index(),
             last_included_term: st.log.base_term(),
-            data: st.snapshot.clone(),
+            data: Vec::new(),
         };
+        let snapshot = st.snapshot.clone();
         let p = &mut st.peers[peer];
         p.seq += 1;
         p.inflight = Some((p.seq, Instant::now()));
@@ -51,12 +76,252 @@ impl Core {
         let index = args.last_included_index;
         st.outbox.push(Box::new(move || {
             let c = core.clone();
+            // The bytes are copied for the message here, outside the lock.
+            match snapshot.read_all() {
+                Ok(data) => args.data = data,
+                Err(e) => {
+                    log::error!(target: "raft::snapshot", "raft-{} cannot read its snapshot to send it: {e}", core.me);
+                    return c.on_snapshot_reply(peer, term, seq, index, None);
+                }
+            }
             core.peers.install_snapshot(
                 peer,
                 args,
                 Box::new(move |r| c.on_snapshot_reply(peer, term, seq, index, r)),
             )
         }));
+    }
+
+    /// Sends `peer` the next piece of our snapshot (Raft Figure 13): from the offset it last
+    /// asked for, or from the start if the snapshot changed since. The piece is read from the
+    /// storage outside the lock. At most [`MAX_CHUNKS_IN_FLIGHT`] pieces are out at once.
+    fn send_snapshot_chunk(self: &Arc<Core>, st: &mut State, peer: usize, chunk: usize) {
+        if st.peers[peer].chunks_out >= MAX_CHUNKS_IN_FLIGHT {
+            st.peers[peer].dirty = true;
+            return;
+        }
+        if st.peers[peer].snap_offset == 0 || st.peers[peer].snap_send.is_none() {
+            // (Re)start with the snapshot held now, read from the storage's file if it has
+            // one: a transfer never pins the bytes in memory.
+            if let SnapshotData::Mem(_) = st.snapshot
+                && let Some(src) = self.storage.snapshot_source()
+                && src.index() == st.log.base_index()
+                && src.term() == st.log.base_term()
+            {
+                st.snapshot = SnapshotData::Stored(src);
+            }
+            let snap = (st.log.base_index(), st.log.base_term(), st.snapshot.clone());
+            let p = &mut st.peers[peer];
+            p.snap_send = Some(snap);
+            p.snap_offset = 0;
+        }
+        let p = &mut st.peers[peer];
+        let (index, last_term, snapshot) = p.snap_send.clone().expect("a transfer under way");
+        let total = snapshot.len();
+        let offset = p.snap_offset.min(total);
+        p.seq += 1;
+        p.inflight = Some((p.seq, Instant::now()));
+        p.outstanding += 1;
+        p.chunks_out += 1;
+        p.dirty = false;
+        let seq = p.seq;
+        log::trace!(target: "raft::snapshot", "raft-{} t{}: snapshot through {index}, bytes {offset}.. of {total} to {peer}", self.me, st.term);
+        let core = self.clone();
+        let term = st.term;
+        let me = self.me;
+        st.outbox.push(Box::new(move || {
+            let c = core.clone();
+            let data = match snapshot.read(offset, chunk) {
+                Ok(d) => d,
+                Err(e) => {
+                    log::error!(target: "raft::snapshot", "raft-{me} cannot read its snapshot to send it: {e}");
+                    return c.on_chunk_reply(peer, term, seq, index, total, None);
+                }
+            };
+            let done = offset + data.len() as u64 >= total;
+            let args = InstallSnapshotChunkArgs {
+                term,
+                leader: me,
+                last_included_index: index,
+                last_included_term: last_term,
+                offset,
+                total,
+                crc: if done { snapshot.crc() } else { 0 },
+                data,
+                done,
+            };
+            core.peers.install_snapshot_chunk(
+                peer,
+                args,
+                Box::new(move |r| c.on_chunk_reply(peer, term, seq, index, total, r)),
+            )
+        }));
+    }
+
+    fn on_chunk_reply(
+        self: &Arc<Core>,
+        peer: usize,
+        term: u64,
+        seq: u64,
+        index: u64,
+        total: u64,
+        r: Option<InstallSnapshotChunkReply>,
+    ) {
+        let mut st = self.lock_state();
+        if self.is_dead() {
+            return;
+        }
+        let p = &mut st.peers[peer];
+        p.chunks_out = p.chunks_out.saturating_sub(1);
+        let Some(reply) = p.call_returned(seq, r) else {
+            return;
+        };
+        if reply.term > st.term {
+            if self.step_down(&mut st, reply.term) {
+                self.persist(&mut st);
+            }
+            return;
+        }
+        if st.role != Role::Leader || st.term != term {
+            return;
+        }
+        let p = &mut st.peers[peer];
+        if reply.done {
+            p.match_index = p.match_index.max(index);
+            p.next_index = p.next_index.max(index + 1);
+            p.snap_send = None;
+            p.snap_offset = 0;
+            log::debug!(target: "raft::snapshot", "raft-{} t{}: {peer} holds the snapshot through {index}", self.me, st.term);
+            self.advance_commit(&mut st);
+        } else if p.snap_send.as_ref().is_some_and(|s| s.0 == index) {
+            p.snap_offset = reply.next_offset.min(total);
+            if p.snap_offset == 0 {
+                // Starting over: with the newest snapshot.
+                p.snap_send = None;
+            }
+        }
+        let p = &st.peers[peer];
+        if p.dirty || p.next_index <= st.log.last_index() || p.next_index <= st.log.base_index() {
+            self.send_append(&mut st, peer);
+        }
+    }
+
+    /// Handles one piece of a streamed snapshot: checks the leader's term (as any RPC does,
+    /// resetting the election timer, so a long transfer does not start an election), hands the
+    /// piece to the storage outside the lock, and once the storage says the snapshot is
+    /// complete and checked, installs it as [`install_snapshot`](Core::install_snapshot) does.
+    /// The reply leaves only once the installation is durable.
+    pub(crate) fn install_snapshot_chunk(
+        &self,
+        args: InstallSnapshotChunkArgs,
+    ) -> Option<InstallSnapshotChunkReply> {
+        let index = args.last_included_index;
+        let reply = |term, next_offset, done| InstallSnapshotChunkReply {
+            term,
+            next_offset,
+            done,
+        };
+        let term = {
+            let mut st = self.lock_state();
+            if self.is_dead() {
+                return None;
+            }
+            if args.term < st.term {
+                return Some(reply(st.term, 0, false));
+            }
+            if self.step_down(&mut st, args.term) {
+                self.persist(&mut st);
+            }
+            self.reset_election_timer(&mut st);
+            st.leader_contact = Some(Instant::now());
+            if index <= st.commit_index {
+                return self.reply_if_alive(reply(st.term, args.total, true));
+            }
+            if index == u64::MAX {
+                // No log reaches it; the next index would not exist.
+                log::warn!(target: "raft::snapshot", "raft-{} t{}: snapshot chunk through index {index} from {} refused", self.me, st.term, args.leader);
+                return self.reply_if_alive(reply(st.term, 0, false));
+            }
+            st.term
+        };
+        let chunk = SnapshotChunk {
+            index,
+            term: args.last_included_term,
+            offset: args.offset,
+            total: args.total,
+            crc: args.crc,
+            data: &args.data,
+            done: args.done,
+        };
+        let src = match self.storage.receive_snapshot_chunk(chunk) {
+            Ok(ChunkOutcome::Next(next)) => return self.reply_if_alive(reply(term, next, false)),
+            Ok(ChunkOutcome::Complete(src)) => src,
+            Err(e) => {
+                let mut st = self.state.lock();
+                self.storage_failed(&mut st, "snapshot chunk", &e);
+                return None;
+            }
+        };
+        let out = self.install_received(term, args.leader, src);
+        self.notify_room();
+        out.and_then(|r| self.reply_if_alive(r))
+    }
+
+    fn install_received(
+        &self,
+        term: u64,
+        leader: usize,
+        src: Arc<dyn SnapshotSource>,
+    ) -> Option<InstallSnapshotChunkReply> {
+        let (index, total) = (src.index(), src.len());
+        let mut st = self.lock_state();
+        if self.is_dead() {
+            return None;
+        }
+        if st.term != term {
+            return Some(InstallSnapshotChunkReply {
+                term: st.term,
+                next_offset: 0,
+                done: false,
+            });
+        }
+        if index <= st.commit_index {
+            return Some(InstallSnapshotChunkReply {
+                term,
+                next_offset: total,
+                done: true,
+            });
+        }
+        match self.storage.install_received_snapshot(&src) {
+            Ok(()) => {}
+            Err(StorageError::Invalid { reason }) => {
+                log::warn!(target: "raft::snapshot", "raft-{} t{term}: received snapshot through {index} not installed: {reason}", self.me);
+                return Some(InstallSnapshotChunkReply {
+                    term,
+                    next_offset: 0,
+                    done: false,
+                });
+            }
+            Err(e) => {
+                self.storage_failed(&mut st, "install snapshot", &e);
+                return None;
+            }
+        }
+        if st.log.term_at(index) == Some(src.term()) {
+            st.log.compact_to(index);
+        } else {
+            st.log.reset_to(index, src.term());
+        }
+        st.snapshot = SnapshotData::Stored(src);
+        st.commit_index = index;
+        st.snapshot_pending = true;
+        log::info!(target: "raft::snapshot", "raft-{} t{term}: installed snapshot through {index} ({total} bytes, streamed) from {leader}", self.me);
+        self.applier_cv.notify_all();
+        Some(InstallSnapshotChunkReply {
+            term,
+            next_offset: total,
+            done: true,
+        })
     }
 
     fn on_snapshot_reply(
@@ -101,6 +366,7 @@ impl Core {
         args: InstallSnapshotArgs,
     ) -> Option<InstallSnapshotReply> {
         let reply = self.install_snapshot_synced(args)?;
+        self.adopt_stored_snapshot();
         self.notify_room();
         self.reply_if_alive(reply)
     }
@@ -128,7 +394,7 @@ impl Core {
         } else {
             st.log.reset_to(index, args.last_included_term);
         }
-        st.snapshot = args.data;
+        st.snapshot = SnapshotData::Mem(Arc::new(args.data));
         st.commit_index = index;
         st.snapshot_pending = true;
         self.persist_snapshot(&mut st);

@@ -13,7 +13,7 @@ use rand::Rng;
 
 use super::RaftError;
 use super::log::Log;
-use super::storage::Storage;
+use super::storage::{SnapshotData, Storage};
 use super::transport::RaftTransport;
 
 /// A leader sends at most this many heartbeats a second per peer (the tester allows ten).
@@ -33,6 +33,10 @@ pub(super) const INFLIGHT_STALE_MAX: Duration = Duration::from_millis(250);
 /// The most calls to one peer whose outcome is still unknown. Calls to a cut-off peer can take
 /// seconds to fail; each holds a network thread meanwhile.
 pub(super) const MAX_OUTSTANDING: usize = 40;
+/// The most snapshot chunks to one peer whose outcome is still unknown: a chunk presumed lost
+/// is sent again only within this bound, so a slow follower never has more than this many
+/// chunks (and their buffers) queued towards it.
+pub(super) const MAX_CHUNKS_IN_FLIGHT: usize = 2;
 /// A ticker that wakes this much later than it asked was not scheduled for a while (an
 /// overloaded machine, a stopped process): whatever the leader sent meanwhile has not been
 /// handled yet either, so a follower gives it [`OVERSLEEP_GRACE`] before standing.
@@ -66,6 +70,13 @@ pub(super) struct Progress {
     /// The highest read round (see [`State::read_round`]) of a call this peer answered in
     /// the current term.
     pub acked_round: u64,
+    /// A snapshot streamed in chunks: the snapshot being sent (index, term, data; kept until
+    /// the transfer ends even if a newer one replaces it meanwhile, so a long transfer
+    /// finishes), the offset the follower wants next, and the chunk calls out (at most
+    /// [`MAX_CHUNKS_IN_FLIGHT`]).
+    pub snap_send: Option<(u64, u64, super::storage::SnapshotData)>,
+    pub snap_offset: u64,
+    pub chunks_out: usize,
 }
 
 impl Progress {
@@ -98,8 +109,9 @@ pub(super) struct State {
     pub term: u64,
     pub voted_for: Option<usize>,
     pub log: Log,
-    /// The service's snapshot covering the log through `log.base_index()`.
-    pub snapshot: Vec<u8>,
+    /// The service's snapshot covering the log through `log.base_index()`: in memory, or a
+    /// handle on the storage's copy once that is durable (see `Core::adopt_stored_snapshot`).
+    pub snapshot: SnapshotData,
     // Volatile.
     pub role: Role,
     pub commit_index: u64,
@@ -165,7 +177,15 @@ impl Core {
             reason: e.to_string(),
         })?;
         let (term, voted_for) = (restored.hard_state.term, restored.hard_state.voted_for);
-        let (log, snapshot) = (restored.log, restored.snapshot);
+        let log = restored.log;
+        // A storage that keeps the snapshot readable is read from when needed; otherwise Raft
+        // holds the bytes.
+        let snapshot = match storage.snapshot_source() {
+            Some(src) if src.index() == log.base_index() && src.term() == log.base_term() => {
+                SnapshotData::Stored(src)
+            }
+            _ => SnapshotData::Mem(std::sync::Arc::new(restored.snapshot)),
+        };
         if log.last_term() > term {
             return Err(RaftError::CorruptState {
                 peer: me,
@@ -203,6 +223,9 @@ impl Core {
                     outstanding: 0,
                     dirty: false,
                     acked_round: 0,
+                    snap_send: None,
+                    snap_offset: 0,
+                    chunks_out: 0,
                 };
                 n
             ],

@@ -52,6 +52,12 @@ pub enum StorageError {
     Invalid { reason: String },
     /// An earlier error stopped this storage; nothing more is written.
     Failed { first: String },
+    /// The data was written in another on-disk format than this build reads.
+    Format {
+        path: String,
+        found: u32,
+        supported: u32,
+    },
 }
 
 impl fmt::Display for StorageError {
@@ -68,11 +74,133 @@ impl fmt::Display for StorageError {
             }
             StorageError::Invalid { reason } => write!(f, "invalid storage call: {reason}"),
             StorageError::Failed { first } => write!(f, "storage stopped after: {first}"),
+            StorageError::Format {
+                path,
+                found,
+                supported,
+            } => {
+                let found_how = if *found == 1 {
+                    " (written before the format was recorded)"
+                } else {
+                    ""
+                };
+                write!(
+                    f,
+                    "{path}: on-disk format {found}{found_how}, but this raftkv reads format {supported} only; \
+                     start the release that wrote it, or move the directory away and let the node catch up from its peers"
+                )
+            }
         }
     }
 }
 
 impl std::error::Error for StorageError {}
+
+/// A snapshot a storage keeps readable by itself (a file), so Raft need not hold its bytes in
+/// memory: it reads them back in pieces to send them, or whole to hand them to the service.
+pub trait SnapshotSource: Send + Sync {
+    /// The last log index and term the snapshot covers.
+    fn index(&self) -> u64;
+    fn term(&self) -> u64;
+    /// Bytes of the service's data.
+    fn len(&self) -> u64;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// CRC32C of all the data: what a receiver checks the assembled snapshot against.
+    fn crc(&self) -> u32;
+    /// Up to `max` bytes of data from `offset` (fewer only at the end), checked against their
+    /// checksums; damage is an error naming the file and offset.
+    fn read(&self, offset: u64, max: usize) -> Result<Vec<u8>, StorageError>;
+}
+
+/// The snapshot Raft holds: its bytes in memory (a storage that keeps none readable, like the
+/// labs' persister), or a handle on the storage's copy.
+#[derive(Clone)]
+pub enum SnapshotData {
+    Mem(Arc<Vec<u8>>),
+    Stored(Arc<dyn SnapshotSource>),
+}
+
+impl Default for SnapshotData {
+    fn default() -> Self {
+        SnapshotData::Mem(Arc::default())
+    }
+}
+
+impl fmt::Debug for SnapshotData {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SnapshotData::Mem(b) => write!(f, "Mem({} bytes)", b.len()),
+            SnapshotData::Stored(s) => write!(f, "Stored({} bytes through {})", s.len(), s.index()),
+        }
+    }
+}
+
+impl SnapshotData {
+    pub fn len(&self) -> u64 {
+        match self {
+            SnapshotData::Mem(b) => b.len() as u64,
+            SnapshotData::Stored(s) => s.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Up to `max` bytes from `offset`.
+    pub fn read(&self, offset: u64, max: usize) -> Result<Vec<u8>, StorageError> {
+        match self {
+            SnapshotData::Mem(b) => {
+                let from = (offset.min(b.len() as u64)) as usize;
+                let to = from.saturating_add(max).min(b.len());
+                Ok(b[from..to].to_vec())
+            }
+            SnapshotData::Stored(s) => s.read(offset, max),
+        }
+    }
+
+    /// All the bytes (one copy in memory).
+    pub fn read_all(&self) -> Result<Vec<u8>, StorageError> {
+        match self {
+            SnapshotData::Mem(b) => Ok(b.as_ref().clone()),
+            SnapshotData::Stored(s) => s.read(0, usize::try_from(s.len()).unwrap_or(usize::MAX)),
+        }
+    }
+
+    /// CRC32C of all the data.
+    pub fn crc(&self) -> u32 {
+        match self {
+            SnapshotData::Mem(b) => crc32c::crc32c(b),
+            SnapshotData::Stored(s) => s.crc(),
+        }
+    }
+}
+
+/// One piece of a snapshot a leader streams to this peer (Raft Figure 13's offset and done).
+#[derive(Debug, Clone, Copy)]
+pub struct SnapshotChunk<'a> {
+    pub index: u64,
+    pub term: u64,
+    /// Where `data` starts in the snapshot, and the snapshot's whole length and CRC32C.
+    pub offset: u64,
+    pub total: u64,
+    pub crc: u32,
+    pub data: &'a [u8],
+    /// The last chunk: the snapshot is complete once it is written.
+    pub done: bool,
+}
+
+/// What a storage did with a [`SnapshotChunk`].
+pub enum ChunkOutcome {
+    /// The offset it needs next (the chunk was taken, or it was not the one expected: a
+    /// repeat, a gap, another snapshot's piece).
+    Next(u64),
+    /// The snapshot is complete, checked and durable under a temporary name; installed by
+    /// [`Storage::install_received_snapshot`].
+    Complete(Arc<dyn SnapshotSource>),
+}
 
 /// Where a Raft peer keeps term, vote, log and snapshot. See the module documentation for
 /// when each method is called and what it must promise.
@@ -102,6 +230,45 @@ pub trait Storage: Send + Sync {
     /// Bytes of Raft state (hard state and log, not the snapshot) this storage keeps: what
     /// `maxraftstate` is compared with.
     fn state_size(&self) -> usize;
+
+    /// [`save_snapshot`](Storage::save_snapshot) of bytes the caller shares rather than
+    /// copies (a large snapshot is then in memory once).
+    fn save_snapshot_shared(
+        &self,
+        index: u64,
+        term: u64,
+        data: Arc<Vec<u8>>,
+    ) -> Result<(), StorageError> {
+        self.save_snapshot(index, term, &data)
+    }
+
+    /// The durable snapshot, if this storage keeps it readable by itself: Raft then drops its
+    /// in-memory copy and reads from here.
+    fn snapshot_source(&self) -> Option<Arc<dyn SnapshotSource>> {
+        None
+    }
+
+    /// Takes one piece of a snapshot streamed from the leader, written to a temporary file
+    /// (see [`ChunkOutcome`]). Storages that cannot refuse.
+    fn receive_snapshot_chunk(
+        &self,
+        _chunk: SnapshotChunk<'_>,
+    ) -> Result<ChunkOutcome, StorageError> {
+        Err(StorageError::Invalid {
+            reason: "this storage does not take snapshots in chunks".to_string(),
+        })
+    }
+
+    /// Queues the installation of the snapshot a [`ChunkOutcome::Complete`] returned (as
+    /// [`save_snapshot`](Storage::save_snapshot) does with bytes: durable at the next `sync`).
+    fn install_received_snapshot(
+        &self,
+        _snapshot: &Arc<dyn SnapshotSource>,
+    ) -> Result<(), StorageError> {
+        Err(StorageError::Invalid {
+            reason: "this storage does not take snapshots in chunks".to_string(),
+        })
+    }
 }
 
 /// A shared storage (e.g. one a test closes on a crash) is a storage.
@@ -126,5 +293,28 @@ impl<S: Storage + ?Sized> Storage for Arc<S> {
     }
     fn state_size(&self) -> usize {
         (**self).state_size()
+    }
+    fn save_snapshot_shared(
+        &self,
+        index: u64,
+        term: u64,
+        data: Arc<Vec<u8>>,
+    ) -> Result<(), StorageError> {
+        (**self).save_snapshot_shared(index, term, data)
+    }
+    fn snapshot_source(&self) -> Option<Arc<dyn SnapshotSource>> {
+        (**self).snapshot_source()
+    }
+    fn receive_snapshot_chunk(
+        &self,
+        chunk: SnapshotChunk<'_>,
+    ) -> Result<ChunkOutcome, StorageError> {
+        (**self).receive_snapshot_chunk(chunk)
+    }
+    fn install_received_snapshot(
+        &self,
+        snapshot: &Arc<dyn SnapshotSource>,
+    ) -> Result<(), StorageError> {
+        (**self).install_received_snapshot(snapshot)
     }
 }

@@ -15,8 +15,8 @@
 use std::sync::Arc;
 
 use super::rpc::{
-    AppendEntriesArgs, AppendEntriesReply, InstallSnapshotArgs, InstallSnapshotReply,
-    RequestVoteArgs, RequestVoteReply,
+    AppendEntriesArgs, AppendEntriesReply, InstallSnapshotArgs, InstallSnapshotChunkArgs,
+    InstallSnapshotChunkReply, InstallSnapshotReply, RequestVoteArgs, RequestVoteReply,
 };
 use super::state::Core;
 
@@ -44,6 +44,23 @@ pub trait RaftTransport: Send + Sync {
         args: InstallSnapshotArgs,
         on_reply: OnReply<InstallSnapshotReply>,
     );
+
+    /// `Some(n)`: this transport cannot carry a whole snapshot in one message; Raft streams
+    /// snapshots with [`install_snapshot_chunk`](RaftTransport::install_snapshot_chunk), `n`
+    /// bytes at a time. `None` (the default, the labs' network): one InstallSnapshot each.
+    fn snapshot_chunk_bytes(&self) -> Option<usize> {
+        None
+    }
+
+    /// Sends one piece of a snapshot; only called when `snapshot_chunk_bytes` is `Some`.
+    fn install_snapshot_chunk(
+        &self,
+        _peer: usize,
+        _args: InstallSnapshotChunkArgs,
+        on_reply: OnReply<InstallSnapshotChunkReply>,
+    ) {
+        on_reply(None)
+    }
 }
 
 /// The receiving side of one Raft peer: what a transport's server calls with each request.
@@ -65,5 +82,12 @@ impl RaftHandler {
 
     pub fn install_snapshot(&self, args: InstallSnapshotArgs) -> Option<InstallSnapshotReply> {
         self.core.install_snapshot(args)
+    }
+
+    pub fn install_snapshot_chunk(
+        &self,
+        args: InstallSnapshotChunkArgs,
+    ) -> Option<InstallSnapshotChunkReply> {
+        self.core.install_snapshot_chunk(args)
     }
 }

@@ -6,11 +6,18 @@
 //! |---|---|---|
 //! | `LOCK` | nothing; held with an exclusive lock while open | at open |
 //! | `log-<first index, 20 digits>` | append-only segment of framed entry records ([`record`]); a full segment ends with a seal naming the next | appended on `sync` |
+//! | `format` | one framed record: the on-disk format version ([`FORMAT_VERSION`]) | once, before anything else |
 //! | `hardstate` | one framed record: term, vote | replaced atomically |
-//! | `snapshot` | one framed record: index, term, the service's bytes | replaced atomically |
+//! | `snapshot` | index, term and the service's bytes as checksummed chunk records ([`snapfile`]) | replaced atomically |
 //!
 //! "Replaced atomically": written to `<name>.tmp`, fsynced, renamed over `<name>`, directory
-//! fsynced. Segments wholly below the snapshot are deleted after the snapshot is durable.
+//! fsynced. Segments wholly below the snapshot are deleted after the snapshot is durable. A
+//! snapshot streamed from the leader is assembled in `snapshot-recv-<n>.tmp`, fsynced once
+//! complete and verified, and renamed over `snapshot` the same way. Leftover `*.tmp` files
+//! are deleted at open.
+//!
+//! A directory written in another format than [`FORMAT_VERSION`] (one without a `format`
+//! file but with data is format 1) is refused with [`StorageError::Format`], naming both.
 //!
 //! Writes are queued in memory by the [`Storage`] write calls (cheap, under Raft's mutex) and
 //! carried out by [`Storage::sync`] in order, followed by one fsync per touched file: many
@@ -24,16 +31,29 @@
 //! between two others or after a sealed one, entries out of sequence.
 
 pub mod record;
+pub mod snapfile;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::{Condvar, Mutex};
 
 use crate::raft::log::{Entry, Log};
-use crate::raft::{HardState, Restored, Storage, StorageError};
+use crate::raft::{
+    ChunkOutcome, HardState, Restored, SnapshotChunk, SnapshotSource, Storage, StorageError,
+};
 use record::Decoded;
+use snapfile::FileSnapshot;
+
+/// The on-disk format this build writes and reads. 1: no `format` file, the snapshot one
+/// record (unreadable above 64 MiB), the hard state without a kind byte. 2: the `format`
+/// file, chunked snapshots, every record with a kind byte.
+pub const FORMAT_VERSION: u32 = 2;
+/// What the `format` record starts with, after its kind byte.
+const FORMAT_MAGIC: &[u8] = b"raftkv-log";
 
 /// Bytes of a seal record.
 const SEAL_BYTES: u64 = (record::HEADER + 9) as u64;
@@ -85,7 +105,7 @@ fn segment_name(first: u64) -> String {
     format!("log-{first:020}")
 }
 
-fn io_err(path: &Path, op: &'static str, e: std::io::Error) -> StorageError {
+pub(crate) fn io_err(path: &Path, op: &'static str, e: std::io::Error) -> StorageError {
     StorageError::Io {
         path: path.display().to_string(),
         op,
@@ -93,7 +113,7 @@ fn io_err(path: &Path, op: &'static str, e: std::io::Error) -> StorageError {
     }
 }
 
-fn corrupt(path: &Path, offset: u64, reason: impl Into<String>) -> StorageError {
+pub(crate) fn corrupt(path: &Path, offset: u64, reason: impl Into<String>) -> StorageError {
     StorageError::Corrupt {
         path: path.display().to_string(),
         offset,
@@ -106,7 +126,13 @@ enum Op {
     HardState(HardState),
     Append(u64, Vec<Entry>),
     Truncate(u64),
-    Snapshot(u64, u64, Vec<u8>),
+    Snapshot(u64, u64, SnapIn),
+}
+
+/// A snapshot to install: the service's bytes, or a file received from the leader.
+enum SnapIn {
+    Bytes(Arc<Vec<u8>>),
+    Received(Arc<FileSnapshot>),
 }
 
 struct Pending {
@@ -143,6 +169,8 @@ struct Disk {
     entries_synced: u64,
     /// The first error; the log is unusable after it.
     failed: Option<String>,
+    /// The durable snapshot, if any.
+    snapshot: Option<Arc<FileSnapshot>>,
 }
 
 /// Who is syncing, and how far the fsyncs have got. While one thread syncs, the others wait
@@ -167,7 +195,25 @@ pub struct FileLog {
     _lock: File,
     /// What `open` recovered, handed out by `restore`.
     recovered: Mutex<Option<Restored>>,
-    state_bytes: std::sync::atomic::AtomicU64,
+    state_bytes: AtomicU64,
+    /// The durable snapshot (mirrors `Disk::snapshot`, readable while a sync holds the disk).
+    current: Mutex<Option<Arc<FileSnapshot>>>,
+    /// `restore` leaves the snapshot's bytes on disk (see [`FileLog::keep_snapshot_on_disk`]).
+    keep_on_disk: AtomicBool,
+    /// A snapshot being received from the leader, and the last one completed.
+    receiving: Mutex<Receiving>,
+    dir: PathBuf,
+}
+
+/// The snapshot a leader is streaming to this log (one at a time).
+#[derive(Default)]
+struct Receiving {
+    /// The transfer under way: index, term, total, and its file.
+    current: Option<(u64, u64, u64, snapfile::Writer)>,
+    /// Names the temporary files.
+    count: u64,
+    /// Completed and durable under its temporary name, not yet installed.
+    complete: Option<Arc<FileSnapshot>>,
 }
 
 fn fsync_dir(dir: &Path) -> Result<(), StorageError> {
@@ -187,8 +233,21 @@ fn replace_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StorageError
     fsync_dir(dir)
 }
 
-/// Reads a file written by [`replace_file`] holding one framed record; `None` if absent.
+/// Reads a small file written by [`replace_file`] holding one framed record; `None` if
+/// absent.
 fn read_framed(path: &Path) -> Result<Option<Vec<u8>>, StorageError> {
+    let len = match fs::metadata(path) {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(path, "stat", e)),
+    };
+    if len > 4096 {
+        return Err(corrupt(
+            path,
+            0,
+            format!("{len} bytes, far more than its one small record"),
+        ));
+    }
     let buf = match fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
@@ -203,22 +262,60 @@ fn read_framed(path: &Path) -> Result<Option<Vec<u8>>, StorageError> {
 }
 
 fn encode_hard_state(hs: HardState) -> Vec<u8> {
-    let mut payload = Vec::with_capacity(16);
-    payload.extend_from_slice(&hs.term.to_le_bytes());
-    payload.extend_from_slice(&hs.voted_for.map_or(u64::MAX, |v| v as u64).to_le_bytes());
-    let mut out = Vec::new();
-    record::frame_into(&mut out, &payload);
-    out
+    record::small(
+        record::KIND_HARD_STATE,
+        &[
+            &hs.term.to_le_bytes(),
+            &hs.voted_for.map_or(u64::MAX, |v| v as u64).to_le_bytes(),
+        ],
+    )
 }
 
-fn encode_snapshot(index: u64, term: u64, data: &[u8]) -> Vec<u8> {
-    let mut payload = Vec::with_capacity(16 + data.len());
-    payload.extend_from_slice(&index.to_le_bytes());
-    payload.extend_from_slice(&term.to_le_bytes());
-    payload.extend_from_slice(data);
-    let mut out = Vec::new();
-    record::frame_into(&mut out, &payload);
-    out
+fn encode_format() -> Vec<u8> {
+    record::small(
+        record::KIND_FORMAT,
+        &[FORMAT_MAGIC, &FORMAT_VERSION.to_le_bytes()],
+    )
+}
+
+/// Checks the directory's format, or records it in a directory with no data yet. Runs before
+/// anything else reads or writes the directory.
+fn check_format(dir: &Path) -> Result<(), StorageError> {
+    let path = dir.join("format");
+    match read_framed(&path)? {
+        Some(p) => {
+            let n = 1 + FORMAT_MAGIC.len();
+            if p.len() != n + 4 || p[0] != record::KIND_FORMAT || &p[1..n] != FORMAT_MAGIC {
+                return Err(corrupt(&path, 0, "not a raftkv format record"));
+            }
+            let found = u32::from_le_bytes(p[n..n + 4].try_into().expect("4 bytes"));
+            if found != FORMAT_VERSION {
+                return Err(StorageError::Format {
+                    path: dir.display().to_string(),
+                    found,
+                    supported: FORMAT_VERSION,
+                });
+            }
+            Ok(())
+        }
+        None => {
+            let mut has_data = false;
+            for de in fs::read_dir(dir).map_err(|e| io_err(dir, "read directory", e))? {
+                let de = de.map_err(|e| io_err(dir, "read directory", e))?;
+                let name = de.file_name().to_string_lossy().into_owned();
+                has_data |= name == "hardstate" || name == "snapshot" || name.starts_with("log-");
+            }
+            if has_data {
+                // Written before the format was recorded.
+                return Err(StorageError::Format {
+                    path: dir.display().to_string(),
+                    found: 1,
+                    supported: FORMAT_VERSION,
+                });
+            }
+            replace_file(dir, "format", &encode_format())
+        }
+    }
 }
 
 fn u64_at(b: &[u8], o: usize) -> u64 {
@@ -247,8 +344,10 @@ impl FileLog {
             }
             Err(fs::TryLockError::Error(e)) => return Err(io_err(&lock_path, "lock", e)),
         }
+        check_format(&dir)?;
         let (disk, restored) = recover(&dir, opts)?;
         let state_bytes = disk.state_bytes();
+        let current = disk.snapshot.clone();
         Ok(FileLog {
             pending: Mutex::new(Pending {
                 ops: Vec::new(),
@@ -261,18 +360,37 @@ impl FileLog {
             disk: Mutex::new(disk),
             _lock: lock,
             recovered: Mutex::new(Some(restored)),
-            state_bytes: std::sync::atomic::AtomicU64::new(state_bytes),
+            state_bytes: AtomicU64::new(state_bytes),
+            current: Mutex::new(current),
+            keep_on_disk: AtomicBool::new(false),
+            receiving: Mutex::new(Receiving::default()),
+            dir,
         })
+    }
+
+    /// From now on `restore` leaves the snapshot's bytes out of [`Restored`]: the caller (Raft)
+    /// reads them through [`Storage::snapshot_source`] when it needs them, so a large snapshot
+    /// is not held in memory for the life of the process.
+    pub fn keep_snapshot_on_disk(&self) {
+        self.keep_on_disk.store(true, Ordering::Relaxed);
     }
 
     /// The snapshot `open` found (empty if none), for a service that restores its state
     /// before starting Raft; empty once Raft has taken the recovered state.
     pub fn recovered_snapshot(&self) -> Vec<u8> {
-        self.recovered
-            .lock()
-            .as_ref()
-            .map(|r| r.snapshot.clone())
-            .unwrap_or_default()
+        if self.recovered.lock().is_none() {
+            return Vec::new();
+        }
+        self.read_current().unwrap_or_default()
+    }
+
+    /// The bytes of the durable snapshot (empty if none).
+    fn read_current(&self) -> Result<Vec<u8>, StorageError> {
+        let current = self.current.lock().clone();
+        match current {
+            None => Ok(Vec::new()),
+            Some(s) => s.read(0, usize::try_from(s.len()).unwrap_or(usize::MAX)),
+        }
     }
 
     fn queue(&self, op: Op) -> Result<(), StorageError> {
@@ -289,10 +407,14 @@ impl FileLog {
                 }
                 if let Some(e) = entries
                     .iter()
-                    .find(|e| e.command.len() + 17 > record::MAX_PAYLOAD)
+                    .find(|e| e.command.len() > record::MAX_COMMAND)
                 {
                     return Err(StorageError::Invalid {
-                        reason: format!("command of {} bytes", e.command.len()),
+                        reason: format!(
+                            "command of {} bytes (at most {} fit a log record)",
+                            e.command.len(),
+                            record::MAX_COMMAND
+                        ),
                     });
                 }
                 p.last = p.last.map(|l| l + entries.len() as u64);
@@ -319,6 +441,71 @@ impl FileLog {
 }
 
 impl FileLog {
+    /// Takes one piece of a snapshot the leader streams (see [`Storage::receive_snapshot_chunk`]).
+    /// Pieces must come in order; anything else is answered with the offset wanted. Holding
+    /// `receiving` while writing serializes concurrent handlers; it is never held with the
+    /// disk lock.
+    fn receive(&self, c: SnapshotChunk<'_>) -> Result<ChunkOutcome, StorageError> {
+        let dir = &self.dir;
+        let mut r = self.receiving.lock();
+        let same = |cur: &(u64, u64, u64, snapfile::Writer)| {
+            (cur.0, cur.1, cur.2) == (c.index, c.term, c.total)
+        };
+        if c.data.len() > record::SNAPSHOT_CHUNK {
+            log::warn!(target: "storage", "{}: snapshot chunk of {} bytes refused (limit {})", dir.display(), c.data.len(), record::SNAPSHOT_CHUNK);
+            return Ok(ChunkOutcome::Next(
+                r.current
+                    .as_ref()
+                    .filter(|cur| same(cur))
+                    .map_or(0, |cur| cur.3.written()),
+            ));
+        }
+        if !r.current.as_ref().is_some_and(same) {
+            if c.offset != 0 {
+                // Another snapshot's piece, or one from a transfer this log forgot (a
+                // restart): start over.
+                return Ok(ChunkOutcome::Next(0));
+            }
+            if let Some(old) = r.current.take() {
+                log::info!(target: "storage", "{}: snapshot transfer through {} abandoned at {} of {} bytes for one through {}", dir.display(), old.0, old.3.written(), old.2, c.index);
+                let _ = fs::remove_file(old.3.path());
+            }
+            r.count += 1;
+            let path = dir.join(format!("snapshot-recv-{}.tmp", r.count));
+            let w = snapfile::Writer::create(path, c.index, c.term, c.total)?;
+            r.current = Some((c.index, c.term, c.total, w));
+        }
+        let cur = r.current.as_mut().expect("a transfer under way");
+        let w = &mut cur.3;
+        if c.offset != w.written() {
+            return Ok(ChunkOutcome::Next(w.written()));
+        }
+        let end = c.offset.checked_add(c.data.len() as u64);
+        if end.is_none_or(|e| e > c.total) {
+            log::warn!(target: "storage", "{}: snapshot chunk at {} of {} bytes runs past its {}-byte snapshot; transfer restarted", dir.display(), c.offset, c.data.len(), c.total);
+            let old = r.current.take().expect("a transfer under way");
+            let _ = fs::remove_file(old.3.path());
+            return Ok(ChunkOutcome::Next(0));
+        }
+        w.write(c.data)?;
+        if !c.done {
+            return Ok(ChunkOutcome::Next(w.written()));
+        }
+        let (written, crc) = (w.written(), w.crc());
+        let cur = r.current.take().expect("a transfer under way");
+        if written != c.total || crc != c.crc {
+            log::warn!(target: "storage", "{}: received snapshot through {} does not check out ({written} of {} bytes, crc {crc:#x} vs {:#x}); transfer restarted", dir.display(), c.index, c.total, c.crc);
+            let _ = fs::remove_file(cur.3.path());
+            return Ok(ChunkOutcome::Next(0));
+        }
+        let snap = Arc::new(cur.3.finish()?);
+        if let Some(old) = r.complete.replace(snap.clone()) {
+            let _ = fs::remove_file(old.path());
+        }
+        log::info!(target: "storage", "{}: snapshot through {} (t{}, {} bytes) received", dir.display(), c.index, c.term, c.total);
+        Ok(ChunkOutcome::Complete(snap))
+    }
+
     /// Carries out everything queued so far, by any thread, and fsyncs once; returns the
     /// number of ops now durable. Only the thread holding the gate calls it.
     fn sync_queued(&self) -> Result<u64, StorageError> {
@@ -356,7 +543,8 @@ impl FileLog {
                 }
                 drop(p);
                 self.state_bytes
-                    .store(disk.state_bytes(), std::sync::atomic::Ordering::Relaxed);
+                    .store(disk.state_bytes(), Ordering::Relaxed);
+                *self.current.lock() = disk.snapshot.clone();
                 Ok(seq)
             }
             Err(e) => {
@@ -370,12 +558,17 @@ impl FileLog {
 
 impl Storage for FileLog {
     fn restore(&self) -> Result<Restored, StorageError> {
-        self.recovered
+        let mut r = self
+            .recovered
             .lock()
             .take()
             .ok_or_else(|| StorageError::Invalid {
                 reason: "restore called twice".to_string(),
-            })
+            })?;
+        if !self.keep_on_disk.load(Ordering::Relaxed) {
+            r.snapshot = self.read_current()?;
+        }
+        Ok(r)
     }
 
     fn set_hard_state(&self, hs: HardState) -> Result<(), StorageError> {
@@ -391,7 +584,53 @@ impl Storage for FileLog {
     }
 
     fn save_snapshot(&self, index: u64, term: u64, data: &[u8]) -> Result<(), StorageError> {
-        self.queue(Op::Snapshot(index, term, data.to_vec()))
+        self.queue(Op::Snapshot(
+            index,
+            term,
+            SnapIn::Bytes(Arc::new(data.to_vec())),
+        ))
+    }
+
+    fn save_snapshot_shared(
+        &self,
+        index: u64,
+        term: u64,
+        data: Arc<Vec<u8>>,
+    ) -> Result<(), StorageError> {
+        self.queue(Op::Snapshot(index, term, SnapIn::Bytes(data)))
+    }
+
+    fn snapshot_source(&self) -> Option<Arc<dyn SnapshotSource>> {
+        self.current
+            .lock()
+            .clone()
+            .map(|s| s as Arc<dyn SnapshotSource>)
+    }
+
+    fn receive_snapshot_chunk(&self, c: SnapshotChunk<'_>) -> Result<ChunkOutcome, StorageError> {
+        self.receive(c)
+    }
+
+    fn install_received_snapshot(
+        &self,
+        snapshot: &Arc<dyn SnapshotSource>,
+    ) -> Result<(), StorageError> {
+        let complete = self.receiving.lock().complete.take();
+        match complete {
+            Some(s) if s.index() == snapshot.index() && s.term() == snapshot.term() => {
+                self.queue(Op::Snapshot(s.index(), s.term(), SnapIn::Received(s)))
+            }
+            other => {
+                self.receiving.lock().complete = other;
+                Err(StorageError::Invalid {
+                    reason: format!(
+                        "no received snapshot through {} (t{}) to install",
+                        snapshot.index(),
+                        snapshot.term()
+                    ),
+                })
+            }
+        }
     }
 
     fn sync(&self) -> Result<(), StorageError> {
@@ -466,7 +705,10 @@ impl Disk {
                     let mut offset = seg.entries_end + buf.len() as u64;
                     for (i, e) in entries.iter().enumerate() {
                         let before = buf.len();
-                        record::entry_into(&mut buf, first + i as u64, e.term, &e.command);
+                        record::entry_into(&mut buf, first + i as u64, e.term, &e.command)
+                            .map_err(|e| StorageError::Invalid {
+                                reason: e.to_string(),
+                            })?;
                         seg.entries.push((offset, e.term));
                         offset += (buf.len() - before) as u64;
                     }
@@ -481,7 +723,7 @@ impl Disk {
                 }
                 Op::Snapshot(index, term, data) => {
                     self.flush_appends(&mut buf)?;
-                    self.snapshot(index, term, &data)?;
+                    self.snapshot(index, term, data)?;
                 }
             }
         }
@@ -601,9 +843,22 @@ impl Disk {
         self.segments.iter().find_map(|s| s.term_at(index))
     }
 
-    fn snapshot(&mut self, index: u64, term: u64, data: &[u8]) -> Result<(), StorageError> {
+    fn snapshot(&mut self, index: u64, term: u64, data: SnapIn) -> Result<(), StorageError> {
         let keep_suffix = self.term_at(index) == Some(term);
-        replace_file(&self.dir, "snapshot", &encode_snapshot(index, term, data))?;
+        let snap = match data {
+            SnapIn::Bytes(bytes) => {
+                let tmp = self.dir.join("snapshot.tmp");
+                let mut w = snapfile::Writer::create(tmp, index, term, bytes.len() as u64)?;
+                w.write(&bytes)?;
+                Arc::new(w.finish()?)
+            }
+            SnapIn::Received(s) => s,
+        };
+        let path = self.dir.join("snapshot");
+        fs::rename(snap.path(), &path).map_err(|e| io_err(&path, "rename", e))?;
+        fsync_dir(&self.dir)?;
+        snap.set_path(path);
+        self.snapshot = Some(snap);
         self.base_index = index;
         self.base_term = term;
         if keep_suffix && self.segments.last().expect("segments").last() > index {
@@ -695,26 +950,27 @@ fn recover(dir: &Path, opts: FileLogOptions) -> Result<(Disk, Restored), Storage
     let hs_path = dir.join("hardstate");
     let (hard_state, hard_state_bytes) = match read_framed(&hs_path)? {
         None => (HardState::default(), 0),
-        Some(p) if p.len() == 16 => {
-            let vote = u64_at(&p, 8);
+        Some(p) if p.len() == 17 && p[0] == record::KIND_HARD_STATE => {
+            let vote = u64_at(&p, 9);
             (
                 HardState {
-                    term: u64_at(&p, 0),
+                    term: u64_at(&p, 1),
                     voted_for: (vote != u64::MAX).then_some(vote as usize),
                 },
                 (p.len() + record::HEADER) as u64,
             )
         }
-        Some(p) => return Err(corrupt(&hs_path, 0, format!("{} bytes, want 16", p.len()))),
+        Some(p) => {
+            return Err(corrupt(
+                &hs_path,
+                0,
+                format!("{} bytes, not a hard state record", p.len()),
+            ));
+        }
     };
-    let snap_path = dir.join("snapshot");
-    let snap = read_framed(&snap_path)?;
+    let snap = FileSnapshot::open(&dir.join("snapshot"))?.map(Arc::new);
     let snapshot_found = snap.is_some();
-    let (base_index, base_term, snapshot) = match snap {
-        None => (0, 0, Vec::new()),
-        Some(p) if p.len() >= 16 => (u64_at(&p, 0), u64_at(&p, 8), p[16..].to_vec()),
-        Some(p) => return Err(corrupt(&snap_path, 0, format!("{} bytes", p.len()))),
-    };
+    let (base_index, base_term) = snap.as_ref().map_or((0, 0), |s| (s.index(), s.term()));
 
     // Segments, by first index.
     let mut names: Vec<(u64, PathBuf)> = Vec::new();
@@ -936,13 +1192,14 @@ fn recover(dir: &Path, opts: FileLogOptions) -> Result<(Disk, Restored), Storage
         fsyncs: 0,
         entries_synced: 0,
         failed: None,
+        snapshot: snap,
     };
     Ok((
         disk,
         Restored {
             hard_state,
             log,
-            snapshot,
+            snapshot: Vec::new(),
         },
     ))
 }

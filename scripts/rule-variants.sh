@@ -29,6 +29,8 @@ done
 
 root=$(git rev-parse --show-toplevel)
 cd "$root"
+# shellcheck source=scripts/lib.sh
+source "$root/scripts/lib.sh"
 base="$root/target/rule-variants"
 tree="$base/tree"
 # Its own target dir: cargo gives a workspace's own package the same artifact names wherever
@@ -68,8 +70,9 @@ for patch in scripts/rule-variants/*.patch; do
         echo "   cannot apply $patch" >&2
         exit 2
     fi
-    exe=$(cd "$tree" && cargo test --release --test "$bin" --no-run --message-format=json 2>/dev/null \
-        | grep -o '"executable":"[^"]*"' | tail -1 | cut -d'"' -f4 || true)
+    json="$base/build.json"
+    (cd "$tree" && cargo test --release --test "$bin" --no-run --message-format=json >"$json" 2>/dev/null) || true
+    exe=$(rk_exe_from_json "$bin" "$json" || true)
     if [[ -z "$exe" ]]; then
         echo "   build failed with $patch applied" >&2
         (cd "$tree" && cargo test --release --test "$bin" --no-run 2>&1 | tail -20) >&2
@@ -80,10 +83,12 @@ for patch in scripts/rule-variants/*.patch; do
     for ((r = 1; r <= runs; r++)); do
         out=$(cd "$tree" && timeout 120 "$exe" --exact "$test" --test-threads=1 2>&1) && rc=0 || rc=$?
         printf '%s\n\nexit %s\n' "$out" "$rc" > "$base/logs/$name-run$r.log"
-        if [[ $rc -ne 0 ]]; then
+        # Caught: the test itself failed (a failed check, or the harness ending the process
+        # on one), not a build or usage error.
+        if [[ $rc -ne 0 ]] && grep -qE "^test $test \.\.\. FAILED|Fatal:" <<<"$out"; then
             fails=$((fails + 1))
             if [[ -z "$why" ]]; then
-                why=$(grep -m1 -E 'Fatal:|panicked at|assertion' -A1 <<<"$out" | tr '\n' ' ' | cut -c1-400 || true)
+                why=$(grep -m1 -E 'Fatal:|panicked at' -A1 <<<"$out" | tr '\n' ' ' | cut -c1-400 || true)
             fi
         fi
     done

@@ -739,8 +739,19 @@ fn persistence_before_every_reply_that_depends_on_it() {
             );
         }
     }
+    let check = || {
+        let v = violations.lock().clone();
+        if !v.is_empty() {
+            t.fatal(&format!(
+                "{} replies before persistence, first: {}",
+                v.len(),
+                v[0]
+            ));
+        }
+    };
     let mut leader = t.check_one_leader();
     commit_many(&t, 1, 5, 3);
+    check();
     // A follower crashes and comes back; the leader is cut off and replaced.
     let f = (leader + 1) % 3;
     t.shutdown_server(f);
@@ -754,13 +765,6 @@ fn persistence_before_every_reply_that_depends_on_it() {
     commit_many(&t, 12, 3, 2);
     t.g().connect_one(old);
     commit_many(&t, 15, 3, 3);
-    let v = violations.lock().clone();
-    if !v.is_empty() {
-        t.fatal(&format!(
-            "{} replies before persistence, first: {}",
-            v.len(),
-            v[0]
-        ));
-    }
+    check();
     t.end();
 }

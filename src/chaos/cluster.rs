@@ -127,6 +127,9 @@ fn free_ports(n: usize) -> io::Result<Vec<u16>> {
         .collect()
 }
 
+/// How many times a cluster picks its ports when one is taken before its proxy binds it.
+const PORT_ATTEMPTS: usize = 5;
+
 /// Where [`cluster_ports`] looks first: below the usual ephemeral range (32768–60999), and
 /// below the ports `raftkv local`'s tests use.
 const QUIET_PORTS: std::ops::Range<u16> = 10000..20000;
@@ -181,31 +184,22 @@ impl ChaosCluster {
         crate::node::secret::create_secret(&opts.dir.join(crate::node::secret::SECRET_FILE))
             .map_err(|e| setup("the peer secret", std::io::Error::other(e)))?;
         // Every port at once, so they all differ: each node's peer and client port, then one
-        // per directed link for its proxy.
-        let ports = cluster_ports(2 * n + n * (n - 1)).map_err(|e| setup("the ports", e))?;
-        let peer_ports = ports[..n].to_vec();
-        let client_ports = ports[n..2 * n].to_vec();
-        let mut link_ports = ports[2 * n..].iter();
-        let mut proxies = Vec::new();
-        for i in 0..n {
-            let mut row = Vec::new();
-            for (j, &target_port) in peer_ports.iter().enumerate() {
-                if i == j {
-                    row.push(None);
-                    continue;
+        // per directed link for its proxy. A port is free when picked but released before its
+        // proxy binds it; one taken meanwhile (by any process) costs a new pick, a bounded
+        // number of times.
+        let mut attempt = 0;
+        let (peer_ports, client_ports, proxies) = loop {
+            attempt += 1;
+            match Self::ports_and_proxies(n) {
+                Ok(set) => break set,
+                Err((what, e))
+                    if e.kind() == io::ErrorKind::AddrInUse && attempt < PORT_ATTEMPTS =>
+                {
+                    log::warn!(target: LOG, "{what}: {e}; picking the ports again (attempt {attempt} of {PORT_ATTEMPTS})");
                 }
-                let listen: SocketAddr =
-                    ([127, 0, 0, 1], *link_ports.next().expect("a port per link")).into();
-                let target: SocketAddr = ([127, 0, 0, 1], target_port).into();
-                let proxy =
-                    Proxy::start(&format!("chaos-link{}to{}", i + 1, j + 1), listen, target)
-                        .map_err(|e| {
-                            setup(&format!("the proxy {}->{} on {listen}", i + 1, j + 1), e)
-                        })?;
-                row.push(Some(proxy));
+                Err((what, e)) => return Err(setup(&what, e)),
             }
-            proxies.push(row);
-        }
+        };
         let mut cluster = ChaosCluster {
             opts,
             peer_ports,
@@ -225,6 +219,37 @@ impl ChaosCluster {
         }
         cluster.wait_for_leader(START_PATIENCE)?;
         Ok(cluster)
+    }
+
+    /// Picks the ports and starts one proxy per directed link: (peer ports, client ports,
+    /// proxies), or what failed.
+    #[allow(clippy::type_complexity)]
+    fn ports_and_proxies(
+        n: usize,
+    ) -> Result<(Vec<u16>, Vec<u16>, Vec<Vec<Option<Proxy>>>), (String, io::Error)> {
+        let ports = cluster_ports(2 * n + n * (n - 1)).map_err(|e| ("the ports".to_string(), e))?;
+        let peer_ports = ports[..n].to_vec();
+        let client_ports = ports[n..2 * n].to_vec();
+        let mut link_ports = ports[2 * n..].iter();
+        let mut proxies = Vec::new();
+        for i in 0..n {
+            let mut row = Vec::new();
+            for (j, &target_port) in peer_ports.iter().enumerate() {
+                if i == j {
+                    row.push(None);
+                    continue;
+                }
+                let listen: SocketAddr =
+                    ([127, 0, 0, 1], *link_ports.next().expect("a port per link")).into();
+                let target: SocketAddr = ([127, 0, 0, 1], target_port).into();
+                let proxy =
+                    Proxy::start(&format!("chaos-link{}to{}", i + 1, j + 1), listen, target)
+                        .map_err(|e| (format!("the proxy {}->{} on {listen}", i + 1, j + 1), e))?;
+                row.push(Some(proxy));
+            }
+            proxies.push(row);
+        }
+        Ok((peer_ports, client_ports, proxies))
     }
 
     pub fn len(&self) -> usize {

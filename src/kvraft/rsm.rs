@@ -142,7 +142,7 @@ impl Validator for RsmValidator {
 
     fn check_snapshot(&self, data: &[u8]) -> Result<(), String> {
         let snap = labcodec::decode_borrowed::<RsmSnapshot>(data).map_err(|e| e.to_string())?;
-        self.sm.check_snapshot(&snap.state)
+        self.sm.check_snapshot(snap.state)
     }
 }
 

@@ -11,7 +11,7 @@
 
 use std::fs;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -56,14 +56,14 @@ struct Status {
     leader: bool,
 }
 
+/// The cluster id every test cluster here is founded with.
+const CLUSTER_ID: &str = "peer-security-test";
+
+/// Ports below the kernel's ephemeral range when it leaves room: the tests here open hundreds
+/// of outgoing connections at once, and one of those could take a node's port between its
+/// pick and the node's bind.
 fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().expect("local addr").port())
-        .collect()
+    raftkv::chaos::cluster::cluster_ports(n).expect("free loopback ports")
 }
 
 impl Cluster {
@@ -128,7 +128,7 @@ impl Cluster {
         let founded = self.data(i).join("identity").exists();
         command.args([
             if founded { "--cluster" } else { "--bootstrap" },
-            "peer-security-test",
+            CLUSTER_ID,
         ]);
         let child = command
             .arg("--stop-on-stdin-eof")
@@ -302,8 +302,17 @@ impl Drop for Cluster {
 }
 
 /// One request frame as a node's peer port reads it.
-fn frame<A: serde::Serialize>(id: u64, method: &str, args: &A) -> Vec<u8> {
-    let body = labcodec::encode(args).expect("encode args");
+/// Raft messages carry the cluster id, as a member that knows it sends them.
+fn frame<A: serde::Serialize + Clone>(id: u64, method: &str, args: &A) -> Vec<u8> {
+    let body = if method.starts_with("Raft.") {
+        labcodec::encode(&raftkv::node::transport::Tagged {
+            cluster: CLUSTER_ID.to_string(),
+            msg: args.clone(),
+        })
+    } else {
+        labcodec::encode(args)
+    }
+    .expect("encode args");
     wire::encode_request(id, method, &body).expect("encode frame")
 }
 

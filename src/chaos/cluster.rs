@@ -138,7 +138,7 @@ const QUIET_PORTS: std::ops::Range<u16> = 10000..20000;
 /// it leaves room: an outgoing connection takes its local port from that range, so it can
 /// never occupy a node's port while the node is down between a kill and its restart (the
 /// restarted node could not listen). Otherwise any free ports.
-fn cluster_ports(n: usize) -> io::Result<Vec<u16>> {
+pub fn cluster_ports(n: usize) -> io::Result<Vec<u16>> {
     let ephemeral_low = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok());

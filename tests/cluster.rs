@@ -1137,3 +1137,38 @@ fn chaos_reports_a_cluster_that_cannot_start() {
         other => panic!("nodes that exit at once: {other:?}"),
     }
 }
+
+/// A client that pipelines more than one log entry can hold (12 SETs of 3.5 MiB, 42 MiB in
+/// all, to the leader) gets answers, OK or an error, and every node keeps running: the
+/// file log refuses a record above its limit, and that refusal must never reach it.
+#[test]
+fn pipeline_larger_than_a_log_entry_stops_no_node() {
+    let mut cluster = Cluster::new(3);
+    let leader = cluster.leader();
+    let value = "v".repeat(3 << 19);
+    let mut con = cluster.client(leader);
+    con.set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("read timeout");
+    let mut pipe = redis::pipe();
+    for k in 0..12 {
+        pipe.cmd("SET").arg(format!("big{k}")).arg(&value);
+    }
+    let answers: redis::RedisResult<Vec<redis::Value>> = pipe.query(&mut con);
+    eprintln!("a 42 MiB pipeline: {:?}", answers.as_ref().map(|a| a.len()));
+    thread::sleep(Duration::from_secs(1));
+    for i in 0..3 {
+        assert!(
+            cluster.alive(i),
+            "node {} stopped after a 42 MiB pipeline",
+            i + 1
+        );
+    }
+    let v = cluster.retry(leader, "SET after the large pipeline", |c| {
+        set(c, "after", "ok")
+    });
+    assert_eq!(v, "OK");
+    assert_eq!(
+        cluster.retry(leader, "GET", |c| get(c, "after")).as_deref(),
+        Some("ok")
+    );
+}

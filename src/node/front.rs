@@ -54,6 +54,10 @@ pub const MAX_BATCH_REQUESTS: usize = 1024;
 /// goes, alone).
 pub const MAX_BATCH_BYTES: usize = 1 << 20;
 
+/// The largest encoded batch one log entry takes: the file log's command limit less room for
+/// the rsm's envelope around it.
+const MAX_ENTRY_BYTES: usize = crate::storage::record::MAX_COMMAND - 4096;
+
 /// What `Kv.Exec` answers: one outcome per request of the batch.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum ExecReply {
@@ -117,6 +121,15 @@ fn exec_local(rsm: &Rsm, machine: &KvMachine, batch: &[Request]) -> ExecReply {
         Ok(b) => b,
         Err(e) => return bad(e.to_string()),
     };
+    // The file log refuses a command above its record limit, and a refused append stops the
+    // peer: a request that large is refused here instead (the rsm's envelope adds a few bytes).
+    if bytes.len() > MAX_ENTRY_BYTES {
+        log::warn!(target: LOG, "a request batch of {} bytes refused: the log takes at most {MAX_ENTRY_BYTES} bytes in one entry", bytes.len());
+        return bad(format!(
+            "request too large: {} bytes, the log takes at most {MAX_ENTRY_BYTES} in one entry",
+            bytes.len()
+        ));
+    }
     match rsm.submit(bytes) {
         Ok(reply) => match labcodec::decode::<Vec<Outcome>>(&reply) {
             Ok(outcomes) if outcomes.len() == batch.len() => ExecReply::Done(outcomes),

@@ -278,6 +278,7 @@ impl Node {
             RaftOptions {
                 voter: identity.is_voter(),
                 check_quorum: true,
+                vote_stickiness: true,
             },
         );
         let rsm = Arc::new(rsm.map_err(NodeError::Rsm)?);

@@ -185,7 +185,7 @@ impl Core {
         if args.pre_vote {
             return Some(self.pre_vote(&st, &args));
         }
-        if args.term > st.term && self.leader_alive(&st) {
+        if self.vote_stickiness && args.term > st.term && self.leader_alive(&st) {
             // Raft dissertation §4.2.3: a server that heard from a leader within the minimum
             // election timeout neither adopts the term nor votes. A candidate that passed
             // pre-vote found a majority not hearing from the leader, so this stops only a

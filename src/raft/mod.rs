@@ -96,6 +96,11 @@ pub struct RaftOptions {
     /// CheckQuorum (Raft dissertation §6.2): a leader that has not heard from a majority
     /// within an election timeout steps down.
     pub check_quorum: bool,
+    /// Vote stickiness (Raft dissertation §4.2.3): a peer that heard from a working leader
+    /// within the minimum election timeout ignores a RequestVote for a newer term (it neither
+    /// adopts the term nor votes), so a disruptive or rogue peer cannot depose that leader.
+    /// Pre-vote refuses such candidates in any case.
+    pub vote_stickiness: bool,
 }
 
 impl Default for RaftOptions {
@@ -103,6 +108,7 @@ impl Default for RaftOptions {
         RaftOptions {
             voter: true,
             check_quorum: false,
+            vote_stickiness: false,
         }
     }
 }

@@ -185,6 +185,8 @@ pub(crate) struct Core {
     /// CheckQuorum: a leader that has not heard from a majority within
     /// [`CHECK_QUORUM_WINDOW`] steps down.
     pub check_quorum: bool,
+    /// See [`RaftOptions::vote_stickiness`](super::RaftOptions::vote_stickiness).
+    pub vote_stickiness: bool,
     /// The highest term known to be durable (synced), and the highest index the applier has
     /// delivered (each delivered only once durable): what a service may record elsewhere as
     /// the least state this peer must find at its next start.
@@ -298,6 +300,7 @@ impl Core {
                 failure: Mutex::new(None),
                 voter: AtomicBool::new(options.voter),
                 check_quorum: options.check_quorum,
+                vote_stickiness: options.vote_stickiness,
                 synced_term: AtomicU64::new(term),
                 delivered: AtomicU64::new(base),
                 kill_tx: Mutex::new(Some(kill_tx)),

@@ -171,11 +171,30 @@ pub(super) fn install_snapshot(
     me: usize,
     peers: usize,
 ) -> Result<(), Refusal> {
-    sender(a.leader, me, peers)?;
-    term("term", a.term)?;
-    index("last_included_index", a.last_included_index)?;
-    term("last_included_term", a.last_included_term)?;
-    not_ahead("last_included_term", a.last_included_term, a.term)
+    snapshot_header(
+        a.leader,
+        a.term,
+        a.last_included_index,
+        a.last_included_term,
+        me,
+        peers,
+    )
+}
+
+/// What a snapshot message, whole or one piece, says of its sender and position.
+fn snapshot_header(
+    leader: usize,
+    msg_term: u64,
+    last_index: u64,
+    last_term: u64,
+    me: usize,
+    peers: usize,
+) -> Result<(), Refusal> {
+    sender(leader, me, peers)?;
+    term("term", msg_term)?;
+    index("last_included_index", last_index)?;
+    term("last_included_term", last_term)?;
+    not_ahead("last_included_term", last_term, msg_term)
 }
 
 /// Bounds of one piece of a streamed snapshot (offsets and lengths are the storage's to check).
@@ -184,11 +203,14 @@ pub(super) fn install_snapshot_chunk(
     me: usize,
     peers: usize,
 ) -> Result<(), Refusal> {
-    sender(a.leader, me, peers)?;
-    term("term", a.term)?;
-    index("last_included_index", a.last_included_index)?;
-    term("last_included_term", a.last_included_term)?;
-    not_ahead("last_included_term", a.last_included_term, a.term)
+    snapshot_header(
+        a.leader,
+        a.term,
+        a.last_included_index,
+        a.last_included_term,
+        me,
+        peers,
+    )
 }
 
 #[cfg(test)]

@@ -5,13 +5,13 @@
 
 use std::sync::Arc;
 
-use raftkv::raft::harness::{Test, TestCmd};
 use raftkv::raft::log::Entry;
 use raftkv::raft::{
     AppendEntriesArgs, HardState, InstallSnapshotArgs, MAX_INDEX, MAX_TERM, MAX_TERM_JUMP,
     RequestVoteArgs, Storage, StorageError, Validator,
 };
 use raftkv::storage::{FileLog, FileLogOptions};
+use raftkv::tester::raft::{Test, TestCmd};
 
 /// Every term and index a forged message might carry at the edge.
 fn hostile_terms(current: u64) -> Vec<u64> {

@@ -5,7 +5,6 @@ use std::num::NonZeroUsize;
 use std::time::{Duration, Instant};
 
 use crate::kvapi::KvErr;
-use crate::porcupine::histgen::{KvHistoryConfig, linearizable_kv_history};
 use crate::porcupine::history::EventFault;
 use crate::porcupine::kv::{KvInput, KvModel, KvOp, KvOutput, KvState};
 use crate::porcupine::{
@@ -13,6 +12,7 @@ use crate::porcupine::{
     check_events_verbose, check_operations, check_operations_timeout, check_operations_verbose,
     check_operations_with, visualize,
 };
+use crate::tester::histgen::{KvHistoryConfig, linearizable_kv_history};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 

@@ -11,9 +11,9 @@ use std::collections::HashMap;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-use super::kv::{KvInput, KvOutput};
-use super::model::Operation;
 use crate::kvapi::{KvErr, Tversion};
+use crate::porcupine::Operation;
+use crate::porcupine::kv::{KvInput, KvOutput};
 
 /// The shape of a generated history.
 #[derive(Clone, Debug)]

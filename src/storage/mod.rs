@@ -126,8 +126,6 @@ pub struct FileLog {
     dir: PathBuf,
 }
 
-/// The snapshot a leader is streaming to this log (one at a time).
-
 impl FileLog {
     /// Opens (creating if needed) the log in `dir`, recovering what it holds. Fails with
     /// `Locked` if another process has it open, `Corrupt` if it is damaged beyond a torn tail.

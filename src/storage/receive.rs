@@ -9,6 +9,7 @@ use super::snapfile::{self, FileSnapshot};
 use super::{FileLog, record};
 use crate::raft::{ChunkOutcome, SnapshotChunk, StorageError};
 
+/// The snapshot a leader is streaming to this log (one at a time).
 #[derive(Default)]
 pub(super) struct Receiving {
     /// The transfer under way: index, term, total, and its file.

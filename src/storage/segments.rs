@@ -69,11 +69,6 @@ pub(super) struct Disk {
     pub(super) snapshot: Option<Arc<FileSnapshot>>,
 }
 
-/// Who is syncing, and how far the fsyncs have got. While one thread syncs, the others wait
-/// on `FileLog::gate_cv` (parked at once) rather than on the disk lock, whose spin-and-yield
-/// before parking cost a follower a quarter of its CPU under load; when the gate opens, those
-/// the finished fsync covered return, and one of the rest becomes the next syncer.
-
 impl Disk {
     /// Bytes of Raft state this log keeps: the hard state and the records of the entries
     /// after the snapshot. The records of compacted entries that still share the first

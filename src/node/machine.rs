@@ -13,8 +13,8 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::kvapi::{GetArgs, KvErr, PutArgs, VersionedStore};
-use crate::kvraft::rsm::StateMachine;
 use crate::labcodec;
+use crate::rsm::{RestoreError, StateMachine};
 use crate::session::{Applied, SessionSnapshot, SessionTable};
 
 const LOG: &str = "node::machine";
@@ -318,21 +318,13 @@ impl KvMachine {
 
 impl StateMachine for KvMachine {
     /// A log entry is a batch of requests; the reply is one outcome per request.
-    fn do_op(&self, req: &[u8]) -> Vec<u8> {
-        let outcomes: Vec<Outcome> = match labcodec::decode::<Vec<Request>>(req) {
-            Ok(batch) => batch.iter().map(|r| self.run(r)).collect(),
-            Err(e) => {
-                log::error!(target: LOG, "a log entry does not decode: {e}");
-                vec![Outcome::Bad(e.to_string())]
-            }
-        };
-        labcodec::encode(&outcomes).unwrap_or_default()
-    }
+    type Op = Vec<Request>;
+    type Reply = Vec<Outcome>;
 
-    fn check_op(&self, req: &[u8]) -> Result<(), String> {
-        labcodec::decode::<Vec<Request>>(req)
-            .map(|_| ())
-            .map_err(|e| format!("not a batch of requests: {e}"))
+    fn apply(&self, ops: Vec<Vec<Request>>) -> Vec<Vec<Outcome>> {
+        ops.iter()
+            .map(|batch| batch.iter().map(|r| self.run(r)).collect())
+            .collect()
     }
 
     fn check_snapshot(&self, data: &[u8]) -> Result<(), String> {
@@ -358,7 +350,7 @@ impl StateMachine for KvMachine {
         })
     }
 
-    fn restore(&self, data: &[u8]) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    fn restore(&self, data: &[u8]) -> Result<(), RestoreError> {
         let snap: MachineSnapshot =
             labcodec::decode(data).map_err(|e| SnapshotError(e.to_string()))?;
         let sessions =
@@ -376,10 +368,10 @@ mod tests {
     use super::*;
 
     fn run(m: &KvMachine, client: u64, seq: u64, cmds: Vec<KvCmd>) -> Outcome {
-        let bytes = labcodec::encode(&vec![Request { client, seq, cmds }]).unwrap();
-        let mut outs: Vec<Outcome> = labcodec::decode(&m.do_op(&bytes)).unwrap();
+        let mut outs = m.apply(vec![vec![Request { client, seq, cmds }]]);
         assert_eq!(outs.len(), 1);
-        outs.pop().unwrap()
+        assert_eq!(outs[0].len(), 1);
+        outs.pop().unwrap().pop().unwrap()
     }
 
     #[test]
@@ -393,8 +385,7 @@ mod tests {
         // The same tag twice in one entry (a retried forward that was batched again) applies
         // once; another client's request in the same entry applies on its own.
         let batch = vec![incr(7, 1), incr(7, 1), incr(9, 1)];
-        let outs: Vec<Outcome> =
-            labcodec::decode(&m.do_op(&labcodec::encode(&batch).unwrap())).unwrap();
+        let outs = m.apply(vec![batch]).pop().unwrap();
         assert_eq!(
             outs,
             vec![
@@ -448,10 +439,9 @@ mod tests {
     }
 
     #[test]
-    fn bad_entry_and_bad_snapshot_are_errors() {
+    fn bad_snapshot_is_an_error() {
         let m = KvMachine::new();
-        let out: Vec<Outcome> = labcodec::decode(&m.do_op(&[0xff, 0xff, 0xff])).unwrap();
-        assert!(matches!(out[..], [Outcome::Bad(_)]));
         assert!(m.restore(&[1, 2, 3]).is_err());
+        assert!(m.check_snapshot(&[1, 2, 3]).is_err());
     }
 }

@@ -25,9 +25,9 @@ use super::shardgrp::rpc::{
 };
 use super::{Clerk, CtrlerError, ShardCtrler, ShardGrpService, ShardTransport};
 use crate::kvapi::{CallError, GetArgs, PutArgs};
-use crate::kvraft::rsm::RsmError;
 use crate::kvsrv;
 use crate::labrpc::{ClientEnd, IService, Service};
+use crate::rsm::RsmError;
 use crate::tester::kvtest::{ClerkMaker, KvTest, TestClerk};
 use crate::tester::{
     Clnt, Config, GRP0, Persister, RaftSvc, StartFn, Tgid, call_error, server_name,

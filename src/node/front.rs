@@ -27,7 +27,6 @@ use serde::{Deserialize, Serialize};
 use super::machine::{KvCmd, KvMachine, KvOut, Outcome, Request};
 use crate::net::{ClientEnd, Service};
 use crate::resp::Reply;
-use crate::resp::command::Command;
 use crate::resp::server::CommandHandler;
 use crate::rsm::{ReadError, Rsm, SubmitError};
 
@@ -497,46 +496,8 @@ fn take_batch(items: &mut VecDeque<Pending>) -> Vec<Pending> {
     batch
 }
 
-/// A command as the log carries it; `None` for those answered here.
-fn to_kv(cmd: &Command) -> Option<KvCmd> {
-    Some(match cmd.clone() {
-        Command::Get(k) => KvCmd::Get(k),
-        Command::Set { key, value } => KvCmd::Set(key, value),
-        Command::Del(keys) => KvCmd::Del(keys),
-        Command::Exists(keys) => KvCmd::Exists(keys),
-        Command::Incr(k) => KvCmd::Incr(k),
-        Command::MGet(keys) => KvCmd::MGet(keys),
-        Command::VGet(k) => KvCmd::VGet(k),
-        Command::VSet {
-            key,
-            value,
-            version,
-        } => KvCmd::VSet {
-            key,
-            value,
-            version,
-        },
-        Command::DbSize => KvCmd::DbSize,
-        Command::Ping(_) | Command::Quit => return None,
-    })
-}
-
-fn to_reply(out: KvOut) -> Reply {
-    match out {
-        KvOut::Ok => Reply::ok(),
-        KvOut::Null => Reply::Null,
-        KvOut::Bulk(v) => Reply::Bulk(v),
-        KvOut::Int(n) => Reply::Integer(n),
-        KvOut::Array(items) => Reply::Array(items.into_iter().map(to_reply).collect()),
-        KvOut::Versioned(v, version) => Reply::versioned(v, version),
-        KvOut::ErrVersion => Reply::err_version(),
-        KvOut::ErrNoKey => Reply::Error("ERRNOKEY no such key".into()),
-        KvOut::Err(e) => Reply::Error(e),
-    }
-}
-
 impl CommandHandler for Front {
-    fn handle(&self, command: Command) -> Reply {
+    fn handle(&self, command: KvCmd) -> Reply {
         self.handle_batch(vec![command])
             .pop()
             .unwrap_or_else(|| Reply::Error("ERR internal: no reply".into()))
@@ -574,32 +535,24 @@ impl CommandHandler for Front {
         vec![("raft".to_string(), text)]
     }
 
-    /// The KV commands of a pipelined batch go through the log as one entry; PING and QUIT
-    /// are answered here, in their place.
-    fn handle_batch(&self, commands: Vec<Command>) -> Vec<Reply> {
-        let count = commands.len() as u64;
-        let cmds: Vec<KvCmd> = commands.iter().filter_map(to_kv).collect();
-        let mut outs = if cmds.is_empty() {
-            Ok(Vec::new().into_iter())
+    /// The KV commands of a pipelined batch go through the log as one entry.
+    fn handle_batch(&self, commands: Vec<KvCmd>) -> Vec<Reply> {
+        let count = commands.len();
+        let replies = if commands.is_empty() {
+            Vec::new()
         } else {
-            self.shared.submit(cmds).map(Vec::into_iter)
+            match self.shared.submit(commands) {
+                Ok(outs) if outs.len() == count => outs.into_iter().map(Reply::from).collect(),
+                Ok(outs) => {
+                    let e = format!("ERR internal: {} results for {count} commands", outs.len());
+                    vec![Reply::Error(e); count]
+                }
+                Err(e) => vec![e.reply(); count],
+            }
         };
-        let replies = commands
-            .into_iter()
-            .map(|c| match c {
-                Command::Ping(None) => Reply::Simple("PONG".into()),
-                Command::Ping(Some(msg)) => Reply::Bulk(msg),
-                Command::Quit => Reply::ok(),
-                _ => match &mut outs {
-                    Ok(it) => it
-                        .next()
-                        .map(to_reply)
-                        .unwrap_or_else(|| Reply::Error("ERR internal: missing result".into())),
-                    Err(e) => e.reply(),
-                },
-            })
-            .collect();
-        self.shared.commands.fetch_add(count, Ordering::Relaxed);
+        self.shared
+            .commands
+            .fetch_add(count as u64, Ordering::Relaxed);
         replies
     }
 }

@@ -15,6 +15,7 @@ use std::time::Instant;
 use super::auth::Password;
 use super::command::{Command, CommandError};
 use super::{Protocol, Reply, parse_decimal};
+use crate::kvapi::KvCmd;
 
 /// The Redis release whose commands and replies this server follows (what `HELLO` and
 /// `INFO` call `version`; clients pick features by it).
@@ -58,7 +59,7 @@ pub enum Slot {
 /// What a connection hands to the store in one go.
 #[derive(Debug, Default)]
 pub struct Work {
-    pub kv: Vec<Command>,
+    pub kv: Vec<KvCmd>,
     pub slots: Vec<Slot>,
     /// Close the connection once the replies are written (`QUIT`, a broken stream).
     pub close: bool,
@@ -165,7 +166,7 @@ enum Admin {
 
 /// A command of either kind.
 enum Parsed {
-    Kv(Command),
+    Kv(KvCmd),
     Admin(Admin),
 }
 
@@ -186,7 +187,10 @@ const ADMIN_TABLE: &[(&str, i64)] = &[
 
 fn parse(args: Vec<Vec<u8>>) -> Result<Parsed, CommandError> {
     let Some(name) = args.first() else {
-        return Command::parse(args).map(Parsed::Kv);
+        return Err(CommandError::Unknown {
+            name: String::new(),
+            args: Vec::new(),
+        });
     };
     let Some(&(upper, arity)) = ADMIN_TABLE
         .iter()
@@ -197,7 +201,7 @@ fn parse(args: Vec<Vec<u8>>) -> Result<Parsed, CommandError> {
         return match Command::parse(args)? {
             Command::Ping(message) => Ok(Parsed::Admin(Admin::Ping(message))),
             Command::Quit => Ok(Parsed::Admin(Admin::Quit)),
-            command => Ok(Parsed::Kv(command)),
+            Command::Kv(command) => Ok(Parsed::Kv(command)),
         };
     };
     let argc = args.len() as i64;
@@ -673,7 +677,7 @@ impl Session {
         }
         let keyspace = want("keyspace").then(|| {
             let index = work.kv.len();
-            work.kv.push(Command::DbSize);
+            work.kv.push(KvCmd::DbSize);
             index
         });
         Slot::Info {

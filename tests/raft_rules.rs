@@ -20,7 +20,7 @@ use raftkv::labrpc::script::{Rule, RuleId};
 use raftkv::raft::harness::{Delivered, Test, TestCmd};
 use raftkv::raft::log::Entry;
 use raftkv::raft::{
-    AppendEntriesArgs, AppendEntriesReply, InstallSnapshotArgs, InstallSnapshotReply,
+    AppendEntriesArgs, AppendEntriesReply, InstallSnapshotArgs, InstallSnapshotReply, RaftOptions,
     RequestVoteArgs, RequestVoteReply,
 };
 use raftkv::tester::{GRP0, server_name};
@@ -499,27 +499,33 @@ fn reply_with_higher_term_deposes_the_leader() {
     t.end();
 }
 
-#[test]
-fn follower_resets_election_timer_on_current_leaders_append_entries() {
-    let t = Test::new_scripted(3, false, |_| {});
-    t.begin("Rule §5.2: a follower that hears from the current leader does not stand for election");
+/// §5.2 measured over a quiet period: with a working leader and nothing to do, no follower
+/// stands for election and the heartbeats are the only traffic.
+///
+/// The quiet period is 3 s, not the issue's minute, for the suite's time budget; it is still
+/// more than four of the longest election timeouts (700 ms). A follower that does not reset
+/// its timer on AppendEntries therefore times out at least four times in it, each time sending
+/// its 2 (pre-)vote requests: at least 16 calls from the two followers, against at most 4
+/// allowed (a follower starved of CPU for most of an election timeout may stand once). Without
+/// pre-vote each of those timeouts also moves the term.
+fn election_timer_quiet_period(t: &Test, pre_vote: bool) {
     let s = t.script();
     let leader = t.check_one_leader();
     let term = t.raft(leader).expect("leader runs").get_state().0;
     let votes = s.add(Rule::request("Raft.RequestVote").pass());
     let appends = s.add(Rule::request("Raft.AppendEntries").pass());
-    // A quiet period of 5 s: about ten election timeouts (400–700 ms) for each follower.
-    // (The issue asks for a quiet minute; 5 s keeps the suite's time budget.)
-    let quiet = Duration::from_secs(5);
+    let quiet = Duration::from_secs(3);
     thread::sleep(quiet);
     let (v, a) = (s.matched(votes), s.matched(appends));
     let now = t.raft(leader).expect("leader runs").get_state();
-    // A follower starved of CPU for most of an election timeout may still time out once
-    // (its pre-vote is refused); one that ignores heartbeats does so about ten times.
-    if v > 4 || now != (term, true) {
+    // With pre-vote a timed-out follower cannot move the term, so the leader keeps it.
+    // Without, the one timeout a starved follower may have deposes the leader: that is
+    // allowed, the count of vote requests is what tells a timer that is never reset.
+    if v > 4 || (pre_vote && now != (term, true)) {
         t.fatal(&format!(
-            "in a quiet {quiet:?} with a working leader: {v} RequestVote/pre-vote calls, \
-             leader {leader} now at {now:?} (was term {term})"
+            "pre-vote {}: in a quiet {quiet:?} with a working leader: {v} RequestVote/pre-vote \
+             calls, leader {leader} now at {now:?} (was term {term})",
+            if pre_vote { "on" } else { "off" }
         ));
     }
     // Heartbeats only: at most 10 a second to each of the 2 followers.
@@ -528,7 +534,82 @@ fn follower_resets_election_timer_on_current_leaders_append_entries() {
         a <= most,
         "{a} AppendEntries in {quiet:?} (at most {most} heartbeats)"
     );
-    println!("  quiet {quiet:?}: {v} vote requests, {a} AppendEntries, term {term} kept");
+    println!("  quiet {quiet:?}: {v} vote requests, {a} AppendEntries, term {term} -> {now:?}");
+}
+
+#[test]
+fn follower_resets_election_timer_on_current_leaders_append_entries_pre_vote_on() {
+    let t = Test::new_scripted(3, false, |_| {});
+    t.begin("Rule §5.2: a follower that hears from the current leader does not stand for election (pre-vote on)");
+    election_timer_quiet_period(&t, true);
+    t.end();
+}
+
+#[test]
+fn follower_resets_election_timer_on_current_leaders_append_entries_pre_vote_off() {
+    let options = RaftOptions {
+        pre_vote: false,
+        ..RaftOptions::default()
+    };
+    let t = Test::new_scripted_with(3, false, options, |_| {});
+    t.begin("Rule §5.2: a follower that hears from the current leader does not stand for election (pre-vote off)");
+    election_timer_quiet_period(&t, false);
+    t.end();
+}
+
+#[test]
+fn leader_counts_a_late_append_entries_reply_only_for_what_its_call_carried() {
+    let t = Test::new_scripted(3, false, |s| {
+        s.add(only_candidate(3, 0));
+    });
+    t.begin("Rule Figure 2 (leaders, AppendEntries success): matchIndex from what the answered call carried, however late the answer");
+    let s = t.script();
+    let term = t.wait_leader(0, 10 * SECOND);
+    t.one(TestCmd::Int(1), 3, false);
+    // Peer 2 hears nothing more. The answer to the leader's next AppendEntries to peer 1
+    // (a heartbeat through index 1) is held on its way back, and peer 1 hears nothing more.
+    s.add(
+        Rule::request("Raft.AppendEntries")
+            .from(&name(0))
+            .to(&name(2))
+            .drop_it(),
+    );
+    s.add(
+        Rule::reply("Raft.AppendEntries")
+            .from(&name(1))
+            .to(&name(0))
+            .first(1)
+            .hold(),
+    );
+    let late = match s.wait_held(1, 5 * SECOND) {
+        Some(h) => h[0].clone(),
+        None => t.fatal("the leader sent peer 1 no AppendEntries"),
+    };
+    s.add(
+        Rule::request("Raft.AppendEntries")
+            .from(&name(0))
+            .to(&name(1))
+            .drop_it(),
+    );
+    let reply: AppendEntriesReply = late.decode().expect("an AppendEntries reply");
+    assert!(reply.success && reply.match_index == 1, "{reply:?}");
+    // The leader appends index 2, which reaches nobody; then the old answer arrives.
+    let (index, _, ok) = t
+        .raft(0)
+        .expect("leader runs")
+        .start(TestCmd::Int(2).encode());
+    assert!(ok && index == 2, "leader 0 should append at 2, got {index}");
+    assert!(s.release(late.id), "the held reply was not delivered");
+    thread::sleep(SECOND);
+    if t.raft(0).expect("leader runs").get_state() != (term, true) {
+        t.fatal("leader 0 lost its leadership during the test; the check would prove nothing");
+    }
+    check_not_committed(
+        &t,
+        2,
+        "a late answer to a heartbeat through index 1 counted peer 1 for index 2, which only \
+         the leader stores",
+    );
     t.end();
 }
 

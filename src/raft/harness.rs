@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use super::{ApplyMsg, Raft, Storage};
+use super::{ApplyMsg, Raft, RaftOptions, Storage};
 use crate::labcodec;
 use crate::labrpc::script::Script;
 use crate::labrpc::{ClientEnd, Network, Service};
@@ -149,6 +149,7 @@ impl RfSrv {
         snapshot_data: Vec<u8>,
         closer: Option<Arc<file::ClosableLog>>,
         snapshot: bool,
+        options: RaftOptions,
         applied: Arc<Mutex<Applied>>,
         cfg: CfgCell,
     ) -> Arc<RfSrv> {
@@ -176,7 +177,7 @@ impl RfSrv {
                 }
             }
         }
-        let raft = match Raft::new(ends, me, storage, tx) {
+        let raft = match Raft::with_options(ends, me, storage, tx, options) {
             Ok(r) => Arc::new(r),
             Err(e) => panic!("tester: cannot start raft-{me}: {e}"),
         };
@@ -363,13 +364,30 @@ pub struct Test {
 impl Test {
     /// `n` peers, reliable or not, with the snapshotting tester service or not.
     pub fn new(n: usize, reliable: bool, snapshot: bool) -> Test {
-        Test::with_storage(n, reliable, snapshot, persister_storage(), |_| {})
+        Test::with_storage(
+            n,
+            reliable,
+            snapshot,
+            RaftOptions::default(),
+            persister_storage(),
+            |_| {},
+        )
     }
 
     /// `n` peers on a reliable network whose script `setup` prepares before any peer
     /// starts: the rule tests, which decide exactly what happens to chosen messages.
     pub fn new_scripted(n: usize, snapshot: bool, setup: impl FnOnce(&Script)) -> Test {
-        Test::with_storage(n, true, snapshot, persister_storage(), |net| {
+        Test::new_scripted_with(n, snapshot, RaftOptions::default(), setup)
+    }
+
+    /// [`Test::new_scripted`] with every peer's Raft started with `options`.
+    pub fn new_scripted_with(
+        n: usize,
+        snapshot: bool,
+        options: RaftOptions,
+        setup: impl FnOnce(&Script),
+    ) -> Test {
+        Test::with_storage(n, true, snapshot, options, persister_storage(), |net| {
             setup(&net.script())
         })
     }
@@ -379,6 +397,7 @@ impl Test {
         n: usize,
         reliable: bool,
         snapshot: bool,
+        options: RaftOptions,
         open: OpenStorage,
         before_start: impl FnOnce(&Network),
     ) -> Test {
@@ -404,6 +423,7 @@ impl Test {
                         snapshot_data,
                         closer,
                         snapshot,
+                        options,
                         applied.clone(),
                         cfg_cell.clone(),
                     );
@@ -897,7 +917,14 @@ pub mod file {
                 (Box::new(log.clone()) as Box<dyn Storage>, snap, Some(log))
             });
             Test {
-                inner: super::Test::with_storage(n, reliable, snapshot, open, |_| {}),
+                inner: super::Test::with_storage(
+                    n,
+                    reliable,
+                    snapshot,
+                    crate::raft::RaftOptions::default(),
+                    open,
+                    |_| {},
+                ),
                 _dirs: Dirs(root),
             }
         }

@@ -187,6 +187,8 @@ pub(crate) struct Core {
     pub check_quorum: bool,
     /// See [`RaftOptions::vote_stickiness`](super::RaftOptions::vote_stickiness).
     pub vote_stickiness: bool,
+    /// See [`RaftOptions::pre_vote`](super::RaftOptions::pre_vote).
+    pub pre_vote: bool,
     /// The highest term known to be durable (synced), and the highest index the applier has
     /// delivered (each delivered only once durable): what a service may record elsewhere as
     /// the least state this peer must find at its next start.
@@ -301,6 +303,7 @@ impl Core {
                 voter: AtomicBool::new(options.voter),
                 check_quorum: options.check_quorum,
                 vote_stickiness: options.vote_stickiness,
+                pre_vote: options.pre_vote,
                 synced_term: AtomicU64::new(term),
                 delivered: AtomicU64::new(base),
                 kill_tx: Mutex::new(Some(kill_tx)),
@@ -447,11 +450,13 @@ impl Core {
                         self.broadcast_append(&mut st);
                     }
                 } else if now >= st.election_deadline {
-                    if self.voter.load(Ordering::SeqCst) {
-                        self.start_pre_vote(&mut st);
-                    } else {
+                    if !self.voter.load(Ordering::SeqCst) {
                         // Not a voter yet: it waits for a leader instead of standing.
                         self.reset_election_timer(&mut st);
+                    } else if self.pre_vote {
+                        self.start_pre_vote(&mut st);
+                    } else {
+                        self.start_election(&mut st);
                     }
                 }
             }

@@ -613,6 +613,75 @@ fn leader_counts_a_late_append_entries_reply_only_for_what_its_call_carried() {
     t.end();
 }
 
+/// Raft dissertation §10.2.1: the leader may send AppendEntries before its own write of the
+/// entries, but counts itself in the majority only for entries it has made durable. The
+/// crash point: the leader's sync is held, one follower stores the new entry, the leader
+/// crashes before its sync. Nothing may have been committed (acknowledged) with it, since the
+/// restarted leader and the third peer, a majority, know nothing of it and reuse its index.
+#[test]
+fn leader_counts_itself_only_for_entries_it_has_made_durable_crash_before_its_sync() {
+    let t = Test::new_scripted_gated(3, |s| {
+        s.add(only_candidate(3, 0));
+    });
+    t.begin("Rule §10.2.1: the leader writes its log in parallel with replication, and counts itself only for what it made durable (crash before its sync)");
+    let s = t.script();
+    let term = t.wait_leader(0, 10 * SECOND);
+    t.one(TestCmd::Int(1), 3, false);
+    // Peer 2 hears nothing from the leader; the leader's own syncs wait.
+    let cut2 = s.add(
+        Rule::request("Raft.AppendEntries")
+            .from(&name(0))
+            .to(&name(2))
+            .drop_it(),
+    );
+    let gate = t.sync_gate(0);
+    gate.hold();
+    let leader = t.raft(0).expect("leader runs");
+    let starter = thread::Builder::new()
+        .name("test-start".to_string())
+        .spawn(move || leader.start(TestCmd::Int(2).encode()))
+        .expect("a thread");
+    if !gate.wait_blocked(5 * SECOND) {
+        t.fatal("the leader did not sync its new entry");
+    }
+    // The AppendEntries left before the leader's own write: peer 1 stores index 2.
+    if !t.wait_until(5 * SECOND, || term_at(&t, 1, 2) == Some(term)) {
+        t.fatal("peer 1 did not get index 2 while the leader's sync waited: the leader does not send before its own write");
+    }
+    // Heartbeats would carry a commit of index 2 to peer 1 within this time.
+    thread::sleep(SECOND);
+    let acked = (0..3).find_map(|p| t.applied_at(p, 2).map(|c| (p, c)));
+    // The leader crashes before its sync: index 2 never reaches its disk.
+    gate.crash();
+    let (index, _, ok) = match starter.join() {
+        Ok(r) => r,
+        Err(_) => t.fatal("Raft::start panicked"),
+    };
+    assert!(
+        ok && index == 2,
+        "leader 0 should have appended at 2, got {index}"
+    );
+    t.shutdown_server(0);
+    // Peer 1, the only one to hold index 2, is cut off; the leader restarts and, with peer
+    // 2's vote, leads again and commits another command at index 2.
+    s.remove(cut2);
+    s.add(Rule::any_request().from(&name(1)).drop_it());
+    s.add(Rule::any_request().to(&name(1)).drop_it());
+    t.restart(0);
+    let term2 = t.wait_leader(0, 10 * SECOND);
+    assert!(term2 > term);
+    let i = t.one(TestCmd::Int(3), 2, true);
+    if let Some((p, c)) = acked {
+        t.fatal(&format!(
+            "index 2 ({c:?}) was committed (peer {p} applied it) while only peer 1 and the \
+             leader's unsynced log held it; the leader crashed before its sync and peers 0 and \
+             2 then committed Int(3) at index {i}: an acknowledged write is lost"
+        ));
+    }
+    assert_eq!(i, 2, "the new leader's command should take index 2");
+    t.end();
+}
+
 /// Checks that a service was handed indexes strictly in order: each command the one after the
 /// last, each snapshot past the last.
 fn check_in_order(t: &Test, peer: usize, history: &[Delivered]) {

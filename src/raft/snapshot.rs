@@ -75,6 +75,7 @@ impl Core {
         let core = self.clone();
         let term = st.term;
         let index = args.last_included_index;
+        st.guard.leader_sends = true;
         st.outbox.push(Box::new(move || {
             let c = core.clone();
             // The bytes are copied for the message here, outside the lock.
@@ -130,6 +131,7 @@ impl Core {
         let core = self.clone();
         let term = st.term;
         let me = self.me;
+        st.guard.leader_sends = true;
         st.outbox.push(Box::new(move || {
             let c = core.clone();
             let data = match snapshot.read(offset, chunk) {

@@ -19,7 +19,7 @@ use super::{Clnt, Config, Tgid};
 use crate::kvapi::KvClerk;
 use crate::kvapi::{KvErr, Tversion};
 use crate::labcodec;
-use crate::porcupine::kv::{KvInput, KvModel, KvOp, KvOutput};
+use crate::porcupine::kv::{KvInput, KvModel, KvOutput};
 use crate::porcupine::{self, CheckResult, Operation};
 
 /// The tester generously allows solutions to complete elections in one second.
@@ -198,18 +198,9 @@ impl KvTest {
         self.cfg.op();
         self.history.lock().push(Operation {
             client_id: cli,
-            input: KvInput {
-                op: KvOp::Get,
-                key: key.to_string(),
-                value: String::new(),
-                version: 0,
-            },
+            input: KvInput::get(key),
             call,
-            output: KvOutput {
-                value: value.clone(),
-                version,
-                err,
-            },
+            output: KvOutput::got(value.clone(), version, err),
             return_time: ret,
         });
         (value, version, err)
@@ -230,18 +221,9 @@ impl KvTest {
         self.cfg.op();
         self.history.lock().push(Operation {
             client_id: cli,
-            input: KvInput {
-                op: KvOp::Put,
-                key: key.to_string(),
-                value: value.to_string(),
-                version,
-            },
+            input: KvInput::put(key, value, version),
             call,
-            output: KvOutput {
-                value: String::new(),
-                version: 0,
-                err,
-            },
+            output: KvOutput::put(err),
             return_time: ret,
         });
         err

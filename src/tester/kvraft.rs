@@ -13,14 +13,14 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use super::Clerk;
-use super::rsm::{GiveUps, Rsm, RsmError, StateMachine};
-use super::server::KvServer;
+use crate::kvraft::Clerk;
+use crate::kvraft::KvServer;
+use crate::kvraft::rsm::{GiveUps, Rsm, RsmError, StateMachine};
 use crate::labcodec;
 use crate::labrpc::ClientEnd;
 use crate::raft::Raft;
-pub use crate::raft::harness::FAULT_ENV;
 use crate::tester::kvtest::{ClerkMaker, KvTest, TestClerk};
+pub use crate::tester::raft::FAULT_ENV;
 use crate::tester::{Config, GRP0, IService, KvSvc, Persister, RaftSvc, ServerGrp, StartFn, Tgid};
 
 // ---------------------------------------------------------------- rsm

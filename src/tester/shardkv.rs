@@ -17,17 +17,16 @@ use crossbeam::channel::{self, RecvTimeoutError};
 use parking_lot::Mutex;
 use rand::Rng;
 
-use super::shardcfg::{GID1, ShardConfig};
-use super::shardgrp::ShardGrpServer;
-use super::shardgrp::rpc::{
+use crate::kvapi::{CallError, GetArgs, PutArgs};
+use crate::kvraft::rsm::RsmError;
+use crate::labrpc::{ClientEnd, IService, Service};
+use crate::shardkv::shardcfg::{GID1, ShardConfig};
+use crate::shardkv::shardgrp::ShardGrpServer;
+use crate::shardkv::shardgrp::rpc::{
     DeleteShardArgs, DeleteShardReply, FreezeShardArgs, FreezeShardReply, InstallShardArgs,
     InstallShardReply,
 };
-use super::{Clerk, CtrlerError, ShardCtrler, ShardGrpService, ShardTransport};
-use crate::kvapi::{CallError, GetArgs, PutArgs};
-use crate::kvraft::rsm::RsmError;
-use crate::kvsrv;
-use crate::labrpc::{ClientEnd, IService, Service};
+use crate::shardkv::{Clerk, CtrlerError, ShardCtrler, ShardGrpService, ShardTransport};
 use crate::tester::kvtest::{ClerkMaker, KvTest, TestClerk};
 use crate::tester::{
     Clnt, Config, GRP0, Persister, RaftSvc, StartFn, Tgid, call_error, server_name,
@@ -191,7 +190,7 @@ pub fn make_test_max_raft(
             },
         )
     };
-    let cfg = Config::new(1, reliable, Arc::new(kvsrv::harness::start_kv_server));
+    let cfg = Config::new(1, reliable, Arc::new(super::kvsrv::start_kv_server));
     let ctrlers: Ctrlers = Arc::new(Mutex::new(Vec::new()));
     let maker = Arc::new(Maker {
         cfg: cfg.clone(),

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::{Clerk, KvServer};
+use crate::kvsrv::{Clerk, KvServer};
 use crate::labrpc::{ClientEnd, IService};
 use crate::tester::kvtest::{ClerkMaker, KvTest, TestClerk};
 use crate::tester::{Clnts, Config, GRP0, KvSvc, Persister, Tgid, server_name};

@@ -919,6 +919,89 @@ fn hostile_snapshot_pieces_and_a_stalled_transfer_from_a_rogue_member_leave_noth
     full_restart(&mut cluster, "y", 20);
 }
 
+/// A member gone rogue (it holds the secret) begins a 40 MiB frame, sends half of it and
+/// stalls: the node closes the connection once the frame has taken the partial-frame timeout
+/// (10 s), logs it naming the node, and gives the memory back; the cluster is unharmed.
+#[test]
+fn rogue_member_stalled_inside_a_frame_is_closed_and_its_memory_freed() {
+    let mut cluster = Cluster::new();
+    cluster.write_keys("p", 10);
+    let (leader, _) = cluster.leader();
+    let terms = cluster.settled_terms();
+    let follower = (leader + 1) % NODES;
+    let rogue_id = (leader + 2) % NODES;
+    cluster.kill9(rogue_id);
+    let pid = cluster.children[follower].as_ref().expect("runs").id();
+    let rss_before = rss_kib(pid);
+    let mut s = rogue(
+        cluster.peer_ports[follower],
+        follower,
+        rogue_id as u64 + 1,
+        &cluster.secret(),
+    );
+    let claimed: usize = 40 << 20;
+    // The node's clock starts at the frame's first byte, after this.
+    let began = Instant::now();
+    s.write_all(&(claimed as u32).to_be_bytes()).expect("send");
+    s.write_all(&vec![0x5a; claimed / 2])
+        .expect("send half a frame");
+    // Let the node read what the socket buffers still hold.
+    thread::sleep(Duration::from_secs(1));
+    let rss_held = rss_kib(pid);
+    read_until_closed_within(&mut s, Duration::from_secs(10) + PATIENCE);
+    let closed = began.elapsed();
+    let rss_after = rss_kib(pid);
+    println!(
+        "a member stalled 20 MiB into a 40 MiB frame: closed {closed:?} after it began (RSS {rss_before} KiB before, {rss_held} KiB holding it, {rss_after} KiB after)"
+    );
+    assert!(
+        closed >= Duration::from_secs(10),
+        "closed {closed:?} after the frame began, before the partial-frame timeout"
+    );
+    if !no_secret() {
+        assert!(
+            rss_after < rss_held.saturating_sub(10 << 10),
+            "the partial frame's memory was not given back: {rss_held} KiB -> {rss_after} KiB"
+        );
+    }
+    drop(s);
+    cluster.start(rogue_id);
+    assert_unharmed(&mut cluster, leader, &terms, "p", 10);
+    if !no_secret() {
+        let log = cluster.log_text(follower);
+        assert!(
+            log.contains(&format!("node {} at", rogue_id + 1))
+                && log.contains("stalled inside a frame"),
+            "{log}"
+        );
+    }
+}
+
+/// Reads until the node closes the socket, within `limit`; returns how long it took.
+fn read_until_closed_within(stream: &mut TcpStream, limit: Duration) -> Duration {
+    let start = Instant::now();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("timeout");
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return start.elapsed(),
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return start.elapsed(),
+        }
+        assert!(
+            start.elapsed() < limit,
+            "the node kept a stalled frame for {limit:?}"
+        );
+    }
+}
+
 /// SETs on the leader for `time`; returns how many were answered OK.
 fn writes_for(cluster: &Cluster, time: Duration, tag: &str) -> usize {
     let (leader, _) = cluster.leader();

@@ -54,6 +54,33 @@ pub trait ClerkMaker: Send + Sync {
     fn delete_clerk(&self, ck: &TestClerk);
 }
 
+/// A lab's [`ClerkMaker`]: each clerk gets a fresh client of `cfg`, which `make` builds the
+/// lab's clerk on; deleting the clerk deletes the client.
+pub struct ClerkFactory<F> {
+    cfg: Arc<Config>,
+    make: F,
+}
+
+impl<F: Fn(&Arc<Clnt>) -> Arc<dyn KvClerk> + Send + Sync> ClerkFactory<F> {
+    pub fn new(cfg: Arc<Config>, make: F) -> ClerkFactory<F> {
+        ClerkFactory { cfg, make }
+    }
+}
+
+impl<F: Fn(&Arc<Clnt>) -> Arc<dyn KvClerk> + Send + Sync> ClerkMaker for ClerkFactory<F> {
+    fn make_clerk(&self) -> TestClerk {
+        let clnt = self.cfg.clnts().make_client();
+        TestClerk {
+            ck: (self.make)(&clnt),
+            clnt,
+        }
+    }
+
+    fn delete_clerk(&self, ck: &TestClerk) {
+        self.cfg.clnts().delete_client(&ck.clnt);
+    }
+}
+
 /// What one client's Puts came to.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ClntRes {

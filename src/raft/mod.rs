@@ -38,8 +38,8 @@ pub use rpc::{
 };
 use state::Core;
 pub use storage::{
-    ChunkOutcome, HardState, Restored, SnapshotChunk, SnapshotData, SnapshotSource, Storage,
-    StorageError,
+    ChunkOutcome, HardState, Restored, SnapshotChunk, SnapshotData, SnapshotReader, SnapshotSource,
+    Storage, StorageError,
 };
 pub use transport::{OnReply, RaftHandler, RaftTransport};
 
@@ -241,7 +241,9 @@ impl Raft {
 
     /// Gives Raft the service's check of commands and snapshots from the leader: an
     /// AppendEntries holding a command it refuses, or an InstallSnapshot whose data it
-    /// refuses, is refused before anything is persisted (see [`check`]).
+    /// refuses, is refused before anything is persisted (see [`check`]); a snapshot streamed
+    /// in pieces is checked once assembled, read back from its temporary file, before it
+    /// replaces anything.
     pub fn set_validator(&self, validator: Arc<dyn Validator>) {
         *self.core.validator.write() = Some(validator);
     }

@@ -45,6 +45,14 @@ pub(super) const MAX_CHUNKS_IN_FLIGHT: usize = 2;
 /// handled yet either, so a follower gives it [`OVERSLEEP_GRACE`] before standing.
 const OVERSLEEP: Duration = Duration::from_millis(50);
 const OVERSLEEP_GRACE: Duration = Duration::from_millis(150);
+/// A snapshot transfer to this peer with no piece for this long is abandoned: its temporary
+/// file and buffers go (see [`Storage::expire_snapshot_transfer`]). A leader sends the next
+/// piece as soon as one is answered and presumes a call lost after its 2 s timeout, so a
+/// transfer this quiet has lost its sender (deposed, cut off, or one that stopped halfway on
+/// purpose); the same snapshot sent again starts over.
+pub(super) const SNAPSHOT_TRANSFER_IDLE: Duration = Duration::from_secs(10);
+/// How often the ticker asks the storage to abandon idle transfers.
+const TRANSFER_CHECK_EVERY: Duration = Duration::from_secs(1);
 /// CheckQuorum (Raft dissertation §6.2): a leader that has not heard from a majority (itself
 /// included) for this long steps down. One full election timeout: by then the followers it
 /// lost may have elected another leader, and its clients are better served elsewhere.
@@ -475,7 +483,14 @@ impl Core {
 
     /// Elections and heartbeats: sleeps until the next deadline (or a wake-up) and acts on it.
     pub(super) fn run_ticker(self: &Arc<Core>) {
+        let mut transfers_checked = Instant::now();
         while !self.is_dead() {
+            if transfers_checked.elapsed() >= TRANSFER_CHECK_EVERY {
+                // Outside the lock: it may delete a file.
+                transfers_checked = Instant::now();
+                self.storage
+                    .expire_snapshot_transfer(SNAPSHOT_TRANSFER_IDLE);
+            }
             {
                 // Released (storage synced, messages sent) before waiting.
                 let mut st = self.lock_state();

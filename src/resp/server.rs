@@ -44,7 +44,8 @@ use mio::{Events, Interest, Poll, Token, Waker};
 
 use super::auth::Password;
 use super::session::{ConnFacts, ServerView, Session, Slot, Work, render_info};
-use super::{Command, Decoder, Limits, Reply, encode_header};
+use super::{Decoder, Limits, Reply, encode_header};
+use crate::kvapi::KvCmd;
 
 const LOG: &str = "resp::server";
 const LISTENER: Token = Token(0);
@@ -62,12 +63,14 @@ const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
 /// What executes the commands of every connection. It runs on a worker thread and may block
 /// (for a Raft commit, say); the connection reads nothing more meanwhile.
 pub trait CommandHandler: Send + Sync + 'static {
-    fn handle(&self, command: Command) -> Reply;
+    /// Runs one KV command (PING and QUIT never reach a handler: the connection answers
+    /// them).
+    fn handle(&self, command: KvCmd) -> Reply;
 
     /// The commands one client pipelined, in order; one reply each, in the same order. The
     /// default runs them one by one; a replicated store can submit them together (and must
     /// run them atomically: an `EXEC` is one batch).
-    fn handle_batch(&self, commands: Vec<Command>) -> Vec<Reply> {
+    fn handle_batch(&self, commands: Vec<KvCmd>) -> Vec<Reply> {
         commands.into_iter().map(|c| self.handle(c)).collect()
     }
 
@@ -77,8 +80,8 @@ pub trait CommandHandler: Send + Sync + 'static {
     }
 }
 
-impl<F: Fn(Command) -> Reply + Send + Sync + 'static> CommandHandler for F {
-    fn handle(&self, command: Command) -> Reply {
+impl<F: Fn(KvCmd) -> Reply + Send + Sync + 'static> CommandHandler for F {
+    fn handle(&self, command: KvCmd) -> Reply {
         self(command)
     }
 }

@@ -13,10 +13,10 @@ use parking_lot::Mutex;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use super::{ApplyMsg, Raft, RaftOptions, Storage};
 use crate::labcodec;
 use crate::labrpc::script::Script;
 use crate::labrpc::{ClientEnd, Network, Service};
+use crate::raft::{ApplyMsg, Raft, RaftOptions, Storage};
 use crate::tester::{Config, GRP0, IService, Persister, RaftRpcService, ServerGrp, StartFn, Tgid};
 
 /// The tester allows a second for an election.
@@ -436,24 +436,33 @@ struct GatedStorage {
 }
 
 impl Storage for GatedStorage {
-    fn restore(&self) -> Result<super::Restored, super::StorageError> {
+    fn restore(&self) -> Result<crate::raft::Restored, crate::raft::StorageError> {
         self.inner.restore()
     }
-    fn set_hard_state(&self, hs: super::HardState) -> Result<(), super::StorageError> {
+    fn set_hard_state(&self, hs: crate::raft::HardState) -> Result<(), crate::raft::StorageError> {
         self.inner.set_hard_state(hs)
     }
-    fn append(&self, first: u64, entries: &[super::log::Entry]) -> Result<(), super::StorageError> {
+    fn append(
+        &self,
+        first: u64,
+        entries: &[crate::raft::log::Entry],
+    ) -> Result<(), crate::raft::StorageError> {
         self.inner.append(first, entries)
     }
-    fn truncate_after(&self, index: u64) -> Result<(), super::StorageError> {
+    fn truncate_after(&self, index: u64) -> Result<(), crate::raft::StorageError> {
         self.inner.truncate_after(index)
     }
-    fn save_snapshot(&self, index: u64, term: u64, data: &[u8]) -> Result<(), super::StorageError> {
+    fn save_snapshot(
+        &self,
+        index: u64,
+        term: u64,
+        data: &[u8],
+    ) -> Result<(), crate::raft::StorageError> {
         self.inner.save_snapshot(index, term, data)
     }
-    fn sync(&self) -> Result<(), super::StorageError> {
+    fn sync(&self) -> Result<(), crate::raft::StorageError> {
         if !self.gate.pass() {
-            return Err(super::StorageError::Io {
+            return Err(crate::raft::StorageError::Io {
                 path: "(test sync gate)".to_string(),
                 op: "sync",
                 reason: "the peer crashed before this sync".to_string(),
@@ -469,10 +478,10 @@ impl Storage for GatedStorage {
         index: u64,
         term: u64,
         data: Arc<Vec<u8>>,
-    ) -> Result<(), super::StorageError> {
+    ) -> Result<(), crate::raft::StorageError> {
         self.inner.save_snapshot_shared(index, term, data)
     }
-    fn snapshot_source(&self) -> Option<Arc<dyn super::storage::SnapshotSource>> {
+    fn snapshot_source(&self) -> Option<Arc<dyn crate::raft::storage::SnapshotSource>> {
         self.inner.snapshot_source()
     }
 }
@@ -895,8 +904,8 @@ impl Test {
     }
 
     /// What peer `i` has persisted now: term and vote, and its log.
-    pub fn persisted(&self, i: usize) -> (super::HardState, super::log::Log) {
-        match super::persist::decode_lab_state(&self.g().persister(i).read_raft_state()) {
+    pub fn persisted(&self, i: usize) -> (crate::raft::HardState, crate::raft::log::Log) {
+        match crate::raft::persist::decode_lab_state(&self.g().persister(i).read_raft_state()) {
             Ok(s) => s,
             Err(e) => self.fatal(&format!("peer {i}: persisted state unreadable: {e}")),
         }

@@ -13,14 +13,16 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use super::Clerk;
-use super::rsm::{GiveUps, Rsm, RsmError, StateMachine};
-use super::server::KvServer;
+use crate::kvapi::KvClerk;
+use crate::kvraft::Clerk;
+use crate::kvraft::KvServer;
 use crate::labcodec;
 use crate::labrpc::ClientEnd;
 use crate::raft::Raft;
-pub use crate::raft::harness::FAULT_ENV;
-use crate::tester::kvtest::{ClerkMaker, KvTest, TestClerk};
+use crate::rsm::{GiveUps, RestoreError, Rsm, RsmError, StateMachine};
+use crate::tester::Clnt;
+use crate::tester::kvtest::{ClerkFactory, KvTest, TestClerk};
+pub use crate::tester::raft::FAULT_ENV;
 use crate::tester::{Config, GRP0, IService, KvSvc, Persister, RaftSvc, ServerGrp, StartFn, Tgid};
 
 // ---------------------------------------------------------------- rsm
@@ -58,7 +60,7 @@ fn harness_fault(name: &str) -> bool {
 }
 
 /// The state machine of the rsm tests: one counter.
-struct Counter {
+pub struct Counter {
     me: usize,
     n: Mutex<i64>,
     /// With the `replica-lag` fault: Incs executed but not shown by [`RsmSrv::counter`].
@@ -67,10 +69,10 @@ struct Counter {
     fatal: Arc<Mutex<Option<String>>>,
 }
 
-impl StateMachine for Counter {
-    fn do_op(&self, req: &[u8]) -> Vec<u8> {
-        let rep = match labcodec::decode::<CounterReq>(req) {
-            Ok(CounterReq::Inc) => {
+impl Counter {
+    fn do_op(&self, req: CounterReq) -> CounterRep {
+        match req {
+            CounterReq::Inc => {
                 let mut n = self.n.lock();
                 *n += 1;
                 if let Some(h) = &self.hidden {
@@ -78,7 +80,7 @@ impl StateMachine for Counter {
                 }
                 CounterRep::Inc { n: *n }
             }
-            Ok(CounterReq::Null) => CounterRep::Null,
+            CounterReq::Null => CounterRep::Null,
             other => {
                 let msg = format!(
                     "DoOp should execute only Inc and Null; server {} got {other:?}",
@@ -88,15 +90,23 @@ impl StateMachine for Counter {
                 self.fatal.lock().get_or_insert(msg);
                 CounterRep::Null
             }
-        };
-        labcodec::encode(&rep).unwrap_or_default()
+        }
+    }
+}
+
+impl StateMachine for Counter {
+    type Op = CounterReq;
+    type Reply = CounterRep;
+
+    fn apply(&self, ops: Vec<CounterReq>) -> Vec<CounterRep> {
+        ops.into_iter().map(|op| self.do_op(op)).collect()
     }
 
     fn snapshot(&self) -> Vec<u8> {
         labcodec::encode(&*self.n.lock()).unwrap_or_default()
     }
 
-    fn restore(&self, data: &[u8]) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    fn restore(&self, data: &[u8]) -> Result<(), RestoreError> {
         match labcodec::decode::<i64>(data) {
             Ok(n) => {
                 *self.n.lock() = n;
@@ -115,7 +125,7 @@ impl StateMachine for Counter {
 /// One rsm test peer: the counter and the rsm over it.
 pub struct RsmSrv {
     counter: Arc<Counter>,
-    pub rsm: Rsm,
+    pub rsm: Rsm<Counter>,
 }
 
 impl RsmSrv {
@@ -126,9 +136,8 @@ impl RsmSrv {
 
     /// Submits one counter request.
     pub fn submit(&self, req: CounterReq) -> Option<CounterRep> {
-        let bytes = labcodec::encode(&req).ok()?;
-        match self.rsm.submit(bytes) {
-            Ok(rep) => labcodec::decode(&rep).ok(),
+        match self.rsm.submit(req) {
+            Ok(rep) => Some(rep),
             Err(_) if req == CounterReq::Dec && harness_fault("minority-ok") => {
                 Some(CounterRep::Null)
             }
@@ -341,24 +350,6 @@ pub fn start_kv_server(
 /// A started replica and its services for the tester, in kill order.
 pub type StartedKvServer = (Arc<KvServer>, Vec<Arc<dyn IService>>);
 
-struct Maker {
-    cfg: Arc<Config>,
-}
-
-impl ClerkMaker for Maker {
-    fn make_clerk(&self) -> TestClerk {
-        let clnt = self.cfg.clnts().make_client();
-        TestClerk {
-            ck: Arc::new(Clerk::new(clnt.clone(), self.cfg.group(GRP0).srv_names())),
-            clnt,
-        }
-    }
-
-    fn delete_clerk(&self, ck: &TestClerk) {
-        self.cfg.clnts().delete_client(&ck.clnt);
-    }
-}
-
 /// The parameters of a kvraft test, as Go's `MakeTest` takes them.
 #[derive(Debug, Clone)]
 pub struct KvRaftParams {
@@ -404,7 +395,10 @@ impl KvRaftTest {
             )
         };
         let cfg = Config::new(p.nservers, p.reliable, start_fn);
-        let maker = Arc::new(Maker { cfg: cfg.clone() });
+        let servers = cfg.group(GRP0).srv_names();
+        let maker = Arc::new(ClerkFactory::new(cfg.clone(), move |clnt: &Arc<Clnt>| {
+            Arc::new(Clerk::new(clnt.clone(), servers.clone())) as Arc<dyn KvClerk>
+        }));
         let ts = Arc::new(KvTest::new(cfg, p.randomkeys, maker));
         ts.set_end_note(Box::new(move || {
             let (term_change, timeout, index_taken) = give_ups.counts();

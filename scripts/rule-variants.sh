@@ -99,12 +99,16 @@ for patch in scripts/rule-variants/*.patch; do
         exit 2
     fi
     fails=0
+    hung=0
     why=""
     for ((r = 1; r <= runs; r++)); do
-        out=$(cd "$tree" && timeout 120 "$exe" --exact "$test" --test-threads=1 2>&1) && rc=0 || rc=$?
+        # Beyond the tester's own 120 s limit, so a test that overruns it fails with its own
+        # message; a run killed here (exit 124) counts as not caught.
+        out=$(cd "$tree" && timeout 180 "$exe" --exact "$test" --test-threads=1 2>&1) && rc=0 || rc=$?
         printf '%s\n\nexit %s\n' "$out" "$rc" > "$base/logs/$name-run$r.log"
         # Caught: the test itself failed (a failed check, or the harness ending the process
         # on one), not a build or usage error.
+        [[ $rc -eq 124 ]] && hung=$((hung + 1))
         if [[ $rc -ne 0 ]] && grep -qE "^test $test \.\.\. FAILED|Fatal:" <<<"$out"; then
             fails=$((fails + 1))
             if [[ -z "$why" ]]; then
@@ -118,8 +122,8 @@ for patch in scripts/rule-variants/*.patch; do
         table+=("$bin::$test | caught $fails/$runs | $why")
     else
         missed=$((missed + 1))
-        echo "   NOT CAUGHT: passed $((runs - fails)) of $runs runs"
-        table+=("$bin::$test | MISSED $((runs - fails))/$runs passed | $why")
+        echo "   NOT CAUGHT: passed $((runs - fails - hung)), killed after 180 s $hung, of $runs runs"
+        table+=("$bin::$test | MISSED: $((runs - fails - hung)) passed, $hung hung, of $runs | $why")
     fi
 done
 rm -rf "$tree"

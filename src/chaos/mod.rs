@@ -536,6 +536,8 @@ fn drive(
     let mut faults: BTreeMap<FaultKind, usize> = BTreeMap::new();
     let mut crashes = Vec::new();
     let mut expected_stops = Vec::new();
+    // Nodes a "disk full" fault limited and that have not stopped since.
+    let mut disk_filled: std::collections::BTreeSet<usize> = std::collections::BTreeSet::new();
     let mut active: Option<(nemesis::ActiveFault, Instant)> = None;
     let mut next_fault = start + nemesis::calm(rng);
     let mut status = Status::new(opts.status, opts.duration);
@@ -546,24 +548,31 @@ fn drive(
             return Err(ChaosError::Interrupted(signal));
         }
         for (node, exit) in cluster.exited() {
-            // A node a full disk stopped, naming its cause, is what the fault is for.
-            if let Some((fault, _)) = &active
-                && fault.kind.stops_its_node()
-                && fault.nodes.contains(&node)
-                && let Some(cause) = cluster
-                    .stop_cause(node)
-                    .filter(|c| c.contains(DISK_FULL_CAUSE))
+            let held = matches!(&active, Some((f, _)) if f.nodes.contains(&node));
+            let cause = cluster.stop_cause(node);
+            // A node whose disk a fault filled, stopped naming that cause, is what the fault
+            // is for: also when it stops just after the fault ended (it hit the limit, and
+            // its status loop had not yet seen the storage fail when the limit was lifted).
+            if disk_filled.contains(&node)
+                && let Some(cause) = cause.as_deref().filter(|c| c.contains(DISK_FULL_CAUSE))
             {
-                let what = format!("node {} ({fault}): {cause}", node + 1);
+                disk_filled.remove(&node);
+                let what = format!("node {} (disk full): {cause}", node + 1);
                 log::info!(target: LOG, "{what}");
                 expected_stops.push(what);
+                if !held {
+                    cluster.restart(node)?;
+                }
                 continue;
             }
-            let what = format!("node {} exited on its own ({exit})", node + 1);
+            let what = match cause {
+                Some(cause) => format!("node {} exited on its own ({exit}): {cause}", node + 1),
+                None => format!("node {} exited on its own ({exit})", node + 1),
+            };
             log::error!(target: LOG, "{what}; its log: {}", cluster.log_path(node).display());
             crashes.push(what);
             // Keep the run going with the node back (unless a fault holds it down).
-            if !matches!(&active, Some((f, _)) if f.nodes.contains(&node)) {
+            if !held {
                 cluster.restart(node)?;
             }
         }
@@ -579,6 +588,9 @@ fn drive(
             }
             None if opts.faults && now >= next_fault => {
                 let fault = nemesis::inject(cluster, cluster.leader(), &opts.fault_kinds, rng)?;
+                if fault.kind.stops_its_node() {
+                    disk_filled.extend(fault.nodes.iter().copied());
+                }
                 log::info!(target: LOG, "fault: {fault} for {:?}", fault.hold);
                 *faults.entry(fault.kind).or_default() += 1;
                 let until = (now + fault.hold).min(end);

@@ -69,6 +69,50 @@ fn send(pid: u32, signal: Signal) -> io::Result<()> {
     }
 }
 
+/// From now on a write past the file-size limit (`RLIMIT_FSIZE`) fails with EFBIG ("File
+/// too large") instead of ending the process with `SIGXFSZ`: the storage then stops the node
+/// naming the file and the error, as it does on a full disk (PostgreSQL ignores the signal
+/// for the same reason).
+pub fn ignore_file_size_signal() -> io::Result<()> {
+    // SAFETY: installs the SIG_IGN disposition; no handler code runs.
+    if unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) } == libc::SIG_ERR {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Sets the running `child`'s soft file-size limit (`RLIMIT_FSIZE`) to `bytes`, or back to
+/// its hard limit with `None`, unless it has exited (an error then; as for [`to_child`], the
+/// pid is used only while the borrowed handle shows the child unreaped). A write past the
+/// limit then fails as on a full disk.
+pub fn set_child_file_size_limit(child: &mut Child, bytes: Option<u64>) -> io::Result<()> {
+    if let Some(status) = child.try_wait()? {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("process {} has exited ({status}); not limited", child.id()),
+        ));
+    }
+    let pid = libc::pid_t::try_from(child.id())
+        .ok()
+        .filter(|&p| p > 0)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "pid out of range"))?;
+    // SAFETY: prlimit(2) reads and writes only the two rlimit structs given, both ours.
+    unsafe {
+        let mut current: libc::rlimit = std::mem::zeroed();
+        if libc::prlimit(pid, libc::RLIMIT_FSIZE, std::ptr::null(), &mut current) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let wanted = libc::rlimit {
+            rlim_cur: bytes.map_or(current.rlim_max, |b| b.min(current.rlim_max)),
+            rlim_max: current.rlim_max,
+        };
+        if libc::prlimit(pid, libc::RLIMIT_FSIZE, &wanted, std::ptr::null_mut()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// The last stop signal received (0: none).
 static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
 

@@ -163,6 +163,10 @@ struct ChaosOpts {
     /// Write the recorded history to FILE as JSON lines (docs/chaos-history.md).
     #[arg(long, value_name = "FILE")]
     history: Option<PathBuf>,
+    /// Only these faults, comma-separated: kill-leader, kill-follower, pause-leader,
+    /// pause-follower, isolate-leader, split-minority, disk-full-follower (default: all).
+    #[arg(long, value_name = "LIST")]
+    faults: Option<String>,
 }
 
 /// The `--peers` list, node 1 first.
@@ -298,6 +302,10 @@ fn chaos(o: ChaosOpts) -> ExitCode {
         opts.dir = dir;
     }
     opts.history = o.history;
+    if let Some(list) = &o.faults {
+        opts.fault_kinds = raftkv::chaos::FaultKind::parse_list(list)
+            .unwrap_or_else(|e| usage_error(ErrorKind::InvalidValue, e));
+    }
     opts.node_fault = node_fault;
     raftkv::chaos::run_from_cli(opts)
 }

@@ -28,6 +28,11 @@ use crate::signal::Signal;
 
 const LOG: &str = "chaos::cluster";
 
+/// Bytes a "full" disk still takes in the file being appended (see
+/// [`ChaosCluster::fill_disk`]): a few entries' worth, so the node stops within moments of
+/// taking writes.
+const DISK_ROOM_LEFT: u64 = 16 << 10;
+
 /// How long a fresh cluster may take to elect its first leader.
 pub const START_PATIENCE: Duration = Duration::from_secs(20);
 
@@ -361,6 +366,32 @@ impl ChaosCluster {
         )
     }
 
+    /// Waits until every node has applied as many requests as the one that applied most
+    /// (with the clients stopped, that count stands still), for at most `patience`. Returns
+    /// the nodes that did not get there, with what each had applied.
+    pub fn wait_caught_up(&self, patience: Duration) -> Vec<String> {
+        let deadline = Instant::now() + patience;
+        loop {
+            let applied: Vec<Option<u64>> = (0..self.len())
+                .map(|i| self.view(i).map(|v| v.applied))
+                .collect();
+            let most = applied.iter().flatten().copied().max().unwrap_or(0);
+            let behind: Vec<String> = applied
+                .iter()
+                .enumerate()
+                .filter(|(_, a)| a.is_none_or(|a| a < most))
+                .map(|(i, a)| match a {
+                    Some(a) => format!("node {} applied {a} of {most} requests", i + 1),
+                    None => format!("node {} has no status (of {most} requests)", i + 1),
+                })
+                .collect();
+            if behind.is_empty() || Instant::now() >= deadline {
+                return behind;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Waits until some node leads; a node that exits meanwhile is an error.
     pub fn wait_for_leader(&mut self, patience: Duration) -> Result<usize, ClusterError> {
         let deadline = Instant::now() + patience;
@@ -431,6 +462,50 @@ impl ChaosCluster {
             node: i + 1,
             reason: e.to_string(),
         })
+    }
+
+    /// Node `i`'s disk fills: from now on no file of it may grow more than a few KiB past
+    /// the newest log segment's size now (a soft `RLIMIT_FSIZE` set on the running process),
+    /// so its next appends fail as on a full disk and it stops naming the cause. Returns
+    /// the limit.
+    pub fn fill_disk(&mut self, i: usize) -> Result<u64, ClusterError> {
+        let segment = fs::read_dir(self.data(i).join("raft"))
+            .map(|dir| {
+                dir.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("log-"))
+                    .max_by_key(|e| e.file_name())
+                    .and_then(|e| e.metadata().ok())
+                    .map_or(0, |m| m.len())
+            })
+            .unwrap_or(0);
+        let limit = segment + DISK_ROOM_LEFT;
+        if let Some(child) = self.nodes[i].child.as_mut() {
+            child
+                .limit_file_size(Some(limit))
+                .map_err(|e| ClusterError::Signal {
+                    node: i + 1,
+                    reason: format!("cannot limit its file size: {e}"),
+                })?;
+            log::info!(target: LOG, "node {}: disk full (no file past {limit} bytes)", i + 1);
+        }
+        Ok(limit)
+    }
+
+    /// Space is freed on node `i`'s disk: a node still running loses its limit; one that
+    /// stopped is started again.
+    pub fn free_disk(&mut self, i: usize) -> Result<(), ClusterError> {
+        if let Some(child) = self.nodes[i].child.as_mut()
+            && child.limit_file_size(None).is_ok()
+        {
+            log::info!(target: LOG, "node {}: disk space freed", i + 1);
+            return Ok(());
+        }
+        self.restart(i)
+    }
+
+    /// Why node `i` stopped, as its last status file says (`None` if it does not say).
+    pub fn stop_cause(&self, i: usize) -> Option<String> {
+        NodeStatusFile::read(&NodeStatusFile::path(&self.data(i)))?.stopped
     }
 
     /// `SIGSTOP`: node `i` freezes with its sockets open.

@@ -39,6 +39,9 @@ pub use nemesis::FaultKind;
 
 const LOG: &str = "chaos";
 
+/// What a node stopped by a full disk (a file-size limit) says its cause is.
+const DISK_FULL_CAUSE: &str = "File too large";
+
 /// How long the healed cluster has to answer the final reads.
 const RECOVERY_PATIENCE: Duration = Duration::from_secs(20);
 /// How often the driver looks at the cluster and the clock.
@@ -72,6 +75,8 @@ pub struct ChaosOptions {
     pub dir: PathBuf,
     /// Inject faults (off: the same clients on a healthy cluster).
     pub faults: bool,
+    /// The kinds of fault to choose from (empty: every kind, [`FaultKind::ALL`]).
+    pub fault_kinds: Vec<FaultKind>,
     /// A deliberate bug the nodes run with, to prove the checker can fail.
     pub node_fault: Option<crate::node::NodeFault>,
     /// The checker gives up (verdict unknown) after this long.
@@ -93,6 +98,7 @@ impl ChaosOptions {
             seed: 1,
             dir: std::env::temp_dir().join("raftkv-chaos"),
             faults: true,
+            fault_kinds: Vec::new(),
             node_fault: None,
             check_timeout: Duration::from_secs(120),
             status: StatusLine::Off,
@@ -138,8 +144,14 @@ pub struct ChaosReport {
     pub faults: BTreeMap<FaultKind, usize>,
     /// Nodes that exited although nobody killed them (each restarted).
     pub crashes: Vec<String>,
+    /// Nodes that stopped as a fault should make them (a full disk), with the cause they
+    /// gave; not crashes.
+    pub expected_stops: Vec<String>,
     /// Every key could be read once everything was healed.
     pub recovered: bool,
+    /// Nodes that had not applied what the others had within [`RECOVERY_PATIENCE`] of the
+    /// final reads (a node restarted after a fault that did not catch up).
+    pub lagging: Vec<String>,
     pub verdict: Verdict,
     pub check_time: Duration,
     /// The run's directory (node data and logs); kept unless the run passed.
@@ -150,7 +162,10 @@ pub struct ChaosReport {
 impl ChaosReport {
     /// Linearizable, no node crashed, the cluster recovered.
     pub fn passed(&self) -> bool {
-        self.verdict == Verdict::Linearizable && self.crashes.is_empty() && self.recovered
+        self.verdict == Verdict::Linearizable
+            && self.crashes.is_empty()
+            && self.recovered
+            && self.lagging.is_empty()
     }
 }
 
@@ -196,6 +211,12 @@ impl fmt::Display for ChaosReport {
         )?;
         for crash in &self.crashes {
             writeln!(f, "crash:    {crash}")?;
+        }
+        for stop in &self.expected_stops {
+            writeln!(f, "stopped:  {stop}")?;
+        }
+        for node in &self.lagging {
+            writeln!(f, "behind:   {node} after {RECOVERY_PATIENCE:?}")?;
         }
         if !self.recovered {
             writeln!(
@@ -280,6 +301,7 @@ impl Drop for StopClients<'_> {
 struct Phase {
     faults: BTreeMap<FaultKind, usize>,
     crashes: Vec<String>,
+    expected_stops: Vec<String>,
 }
 
 /// Runs the clients for `opts.duration` while injecting faults, then recovers the cluster,
@@ -373,6 +395,8 @@ pub fn run(opts: &ChaosOptions) -> Result<ChaosReport, ChaosError> {
             None => recovered = false,
         }
     }
+    // Every node, those restarted after a fault included, catches up with the others.
+    let lagging = cluster.wait_caught_up(RECOVERY_PATIENCE);
     let mut crashes = phase.crashes;
     for (node, status) in cluster.exited() {
         crashes.push(format!("node {} exited on its own ({status})", node + 1));
@@ -429,6 +453,8 @@ pub fn run(opts: &ChaosOptions) -> Result<ChaosReport, ChaosError> {
         max: latencies.last().copied().unwrap_or_default(),
         faults: phase.faults,
         crashes,
+        expected_stops: phase.expected_stops,
+        lagging,
         recovered,
         verdict,
         check_time,
@@ -509,6 +535,9 @@ fn drive(
     let end = start + opts.duration;
     let mut faults: BTreeMap<FaultKind, usize> = BTreeMap::new();
     let mut crashes = Vec::new();
+    let mut expected_stops = Vec::new();
+    // Nodes a "disk full" fault limited and that have not stopped since.
+    let mut disk_filled: std::collections::BTreeSet<usize> = std::collections::BTreeSet::new();
     let mut active: Option<(nemesis::ActiveFault, Instant)> = None;
     let mut next_fault = start + nemesis::calm(rng);
     let mut status = Status::new(opts.status, opts.duration);
@@ -519,11 +548,31 @@ fn drive(
             return Err(ChaosError::Interrupted(signal));
         }
         for (node, exit) in cluster.exited() {
-            let what = format!("node {} exited on its own ({exit})", node + 1);
+            let held = matches!(&active, Some((f, _)) if f.nodes.contains(&node));
+            let cause = cluster.stop_cause(node);
+            // A node whose disk a fault filled, stopped naming that cause, is what the fault
+            // is for: also when it stops just after the fault ended (it hit the limit, and
+            // its status loop had not yet seen the storage fail when the limit was lifted).
+            if disk_filled.contains(&node)
+                && let Some(cause) = cause.as_deref().filter(|c| c.contains(DISK_FULL_CAUSE))
+            {
+                disk_filled.remove(&node);
+                let what = format!("node {} (disk full): {cause}", node + 1);
+                log::info!(target: LOG, "{what}");
+                expected_stops.push(what);
+                if !held {
+                    cluster.restart(node)?;
+                }
+                continue;
+            }
+            let what = match cause {
+                Some(cause) => format!("node {} exited on its own ({exit}): {cause}", node + 1),
+                None => format!("node {} exited on its own ({exit})", node + 1),
+            };
             log::error!(target: LOG, "{what}; its log: {}", cluster.log_path(node).display());
             crashes.push(what);
             // Keep the run going with the node back (unless a fault holds it down).
-            if !matches!(&active, Some((f, _)) if f.nodes.contains(&node)) {
+            if !held {
                 cluster.restart(node)?;
             }
         }
@@ -538,7 +587,10 @@ fn drive(
                 next_fault = now + nemesis::calm(rng);
             }
             None if opts.faults && now >= next_fault => {
-                let fault = nemesis::inject(cluster, cluster.leader(), rng)?;
+                let fault = nemesis::inject(cluster, cluster.leader(), &opts.fault_kinds, rng)?;
+                if fault.kind.stops_its_node() {
+                    disk_filled.extend(fault.nodes.iter().copied());
+                }
                 log::info!(target: LOG, "fault: {fault} for {:?}", fault.hold);
                 *faults.entry(fault.kind).or_default() += 1;
                 let until = (now + fault.hold).min(end);
@@ -554,7 +606,11 @@ fn drive(
         nemesis::recover(cluster, &fault)?;
     }
     status.finish();
-    Ok(Phase { faults, crashes })
+    Ok(Phase {
+        faults,
+        crashes,
+        expected_stops,
+    })
 }
 
 /// The live status line: elapsed, ops, ops/s, the fault in force.

@@ -25,16 +25,21 @@ pub enum FaultKind {
     IsolateLeader,
     /// Split the nodes into a random minority and the majority.
     SplitMinority,
+    /// A follower's disk fills (a file-size limit on the running process): it stops with
+    /// the cause named, which is expected, not a crash. When the fault ends its space is
+    /// freed and it is started again; it catches up.
+    DiskFullFollower,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 6] = [
+    pub const ALL: [FaultKind; 7] = [
         FaultKind::KillLeader,
         FaultKind::KillFollower,
         FaultKind::PauseLeader,
         FaultKind::PauseFollower,
         FaultKind::IsolateLeader,
         FaultKind::SplitMinority,
+        FaultKind::DiskFullFollower,
     ];
 
     pub fn name(self) -> &'static str {
@@ -45,7 +50,50 @@ impl FaultKind {
             FaultKind::PauseFollower => "pause follower",
             FaultKind::IsolateLeader => "isolate leader",
             FaultKind::SplitMinority => "split minority/majority",
+            FaultKind::DiskFullFollower => "disk full follower",
         }
+    }
+
+    /// The name `raftkv chaos --faults` takes.
+    pub fn option_name(self) -> &'static str {
+        match self {
+            FaultKind::KillLeader => "kill-leader",
+            FaultKind::KillFollower => "kill-follower",
+            FaultKind::PauseLeader => "pause-leader",
+            FaultKind::PauseFollower => "pause-follower",
+            FaultKind::IsolateLeader => "isolate-leader",
+            FaultKind::SplitMinority => "split-minority",
+            FaultKind::DiskFullFollower => "disk-full-follower",
+        }
+    }
+
+    /// The kinds a comma-separated list of [`option_name`](Self::option_name)s names.
+    pub fn parse_list(list: &str) -> Result<Vec<FaultKind>, String> {
+        let mut kinds = Vec::new();
+        for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            let kind = FaultKind::ALL
+                .into_iter()
+                .find(|k| k.option_name() == name)
+                .ok_or_else(|| {
+                    let known: Vec<&str> = FaultKind::ALL.iter().map(|k| k.option_name()).collect();
+                    format!(
+                        "unknown fault {name:?}; the faults are {}",
+                        known.join(", ")
+                    )
+                })?;
+            if !kinds.contains(&kind) {
+                kinds.push(kind);
+            }
+        }
+        if kinds.is_empty() {
+            return Err("no fault named".to_string());
+        }
+        Ok(kinds)
+    }
+
+    /// Whether the node it hits stops by itself while it lasts (not a crash).
+    pub fn stops_its_node(self) -> bool {
+        self == FaultKind::DiskFullFollower
     }
 }
 
@@ -83,15 +131,21 @@ pub fn calm(rng: &mut SmallRng) -> Duration {
     Duration::from_millis(rng.gen_range(1000..=2500))
 }
 
-/// Picks a fault for the cluster as it is (`leader`: the node that leads now, if known) and
-/// injects it.
+/// Picks a fault of one of `kinds` (every kind if empty) for the cluster as it is
+/// (`leader`: the node that leads now, if known) and injects it.
 pub fn inject(
     cluster: &mut ChaosCluster,
     leader: Option<usize>,
+    kinds: &[FaultKind],
     rng: &mut SmallRng,
 ) -> Result<ActiveFault, ClusterError> {
     let n = cluster.len();
-    let kind = FaultKind::ALL[rng.gen_range(0..FaultKind::ALL.len())];
+    let kinds = if kinds.is_empty() {
+        &FaultKind::ALL[..]
+    } else {
+        kinds
+    };
+    let kind = kinds[rng.gen_range(0..kinds.len())];
     // Without a known leader, a "leader" fault hits a random node.
     let leader = leader.unwrap_or_else(|| rng.gen_range(0..n));
     let follower = {
@@ -129,6 +183,15 @@ pub fn inject(
             ActiveFault {
                 kind,
                 nodes: vec![node],
+                mode: None,
+                hold,
+            }
+        }
+        FaultKind::DiskFullFollower => {
+            cluster.fill_disk(follower)?;
+            ActiveFault {
+                kind,
+                nodes: vec![follower],
                 mode: None,
                 hold,
             }
@@ -178,6 +241,11 @@ pub fn recover(cluster: &mut ChaosCluster, fault: &ActiveFault) -> Result<(), Cl
             }
         }
         FaultKind::IsolateLeader | FaultKind::SplitMinority => cluster.heal(),
+        FaultKind::DiskFullFollower => {
+            for &node in &fault.nodes {
+                cluster.free_disk(node)?;
+            }
+        }
     }
     Ok(())
 }

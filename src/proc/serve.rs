@@ -61,6 +61,11 @@ pub fn run(args: ServeArgs) -> ExitCode {
         ExitCode::from(1)
     };
     crate::node::files::private_umask();
+    // Before any write: a file-size limit then stops the node with the file named, as a
+    // full disk does, rather than killing it with SIGXFSZ.
+    if let Err(e) = crate::signal::ignore_file_size_signal() {
+        return fail(format!("cannot ignore SIGXFSZ: {e}"));
+    }
     if let Err(e) = fs::create_dir_all(&args.data) {
         return fail(format!("cannot create {}: {e}", args.data.display()));
     }
@@ -167,6 +172,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
     if let Err(e) = crate::signal::catch_stop_signals() {
         return fail(format!("cannot catch SIGINT/SIGTERM: {e}"));
     }
+
     let status_path = NodeStatusFile::path(&args.data);
     loop {
         let status = node.status();

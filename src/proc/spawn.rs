@@ -127,6 +127,15 @@ impl NodeProcess {
         })
     }
 
+    /// Limits (or with `None`, stops limiting) the size of any file the running child
+    /// writes: a write past it fails as on a full disk (see
+    /// [`signal::set_child_file_size_limit`]).
+    pub fn limit_file_size(&mut self, bytes: Option<u64>) -> io::Result<()> {
+        signal::set_child_file_size_limit(&mut self.child, bytes).inspect_err(|_| {
+            self.try_exit();
+        })
+    }
+
     /// `kill -9` and reap; the exit status.
     pub fn kill9(&mut self) -> io::Result<ExitStatus> {
         if let Some(status) = self.exit {

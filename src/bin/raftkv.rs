@@ -67,6 +67,48 @@ enum Cmd {
         130 interrupted."
     )]
     Chaos(ChaosOpts),
+    /// List, add or remove the members of a running cluster.
+    #[command(help_template = HELP)]
+    #[command(
+        after_help = "Sent to the client port of the nodes given with --node (the first that \
+        leads runs it; a follower points to the leader). `add` joins the new node as a \
+        non-voting learner, waits until it has caught up with the leader, then makes it a \
+        voter; start the new node first (`raftkv serve` with its new --id, an empty --data, \
+        --cluster and no --bootstrap). `remove` takes a node out (the leader itself steps \
+        down once its removal commits); stop the removed node afterwards. One change at a \
+        time.\nExit status: 0 done, 1 refused or no leader answered, 2 bad command line."
+    )]
+    Member(MemberOpts),
+}
+
+#[derive(Args)]
+struct MemberOpts {
+    /// Client addresses (HOST:PORT) of nodes to ask, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    node: Vec<String>,
+    /// The client password's file, if the nodes require one.
+    #[arg(long, value_name = "FILE")]
+    requirepass_file: Option<PathBuf>,
+    #[command(subcommand)]
+    action: MemberCmd,
+}
+
+#[derive(Subcommand)]
+enum MemberCmd {
+    /// Each member: id, voter or learner, peer and client address, match index.
+    List,
+    /// Add node ID, which its peers reach at PEER_ADDR and clients at CLIENT_ADDR.
+    Add {
+        #[arg(value_parser = clap::value_parser!(u64).range(1..=64))]
+        id: u64,
+        peer_addr: String,
+        client_addr: String,
+    },
+    /// Remove node ID.
+    Remove {
+        #[arg(value_parser = clap::value_parser!(u64).range(1..=64))]
+        id: u64,
+    },
 }
 
 #[derive(Args)]
@@ -266,6 +308,32 @@ fn main() -> ExitCode {
             })
         }
         Cmd::Chaos(o) => chaos(o),
+        Cmd::Member(o) => {
+            let command = match o.action {
+                MemberCmd::List => vec!["LIST".to_string()],
+                MemberCmd::Add {
+                    id,
+                    peer_addr,
+                    client_addr,
+                } => {
+                    for (what, a) in [("PEER_ADDR", &peer_addr), ("CLIENT_ADDR", &client_addr)] {
+                        if !a.contains(':') {
+                            usage_error(
+                                ErrorKind::ValueValidation,
+                                format!("{what} '{a}' is not HOST:PORT"),
+                            );
+                        }
+                    }
+                    vec!["ADD".to_string(), id.to_string(), peer_addr, client_addr]
+                }
+                MemberCmd::Remove { id } => vec!["REMOVE".to_string(), id.to_string()],
+            };
+            raftkv::proc::member::run(raftkv::proc::member::MemberArgs {
+                nodes: o.node,
+                requirepass_file: o.requirepass_file,
+                command,
+            })
+        }
     }
 }
 

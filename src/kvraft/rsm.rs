@@ -681,7 +681,14 @@ impl Shared {
                     );
                     last_applied = index;
                     applied_bytes += command.len() + ENTRY_OVERHEAD;
-                    let (id, reply) = match labcodec::decode(&command) {
+                    let op = if crate::raft::membership::is_config_entry(&command) {
+                        // Raft's own configuration entry (membership on): never decoded
+                        // here, it only moves the applied index.
+                        Ok(LogOp::TermStart)
+                    } else {
+                        labcodec::decode(&command)
+                    };
+                    let (id, reply) = match op {
                         Ok(LogOp::Request { id, req }) => (Some(id), self.sm.do_op(&req)),
                         Ok(LogOp::TermStart) => (None, Vec::new()),
                         Err(e) => {

@@ -25,9 +25,10 @@ use parking_lot::{Condvar, Mutex};
 use serde::{Deserialize, Serialize};
 
 use super::machine::{KvCmd, KvMachine, KvOut, Outcome, Request};
+use super::members::{AdminReply, Members};
 use crate::kvraft::rsm::{ReadError, Rsm, SubmitError};
 use crate::labcodec;
-use crate::net::{ClientEnd, Service};
+use crate::net::Service;
 use crate::resp::Reply;
 use crate::resp::command::Command;
 use crate::resp::server::CommandHandler;
@@ -215,8 +216,8 @@ struct Shared {
     me: usize,
     rsm: Arc<Rsm>,
     machine: Arc<KvMachine>,
-    /// `peers[j]` reaches node `j`'s peer port; `None` at `me`.
-    peers: Vec<Option<ClientEnd>>,
+    /// The members of the current configuration and the connections to them.
+    members: Arc<Members>,
     /// The node that last answered as leader.
     leader_hint: AtomicUsize,
     /// Idle client slots `(id, next seq)`.
@@ -240,8 +241,6 @@ struct Shared {
 pub struct Front {
     shared: Arc<Shared>,
     proposers: Mutex<Vec<JoinHandle<()>>>,
-    /// Every node's peer address, node `i + 1` at `members[i]` (for `INFO raft`).
-    members: Vec<String>,
 }
 
 impl Front {
@@ -249,13 +248,13 @@ impl Front {
         me: usize,
         rsm: Arc<Rsm>,
         machine: Arc<KvMachine>,
-        peers: Vec<Option<ClientEnd>>,
+        members: Arc<Members>,
     ) -> std::io::Result<Front> {
         let shared = Arc::new(Shared {
             me,
             rsm,
             machine,
-            peers,
+            members,
             leader_hint: AtomicUsize::new(me),
             slots: Mutex::new(Vec::new()),
             commands: AtomicU64::new(0),
@@ -268,7 +267,6 @@ impl Front {
         let front = Front {
             shared: shared.clone(),
             proposers: Mutex::new(Vec::new()),
-            members: Vec::new(),
         };
         for i in 0..PROPOSERS {
             let s = shared.clone();
@@ -285,13 +283,6 @@ impl Front {
     /// [`super::NodeFault::LocalReads`]).
     pub fn with_local_reads(self) -> Front {
         self.shared.local_reads.store(true, Ordering::SeqCst);
-        self
-    }
-
-    /// Names the cluster's members (peer addresses, node `i + 1` at `members[i]`) for
-    /// `INFO raft`.
-    pub fn with_members(mut self, members: Vec<String>) -> Front {
-        self.members = members;
         self
     }
 
@@ -429,17 +420,25 @@ impl Shared {
         batch: &[Request],
         writes: bool,
     ) -> Result<Vec<Outcome>, Unavailable> {
-        let n = self.peers.len();
         let deadline = Instant::now() + COMMAND_DEADLINE;
-        let mut target = self.leader_hint.load(Ordering::Relaxed) % n;
+        // The members as the configuration names them now (re-read on each pass: a change
+        // may add or remove one meanwhile); this node too, even when it is none of them.
+        let targets = || {
+            let mut t = self.members.peers();
+            if !t.contains(&self.me) {
+                t.push(self.me);
+            }
+            t
+        };
+        let mut list = targets();
+        let hint = self.leader_hint.load(Ordering::Relaxed);
+        let mut at = list.iter().position(|&p| p == hint).unwrap_or(0);
         let mut refused_in_a_row = 0;
         loop {
+            let target = list[at % list.len()];
             let reply = if target == self.me {
                 exec_local(&self.rsm, &self.machine, batch)
-            } else {
-                let end = self.peers[target]
-                    .as_ref()
-                    .expect("an end for every other node");
+            } else if let Some(end) = self.members.end(target) {
                 let timeout = deadline
                     .saturating_duration_since(Instant::now())
                     .min(FORWARD_TIMEOUT);
@@ -450,6 +449,8 @@ impl Shared {
                         ExecReply::NotLeader
                     }
                 }
+            } else {
+                ExecReply::NotLeader
             };
             match reply {
                 ExecReply::Done(outcomes) if outcomes.len() == batch.len() => {
@@ -471,11 +472,12 @@ impl Shared {
                 log::info!(target: LOG, "node {}: no leader within {:?}", self.me + 1, COMMAND_DEADLINE);
                 return Err(Unavailable::NoLeader { writes });
             }
-            target = (target + 1) % n;
+            at += 1;
             refused_in_a_row += 1;
-            if refused_in_a_row >= n {
+            if refused_in_a_row >= list.len() {
                 refused_in_a_row = 0;
                 std::thread::sleep(NO_LEADER_PAUSE);
+                list = targets();
             }
         }
     }
@@ -530,7 +532,7 @@ fn to_kv(cmd: &Command) -> Option<KvCmd> {
             version,
         },
         Command::DbSize => KvCmd::DbSize,
-        Command::Ping(_) | Command::Quit => return None,
+        Command::Ping(_) | Command::Quit | Command::Member(_) => return None,
     })
 }
 
@@ -545,6 +547,23 @@ fn to_reply(out: KvOut) -> Reply {
         KvOut::ErrVersion => Reply::err_version(),
         KvOut::ErrNoKey => Reply::Error("ERRNOKEY no such key".into()),
         KvOut::Err(e) => Reply::Error(e),
+    }
+}
+
+impl Front {
+    /// `RAFTKV.MEMBER ...`: the operator's membership commands (see [`super::members`]).
+    fn member(&self, args: &[Vec<u8>]) -> Reply {
+        match super::members::admin(&self.shared.rsm.raft(), &self.shared.members, args) {
+            AdminReply::Ok(text) => Reply::Bulk(text.into_bytes()),
+            AdminReply::NotLeader(Some(addr)) => Reply::Error(format!(
+                "NOTLEADER {addr} leads; send membership commands there"
+            )),
+            AdminReply::NotLeader(None) => Reply::Error(
+                "NOTLEADER this node does not lead; send membership commands to the leader"
+                    .to_string(),
+            ),
+            AdminReply::Err(e) => Reply::Error(format!("ERR {e}")),
+        }
     }
 }
 
@@ -569,10 +588,19 @@ impl CommandHandler for Front {
             self.shared.leader_hint.load(Ordering::Relaxed)
         };
         let members: Vec<String> = self
+            .shared
+            .members
+            .current()
             .members
             .iter()
-            .enumerate()
-            .map(|(i, addr)| format!("{}={addr}", i + 1))
+            .map(|m| {
+                format!(
+                    "{}={}{}",
+                    m.peer + 1,
+                    m.addr,
+                    if m.voter { "" } else { "(learner)" }
+                )
+            })
             .collect();
         let text = format!(
             "# Raft\r\nnode_id:{}\r\nrole:{}\r\nterm:{term}\r\ncommit_index:{commit_index}\r\n\
@@ -603,6 +631,7 @@ impl CommandHandler for Front {
                 Command::Ping(None) => Reply::Simple("PONG".into()),
                 Command::Ping(Some(msg)) => Reply::Bulk(msg),
                 Command::Quit => Reply::ok(),
+                Command::Member(args) => self.member(&args),
                 _ => match &mut outs {
                     Ok(it) => it
                         .next()

@@ -16,6 +16,7 @@ use super::RaftError;
 use super::RaftOptions;
 use super::check::{MAX_INDEX, MAX_TERM, Refusal, Validator};
 use super::log::Log;
+use super::membership::{Configs, Configuration, MembershipHost};
 use super::storage::{SnapshotData, Storage};
 use super::transport::RaftTransport;
 
@@ -92,6 +93,11 @@ pub(super) struct Progress {
     pub chunks_out: usize,
     /// When this peer last answered a call of this leader's term.
     pub last_answer: Option<Instant>,
+    /// The configuration sent with the snapshot in `snap_send` (membership on).
+    pub snap_config: Option<Configuration>,
+    /// Answers to calls numbered at or below this are ignored: the peer was (re)added since
+    /// they were sent, and a reply from its former incarnation says nothing of the new one.
+    pub reset_seq: u64,
 }
 
 impl Progress {
@@ -148,6 +154,8 @@ pub(super) struct State {
     /// When this peer last heard from a leader of its term; it refuses pre-votes for a while
     /// after, so a peer that merely missed some heartbeats cannot disrupt a working leader.
     pub leader_contact: Option<Instant>,
+    /// The leader of the current term, once heard from (or this peer, leading).
+    pub leader_id: Option<usize>,
     pub peers: Vec<Progress>,
     /// Messages to send once the lock is released and the storage synced (see
     /// [`StateGuard`]).
@@ -157,6 +165,9 @@ pub(super) struct State {
     pub read_round: u64,
     /// Reads waiting for a majority to confirm their round (see `read.rs`).
     pub reads: Vec<super::read::PendingRead>,
+    /// The configurations (membership on, see `membership.rs`); `None`: the labs' fixed peer
+    /// set, every peer a voter.
+    pub configs: Option<Configs>,
 }
 
 pub(crate) struct Core {
@@ -260,6 +271,7 @@ impl Core {
             heartbeat_due: now,
             votes: BTreeSet::new(),
             leader_contact: None,
+            leader_id: None,
             peers: vec![
                 Progress {
                     next_index: log.last_index() + 1,
@@ -276,15 +288,27 @@ impl Core {
                     snap_offset: 0,
                     chunks_out: 0,
                     last_answer: None,
+                    snap_config: None,
+                    reset_seq: 0,
                 };
                 n
             ],
+            configs: None,
             log,
             outbox: Vec::new(),
             read_round: 0,
             reads: Vec::new(),
         };
+        let mut state = state;
+        if let Some(host) = peers.membership() {
+            state.configs = Some(restore_configs(me, host, &state.log)?);
+        }
         log::info!(target: "raft::persist", "raft-{me} t{term}: restored, log ({base}..={}], voted {voted_for:?}", state.log.last_index());
+        if let (Some(host), Some(cs)) = (peers.membership(), state.configs.as_mut()) {
+            log::info!(target: "raft::membership", "raft-{me}: configuration {} (entry {})", cs.current(), cs.current_index());
+            host.changed(cs.current());
+            cs.announced = Some(cs.current().clone());
+        }
         Ok((
             Core {
                 me,
@@ -323,8 +347,40 @@ impl Core {
         self.dead.load(Ordering::SeqCst)
     }
 
-    pub(super) fn majority(&self) -> usize {
-        self.peers.len() / 2 + 1
+    /// The peers whose votes and acknowledgements count: every peer in the labs' Raft, the
+    /// voters of the current configuration with membership on.
+    pub(super) fn voters(&self, st: &State) -> Vec<usize> {
+        match &st.configs {
+            None => (0..self.peers.len()).collect(),
+            Some(cs) => cs.current().voters().collect(),
+        }
+    }
+
+    /// The peers a leader replicates to (itself excluded).
+    pub(super) fn others(&self, st: &State) -> Vec<usize> {
+        match &st.configs {
+            None => (0..self.peers.len()).filter(|&p| p != self.me).collect(),
+            Some(cs) => cs.current().peers().filter(|&p| p != self.me).collect(),
+        }
+    }
+
+    /// How many of `voters` make a majority.
+    pub(super) fn quorum(voters: &[usize]) -> usize {
+        voters.len() / 2 + 1
+    }
+
+    /// Whether this peer's own configuration counts it as a voter (always in the labs' Raft).
+    pub(super) fn in_voters(&self, st: &State) -> bool {
+        st.configs
+            .as_ref()
+            .is_none_or(|cs| cs.current().is_voter(self.me))
+    }
+
+    /// Whether `peer` is in this peer's configuration (always in the labs' Raft).
+    pub(super) fn knows(&self, st: &State, peer: usize) -> bool {
+        st.configs
+            .as_ref()
+            .is_none_or(|cs| cs.current().member(peer).is_some())
     }
 
     pub(crate) fn get_state(&self) -> (u64, bool) {
@@ -388,6 +444,7 @@ impl Core {
             log::debug!(target: "raft::election", "raft-{} t{}: sees term {term}, follower", self.me, st.term);
             st.term = term;
             st.voted_for = None;
+            st.leader_id = None;
         }
         if st.role != Role::Follower {
             st.role = Role::Follower;
@@ -404,20 +461,24 @@ impl Core {
     /// Whether a majority (this leader included) answered some call within the last
     /// [`CHECK_QUORUM_WINDOW`].
     fn quorum_heard(&self, st: &State, now: Instant) -> bool {
-        let heard = (0..self.peers.len())
-            .filter(|&p| {
+        let voters = self.voters(st);
+        let heard = voters
+            .iter()
+            .filter(|&&p| {
                 p == self.me
                     || now.saturating_duration_since(st.peers[p].last_heard) < CHECK_QUORUM_WINDOW
             })
             .count();
-        heard >= self.majority()
+        heard >= Self::quorum(&voters)
     }
 
     /// CheckQuorum (Raft dissertation §6.2): this leader lost touch with a majority; it steps
     /// down in its term, so its clients and waiting writes go elsewhere instead of waiting on
     /// entries it cannot commit.
     fn step_down_no_quorum(&self, st: &mut State) {
-        let silent: Vec<usize> = (0..self.peers.len())
+        let silent: Vec<usize> = self
+            .voters(st)
+            .into_iter()
             .filter(|&p| p != self.me)
             .filter(|&p| st.peers[p].last_heard.elapsed() >= CHECK_QUORUM_WINDOW)
             .collect();
@@ -447,10 +508,11 @@ impl Core {
                         self.broadcast_append(&mut st);
                     }
                 } else if now >= st.election_deadline {
-                    if self.voter.load(Ordering::SeqCst) {
+                    if self.voter.load(Ordering::SeqCst) && self.in_voters(&st) {
                         self.start_pre_vote(&mut st);
                     } else {
-                        // Not a voter yet: it waits for a leader instead of standing.
+                        // Not a voter (yet, or any more): it waits for a leader instead of
+                        // standing.
                         self.reset_election_timer(&mut st);
                     }
                 }
@@ -528,4 +590,28 @@ impl Drop for StateGuard<'_> {
             send();
         }
     }
+}
+
+/// The configurations a membership-enabled peer restarts with: the host's saved one, then
+/// every configuration entry of the log after it.
+fn restore_configs(me: usize, host: &dyn MembershipHost, log: &Log) -> Result<Configs, RaftError> {
+    let corrupt = |reason: String| RaftError::CorruptState { peer: me, reason };
+    let base = host
+        .load()
+        .map_err(|e| corrupt(format!("saved configuration: {e}")))?;
+    let saved = base.0;
+    let mut cs = Configs {
+        base,
+        saved,
+        ..Configs::default()
+    };
+    let from = (cs.base.0 + 1).max(log.base_index() + 1);
+    for (e, index) in log.entries_from(from).iter().zip(from..) {
+        if super::membership::is_config_entry(&e.command) {
+            let c = Configuration::decode_entry(&e.command)
+                .map_err(|why| corrupt(format!("configuration entry at {index}: {why}")))?;
+            cs.log.push((index, c));
+        }
+    }
+    Ok(cs)
 }

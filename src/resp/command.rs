@@ -48,6 +48,9 @@ pub enum Command {
     /// `DBSIZE`: how many keys the store holds.
     DbSize,
     Quit,
+    /// `RAFTKV.MEMBER LIST|ADD|REMOVE ...`: the operator's membership commands (the
+    /// arguments after the name), answered by the node (`node::members`).
+    Member(Vec<Vec<u8>>),
 }
 
 /// Why a well-formed RESP command is refused. The connection stays open.
@@ -135,6 +138,7 @@ const TABLE: &[(&str, &str, Arity)] = &[
     ("VSET", "vset", Arity::Exactly(4)),
     ("DBSIZE", "dbsize", Arity::Exactly(1)),
     ("QUIT", "quit", Arity::Exactly(1)),
+    ("RAFTKV.MEMBER", "raftkv.member", Arity::AtLeast(2)),
 ];
 
 impl Command {
@@ -194,6 +198,7 @@ impl Command {
             }
             "DBSIZE" => Command::DbSize,
             "QUIT" => Command::Quit,
+            "RAFTKV.MEMBER" => Command::Member(rest),
             other => unreachable!("command {other} is in the table but not mapped"),
         };
         Ok(command)
@@ -213,6 +218,7 @@ impl Command {
             Command::VSet { .. } => "vset",
             Command::DbSize => "dbsize",
             Command::Quit => "quit",
+            Command::Member(_) => "raftkv.member",
         }
     }
 
@@ -240,6 +246,7 @@ impl Command {
                 version,
             } => args.extend([key.clone(), value.clone(), version.to_string().into_bytes()]),
             Command::DbSize | Command::Quit => {}
+            Command::Member(rest) => args.extend(rest.iter().cloned()),
         }
         args
     }

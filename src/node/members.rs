@@ -58,6 +58,9 @@ pub struct Members {
     retired: Mutex<Vec<ClientEnd>>,
     auth: PeerAuth,
     options: ClientOptions,
+    /// The operator's change under way on this node (an add waits for its learner to catch
+    /// up): another is refused meanwhile.
+    busy: Mutex<Option<String>>,
 }
 
 impl Members {
@@ -81,6 +84,7 @@ impl Members {
             retired: Mutex::new(Vec::new()),
             auth,
             options,
+            busy: Mutex::new(None),
         }
     }
 
@@ -285,8 +289,43 @@ pub fn admin(raft: &Raft, members: &Members, args: &[Vec<u8>]) -> AdminReply {
             .map(|id| id - 1)
             .ok_or_else(|| AdminReply::Err(format!("'{w}' is not a node id from 1 to {MAX_PEERS}")))
     };
-    match (sub.to_ascii_uppercase().as_str(), words.len()) {
-        ("LIST", 1) => list(raft),
+    let sub = sub.to_ascii_uppercase();
+    if sub == "LIST" && words.len() == 1 {
+        return list(raft);
+    }
+    // One change at a time: Raft refuses a second uncommitted configuration entry, and this
+    // node refuses a second command while one runs (an add catching up its learner).
+    let what = format!(
+        "member {} {}",
+        sub.to_ascii_lowercase(),
+        words[1..].join(" ")
+    );
+    {
+        let mut busy = members.busy.lock();
+        if let Some(running) = busy.as_ref() {
+            return AdminReply::Err(format!(
+                "'{what}' refused: '{running}' is still under way on this leader; one change at a time"
+            ));
+        }
+        *busy = Some(what);
+    }
+    let reply = run_change(raft, &sub, &words, id);
+    *members.busy.lock() = None;
+    reply
+}
+
+fn run_change(
+    raft: &Raft,
+    sub: &str,
+    words: &[String],
+    id: impl Fn(&str) -> Result<usize, AdminReply>,
+) -> AdminReply {
+    let usage = || {
+        AdminReply::Err(
+            "usage: RAFTKV.MEMBER LIST | ADD ID PEER_ADDR CLIENT_ADDR | REMOVE ID".to_string(),
+        )
+    };
+    match (sub, words.len()) {
         ("ADD", 4) => match id(&words[1]) {
             Ok(peer) => {
                 if words[2].is_empty() || resolve(&words[2]).is_none() {

@@ -239,7 +239,7 @@ impl Node {
         };
         // A founding node (or one that has fully joined) starts from --peers until its log or
         // membership file says otherwise; a node on an empty directory waits to be added.
-        let initial = if config.identity.record().is_some() {
+        let initial = if config.identity.record().is_some_and(|r| r.voter) {
             Members::founding(config.peers.len(), me, &config.client_addr)
         } else {
             crate::raft::Configuration::default()

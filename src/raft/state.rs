@@ -356,11 +356,24 @@ impl Core {
         }
     }
 
-    /// The peers a leader replicates to (itself excluded).
+    /// The peers a leader replicates to (itself excluded): the members of the current
+    /// configuration and, while it is not committed, those of the one before, so a member
+    /// being removed learns of its removal (its answers count for nothing).
     pub(super) fn others(&self, st: &State) -> Vec<usize> {
         match &st.configs {
             None => (0..self.peers.len()).filter(|&p| p != self.me).collect(),
-            Some(cs) => cs.current().peers().filter(|&p| p != self.me).collect(),
+            Some(cs) => {
+                let mut to: Vec<usize> = cs.current().peers().filter(|&p| p != self.me).collect();
+                if cs.current_index() > st.commit_index {
+                    let (_, before) = cs.at(cs.current_index() - 1);
+                    for p in before.peers() {
+                        if p != self.me && !to.contains(&p) {
+                            to.push(p);
+                        }
+                    }
+                }
+                to
+            }
         }
     }
 

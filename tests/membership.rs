@@ -578,3 +578,30 @@ fn member_usage_errors_and_unknown_ids() {
     let list = cluster.members(&[leader]);
     assert_eq!(voters(&list), vec![1, 2, 3], "{list:?}");
 }
+
+/// `raftkv chaos` with only the "replace follower" fault: followers are removed, wiped and
+/// added back while clients run; the history stays linearizable and every node comes back.
+#[test]
+fn chaos_replace_follower_stays_linearizable() {
+    let dir = TempDir::new("chaos");
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1);
+    eprintln!("chaos seed {seed}");
+    let mut opts = raftkv::chaos::ChaosOptions::new(PathBuf::from(EXE));
+    opts.dir = dir.0.clone();
+    opts.seed = seed;
+    opts.duration = Duration::from_secs(20);
+    opts.clients = 6;
+    opts.fault_kinds = vec![raftkv::chaos::FaultKind::ReplaceFollower];
+    let report = raftkv::chaos::run(&opts).unwrap_or_else(|e| panic!("chaos seed {seed}: {e}"));
+    assert!(report.passed(), "{report}");
+    let replaced = report
+        .faults
+        .get(&raftkv::chaos::FaultKind::ReplaceFollower)
+        .copied()
+        .unwrap_or(0);
+    assert!(replaced >= 1, "no follower replaced:\n{report}");
+    assert!(report.ops > 100, "too few operations:\n{report}");
+}

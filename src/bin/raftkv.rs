@@ -97,7 +97,8 @@ struct MemberOpts {
 enum MemberCmd {
     /// Each member: id, voter or learner, peer and client address, match index.
     List,
-    /// Add node ID, which its peers reach at PEER_ADDR and clients at CLIENT_ADDR.
+    /// Add node ID, which its peers reach at PEER_ADDR (`-`: at each node's own --peers
+    /// entry for ID) and clients at CLIENT_ADDR.
     Add {
         #[arg(value_parser = clap::value_parser!(u64).range(1..=64))]
         id: u64,
@@ -317,7 +318,7 @@ fn main() -> ExitCode {
                     client_addr,
                 } => {
                     for (what, a) in [("PEER_ADDR", &peer_addr), ("CLIENT_ADDR", &client_addr)] {
-                        if !a.contains(':') {
+                        if !a.contains(':') && !(what == "PEER_ADDR" && a == "-") {
                             usage_error(
                                 ErrorKind::ValueValidation,
                                 format!("{what} '{a}' is not HOST:PORT"),

@@ -79,6 +79,8 @@ pub struct ChaosOptions {
     pub status: StatusLine,
     /// Where to write the recorded history as JSON lines (`docs/chaos-history.md`), if anywhere.
     pub history: Option<PathBuf>,
+    /// The faults to choose from (empty: every kind).
+    pub fault_kinds: Vec<FaultKind>,
 }
 
 impl ChaosOptions {
@@ -97,6 +99,7 @@ impl ChaosOptions {
             check_timeout: Duration::from_secs(120),
             status: StatusLine::Off,
             history: None,
+            fault_kinds: Vec::new(),
         }
     }
 }
@@ -538,7 +541,7 @@ fn drive(
                 next_fault = now + nemesis::calm(rng);
             }
             None if opts.faults && now >= next_fault => {
-                let fault = nemesis::inject(cluster, cluster.leader(), rng)?;
+                let fault = nemesis::inject(cluster, cluster.leader(), &opts.fault_kinds, rng)?;
                 log::info!(target: LOG, "fault: {fault} for {:?}", fault.hold);
                 *faults.entry(fault.kind).or_default() += 1;
                 let until = (now + fault.hold).min(end);

@@ -25,16 +25,21 @@ pub enum FaultKind {
     IsolateLeader,
     /// Split the nodes into a random minority and the majority.
     SplitMinority,
+    /// Replace a follower (a lost disk): `member remove` it, wipe its directory, start it
+    /// empty; when the fault ends, `member add` it again under its id and address (it
+    /// catches up as a learner, then votes).
+    ReplaceFollower,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 6] = [
+    pub const ALL: [FaultKind; 7] = [
         FaultKind::KillLeader,
         FaultKind::KillFollower,
         FaultKind::PauseLeader,
         FaultKind::PauseFollower,
         FaultKind::IsolateLeader,
         FaultKind::SplitMinority,
+        FaultKind::ReplaceFollower,
     ];
 
     pub fn name(self) -> &'static str {
@@ -45,6 +50,7 @@ impl FaultKind {
             FaultKind::PauseFollower => "pause follower",
             FaultKind::IsolateLeader => "isolate leader",
             FaultKind::SplitMinority => "split minority/majority",
+            FaultKind::ReplaceFollower => "replace follower",
         }
     }
 }
@@ -85,13 +91,20 @@ pub fn calm(rng: &mut SmallRng) -> Duration {
 
 /// Picks a fault for the cluster as it is (`leader`: the node that leads now, if known) and
 /// injects it.
+/// `kinds`: the faults to choose from (empty: all).
 pub fn inject(
     cluster: &mut ChaosCluster,
     leader: Option<usize>,
+    kinds: &[FaultKind],
     rng: &mut SmallRng,
 ) -> Result<ActiveFault, ClusterError> {
     let n = cluster.len();
-    let kind = FaultKind::ALL[rng.gen_range(0..FaultKind::ALL.len())];
+    let kinds = if kinds.is_empty() {
+        &FaultKind::ALL[..]
+    } else {
+        kinds
+    };
+    let kind = kinds[rng.gen_range(0..kinds.len())];
     // Without a known leader, a "leader" fault hits a random node.
     let leader = leader.unwrap_or_else(|| rng.gen_range(0..n));
     let follower = {
@@ -142,6 +155,26 @@ pub fn inject(
                 hold,
             }
         }
+        FaultKind::ReplaceFollower => {
+            // Out of the configuration first: the cluster never counts on a wiped voter.
+            let nodes = match cluster.member(&["REMOVE", &(follower + 1).to_string()]) {
+                Ok(_) => {
+                    cluster.wipe(follower)?;
+                    cluster.restart(follower)?;
+                    vec![follower]
+                }
+                Err(e) => {
+                    log::warn!(target: "chaos::nemesis", "replace follower: node {} not removed: {e}", follower + 1);
+                    Vec::new()
+                }
+            };
+            ActiveFault {
+                kind,
+                nodes,
+                mode: None,
+                hold,
+            }
+        }
         FaultKind::SplitMinority => {
             let mut nodes: Vec<usize> = (0..n).collect();
             // A partial Fisher-Yates: the first (n-1)/2 are the minority.
@@ -178,6 +211,34 @@ pub fn recover(cluster: &mut ChaosCluster, fault: &ActiveFault) -> Result<(), Cl
             }
         }
         FaultKind::IsolateLeader | FaultKind::SplitMinority => cluster.heal(),
+        FaultKind::ReplaceFollower => {
+            for &node in &fault.nodes {
+                add_back(cluster, node)?;
+            }
+        }
     }
     Ok(())
+}
+
+/// Adds a replaced node back under its id, reached at each node's own `--peers` address for
+/// it (`-`: through the proxies). An add cut short (a leader change while it caught up)
+/// leaves a learner: it is removed and added again, three times at most.
+fn add_back(cluster: &mut ChaosCluster, node: usize) -> Result<(), ClusterError> {
+    let id = (node + 1).to_string();
+    let client = cluster.client_addr(node).to_string();
+    let mut last = String::new();
+    for _ in 0..3 {
+        match cluster.member(&["ADD", &id, "-", &client]) {
+            Ok(_) => return Ok(()),
+            Err(e) => {
+                log::warn!(target: "chaos::nemesis", "replace follower: adding node {id} back: {e}");
+                last = e;
+                let _ = cluster.member(&["REMOVE", &id]);
+            }
+        }
+    }
+    Err(ClusterError::Setup {
+        what: format!("node {id} added back"),
+        reason: last,
+    })
 }

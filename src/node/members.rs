@@ -328,14 +328,21 @@ fn run_change(
     match (sub, words.len()) {
         ("ADD", 4) => match id(&words[1]) {
             Ok(peer) => {
-                if words[2].is_empty() || resolve(&words[2]).is_none() {
+                // `-`: no address in the configuration; each node reaches it at its own
+                // `--peers` entry for that id (as founding members are reached).
+                let addr = if words[2] == "-" {
+                    ""
+                } else {
+                    words[2].as_str()
+                };
+                if words[2].is_empty() || (!addr.is_empty() && resolve(addr).is_none()) {
                     return AdminReply::Err(format!(
                         "node {}: peer address '{}' does not resolve",
                         peer + 1,
                         words[2]
                     ));
                 }
-                add(raft, peer, &words[2], &words[3])
+                add(raft, peer, addr, &words[3])
             }
             Err(e) => e,
         },

@@ -186,7 +186,11 @@ impl ConfChange {
                         peer + 1
                     )));
                 }
-                if let Some(m) = c.members.iter().find(|m| &m.addr == addr) {
+                if let Some(m) = c
+                    .members
+                    .iter()
+                    .find(|m| !addr.is_empty() && &m.addr == addr)
+                {
                     return Err(ChangeError::Invalid(format!(
                         "node {} already uses peer address {addr}",
                         m.peer + 1

@@ -4,9 +4,11 @@
 //! clerk calls through ([`KvTransport`]) and a server answers on ([`KvService`]). It imports
 //! nothing from a lab, so `porcupine`, `tester` and every KV lab can use it.
 
+pub mod leader;
 pub mod store;
 pub mod transport;
 
+pub use leader::{LeaderHint, Step};
 pub use store::VersionedStore;
 pub use transport::{CallError, KvService, KvTransport};
 

@@ -71,6 +71,7 @@ fn main() {
             }
             Command::DbSize => Reply::Integer(data.len() as i64),
             Command::Quit => Reply::ok(),
+            Command::Member(_) => Reply::Error("ERR no membership here".into()),
         }
     };
     let server = match RespServer::start(

@@ -605,3 +605,164 @@ fn chaos_replace_follower_stays_linearizable() {
     assert!(replaced >= 1, "no follower replaced:\n{report}");
     assert!(report.ops > 100, "too few operations:\n{report}");
 }
+
+/// Raft's own rules, on one peer with a transport that never delivers (the other member is
+/// unreachable): a change is refused while the previous one is uncommitted, naming its
+/// index; the configuration is in effect as soon as it is appended; a restart on the same
+/// storage finds it again; a Raft without a membership host (the labs') refuses changes.
+#[test]
+fn raft_refuses_a_second_change_while_one_is_uncommitted() {
+    use raftkv::raft::{
+        ChangeError, ConfChange, Configuration, Member, MembershipHost, OnReply, Raft, RaftOptions,
+        RaftTransport,
+    };
+    use std::sync::Arc;
+
+    /// Sends nothing (every callback dropped): peer 1 never answers.
+    struct Silent {
+        host: Option<Arc<Host>>,
+    }
+    struct Host {
+        saved: parking_lot::Mutex<Option<(u64, Configuration)>>,
+        initial: Configuration,
+    }
+    impl MembershipHost for Host {
+        fn load(&self) -> Result<(u64, Configuration), String> {
+            Ok(self
+                .saved
+                .lock()
+                .clone()
+                .unwrap_or((0, self.initial.clone())))
+        }
+        fn save(&self, index: u64, config: &Configuration) -> Result<(), String> {
+            *self.saved.lock() = Some((index, config.clone()));
+            Ok(())
+        }
+        fn changed(&self, _config: &Configuration) {}
+    }
+    impl RaftTransport for Silent {
+        fn len(&self) -> usize {
+            raftkv::raft::membership::MAX_PEERS
+        }
+        fn request_vote(
+            &self,
+            _: usize,
+            _: raftkv::raft::RequestVoteArgs,
+            _: OnReply<raftkv::raft::RequestVoteReply>,
+        ) {
+        }
+        fn append_entries(
+            &self,
+            _: usize,
+            _: raftkv::raft::AppendEntriesArgs,
+            _: OnReply<raftkv::raft::AppendEntriesReply>,
+        ) {
+        }
+        fn install_snapshot(
+            &self,
+            _: usize,
+            _: raftkv::raft::InstallSnapshotArgs,
+            _: OnReply<raftkv::raft::InstallSnapshotReply>,
+        ) {
+        }
+        fn membership(&self) -> Option<&dyn MembershipHost> {
+            self.host.as_deref().map(|h| h as &dyn MembershipHost)
+        }
+    }
+
+    let dir = TempDir::new("raft");
+    let host = Arc::new(Host {
+        saved: parking_lot::Mutex::new(None),
+        initial: Configuration {
+            members: vec![Member {
+                peer: 0,
+                voter: true,
+                addr: String::new(),
+                client_addr: String::new(),
+            }],
+        },
+    });
+    let start = |host: Option<Arc<Host>>| {
+        let storage = raftkv::storage::FileLog::open(
+            dir.0.join("raft"),
+            raftkv::storage::FileLogOptions::default(),
+        )
+        .expect("open the log");
+        let (tx, rx) = crossbeam::channel::unbounded();
+        let raft = Raft::with_options(
+            Box::new(Silent { host }) as Box<dyn RaftTransport>,
+            0,
+            Box::new(storage) as Box<dyn raftkv::raft::Storage>,
+            tx,
+            RaftOptions::default(),
+        )
+        .expect("start");
+        (raft, rx)
+    };
+    let wait = |what: &str, f: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + PATIENCE;
+        while !f() {
+            assert!(Instant::now() < deadline, "{what} within {PATIENCE:?}");
+            thread::sleep(Duration::from_millis(10));
+        }
+    };
+    let (raft, rx) = start(Some(host.clone()));
+    wait("leader alone", &|| raft.get_state().1);
+    // Its first entry records the founding configuration; committed alone.
+    wait("the founding configuration committed", &|| {
+        raft.membership()
+            .is_some_and(|s| s.index > 0 && s.committed)
+    });
+    let learner = ConfChange::AddLearner {
+        peer: 1,
+        addr: "127.0.0.1:1".into(),
+        client_addr: "127.0.0.1:2".into(),
+    };
+    let (added, _) = raft.change_membership(&learner).expect("add a learner");
+    // A learner does not count: it commits with the leader alone.
+    wait("the learner committed", &|| raft.progress().0 >= added);
+    let (promoted, _) = raft
+        .change_membership(&ConfChange::Promote { peer: 1 })
+        .expect("promote");
+    let s = raft.membership().expect("membership on");
+    assert_eq!(s.index, promoted, "in effect once appended");
+    assert!(!s.committed && s.config.is_voter(1));
+    thread::sleep(Duration::from_millis(300));
+    assert!(
+        raft.progress().0 < promoted,
+        "committed without the new voter"
+    );
+    assert_eq!(
+        raft.change_membership(&ConfChange::Remove { peer: 1 }),
+        Err(ChangeError::Pending { index: promoted })
+    );
+    // No configuration entry reached the apply channel undistinguished.
+    while let Ok(msg) = rx.try_recv() {
+        if let raftkv::raft::ApplyMsg::Command { command, .. } = msg {
+            assert!(raftkv::raft::membership::is_config_entry(&command));
+        }
+    }
+    raft.kill();
+    drop(raft);
+    // Restarted: the uncommitted configuration is read back from the log; peer 1 is a voter
+    // it cannot reach, so it cannot win an election alone.
+    let (raft, _rx) = start(Some(host.clone()));
+    let s = raft.membership().expect("membership on");
+    assert_eq!(s.index, promoted);
+    assert!(s.config.is_voter(1));
+    thread::sleep(Duration::from_secs(2));
+    assert!(
+        !raft.get_state().1,
+        "elected without a majority of its configuration"
+    );
+    raft.kill();
+    drop(raft);
+    // Without a host: the labs' fixed peer set.
+    let (raft, _rx) = start(None);
+    assert!(raft.membership().is_none());
+    assert_eq!(
+        raft.change_membership(&ConfChange::Remove { peer: 1 }),
+        Err(ChangeError::Disabled)
+    );
+    raft.kill();
+}

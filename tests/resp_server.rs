@@ -84,6 +84,7 @@ impl CommandHandler for MemStore {
             }
             Command::DbSize => Reply::Integer(data.len() as i64),
             Command::Quit => unreachable!("the server answers QUIT itself"),
+            Command::Member(_) => Reply::Error("ERR no membership here".into()),
         }
     }
 

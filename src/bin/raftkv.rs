@@ -318,7 +318,8 @@ fn main() -> ExitCode {
                     client_addr,
                 } => {
                     for (what, a) in [("PEER_ADDR", &peer_addr), ("CLIENT_ADDR", &client_addr)] {
-                        if !a.contains(':') && !(what == "PEER_ADDR" && a == "-") {
+                        let dash = what == "PEER_ADDR" && a == "-";
+                        if !dash && !a.contains(':') {
                             usage_error(
                                 ErrorKind::ValueValidation,
                                 format!("{what} '{a}' is not HOST:PORT"),

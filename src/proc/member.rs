@@ -105,11 +105,10 @@ fn call(addr: &str, password: Option<&str>, words: &[String]) -> io::Result<Repl
     stream.set_read_timeout(Some(REPLY_TIMEOUT))?;
     stream.set_write_timeout(Some(CONNECT_TIMEOUT))?;
     let mut buf = Vec::new();
-    if let Some(p) = password {
-        match one(&mut stream, &mut buf, &["AUTH", p])? {
-            Reply::Error(e) => return Ok(Reply::Error(e)),
-            _ => {}
-        }
+    if let Some(p) = password
+        && let Reply::Error(e) = one(&mut stream, &mut buf, &["AUTH", p])?
+    {
+        return Ok(Reply::Error(e));
     }
     one(&mut stream, &mut buf, words)
 }

@@ -461,6 +461,9 @@ impl Core {
         change: &ConfChange,
     ) -> Result<(u64, u64), ChangeError> {
         let mut st = self.lock_state();
+        if st.configs.is_none() {
+            return Err(ChangeError::Disabled);
+        }
         if self.is_dead() || st.role != Role::Leader {
             return Err(ChangeError::NotLeader);
         }

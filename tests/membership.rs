@@ -766,3 +766,56 @@ fn raft_refuses_a_second_change_while_one_is_uncommitted() {
     );
     raft.kill();
 }
+
+/// A brand-new node added to a cluster whose log was compacted (about 12 MiB written with
+/// 1 MiB values, past the 8 MiB snapshot threshold) gets the snapshot streamed in pieces
+/// with the configuration as of it: it becomes a voter that knows every member, serves every
+/// key, and after a restart (its configuration then read back from its membership file and
+/// log) still does.
+#[test]
+fn new_member_catches_up_from_a_snapshot_and_keeps_the_configuration() {
+    let dir = TempDir::new("snapshot");
+    let mut cluster = Cluster::new(&dir.0);
+    let leader = cluster.leader();
+    let value = "v".repeat(1 << 20);
+    let mut acked = BTreeMap::new();
+    for k in 0..12 {
+        let key = format!("big{k}");
+        let reply: String = cluster.retry(leader, "SET big", |c| {
+            redis::cmd("SET").arg(&key).arg(&value).query(c)
+        });
+        assert_eq!(reply, "OK");
+        acked.insert(key, value.clone());
+    }
+    cluster.write_keys(leader, "s", 50, &mut acked);
+    // The leader has snapshotted: its file is there.
+    let deadline = Instant::now() + PATIENCE;
+    while !cluster.data(leader).join("raft").join("snapshot").exists() {
+        assert!(Instant::now() < deadline, "node {leader} never snapshotted");
+        thread::sleep(Duration::from_millis(100));
+    }
+    let mut peers: Vec<String> = (1..=3).map(|id| cluster.peer_addr(id)).collect();
+    peers.push(cluster.peer_addr(4));
+    cluster.add_node(4, peers, false);
+    cluster.start(4);
+    let (code, out, err) = cluster.member(
+        &[leader],
+        &["add", "4", &cluster.peer_addr(4), &cluster.client_addr(4)],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    cluster.wait_member_role(4, "voter");
+    assert!(
+        cluster.data(4).join("membership").exists(),
+        "node 4 got no configuration with its snapshot"
+    );
+    cluster.check_keys(4, &acked);
+    cluster.kill9(4);
+    cluster.start(4);
+    cluster.wait_member_role(4, "voter");
+    // With a founding follower down, a majority of the four voters needs node 4.
+    let down: Vec<usize> = (1..=3).filter(|&i| i != leader).collect();
+    cluster.kill9(down[0]);
+    cluster.write_keys(4, "t", 10, &mut acked);
+    cluster.check_keys(4, &acked);
+    cluster.check_keys(leader, &acked);
+}

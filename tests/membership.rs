@@ -242,9 +242,13 @@ impl Cluster {
         }
     }
 
-    /// Starts `raftkv member ARGS` against the client ports of `via`.
+    /// Starts `raftkv member ARGS` against the client ports of `via`, then of every other
+    /// running node (as an operator would list them: leadership may move meanwhile, and a
+    /// follower may not know the leader's client address).
     fn member_spawn(&self, via: &[usize], args: &[&str]) -> std::process::Child {
-        let nodes: Vec<String> = via.iter().map(|&id| self.client_addr(id)).collect();
+        let mut order: Vec<usize> = via.to_vec();
+        order.extend(self.running().into_iter().filter(|id| !via.contains(id)));
+        let nodes: Vec<String> = order.iter().map(|&id| self.client_addr(id)).collect();
         Command::new(EXE)
             .arg("member")
             .arg("--node")

@@ -5,7 +5,7 @@
 //! | 1 | [`mr`]: MapReduce coordinator and workers |
 //! | 2 | [`kvsrv`]: single-server versioned KV and a lock on it |
 //! | 3 | [`raft`]: Raft with persistence and snapshots |
-//! | 4 | [`kvraft`]: replicated state machine and linearizable KV service on Raft |
+//! | 4 | [`rsm`]: the replicated state machine every service runs on Raft (typed ops and replies); [`kvraft`]: the linearizable KV service on it |
 //! | 5 | [`shardkv`]: sharded KV over Raft groups, with a shard controller |
 //! | — | [`kvapi`]: the KV request/reply types, clerk trait, versioned store and transport seam every KV lab shares |
 //! | — | [`storage`]: `FileLog`, a crash-safe Raft log on disk |
@@ -38,6 +38,7 @@ pub mod porcupine;
 pub mod proc;
 pub mod raft;
 pub mod resp;
+pub mod rsm;
 pub mod session;
 pub mod shardkv;
 pub mod signal;

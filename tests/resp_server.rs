@@ -1,9 +1,8 @@
-//! The RESP front end (`raftkv::resp::server`) on 127.0.0.1 with a small in-memory store as
-//! its handler: every command of the table end to end, pipelining in batches, inline
-//! commands, errors that keep the connection and errors that close it, the connection limit,
-//! and shutdown joining every thread.
+//! The RESP front end (`raftkv::resp::server`) on 127.0.0.1 with the node's KV executor
+//! (`kvapi::KvMap`, no log) as its handler: every command of the table end to end,
+//! pipelining in batches, inline commands, errors that keep the connection and errors that
+//! close it, the connection limit, and shutdown joining every thread.
 
-use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
@@ -12,83 +11,25 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+use raftkv::kvapi::{KvCmd, KvMap};
 use raftkv::resp::auth::Password;
 use raftkv::resp::command::NOT_AN_INTEGER;
 use raftkv::resp::server::{CommandHandler, RespOptions, RespServer, check_protected_mode};
-use raftkv::resp::{Command, Limits, Reply, decode_reply, encode_command};
+use raftkv::resp::{Limits, Reply, decode_reply, encode_command};
 
-/// Key → (value, version).
-type Versioned = HashMap<Vec<u8>, (Vec<u8>, u64)>;
-
-/// A single-node store with the lab's versioned semantics, standing in for the cluster.
+/// A single-node store: the executor of a node's state machine, without the log.
 #[derive(Default)]
 struct MemStore {
-    data: Mutex<Versioned>,
+    data: Mutex<KvMap>,
     largest_batch: AtomicUsize,
 }
 
 impl CommandHandler for MemStore {
-    fn handle(&self, command: Command) -> Reply {
-        let mut data = self.data.lock();
-        match command {
-            Command::Ping(None) => Reply::Simple("PONG".into()),
-            Command::Ping(Some(message)) => Reply::Bulk(message),
-            Command::Get(key) => data
-                .get(&key)
-                .map_or(Reply::Null, |(v, _)| Reply::Bulk(v.clone())),
-            Command::Set { key, value } => {
-                let version = data.get(&key).map_or(0, |(_, ver)| *ver);
-                data.insert(key, (value, version + 1));
-                Reply::ok()
-            }
-            Command::Del(keys) => {
-                Reply::Integer(keys.iter().filter(|k| data.remove(*k).is_some()).count() as i64)
-            }
-            Command::Exists(keys) => {
-                Reply::Integer(keys.iter().filter(|k| data.contains_key(*k)).count() as i64)
-            }
-            Command::Incr(key) => {
-                let (value, version) = data.get(&key).cloned().unwrap_or((b"0".to_vec(), 0));
-                let Some(n) = std::str::from_utf8(&value)
-                    .ok()
-                    .and_then(|s| s.parse::<i64>().ok())
-                    .and_then(|n| n.checked_add(1))
-                else {
-                    return Reply::Error(NOT_AN_INTEGER.into());
-                };
-                data.insert(key, (n.to_string().into_bytes(), version + 1));
-                Reply::Integer(n)
-            }
-            Command::MGet(keys) => Reply::Array(
-                keys.iter()
-                    .map(|k| {
-                        data.get(k)
-                            .map_or(Reply::Null, |(v, _)| Reply::Bulk(v.clone()))
-                    })
-                    .collect(),
-            ),
-            Command::VGet(key) => data
-                .get(&key)
-                .map_or(Reply::Null, |(v, ver)| Reply::versioned(v.clone(), *ver)),
-            Command::VSet {
-                key,
-                value,
-                version,
-            } => {
-                let current = data.get(&key).map_or(0, |(_, ver)| *ver);
-                if current != version {
-                    return Reply::err_version();
-                }
-                data.insert(key, (value, version + 1));
-                Reply::ok()
-            }
-            Command::DbSize => Reply::Integer(data.len() as i64),
-            Command::Quit => unreachable!("the server answers QUIT itself"),
-            Command::Member(_) => Reply::Error("ERR no membership here".into()),
-        }
+    fn handle(&self, command: KvCmd) -> Reply {
+        self.data.lock().execute(&command).into()
     }
 
-    fn handle_batch(&self, commands: Vec<Command>) -> Vec<Reply> {
+    fn handle_batch(&self, commands: Vec<KvCmd>) -> Vec<Reply> {
         self.largest_batch
             .fetch_max(commands.len(), Ordering::SeqCst);
         commands.into_iter().map(|c| self.handle(c)).collect()

@@ -338,8 +338,6 @@ fn configurations_advance_one_at_a_time_when_two_controllers_race() {
     assert!(matches!(done_b, Ok(Change::Done)), "B: {done_b:?}");
     s.remove(hold);
     s.release(held[0].id);
-    let done_a = raftkv::tester::join_helper(racer);
-    // Exactly one configuration 2, B's, current and next alike.
     let clnt = t.cfg().clnts().make_client();
     let stored = |key: &str| -> ShardConfig {
         let r = clnt
@@ -352,6 +350,25 @@ fn configurations_advance_one_at_a_time_when_two_controllers_race() {
             .expect("the configuration store answers");
         ShardConfig::from_string(&r.value).expect("a configuration")
     };
+    // A's write lost: it must give up. Were it to write `next` again, it would overwrite B's
+    // and go on to carry out a second configuration 2, perhaps for ever: A is watched, not
+    // waited for without bound.
+    let deadline = Instant::now() + 30 * SECOND;
+    while !racer.is_finished() {
+        let next = stored(NEXT_KEY);
+        if next != cfg_b {
+            t.fatal(&format!(
+                "after A (joining {gid2}) lost its write of next to B (joining {gid3}), next \
+                 became {next}: A overwrote B's configuration 2"
+            ));
+        }
+        if Instant::now() > deadline {
+            t.fatal("controller A neither gave up nor finished within 30 s of losing its write");
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    let done_a = raftkv::tester::join_helper(racer);
+    // Exactly one configuration 2, B's, current and next alike.
     let (current, next) = (stored(CURRENT_KEY), stored(NEXT_KEY));
     if !matches!(done_a, Ok(Change::Superseded)) || current != cfg_b || next != cfg_b {
         t.fatal(&format!(

@@ -1,13 +1,16 @@
 //! The key/value API every KV service shares (Lab 2 `kvsrv`, Lab 4 `kvraft`, Lab 5 `shardkv`),
 //! one floor below them all: the request and reply types, [`KvErr`], [`Tversion`], the
-//! [`KvClerk`] trait, the versioned store ([`store::VersionedStore`]) and the transport seam a
+//! [`KvClerk`] trait, the versioned store ([`store::VersionedStore`]), the cluster's KV commands
+//! and their executor ([`kv`]: [`KvCmd`], [`KvOut`], [`KvMap`]), and the transport seam a
 //! clerk calls through ([`KvTransport`]) and a server answers on ([`KvService`]). It imports
 //! nothing from a lab, so `porcupine`, `tester` and every KV lab can use it.
 
+pub mod kv;
 pub mod leader;
 pub mod store;
 pub mod transport;
 
+pub use kv::{KvCmd, KvMap, KvOut};
 pub use leader::{LeaderHint, Step};
 pub use store::VersionedStore;
 pub use transport::{CallError, KvService, KvTransport};

@@ -114,7 +114,7 @@ impl KvClerk for Clerk {
                 "no reply was lost; an ErrWrongLeader came from a server that did not lead \
                  (the attempt never entered its log: then the version was simply stale) or \
                  from a leader that gave up on the logged op, which may have committed \
-                 (kvraft::rsm logs each such give-up: a term change, or a timeout)"
+                 (the rsm logs each such give-up: a term change, or a timeout)"
             };
             log::info!(target: "kvraft::clerk", "put {key:?} v{version}: ErrMaybe after {} unanswered and {} ErrWrongLeader attempt(s): {why}", earlier.no_reply, earlier.wrong_leader);
             KvErr::Maybe

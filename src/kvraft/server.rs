@@ -12,10 +12,9 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::rsm::{ReadError, Rsm, RsmError, StateMachine};
 use crate::kvapi::{GetArgs, GetReply, KvErr, KvService, PutArgs, PutReply, VersionedStore};
-use crate::labcodec;
 use crate::raft::{RaftTransport, Storage};
+use crate::rsm::{ReadError, RestoreError, Rsm, RsmError, StateMachine};
 
 /// A request as it travels through the log.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -37,25 +36,28 @@ pub struct KvStore {
     store: VersionedStore,
 }
 
+impl KvStore {
+    fn execute(&self, req: KvRequest) -> KvResponse {
+        match req {
+            KvRequest::Get(a) => KvResponse::Get(self.store.get(&a)),
+            KvRequest::Put(a) => KvResponse::Put(self.store.put(a)),
+        }
+    }
+}
+
 impl StateMachine for KvStore {
-    fn do_op(&self, req: &[u8]) -> Vec<u8> {
-        let resp = match labcodec::decode::<KvRequest>(req) {
-            Ok(KvRequest::Get(a)) => KvResponse::Get(self.store.get(&a)),
-            Ok(KvRequest::Put(a)) => KvResponse::Put(self.store.put(a)),
-            Err(e) => {
-                // Only this server writes requests, so this is a bug; every peer skips it alike.
-                log::error!(target: "kvraft::server", "undecodable request: {e}");
-                return Vec::new();
-            }
-        };
-        labcodec::encode(&resp).unwrap_or_default()
+    type Op = KvRequest;
+    type Reply = KvResponse;
+
+    fn apply(&self, ops: Vec<KvRequest>) -> Vec<KvResponse> {
+        ops.into_iter().map(|op| self.execute(op)).collect()
     }
 
     fn snapshot(&self) -> Vec<u8> {
         self.store.encode()
     }
 
-    fn restore(&self, bytes: &[u8]) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    fn restore(&self, bytes: &[u8]) -> Result<(), RestoreError> {
         Ok(self.store.restore(bytes)?)
     }
 }
@@ -63,7 +65,7 @@ impl StateMachine for KvStore {
 /// One replica of the KV service.
 pub struct KvServer {
     me: usize,
-    rsm: Rsm,
+    rsm: Rsm<KvStore>,
     /// The rsm's state machine, read directly by Gets that ReadIndex vouched for.
     store: Arc<KvStore>,
 }
@@ -89,26 +91,16 @@ impl KvServer {
         self.rsm.kill();
     }
 
-    pub fn rsm(&self) -> &Rsm {
+    pub fn rsm(&self) -> &Rsm<KvStore> {
         &self.rsm
     }
 
     /// Runs `req` through the log; `None` if this server cannot answer (not the leader).
     fn submit(&self, req: KvRequest) -> Option<KvResponse> {
-        let bytes = labcodec::encode(&req).ok()?;
-        match self.rsm.submit(bytes) {
-            Ok(reply) => match labcodec::decode::<KvResponse>(&reply) {
-                Ok(r) => Some(r),
-                Err(e) => {
-                    log::error!(target: "kvraft::server", "kv-{}: undecodable reply: {e}", self.me);
-                    None
-                }
-            },
-            Err(e) => {
-                log::trace!(target: "kvraft::server", "kv-{}: {e}", self.me);
-                None
-            }
-        }
+        self.rsm
+            .submit(req)
+            .inspect_err(|e| log::trace!(target: "kvraft::server", "kv-{}: {e}", self.me))
+            .ok()
     }
 }
 

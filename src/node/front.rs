@@ -26,12 +26,10 @@ use serde::{Deserialize, Serialize};
 
 use super::machine::{KvCmd, KvMachine, KvOut, Outcome, Request};
 use super::members::{AdminReply, Members};
-use crate::kvraft::rsm::{ReadError, Rsm, SubmitError};
-use crate::labcodec;
 use crate::net::Service;
 use crate::resp::Reply;
-use crate::resp::command::Command;
 use crate::resp::server::CommandHandler;
+use crate::rsm::{ReadError, Rsm, SubmitError};
 
 const LOG: &str = "node::front";
 
@@ -55,9 +53,9 @@ pub const MAX_BATCH_REQUESTS: usize = 1024;
 /// goes, alone).
 pub const MAX_BATCH_BYTES: usize = 1 << 20;
 
-/// The largest encoded batch one log entry takes: the file log's command limit less room for
-/// the rsm's envelope around it.
-const MAX_ENTRY_BYTES: usize = crate::storage::record::MAX_COMMAND - 4096;
+/// The largest log entry the node submits: the file log's command limit (a larger append
+/// would stop the peer).
+pub const MAX_ENTRY_BYTES: usize = crate::storage::record::MAX_COMMAND;
 
 /// What `Kv.Exec` answers: one outcome per request of the batch.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -106,7 +104,9 @@ impl Unavailable {
 /// confirmed by a heartbeat round, the state applied through the commit index seen then),
 /// without a log entry; until this leader has committed an entry of its term, reads go
 /// through the log like writes.
-fn exec_local(rsm: &Rsm, machine: &KvMachine, batch: &[Request]) -> ExecReply {
+// The rsm's op is the batch itself (`Vec<Request>`), submitted by reference.
+#[allow(clippy::ptr_arg)]
+fn exec_local(rsm: &Rsm<KvMachine>, machine: &KvMachine, batch: &Vec<Request>) -> ExecReply {
     if !batch.is_empty() && batch.iter().all(Request::read_only) {
         match rsm.read_barrier() {
             Ok(()) => {
@@ -118,38 +118,23 @@ fn exec_local(rsm: &Rsm, machine: &KvMachine, batch: &[Request]) -> ExecReply {
         }
     }
     let bad = |e: String| ExecReply::Done(vec![Outcome::Bad(e); batch.len()]);
-    let bytes = match labcodec::encode(&batch) {
-        Ok(b) => b,
-        Err(e) => return bad(e.to_string()),
-    };
-    // The file log refuses a command above its record limit, and a refused append stops the
-    // peer: a request that large is refused here instead (the rsm's envelope adds a few bytes).
-    if bytes.len() > MAX_ENTRY_BYTES {
-        log::warn!(target: LOG, "a request batch of {} bytes refused: the log takes at most {MAX_ENTRY_BYTES} bytes in one entry", bytes.len());
-        return bad(format!(
-            "request too large: {} bytes, the log takes at most {MAX_ENTRY_BYTES} in one entry",
-            bytes.len()
-        ));
-    }
-    match rsm.submit(bytes) {
-        Ok(reply) => match labcodec::decode::<Vec<Outcome>>(&reply) {
-            Ok(outcomes) if outcomes.len() == batch.len() => ExecReply::Done(outcomes),
-            Ok(outcomes) => bad(format!(
-                "{} outcomes for a batch of {}",
-                outcomes.len(),
-                batch.len()
-            )),
-            Err(e) => bad(e.to_string()),
-        },
+    match rsm.submit(batch) {
+        Ok(outcomes) if outcomes.len() == batch.len() => ExecReply::Done(outcomes),
+        Ok(outcomes) => bad(format!(
+            "{} outcomes for a batch of {}",
+            outcomes.len(),
+            batch.len()
+        )),
         Err(SubmitError::WrongLeader) => ExecReply::NotLeader,
         Err(SubmitError::Stopped) => ExecReply::Stopped,
-        Err(SubmitError::Encode(e)) => bad(e),
+        // Refused before it reached the log (the rsm says why, in the log too).
+        Err(e @ (SubmitError::Encode(_) | SubmitError::TooLarge { .. })) => bad(e.to_string()),
     }
 }
 
 /// The `Kv` service on the peer port: `Exec` runs a forwarded batch on this node only (it
 /// never forwards again, so a request cannot loop).
-pub fn kv_service(rsm: Arc<Rsm>, machine: Arc<KvMachine>) -> Service {
+pub fn kv_service(rsm: Arc<Rsm<KvMachine>>, machine: Arc<KvMachine>) -> Service {
     Service::new("Kv").method("Exec", move |batch: Vec<Request>| {
         exec_local(&rsm, &machine, &batch)
     })
@@ -214,7 +199,7 @@ struct Queue {
 
 struct Shared {
     me: usize,
-    rsm: Arc<Rsm>,
+    rsm: Arc<Rsm<KvMachine>>,
     machine: Arc<KvMachine>,
     /// The members of the current configuration and the connections to them.
     members: Arc<Members>,
@@ -246,7 +231,7 @@ pub struct Front {
 impl Front {
     pub fn new(
         me: usize,
-        rsm: Arc<Rsm>,
+        rsm: Arc<Rsm<KvMachine>>,
         machine: Arc<KvMachine>,
         members: Arc<Members>,
     ) -> std::io::Result<Front> {
@@ -415,9 +400,10 @@ impl Shared {
 
     /// Runs `batch` (one outcome per request) on whichever node leads, retrying elsewhere
     /// with the same tags until one does or [`COMMAND_DEADLINE`] passes.
+    #[allow(clippy::ptr_arg)] // see `exec_local`
     fn submit_anywhere(
         &self,
-        batch: &[Request],
+        batch: &Vec<Request>,
         writes: bool,
     ) -> Result<Vec<Outcome>, Unavailable> {
         let deadline = Instant::now() + COMMAND_DEADLINE;
@@ -512,44 +498,6 @@ fn take_batch(items: &mut VecDeque<Pending>) -> Vec<Pending> {
     batch
 }
 
-/// A command as the log carries it; `None` for those answered here.
-fn to_kv(cmd: &Command) -> Option<KvCmd> {
-    Some(match cmd.clone() {
-        Command::Get(k) => KvCmd::Get(k),
-        Command::Set { key, value } => KvCmd::Set(key, value),
-        Command::Del(keys) => KvCmd::Del(keys),
-        Command::Exists(keys) => KvCmd::Exists(keys),
-        Command::Incr(k) => KvCmd::Incr(k),
-        Command::MGet(keys) => KvCmd::MGet(keys),
-        Command::VGet(k) => KvCmd::VGet(k),
-        Command::VSet {
-            key,
-            value,
-            version,
-        } => KvCmd::VSet {
-            key,
-            value,
-            version,
-        },
-        Command::DbSize => KvCmd::DbSize,
-        Command::Ping(_) | Command::Quit | Command::Member(_) => return None,
-    })
-}
-
-fn to_reply(out: KvOut) -> Reply {
-    match out {
-        KvOut::Ok => Reply::ok(),
-        KvOut::Null => Reply::Null,
-        KvOut::Bulk(v) => Reply::Bulk(v),
-        KvOut::Int(n) => Reply::Integer(n),
-        KvOut::Array(items) => Reply::Array(items.into_iter().map(to_reply).collect()),
-        KvOut::Versioned(v, version) => Reply::versioned(v, version),
-        KvOut::ErrVersion => Reply::err_version(),
-        KvOut::ErrNoKey => Reply::Error("ERRNOKEY no such key".into()),
-        KvOut::Err(e) => Reply::Error(e),
-    }
-}
-
 impl Front {
     /// `RAFTKV.MEMBER ...`: the operator's membership commands (see [`super::members`]).
     fn member(&self, args: &[Vec<u8>]) -> Reply {
@@ -568,7 +516,12 @@ impl Front {
 }
 
 impl CommandHandler for Front {
-    fn handle(&self, command: Command) -> Reply {
+    /// `RAFTKV.MEMBER ...` (see [`super::members`]).
+    fn operator(&self, args: Vec<Vec<u8>>) -> Reply {
+        self.member(&args)
+    }
+
+    fn handle(&self, command: KvCmd) -> Reply {
         self.handle_batch(vec![command])
             .pop()
             .unwrap_or_else(|| Reply::Error("ERR internal: no reply".into()))
@@ -615,33 +568,24 @@ impl CommandHandler for Front {
         vec![("raft".to_string(), text)]
     }
 
-    /// The KV commands of a pipelined batch go through the log as one entry; PING and QUIT
-    /// are answered here, in their place.
-    fn handle_batch(&self, commands: Vec<Command>) -> Vec<Reply> {
-        let count = commands.len() as u64;
-        let cmds: Vec<KvCmd> = commands.iter().filter_map(to_kv).collect();
-        let mut outs = if cmds.is_empty() {
-            Ok(Vec::new().into_iter())
+    /// The KV commands of a pipelined batch go through the log as one entry.
+    fn handle_batch(&self, commands: Vec<KvCmd>) -> Vec<Reply> {
+        let count = commands.len();
+        let replies = if commands.is_empty() {
+            Vec::new()
         } else {
-            self.shared.submit(cmds).map(Vec::into_iter)
+            match self.shared.submit(commands) {
+                Ok(outs) if outs.len() == count => outs.into_iter().map(Reply::from).collect(),
+                Ok(outs) => {
+                    let e = format!("ERR internal: {} results for {count} commands", outs.len());
+                    vec![Reply::Error(e); count]
+                }
+                Err(e) => vec![e.reply(); count],
+            }
         };
-        let replies = commands
-            .into_iter()
-            .map(|c| match c {
-                Command::Ping(None) => Reply::Simple("PONG".into()),
-                Command::Ping(Some(msg)) => Reply::Bulk(msg),
-                Command::Quit => Reply::ok(),
-                Command::Member(args) => self.member(&args),
-                _ => match &mut outs {
-                    Ok(it) => it
-                        .next()
-                        .map(to_reply)
-                        .unwrap_or_else(|| Reply::Error("ERR internal: missing result".into())),
-                    Err(e) => e.reply(),
-                },
-            })
-            .collect();
-        self.shared.commands.fetch_add(count, Ordering::Relaxed);
+        self.shared
+            .commands
+            .fetch_add(count as u64, Ordering::Relaxed);
         replies
     }
 }

@@ -25,10 +25,10 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::kvraft::rsm::{Rsm, RsmError};
 use crate::net::{ClientOptions, PeerAuth, Server, ServerOptions};
 use crate::raft::{RaftOptions, Storage};
 use crate::resp::server::{RespOptions, RespServer};
+use crate::rsm::{Rsm, RsmError};
 pub use front::Front;
 pub use identity::ClusterIdentity;
 pub use machine::KvMachine;
@@ -157,7 +157,7 @@ pub struct Node {
     id: usize,
     resp: Option<RespServer>,
     server: Option<Server>,
-    rsm: Arc<Rsm>,
+    rsm: Arc<Rsm<KvMachine>>,
     machine: Arc<KvMachine>,
     front: Arc<Front>,
     members: Arc<Members>,
@@ -286,9 +286,12 @@ impl Node {
                 voter: identity.is_voter(),
                 check_quorum: true,
                 vote_stickiness: true,
+                ..RaftOptions::default()
             },
         );
         let rsm = Arc::new(rsm.map_err(NodeError::Rsm)?);
+        // A larger append would stop the peer: the rsm refuses such a batch instead.
+        rsm.set_max_entry_bytes(front::MAX_ENTRY_BYTES);
         // Before the peer port serves Raft: nothing has been sent or answered yet.
         if let Err(e) = check_restored(&identity, rsm.raft().restored_extent()) {
             rsm.kill();

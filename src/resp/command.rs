@@ -25,32 +25,19 @@
 use std::fmt;
 
 use super::{Reply, parse_decimal};
+pub use crate::kvapi::kv::NOT_AN_INTEGER;
+use crate::kvapi::{KvCmd, KvOut};
 
-/// A command the KV service executes.
+/// A command of the table: a KV command, which the store executes (the same [`KvCmd`] a
+/// node's log carries), or one the connection answers itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
+    Kv(KvCmd),
     Ping(Option<Vec<u8>>),
-    Get(Vec<u8>),
-    Set {
-        key: Vec<u8>,
-        value: Vec<u8>,
-    },
-    Del(Vec<Vec<u8>>),
-    Exists(Vec<Vec<u8>>),
-    Incr(Vec<u8>),
-    MGet(Vec<Vec<u8>>),
-    VGet(Vec<u8>),
-    VSet {
-        key: Vec<u8>,
-        value: Vec<u8>,
-        version: u64,
-    },
-    /// `DBSIZE`: how many keys the store holds.
-    DbSize,
     Quit,
-    /// `RAFTKV.MEMBER LIST|ADD|REMOVE ...`: the operator's membership commands (the
-    /// arguments after the name), answered by the node (`node::members`).
-    Member(Vec<Vec<u8>>),
+    /// `RAFTKV.MEMBER LIST|ADD|REMOVE ...`: an operator's membership command (the arguments
+    /// after the name), run by the store's [`operator`](super::server::CommandHandler::operator).
+    Operator(Vec<Vec<u8>>),
 }
 
 /// Why a well-formed RESP command is refused. The connection stays open.
@@ -65,9 +52,6 @@ pub enum CommandError {
     /// An argument that must be an integer is not one, or is out of range.
     NotAnInteger,
 }
-
-/// Redis's text for a value that is not an integer (also what INCR on such a value answers).
-pub const NOT_AN_INTEGER: &str = "ERR value is not an integer or out of range";
 
 impl CommandError {
     /// The error reply, in Redis's wording.
@@ -167,22 +151,24 @@ impl Command {
         if !arity.admits(rest.len() + 1) {
             return Err(CommandError::WrongArity { name: lower });
         }
-        let command = match upper {
-            "PING" => Command::Ping(rest.pop()),
-            "GET" => Command::Get(take_one(rest)),
+        let kv = match upper {
+            "PING" => return Ok(Command::Ping(rest.pop())),
+            "QUIT" => return Ok(Command::Quit),
+            "RAFTKV.MEMBER" => return Ok(Command::Operator(rest)),
+            "GET" => KvCmd::Get(take_one(rest)),
             "SET" => {
                 if rest.len() > 2 {
                     return Err(CommandError::Syntax);
                 }
                 let value = rest.pop().expect("arity checked");
                 let key = rest.pop().expect("arity checked");
-                Command::Set { key, value }
+                KvCmd::Set { key, value }
             }
-            "DEL" => Command::Del(rest),
-            "EXISTS" => Command::Exists(rest),
-            "INCR" => Command::Incr(take_one(rest)),
-            "MGET" => Command::MGet(rest),
-            "VGET" => Command::VGet(take_one(rest)),
+            "DEL" => KvCmd::Del(rest),
+            "EXISTS" => KvCmd::Exists(rest),
+            "INCR" => KvCmd::Incr(take_one(rest)),
+            "MGET" => KvCmd::MGet(rest),
+            "VGET" => KvCmd::VGet(take_one(rest)),
             "VSET" => {
                 let version = parse_decimal(&rest[2])
                     .and_then(|v| u64::try_from(v).ok())
@@ -190,44 +176,41 @@ impl Command {
                 rest.truncate(2);
                 let value = rest.pop().expect("arity checked");
                 let key = rest.pop().expect("arity checked");
-                Command::VSet {
+                KvCmd::VSet {
                     key,
                     value,
                     version,
                 }
             }
-            "DBSIZE" => Command::DbSize,
-            "QUIT" => Command::Quit,
-            "RAFTKV.MEMBER" => Command::Member(rest),
+            "DBSIZE" => KvCmd::DbSize,
             other => unreachable!("command {other} is in the table but not mapped"),
         };
-        Ok(command)
+        Ok(Command::Kv(kv))
     }
 
     /// The lower-case command name.
     pub fn name(&self) -> &'static str {
         match self {
             Command::Ping(_) => "ping",
-            Command::Get(_) => "get",
-            Command::Set { .. } => "set",
-            Command::Del(_) => "del",
-            Command::Exists(_) => "exists",
-            Command::Incr(_) => "incr",
-            Command::MGet(_) => "mget",
-            Command::VGet(_) => "vget",
-            Command::VSet { .. } => "vset",
-            Command::DbSize => "dbsize",
             Command::Quit => "quit",
-            Command::Member(_) => "raftkv.member",
+            Command::Operator(_) => "raftkv.member",
+            Command::Kv(kv) => match kv {
+                KvCmd::Get(_) => "get",
+                KvCmd::Set { .. } => "set",
+                KvCmd::Del(_) => "del",
+                KvCmd::Exists(_) => "exists",
+                KvCmd::Incr(_) => "incr",
+                KvCmd::MGet(_) => "mget",
+                KvCmd::VGet(_) => "vget",
+                KvCmd::VSet { .. } => "vset",
+                KvCmd::DbSize => "dbsize",
+            },
         }
     }
 
     /// Whether the command changes the store (and so must be applied exactly once).
     pub fn is_write(&self) -> bool {
-        matches!(
-            self,
-            Command::Set { .. } | Command::Del(_) | Command::Incr(_) | Command::VSet { .. }
-        )
+        matches!(self, Command::Kv(kv) if kv.is_write())
     }
 
     /// The command as a client sends it (name first), e.g. for [`super::encode_command`].
@@ -235,18 +218,21 @@ impl Command {
         let mut args = vec![self.name().to_ascii_uppercase().into_bytes()];
         match self {
             Command::Ping(message) => args.extend(message.iter().cloned()),
-            Command::Get(key) | Command::Incr(key) | Command::VGet(key) => args.push(key.clone()),
-            Command::Set { key, value } => args.extend([key.clone(), value.clone()]),
-            Command::Del(keys) | Command::Exists(keys) | Command::MGet(keys) => {
-                args.extend(keys.iter().cloned())
-            }
-            Command::VSet {
-                key,
-                value,
-                version,
-            } => args.extend([key.clone(), value.clone(), version.to_string().into_bytes()]),
-            Command::DbSize | Command::Quit => {}
-            Command::Member(rest) => args.extend(rest.iter().cloned()),
+            Command::Quit => {}
+            Command::Operator(rest) => args.extend(rest.iter().cloned()),
+            Command::Kv(kv) => match kv {
+                KvCmd::Get(key) | KvCmd::Incr(key) | KvCmd::VGet(key) => args.push(key.clone()),
+                KvCmd::Set { key, value } => args.extend([key.clone(), value.clone()]),
+                KvCmd::Del(keys) | KvCmd::Exists(keys) | KvCmd::MGet(keys) => {
+                    args.extend(keys.iter().cloned())
+                }
+                KvCmd::VSet {
+                    key,
+                    value,
+                    version,
+                } => args.extend([key.clone(), value.clone(), version.to_string().into_bytes()]),
+                KvCmd::DbSize => {}
+            },
         }
         args
     }
@@ -275,5 +261,22 @@ impl Reply {
     /// lab's `ErrMaybe`).
     pub fn err_maybe() -> Reply {
         Reply::Error("ERRMAYBE the put may or may not have been applied".into())
+    }
+}
+
+/// A KV command's result as the client port answers it.
+impl From<KvOut> for Reply {
+    fn from(out: KvOut) -> Reply {
+        match out {
+            KvOut::Ok => Reply::ok(),
+            KvOut::Null => Reply::Null,
+            KvOut::Bulk(v) => Reply::Bulk(v),
+            KvOut::Int(n) => Reply::Integer(n),
+            KvOut::Array(items) => Reply::Array(items.into_iter().map(Reply::from).collect()),
+            KvOut::Versioned(v, version) => Reply::versioned(v, version),
+            KvOut::ErrVersion => Reply::err_version(),
+            KvOut::ErrNoKey => Reply::Error("ERRNOKEY no such key".into()),
+            KvOut::Err(e) => Reply::Error(e),
+        }
     }
 }

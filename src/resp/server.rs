@@ -44,7 +44,8 @@ use mio::{Events, Interest, Poll, Token, Waker};
 
 use super::auth::Password;
 use super::session::{ConnFacts, ServerView, Session, Slot, Work, render_info};
-use super::{Command, Decoder, Limits, Reply, encode_header};
+use super::{Decoder, Limits, Reply, encode_header};
+use crate::kvapi::KvCmd;
 
 const LOG: &str = "resp::server";
 const LISTENER: Token = Token(0);
@@ -62,12 +63,14 @@ const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
 /// What executes the commands of every connection. It runs on a worker thread and may block
 /// (for a Raft commit, say); the connection reads nothing more meanwhile.
 pub trait CommandHandler: Send + Sync + 'static {
-    fn handle(&self, command: Command) -> Reply;
+    /// Runs one KV command (PING and QUIT never reach a handler: the connection answers
+    /// them).
+    fn handle(&self, command: KvCmd) -> Reply;
 
     /// The commands one client pipelined, in order; one reply each, in the same order. The
     /// default runs them one by one; a replicated store can submit them together (and must
     /// run them atomically: an `EXEC` is one batch).
-    fn handle_batch(&self, commands: Vec<Command>) -> Vec<Reply> {
+    fn handle_batch(&self, commands: Vec<KvCmd>) -> Vec<Reply> {
         commands.into_iter().map(|c| self.handle(c)).collect()
     }
 
@@ -75,10 +78,16 @@ pub trait CommandHandler: Send + Sync + 'static {
     fn info(&self) -> Vec<(String, String)> {
         Vec::new()
     }
+
+    /// An operator's command (`RAFTKV.MEMBER` and its arguments); runs on a worker and may
+    /// block. The default knows none.
+    fn operator(&self, _args: Vec<Vec<u8>>) -> Reply {
+        Reply::Error("ERR unknown command 'raftkv.member'".into())
+    }
 }
 
-impl<F: Fn(Command) -> Reply + Send + Sync + 'static> CommandHandler for F {
-    fn handle(&self, command: Command) -> Reply {
+impl<F: Fn(KvCmd) -> Reply + Send + Sync + 'static> CommandHandler for F {
+    fn handle(&self, command: KvCmd) -> Reply {
         self(command)
     }
 }
@@ -362,6 +371,7 @@ fn execute(handler: &dyn CommandHandler, work: Work) -> Vec<u8> {
         slots.iter().any(|s| match s {
             Slot::Info { .. } => true,
             Slot::Exec { slots, .. } => wants_info(slots),
+            Slot::Operator { .. } => false,
             _ => false,
         })
     }
@@ -372,15 +382,37 @@ fn execute(handler: &dyn CommandHandler, work: Work) -> Vec<u8> {
     };
     let mut out = Vec::new();
     for slot in work.slots {
+        let slot = run_operator(handler, slot);
         encode_slot(slot, &replies, &store_info, &mut out);
     }
     out
+}
+
+/// An operator's command, run now and made a ready answer (inside `EXEC` too).
+fn run_operator(handler: &dyn CommandHandler, slot: Slot) -> Slot {
+    match slot {
+        Slot::Operator { args, protocol } => {
+            let mut bytes = Vec::new();
+            handler.operator(args).encode_as(protocol, &mut bytes);
+            Slot::Ready(bytes)
+        }
+        Slot::Exec { slots, protocol } => Slot::Exec {
+            slots: slots
+                .into_iter()
+                .map(|s| run_operator(handler, s))
+                .collect(),
+            protocol,
+        },
+        other => other,
+    }
 }
 
 fn encode_slot(slot: Slot, replies: &[Reply], store_info: &[(String, String)], out: &mut Vec<u8>) {
     let missing = || Reply::Error("ERR internal error: no reply".into());
     match slot {
         Slot::Ready(bytes) => out.extend_from_slice(&bytes),
+        // Run before encoding (`run_operator`).
+        Slot::Operator { protocol, .. } => missing().encode_as(protocol, out),
         Slot::Kv { index, protocol } => match replies.get(index) {
             Some(reply) => reply.encode_as(protocol, out),
             None => missing().encode_as(protocol, out),

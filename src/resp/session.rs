@@ -15,6 +15,7 @@ use std::time::Instant;
 use super::auth::Password;
 use super::command::{Command, CommandError};
 use super::{Protocol, Reply, parse_decimal};
+use crate::kvapi::KvCmd;
 
 /// The Redis release whose commands and replies this server follows (what `HELLO` and
 /// `INFO` call `version`; clients pick features by it).
@@ -46,6 +47,11 @@ pub enum Slot {
     },
     /// `INFO`: the sections rendered here, then the store's own, then the keyspace (from the
     /// answer to `Work::kv[index]`, a `DBSIZE`).
+    /// An operator's command (`RAFTKV.MEMBER`): the store's answer.
+    Operator {
+        args: Vec<Vec<u8>>,
+        protocol: Protocol,
+    },
     Info {
         local: Vec<String>,
         /// The store's sections wanted: `None` for all of them.
@@ -58,7 +64,7 @@ pub enum Slot {
 /// What a connection hands to the store in one go.
 #[derive(Debug, Default)]
 pub struct Work {
-    pub kv: Vec<Command>,
+    pub kv: Vec<KvCmd>,
     pub slots: Vec<Slot>,
     /// Close the connection once the replies are written (`QUIT`, a broken stream).
     pub close: bool,
@@ -73,6 +79,7 @@ impl Work {
                 Slot::Kv { .. } => true,
                 Slot::Exec { slots, .. } => slots.iter().any(needs),
                 Slot::Info { .. } => true,
+                Slot::Operator { .. } => true,
             }
         }
         !self.kv.is_empty() || self.slots.iter().any(needs)
@@ -165,8 +172,10 @@ enum Admin {
 
 /// A command of either kind.
 enum Parsed {
-    Kv(Command),
+    Kv(KvCmd),
     Admin(Admin),
+    /// An operator's command for the store (`RAFTKV.MEMBER`), run on a worker.
+    Operator(Vec<Vec<u8>>),
 }
 
 /// The table of connection commands: name, Redis arity (negative: at least).
@@ -186,7 +195,10 @@ const ADMIN_TABLE: &[(&str, i64)] = &[
 
 fn parse(args: Vec<Vec<u8>>) -> Result<Parsed, CommandError> {
     let Some(name) = args.first() else {
-        return Command::parse(args).map(Parsed::Kv);
+        return Err(CommandError::Unknown {
+            name: String::new(),
+            args: Vec::new(),
+        });
     };
     let Some(&(upper, arity)) = ADMIN_TABLE
         .iter()
@@ -197,7 +209,8 @@ fn parse(args: Vec<Vec<u8>>) -> Result<Parsed, CommandError> {
         return match Command::parse(args)? {
             Command::Ping(message) => Ok(Parsed::Admin(Admin::Ping(message))),
             Command::Quit => Ok(Parsed::Admin(Admin::Quit)),
-            command => Ok(Parsed::Kv(command)),
+            Command::Kv(command) => Ok(Parsed::Kv(command)),
+            Command::Operator(args) => Ok(Parsed::Operator(args)),
         };
     };
     let argc = args.len() as i64;
@@ -320,6 +333,10 @@ impl Session {
                     protocol,
                 });
                 work.kv.push(command);
+                Flow::Continue
+            }
+            Parsed::Operator(args) => {
+                work.slots.push(Slot::Operator { args, protocol });
                 Flow::Continue
             }
             Parsed::Admin(Admin::Multi) => {
@@ -673,7 +690,7 @@ impl Session {
         }
         let keyspace = want("keyspace").then(|| {
             let index = work.kv.len();
-            work.kv.push(Command::DbSize);
+            work.kv.push(KvCmd::DbSize);
             index
         });
         Slot::Info {

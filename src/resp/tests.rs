@@ -311,32 +311,39 @@ fn reply_decoding_is_bounded() {
 
 #[test]
 fn commands_parse_to_the_table() {
+    use crate::kvapi::KvCmd;
     let ok = |words: &[&str]| Command::parse(args(words));
+    let kv = |words: &[&str]| match Command::parse(args(words)) {
+        Ok(Command::Kv(c)) => Ok(c),
+        Ok(other) => panic!("{words:?}: not a KV command: {other:?}"),
+        Err(e) => Err(e),
+    };
     assert_eq!(ok(&["ping"]), Ok(Command::Ping(None)));
     assert_eq!(ok(&["PING", "hi"]), Ok(Command::Ping(Some(b"hi".to_vec()))));
-    assert_eq!(ok(&["get", "k"]), Ok(Command::Get(b"k".to_vec())));
+    assert_eq!(kv(&["get", "k"]), Ok(KvCmd::Get(b"k".to_vec())));
     assert_eq!(
-        ok(&["SeT", "k", "v"]),
-        Ok(Command::Set {
+        kv(&["SeT", "k", "v"]),
+        Ok(KvCmd::Set {
             key: b"k".to_vec(),
             value: b"v".to_vec()
         })
     );
-    assert_eq!(ok(&["DEL", "a", "b"]), Ok(Command::Del(args(&["a", "b"]))));
-    assert_eq!(ok(&["exists", "a"]), Ok(Command::Exists(args(&["a"]))));
-    assert_eq!(ok(&["INCR", "n"]), Ok(Command::Incr(b"n".to_vec())));
+    assert_eq!(kv(&["DEL", "a", "b"]), Ok(KvCmd::Del(args(&["a", "b"]))));
+    assert_eq!(kv(&["exists", "a"]), Ok(KvCmd::Exists(args(&["a"]))));
+    assert_eq!(kv(&["INCR", "n"]), Ok(KvCmd::Incr(b"n".to_vec())));
     assert_eq!(
-        ok(&["MGET", "a", "b", "c"]),
-        Ok(Command::MGet(args(&["a", "b", "c"])))
+        kv(&["MGET", "a", "b", "c"]),
+        Ok(KvCmd::MGet(args(&["a", "b", "c"])))
     );
-    assert_eq!(ok(&["VGET", "k"]), Ok(Command::VGet(b"k".to_vec())));
+    assert_eq!(kv(&["VGET", "k"]), Ok(KvCmd::VGet(b"k".to_vec())));
+    assert_eq!(kv(&["dbsize"]), Ok(KvCmd::DbSize));
     assert_eq!(
-        ok(&["VSET", "k", "v", "18446744073709551615"]),
+        kv(&["VSET", "k", "v", "18446744073709551615"]),
         Err(CommandError::NotAnInteger)
     );
     assert_eq!(
-        ok(&["VSET", "k", "v", "7"]),
-        Ok(Command::VSet {
+        kv(&["VSET", "k", "v", "7"]),
+        Ok(KvCmd::VSet {
             key: b"k".to_vec(),
             value: b"v".to_vec(),
             version: 7
@@ -345,16 +352,18 @@ fn commands_parse_to_the_table() {
     assert_eq!(ok(&["quit"]), Ok(Command::Quit));
     for command in [
         Command::Ping(None),
-        Command::Set {
+        Command::Quit,
+        Command::Kv(KvCmd::Set {
             key: b"k".to_vec(),
             value: b"v".to_vec(),
-        },
-        Command::MGet(args(&["a", "b"])),
-        Command::VSet {
+        }),
+        Command::Kv(KvCmd::MGet(args(&["a", "b"]))),
+        Command::Kv(KvCmd::VSet {
             key: b"k".to_vec(),
             value: b"".to_vec(),
             version: 0,
-        },
+        }),
+        Command::Kv(KvCmd::DbSize),
     ] {
         assert_eq!(Command::parse(command.to_args()), Ok(command.clone()));
     }

@@ -4,7 +4,7 @@
 //!   deterministic rebalance;
 //! - [`shardctrler`]: the controller, which keeps the configuration in a Lab 2 server and
 //!   moves shards between groups (freeze, install, delete) when it changes;
-//! - [`shardgrp`]: a Raft-replicated group serving its shards, through [`crate::kvraft::rsm`];
+//! - [`shardgrp`]: a Raft-replicated group serving its shards, through [`crate::rsm`];
 //! - [`Clerk`]: routes Gets and Puts by the configuration;
 //! - [`transport`]: the seam between the clerks and the servers ([`ShardTransport`],
 //!   [`ShardGrpService`]); nothing else here knows the network;

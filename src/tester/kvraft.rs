@@ -16,10 +16,10 @@ use serde::{Deserialize, Serialize};
 use crate::kvapi::KvClerk;
 use crate::kvraft::Clerk;
 use crate::kvraft::KvServer;
-use crate::kvraft::rsm::{GiveUps, Rsm, RsmError, StateMachine};
 use crate::labcodec;
 use crate::labrpc::ClientEnd;
 use crate::raft::Raft;
+use crate::rsm::{GiveUps, RestoreError, Rsm, RsmError, StateMachine};
 use crate::tester::Clnt;
 use crate::tester::kvtest::{ClerkFactory, KvTest, TestClerk};
 pub use crate::tester::raft::FAULT_ENV;
@@ -60,7 +60,7 @@ fn harness_fault(name: &str) -> bool {
 }
 
 /// The state machine of the rsm tests: one counter.
-struct Counter {
+pub struct Counter {
     me: usize,
     n: Mutex<i64>,
     /// With the `replica-lag` fault: Incs executed but not shown by [`RsmSrv::counter`].
@@ -69,10 +69,10 @@ struct Counter {
     fatal: Arc<Mutex<Option<String>>>,
 }
 
-impl StateMachine for Counter {
-    fn do_op(&self, req: &[u8]) -> Vec<u8> {
-        let rep = match labcodec::decode::<CounterReq>(req) {
-            Ok(CounterReq::Inc) => {
+impl Counter {
+    fn do_op(&self, req: CounterReq) -> CounterRep {
+        match req {
+            CounterReq::Inc => {
                 let mut n = self.n.lock();
                 *n += 1;
                 if let Some(h) = &self.hidden {
@@ -80,7 +80,7 @@ impl StateMachine for Counter {
                 }
                 CounterRep::Inc { n: *n }
             }
-            Ok(CounterReq::Null) => CounterRep::Null,
+            CounterReq::Null => CounterRep::Null,
             other => {
                 let msg = format!(
                     "DoOp should execute only Inc and Null; server {} got {other:?}",
@@ -90,15 +90,23 @@ impl StateMachine for Counter {
                 self.fatal.lock().get_or_insert(msg);
                 CounterRep::Null
             }
-        };
-        labcodec::encode(&rep).unwrap_or_default()
+        }
+    }
+}
+
+impl StateMachine for Counter {
+    type Op = CounterReq;
+    type Reply = CounterRep;
+
+    fn apply(&self, ops: Vec<CounterReq>) -> Vec<CounterRep> {
+        ops.into_iter().map(|op| self.do_op(op)).collect()
     }
 
     fn snapshot(&self) -> Vec<u8> {
         labcodec::encode(&*self.n.lock()).unwrap_or_default()
     }
 
-    fn restore(&self, data: &[u8]) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    fn restore(&self, data: &[u8]) -> Result<(), RestoreError> {
         match labcodec::decode::<i64>(data) {
             Ok(n) => {
                 *self.n.lock() = n;
@@ -117,7 +125,7 @@ impl StateMachine for Counter {
 /// One rsm test peer: the counter and the rsm over it.
 pub struct RsmSrv {
     counter: Arc<Counter>,
-    pub rsm: Rsm,
+    pub rsm: Rsm<Counter>,
 }
 
 impl RsmSrv {
@@ -128,9 +136,8 @@ impl RsmSrv {
 
     /// Submits one counter request.
     pub fn submit(&self, req: CounterReq) -> Option<CounterRep> {
-        let bytes = labcodec::encode(&req).ok()?;
-        match self.rsm.submit(bytes) {
-            Ok(rep) => labcodec::decode(&rep).ok(),
+        match self.rsm.submit(req) {
+            Ok(rep) => Some(rep),
             Err(_) if req == CounterReq::Dec && harness_fault("minority-ok") => {
                 Some(CounterRep::Null)
             }

@@ -19,8 +19,8 @@ use rand::Rng;
 
 use crate::kvapi::KvClerk;
 use crate::kvapi::{CallError, GetArgs, PutArgs};
-use crate::kvraft::rsm::RsmError;
 use crate::labrpc::{ClientEnd, IService, Service};
+use crate::rsm::RsmError;
 use crate::shardkv::shardcfg::{GID1, ShardConfig};
 use crate::shardkv::shardgrp::ShardGrpServer;
 use crate::shardkv::shardgrp::rpc::{

@@ -19,15 +19,15 @@ use super::rpc::{
     InstallShardReply,
 };
 use crate::kvapi::{GetArgs, GetReply, KvErr, KvService, PutArgs, PutReply, VersionedStore};
-use crate::kvraft::rsm::{Rsm, RsmError, StateMachine};
 use crate::labcodec;
 use crate::raft::{RaftTransport, Storage};
+use crate::rsm::{RestoreError, Rsm, RsmError, StateMachine};
 use crate::shardkv::shardcfg::{GID1, NSHARDS, Tgid, Tnum, key2shard};
 use crate::shardkv::transport::ShardGrpService;
 
 /// A request as it travels through the log.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-enum GrpRequest {
+pub enum GrpRequest {
     Get(GetArgs),
     Put(PutArgs),
     Freeze(FreezeShardArgs),
@@ -36,8 +36,8 @@ enum GrpRequest {
 }
 
 /// What executing a request answers.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-enum GrpResponse {
+#[derive(Debug, Clone)]
+pub enum GrpResponse {
     Get(GetReply),
     Put(PutReply),
     Freeze(FreezeShardReply),
@@ -213,15 +213,11 @@ impl ShardStore {
 }
 
 impl StateMachine for ShardStore {
-    fn do_op(&self, req: &[u8]) -> Vec<u8> {
-        match labcodec::decode::<GrpRequest>(req) {
-            Ok(r) => labcodec::encode(&self.execute(r)).unwrap_or_default(),
-            Err(e) => {
-                // Only this server writes requests, so this is a bug; every peer skips it alike.
-                log::error!(target: "shardkv::grp", "gid {}: undecodable request: {e}", self.gid);
-                Vec::new()
-            }
-        }
+    type Op = GrpRequest;
+    type Reply = GrpResponse;
+
+    fn apply(&self, ops: Vec<GrpRequest>) -> Vec<GrpResponse> {
+        ops.into_iter().map(|op| self.execute(op)).collect()
     }
 
     fn snapshot(&self) -> Vec<u8> {
@@ -234,7 +230,7 @@ impl StateMachine for ShardStore {
     }
 
     /// All or nothing: on any error the state is left as it was (and the replica stops).
-    fn restore(&self, data: &[u8]) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    fn restore(&self, data: &[u8]) -> Result<(), RestoreError> {
         let image: Vec<ShardImage> = labcodec::decode(data)?;
         if image.len() != NSHARDS {
             return Err(format!(
@@ -264,7 +260,7 @@ impl StateMachine for ShardStore {
 pub struct ShardGrpServer {
     gid: Tgid,
     me: usize,
-    rsm: Rsm,
+    rsm: Rsm<ShardStore>,
 }
 
 impl ShardGrpServer {
@@ -290,21 +286,18 @@ impl ShardGrpServer {
         self.rsm.kill();
     }
 
-    pub fn rsm(&self) -> &Rsm {
+    pub fn rsm(&self) -> &Rsm<ShardStore> {
         &self.rsm
     }
 
     /// Runs `req` through the log; `None` if this replica cannot answer (not the leader).
     fn submit(&self, req: GrpRequest) -> Option<GrpResponse> {
-        let bytes = labcodec::encode(&req).ok()?;
-        let reply = self.rsm.submit(bytes).ok()?;
-        match labcodec::decode::<GrpResponse>(&reply) {
-            Ok(r) => Some(r),
-            Err(e) => {
-                log::error!(target: "shardkv::grp", "gid {} srv {}: undecodable reply: {e}", self.gid, self.me);
-                None
-            }
-        }
+        self.rsm
+            .submit(req)
+            .inspect_err(
+                |e| log::trace!(target: "shardkv::grp", "gid {} srv {}: {e}", self.gid, self.me),
+            )
+            .ok()
     }
 }
 

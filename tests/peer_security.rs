@@ -297,13 +297,7 @@ impl Cluster {
 
 /// Node `id`'s side of the handshake with `secret`.
 fn auth_as(id: u64, secret: &[u8]) -> PeerAuth {
-    PeerAuth::new(
-        secret,
-        format!("raftkv/{NODES}").as_bytes(),
-        id,
-        NODES as u64,
-    )
-    .expect("auth")
+    PeerAuth::new(secret, b"raftkv", id, NODES as u64).expect("auth")
 }
 
 impl Drop for Cluster {

@@ -60,13 +60,57 @@ enum Cmd {
         after_help = "Starts a local cluster (every peer link through a fault-injecting \
         proxy), runs C clients on K shared keys (VGET and VSET), and injects faults chosen \
         from the seed: kill -9 and restart, SIGSTOP/SIGCONT pauses, partitions (links cut or \
-        blackholed). Then it heals everything, reads every key and checks the history for \
+        blackholed), a follower's disk filling up, a follower replaced (member remove, wiped, \
+        member add). Then it heals everything, reads every key and checks the history for \
         linearizability. Node data and logs go to DIR/run-<seed>-<pid>, removed after a run \
         that passes. Durations: 30s, 2m, 500ms, or plain seconds.\nExit status: 0 \
         linearizable, 1 not (or unknown, a crash, no recovery, no start), 2 bad command line, \
         130 interrupted."
     )]
     Chaos(ChaosOpts),
+    /// List, add or remove the members of a running cluster.
+    #[command(help_template = HELP)]
+    #[command(
+        after_help = "Sent to the client port of the nodes given with --node (the first that \
+        leads runs it; a follower points to the leader). `add` joins the new node as a \
+        non-voting learner, waits until it has caught up with the leader, then makes it a \
+        voter; start the new node first (`raftkv serve` with its new --id, an empty --data, \
+        --cluster and no --bootstrap). `remove` takes a node out (the leader itself steps \
+        down once its removal commits); stop the removed node afterwards. One change at a \
+        time.\nExit status: 0 done, 1 refused or no leader answered, 2 bad command line."
+    )]
+    Member(MemberOpts),
+}
+
+#[derive(Args)]
+struct MemberOpts {
+    /// Client addresses (HOST:PORT) of nodes to ask, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    node: Vec<String>,
+    /// The client password's file, if the nodes require one.
+    #[arg(long, value_name = "FILE")]
+    requirepass_file: Option<PathBuf>,
+    #[command(subcommand)]
+    action: MemberCmd,
+}
+
+#[derive(Subcommand)]
+enum MemberCmd {
+    /// Each member: id, voter or learner, peer and client address, match index.
+    List,
+    /// Add node ID, which its peers reach at PEER_ADDR (`-`: at each node's own --peers
+    /// entry for ID) and clients at CLIENT_ADDR.
+    Add {
+        #[arg(value_parser = clap::value_parser!(u64).range(1..=64))]
+        id: u64,
+        peer_addr: String,
+        client_addr: String,
+    },
+    /// Remove node ID.
+    Remove {
+        #[arg(value_parser = clap::value_parser!(u64).range(1..=64))]
+        id: u64,
+    },
 }
 
 #[derive(Args)]
@@ -164,7 +208,8 @@ struct ChaosOpts {
     #[arg(long, value_name = "FILE")]
     history: Option<PathBuf>,
     /// Only these faults, comma-separated: kill-leader, kill-follower, pause-leader,
-    /// pause-follower, isolate-leader, split-minority, disk-full-follower (default: all).
+    /// pause-follower, isolate-leader, split-minority, disk-full-follower, replace-follower
+    /// (default: all).
     #[arg(long, value_name = "LIST")]
     faults: Option<String>,
 }
@@ -270,6 +315,33 @@ fn main() -> ExitCode {
             })
         }
         Cmd::Chaos(o) => chaos(o),
+        Cmd::Member(o) => {
+            let command = match o.action {
+                MemberCmd::List => vec!["LIST".to_string()],
+                MemberCmd::Add {
+                    id,
+                    peer_addr,
+                    client_addr,
+                } => {
+                    for (what, a) in [("PEER_ADDR", &peer_addr), ("CLIENT_ADDR", &client_addr)] {
+                        let dash = what == "PEER_ADDR" && a == "-";
+                        if !dash && !a.contains(':') {
+                            usage_error(
+                                ErrorKind::ValueValidation,
+                                format!("{what} '{a}' is not HOST:PORT"),
+                            );
+                        }
+                    }
+                    vec!["ADD".to_string(), id.to_string(), peer_addr, client_addr]
+                }
+                MemberCmd::Remove { id } => vec!["REMOVE".to_string(), id.to_string()],
+            };
+            raftkv::proc::member::run(raftkv::proc::member::MemberArgs {
+                nodes: o.node,
+                requirepass_file: o.requirepass_file,
+                command,
+            })
+        }
     }
 }
 

@@ -35,6 +35,8 @@ const DISK_ROOM_LEFT: u64 = 16 << 10;
 
 /// How long a fresh cluster may take to elect its first leader.
 pub const START_PATIENCE: Duration = Duration::from_secs(20);
+/// How long a membership command may take (an add waits for its learner to catch up).
+pub const MEMBER_PATIENCE: Duration = Duration::from_secs(60);
 
 /// Why the cluster could not start or be driven.
 #[derive(Debug)]
@@ -429,6 +431,59 @@ impl ChaosCluster {
             }
         }
         out
+    }
+
+    /// Runs an operator's membership command (`RAFTKV.MEMBER` and `args`) on whichever node
+    /// leads, as `raftkv member` does: a node that does not lead is passed over. Gives up
+    /// after [`MEMBER_PATIENCE`]; the error is the last answer.
+    pub fn member(&self, args: &[&str]) -> Result<String, String> {
+        let mut words = vec!["RAFTKV.MEMBER"];
+        words.extend_from_slice(args);
+        let deadline = Instant::now() + MEMBER_PATIENCE;
+        let mut last = String::from("no node answered");
+        loop {
+            let leader = self.leader();
+            let order: Vec<usize> = leader
+                .into_iter()
+                .chain((0..self.len()).filter(|&i| Some(i) != leader))
+                .collect();
+            for i in order {
+                if self.nodes[i].state != NodeState::Running {
+                    continue;
+                }
+                let reply = super::client::RespConn::connect(self.client_addr(i), MEMBER_PATIENCE)
+                    .map_err(|e| e.to_string())
+                    .and_then(|mut c| c.call(&words).map_err(|e| e.to_string()));
+                match reply {
+                    Ok(crate::resp::Reply::Bulk(text)) => {
+                        return Ok(String::from_utf8_lossy(&text).into_owned());
+                    }
+                    Ok(crate::resp::Reply::Error(e)) if e.starts_with("NOTLEADER") => last = e,
+                    Ok(crate::resp::Reply::Error(e)) => return Err(format!("node {}: {e}", i + 1)),
+                    Ok(other) => return Err(format!("node {}: unexpected {other:?}", i + 1)),
+                    Err(e) => last = format!("node {}: {e}", i + 1),
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(last);
+            }
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// `kill -9` node `i`, reap it and remove its data directory (a lost disk); it stays
+    /// killed until [`restart`](Self::restart), which starts it on an empty directory (it
+    /// then waits to be added).
+    pub fn wipe(&mut self, i: usize) -> Result<(), ClusterError> {
+        self.kill9(i);
+        match fs::remove_dir_all(self.data(i)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(ClusterError::Setup {
+                what: format!("wipe {}", self.data(i).display()),
+                reason: e.to_string(),
+            }),
+        }
     }
 
     /// `kill -9` node `i` and reap it.

@@ -29,10 +29,14 @@ pub enum FaultKind {
     /// the cause named, which is expected, not a crash. When the fault ends its space is
     /// freed and it is started again; it catches up.
     DiskFullFollower,
+    /// Replace a follower (a lost disk): `member remove` it, wipe its directory, start it
+    /// empty; when the fault ends, `member add` it again under its id and address (it
+    /// catches up as a learner, then votes).
+    ReplaceFollower,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 7] = [
+    pub const ALL: [FaultKind; 8] = [
         FaultKind::KillLeader,
         FaultKind::KillFollower,
         FaultKind::PauseLeader,
@@ -40,6 +44,7 @@ impl FaultKind {
         FaultKind::IsolateLeader,
         FaultKind::SplitMinority,
         FaultKind::DiskFullFollower,
+        FaultKind::ReplaceFollower,
     ];
 
     pub fn name(self) -> &'static str {
@@ -51,6 +56,7 @@ impl FaultKind {
             FaultKind::IsolateLeader => "isolate leader",
             FaultKind::SplitMinority => "split minority/majority",
             FaultKind::DiskFullFollower => "disk full follower",
+            FaultKind::ReplaceFollower => "replace follower",
         }
     }
 
@@ -64,6 +70,7 @@ impl FaultKind {
             FaultKind::IsolateLeader => "isolate-leader",
             FaultKind::SplitMinority => "split-minority",
             FaultKind::DiskFullFollower => "disk-full-follower",
+            FaultKind::ReplaceFollower => "replace-follower",
         }
     }
 
@@ -205,6 +212,26 @@ pub fn inject(
                 hold,
             }
         }
+        FaultKind::ReplaceFollower => {
+            // Out of the configuration first: the cluster never counts on a wiped voter.
+            let nodes = match cluster.member(&["REMOVE", &(follower + 1).to_string()]) {
+                Ok(_) => {
+                    cluster.wipe(follower)?;
+                    cluster.restart(follower)?;
+                    vec![follower]
+                }
+                Err(e) => {
+                    log::warn!(target: "chaos::nemesis", "replace follower: node {} not removed: {e}", follower + 1);
+                    Vec::new()
+                }
+            };
+            ActiveFault {
+                kind,
+                nodes,
+                mode: None,
+                hold,
+            }
+        }
         FaultKind::SplitMinority => {
             let mut nodes: Vec<usize> = (0..n).collect();
             // A partial Fisher-Yates: the first (n-1)/2 are the minority.
@@ -246,6 +273,34 @@ pub fn recover(cluster: &mut ChaosCluster, fault: &ActiveFault) -> Result<(), Cl
                 cluster.free_disk(node)?;
             }
         }
+        FaultKind::ReplaceFollower => {
+            for &node in &fault.nodes {
+                add_back(cluster, node)?;
+            }
+        }
     }
     Ok(())
+}
+
+/// Adds a replaced node back under its id, reached at each node's own `--peers` address for
+/// it (`-`: through the proxies). An add cut short (a leader change while it caught up)
+/// leaves a learner: it is removed and added again, three times at most.
+fn add_back(cluster: &mut ChaosCluster, node: usize) -> Result<(), ClusterError> {
+    let id = (node + 1).to_string();
+    let client = cluster.client_addr(node).to_string();
+    let mut last = String::new();
+    for _ in 0..3 {
+        match cluster.member(&["ADD", &id, "-", &client]) {
+            Ok(_) => return Ok(()),
+            Err(e) => {
+                log::warn!(target: "chaos::nemesis", "replace follower: adding node {id} back: {e}");
+                last = e;
+                let _ = cluster.member(&["REMOVE", &id]);
+            }
+        }
+    }
+    Err(ClusterError::Setup {
+        what: format!("node {id} added back"),
+        reason: last,
+    })
 }

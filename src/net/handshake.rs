@@ -59,7 +59,13 @@ pub struct PeerAuth {
     cluster_id: Arc<[u8]>,
     node_id: u64,
     nodes: u64,
+    /// Which diallers are members now (membership changes: a node removed from the
+    /// configuration is refused even though it holds the secret); `None`: every node id.
+    members: Option<MemberCheck>,
 }
+
+/// Whether a node id is a member of the listener's current configuration.
+pub type MemberCheck = Arc<dyn Fn(u64) -> bool + Send + Sync>;
 
 impl fmt::Debug for PeerAuth {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -102,7 +108,15 @@ impl PeerAuth {
             cluster_id: cluster_id.into(),
             node_id,
             nodes,
+            members: None,
         })
+    }
+
+    /// As a listener, accepts only the diallers `members` admits (checked once they have
+    /// proved themselves).
+    pub fn with_member_check(mut self, members: MemberCheck) -> PeerAuth {
+        self.members = Some(members);
+        self
     }
 
     pub fn node_id(&self) -> u64 {
@@ -178,6 +192,11 @@ pub enum HandshakeError {
     BadProof {
         claimed: u64,
     },
+    /// The dialler proved itself but is not a member of the listener's configuration (a
+    /// removed node).
+    NotMember {
+        claimed: u64,
+    },
 }
 
 impl fmt::Display for HandshakeError {
@@ -194,6 +213,9 @@ impl fmt::Display for HandshakeError {
             HandshakeError::NotPeer => f.write_str("not a raftkv peer handshake"),
             HandshakeError::Cluster { ours, theirs } => {
                 write!(f, "cluster id mismatch: ours {ours:?}, theirs {theirs:?}")
+            }
+            HandshakeError::NotMember { claimed } => {
+                write!(f, "node {claimed} is not a member of this node's configuration")
             }
             HandshakeError::UnknownNode { claimed } => {
                 write!(f, "claims to be node {claimed}, not another node of this cluster")
@@ -311,6 +333,11 @@ pub fn accept(
     read_full(stream, &mut proof, deadline)?;
     if !auth.verify("dialler", dialler, listener, (nonce_d, &nonce_l), &proof) {
         return Err(HandshakeError::BadProof { claimed: dialler });
+    }
+    if let Some(members) = &auth.members
+        && !members(dialler)
+    {
+        return Err(HandshakeError::NotMember { claimed: dialler });
     }
     stream.set_read_timeout(None).map_err(HandshakeError::Io)?;
     Ok(dialler)

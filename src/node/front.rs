@@ -25,7 +25,8 @@ use parking_lot::{Condvar, Mutex};
 use serde::{Deserialize, Serialize};
 
 use super::machine::{KvCmd, KvMachine, KvOut, Outcome, Request};
-use crate::net::{ClientEnd, Service};
+use super::members::{AdminReply, Members};
+use crate::net::Service;
 use crate::resp::Reply;
 use crate::resp::server::CommandHandler;
 use crate::rsm::{ReadError, Rsm, SubmitError};
@@ -200,8 +201,8 @@ struct Shared {
     me: usize,
     rsm: Arc<Rsm<KvMachine>>,
     machine: Arc<KvMachine>,
-    /// `peers[j]` reaches node `j`'s peer port; `None` at `me`.
-    peers: Vec<Option<ClientEnd>>,
+    /// The members of the current configuration and the connections to them.
+    members: Arc<Members>,
     /// The node that last answered as leader.
     leader_hint: AtomicUsize,
     /// Idle client slots `(id, next seq)`.
@@ -225,8 +226,6 @@ struct Shared {
 pub struct Front {
     shared: Arc<Shared>,
     proposers: Mutex<Vec<JoinHandle<()>>>,
-    /// Every node's peer address, node `i + 1` at `members[i]` (for `INFO raft`).
-    members: Vec<String>,
 }
 
 impl Front {
@@ -234,13 +233,13 @@ impl Front {
         me: usize,
         rsm: Arc<Rsm<KvMachine>>,
         machine: Arc<KvMachine>,
-        peers: Vec<Option<ClientEnd>>,
+        members: Arc<Members>,
     ) -> std::io::Result<Front> {
         let shared = Arc::new(Shared {
             me,
             rsm,
             machine,
-            peers,
+            members,
             leader_hint: AtomicUsize::new(me),
             slots: Mutex::new(Vec::new()),
             commands: AtomicU64::new(0),
@@ -253,7 +252,6 @@ impl Front {
         let front = Front {
             shared: shared.clone(),
             proposers: Mutex::new(Vec::new()),
-            members: Vec::new(),
         };
         for i in 0..PROPOSERS {
             let s = shared.clone();
@@ -270,13 +268,6 @@ impl Front {
     /// [`super::NodeFault::LocalReads`]).
     pub fn with_local_reads(self) -> Front {
         self.shared.local_reads.store(true, Ordering::SeqCst);
-        self
-    }
-
-    /// Names the cluster's members (peer addresses, node `i + 1` at `members[i]`) for
-    /// `INFO raft`.
-    pub fn with_members(mut self, members: Vec<String>) -> Front {
-        self.members = members;
         self
     }
 
@@ -415,17 +406,25 @@ impl Shared {
         batch: &Vec<Request>,
         writes: bool,
     ) -> Result<Vec<Outcome>, Unavailable> {
-        let n = self.peers.len();
         let deadline = Instant::now() + COMMAND_DEADLINE;
-        let mut target = self.leader_hint.load(Ordering::Relaxed) % n;
+        // The members as the configuration names them now (re-read on each pass: a change
+        // may add or remove one meanwhile); this node too, even when it is none of them.
+        let targets = || {
+            let mut t = self.members.peers();
+            if !t.contains(&self.me) {
+                t.push(self.me);
+            }
+            t
+        };
+        let mut list = targets();
+        let hint = self.leader_hint.load(Ordering::Relaxed);
+        let mut at = list.iter().position(|&p| p == hint).unwrap_or(0);
         let mut refused_in_a_row = 0;
         loop {
+            let target = list[at % list.len()];
             let reply = if target == self.me {
                 exec_local(&self.rsm, &self.machine, batch)
-            } else {
-                let end = self.peers[target]
-                    .as_ref()
-                    .expect("an end for every other node");
+            } else if let Some(end) = self.members.end(target) {
                 let timeout = deadline
                     .saturating_duration_since(Instant::now())
                     .min(FORWARD_TIMEOUT);
@@ -436,6 +435,8 @@ impl Shared {
                         ExecReply::NotLeader
                     }
                 }
+            } else {
+                ExecReply::NotLeader
             };
             match reply {
                 ExecReply::Done(outcomes) if outcomes.len() == batch.len() => {
@@ -457,11 +458,12 @@ impl Shared {
                 log::info!(target: LOG, "node {}: no leader within {:?}", self.me + 1, COMMAND_DEADLINE);
                 return Err(Unavailable::NoLeader { writes });
             }
-            target = (target + 1) % n;
+            at += 1;
             refused_in_a_row += 1;
-            if refused_in_a_row >= n {
+            if refused_in_a_row >= list.len() {
                 refused_in_a_row = 0;
                 std::thread::sleep(NO_LEADER_PAUSE);
+                list = targets();
             }
         }
     }
@@ -496,7 +498,29 @@ fn take_batch(items: &mut VecDeque<Pending>) -> Vec<Pending> {
     batch
 }
 
+impl Front {
+    /// `RAFTKV.MEMBER ...`: the operator's membership commands (see [`super::members`]).
+    fn member(&self, args: &[Vec<u8>]) -> Reply {
+        match super::members::admin(&self.shared.rsm.raft(), &self.shared.members, args) {
+            AdminReply::Ok(text) => Reply::Bulk(text.into_bytes()),
+            AdminReply::NotLeader(Some(addr)) => Reply::Error(format!(
+                "NOTLEADER {addr} leads; send membership commands there"
+            )),
+            AdminReply::NotLeader(None) => Reply::Error(
+                "NOTLEADER this node does not lead; send membership commands to the leader"
+                    .to_string(),
+            ),
+            AdminReply::Err(e) => Reply::Error(format!("ERR {e}")),
+        }
+    }
+}
+
 impl CommandHandler for Front {
+    /// `RAFTKV.MEMBER ...` (see [`super::members`]).
+    fn operator(&self, args: Vec<Vec<u8>>) -> Reply {
+        self.member(&args)
+    }
+
     fn handle(&self, command: KvCmd) -> Reply {
         self.handle_batch(vec![command])
             .pop()
@@ -517,10 +541,19 @@ impl CommandHandler for Front {
             self.shared.leader_hint.load(Ordering::Relaxed)
         };
         let members: Vec<String> = self
+            .shared
+            .members
+            .current()
             .members
             .iter()
-            .enumerate()
-            .map(|(i, addr)| format!("{}={addr}", i + 1))
+            .map(|m| {
+                format!(
+                    "{}={}{}",
+                    m.peer + 1,
+                    m.addr,
+                    if m.voter { "" } else { "(learner)" }
+                )
+            })
             .collect();
         let text = format!(
             "# Raft\r\nnode_id:{}\r\nrole:{}\r\nterm:{term}\r\ncommit_index:{commit_index}\r\n\

@@ -16,6 +16,7 @@ pub mod files;
 pub mod front;
 pub mod identity;
 pub mod machine;
+pub mod members;
 pub mod secret;
 pub mod transport;
 
@@ -24,13 +25,14 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::net::{ClientEnd, ClientOptions, DialAuth, PeerAuth, Server, ServerOptions};
+use crate::net::{ClientOptions, PeerAuth, Server, ServerOptions};
 use crate::raft::{RaftOptions, Storage};
 use crate::resp::server::{RespOptions, RespServer};
 use crate::rsm::{Rsm, RsmError};
 pub use front::Front;
 pub use identity::ClusterIdentity;
 pub use machine::KvMachine;
+pub use members::Members;
 pub use transport::TcpRaftTransport;
 
 /// Snapshot once the Raft state passes this many bytes.
@@ -141,6 +143,8 @@ pub struct NodeStatus {
     pub leader: bool,
     /// Requests the state machine has applied.
     pub applied: u64,
+    /// What this node is in its configuration: voter, learner, removed, waiting to be added.
+    pub member: &'static str,
     /// RESP commands answered.
     pub commands: u64,
     pub keys: usize,
@@ -156,7 +160,7 @@ pub struct Node {
     rsm: Arc<Rsm<KvMachine>>,
     machine: Arc<KvMachine>,
     front: Arc<Front>,
-    ends: Vec<ClientEnd>,
+    members: Arc<Members>,
 }
 
 fn resolve(node: usize, addr: &str) -> Result<SocketAddr, NodeError> {
@@ -225,9 +229,33 @@ impl Node {
             &config.peer_secret,
             config.cluster_id.as_bytes(),
             config.id as u64,
-            n as u64,
+            crate::raft::membership::MAX_PEERS as u64,
         )
         .map_err(NodeError::Config)?;
+        let options = ClientOptions {
+            call_timeout: Duration::from_secs(1),
+            backoff_max: Duration::from_millis(200),
+            ..ClientOptions::default()
+        };
+        // A founding node (or one that has fully joined) starts from --peers until its log or
+        // membership file says otherwise; a node on an empty directory waits to be added.
+        let initial = if config.identity.record().is_some_and(|r| r.voter) {
+            Members::founding(config.peers.len(), me, &config.client_addr)
+        } else {
+            crate::raft::Configuration::default()
+        };
+        let members = Arc::new(Members::new(
+            me,
+            config.peers.clone(),
+            config.identity.dir(),
+            initial,
+            auth.clone(),
+            options,
+        ));
+        let admits = {
+            let members = members.clone();
+            Arc::new(move |id: u64| members.admits(id))
+        };
         // Bind the peer port first: a node that cannot listen must not start Raft.
         let server = Server::start(
             &format!("node{}-peer", config.id),
@@ -236,7 +264,7 @@ impl Node {
                 // Forwarded requests block a handler until they commit; Raft's RPCs share
                 // the pool, so it is larger than the default.
                 handler_threads: 32,
-                auth: Some(auth.clone()),
+                auth: Some(auth.clone().with_member_check(admits)),
                 ..ServerOptions::default()
             },
         )
@@ -245,31 +273,10 @@ impl Node {
             addr: config.peers[me].clone(),
             reason: e.to_string(),
         })?;
-        let options = ClientOptions {
-            call_timeout: Duration::from_secs(1),
-            backoff_max: Duration::from_millis(200),
-            ..ClientOptions::default()
-        };
-        let ends: Vec<Option<ClientEnd>> = addrs
-            .iter()
-            .enumerate()
-            .map(|(j, &addr)| {
-                (j != me).then(|| {
-                    let options = ClientOptions {
-                        auth: Some(DialAuth {
-                            local: auth.clone(),
-                            remote_node: j as u64 + 1,
-                        }),
-                        ..options.clone()
-                    };
-                    ClientEnd::connect(&format!("node{}-to{}", config.id, j + 1), addr, options)
-                })
-            })
-            .collect();
         let machine = Arc::new(KvMachine::new());
         let identity = config.identity.clone();
         let rsm = Rsm::with_options(
-            Box::new(TcpRaftTransport::new(ends.clone(), identity.clone()))
+            Box::new(TcpRaftTransport::new(members.clone(), identity.clone()))
                 as Box<dyn crate::raft::RaftTransport>,
             me,
             storage,
@@ -296,7 +303,7 @@ impl Node {
         ));
         server.add_service(front::kv_service(rsm.clone(), machine.clone()));
         let mut front =
-            Front::new(me, rsm.clone(), machine.clone(), ends.clone()).map_err(|e| {
+            Front::new(me, rsm.clone(), machine.clone(), members.clone()).map_err(|e| {
                 NodeError::Spawn {
                     what: "a proposer thread",
                     reason: e.to_string(),
@@ -306,7 +313,7 @@ impl Node {
             log::warn!(target: "node", "node {}: deliberate fault: reads bypass the log", config.id);
             front = front.with_local_reads();
         }
-        let front = Arc::new(front.with_members(config.peers.clone()));
+        let front = Arc::new(front);
         let resp = RespServer::start(
             &format!("node{}-resp", config.id),
             &config.client_addr,
@@ -327,7 +334,7 @@ impl Node {
             rsm,
             machine,
             front,
-            ends: ends.into_iter().flatten().collect(),
+            members,
         })
     }
 
@@ -346,6 +353,7 @@ impl Node {
             term,
             leader,
             applied: self.machine.applied(),
+            member: self.members.role(),
             commands: self.front.commands(),
             keys: self.machine.keys(),
         }
@@ -390,9 +398,7 @@ impl Node {
             server.shutdown();
         }
         self.rsm.kill();
-        for end in &self.ends {
-            end.shutdown();
-        }
+        self.members.shutdown();
     }
 }
 

@@ -18,12 +18,15 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::identity::ClusterIdentity;
-use crate::net::{ClientEnd, NetError, Service};
+use super::members::Members;
+use crate::net::{NetError, Service};
+use crate::raft::membership::MAX_PEERS;
 use crate::raft::{
     AppendEntriesArgs, AppendEntriesReply, InstallSnapshotArgs, InstallSnapshotChunkArgs,
     InstallSnapshotChunkReply, InstallSnapshotReply, OnReply, RaftHandler, RaftTransport,
     RequestVoteArgs, RequestVoteReply,
 };
+use crate::raft::{Configuration, MembershipHost};
 
 /// A Raft message with the sender's cluster id (empty while it has none).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -37,15 +40,23 @@ pub struct Tagged<A> {
 pub const SNAPSHOT_CHUNK_BYTES: usize = crate::storage::record::SNAPSHOT_CHUNK;
 const _: () = assert!(SNAPSHOT_CHUNK_BYTES + (64 << 10) < crate::net::DEFAULT_MAX_FRAME_BYTES);
 
-/// `ends[j]` reaches peer `j`; `None` at the node's own number.
+/// A piece of a streamed snapshot and the configuration as of the snapshot (membership on).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChunkWithConfig {
+    pub args: InstallSnapshotChunkArgs,
+    pub config: Option<Configuration>,
+}
+
+/// Reaches the members of the node's current configuration by their ids, at the addresses
+/// the configuration carries (see [`Members`]); membership changes on.
 pub struct TcpRaftTransport {
-    ends: Vec<Option<ClientEnd>>,
+    members: Arc<Members>,
     identity: Arc<ClusterIdentity>,
 }
 
 impl TcpRaftTransport {
-    pub fn new(ends: Vec<Option<ClientEnd>>, identity: Arc<ClusterIdentity>) -> TcpRaftTransport {
-        TcpRaftTransport { ends, identity }
+    pub fn new(members: Arc<Members>, identity: Arc<ClusterIdentity>) -> TcpRaftTransport {
+        TcpRaftTransport { members, identity }
     }
 
     fn send<A, R>(&self, peer: usize, method: &str, args: A, on_reply: OnReply<R>)
@@ -57,19 +68,41 @@ impl TcpRaftTransport {
             cluster: self.identity.cluster_id().unwrap_or_default(),
             msg: args,
         };
-        match self.ends.get(peer).and_then(|e| e.as_ref()) {
+        match self.members.end(peer) {
             Some(end) => end.call_async(method, &tagged, move |r: Result<Option<R>, NetError>| {
                 on_reply(r.ok().flatten())
             }),
-            // Raft never sends to itself; an unknown peer is a lost message.
-            None => log::error!(target: "node::transport", "no end for peer {peer} ({method})"),
+            // Raft sends only to members; one removed meanwhile is a lost message.
+            None => {
+                log::debug!(target: "node::transport", "no end for peer {peer} ({method})");
+                on_reply(None)
+            }
         }
     }
 }
 
 impl RaftTransport for TcpRaftTransport {
     fn len(&self) -> usize {
-        self.ends.len()
+        MAX_PEERS
+    }
+
+    fn membership(&self) -> Option<&dyn MembershipHost> {
+        Some(self.members.as_ref())
+    }
+
+    fn install_snapshot_chunk_with_config(
+        &self,
+        peer: usize,
+        args: InstallSnapshotChunkArgs,
+        config: Option<Configuration>,
+        on_reply: OnReply<InstallSnapshotChunkReply>,
+    ) {
+        self.send(
+            peer,
+            "Raft.InstallSnapshotChunkWithConfig",
+            ChunkWithConfig { args, config },
+            on_reply,
+        );
     }
 
     fn request_vote(
@@ -142,12 +175,12 @@ impl Admission {
 /// to a message refused: of another cluster, or naming another sender than the node the
 /// peer handshake proved — a member speaks only as itself).
 pub fn raft_service(h: RaftHandler, identity: Arc<ClusterIdentity>) -> Service {
-    let (h1, h2, h3, h4) = (h.clone(), h.clone(), h.clone(), h);
+    let (h1, h2, h3, h4, h5) = (h.clone(), h.clone(), h.clone(), h.clone(), h);
     let gate = Arc::new(Admission {
         identity,
         last_logged: Mutex::new(None),
     });
-    let (g1, g2, g3, g4) = (gate.clone(), gate.clone(), gate.clone(), gate);
+    let (g1, g2, g3, g4, g5) = (gate.clone(), gate.clone(), gate.clone(), gate.clone(), gate);
     Service::new("Raft")
         .method_from("RequestVote", move |node, t: Tagged<RequestVoteArgs>| {
             g1.admit("RequestVote", &t.cluster, false)?;
@@ -174,6 +207,15 @@ pub fn raft_service(h: RaftHandler, identity: Arc<ClusterIdentity>) -> Service {
                 g4.admit("InstallSnapshotChunk", &t.cluster, true)?;
                 as_itself(node, t.msg.leader, "InstallSnapshotChunk")
                     .then(|| h4.install_snapshot_chunk(t.msg))?
+            },
+        )
+        .method_from(
+            "InstallSnapshotChunkWithConfig",
+            move |node, t: Tagged<ChunkWithConfig>| {
+                g5.admit("InstallSnapshotChunk", &t.cluster, true)?;
+                let ChunkWithConfig { args, config } = t.msg;
+                as_itself(node, args.leader, "InstallSnapshotChunk")
+                    .then(|| h5.install_snapshot_chunk_with_config(args, config))?
             },
         )
 }

@@ -6,11 +6,13 @@
 //! * [`spawn`]: the one `raftkv serve` spawner ([`ServeSpec`], [`NodeProcess`]: own process
 //!   group, `--stop-on-stdin-eof`, signals only to a child not yet reaped) and [`leader_of`];
 //! * [`serve`]: `raftkv serve`, the node's main loop;
-//! * [`local`]: `raftkv local`, the supervisor of a local cluster.
+//! * [`local`]: `raftkv local`, the supervisor of a local cluster;
+//! * [`member`]: `raftkv member`, the operator's membership commands.
 //!
 //! `src/bin/raftkv.rs` only parses the command line and calls these.
 
 pub mod local;
+pub mod member;
 pub mod serve;
 pub mod spawn;
 pub mod status;

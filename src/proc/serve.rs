@@ -138,9 +138,10 @@ pub fn run(args: ServeArgs) -> ExitCode {
         max_raft_state: Some(crate::node::DEFAULT_MAX_RAFT_STATE),
         fault,
         peer_secret,
-        // The peer lists differ between nodes (a proxy may stand for a peer), so the cluster
-        // is named by its size; the secret is what authenticates.
-        cluster_id: format!("raftkv/{}", args.peers.len()),
+        // The peer lists differ between nodes (a proxy may stand for a peer, a node added
+        // later lists more), so the handshake names no size; the secret authenticates, and
+        // every Raft message carries the cluster's own id (the identity).
+        cluster_id: "raftkv".to_string(),
         identity,
     };
     let mut node = match Node::start(config, storage) {
@@ -186,6 +187,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
                 .client_addr()
                 .map(|a| a.to_string())
                 .unwrap_or_default(),
+            member: status.member.to_string(),
             stopped: None,
         };
         // A failed write or fsync of the identity stops the node as the log's would.

@@ -27,6 +27,10 @@ pub struct NodeStatusFile {
     pub keys: usize,
     /// Where Redis clients reach it (empty if not listening).
     pub client: String,
+    /// What it is in its configuration: `voter`, `learner`, `removed` (a membership change
+    /// took it out: it takes no part and may be stopped), `waiting to be added`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub member: String,
     /// Set in the node's last status when it stopped on an error: why (for a disk error the
     /// operation, the file and the OS error).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -103,6 +107,7 @@ mod tests {
             commands: 9,
             keys: 3,
             client: "127.0.0.1:7001".into(),
+            member: "voter".into(),
             stopped: None,
         };
         status.write(&path).unwrap();

@@ -171,15 +171,37 @@ pub(super) fn append_entries(
     Ok(())
 }
 
-/// The service's check of every command in `a` (bounds already checked).
-pub(super) fn entries(a: &AppendEntriesArgs, v: &dyn Validator) -> Result<(), Refusal> {
+/// The service's check of every command in `a` (bounds already checked). With membership
+/// on, a configuration entry is Raft's own: it must decode to a sane configuration, and the
+/// service never sees it.
+pub(super) fn entries(
+    a: &AppendEntriesArgs,
+    v: &dyn Validator,
+    membership: bool,
+) -> Result<(), Refusal> {
     for (i, e) in a.entries.iter().enumerate() {
-        v.check_entry(&e.command).map_err(|reason| Refusal::Entry {
-            index: a.prev_log_index + 1 + i as u64,
-            reason,
-        })?;
+        let index = a.prev_log_index + 1 + i as u64;
+        if membership && super::membership::is_config_entry(&e.command) {
+            super::membership::Configuration::decode_entry(&e.command)
+                .map_err(|reason| Refusal::Entry { index, reason })?;
+            continue;
+        }
+        v.check_entry(&e.command)
+            .map_err(|reason| Refusal::Entry { index, reason })?;
     }
     Ok(())
+}
+
+/// A validator that takes everything (membership on, no service validator given).
+pub(super) struct AcceptAll;
+
+impl Validator for AcceptAll {
+    fn check_entry(&self, _command: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
+    fn check_snapshot(&self, _data: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 pub(super) fn install_snapshot(

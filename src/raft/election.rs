@@ -26,7 +26,7 @@ impl Core {
         st.votes.insert(self.me);
         self.reset_election_timer(st);
         log::debug!(target: "raft::election", "raft-{} t{}: pre-candidate, log ..={} (t{})", self.me, st.term, st.log.last_index(), st.log.last_term());
-        if st.votes.len() >= self.majority() {
+        if self.won(st) {
             self.start_election(st);
             return;
         }
@@ -44,7 +44,8 @@ impl Core {
             pre_vote,
         };
         let sent_in = st.term;
-        for peer in (0..self.peers.len()).filter(|&p| p != self.me) {
+        // Only voters' answers count: learners are not asked.
+        for peer in self.voters(st).into_iter().filter(|&p| p != self.me) {
             let core = self.clone();
             let args = args.clone();
             st.outbox.push(Box::new(move || {
@@ -76,7 +77,7 @@ impl Core {
             return; // the vote for itself could not be saved
         }
         log::debug!(target: "raft::election", "raft-{} t{}: candidate, log ..={} (t{})", self.me, st.term, st.log.last_index(), st.log.last_term());
-        if st.votes.len() >= self.majority() {
+        if self.won(st) {
             self.become_leader(st);
             return;
         }
@@ -118,8 +119,8 @@ impl Core {
         if !st.votes.insert(peer) {
             return; // a duplicated reply
         }
-        log::debug!(target: "raft::election", "raft-{} t{}: {} from {peer}, {} of {}", self.me, st.term, if pre_vote { "pre-vote" } else { "vote" }, st.votes.len(), self.majority());
-        if st.votes.len() >= self.majority() {
+        log::debug!(target: "raft::election", "raft-{} t{}: {} from {peer}, {} in all", self.me, st.term, if pre_vote { "pre-vote" } else { "vote" }, st.votes.len());
+        if self.won(&st) {
             if pre_vote {
                 self.start_election(&mut st);
             } else {
@@ -128,8 +129,17 @@ impl Core {
         }
     }
 
+    /// Whether the (pre-)votes gathered are a majority of this peer's voters (only voters'
+    /// votes count; a duplicated reply counts once).
+    fn won(&self, st: &State) -> bool {
+        let voters = self.voters(st);
+        let got = voters.iter().filter(|p| st.votes.contains(p)).count();
+        got >= Self::quorum(&voters)
+    }
+
     fn become_leader(self: &Arc<Core>, st: &mut State) {
         st.role = Role::Leader;
+        st.leader_id = Some(self.me);
         // It counts itself for its log once a sync has shown it durable: this guard's own
         // (everything it holds was queued before it).
         st.own_durable = 0;
@@ -147,6 +157,10 @@ impl Core {
             p.last_heard = Instant::now();
         }
         log::info!(target: "raft::election", "raft-{} t{}: leader, log ..={}", self.me, st.term, st.log.last_index());
+        // Membership on and no configuration entry yet (a new cluster, or one older than
+        // membership changes): record the configuration in the log, so a peer added later
+        // learns it from there.
+        self.record_initial_configuration(st);
         // Assert authority at once rather than at the next tick.
         st.heartbeat_due = Instant::now() + super::state::HEARTBEAT_INTERVAL;
         self.broadcast_append(st);
@@ -181,6 +195,16 @@ impl Core {
             // leader had committed: with less, its vote could elect a leader missing
             // committed entries. It changes nothing, not even its term.
             log::debug!(target: "raft::election", "raft-{} t{}: {}vote for {} refused: not a voter yet", self.me, st.term, if args.pre_vote { "pre-" } else { "" }, args.candidate);
+            return Some(RequestVoteReply {
+                term: st.term,
+                vote_granted: false,
+            });
+        }
+        if !self.in_voters(&st) || !self.knows(&st, args.candidate) {
+            // Raft dissertation §4.2.3: a peer that is not a voter of this peer's
+            // configuration (removed, or not yet added) cannot disrupt it, and a peer that is
+            // not a voter itself has no vote to give. Nothing changes, not even the term.
+            log::debug!(target: "raft::election", "raft-{} t{}: {}vote for {} refused: {}", self.me, st.term, if args.pre_vote { "pre-" } else { "" }, args.candidate, if self.in_voters(&st) { "not a member" } else { "not a voter here" });
             return Some(RequestVoteReply {
                 term: st.term,
                 vote_granted: false,
@@ -233,15 +257,17 @@ impl Core {
     /// of its term that recently. It then refuses (pre-)votes for a newer term.
     fn leader_alive(&self, st: &State) -> bool {
         if st.role == Role::Leader {
-            let answered = (0..self.peers.len())
-                .filter(|&p| {
+            let voters = self.voters(st);
+            let answered = voters
+                .iter()
+                .filter(|&&p| {
                     p == self.me
                         || st.peers[p]
                             .last_answer
                             .is_some_and(|t| t.elapsed() < LEADER_STICKINESS)
                 })
                 .count();
-            return answered >= self.majority();
+            return answered >= Self::quorum(&voters);
         }
         st.leader_contact
             .is_some_and(|t| t.elapsed() < LEADER_STICKINESS)

@@ -12,6 +12,7 @@ mod apply;
 pub mod check;
 mod election;
 pub mod log;
+pub mod membership;
 pub mod persist;
 mod read;
 mod replication;
@@ -31,6 +32,9 @@ use crossbeam::channel::Sender;
 use parking_lot::Mutex;
 
 pub use check::{MAX_INDEX, MAX_TERM, MAX_TERM_JUMP, Refusal, Validator};
+pub use membership::{
+    ChangeError, ConfChange, Configuration, Member, MembershipHost, MembershipStatus,
+};
 pub use read::ReadIndexError;
 pub use rpc::{
     AppendEntriesArgs, AppendEntriesReply, InstallSnapshotArgs, InstallSnapshotChunkArgs,
@@ -198,6 +202,27 @@ impl Raft {
     /// committed yet (go through the log).
     pub fn read_index(&self, timeout: Duration) -> Result<u64, ReadIndexError> {
         self.core.read_index(timeout)
+    }
+
+    /// Proposes one membership change (see [`membership`]): a new member joins as a learner,
+    /// a learner is promoted, a member is removed. Returns the index and term of the
+    /// configuration entry, which takes effect at once; the change is done once that index
+    /// is committed. Refused while another change is uncommitted, before this leader has
+    /// committed an entry of its term, on a follower, and in the labs' fixed-peer Raft.
+    pub fn change_membership(&self, change: &ConfChange) -> Result<(u64, u64), ChangeError> {
+        self.core.change_membership(change)
+    }
+
+    /// This peer's configuration and, on a leader, its members' progress; `None` in the
+    /// labs' fixed-peer Raft.
+    pub fn membership(&self) -> Option<MembershipStatus> {
+        self.core.membership_status()
+    }
+
+    /// The peer this one last heard from as leader of its current term (itself when it
+    /// leads), if any.
+    pub fn leader_hint(&self) -> Option<usize> {
+        self.core.state.lock().leader_id
     }
 
     /// The term of the entry at `index` in this peer's log: `None` past its end or inside

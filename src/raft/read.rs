@@ -93,8 +93,15 @@ impl Core {
         if st.reads.is_empty() || st.role != Role::Leader {
             return;
         }
-        let mut rounds: Vec<u64> = (0..self.peers.len())
-            .map(|p| {
+        // Only the voters of the current configuration confirm (a leader being removed does
+        // not count itself).
+        let voters = self.voters(st);
+        if voters.is_empty() {
+            return;
+        }
+        let mut rounds: Vec<u64> = voters
+            .iter()
+            .map(|&p| {
                 if p == self.me {
                     st.read_round
                 } else {
@@ -103,7 +110,7 @@ impl Core {
             })
             .collect();
         rounds.sort_unstable_by(|a, b| b.cmp(a));
-        let confirmed = rounds[self.majority() - 1];
+        let confirmed = rounds[Self::quorum(&voters) - 1];
         let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut st.reads)
             .into_iter()
             .partition(|r| r.round <= confirmed);

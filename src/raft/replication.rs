@@ -28,6 +28,11 @@ impl Core {
         if self.is_dead() || st.role != Role::Leader {
             return (0, st.term, false);
         }
+        if st.configs.is_some() && super::membership::is_config_entry(&command) {
+            // The first byte marks configuration entries (see `membership.rs`).
+            log::error!(target: "raft::membership", "raft-{} t{}: a command starting with the configuration tag refused", self.me, st.term);
+            return (0, st.term, false);
+        }
         let term = st.term;
         let entry = Entry { term, command };
         let index = st.log.append(entry.clone());
@@ -43,10 +48,8 @@ impl Core {
 
     /// Sends each follower what it lacks (or a heartbeat).
     pub(super) fn broadcast_append(self: &Arc<Core>, st: &mut State) {
-        for peer in 0..self.peers.len() {
-            if peer != self.me {
-                self.send_append(st, peer);
-            }
+        for peer in self.others(st) {
+            self.send_append(st, peer);
         }
         self.advance_commit(st); // a one-peer cluster commits on its own
     }
@@ -154,6 +157,9 @@ impl Core {
         let Some(reply) = st.peers[peer].call_returned(seq, r) else {
             return; // lost: the next heartbeat retries
         };
+        if seq <= st.peers[peer].reset_seq || !self.knows(&st, peer) {
+            return; // sent to a former incarnation of this peer, or to a removed one
+        }
         if reply.term > MAX_TERM || check::term_jump(reply.term, st.term).is_err() {
             log::warn!(target: "raft::check", "raft-{} t{}: ignored an append reply from peer {peer}: term {} out of range", self.me, st.term, reply.term);
             return;
@@ -234,8 +240,15 @@ impl Core {
         if st.role != Role::Leader {
             return;
         }
-        let mut matched: Vec<u64> = (0..self.peers.len())
-            .map(|p| {
+        // The voters of the current configuration: a leader being removed replicates but
+        // does not count itself (Raft dissertation §4.2.2).
+        let voters = self.voters(st);
+        if voters.is_empty() {
+            return;
+        }
+        let mut matched: Vec<u64> = voters
+            .iter()
+            .map(|&p| {
                 if p == self.me {
                     st.own_durable
                 } else {
@@ -244,11 +257,12 @@ impl Core {
             })
             .collect();
         matched.sort_unstable_by(|a, b| b.cmp(a));
-        let n = matched[self.majority() - 1];
+        let n = matched[Self::quorum(&voters) - 1];
         if n > st.commit_index && st.log.term_at(n) == Some(st.term) {
             log::debug!(target: "raft::append", "raft-{} t{}: commit {} -> {n}", self.me, st.term, st.commit_index);
             st.commit_index = n;
             self.applier_cv.notify_all();
+            self.step_down_if_removed(st);
         }
     }
 
@@ -263,9 +277,11 @@ impl Core {
     pub(crate) fn append_entries(&self, args: AppendEntriesArgs) -> Option<AppendEntriesReply> {
         // Before the lock and before anything changes: a refused message adopts no term,
         // resets no timer and persists nothing.
+        let membership = self.peers.membership().is_some();
         let checked = check::append_entries(&args, self.me, self.peers.len()).and_then(|()| {
             match self.validator() {
-                Some(v) => check::entries(&args, &*v),
+                Some(v) => check::entries(&args, &*v, membership),
+                None if membership => check::entries(&args, &check::AcceptAll, true),
                 None => Ok(()),
             }
         });
@@ -345,6 +361,7 @@ impl Core {
         reply.term = st.term;
         self.reset_election_timer(&mut st);
         st.leader_contact = Some(Instant::now());
+        st.leader_id = Some(args.leader);
 
         let base = st.log.base_index();
         let mut prev = args.prev_log_index;
@@ -387,6 +404,9 @@ impl Core {
                     );
                     st.log.truncate_after(index - 1);
                     self.persist_truncate(&mut st, index - 1);
+                    if let Some(cs) = st.configs.as_mut() {
+                        cs.truncate_after(index - 1);
+                    }
                 }
                 None => {}
             }
@@ -394,8 +414,11 @@ impl Core {
                 st.log.append(e.clone());
             }
             self.persist_append(&mut st, index, &entries[i..]);
+            self.note_config_entries(&mut st, index, &entries[i..]);
             break;
         }
+        // Announced whether the log grew or was cut (a truncated configuration is undone).
+        self.announce_config(&mut st);
         if self.is_dead() {
             return None; // entries not saved must not be acknowledged
         }

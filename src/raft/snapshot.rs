@@ -15,6 +15,9 @@ use super::storage::{
 impl Core {
     /// The service holds a snapshot through `index`: discard the log up to it.
     pub(crate) fn snapshot(&self, index: u64, data: Vec<u8>) {
+        if !self.save_config_for_snapshot(index) {
+            return;
+        }
         self.compact(index, data);
         // Durable now: a follower at its log limit may take entries again.
         self.adopt_stored_snapshot();
@@ -48,6 +51,9 @@ impl Core {
             return;
         }
         st.log.compact_to(index);
+        if let Some(cs) = st.configs.as_mut() {
+            cs.compact_to(index);
+        }
         st.snapshot = SnapshotData::Mem(Arc::new(data));
         self.persist_snapshot(&mut st);
         log::debug!(target: "raft::snapshot", "raft-{} t{}: snapshot through {index}, log ({index}..={}]", self.me, st.term, st.log.last_index());
@@ -115,12 +121,15 @@ impl Core {
                 st.snapshot = SnapshotData::Stored(src);
             }
             let snap = (st.log.base_index(), st.log.base_term(), st.snapshot.clone());
+            let config = st.configs.as_ref().map(|cs| cs.base.1.clone());
             let p = &mut st.peers[peer];
             p.snap_send = Some(snap);
+            p.snap_config = config;
             p.snap_offset = 0;
         }
         let p = &mut st.peers[peer];
         let (index, last_term, snapshot) = p.snap_send.clone().expect("a transfer under way");
+        let config = p.snap_config.clone();
         let total = snapshot.len();
         let offset = p.snap_offset.min(total);
         p.seq += 1;
@@ -155,9 +164,10 @@ impl Core {
                 data,
                 done,
             };
-            core.peers.install_snapshot_chunk(
+            core.peers.install_snapshot_chunk_with_config(
                 peer,
                 args,
+                config,
                 Box::new(move |r| c.on_chunk_reply(peer, term, seq, index, total, r)),
             )
         }));
@@ -181,6 +191,9 @@ impl Core {
         let Some(reply) = p.call_returned(seq, r) else {
             return;
         };
+        if seq <= st.peers[peer].reset_seq || !self.knows(&st, peer) {
+            return; // sent to a former incarnation of this peer, or to a removed one
+        }
         if reply.term > st.term {
             if self.step_down(&mut st, reply.term) {
                 self.persist(&mut st);
@@ -222,6 +235,7 @@ impl Core {
     pub(crate) fn install_snapshot_chunk(
         &self,
         args: InstallSnapshotChunkArgs,
+        config: Option<super::membership::Configuration>,
     ) -> Option<InstallSnapshotChunkReply> {
         let index = args.last_included_index;
         let reply = |term, next_offset, done| InstallSnapshotChunkReply {
@@ -289,7 +303,19 @@ impl Core {
             }
             return None;
         }
-        let out = self.install_received(term, args.leader, src);
+        if let Some(host) = self.peers.membership() {
+            // The configuration as of the snapshot is durable before the snapshot is.
+            let Some(c) = config.as_ref().filter(|c| c.check().is_ok()) else {
+                log::warn!(target: "raft::membership", "raft-{}: a snapshot through {index} from {} came without a valid configuration; not installed", self.me, args.leader);
+                return self.reply_if_alive(reply(term, 0, false));
+            };
+            if let Err(e) = host.save(index, c) {
+                let mut st = self.state.lock();
+                self.config_save_failed(&mut st, &e);
+                return None;
+            }
+        }
+        let out = self.install_received(term, args.leader, src, config);
         self.notify_room();
         out.and_then(|r| self.reply_if_alive(r))
     }
@@ -326,6 +352,7 @@ impl Core {
         term: u64,
         leader: usize,
         src: Arc<dyn SnapshotSource>,
+        config: Option<super::membership::Configuration>,
     ) -> Option<InstallSnapshotChunkReply> {
         let (index, total) = (src.index(), src.len());
         let mut st = self.lock_state();
@@ -365,11 +392,21 @@ impl Core {
                 return None;
             }
         }
-        if st.log.term_at(index) == Some(src.term()) {
+        let kept = st.log.term_at(index) == Some(src.term());
+        if kept {
             st.log.compact_to(index);
         } else {
             st.log.reset_to(index, src.term());
         }
+        if let (Some(cs), Some(c)) = (st.configs.as_mut(), config) {
+            if !kept {
+                cs.log.clear();
+            }
+            cs.log.retain(|(i, _)| *i > index);
+            cs.base = (index, c);
+            cs.saved = index;
+        }
+        self.announce_config(&mut st);
         st.snapshot = SnapshotData::Stored(src);
         st.commit_index = index;
         st.snapshot_pending = true;
@@ -397,6 +434,9 @@ impl Core {
         let Some(reply) = st.peers[peer].call_returned(seq, r) else {
             return;
         };
+        if seq <= st.peers[peer].reset_seq || !self.knows(&st, peer) {
+            return;
+        }
         if reply.term > MAX_TERM || check::term_jump(reply.term, st.term).is_err() {
             log::warn!(target: "raft::check", "raft-{} t{}: ignored a snapshot reply from peer {peer}: term {} out of range", self.me, st.term, reply.term);
             return;
@@ -469,6 +509,12 @@ impl Core {
         let index = args.last_included_index;
         if index <= st.commit_index {
             return self.reply_if_alive(InstallSnapshotReply { term: st.term });
+        }
+        if st.configs.is_some() {
+            // A whole snapshot carries no configuration: with membership on, snapshots come
+            // in pieces with it (`install_snapshot_chunk`).
+            log::warn!(target: "raft::membership", "raft-{} t{}: a whole snapshot through {index} from {} refused: membership needs the streamed form", self.me, st.term, args.leader);
+            return None;
         }
         if st.log.term_at(index) == Some(args.last_included_term) {
             // Our log extends the snapshot consistently: keep what follows it.

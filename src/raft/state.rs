@@ -16,6 +16,7 @@ use super::RaftError;
 use super::RaftOptions;
 use super::check::{MAX_INDEX, MAX_TERM, Refusal, Validator};
 use super::log::Log;
+use super::membership::{Configs, Configuration, MembershipHost};
 use super::storage::{SnapshotData, Storage};
 use super::transport::RaftTransport;
 
@@ -100,6 +101,11 @@ pub(super) struct Progress {
     pub chunks_out: usize,
     /// When this peer last answered a call of this leader's term.
     pub last_answer: Option<Instant>,
+    /// The configuration sent with the snapshot in `snap_send` (membership on).
+    pub snap_config: Option<Configuration>,
+    /// Answers to calls numbered at or below this are ignored: the peer was (re)added since
+    /// they were sent, and a reply from its former incarnation says nothing of the new one.
+    pub reset_seq: u64,
 }
 
 impl Progress {
@@ -156,6 +162,8 @@ pub(super) struct State {
     /// When this peer last heard from a leader of its term; it refuses pre-votes for a while
     /// after, so a peer that merely missed some heartbeats cannot disrupt a working leader.
     pub leader_contact: Option<Instant>,
+    /// The leader of the current term, once heard from (or this peer, leading).
+    pub leader_id: Option<usize>,
     pub peers: Vec<Progress>,
     /// Messages to send once the lock is released and the storage synced (see
     /// [`StateGuard`]).
@@ -172,6 +180,9 @@ pub(super) struct State {
     pub own_durable: u64,
     /// What the current holder of the lock did, for [`StateGuard`]'s drop (reset there).
     pub guard: GuardWork,
+    /// The configurations (membership on, see `membership.rs`); `None`: the labs' fixed peer
+    /// set, every peer a voter.
+    pub configs: Option<Configs>,
 }
 
 /// What a [`StateGuard`]'s holder queued and sent, which decides the order of the sync and
@@ -296,6 +307,7 @@ impl Core {
             guard: GuardWork::default(),
             votes: BTreeSet::new(),
             leader_contact: None,
+            leader_id: None,
             peers: vec![
                 Progress {
                     next_index: log.last_index() + 1,
@@ -312,15 +324,27 @@ impl Core {
                     snap_offset: 0,
                     chunks_out: 0,
                     last_answer: None,
+                    snap_config: None,
+                    reset_seq: 0,
                 };
                 n
             ],
+            configs: None,
             log,
             outbox: Vec::new(),
             read_round: 0,
             reads: Vec::new(),
         };
+        let mut state = state;
+        if let Some(host) = peers.membership() {
+            state.configs = Some(restore_configs(me, host, &state.log)?);
+        }
         log::info!(target: "raft::persist", "raft-{me} t{term}: restored, log ({base}..={}], voted {voted_for:?}", state.log.last_index());
+        if let (Some(host), Some(cs)) = (peers.membership(), state.configs.as_mut()) {
+            log::info!(target: "raft::membership", "raft-{me}: configuration {} (entry {})", cs.current(), cs.current_index());
+            host.changed(cs.current());
+            cs.announced = Some(cs.current().clone());
+        }
         Ok((
             Core {
                 me,
@@ -360,8 +384,53 @@ impl Core {
         self.dead.load(Ordering::SeqCst)
     }
 
-    pub(super) fn majority(&self) -> usize {
-        self.peers.len() / 2 + 1
+    /// The peers whose votes and acknowledgements count: every peer in the labs' Raft, the
+    /// voters of the current configuration with membership on.
+    pub(super) fn voters(&self, st: &State) -> Vec<usize> {
+        match &st.configs {
+            None => (0..self.peers.len()).collect(),
+            Some(cs) => cs.current().voters().collect(),
+        }
+    }
+
+    /// The peers a leader replicates to (itself excluded): the members of the current
+    /// configuration and, while it is not committed, those of the one before, so a member
+    /// being removed learns of its removal (its answers count for nothing).
+    pub(super) fn others(&self, st: &State) -> Vec<usize> {
+        match &st.configs {
+            None => (0..self.peers.len()).filter(|&p| p != self.me).collect(),
+            Some(cs) => {
+                let mut to: Vec<usize> = cs.current().peers().filter(|&p| p != self.me).collect();
+                if cs.current_index() > st.commit_index {
+                    let (_, before) = cs.at(cs.current_index() - 1);
+                    for p in before.peers() {
+                        if p != self.me && !to.contains(&p) {
+                            to.push(p);
+                        }
+                    }
+                }
+                to
+            }
+        }
+    }
+
+    /// How many of `voters` make a majority.
+    pub(super) fn quorum(voters: &[usize]) -> usize {
+        voters.len() / 2 + 1
+    }
+
+    /// Whether this peer's own configuration counts it as a voter (always in the labs' Raft).
+    pub(super) fn in_voters(&self, st: &State) -> bool {
+        st.configs
+            .as_ref()
+            .is_none_or(|cs| cs.current().is_voter(self.me))
+    }
+
+    /// Whether `peer` is in this peer's configuration (always in the labs' Raft).
+    pub(super) fn knows(&self, st: &State, peer: usize) -> bool {
+        st.configs
+            .as_ref()
+            .is_none_or(|cs| cs.current().member(peer).is_some())
     }
 
     pub(crate) fn get_state(&self) -> (u64, bool) {
@@ -437,6 +506,7 @@ impl Core {
             log::debug!(target: "raft::election", "raft-{} t{}: sees term {term}, follower", self.me, st.term);
             st.term = term;
             st.voted_for = None;
+            st.leader_id = None;
         }
         if st.role != Role::Follower {
             st.role = Role::Follower;
@@ -453,20 +523,24 @@ impl Core {
     /// Whether a majority (this leader included) answered some call within the last
     /// [`CHECK_QUORUM_WINDOW`].
     fn quorum_heard(&self, st: &State, now: Instant) -> bool {
-        let heard = (0..self.peers.len())
-            .filter(|&p| {
+        let voters = self.voters(st);
+        let heard = voters
+            .iter()
+            .filter(|&&p| {
                 p == self.me
                     || now.saturating_duration_since(st.peers[p].last_heard) < CHECK_QUORUM_WINDOW
             })
             .count();
-        heard >= self.majority()
+        heard >= Self::quorum(&voters)
     }
 
     /// CheckQuorum (Raft dissertation §6.2): this leader lost touch with a majority; it steps
     /// down in its term, so its clients and waiting writes go elsewhere instead of waiting on
     /// entries it cannot commit.
     fn step_down_no_quorum(&self, st: &mut State) {
-        let silent: Vec<usize> = (0..self.peers.len())
+        let silent: Vec<usize> = self
+            .voters(st)
+            .into_iter()
             .filter(|&p| p != self.me)
             .filter(|&p| st.peers[p].last_heard.elapsed() >= CHECK_QUORUM_WINDOW)
             .collect();
@@ -503,8 +577,9 @@ impl Core {
                         self.broadcast_append(&mut st);
                     }
                 } else if now >= st.election_deadline {
-                    if !self.voter.load(Ordering::SeqCst) {
-                        // Not a voter yet: it waits for a leader instead of standing.
+                    if !self.voter.load(Ordering::SeqCst) || !self.in_voters(&st) {
+                        // Not a voter (yet, or any more): it waits for a leader instead of
+                        // standing.
                         self.reset_election_timer(&mut st);
                     } else if self.pre_vote {
                         self.start_pre_vote(&mut st);
@@ -619,4 +694,28 @@ impl Drop for StateGuard<'_> {
         }
         send(outbox);
     }
+}
+
+/// The configurations a membership-enabled peer restarts with: the host's saved one, then
+/// every configuration entry of the log after it.
+fn restore_configs(me: usize, host: &dyn MembershipHost, log: &Log) -> Result<Configs, RaftError> {
+    let corrupt = |reason: String| RaftError::CorruptState { peer: me, reason };
+    let base = host
+        .load()
+        .map_err(|e| corrupt(format!("saved configuration: {e}")))?;
+    let saved = base.0;
+    let mut cs = Configs {
+        base,
+        saved,
+        ..Configs::default()
+    };
+    let from = (cs.base.0 + 1).max(log.base_index() + 1);
+    for (e, index) in log.entries_from(from).iter().zip(from..) {
+        if super::membership::is_config_entry(&e.command) {
+            let c = Configuration::decode_entry(&e.command)
+                .map_err(|why| corrupt(format!("configuration entry at {index}: {why}")))?;
+            cs.log.push((index, c));
+        }
+    }
+    Ok(cs)
 }

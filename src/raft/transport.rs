@@ -14,6 +14,7 @@
 
 use std::sync::Arc;
 
+use super::membership::{Configuration, MembershipHost};
 use super::rpc::{
     AppendEntriesArgs, AppendEntriesReply, InstallSnapshotArgs, InstallSnapshotChunkArgs,
     InstallSnapshotChunkReply, InstallSnapshotReply, RequestVoteArgs, RequestVoteReply,
@@ -61,6 +62,27 @@ pub trait RaftTransport: Send + Sync {
     ) {
         on_reply(None)
     }
+
+    /// Membership changes (see [`membership`](super::membership)): a transport that returns
+    /// a host turns them on, and numbers its peers `0..len()` with `len()` at most
+    /// [`MAX_PEERS`](super::membership::MAX_PEERS). `None` (the default, the labs' network):
+    /// a fixed set of peers, all voters.
+    fn membership(&self) -> Option<&dyn MembershipHost> {
+        None
+    }
+
+    /// [`install_snapshot_chunk`](RaftTransport::install_snapshot_chunk) with the
+    /// configuration as of the snapshot (membership on); the receiver hands both to
+    /// [`RaftHandler::install_snapshot_chunk_with_config`].
+    fn install_snapshot_chunk_with_config(
+        &self,
+        peer: usize,
+        args: InstallSnapshotChunkArgs,
+        _config: Option<Configuration>,
+        on_reply: OnReply<InstallSnapshotChunkReply>,
+    ) {
+        self.install_snapshot_chunk(peer, args, on_reply)
+    }
 }
 
 /// The receiving side of one Raft peer: what a transport's server calls with each request.
@@ -88,6 +110,16 @@ impl RaftHandler {
         &self,
         args: InstallSnapshotChunkArgs,
     ) -> Option<InstallSnapshotChunkReply> {
-        self.core.install_snapshot_chunk(args)
+        self.core.install_snapshot_chunk(args, None)
+    }
+
+    /// A piece of a streamed snapshot with the configuration as of the snapshot (membership
+    /// on: a completed snapshot without one is not installed).
+    pub fn install_snapshot_chunk_with_config(
+        &self,
+        args: InstallSnapshotChunkArgs,
+        config: Option<Configuration>,
+    ) -> Option<InstallSnapshotChunkReply> {
+        self.core.install_snapshot_chunk(args, config)
     }
 }

@@ -35,6 +35,9 @@ pub enum Command {
     Kv(KvCmd),
     Ping(Option<Vec<u8>>),
     Quit,
+    /// `RAFTKV.MEMBER LIST|ADD|REMOVE ...`: an operator's membership command (the arguments
+    /// after the name), run by the store's [`operator`](super::server::CommandHandler::operator).
+    Operator(Vec<Vec<u8>>),
 }
 
 /// Why a well-formed RESP command is refused. The connection stays open.
@@ -119,6 +122,7 @@ const TABLE: &[(&str, &str, Arity)] = &[
     ("VSET", "vset", Arity::Exactly(4)),
     ("DBSIZE", "dbsize", Arity::Exactly(1)),
     ("QUIT", "quit", Arity::Exactly(1)),
+    ("RAFTKV.MEMBER", "raftkv.member", Arity::AtLeast(2)),
 ];
 
 impl Command {
@@ -150,6 +154,7 @@ impl Command {
         let kv = match upper {
             "PING" => return Ok(Command::Ping(rest.pop())),
             "QUIT" => return Ok(Command::Quit),
+            "RAFTKV.MEMBER" => return Ok(Command::Operator(rest)),
             "GET" => KvCmd::Get(take_one(rest)),
             "SET" => {
                 if rest.len() > 2 {
@@ -188,6 +193,7 @@ impl Command {
         match self {
             Command::Ping(_) => "ping",
             Command::Quit => "quit",
+            Command::Operator(_) => "raftkv.member",
             Command::Kv(kv) => match kv {
                 KvCmd::Get(_) => "get",
                 KvCmd::Set { .. } => "set",
@@ -213,6 +219,7 @@ impl Command {
         match self {
             Command::Ping(message) => args.extend(message.iter().cloned()),
             Command::Quit => {}
+            Command::Operator(rest) => args.extend(rest.iter().cloned()),
             Command::Kv(kv) => match kv {
                 KvCmd::Get(key) | KvCmd::Incr(key) | KvCmd::VGet(key) => args.push(key.clone()),
                 KvCmd::Set { key, value } => args.extend([key.clone(), value.clone()]),

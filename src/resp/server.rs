@@ -78,6 +78,12 @@ pub trait CommandHandler: Send + Sync + 'static {
     fn info(&self) -> Vec<(String, String)> {
         Vec::new()
     }
+
+    /// An operator's command (`RAFTKV.MEMBER` and its arguments); runs on a worker and may
+    /// block. The default knows none.
+    fn operator(&self, _args: Vec<Vec<u8>>) -> Reply {
+        Reply::Error("ERR unknown command 'raftkv.member'".into())
+    }
 }
 
 impl<F: Fn(KvCmd) -> Reply + Send + Sync + 'static> CommandHandler for F {
@@ -365,6 +371,7 @@ fn execute(handler: &dyn CommandHandler, work: Work) -> Vec<u8> {
         slots.iter().any(|s| match s {
             Slot::Info { .. } => true,
             Slot::Exec { slots, .. } => wants_info(slots),
+            Slot::Operator { .. } => false,
             _ => false,
         })
     }
@@ -375,15 +382,37 @@ fn execute(handler: &dyn CommandHandler, work: Work) -> Vec<u8> {
     };
     let mut out = Vec::new();
     for slot in work.slots {
+        let slot = run_operator(handler, slot);
         encode_slot(slot, &replies, &store_info, &mut out);
     }
     out
+}
+
+/// An operator's command, run now and made a ready answer (inside `EXEC` too).
+fn run_operator(handler: &dyn CommandHandler, slot: Slot) -> Slot {
+    match slot {
+        Slot::Operator { args, protocol } => {
+            let mut bytes = Vec::new();
+            handler.operator(args).encode_as(protocol, &mut bytes);
+            Slot::Ready(bytes)
+        }
+        Slot::Exec { slots, protocol } => Slot::Exec {
+            slots: slots
+                .into_iter()
+                .map(|s| run_operator(handler, s))
+                .collect(),
+            protocol,
+        },
+        other => other,
+    }
 }
 
 fn encode_slot(slot: Slot, replies: &[Reply], store_info: &[(String, String)], out: &mut Vec<u8>) {
     let missing = || Reply::Error("ERR internal error: no reply".into());
     match slot {
         Slot::Ready(bytes) => out.extend_from_slice(&bytes),
+        // Run before encoding (`run_operator`).
+        Slot::Operator { protocol, .. } => missing().encode_as(protocol, out),
         Slot::Kv { index, protocol } => match replies.get(index) {
             Some(reply) => reply.encode_as(protocol, out),
             None => missing().encode_as(protocol, out),

@@ -47,6 +47,11 @@ pub enum Slot {
     },
     /// `INFO`: the sections rendered here, then the store's own, then the keyspace (from the
     /// answer to `Work::kv[index]`, a `DBSIZE`).
+    /// An operator's command (`RAFTKV.MEMBER`): the store's answer.
+    Operator {
+        args: Vec<Vec<u8>>,
+        protocol: Protocol,
+    },
     Info {
         local: Vec<String>,
         /// The store's sections wanted: `None` for all of them.
@@ -74,6 +79,7 @@ impl Work {
                 Slot::Kv { .. } => true,
                 Slot::Exec { slots, .. } => slots.iter().any(needs),
                 Slot::Info { .. } => true,
+                Slot::Operator { .. } => true,
             }
         }
         !self.kv.is_empty() || self.slots.iter().any(needs)
@@ -168,6 +174,8 @@ enum Admin {
 enum Parsed {
     Kv(KvCmd),
     Admin(Admin),
+    /// An operator's command for the store (`RAFTKV.MEMBER`), run on a worker.
+    Operator(Vec<Vec<u8>>),
 }
 
 /// The table of connection commands: name, Redis arity (negative: at least).
@@ -202,6 +210,7 @@ fn parse(args: Vec<Vec<u8>>) -> Result<Parsed, CommandError> {
             Command::Ping(message) => Ok(Parsed::Admin(Admin::Ping(message))),
             Command::Quit => Ok(Parsed::Admin(Admin::Quit)),
             Command::Kv(command) => Ok(Parsed::Kv(command)),
+            Command::Operator(args) => Ok(Parsed::Operator(args)),
         };
     };
     let argc = args.len() as i64;
@@ -324,6 +333,10 @@ impl Session {
                     protocol,
                 });
                 work.kv.push(command);
+                Flow::Continue
+            }
+            Parsed::Operator(args) => {
+                work.slots.push(Slot::Operator { args, protocol });
                 Flow::Continue
             }
             Parsed::Admin(Admin::Multi) => {

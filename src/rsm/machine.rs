@@ -84,10 +84,14 @@ pub(super) enum LogOpRef<'a> {
     TermStart,
 }
 
-/// A log entry's op, decoded: `None` for a term start.
+/// A log entry's op, decoded: `None` for a term start, and for Raft's own configuration
+/// entry (membership on), which is never decoded here: it only moves the applied index.
 pub(super) fn decode_entry<O: DeserializeOwned>(
     command: &[u8],
 ) -> Result<Option<(u64, O)>, labcodec::CodecError> {
+    if crate::raft::membership::is_config_entry(command) {
+        return Ok(None);
+    }
     match labcodec::decode_borrowed::<LogOp>(command)? {
         LogOp::Request { id, op } => Ok(Some((id, labcodec::decode(op)?))),
         LogOp::TermStart => Ok(None),

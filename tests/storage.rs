@@ -745,6 +745,7 @@ fn streamed_snapshot_is_assembled_checked_and_installed() {
     let next = |o: ChunkOutcome| match o {
         ChunkOutcome::Next(n) => n,
         ChunkOutcome::Complete(_) => panic!("complete too early"),
+        ChunkOutcome::Busy => panic!("busy with no snapshot received"),
     };
     let log = FileLog::open(&tmp.0, opts(400)).unwrap();
     log.restore().unwrap();
@@ -801,6 +802,7 @@ fn streamed_snapshot_is_assembled_checked_and_installed() {
         match log.receive_snapshot_chunk(piece(41, off, crc)).unwrap() {
             ChunkOutcome::Next(n) => assert_eq!(n, (off + c) as u64),
             ChunkOutcome::Complete(s) => complete = Some(s),
+            ChunkOutcome::Busy => panic!("busy before the snapshot was complete"),
         }
     }
     let src = complete.expect("complete after the last piece");
@@ -812,6 +814,15 @@ fn streamed_snapshot_is_assembled_checked_and_installed() {
         fs::read(tmp.0.join("snapshot")).is_err(),
         "not installed before asked"
     );
+    // While it is checked or installed, the leader's repeat of the same snapshot is left
+    // unanswered and replaces nothing: the very file received is the one installed.
+    for off in [0, c] {
+        assert!(matches!(
+            log.receive_snapshot_chunk(piece(41, off, crc)).unwrap(),
+            ChunkOutcome::Busy
+        ));
+    }
+    assert_eq!(tmps(&tmp.0), 1, "the received file, and no second transfer");
     log.install_received_snapshot(&src).unwrap();
     log.sync().unwrap();
     assert_eq!(tmps(&tmp.0), 0, "the temporary file was renamed into place");

@@ -279,6 +279,11 @@ pub enum ChunkOutcome {
     /// The snapshot is complete, checked and durable under a temporary name; installed by
     /// [`Storage::install_received_snapshot`].
     Complete(Arc<dyn SnapshotSource>),
+    /// The piece belongs to the snapshot already received and now being checked or
+    /// installed: nothing is done and nothing answered (the leader tries again later). A
+    /// new transfer of it would replace the very file under the check, which could then
+    /// install nothing, and with a check slower than the leader's resends, never would.
+    Busy,
 }
 
 /// Where a Raft peer keeps term, vote, log and snapshot. See the module documentation for

@@ -90,7 +90,16 @@ pub(super) fn decode_entry<O: DeserializeOwned>(
     command: &[u8],
 ) -> Result<Option<(u64, O)>, labcodec::CodecError> {
     if crate::raft::membership::is_config_entry(command) {
-        return Ok(None);
+        // A configuration entry (membership on) is Raft's, never the service's; anything
+        // else that starts with its tag is garbage, refused like any undecodable entry.
+        return match crate::raft::membership::Configuration::decode_entry(command) {
+            Ok(_) => Ok(None),
+            Err(reason) => Err(labcodec::CodecError {
+                op: "decode",
+                type_name: "raft::membership::Configuration",
+                reason,
+            }),
+        };
     }
     match labcodec::decode_borrowed::<LogOp>(command)? {
         LogOp::Request { id, op } => Ok(Some((id, labcodec::decode(op)?))),
@@ -188,6 +197,9 @@ mod tests {
         assert_eq!(term_start, labcodec::encode(&Old::TermStart).unwrap());
         assert_eq!(decode_entry::<(u32, String)>(&term_start).unwrap(), None);
         assert!(decode_entry::<(u32, String)>(&[0xff, 0xff]).is_err());
+        // A well-formed configuration entry is skipped, not decoded as an op.
+        let config = crate::raft::membership::Configuration::default().encode_entry();
+        assert_eq!(decode_entry::<(u32, String)>(&config).unwrap(), None);
     }
 
     #[test]

@@ -43,6 +43,15 @@ impl FileLog {
                     .map_or(0, |cur| cur.3.written()),
             ));
         }
+        let received = r
+            .complete
+            .as_ref()
+            .is_some_and(|s| (s.index(), s.term(), s.len()) == (c.index, c.term, c.total));
+        if received && !r.current.as_ref().is_some_and(same) {
+            // The leader repeats a snapshot this log has whole and is checking or installing.
+            log::debug!(target: "storage", "{}: a piece at {} of the snapshot through {} already received (being installed): not answered", dir.display(), c.offset, c.index);
+            return Ok(ChunkOutcome::Busy);
+        }
         if !r.current.as_ref().is_some_and(same) {
             if c.offset != 0 {
                 // Another snapshot's piece, or one from a transfer this log forgot (a

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use raftkv::kvapi::KvClerk;
 use raftkv::kvapi::KvErr;
 use raftkv::kvraft::Clerk;
-use raftkv::kvraft::harness::start_kv_server;
 use raftkv::labrpc::ClientEnd;
+use raftkv::tester::kvraft::start_kv_server;
 use raftkv::tester::{Config, GRP0, Persister, StartFn, Tgid};
 
 #[derive(Clone, Copy, PartialEq, Eq)]

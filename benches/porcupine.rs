@@ -4,9 +4,9 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use raftkv::porcupine::histgen::{KvHistoryConfig, linearizable_kv_history};
 use raftkv::porcupine::kv::KvModel;
 use raftkv::porcupine::{CheckResult, check_operations, check_operations_verbose};
+use raftkv::tester::histgen::{KvHistoryConfig, linearizable_kv_history};
 
 fn check_kv_10k(c: &mut Criterion) {
     let history = linearizable_kv_history(&KvHistoryConfig::default());

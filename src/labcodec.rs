@@ -50,22 +50,15 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
 
 /// Decodes a `T` from exactly `bytes`.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
-    options()
-        // No value can claim more bytes than the input has; this stops a corrupt length
-        // prefix from asking for a huge allocation.
-        .with_limit(bytes.len() as u64)
-        .deserialize(bytes)
-        .map_err(|e| CodecError {
-            op: "decode",
-            type_name: std::any::type_name::<T>(),
-            reason: e.to_string(),
-        })
+    decode_borrowed(bytes)
 }
 
 /// Decodes a `T` from exactly `bytes`, borrowing from them where `T` does (a `&[u8]` field
 /// is not copied).
 pub fn decode_borrowed<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, CodecError> {
     options()
+        // No value can claim more bytes than the input has; this stops a corrupt length
+        // prefix from asking for a huge allocation.
         .with_limit(bytes.len() as u64)
         .deserialize(bytes)
         .map_err(|e| CodecError {

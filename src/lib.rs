@@ -27,6 +27,7 @@ pub mod kvapi;
 pub mod kvraft;
 pub mod kvsrv;
 pub mod labcodec;
+#[cfg(feature = "testing")]
 pub mod labrpc;
 pub mod logging;
 pub mod mr;

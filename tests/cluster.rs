@@ -14,217 +14,15 @@ use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use raftkv::proc::{NodeProcess, NodeStatusFile, ServeSpec};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-const EXE: &str = env!("CARGO_BIN_EXE_raftkv");
 /// How long a cluster may take to elect a leader, or a command to succeed after a fault.
 const PATIENCE: Duration = Duration::from_secs(15);
 
-static CLUSTERS: AtomicU32 = AtomicU32::new(0);
+mod kit;
 
-struct Cluster {
-    dir: PathBuf,
-    peer_ports: Vec<u16>,
-    client_ports: Vec<u16>,
-    children: Vec<Option<NodeProcess>>,
-    /// `--cluster` on every start, `--bootstrap` on each node's first.
-    cluster_id: String,
-    founded: Vec<bool>,
-}
-
-/// `n` free loopback ports (all bound at once, so they differ, then released).
-fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().expect("local addr").port())
-        .collect()
-}
-
-/// The error of a call interrupted by a signal (EINTR), which says nothing about the node.
-fn interrupted(e: &redis::RedisError) -> bool {
-    use std::error::Error as _;
-    let kind = e
-        .source()
-        .and_then(|s| s.downcast_ref::<std::io::Error>())
-        .map(std::io::Error::kind);
-    kind == Some(std::io::ErrorKind::Interrupted)
-        || (e.is_io_error() && e.to_string().contains("os error 4"))
-}
-
-/// Runs `f` on a connection from `connect`, again on a fresh one (within [`PATIENCE`]) while it
-/// fails with EINTR: a read interrupted by a signal to the test process loses the reply's
-/// place in the stream, so the connection cannot be reused.
-fn no_eintr<T>(
-    mut connect: impl FnMut() -> redis::Connection,
-    f: impl Fn(&mut redis::Connection) -> redis::RedisResult<T>,
-) -> redis::RedisResult<T> {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        match f(&mut connect()) {
-            Err(e) if interrupted(&e) && Instant::now() < deadline => {
-                eprintln!("a call was interrupted by a signal ({e}); again on a fresh connection");
-            }
-            other => return other,
-        }
-    }
-}
-
-impl Cluster {
-    fn new(n: usize) -> Cluster {
-        let dir = std::env::temp_dir().join(format!(
-            "raftkv-cluster-{}-{}",
-            std::process::id(),
-            CLUSTERS.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).expect("create the test directory");
-        raftkv::node::secret::create_secret(&dir.join(raftkv::node::secret::SECRET_FILE))
-            .expect("create the peer secret");
-        let ports = free_ports(2 * n);
-        let mut cluster = Cluster {
-            dir,
-            peer_ports: ports[..n].to_vec(),
-            client_ports: ports[n..].to_vec(),
-            children: (0..n).map(|_| None).collect(),
-            cluster_id: raftkv::node::identity::random_cluster_id(),
-            founded: vec![false; n],
-        };
-        for i in 0..n {
-            cluster.start(i);
-        }
-        cluster
-    }
-
-    fn data(&self, i: usize) -> PathBuf {
-        self.dir.join(format!("node-{}", i + 1))
-    }
-
-    /// How node `i` (0-based) is started.
-    fn spec(&self, i: usize) -> ServeSpec {
-        ServeSpec {
-            exe: PathBuf::from(EXE),
-            id: i + 1,
-            peers: self
-                .peer_ports
-                .iter()
-                .map(|p| format!("127.0.0.1:{p}"))
-                .collect(),
-            client: format!("127.0.0.1:{}", self.client_ports[i]),
-            data: self.data(i),
-            peer_secret: self.dir.join(raftkv::node::secret::SECRET_FILE),
-            cluster: Some(self.cluster_id.clone()),
-            bootstrap: !self.founded[i],
-        }
-    }
-
-    /// The `--peers` list: `1=127.0.0.1:P1,2=…`.
-    fn peer_list(&self) -> String {
-        self.spec(0).peer_list()
-    }
-
-    /// Starts node `i` (0-based) on its data directory.
-    fn start(&mut self, i: usize) {
-        assert!(self.children[i].is_none(), "node {} already runs", i + 1);
-        let spec = self.spec(i);
-        let child = spec
-            .spawn(&mut spec.command())
-            .unwrap_or_else(|e| panic!("start node {}: {e}", i + 1));
-        self.founded[i] = true;
-        self.children[i] = Some(child);
-    }
-
-    /// `kill -9` node `i` and reap it.
-    fn kill9(&mut self, i: usize) {
-        let mut child = self.children[i].take().expect("node is running");
-        child.kill9().expect("SIGKILL and reap");
-    }
-
-    /// Node `i` has not exited.
-    fn alive(&mut self, i: usize) -> bool {
-        self.children[i].as_mut().is_some_and(NodeProcess::alive)
-    }
-
-    fn status(&self, i: usize) -> Option<NodeStatusFile> {
-        NodeStatusFile::read(&NodeStatusFile::path(&self.data(i)))
-    }
-
-    /// The running node that leads in the highest term, waiting up to [`PATIENCE`].
-    fn leader(&self) -> usize {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let running = (0..self.children.len()).filter(|&i| self.children[i].is_some());
-            if let Some(i) = raftkv::proc::leader_of(running.map(|i| (i, self.status(i)))) {
-                return i;
-            }
-            assert!(Instant::now() < deadline, "no leader within {PATIENCE:?}");
-            thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// A Redis connection to node `i`, waiting for it to listen.
-    fn client(&self, i: usize) -> redis::Connection {
-        let client = redis::Client::open(format!("redis://127.0.0.1:{}/", self.client_ports[i]))
-            .expect("redis url");
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            match client.get_connection_with_timeout(Duration::from_secs(1)) {
-                Ok(con) => {
-                    con.set_read_timeout(Some(Duration::from_secs(10)))
-                        .expect("read timeout");
-                    return con;
-                }
-                Err(e) => {
-                    assert!(
-                        Instant::now() < deadline,
-                        "node {} does not accept clients: {e}",
-                        i + 1
-                    );
-                    thread::sleep(Duration::from_millis(50));
-                }
-            }
-        }
-    }
-
-    /// Runs `f` on a fresh connection to node `i` until it succeeds, within [`PATIENCE`]
-    /// (a node answers TRYAGAIN while there is no leader).
-    fn retry<T>(
-        &self,
-        i: usize,
-        what: &str,
-        f: impl Fn(&mut redis::Connection) -> redis::RedisResult<T>,
-    ) -> T {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let mut con = self.client(i);
-            match f(&mut con) {
-                Ok(v) => return v,
-                Err(e) => {
-                    assert!(
-                        Instant::now() < deadline,
-                        "{what} on node {} failed for {PATIENCE:?}: {e}",
-                        i + 1
-                    );
-                    thread::sleep(Duration::from_millis(100));
-                }
-            }
-        }
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for child in self.children.iter_mut().flatten() {
-            let _ = child.kill9();
-        }
-        let _ = fs::remove_dir_all(&self.dir);
-    }
-}
+use kit::{Cluster, EXE, TempDir, no_eintr};
 
 fn get(con: &mut redis::Connection, key: &str) -> redis::RedisResult<Option<String>> {
     redis::cmd("GET").arg(key).query(con)
@@ -236,7 +34,7 @@ fn set(con: &mut redis::Connection, key: &str, value: &str) -> redis::RedisResul
 
 #[test]
 fn basic_commands() {
-    let cluster = Cluster::new(3);
+    let cluster = Cluster::start_new("cluster", 3);
     let leader = cluster.leader();
     let mut c = cluster.client(leader);
     let pong: String = redis::cmd("PING").query(&mut c).unwrap();
@@ -329,7 +127,7 @@ fn basic_commands() {
 
 #[test]
 fn follower_forwards() {
-    let cluster = Cluster::new(3);
+    let cluster = Cluster::start_new("cluster", 3);
     let leader = cluster.leader();
     let followers: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
     let mut f0 = cluster.client(followers[0]);
@@ -353,7 +151,7 @@ fn follower_forwards() {
 
 #[test]
 fn set_survives_leader_kill9() {
-    let mut cluster = Cluster::new(3);
+    let mut cluster = Cluster::start_new("cluster", 3);
     let leader = cluster.leader();
     let mut c = cluster.client(leader);
     assert_eq!(set(&mut c, "durable", "yes").unwrap(), "OK");
@@ -376,7 +174,7 @@ fn set_survives_leader_kill9() {
 
 #[test]
 fn acknowledged_sets_survive_kill9_of_every_node() {
-    let mut cluster = Cluster::new(3);
+    let mut cluster = Cluster::start_new("cluster", 3);
     let leader = cluster.leader();
     let port = cluster.client_ports[leader];
     // A writer keeps writing while every node is killed with SIGKILL, one after another; it
@@ -458,7 +256,7 @@ fn send_garbage(port: u16, bytes: &[u8]) -> Vec<u8> {
 
 #[test]
 fn garbage_on_client_and_peer_ports_leaves_nodes_unharmed() {
-    let mut cluster = Cluster::new(3);
+    let mut cluster = Cluster::start_new("cluster", 3);
     let leader = cluster.leader();
     cluster.retry(leader, "SET before the garbage", |c| set(c, "before", "1"));
     let mut noise: Vec<u8> = Vec::new();
@@ -564,10 +362,15 @@ fn bad_flags_exit_2() {
 /// A data directory belongs to one node of one cluster.
 #[test]
 fn data_dir_of_another_node_is_refused() {
-    let mut cluster = Cluster::new(3);
+    let mut cluster = Cluster::start_new("cluster", 3);
     cluster.leader();
     cluster.kill9(0);
-    let stderr = serve_fails(2, &cluster.peer_list(), "127.0.0.1:0", &cluster.data(0));
+    let stderr = serve_fails(
+        2,
+        &cluster.spec(0).peer_list(),
+        "127.0.0.1:0",
+        &cluster.data(0),
+    );
     assert!(stderr.contains("id 1"), "{stderr}");
     assert!(Path::new(&cluster.data(0)).join("identity").exists());
 }
@@ -606,7 +409,7 @@ fn serve_fails(id: usize, peers: &str, client: &str, data: &Path) -> String {
 fn unusable_data_dir_is_an_error() {
     let dir = std::env::temp_dir().join(format!("raftkv-cluster-{}-file", std::process::id()));
     fs::write(&dir, b"a file, not a directory").unwrap();
-    let ports = free_ports(2);
+    let ports = kit::ports(2);
     let stderr = serve_fails(
         1,
         &format!("1=127.0.0.1:{}", ports[0]),
@@ -623,7 +426,7 @@ fn unusable_data_dir_is_an_error() {
 /// plus one, plus at most the INCRs in between whose outcome was unknown (an error reply).
 #[test]
 fn incr_through_follower_applies_once_across_leader_kill9() {
-    let mut cluster = Cluster::new(3);
+    let mut cluster = Cluster::start_new("cluster", 3);
     let leader = cluster.leader();
     let follower = (leader + 1) % 3;
     let mut con = cluster.client(follower);
@@ -673,9 +476,14 @@ fn incr_through_follower_applies_once_across_leader_kill9() {
 /// A data directory in use by a running node is refused by a second one (the file log's lock).
 #[test]
 fn locked_data_dir_is_refused() {
-    let cluster = Cluster::new(3);
+    let cluster = Cluster::start_new("cluster", 3);
     cluster.leader();
-    let stderr = serve_fails(1, &cluster.peer_list(), "127.0.0.1:0", &cluster.data(0));
+    let stderr = serve_fails(
+        1,
+        &cluster.spec(0).peer_list(),
+        "127.0.0.1:0",
+        &cluster.data(0),
+    );
     assert!(stderr.contains("locked"), "{stderr}");
     let v = cluster.retry(0, "SET on the node that holds the lock", |c| {
         set(c, "still", "here")
@@ -694,28 +502,6 @@ fn fresh_seed() -> u64 {
     (u64::from(std::process::id()) << 32) ^ nanos
 }
 
-/// A test directory under the system's temp dir, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(what: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!(
-            "raftkv-{what}-{}-{}",
-            std::process::id(),
-            CLUSTERS.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).expect("create the test directory");
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
 fn chaos_options(dir: &Path, seed: u64, duration: Duration) -> raftkv::chaos::ChaosOptions {
     let mut opts = raftkv::chaos::ChaosOptions::new(PathBuf::from(EXE));
     opts.dir = dir.to_path_buf();
@@ -727,7 +513,7 @@ fn chaos_options(dir: &Path, seed: u64, duration: Duration) -> raftkv::chaos::Ch
 
 #[test]
 fn paused_old_leader_serves_no_stale_read() {
-    let mut cluster = Cluster::new(3);
+    let mut cluster = Cluster::start_new("cluster", 3);
     let old = cluster.leader();
     let old_term = cluster.status(old).expect("the leader's status").term;
     cluster.retry(old, "SET before the pause", |c| set(c, "k", "v1"));
@@ -791,7 +577,7 @@ fn partition_majority_serves_minority_does_not() {
     let mut cluster = ChaosCluster::start(ClusterOptions {
         exe: PathBuf::from(EXE),
         nodes: 3,
-        dir: dir.0.join("nodes"),
+        dir: dir.path().join("nodes"),
         fault: None,
         node_log: None,
     })
@@ -878,8 +664,8 @@ fn partition_majority_serves_minority_does_not() {
 fn chaos_history_is_linearizable() {
     let dir = TempDir::new("chaos");
     let seed = fresh_seed();
-    let mut opts = chaos_options(&dir.0, seed, Duration::from_secs(8));
-    let history = dir.0.join("history.jsonl");
+    let mut opts = chaos_options(dir.path(), seed, Duration::from_secs(8));
+    let history = dir.path().join("history.jsonl");
     opts.history = Some(history.clone());
     let report = raftkv::chaos::run(&opts).unwrap_or_else(|e| panic!("chaos seed {seed}: {e}"));
     assert!(report.passed(), "{report}");
@@ -914,9 +700,9 @@ fn recheck(history: &Path, ops: usize) -> raftkv::chaos::Verdict {
 fn chaos_checker_catches_reads_that_bypass_the_log() {
     let dir = TempDir::new("chaos-fault");
     let seed = fresh_seed();
-    let mut opts = chaos_options(&dir.0, seed, Duration::from_secs(8));
+    let mut opts = chaos_options(dir.path(), seed, Duration::from_secs(8));
     opts.node_fault = Some(raftkv::node::NodeFault::LocalReads);
-    let history = dir.0.join("history.jsonl");
+    let history = dir.path().join("history.jsonl");
     opts.history = Some(history.clone());
     let report = raftkv::chaos::run(&opts).unwrap_or_else(|e| panic!("chaos seed {seed}: {e}"));
     assert!(
@@ -1029,7 +815,7 @@ fn retry_port<T>(
 fn local_stops_cleanly_on_sigint_and_restarts_on_its_data() {
     let dir = TempDir::new("local");
     let port = local_base_port(3);
-    let mut local = Local::start(&dir.0, port);
+    let mut local = Local::start(dir.path(), port);
     retry_port(port + 1, "SET through raftkv local", |c| {
         set(c, "kept", "yes")
     });
@@ -1048,7 +834,7 @@ fn local_stops_cleanly_on_sigint_and_restarts_on_its_data() {
             i + 1
         );
     }
-    let mut again = Local::start(&dir.0, port);
+    let mut again = Local::start(dir.path(), port);
     let value = retry_port(port + 2, "GET after the restart", |c| get(c, "kept"));
     assert_eq!(value.as_deref(), Some("yes"));
     let (status, out) = again.stop(raftkv::signal::Signal::Term);
@@ -1083,14 +869,14 @@ fn chaos_ctrl_c_stops_and_reaps_every_node() {
         Command::new(EXE)
             .args(["chaos", "--duration", "60s", "--clients", "2"])
             .arg("--dir")
-            .arg(&dir.0)
+            .arg(dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("start raftkv chaos"),
     );
-    let needle = dir.0.to_string_lossy().into_owned();
+    let needle = dir.path().to_string_lossy().into_owned();
     let driver = chaos.0.id();
     let nodes = || {
         processes_mentioning(&needle)
@@ -1122,8 +908,8 @@ fn chaos_ctrl_c_stops_and_reaps_every_node() {
 fn chaos_reports_a_cluster_that_cannot_start() {
     use raftkv::chaos::{ChaosError, ClusterError};
     let dir = TempDir::new("chaos-nostart");
-    let mut opts = chaos_options(&dir.0, 1, Duration::from_secs(1));
-    opts.exe = dir.0.join("no-such-raftkv");
+    let mut opts = chaos_options(dir.path(), 1, Duration::from_secs(1));
+    opts.exe = dir.path().join("no-such-raftkv");
     match raftkv::chaos::run(&opts) {
         Err(ChaosError::Start(ClusterError::Spawn { node: 1, .. })) => {}
         other => panic!("a missing executable: {other:?}"),
@@ -1145,7 +931,7 @@ fn chaos_reports_a_cluster_that_cannot_start() {
 /// a request that large; the front's own size check behind them is not reached here.)
 #[test]
 fn pipeline_larger_than_a_log_entry_stops_no_node() {
-    let mut cluster = Cluster::new(3);
+    let mut cluster = Cluster::start_new("cluster", 3);
     let leader = cluster.leader();
     let value = "v".repeat(3 << 19);
     let mut con = cluster.client(leader);

@@ -5,299 +5,26 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 
-use raftkv::proc::{NodeProcess, NodeStatusFile, ServeSpec};
-use std::sync::atomic::{AtomicU32, Ordering};
+use raftkv::proc::NodeStatusFile;
 use std::thread;
 use std::time::{Duration, Instant};
 
-const EXE: &str = env!("CARGO_BIN_EXE_raftkv");
-/// How long a cluster may take to elect a leader, or a command to succeed after a fault.
-const PATIENCE: Duration = Duration::from_secs(20);
+mod kit;
 
-static DIRS: AtomicU32 = AtomicU32::new(0);
+use kit::{Cluster, EXE, PATIENCE, TempDir, ports};
 
-/// A fresh directory under the system temp directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(what: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!(
-            "raftkv-durability-{what}-{}-{}",
-            std::process::id(),
-            DIRS.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).expect("create the test directory");
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-/// `n` free loopback ports (all bound at once, so they differ, then released).
-fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().expect("local addr").port())
-        .collect()
-}
-
-/// A cluster of `raftkv serve` processes (started through the process kit); each node's
-/// stderr goes to `DIR/node-<i>.err`.
-struct Cluster {
-    dir: PathBuf,
-    peer_ports: Vec<u16>,
-    client_ports: Vec<u16>,
-    children: Vec<Option<NodeProcess>>,
-    cluster_id: String,
-    /// Started once already: later starts get no `--bootstrap`.
-    founded: Vec<bool>,
-}
-
-impl Cluster {
-    /// A cluster in `dir` on `ports` (peer ports, then client ports), no node started yet.
-    fn empty(dir: &Path, ports: &[u16]) -> Cluster {
-        fs::create_dir_all(dir).expect("the cluster's directory");
-        raftkv::node::secret::create_secret(&dir.join(raftkv::node::secret::SECRET_FILE))
-            .expect("create the peer secret");
-        let n = ports.len() / 2;
-        Cluster {
-            dir: dir.to_path_buf(),
-            peer_ports: ports[..n].to_vec(),
-            client_ports: ports[n..].to_vec(),
-            children: (0..n).map(|_| None).collect(),
-            cluster_id: raftkv::node::identity::random_cluster_id(),
-            founded: vec![false; n],
-        }
-    }
-
-    /// A new cluster in `dir` on `ports`, every node started.
-    fn new(dir: &Path, ports: &[u16]) -> Cluster {
-        let mut cluster = Cluster::empty(dir, ports);
-        for i in 0..cluster.children.len() {
-            cluster.start(i);
-        }
-        cluster
-    }
-
-    fn data(&self, i: usize) -> PathBuf {
-        self.dir.join(format!("node-{}", i + 1))
-    }
-
-    fn stderr_path(&self, i: usize) -> PathBuf {
-        self.dir.join(format!("node-{}.err", i + 1))
-    }
-
-    fn stderr(&self, i: usize) -> String {
-        fs::read_to_string(self.stderr_path(i)).unwrap_or_default()
-    }
-
-    fn spec(&self, i: usize) -> ServeSpec {
-        ServeSpec {
-            exe: PathBuf::from(EXE),
-            id: i + 1,
-            peers: self
-                .peer_ports
-                .iter()
-                .map(|p| format!("127.0.0.1:{p}"))
-                .collect(),
-            client: format!("127.0.0.1:{}", self.client_ports[i]),
-            data: self.data(i),
-            peer_secret: self.dir.join(raftkv::node::secret::SECRET_FILE),
-            cluster: Some(self.cluster_id.clone()),
-            bootstrap: !self.founded[i],
-        }
-    }
-
-    /// Starts node `i` (0-based) on its data directory; its stderr starts afresh.
-    fn start(&mut self, i: usize) {
-        self.start_with(i, |_| {});
-    }
-
-    fn start_with(&mut self, i: usize, adjust: impl FnOnce(&mut Command)) {
-        assert!(self.children[i].is_none(), "node {} already runs", i + 1);
-        let err = fs::File::create(self.stderr_path(i)).expect("stderr file");
-        let spec = self.spec(i);
-        let mut command = spec.command();
-        command.stderr(err).env_remove("RUST_LOG");
-        adjust(&mut command);
-        let child = spec
-            .spawn(&mut command)
-            .unwrap_or_else(|e| panic!("start node {}: {e}", i + 1));
-        self.founded[i] = true;
-        self.children[i] = Some(child);
-    }
-
-    fn kill9(&mut self, i: usize) {
-        if let Some(mut child) = self.children[i].take() {
-            child.kill9().expect("SIGKILL and reap");
-        }
-    }
-
-    /// Node `i` has exited on its own (reaped), or still runs.
-    fn exited(&mut self, i: usize) -> bool {
-        self.children[i]
-            .as_mut()
-            .is_some_and(|c| c.try_exit().is_some())
-    }
-
-    /// Waits up to `within` for node `i` to exit on its own; reaps it.
-    fn wait_exit(&mut self, i: usize, within: Duration) -> ExitStatus {
-        let child = self.children[i].as_mut().expect("node was started");
-        let status = child.wait_exit(within);
-        let Some(status) = status else {
-            panic!(
-                "node {} still runs after {within:?}; stderr: {}",
-                i + 1,
-                self.stderr(i)
-            );
-        };
-        self.children[i] = None;
-        status
-    }
-
-    /// Node `i`'s status file.
-    fn status(&self, i: usize) -> Option<NodeStatusFile> {
-        NodeStatusFile::read(&NodeStatusFile::path(&self.data(i)))
-    }
-
-    /// The running node that leads in the highest term, waiting up to [`PATIENCE`].
-    fn leader(&self) -> usize {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let running = (0..self.children.len()).filter(|&i| self.children[i].is_some());
-            if let Some(i) = raftkv::proc::leader_of(running.map(|i| (i, self.status(i)))) {
-                return i;
-            }
-            assert!(Instant::now() < deadline, "no leader within {PATIENCE:?}");
-            thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn connect(&self, i: usize, timeout: Duration) -> redis::RedisResult<redis::Connection> {
-        let client = redis::Client::open(format!("redis://127.0.0.1:{}/", self.client_ports[i]))?;
-        let con = client.get_connection_with_timeout(Duration::from_secs(2))?;
-        con.set_read_timeout(Some(timeout))?;
-        Ok(con)
-    }
-
-    /// Runs `f` on a fresh connection to node `i` until it succeeds, within [`PATIENCE`].
-    fn retry<T>(
-        &self,
-        i: usize,
-        what: &str,
-        f: impl Fn(&mut redis::Connection) -> redis::RedisResult<T>,
-    ) -> T {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let result = self
-                .connect(i, Duration::from_secs(10))
-                .and_then(|mut con| f(&mut con));
-            match result {
-                Ok(v) => return v,
-                Err(e) => {
-                    assert!(
-                        Instant::now() < deadline,
-                        "{what} on node {} failed for {PATIENCE:?}: {e}",
-                        i + 1
-                    );
-                    thread::sleep(Duration::from_millis(100));
-                }
-            }
-        }
-    }
-
-    /// SETs `key` = `value` through node `i` until acknowledged.
-    fn set(&self, i: usize, key: &str, value: &str) {
-        let reply: String = self.retry(i, &format!("SET {key}"), |c| {
-            redis::cmd("SET").arg(key).arg(value).query(c)
-        });
-        assert_eq!(reply, "OK");
-    }
-
-    /// Every key of `acked` reads back its value through node `i`.
-    fn check_keys(&self, i: usize, acked: &BTreeMap<String, String>) {
-        let keys: Vec<&String> = acked.keys().collect();
-        for chunk in keys.chunks(100) {
-            let values: Vec<Option<String>> = self.retry(i, "MGET", |c| {
-                let mut cmd = redis::cmd("MGET");
-                for k in chunk {
-                    cmd.arg(k.as_str());
-                }
-                cmd.query(c)
-            });
-            for (k, v) in chunk.iter().zip(values) {
-                assert_eq!(
-                    v.as_deref(),
-                    Some(acked[*k].as_str()),
-                    "node {}: acknowledged key {k} lost",
-                    i + 1
-                );
-            }
-        }
-    }
-
-    /// Waits until node `i` has applied at least `applied` requests.
-    fn wait_applied(&self, i: usize, applied: u64, patience: Duration) {
-        let deadline = Instant::now() + patience;
-        loop {
-            if self.status(i).is_some_and(|s| s.applied >= applied) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "node {} applied {:?} of {applied} after {patience:?}",
-                i + 1,
-                self.status(i).map(|s| s.applied)
-            );
-            thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// The `applied` high-water mark node `i`'s identity file records.
-    fn recorded_applied(&self, i: usize) -> u64 {
-        fs::read_to_string(self.data(i).join("identity"))
-            .ok()
-            .and_then(|t| {
-                t.lines()
-                    .find_map(|l| l.strip_prefix("applied ")?.parse().ok())
-            })
-            .unwrap_or(0)
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for i in 0..self.children.len() {
-            self.kill9(i);
-        }
-    }
-}
-
-/// SETs `count` keys `<prefix><k>` through node `via`; returns what was acknowledged.
-fn write_keys(
-    cluster: &Cluster,
-    via: usize,
-    prefix: &str,
-    count: usize,
-    acked: &mut BTreeMap<String, String>,
-) {
-    for k in 0..count {
-        let (key, value) = (format!("{prefix}{k}"), format!("{prefix}-value-{k}"));
-        cluster.set(via, &key, &value);
-        acked.insert(key, value);
-    }
+/// The `applied` high-water mark node `i`'s identity file records.
+fn recorded_applied(cluster: &Cluster, i: usize) -> u64 {
+    fs::read_to_string(cluster.data(i).join("identity"))
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("applied ")?.parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// The one line a node printed on stderr (without RUST_LOG it prints nothing else).
@@ -315,16 +42,16 @@ fn one_line(stderr: &str) -> &str {
 /// acknowledged key.
 #[test]
 fn wiped_raft_dir_is_refused_and_the_replaced_node_catches_up() {
-    let dir = TempDir::new("wiped");
-    let mut cluster = Cluster::new(&dir.0, &free_ports(6));
+    let dir = TempDir::new("durability-wiped");
+    let mut cluster = Cluster::new(dir.path(), &ports(6));
     let leader = cluster.leader();
     let follower = (leader + 1) % 3;
     let other = (leader + 2) % 3;
     let mut acked = BTreeMap::new();
-    write_keys(&cluster, leader, "a", 200, &mut acked);
+    cluster.write_keys(leader, "a", 200, &mut acked);
     // The follower's identity records how far it got (at most a second later).
     let deadline = Instant::now() + PATIENCE;
-    while cluster.recorded_applied(follower) == 0 {
+    while recorded_applied(&cluster, follower) == 0 {
         assert!(
             Instant::now() < deadline,
             "node {} never recorded its progress",
@@ -344,18 +71,18 @@ fn wiped_raft_dir_is_refused_and_the_replaced_node_catches_up() {
         "{line}"
     );
     // The other two keep serving.
-    write_keys(&cluster, other, "b", 50, &mut acked);
+    cluster.write_keys(other, "b", 50, &mut acked);
     cluster.check_keys(other, &acked);
     // Replaced: an empty directory, no --bootstrap.
     fs::remove_dir_all(cluster.data(follower)).expect("remove the node's directory");
     cluster.start(follower);
-    write_keys(&cluster, leader, "c", 20, &mut acked);
+    cluster.write_keys(leader, "c", 20, &mut acked);
     let leader_applied = cluster.status(leader).expect("leader status").applied;
     cluster.wait_applied(follower, leader_applied, PATIENCE);
     // It caught up and votes: without the old leader, it and `other` elect a leader that
     // serves every acknowledged key.
     let deadline = Instant::now() + PATIENCE;
-    while cluster.recorded_applied(follower) == 0
+    while recorded_applied(&cluster, follower) == 0
         || !fs::read_to_string(cluster.data(follower).join("identity"))
             .unwrap_or_default()
             .contains("member voter")
@@ -368,7 +95,7 @@ fn wiped_raft_dir_is_refused_and_the_replaced_node_catches_up() {
         thread::sleep(Duration::from_millis(100));
     }
     cluster.kill9(leader);
-    write_keys(&cluster, follower, "d", 20, &mut acked);
+    cluster.write_keys(follower, "d", 20, &mut acked);
     cluster.check_keys(follower, &acked);
     cluster.check_keys(other, &acked);
     assert!(cluster.children[follower].is_some() && cluster.children[other].is_some());
@@ -380,16 +107,16 @@ fn wiped_raft_dir_is_refused_and_the_replaced_node_catches_up() {
 /// key; once the old leader is back, every key is served.
 #[test]
 fn wiped_node_does_not_elect_a_leader_missing_writes() {
-    let dir = TempDir::new("noelect");
-    let mut cluster = Cluster::new(&dir.0, &free_ports(6));
+    let dir = TempDir::new("durability-noelect");
+    let mut cluster = Cluster::new(dir.path(), &ports(6));
     let leader = cluster.leader();
     let behind = (leader + 1) % 3;
     let wiped = (leader + 2) % 3;
     let mut acked = BTreeMap::new();
-    write_keys(&cluster, leader, "a", 10, &mut acked);
+    cluster.write_keys(leader, "a", 10, &mut acked);
     cluster.kill9(behind);
     // Committed on the leader and `wiped` only.
-    write_keys(&cluster, leader, "b", 50, &mut acked);
+    cluster.write_keys(leader, "b", 50, &mut acked);
     cluster.kill9(leader);
     cluster.kill9(wiped);
     fs::remove_dir_all(cluster.data(wiped)).expect("wipe the node's directory");
@@ -428,13 +155,13 @@ fn wiped_node_does_not_elect_a_leader_missing_writes() {
 /// backup) refuses to start: its identity records more than the copy holds.
 #[test]
 fn raft_dir_older_than_recorded_is_refused() {
-    let dir = TempDir::new("older");
-    let mut cluster = Cluster::new(&dir.0, &free_ports(6));
+    let dir = TempDir::new("durability-older");
+    let mut cluster = Cluster::new(dir.path(), &ports(6));
     let leader = cluster.leader();
     let follower = (leader + 1) % 3;
     let other = (leader + 2) % 3;
     let mut acked = BTreeMap::new();
-    write_keys(&cluster, leader, "a", 20, &mut acked);
+    cluster.write_keys(leader, "a", 20, &mut acked);
     cluster.wait_applied(follower, 20, PATIENCE);
     cluster.kill9(follower);
     let raft = cluster.data(follower).join("raft");
@@ -446,16 +173,16 @@ fn raft_dir_older_than_recorded_is_refused() {
         .status()
         .expect("cp");
     assert!(copied.success(), "cp -a {}: {copied}", raft.display());
-    let copied_at = cluster.recorded_applied(follower);
+    let copied_at = recorded_applied(&cluster, follower);
     cluster.start(follower);
-    write_keys(&cluster, leader, "b", 200, &mut acked);
+    cluster.write_keys(leader, "b", 200, &mut acked);
     let deadline = Instant::now() + PATIENCE;
-    while cluster.recorded_applied(follower) <= copied_at + 100 {
+    while recorded_applied(&cluster, follower) <= copied_at + 100 {
         assert!(
             Instant::now() < deadline,
             "node {} recorded {} (copy at {copied_at})",
             follower + 1,
-            cluster.recorded_applied(follower)
+            recorded_applied(&cluster, follower)
         );
         thread::sleep(Duration::from_millis(100));
     }
@@ -471,7 +198,7 @@ fn raft_dir_older_than_recorded_is_refused() {
         line.contains("lost state") && line.contains("records term") && line.contains("remove"),
         "{line}"
     );
-    write_keys(&cluster, other, "c", 20, &mut acked);
+    cluster.write_keys(other, "c", 20, &mut acked);
     cluster.check_keys(other, &acked);
 }
 
@@ -498,24 +225,24 @@ fn contents(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
 /// into it; put back where they belong, both clusters serve every key they acknowledged.
 #[test]
 fn directory_of_another_cluster_is_refused_and_both_keep_every_key() {
-    let dir = TempDir::new("foreign");
-    let ports = free_ports(6);
-    let (dir_a, dir_b) = (dir.0.join("a"), dir.0.join("b"));
+    let dir = TempDir::new("durability-foreign");
+    let ports = ports(6);
+    let (dir_a, dir_b) = (dir.path().join("a"), dir.path().join("b"));
     let mut acked_a = BTreeMap::new();
     let mut acked_b = BTreeMap::new();
     let mut a = Cluster::new(&dir_a, &ports);
     let leader = a.leader();
-    write_keys(&a, leader, "a", 100, &mut acked_a);
+    a.write_keys(leader, "a", 100, &mut acked_a);
     a.check_keys(0, &acked_a);
     for i in 0..3 {
         a.kill9(i);
     }
     let mut b = Cluster::new(&dir_b, &ports);
     let leader = b.leader();
-    write_keys(&b, leader, "b", 100, &mut acked_b);
+    b.write_keys(leader, "b", 100, &mut acked_b);
     b.check_keys(0, &acked_b);
     b.kill9(0);
-    let own = dir.0.join("b-node-1");
+    let own = dir.path().join("b-node-1");
     fs::rename(b.data(0), &own).expect("move B's node 1 aside");
     fs::rename(a.data(0), b.data(0)).expect("move A's node 1 into B");
     let before = contents(&b.data(0));
@@ -537,7 +264,7 @@ fn directory_of_another_cluster_is_refused_and_both_keep_every_key() {
     assert!(before == after, "the refused directory was written to");
     // B's other two keep serving.
     let leader = b.leader();
-    write_keys(&b, leader, "b2-", 20, &mut acked_b);
+    b.write_keys(leader, "b2-", 20, &mut acked_b);
     // Each directory back in its cluster: both serve everything they acknowledged.
     fs::rename(b.data(0), a.data(0)).expect("move A's node 1 back");
     fs::rename(&own, b.data(0)).expect("move B's node 1 back");
@@ -599,11 +326,11 @@ fn fill(filler: &Path) {
 /// cluster with it and without one of the others serves them all).
 #[test]
 fn full_disk_stops_the_node_naming_the_cause_and_it_catches_up_after() {
-    let dir = TempDir::new("fulldisk");
-    let ports = free_ports(6);
+    let dir = TempDir::new("durability-fulldisk");
+    let ports = ports(6);
     let full = 2;
-    let tmpfs = Tmpfs::mount(&dir.0.join(format!("node-{}", full + 1)), 32 << 20);
-    let mut cluster = Cluster::empty(&dir.0, &ports);
+    let tmpfs = Tmpfs::mount(&dir.path().join(format!("node-{}", full + 1)), 32 << 20);
+    let mut cluster = Cluster::empty(dir.path(), &ports);
     for i in 0..3 {
         if i == full && tmpfs.is_none() {
             cluster.start_with(i, |c| limit_file_size(c, 4 << 20));
@@ -613,7 +340,7 @@ fn full_disk_stops_the_node_naming_the_cause_and_it_catches_up_after() {
     }
     let mut acked = BTreeMap::new();
     let leader = cluster.leader();
-    write_keys(&cluster, leader, "a", 50, &mut acked);
+    cluster.write_keys(leader, "a", 50, &mut acked);
     let filler = cluster.data(full).join("filler");
     if tmpfs.is_some() {
         fill(&filler);
@@ -664,7 +391,7 @@ fn full_disk_stops_the_node_naming_the_cause_and_it_catches_up_after() {
         "{line}"
     );
     // The other two keep serving.
-    write_keys(&cluster, via, "b", 50, &mut acked);
+    cluster.write_keys(via, "b", 50, &mut acked);
     // Space freed, node 3 restarted: it catches up.
     let _ = fs::remove_file(&filler);
     cluster.start(full);
@@ -676,7 +403,7 @@ fn full_disk_stops_the_node_naming_the_cause_and_it_catches_up_after() {
         .find(|&i| i != full && i != leader)
         .expect("a third node");
     cluster.kill9(down);
-    write_keys(&cluster, full, "c", 20, &mut acked);
+    cluster.write_keys(full, "c", 20, &mut acked);
     cluster.check_keys(full, &acked);
     for i in 0..3 {
         cluster.kill9(i);
@@ -711,11 +438,11 @@ fn limit_file_size(command: &mut Command, bytes: u64) {
 fn isolated_leader_steps_down_and_its_clients_are_told_to_try_again() {
     use raftkv::chaos::{ChaosCluster, ClusterOptions};
     use raftkv::net::proxy::LinkMode;
-    let dir = TempDir::new("checkquorum");
+    let dir = TempDir::new("durability-checkquorum");
     let mut cluster = ChaosCluster::start(ClusterOptions {
         exe: PathBuf::from(EXE),
         nodes: 3,
-        dir: dir.0.join("nodes"),
+        dir: dir.path().join("nodes"),
         fault: None,
         node_log: None,
     })
@@ -743,7 +470,7 @@ fn isolated_leader_steps_down_and_its_clients_are_told_to_try_again() {
         thread::sleep(Duration::from_millis(100));
     }
     let status = dir
-        .0
+        .path()
         .join("nodes")
         .join(format!("node-{}", leader + 1))
         .join("status");

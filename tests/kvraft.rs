@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam::channel;
 use raftkv::kvapi::{KvErr, Tversion};
-use raftkv::kvraft::harness::{KvRaftParams, KvRaftTest};
+use raftkv::tester::kvraft::{KvRaftParams, KvRaftTest};
 use raftkv::tester::kvtest::{ClntRes, ELECTION_TIMEOUT, make_keys};
 use raftkv::tester::{GRP0, join_helper};
 

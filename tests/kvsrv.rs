@@ -8,7 +8,7 @@ use std::time::Duration;
 use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use raftkv::kvapi::KvClerk;
 use raftkv::kvapi::KvErr;
-use raftkv::kvsrv::harness::make_test_kv;
+use raftkv::tester::kvsrv::make_test_kv;
 use raftkv::tester::kvtest::ClntRes;
 use raftkv::tester::randstring;
 

@@ -5,8 +5,8 @@ use std::thread;
 use std::time::Duration;
 
 use raftkv::kvapi::KvErr;
-use raftkv::kvsrv::harness::make_test_kv;
 use raftkv::kvsrv::lock::Lock;
+use raftkv::tester::kvsrv::make_test_kv;
 use raftkv::tester::kvtest::{ClntRes, Done, KvTest, TestClerk};
 
 const NCLNT: usize = 10;

@@ -16,7 +16,7 @@ use raftkv::tester::{join_helper, randstring};
 /// with a `harness` of its own: the same tests, with every peer on the crash-safe file log.
 #[allow(unused_imports)]
 mod harness {
-    pub use raftkv::raft::harness::*;
+    pub use raftkv::tester::raft::*;
     pub use raftkv::tester::run_test_in_child;
 }
 use rand::Rng;

@@ -8,7 +8,7 @@
 /// What `tests/raft.rs` imports as its harness: the file-backed `Test`, everything else as
 /// it is, and the child-process runner pointed at this binary's `lab::` names.
 mod harness {
-    pub use raftkv::raft::harness::file::*;
+    pub use raftkv::tester::raft::file::*;
 
     /// Runs test `name` of `tests/raft.rs` (here `lab::<name>`) in a child process.
     pub fn run_test_in_child(name: &str, env: &[(&str, &str)]) -> (bool, String) {

@@ -5,13 +5,13 @@
 
 use std::sync::Arc;
 
-use raftkv::raft::harness::{Test, TestCmd};
 use raftkv::raft::log::Entry;
 use raftkv::raft::{
     AppendEntriesArgs, HardState, InstallSnapshotArgs, MAX_INDEX, MAX_TERM, MAX_TERM_JUMP,
     RequestVoteArgs, Storage, StorageError, Validator,
 };
 use raftkv::storage::{FileLog, FileLogOptions};
+use raftkv::tester::raft::{Test, TestCmd};
 
 /// Every term and index a forged message might carry at the edge.
 fn hostile_terms(current: u64) -> Vec<u64> {
@@ -248,8 +248,12 @@ fn validator_refuses_entries_and_snapshots_3d() {
 
 #[test]
 fn file_log_refuses_out_of_range_terms_and_indexes() {
-    let dir = std::env::temp_dir().join(format!("raftkv-hostile-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    // Removed with everything in it when the test ends, passing or failing.
+    let temp = tempfile::Builder::new()
+        .prefix("raftkv-hostile-")
+        .tempdir()
+        .expect("a test directory");
+    let dir = temp.path().join("log");
     {
         let log = FileLog::open(&dir, FileLogOptions::default()).expect("open");
         let e = |t| Entry {
@@ -281,5 +285,4 @@ fn file_log_refuses_out_of_range_terms_and_indexes() {
     assert_eq!(restored.hard_state.term, 2);
     assert_eq!(restored.log.last_index(), 2);
     drop(log);
-    std::fs::remove_dir_all(&dir).expect("clean up");
 }

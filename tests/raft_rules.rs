@@ -17,12 +17,12 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use raftkv::labrpc::ClientEnd;
 use raftkv::labrpc::script::{Rule, RuleId};
-use raftkv::raft::harness::{Delivered, Test, TestCmd};
 use raftkv::raft::log::Entry;
 use raftkv::raft::{
     AppendEntriesArgs, AppendEntriesReply, InstallSnapshotArgs, InstallSnapshotReply,
     RequestVoteArgs, RequestVoteReply,
 };
+use raftkv::tester::raft::{Delivered, Test, TestCmd};
 use raftkv::tester::{GRP0, server_name};
 
 const SECOND: Duration = Duration::from_secs(1);

@@ -6,7 +6,7 @@ use std::thread;
 use std::time::Duration;
 
 use crossbeam::channel;
-use raftkv::kvraft::harness::{CounterReq, FAULT_ENV, NSEC, NSRV, RsmTest};
+use raftkv::tester::kvraft::{CounterReq, FAULT_ENV, NSEC, NSRV, RsmTest};
 use raftkv::tester::{panic_message, run_test_in_child};
 
 /// The rsm tests' snapshot threshold (Go's `MAXRAFTSTATE`).
@@ -156,7 +156,7 @@ fn leader_partition_4a() {
     sleep_ms(10);
     let rep = ts.one_partition(Some(&p1), CounterReq::Inc);
     let n = match rep {
-        Some(raftkv::kvraft::harness::CounterRep::Inc { n }) => n,
+        Some(raftkv::tester::kvraft::CounterRep::Inc { n }) => n,
         other => ts.fatal(&format!("Inc in majority failed: {other:?}")),
     };
 

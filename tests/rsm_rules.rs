@@ -10,8 +10,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use raftkv::kvapi::{GetArgs, KvErr, KvTransport, PutArgs};
-use raftkv::kvraft::harness::{CounterRep, CounterReq, KvRaftParams, KvRaftTest, RsmTest};
 use raftkv::labrpc::script::Rule;
+use raftkv::tester::kvraft::{CounterRep, CounterReq, KvRaftParams, KvRaftTest, RsmTest};
 use raftkv::tester::{GRP0, server_name};
 
 const SECOND: Duration = Duration::from_secs(1);

@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 
 use raftkv::kvapi::{GetArgs, KvErr, KvTransport, PutArgs};
 use raftkv::labrpc::script::{Held, Rule};
-use raftkv::shardkv::harness::{NSRV, ShardKvTest, make_test};
 use raftkv::shardkv::shardcfg::{ShardConfig, key2shard};
 use raftkv::shardkv::shardctrler::{CURRENT_KEY, NEXT_KEY};
 use raftkv::shardkv::shardgrp::rpc::{DeleteShardArgs, FreezeShardArgs, InstallShardArgs};
 use raftkv::shardkv::{Change, ShardTransport};
+use raftkv::tester::shardkv::{NSRV, ShardKvTest, make_test};
 use raftkv::tester::{Clnt, GRP0, Tgid, server_name};
 
 const SECOND: Duration = Duration::from_secs(1);

@@ -8,12 +8,10 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crossbeam::channel::{self, RecvTimeoutError, TryRecvError};
-use raftkv::shardkv::harness::{
-    NSRV, ShardKvTest, make_test, make_test_leases, make_test_max_raft,
-};
 use raftkv::shardkv::shardcfg::{GID1, NSHARDS, ShardConfig, Tshid, key2shard};
 use raftkv::tester::Tgid;
 use raftkv::tester::kvtest::{ClntRes, TestClerk, make_keys};
+use raftkv::tester::shardkv::{NSRV, ShardKvTest, make_test, make_test_leases, make_test_max_raft};
 
 /// Groups joined and left by the many-groups tests.
 const NGRP: usize = 8;

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use raftkv::mr::cli::{fail, init_logging, parse_args};
+use raftkv::mr::cli::{command_line, fail, init_logging};
 use raftkv::mr::sequential::check_inputs;
 use raftkv::mr::{Coordinator, MrError, N_REDUCE, rpc};
 
@@ -13,14 +13,9 @@ const USAGE: &str = "usage: mrcoordinator [--socket PATH] inputfiles...\n\
 
 fn main() -> ExitCode {
     init_logging();
-    let args = match parse_args(std::env::args_os().skip(1)) {
-        Ok(args) if args.help => {
-            eprintln!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Ok(args) if !args.positional.is_empty() => args,
-        Ok(_) => return fail(&MrError::Usage(USAGE.into()), USAGE),
-        Err(e) => return fail(&e, USAGE),
+    let args = match command_line(USAGE, |args| Ok(!args.positional.is_empty())) {
+        Ok(args) => args,
+        Err(code) => return code,
     };
     if let Err(e) = check_inputs(&args.positional) {
         return fail(&e, USAGE);

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use raftkv::mr::cli::{fail, init_logging, parse_args};
+use raftkv::mr::cli::{command_line, fail, init_logging};
 use raftkv::mr::sequential::run_sequential;
 use raftkv::mr::{MrError, apps};
 
@@ -17,20 +17,12 @@ fn usage() -> String {
 fn main() -> ExitCode {
     init_logging();
     let usage = usage();
-    let args = match parse_args(std::env::args_os().skip(1)) {
-        Ok(args) if args.help => {
-            eprintln!("{usage}");
-            return ExitCode::SUCCESS;
-        }
-        Ok(args) if args.socket.is_some() => {
-            return fail(
-                &MrError::Usage("mrsequential takes no --socket".into()),
-                &usage,
-            );
-        }
-        Ok(args) if args.positional.len() >= 2 => args,
-        Ok(_) => return fail(&MrError::Usage(usage.clone()), &usage),
-        Err(e) => return fail(&e, &usage),
+    let args = match command_line(&usage, |args| match args.socket {
+        Some(_) => Err(MrError::Usage("mrsequential takes no --socket".into())),
+        None => Ok(args.positional.len() >= 2),
+    }) {
+        Ok(args) => args,
+        Err(code) => return code,
     };
     let app = match apps::lookup(&args.positional[0]) {
         Ok(app) => app,

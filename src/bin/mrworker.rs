@@ -3,8 +3,8 @@
 
 use std::process::ExitCode;
 
-use raftkv::mr::cli::{fail, init_logging, parse_args};
-use raftkv::mr::{MrError, apps, rpc, run_worker};
+use raftkv::mr::cli::{command_line, fail, init_logging};
+use raftkv::mr::{apps, rpc, run_worker};
 
 fn usage() -> String {
     format!(
@@ -18,14 +18,9 @@ fn usage() -> String {
 fn main() -> ExitCode {
     init_logging();
     let usage = usage();
-    let args = match parse_args(std::env::args_os().skip(1)) {
-        Ok(args) if args.help => {
-            eprintln!("{usage}");
-            return ExitCode::SUCCESS;
-        }
-        Ok(args) if args.positional.len() == 1 => args,
-        Ok(_) => return fail(&MrError::Usage(usage.clone()), &usage),
-        Err(e) => return fail(&e, &usage),
+    let args = match command_line(&usage, |args| Ok(args.positional.len() == 1)) {
+        Ok(args) => args,
+        Err(code) => return code,
     };
     let app = match apps::lookup(&args.positional[0]) {
         Ok(app) => app,

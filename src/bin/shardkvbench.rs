@@ -20,9 +20,9 @@ use std::time::{Duration, Instant};
 
 use raftkv::kvapi::KvErr;
 use raftkv::shardkv::Change;
-use raftkv::shardkv::harness::make_test;
 use raftkv::shardkv::shardcfg::key2shard;
 use raftkv::tester::kvtest::rand_value;
+use raftkv::tester::shardkv::make_test;
 
 const NCLERKS: usize = 32;
 const SIZES: [(usize, &str); 2] = [(1 << 10, "1 KB"), (1 << 20, "1 MB")];

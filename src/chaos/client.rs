@@ -22,7 +22,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 use crate::kvapi::{KvErr, Tversion};
-use crate::porcupine::kv::{KvInput, KvOp, KvOutput};
+use crate::porcupine::kv::{KvInput, KvOutput};
 use crate::resp::{self, Limits, Reply};
 
 const LOG: &str = "chaos::client";
@@ -249,12 +249,7 @@ pub fn run_client(spec: &ClientSpec, shared: &Arc<Shared>) -> Vec<Record> {
                     why: e.to_string(),
                 },
             };
-            let input = KvInput {
-                op: KvOp::Put,
-                key,
-                value,
-                version,
-            };
+            let input = KvInput::put(key, value, version);
             (input, call, answer)
         } else {
             let call = shared.now();
@@ -265,34 +260,21 @@ pub fn run_client(spec: &ClientSpec, shared: &Arc<Shared>) -> Vec<Record> {
                     why: e.to_string(),
                 },
             };
-            let input = KvInput {
-                op: KvOp::Get,
-                key,
-                value: String::new(),
-                version: 0,
-            };
+            let input = KvInput::get(key);
             (input, call, answer)
         };
         let ret = shared.now();
         let (output, ret) = match answer {
             Answer::Get { value, version } => {
                 known[k] = version;
-                let output = KvOutput {
-                    value,
-                    version,
-                    err: KvErr::Ok,
-                };
+                let output = KvOutput::got(value, version, KvErr::Ok);
                 (output, Some(ret))
             }
             Answer::Put(err) => {
                 if err == KvErr::Ok {
                     known[k] += 1;
                 }
-                let output = KvOutput {
-                    value: String::new(),
-                    version: 0,
-                    err,
-                };
+                let output = KvOutput::put(err);
                 (output, Some(ret))
             }
             Answer::Failed { reconnect, why } => {
@@ -305,11 +287,7 @@ pub fn run_client(spec: &ClientSpec, shared: &Arc<Shared>) -> Vec<Record> {
                     shared.failed_reads.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
-                let output = KvOutput {
-                    value: String::new(),
-                    version: 0,
-                    err: KvErr::Maybe,
-                };
+                let output = KvOutput::put(KvErr::Maybe);
                 (output, None)
             }
         };
@@ -356,17 +334,8 @@ pub fn final_read(
             Answer::Get { value, version } => {
                 return Some(Record {
                     client: id,
-                    input: KvInput {
-                        op: KvOp::Get,
-                        key: key.to_string(),
-                        value: String::new(),
-                        version: 0,
-                    },
-                    output: KvOutput {
-                        value,
-                        version,
-                        err: KvErr::Ok,
-                    },
+                    input: KvInput::get(key),
+                    output: KvOutput::got(value, version, KvErr::Ok),
                     call,
                     ret: Some(shared.now()),
                 });

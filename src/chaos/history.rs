@@ -95,16 +95,8 @@ impl HistoryLine {
             _ => return None,
         };
         let output = match &self.output {
-            Some(out) => KvOutput {
-                value: out.value.clone(),
-                version: out.version,
-                err: parse_err(&out.err)?,
-            },
-            None => KvOutput {
-                value: String::new(),
-                version: 0,
-                err: KvErr::Maybe,
-            },
+            Some(out) => KvOutput::got(out.value.clone(), out.version, parse_err(&out.err)?),
+            None => KvOutput::put(KvErr::Maybe),
         };
         Some(Record {
             client: self.client,
@@ -222,21 +214,12 @@ mod tests {
     ) -> Record {
         Record {
             client,
-            input: KvInput {
-                op: KvOp::Put,
-                key: key.into(),
-                value: value.into(),
-                version,
-            },
-            output: KvOutput {
-                value: String::new(),
-                version: 0,
-                err: if ret.is_some() {
-                    KvErr::Ok
-                } else {
-                    KvErr::Maybe
-                },
-            },
+            input: KvInput::put(key, value, version),
+            output: KvOutput::put(if ret.is_some() {
+                KvErr::Ok
+            } else {
+                KvErr::Maybe
+            }),
             call,
             ret,
         }
@@ -245,17 +228,8 @@ mod tests {
     fn get(client: usize, key: &str, value: &str, version: u64, call: i64, ret: i64) -> Record {
         Record {
             client,
-            input: KvInput {
-                op: KvOp::Get,
-                key: key.into(),
-                value: String::new(),
-                version: 0,
-            },
-            output: KvOutput {
-                value: value.into(),
-                version,
-                err: KvErr::Ok,
-            },
+            input: KvInput::get(key),
+            output: KvOutput::got(value, version, KvErr::Ok),
             call,
             ret: Some(ret),
         }

@@ -8,8 +8,6 @@
 //! commits, answers `ErrWrongLeader`, and the clerk tries the next replica.
 
 mod client;
-#[cfg(feature = "testing")]
-pub mod harness;
 pub mod rsm;
 mod server;
 

@@ -5,8 +5,6 @@
 //! is why a Put can come back [`KvErr::Maybe`](crate::kvapi::KvErr::Maybe).
 
 mod client;
-#[cfg(feature = "testing")]
-pub mod harness;
 pub mod lock;
 mod server;
 

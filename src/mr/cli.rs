@@ -88,6 +88,25 @@ pub fn fail(err: &MrError, usage: &str) -> ExitCode {
     }
 }
 
+/// Reads this process's command line for a program whose usage is `usage`: `-h` prints the
+/// usage and ends the program with success; a line clap cannot parse, or one `accept` refuses
+/// (it returns `false` for a wrong shape), prints the usage and ends it with exit status 2.
+pub fn command_line(
+    usage: &str,
+    accept: impl FnOnce(&Args) -> Result<bool, MrError>,
+) -> Result<Args, ExitCode> {
+    let args = parse_args(std::env::args_os().skip(1)).map_err(|e| fail(&e, usage))?;
+    if args.help {
+        eprintln!("{usage}");
+        return Err(ExitCode::SUCCESS);
+    }
+    match accept(&args) {
+        Ok(true) => Ok(args),
+        Ok(false) => Err(fail(&MrError::Usage(usage.into()), usage)),
+        Err(e) => Err(fail(&e, usage)),
+    }
+}
+
 /// Installs the crate's logger ([`crate::logging`], `env_logger`) at what `RUST_LOG` names
 /// (its filter syntax), or `$MR_LOG` when `RUST_LOG` is unset; silent if neither is set.
 pub fn init_logging() {

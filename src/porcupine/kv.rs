@@ -22,12 +22,50 @@ pub struct KvInput {
     pub version: Tversion,
 }
 
+impl KvInput {
+    /// A Get of `key`.
+    pub fn get(key: impl Into<String>) -> KvInput {
+        KvInput {
+            op: KvOp::Get,
+            key: key.into(),
+            value: String::new(),
+            version: 0,
+        }
+    }
+
+    /// A Put of `value` at `key`, conditional on the key's `version`.
+    pub fn put(key: impl Into<String>, value: impl Into<String>, version: Tversion) -> KvInput {
+        KvInput {
+            op: KvOp::Put,
+            key: key.into(),
+            value: value.into(),
+            version,
+        }
+    }
+}
+
 /// What the client was answered. For a Put only `err` is meaningful.
 #[derive(Clone, Debug)]
 pub struct KvOutput {
     pub value: String,
     pub version: Tversion,
     pub err: KvErr,
+}
+
+impl KvOutput {
+    /// A Get's answer.
+    pub fn got(value: impl Into<String>, version: Tversion, err: KvErr) -> KvOutput {
+        KvOutput {
+            value: value.into(),
+            version,
+            err,
+        }
+    }
+
+    /// A Put's answer: only its error.
+    pub fn put(err: KvErr) -> KvOutput {
+        KvOutput::got(String::new(), 0, err)
+    }
 }
 
 /// One key's state: its value and version ("", 0 before the first Put).

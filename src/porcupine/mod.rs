@@ -15,17 +15,16 @@
 //! The verbose variants also return a [`LinearizationInfo`], which [`visualize`] renders as a
 //! self-contained HTML page showing where linearization got stuck.
 //!
-//! [`kv`] holds the model of the labs' versioned key/value store; [`histgen`] generates
-//! linearizable KV histories for tests and benchmarks.
+//! [`kv`] holds the model of the labs' versioned key/value store (`tester::histgen` generates
+//! linearizable KV histories of it for tests and benchmarks).
 
 mod cache;
 mod checker;
-pub mod histgen;
 mod history;
 mod info;
 pub mod kv;
 mod model;
-#[cfg(test)]
+#[cfg(all(test, feature = "testing"))]
 mod tests;
 mod visualize;
 

@@ -5,7 +5,6 @@ use std::num::NonZeroUsize;
 use std::time::{Duration, Instant};
 
 use crate::kvapi::KvErr;
-use crate::porcupine::histgen::{KvHistoryConfig, linearizable_kv_history};
 use crate::porcupine::history::EventFault;
 use crate::porcupine::kv::{KvInput, KvModel, KvOp, KvOutput, KvState};
 use crate::porcupine::{
@@ -13,6 +12,7 @@ use crate::porcupine::{
     check_events_verbose, check_operations, check_operations_timeout, check_operations_verbose,
     check_operations_with, visualize,
 };
+use crate::tester::histgen::{KvHistoryConfig, linearizable_kv_history};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
@@ -301,22 +301,17 @@ fn get(
     let (value, version) = seen;
     Operation {
         client_id,
-        input: KvInput {
-            op: KvOp::Get,
-            key: key.into(),
-            value: String::new(),
-            version: 0,
-        },
+        input: KvInput::get(key),
         call,
-        output: KvOutput {
-            value: value.into(),
+        output: KvOutput::got(
+            value,
             version,
-            err: if version == 0 {
+            if version == 0 {
                 KvErr::NoKey
             } else {
                 KvErr::Ok
             },
-        },
+        ),
         return_time,
     }
 }
@@ -332,18 +327,9 @@ fn put(
 ) -> Operation<KvInput, KvOutput> {
     Operation {
         client_id,
-        input: KvInput {
-            op: KvOp::Put,
-            key: key.into(),
-            value: value.into(),
-            version,
-        },
+        input: KvInput::put(key, value, version),
         call,
-        output: KvOutput {
-            value: String::new(),
-            version: 0,
-            err,
-        },
+        output: KvOutput::put(err),
         return_time,
     }
 }

@@ -11,8 +11,6 @@
 mod apply;
 pub mod check;
 mod election;
-#[cfg(feature = "testing")]
-pub mod harness;
 pub mod log;
 pub mod persist;
 mod read;

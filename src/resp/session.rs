@@ -9,6 +9,7 @@
 //! [`super::server::CommandHandler::handle_batch`], and the slots are encoded in order.
 
 use std::fmt::Write as _;
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use super::auth::Password;
@@ -767,238 +768,82 @@ fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
 struct CommandDoc {
     name: &'static str,
     arity: i64,
-    flags: &'static [&'static str],
+    flags: Vec<&'static str>,
     keys: (i64, i64, i64),
-    categories: &'static [&'static str],
+    categories: Vec<&'static str>,
     summary: &'static str,
     since: &'static str,
     group: &'static str,
 }
 
-const fn doc(
-    name: &'static str,
-    arity: i64,
-    flags: &'static [&'static str],
-    keys: (i64, i64, i64),
-    categories: &'static [&'static str],
-    summary: &'static str,
-    group: &'static str,
-) -> CommandDoc {
+/// One command a line: name | arity | flags (`-` for none) | first last step | ACL
+/// categories | group | summary. Every command is documented as since 1.0.0.
+const DOC_TABLE: &str = "
+    auth | -2 | noscript loading stale fast no_auth | 0 0 0 | @fast @connection | connection | Authenticates the connection.
+    client | -2 | - | 0 0 0 | @slow @connection | connection | A container for client connection commands.
+    command | -1 | loading stale | 0 0 0 | @slow @connection | server | Returns detailed information about all commands.
+    config | -2 | - | 0 0 0 | @slow | server | A container for server configuration commands.
+    dbsize | 1 | readonly fast | 0 0 0 | @keyspace @read @fast | server | Returns the number of keys in the database.
+    del | -2 | write | 1 -1 1 | @keyspace @write @slow | generic | Deletes one or more keys.
+    discard | 1 | noscript loading stale fast | 0 0 0 | @fast @transaction | transactions | Discards a transaction.
+    echo | 2 | fast | 0 0 0 | @fast @connection | connection | Returns the given string.
+    exec | 1 | noscript loading stale | 0 0 0 | @slow @transaction | transactions | Executes all commands in a transaction.
+    exists | -2 | readonly fast | 1 -1 1 | @keyspace @read @fast | generic | Determines whether one or more keys exist.
+    get | 2 | readonly fast | 1 1 1 | @read @string @fast | string | Returns the string value of a key.
+    hello | -1 | noscript loading stale fast no_auth | 0 0 0 | @fast @connection | connection | Handshakes with the Redis server.
+    incr | 2 | write denyoom fast | 1 1 1 | @write @string @fast | string | Increments the integer value of a key by one.
+    info | -1 | loading stale | 0 0 0 | @slow @dangerous | server | Returns information and statistics about the server.
+    mget | -2 | readonly fast | 1 -1 1 | @read @string @fast | string | Atomically returns the string values of one or more keys.
+    multi | 1 | noscript loading stale fast | 0 0 0 | @fast @transaction | transactions | Starts a transaction.
+    ping | -1 | fast | 0 0 0 | @fast @connection | connection | Returns the server's liveliness response.
+    quit | -1 | noscript loading stale fast no_auth | 0 0 0 | @fast @connection | connection | Closes the connection.
+    select | 2 | loading stale fast | 0 0 0 | @fast @connection | connection | Changes the selected database (only 0 exists).
+    set | -3 | write denyoom | 1 1 1 | @write @string @slow | string | Sets the string value of a key.
+    vget | 2 | readonly fast | 1 1 1 | @read @fast | raftkv | Returns a key's value and version (raftkv).
+    vset | 4 | write | 1 1 1 | @write @slow | raftkv | Sets a key's value if its version is the given one (raftkv).
+";
+
+/// The parsed [`DOC_TABLE`], built once.
+fn docs() -> &'static [CommandDoc] {
+    static DOCS: OnceLock<Vec<CommandDoc>> = OnceLock::new();
+    DOCS.get_or_init(|| {
+        DOC_TABLE
+            .lines()
+            .map(str::trim)
+            .filter(|line| !line.is_empty())
+            .map(parse_doc_line)
+            .collect()
+    })
+}
+
+fn parse_doc_line(line: &'static str) -> CommandDoc {
+    let fields: Vec<&'static str> = line.splitn(7, " | ").collect();
+    let number = |text: &str| -> i64 {
+        text.parse()
+            .unwrap_or_else(|_| panic!("DOC_TABLE: bad number {text:?} in {line:?}"))
+    };
+    let [name, arity, flags, keys, categories, group, summary] = fields[..] else {
+        panic!("DOC_TABLE: expected 7 fields in {line:?}");
+    };
+    let keys: Vec<i64> = keys.split(' ').map(number).collect();
+    let [first, last, step] = keys[..] else {
+        panic!("DOC_TABLE: expected three key positions in {line:?}");
+    };
     CommandDoc {
         name,
-        arity,
-        flags,
-        keys,
-        categories,
+        arity: number(arity),
+        flags: flags.split(' ').filter(|f| *f != "-").collect(),
+        keys: (first, last, step),
+        categories: categories.split(' ').collect(),
         summary,
         since: "1.0.0",
         group,
     }
 }
 
-const DOCS: &[CommandDoc] = &[
-    doc(
-        "auth",
-        -2,
-        &["noscript", "loading", "stale", "fast", "no_auth"],
-        (0, 0, 0),
-        &["@fast", "@connection"],
-        "Authenticates the connection.",
-        "connection",
-    ),
-    doc(
-        "client",
-        -2,
-        &[],
-        (0, 0, 0),
-        &["@slow", "@connection"],
-        "A container for client connection commands.",
-        "connection",
-    ),
-    doc(
-        "command",
-        -1,
-        &["loading", "stale"],
-        (0, 0, 0),
-        &["@slow", "@connection"],
-        "Returns detailed information about all commands.",
-        "server",
-    ),
-    doc(
-        "config",
-        -2,
-        &[],
-        (0, 0, 0),
-        &["@slow"],
-        "A container for server configuration commands.",
-        "server",
-    ),
-    doc(
-        "dbsize",
-        1,
-        &["readonly", "fast"],
-        (0, 0, 0),
-        &["@keyspace", "@read", "@fast"],
-        "Returns the number of keys in the database.",
-        "server",
-    ),
-    doc(
-        "del",
-        -2,
-        &["write"],
-        (1, -1, 1),
-        &["@keyspace", "@write", "@slow"],
-        "Deletes one or more keys.",
-        "generic",
-    ),
-    doc(
-        "discard",
-        1,
-        &["noscript", "loading", "stale", "fast"],
-        (0, 0, 0),
-        &["@fast", "@transaction"],
-        "Discards a transaction.",
-        "transactions",
-    ),
-    doc(
-        "echo",
-        2,
-        &["fast"],
-        (0, 0, 0),
-        &["@fast", "@connection"],
-        "Returns the given string.",
-        "connection",
-    ),
-    doc(
-        "exec",
-        1,
-        &["noscript", "loading", "stale"],
-        (0, 0, 0),
-        &["@slow", "@transaction"],
-        "Executes all commands in a transaction.",
-        "transactions",
-    ),
-    doc(
-        "exists",
-        -2,
-        &["readonly", "fast"],
-        (1, -1, 1),
-        &["@keyspace", "@read", "@fast"],
-        "Determines whether one or more keys exist.",
-        "generic",
-    ),
-    doc(
-        "get",
-        2,
-        &["readonly", "fast"],
-        (1, 1, 1),
-        &["@read", "@string", "@fast"],
-        "Returns the string value of a key.",
-        "string",
-    ),
-    doc(
-        "hello",
-        -1,
-        &["noscript", "loading", "stale", "fast", "no_auth"],
-        (0, 0, 0),
-        &["@fast", "@connection"],
-        "Handshakes with the Redis server.",
-        "connection",
-    ),
-    doc(
-        "incr",
-        2,
-        &["write", "denyoom", "fast"],
-        (1, 1, 1),
-        &["@write", "@string", "@fast"],
-        "Increments the integer value of a key by one.",
-        "string",
-    ),
-    doc(
-        "info",
-        -1,
-        &["loading", "stale"],
-        (0, 0, 0),
-        &["@slow", "@dangerous"],
-        "Returns information and statistics about the server.",
-        "server",
-    ),
-    doc(
-        "mget",
-        -2,
-        &["readonly", "fast"],
-        (1, -1, 1),
-        &["@read", "@string", "@fast"],
-        "Atomically returns the string values of one or more keys.",
-        "string",
-    ),
-    doc(
-        "multi",
-        1,
-        &["noscript", "loading", "stale", "fast"],
-        (0, 0, 0),
-        &["@fast", "@transaction"],
-        "Starts a transaction.",
-        "transactions",
-    ),
-    doc(
-        "ping",
-        -1,
-        &["fast"],
-        (0, 0, 0),
-        &["@fast", "@connection"],
-        "Returns the server's liveliness response.",
-        "connection",
-    ),
-    doc(
-        "quit",
-        -1,
-        &["noscript", "loading", "stale", "fast", "no_auth"],
-        (0, 0, 0),
-        &["@fast", "@connection"],
-        "Closes the connection.",
-        "connection",
-    ),
-    doc(
-        "select",
-        2,
-        &["loading", "stale", "fast"],
-        (0, 0, 0),
-        &["@fast", "@connection"],
-        "Changes the selected database (only 0 exists).",
-        "connection",
-    ),
-    doc(
-        "set",
-        -3,
-        &["write", "denyoom"],
-        (1, 1, 1),
-        &["@write", "@string", "@slow"],
-        "Sets the string value of a key.",
-        "string",
-    ),
-    doc(
-        "vget",
-        2,
-        &["readonly", "fast"],
-        (1, 1, 1),
-        &["@read", "@fast"],
-        "Returns a key's value and version (raftkv).",
-        "raftkv",
-    ),
-    doc(
-        "vset",
-        4,
-        &["write"],
-        (1, 1, 1),
-        &["@write", "@slow"],
-        "Sets a key's value if its version is the given one (raftkv).",
-        "raftkv",
-    ),
-];
-
 fn find_doc(name: &[u8]) -> Option<&'static CommandDoc> {
-    DOCS.iter()
+    docs()
+        .iter()
         .find(|d| name.eq_ignore_ascii_case(d.name.as_bytes()))
 }
 
@@ -1010,11 +855,11 @@ fn info_entry(d: &CommandDoc) -> Reply {
     Reply::Array(vec![
         bulk(d.name),
         Reply::Integer(d.arity),
-        simple_list(d.flags),
+        simple_list(&d.flags),
         Reply::Integer(d.keys.0),
         Reply::Integer(d.keys.1),
         Reply::Integer(d.keys.2),
-        simple_list(d.categories),
+        simple_list(&d.categories),
         Reply::Array(Vec::new()),
         Reply::Array(Vec::new()),
         Reply::Array(Vec::new()),
@@ -1031,14 +876,14 @@ fn docs_entry(d: &CommandDoc) -> Reply {
 
 fn command_info(args: Vec<Vec<u8>>) -> Reply {
     let Some(sub) = args.first() else {
-        return Reply::Array(DOCS.iter().map(info_entry).collect());
+        return Reply::Array(docs().iter().map(info_entry).collect());
     };
     let names = &args[1..];
     match upper(sub).as_str() {
-        "COUNT" if names.is_empty() => Reply::Integer(DOCS.len() as i64),
+        "COUNT" if names.is_empty() => Reply::Integer(docs().len() as i64),
         "COUNT" => subcommand_arity("command", "count"),
-        "LIST" => Reply::Array(DOCS.iter().map(|d| bulk(d.name)).collect()),
-        "INFO" if names.is_empty() => Reply::Array(DOCS.iter().map(info_entry).collect()),
+        "LIST" => Reply::Array(docs().iter().map(|d| bulk(d.name)).collect()),
+        "INFO" if names.is_empty() => Reply::Array(docs().iter().map(info_entry).collect()),
         "INFO" => Reply::Array(
             names
                 .iter()
@@ -1047,7 +892,7 @@ fn command_info(args: Vec<Vec<u8>>) -> Reply {
         ),
         "DOCS" => {
             let chosen: Vec<&CommandDoc> = if names.is_empty() {
-                DOCS.iter().collect()
+                docs().iter().collect()
             } else {
                 names.iter().filter_map(|n| find_doc(n)).collect()
             };
@@ -1085,4 +930,20 @@ pub fn render_info(
         sections.push(text);
     }
     sections.join("\r\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_documented_command_parses_once_in_order() {
+        let names: Vec<&str> = docs().iter().map(|d| d.name).collect();
+        assert_eq!(names.len(), DOC_TABLE.trim().lines().count());
+        assert!(names.windows(2).all(|w| w[0] < w[1]), "{names:?}");
+        let set = find_doc(b"SET").expect("SET is documented");
+        assert_eq!((set.arity, set.keys), (-3, (1, 1, 1)));
+        assert_eq!(set.flags, ["write", "denyoom"]);
+        assert!(find_doc(b"client").expect("CLIENT").flags.is_empty());
+    }
 }

@@ -86,6 +86,18 @@ impl Clerk {
 
     /// After the group refused or did not answer: look again, pausing if nothing changed
     /// and the group had answered. `false` if the controller was killed.
+    /// The group serving `key`, waiting out configurations that assign its shard to nobody;
+    /// `None` once the controller is killed.
+    fn serving_group(&self, key: &str) -> Option<(Tgid, Arc<shardgrp::Clerk>)> {
+        loop {
+            match self.route(key) {
+                Route::Group(gid, ck) => return Some((gid, ck)),
+                Route::Nobody if self.reroute(true) => {}
+                Route::Nobody | Route::Killed => return None,
+            }
+        }
+    }
+
     fn reroute(&self, answered: bool) -> bool {
         match self.refresh() {
             None => false,
@@ -104,15 +116,8 @@ impl KvClerk for Clerk {
     /// it returns `ErrWrongGroup`).
     fn get(&self, key: &str) -> (String, Tversion, KvErr) {
         loop {
-            let (gid, ck) = match self.route(key) {
-                Route::Group(g, ck) => (g, ck),
-                Route::Nobody => {
-                    if !self.reroute(true) {
-                        break;
-                    }
-                    continue;
-                }
-                Route::Killed => break,
+            let Some((gid, ck)) = self.serving_group(key) else {
+                break;
             };
             let answered = match ck.get(key) {
                 Ok(r) if r.err != KvErr::WrongGroup => return (r.value, r.version, r.err),
@@ -130,15 +135,8 @@ impl KvClerk for Clerk {
     fn put(&self, key: &str, value: &str, version: Tversion) -> KvErr {
         let mut maybe_executed = false;
         loop {
-            let (gid, ck) = match self.route(key) {
-                Route::Group(g, ck) => (g, ck),
-                Route::Nobody => {
-                    if !self.reroute(true) {
-                        break;
-                    }
-                    continue;
-                }
-                Route::Killed => break,
+            let Some((gid, ck)) = self.serving_group(key) else {
+                break;
             };
             let out = ck.put(key, value, version);
             maybe_executed |= out.maybe_executed;

@@ -12,8 +12,6 @@
 //!   Go labs' `shardkv1/test.go`).
 
 mod client;
-#[cfg(feature = "testing")]
-pub mod harness;
 pub mod shardcfg;
 pub mod shardctrler;
 pub mod shardgrp;

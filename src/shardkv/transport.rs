@@ -1,7 +1,7 @@
 //! The shard groups' RPCs as a seam, in the shape of [`kvapi`](crate::kvapi)'s: a clerk (the
 //! shardkv clerk, the shard-group clerk, the controller) calls a named server through a
 //! [`ShardTransport`], and a shard-group replica answers through a [`ShardGrpService`], so
-//! none of them knows the network. The labrpc adapters are in `shardkv::harness` (the `testing`
+//! none of them knows the network. The labrpc adapters are in `tester::shardkv` (the `testing`
 //! feature).
 //!
 //! `Get`/`Put` are the KV service's ([`KvTransport`]): the controller's config store (the

@@ -5,6 +5,9 @@
 
 use std::sync::Arc;
 
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
 use super::Clnt;
 use crate::kvapi::{CallError, GetArgs, GetReply, KvService, KvTransport, PutArgs, PutReply};
 use crate::labrpc::{ClientEnd, IService, RpcError, Service};
@@ -22,6 +25,17 @@ pub struct LabrpcRaftTransport {
 impl LabrpcRaftTransport {
     pub fn new(ends: Vec<ClientEnd>) -> LabrpcRaftTransport {
         LabrpcRaftTransport { ends }
+    }
+
+    /// Sends one message to `peer`; a reply that never comes, or cannot be decoded, is `None`.
+    fn call<A: Serialize, R: DeserializeOwned + 'static>(
+        &self,
+        peer: usize,
+        method: &str,
+        args: &A,
+        on_reply: OnReply<R>,
+    ) {
+        self.ends[peer].call_async(method, args, move |r: Result<R, RpcError>| on_reply(r.ok()));
     }
 }
 
@@ -42,11 +56,7 @@ impl RaftTransport for LabrpcRaftTransport {
         args: RequestVoteArgs,
         on_reply: OnReply<RequestVoteReply>,
     ) {
-        self.ends[peer].call_async(
-            "Raft.RequestVote",
-            &args,
-            move |r: Result<RequestVoteReply, RpcError>| on_reply(r.ok()),
-        );
+        self.call(peer, "Raft.RequestVote", &args, on_reply);
     }
 
     fn append_entries(
@@ -55,11 +65,7 @@ impl RaftTransport for LabrpcRaftTransport {
         args: AppendEntriesArgs,
         on_reply: OnReply<AppendEntriesReply>,
     ) {
-        self.ends[peer].call_async(
-            "Raft.AppendEntries",
-            &args,
-            move |r: Result<AppendEntriesReply, RpcError>| on_reply(r.ok()),
-        );
+        self.call(peer, "Raft.AppendEntries", &args, on_reply);
     }
 
     fn install_snapshot(
@@ -68,11 +74,7 @@ impl RaftTransport for LabrpcRaftTransport {
         args: InstallSnapshotArgs,
         on_reply: OnReply<InstallSnapshotReply>,
     ) {
-        self.ends[peer].call_async(
-            "Raft.InstallSnapshot",
-            &args,
-            move |r: Result<InstallSnapshotReply, RpcError>| on_reply(r.ok()),
-        );
+        self.call(peer, "Raft.InstallSnapshot", &args, on_reply);
     }
 }
 

@@ -19,7 +19,7 @@ use super::{Clnt, Config, Tgid};
 use crate::kvapi::KvClerk;
 use crate::kvapi::{KvErr, Tversion};
 use crate::labcodec;
-use crate::porcupine::kv::{KvInput, KvModel, KvOp, KvOutput};
+use crate::porcupine::kv::{KvInput, KvModel, KvOutput};
 use crate::porcupine::{self, CheckResult, Operation};
 
 /// The tester generously allows solutions to complete elections in one second.
@@ -52,6 +52,33 @@ pub struct TestClerk {
 pub trait ClerkMaker: Send + Sync {
     fn make_clerk(&self) -> TestClerk;
     fn delete_clerk(&self, ck: &TestClerk);
+}
+
+/// A lab's [`ClerkMaker`]: each clerk gets a fresh client of `cfg`, which `make` builds the
+/// lab's clerk on; deleting the clerk deletes the client.
+pub struct ClerkFactory<F> {
+    cfg: Arc<Config>,
+    make: F,
+}
+
+impl<F: Fn(&Arc<Clnt>) -> Arc<dyn KvClerk> + Send + Sync> ClerkFactory<F> {
+    pub fn new(cfg: Arc<Config>, make: F) -> ClerkFactory<F> {
+        ClerkFactory { cfg, make }
+    }
+}
+
+impl<F: Fn(&Arc<Clnt>) -> Arc<dyn KvClerk> + Send + Sync> ClerkMaker for ClerkFactory<F> {
+    fn make_clerk(&self) -> TestClerk {
+        let clnt = self.cfg.clnts().make_client();
+        TestClerk {
+            ck: (self.make)(&clnt),
+            clnt,
+        }
+    }
+
+    fn delete_clerk(&self, ck: &TestClerk) {
+        self.cfg.clnts().delete_client(&ck.clnt);
+    }
 }
 
 /// What one client's Puts came to.
@@ -198,18 +225,9 @@ impl KvTest {
         self.cfg.op();
         self.history.lock().push(Operation {
             client_id: cli,
-            input: KvInput {
-                op: KvOp::Get,
-                key: key.to_string(),
-                value: String::new(),
-                version: 0,
-            },
+            input: KvInput::get(key),
             call,
-            output: KvOutput {
-                value: value.clone(),
-                version,
-                err,
-            },
+            output: KvOutput::got(value.clone(), version, err),
             return_time: ret,
         });
         (value, version, err)
@@ -230,18 +248,9 @@ impl KvTest {
         self.cfg.op();
         self.history.lock().push(Operation {
             client_id: cli,
-            input: KvInput {
-                op: KvOp::Put,
-                key: key.to_string(),
-                value: value.to_string(),
-                version,
-            },
+            input: KvInput::put(key, value, version),
             call,
-            output: KvOutput {
-                value: String::new(),
-                version: 0,
-                err,
-            },
+            output: KvOutput::put(err),
             return_time: ret,
         });
         err

@@ -5,9 +5,14 @@ mod adapters;
 mod clients;
 mod config;
 mod group;
+pub mod histgen;
+pub mod kvraft;
+pub mod kvsrv;
 pub mod kvtest;
 pub mod logging;
 mod persister;
+pub mod raft;
+pub mod shardkv;
 
 pub use crate::labrpc::IService;
 pub use adapters::{

@@ -13,10 +13,10 @@ use parking_lot::Mutex;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use super::{ApplyMsg, Raft, Storage};
 use crate::labcodec;
 use crate::labrpc::script::Script;
 use crate::labrpc::{ClientEnd, Network, Service};
+use crate::raft::{ApplyMsg, Raft, Storage};
 use crate::tester::{Config, GRP0, IService, Persister, RaftRpcService, ServerGrp, StartFn, Tgid};
 
 /// The tester allows a second for an election.
@@ -731,8 +731,8 @@ impl Test {
     }
 
     /// What peer `i` has persisted now: term and vote, and its log.
-    pub fn persisted(&self, i: usize) -> (super::HardState, super::log::Log) {
-        match super::persist::decode_lab_state(&self.g().persister(i).read_raft_state()) {
+    pub fn persisted(&self, i: usize) -> (crate::raft::HardState, crate::raft::log::Log) {
+        match crate::raft::persist::decode_lab_state(&self.g().persister(i).read_raft_state()) {
             Ok(s) => s,
             Err(e) => self.fatal(&format!("peer {i}: persisted state unreadable: {e}")),
         }

@@ -17,18 +17,18 @@ use crossbeam::channel::{self, RecvTimeoutError};
 use parking_lot::Mutex;
 use rand::Rng;
 
-use super::shardcfg::{GID1, ShardConfig};
-use super::shardgrp::ShardGrpServer;
-use super::shardgrp::rpc::{
+use crate::kvapi::KvClerk;
+use crate::kvapi::{CallError, GetArgs, PutArgs};
+use crate::labrpc::{ClientEnd, IService, Service};
+use crate::rsm::RsmError;
+use crate::shardkv::shardcfg::{GID1, ShardConfig};
+use crate::shardkv::shardgrp::ShardGrpServer;
+use crate::shardkv::shardgrp::rpc::{
     DeleteShardArgs, DeleteShardReply, FreezeShardArgs, FreezeShardReply, InstallShardArgs,
     InstallShardReply,
 };
-use super::{Clerk, CtrlerError, ShardCtrler, ShardGrpService, ShardTransport};
-use crate::kvapi::{CallError, GetArgs, PutArgs};
-use crate::kvsrv;
-use crate::labrpc::{ClientEnd, IService, Service};
-use crate::rsm::RsmError;
-use crate::tester::kvtest::{ClerkMaker, KvTest, TestClerk};
+use crate::shardkv::{Clerk, CtrlerError, ShardCtrler, ShardGrpService, ShardTransport};
+use crate::tester::kvtest::{ClerkFactory, KvTest, TestClerk};
 use crate::tester::{
     Clnt, Config, GRP0, Persister, RaftSvc, StartFn, Tgid, call_error, server_name,
 };
@@ -134,27 +134,6 @@ fn new_ctrler(cfg: &Config, ctrlers: &Ctrlers) -> (Arc<ShardCtrler>, Arc<Clnt>) 
     (sck, clnt)
 }
 
-struct Maker {
-    cfg: Arc<Config>,
-    ctrlers: Ctrlers,
-}
-
-impl ClerkMaker for Maker {
-    /// A shardkv clerk with its own client and its own controller (with another client).
-    fn make_clerk(&self) -> TestClerk {
-        let clnt = self.cfg.clnts().make_client();
-        let (sck, _) = new_ctrler(&self.cfg, &self.ctrlers);
-        TestClerk {
-            ck: Arc::new(Clerk::new(clnt.clone(), sck)),
-            clnt,
-        }
-    }
-
-    fn delete_clerk(&self, ck: &TestClerk) {
-        self.cfg.clnts().delete_client(&ck.clnt);
-    }
-}
-
 /// A Lab 5 test.
 pub struct ShardKvTest {
     pub ts: Arc<KvTest>,
@@ -191,12 +170,16 @@ pub fn make_test_max_raft(
             },
         )
     };
-    let cfg = Config::new(1, reliable, Arc::new(kvsrv::harness::start_kv_server));
+    let cfg = Config::new(1, reliable, Arc::new(super::kvsrv::start_kv_server));
     let ctrlers: Ctrlers = Arc::new(Mutex::new(Vec::new()));
-    let maker = Arc::new(Maker {
-        cfg: cfg.clone(),
-        ctrlers: ctrlers.clone(),
-    });
+    // Each shardkv clerk has its own client and its own controller (with another client).
+    let maker = Arc::new(ClerkFactory::new(cfg.clone(), {
+        let (cfg, ctrlers) = (cfg.clone(), ctrlers.clone());
+        move |clnt: &Arc<Clnt>| {
+            let (sck, _) = new_ctrler(&cfg, &ctrlers);
+            Arc::new(Clerk::new(clnt.clone(), sck)) as Arc<dyn KvClerk>
+        }
+    }));
     let ts = Arc::new(KvTest::new(cfg, false, maker));
     ts.cfg.begin(part);
     Arc::new(ShardKvTest {

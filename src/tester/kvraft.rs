@@ -13,14 +13,16 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use super::Clerk;
-use super::server::KvServer;
+use crate::kvapi::KvClerk;
+use crate::kvraft::Clerk;
+use crate::kvraft::KvServer;
 use crate::labcodec;
 use crate::labrpc::ClientEnd;
 use crate::raft::Raft;
-pub use crate::raft::harness::FAULT_ENV;
 use crate::rsm::{GiveUps, RestoreError, Rsm, RsmError, StateMachine};
-use crate::tester::kvtest::{ClerkMaker, KvTest, TestClerk};
+use crate::tester::Clnt;
+use crate::tester::kvtest::{ClerkFactory, KvTest, TestClerk};
+pub use crate::tester::raft::FAULT_ENV;
 use crate::tester::{Config, GRP0, IService, KvSvc, Persister, RaftSvc, ServerGrp, StartFn, Tgid};
 
 // ---------------------------------------------------------------- rsm
@@ -348,24 +350,6 @@ pub fn start_kv_server(
 /// A started replica and its services for the tester, in kill order.
 pub type StartedKvServer = (Arc<KvServer>, Vec<Arc<dyn IService>>);
 
-struct Maker {
-    cfg: Arc<Config>,
-}
-
-impl ClerkMaker for Maker {
-    fn make_clerk(&self) -> TestClerk {
-        let clnt = self.cfg.clnts().make_client();
-        TestClerk {
-            ck: Arc::new(Clerk::new(clnt.clone(), self.cfg.group(GRP0).srv_names())),
-            clnt,
-        }
-    }
-
-    fn delete_clerk(&self, ck: &TestClerk) {
-        self.cfg.clnts().delete_client(&ck.clnt);
-    }
-}
-
 /// The parameters of a kvraft test, as Go's `MakeTest` takes them.
 #[derive(Debug, Clone)]
 pub struct KvRaftParams {
@@ -411,7 +395,10 @@ impl KvRaftTest {
             )
         };
         let cfg = Config::new(p.nservers, p.reliable, start_fn);
-        let maker = Arc::new(Maker { cfg: cfg.clone() });
+        let servers = cfg.group(GRP0).srv_names();
+        let maker = Arc::new(ClerkFactory::new(cfg.clone(), move |clnt: &Arc<Clnt>| {
+            Arc::new(Clerk::new(clnt.clone(), servers.clone())) as Arc<dyn KvClerk>
+        }));
         let ts = Arc::new(KvTest::new(cfg, p.randomkeys, maker));
         ts.set_end_note(Box::new(move || {
             let (term_change, timeout, index_taken) = give_ups.counts();

@@ -11,9 +11,9 @@ use std::collections::HashMap;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-use super::kv::{KvInput, KvOp, KvOutput};
-use super::model::Operation;
 use crate::kvapi::{KvErr, Tversion};
+use crate::porcupine::Operation;
+use crate::porcupine::kv::{KvInput, KvOutput};
 
 /// The shape of a generated history.
 #[derive(Clone, Debug)]
@@ -113,17 +113,8 @@ pub fn linearizable_kv_history(config: &KvHistoryConfig) -> Vec<Operation<KvInpu
             } else {
                 err
             };
-            let input = KvInput {
-                op: KvOp::Put,
-                key,
-                value,
-                version,
-            };
-            let output = KvOutput {
-                value: String::new(),
-                version: 0,
-                err,
-            };
+            let input = KvInput::put(key, value, version);
+            let output = KvOutput::put(err);
             (input, output)
         } else {
             let err = if current_version == 0 {
@@ -131,17 +122,8 @@ pub fn linearizable_kv_history(config: &KvHistoryConfig) -> Vec<Operation<KvInpu
             } else {
                 KvErr::Ok
             };
-            let input = KvInput {
-                op: KvOp::Get,
-                key,
-                value: String::new(),
-                version: 0,
-            };
-            let output = KvOutput {
-                value: current_value,
-                version: current_version,
-                err,
-            };
+            let input = KvInput::get(key);
+            let output = KvOutput::got(current_value, current_version, err);
             (input, output)
         };
         history.push(Operation {

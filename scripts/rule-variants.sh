@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Shows that every rule test catches the broken variant it exists for.
 #
-#   scripts/rule-variants.sh [-n RUNS] [--skip REGEX] [FILTER]
+#   scripts/rule-variants.sh [-n RUNS] [--skip REGEX] [--apply-only] [FILTER]
 #
 # For each patch scripts/rule-variants/<binary>--<test>.patch (whose name matches the
 # extended regex FILTER, and not --skip's):
@@ -11,24 +11,44 @@
 # The variant is caught if every run FAILS; the first line saying why is printed (each run's
 # output is kept in target/rule-variants/logs/<binary>--<test>-run<N>.log). The
 # working tree is never touched. Exit status: 0 every variant caught every run, 1 otherwise,
-# 2 usage or build error.
+# 2 usage or build error. --apply-only: only checks that every chosen patch applies to the
+# current tree (nothing built or run; exit 1 if one does not).
 set -euo pipefail
 
 runs=1
 filter=""
 skip=""
+apply_only=0
 while [[ $# -gt 0 ]]; do
     case "$1" in
         -n) runs="$2"; shift 2 ;;
         --skip) skip="$2"; shift 2 ;;
-        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+        --apply-only) apply_only=1; shift ;;
+        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
         -*) echo "unknown option $1" >&2; exit 2 ;;
         *) filter="$1"; shift ;;
     esac
 done
 
+[[ $runs =~ ^[1-9][0-9]*$ ]] || { echo "-n wants a positive number, not '$runs'" >&2; exit 2; }
 root=$(git rev-parse --show-toplevel)
 cd "$root"
+if [[ $apply_only -eq 1 ]]; then
+    bad=0
+    for patch in scripts/rule-variants/*.patch; do
+        name=$(basename "$patch" .patch)
+        [[ -n "$filter" && ! "$name" =~ $filter ]] && continue
+        [[ -n "$skip" && "$name" =~ $skip ]] && continue
+        if git apply --check "$patch" 2>/dev/null || patch -s -p1 --dry-run -f < "$patch" >/dev/null 2>&1; then
+            echo "applies: $name"
+        else
+            echo "DOES NOT APPLY: $name"
+            bad=$((bad + 1))
+        fi
+    done
+    [[ $bad -eq 0 ]]
+    exit
+fi
 # shellcheck source=scripts/lib.sh
 source "$root/scripts/lib.sh"
 base="$root/target/rule-variants"

@@ -7,6 +7,7 @@
 //! make the decoder allocate more than the input could hold.
 
 use std::fmt;
+use std::io::Read;
 
 use bincode::Options;
 use serde::Serialize;
@@ -68,6 +69,41 @@ pub fn decode_borrowed<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Result
         })
 }
 
+/// Decodes one `T` from the front of `reader`, reading no byte past it and at most `limit`
+/// bytes in all (no length prefix can ask for more); returns it and the bytes it took. What
+/// follows is the caller's: unlike [`decode`], a stream cannot refuse trailing bytes itself.
+/// Lets a large encoding be checked as it is read from a file, holding one value at a time
+/// when `T` discards what it has seen.
+pub fn decode_prefix_from<T: DeserializeOwned>(
+    reader: &mut dyn Read,
+    limit: u64,
+) -> Result<(T, u64), CodecError> {
+    let mut bounded = reader.take(limit);
+    let value = options()
+        .with_limit(limit)
+        .deserialize_from(&mut bounded)
+        .map_err(|e| CodecError {
+            op: "decode",
+            type_name: std::any::type_name::<T>(),
+            reason: e.to_string(),
+        })?;
+    Ok((value, limit - bounded.limit()))
+}
+
+/// Decodes a `T` from exactly the next `len` bytes of `reader`, as [`decode`] does from a
+/// slice of that length (fewer bytes, or bytes left over, are an error).
+pub fn decode_from<T: DeserializeOwned>(reader: &mut dyn Read, len: u64) -> Result<T, CodecError> {
+    let (value, used) = decode_prefix_from(reader, len)?;
+    if used != len {
+        return Err(CodecError {
+            op: "decode",
+            type_name: std::any::type_name::<T>(),
+            reason: format!("{} bytes left over after the value", len - used),
+        });
+    }
+    Ok(value)
+}
+
 /// The encoded size of `value` in bytes, without encoding it.
 pub fn encoded_len<T: Serialize + ?Sized>(value: &T) -> Result<u64, CodecError> {
     options().serialized_size(value).map_err(|e| CodecError {
@@ -75,4 +111,39 @@ pub fn encoded_len<T: Serialize + ?Sized>(value: &T) -> Result<u64, CodecError> 
         type_name: std::any::type_name::<T>(),
         reason: e.to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_from_a_stream_matches_decode_from_a_slice() {
+        let value = (7u64, vec!["a".to_string(), "bc".to_string()]);
+        let bytes = encode(&value).unwrap();
+        let len = bytes.len() as u64;
+        let got: (u64, Vec<String>) = decode_from(&mut &bytes[..], len).unwrap();
+        assert_eq!(got, value);
+        // Cut short, or followed by more bytes than it takes: refused, as `decode` does.
+        assert!(decode_from::<(u64, Vec<String>)>(&mut &bytes[..], len - 1).is_err());
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(decode_from::<(u64, Vec<String>)>(&mut &longer[..], len + 1).is_err());
+        // A prefix leaves the rest of the stream where it was.
+        let mut rest = &longer[..];
+        let (prefix, used): ((u64, Vec<String>), u64) =
+            decode_prefix_from(&mut rest, len + 1).unwrap();
+        assert_eq!((prefix, used), (value, len));
+        assert_eq!(rest, &[0]);
+    }
+
+    #[test]
+    fn a_stream_claiming_a_huge_length_is_refused_without_allocating_it() {
+        // A string claiming u64::MAX bytes, in a stream of 20.
+        let mut bytes = vec![253];
+        bytes.extend_from_slice(&u64::MAX.to_le_bytes());
+        bytes.extend_from_slice(&[b'x'; 11]);
+        let err = decode_from::<String>(&mut &bytes[..], bytes.len() as u64).unwrap_err();
+        assert_eq!(err.op, "decode");
+    }
 }

@@ -634,8 +634,10 @@ impl Network {
             }) {
                 script::Verdict::Drop => return Err(RpcError::NoReply),
                 script::Verdict::Deliver(id) => *held_reply = id,
-                // A reply is not duplicated (an RPC caller takes one answer).
-                script::Verdict::Duplicate | script::Verdict::DuplicateLater => {}
+                // Refused when the rule is made: a caller takes one answer per call.
+                script::Verdict::Duplicate | script::Verdict::DuplicateLater => {
+                    debug_assert!(false, "a reply rule that duplicates");
+                }
             }
             if self.is_server_dead(end, server_name, server) {
                 return Err(RpcError::NoReply);

@@ -526,3 +526,128 @@ fn end_dropped_inside_its_own_callback() {
     assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), Ok(100));
     assert_no_threads("dc-c");
 }
+
+/// Waits (boundedly) until the server closes `stream`; returns how long that took.
+fn closed_within(stream: &mut TcpStream, limit: Duration) -> Duration {
+    let start = Instant::now();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .expect("read timeout");
+    let mut buf = [0u8; 64];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return start.elapsed(),
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return start.elapsed(),
+        }
+        assert!(
+            start.elapsed() < limit,
+            "the server kept the connection for {limit:?}"
+        );
+    }
+}
+
+/// Authenticated peers (each holding the secret, each as another node) that begin frames
+/// and stall: the one holding the most of the partial-frame budget is closed when another
+/// needs room, a frame not complete within the partial-frame timeout closes its connection
+/// (also when its bytes trickle in faster than the reader's wake-ups), the memory held for
+/// partial frames stays under the budget and returns to zero, and the server still serves
+/// a member that behaves.
+#[test]
+fn authenticated_peers_stalled_in_frames_are_closed_and_their_memory_bounded() {
+    use raftkv::net::DialAuth;
+    use raftkv::net::handshake::{self, PeerAuth};
+    const MIB: usize = 1 << 20;
+    let secret = b"net test secret of the cluster!!";
+    let auth = |id| PeerAuth::new(secret, b"net-test", id, 5).expect("auth");
+    let timeout = Duration::from_secs(2);
+    let budget = 8 * MIB;
+    let server = server(
+        "partial",
+        ServerOptions {
+            auth: Some(auth(1)),
+            partial_frame_timeout: timeout,
+            max_partial_bytes: budget,
+            ..ServerOptions::default()
+        },
+    );
+    let member = |id: u64| {
+        let mut s = TcpStream::connect(server.local_addr()).expect("connect");
+        handshake::dial(&mut s, &auth(id), 1, Instant::now() + MUST_SUCCEED)
+            .expect("the secret passes the handshake");
+        s
+    };
+    let held_at_least = |bytes: usize| {
+        let deadline = Instant::now() + MUST_SUCCEED;
+        while server.partial_frame_bytes() < bytes {
+            assert!(
+                Instant::now() < deadline,
+                "the server never held {bytes} bytes"
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    };
+    // Node 2 claims a 40 MiB frame (within the 64 MiB frame limit), sends 5 MiB, stalls.
+    let mut two = member(2);
+    two.write_all(&(40 * MIB as u32).to_be_bytes()).unwrap();
+    two.write_all(&vec![7u8; 5 * MIB]).unwrap();
+    held_at_least(5 * MIB);
+    // Node 3 sends 3 MiB of its own large frame: past the budget, so node 2, holding the
+    // most, is closed to make room.
+    let mut three = member(3);
+    three.write_all(&(40 * MIB as u32).to_be_bytes()).unwrap();
+    three.write_all(&vec![7u8; 3 * MIB]).unwrap();
+    closed_within(&mut two, MUST_SUCCEED);
+    held_at_least(3 * MIB);
+    assert!(server.partial_frame_bytes() <= budget);
+    // Node 3 stalls: closed once its frame has taken the partial-frame timeout.
+    let stalled = closed_within(&mut three, MUST_SUCCEED);
+    println!("a member stalled 3 MiB into a frame was closed after {stalled:?} more");
+    // Node 4 trickles a frame a byte every 100 ms (more often than the reader wakes): closed
+    // all the same, about the timeout after its first byte.
+    let mut four = member(4);
+    let started = Instant::now();
+    four.write_all(&1000u32.to_be_bytes()).unwrap();
+    let closed = loop {
+        thread::sleep(Duration::from_millis(100));
+        if four.write_all(&[7]).is_err() {
+            break started.elapsed();
+        }
+        assert!(
+            started.elapsed() < MUST_SUCCEED,
+            "a trickling member was kept for {MUST_SUCCEED:?}"
+        );
+    };
+    assert!(
+        closed >= timeout,
+        "a frame was cut after {closed:?}, before its {timeout:?}"
+    );
+    let deadline = Instant::now() + MUST_SUCCEED;
+    while server.partial_frame_bytes() != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "partial-frame memory not returned"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    // A member that sends whole frames is served.
+    let good = ClientEnd::connect(
+        "partial-good",
+        server.local_addr(),
+        ClientOptions {
+            call_timeout: MUST_SUCCEED,
+            auth: Some(DialAuth {
+                local: auth(5),
+                remote_node: 1,
+            }),
+            ..ClientOptions::default()
+        },
+    );
+    let neg: i64 = good.call("Arith.Neg", &7i64).expect("a call from a member");
+    assert_eq!(neg, -7);
+}

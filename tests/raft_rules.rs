@@ -19,7 +19,7 @@ use raftkv::labrpc::ClientEnd;
 use raftkv::labrpc::script::{Rule, RuleId};
 use raftkv::raft::log::Entry;
 use raftkv::raft::{
-    AppendEntriesArgs, AppendEntriesReply, InstallSnapshotArgs, InstallSnapshotReply,
+    AppendEntriesArgs, AppendEntriesReply, InstallSnapshotArgs, InstallSnapshotReply, RaftOptions,
     RequestVoteArgs, RequestVoteReply,
 };
 use raftkv::tester::raft::{Delivered, Test, TestCmd};
@@ -499,27 +499,33 @@ fn reply_with_higher_term_deposes_the_leader() {
     t.end();
 }
 
-#[test]
-fn follower_resets_election_timer_on_current_leaders_append_entries() {
-    let t = Test::new_scripted(3, false, |_| {});
-    t.begin("Rule §5.2: a follower that hears from the current leader does not stand for election");
+/// §5.2 measured over a quiet period: with a working leader and nothing to do, no follower
+/// stands for election and the heartbeats are the only traffic.
+///
+/// The quiet period is 3 s, not the issue's minute, for the suite's time budget; it is still
+/// more than four of the longest election timeouts (700 ms). A follower that does not reset
+/// its timer on AppendEntries therefore times out at least four times in it, each time sending
+/// its 2 (pre-)vote requests: at least 16 calls from the two followers, against at most 4
+/// allowed (a follower starved of CPU for most of an election timeout may stand once). Without
+/// pre-vote each of those timeouts also moves the term.
+fn election_timer_quiet_period(t: &Test, pre_vote: bool) {
     let s = t.script();
     let leader = t.check_one_leader();
     let term = t.raft(leader).expect("leader runs").get_state().0;
     let votes = s.add(Rule::request("Raft.RequestVote").pass());
     let appends = s.add(Rule::request("Raft.AppendEntries").pass());
-    // A quiet period of 5 s: about ten election timeouts (400–700 ms) for each follower.
-    // (The issue asks for a quiet minute; 5 s keeps the suite's time budget.)
-    let quiet = Duration::from_secs(5);
+    let quiet = Duration::from_secs(3);
     thread::sleep(quiet);
     let (v, a) = (s.matched(votes), s.matched(appends));
     let now = t.raft(leader).expect("leader runs").get_state();
-    // A follower starved of CPU for most of an election timeout may still time out once
-    // (its pre-vote is refused); one that ignores heartbeats does so about ten times.
-    if v > 4 || now != (term, true) {
+    // With pre-vote a timed-out follower cannot move the term, so the leader keeps it.
+    // Without, the one timeout a starved follower may have deposes the leader: that is
+    // allowed, the count of vote requests is what tells a timer that is never reset.
+    if v > 4 || (pre_vote && now != (term, true)) {
         t.fatal(&format!(
-            "in a quiet {quiet:?} with a working leader: {v} RequestVote/pre-vote calls, \
-             leader {leader} now at {now:?} (was term {term})"
+            "pre-vote {}: in a quiet {quiet:?} with a working leader: {v} RequestVote/pre-vote \
+             calls, leader {leader} now at {now:?} (was term {term})",
+            if pre_vote { "on" } else { "off" }
         ));
     }
     // Heartbeats only: at most 10 a second to each of the 2 followers.
@@ -528,7 +534,151 @@ fn follower_resets_election_timer_on_current_leaders_append_entries() {
         a <= most,
         "{a} AppendEntries in {quiet:?} (at most {most} heartbeats)"
     );
-    println!("  quiet {quiet:?}: {v} vote requests, {a} AppendEntries, term {term} kept");
+    println!("  quiet {quiet:?}: {v} vote requests, {a} AppendEntries, term {term} -> {now:?}");
+}
+
+#[test]
+fn follower_resets_election_timer_on_current_leaders_append_entries_pre_vote_on() {
+    let t = Test::new_scripted(3, false, |_| {});
+    t.begin("Rule §5.2: a follower that hears from the current leader does not stand for election (pre-vote on)");
+    election_timer_quiet_period(&t, true);
+    t.end();
+}
+
+#[test]
+fn follower_resets_election_timer_on_current_leaders_append_entries_pre_vote_off() {
+    let options = RaftOptions {
+        pre_vote: false,
+        ..RaftOptions::default()
+    };
+    let t = Test::new_scripted_with(3, false, options, |_| {});
+    t.begin("Rule §5.2: a follower that hears from the current leader does not stand for election (pre-vote off)");
+    election_timer_quiet_period(&t, false);
+    t.end();
+}
+
+#[test]
+fn leader_counts_a_late_append_entries_reply_only_for_what_its_call_carried() {
+    let t = Test::new_scripted(3, false, |s| {
+        s.add(only_candidate(3, 0));
+    });
+    t.begin("Rule Figure 2 (leaders, AppendEntries success): matchIndex from what the answered call carried, however late the answer");
+    let s = t.script();
+    let term = t.wait_leader(0, 10 * SECOND);
+    t.one(TestCmd::Int(1), 3, false);
+    // Peer 2 hears nothing more. The answer to the leader's next AppendEntries to peer 1
+    // (a heartbeat through index 1) is held on its way back, and peer 1 hears nothing more.
+    s.add(
+        Rule::request("Raft.AppendEntries")
+            .from(&name(0))
+            .to(&name(2))
+            .drop_it(),
+    );
+    s.add(
+        Rule::reply("Raft.AppendEntries")
+            .from(&name(1))
+            .to(&name(0))
+            .first(1)
+            .hold(),
+    );
+    let late = match s.wait_held(1, 5 * SECOND) {
+        Some(h) => h[0].clone(),
+        None => t.fatal("the leader sent peer 1 no AppendEntries"),
+    };
+    s.add(
+        Rule::request("Raft.AppendEntries")
+            .from(&name(0))
+            .to(&name(1))
+            .drop_it(),
+    );
+    let reply: AppendEntriesReply = late.decode().expect("an AppendEntries reply");
+    assert!(reply.success && reply.match_index == 1, "{reply:?}");
+    // The leader appends index 2, which reaches nobody; then the old answer arrives.
+    let (index, _, ok) = t
+        .raft(0)
+        .expect("leader runs")
+        .start(TestCmd::Int(2).encode());
+    assert!(ok && index == 2, "leader 0 should append at 2, got {index}");
+    assert!(s.release(late.id), "the held reply was not delivered");
+    thread::sleep(SECOND);
+    if t.raft(0).expect("leader runs").get_state() != (term, true) {
+        t.fatal("leader 0 lost its leadership during the test; the check would prove nothing");
+    }
+    check_not_committed(
+        &t,
+        2,
+        "a late answer to a heartbeat through index 1 counted peer 1 for index 2, which only \
+         the leader stores",
+    );
+    t.end();
+}
+
+/// Raft dissertation §10.2.1: the leader may send AppendEntries before its own write of the
+/// entries, but counts itself in the majority only for entries it has made durable. The
+/// crash point: the leader's sync is held, one follower stores the new entry, the leader
+/// crashes before its sync. Nothing may have been committed (acknowledged) with it, since the
+/// restarted leader and the third peer, a majority, know nothing of it and reuse its index.
+#[test]
+fn leader_counts_itself_only_for_entries_it_has_made_durable_crash_before_its_sync() {
+    let t = Test::new_scripted_gated(3, |s| {
+        s.add(only_candidate(3, 0));
+    });
+    t.begin("Rule §10.2.1: the leader writes its log in parallel with replication, and counts itself only for what it made durable (crash before its sync)");
+    let s = t.script();
+    let term = t.wait_leader(0, 10 * SECOND);
+    t.one(TestCmd::Int(1), 3, false);
+    // Peer 2 hears nothing from the leader; the leader's own syncs wait.
+    let cut2 = s.add(
+        Rule::request("Raft.AppendEntries")
+            .from(&name(0))
+            .to(&name(2))
+            .drop_it(),
+    );
+    let gate = t.sync_gate(0);
+    gate.hold();
+    let leader = t.raft(0).expect("leader runs");
+    let starter = thread::Builder::new()
+        .name("test-start".to_string())
+        .spawn(move || leader.start(TestCmd::Int(2).encode()))
+        .expect("a thread");
+    if !gate.wait_blocked(5 * SECOND) {
+        t.fatal("the leader did not sync its new entry");
+    }
+    // The AppendEntries left before the leader's own write: peer 1 stores index 2.
+    if !t.wait_until(5 * SECOND, || term_at(&t, 1, 2) == Some(term)) {
+        t.fatal("peer 1 did not get index 2 while the leader's sync waited: the leader does not send before its own write");
+    }
+    // Heartbeats would carry a commit of index 2 to peer 1 within this time.
+    thread::sleep(SECOND);
+    let acked = (0..3).find_map(|p| t.applied_at(p, 2).map(|c| (p, c)));
+    // The leader crashes before its sync: index 2 never reaches its disk.
+    gate.crash();
+    let (index, _, ok) = match starter.join() {
+        Ok(r) => r,
+        Err(_) => t.fatal("Raft::start panicked"),
+    };
+    assert!(
+        ok && index == 2,
+        "leader 0 should have appended at 2, got {index}"
+    );
+    t.shutdown_server(0);
+    // Peer 1, the only one to hold index 2, is cut off; the leader restarts and, with peer
+    // 2's vote, leads again and commits another command at index 2.
+    s.remove(cut2);
+    s.add(Rule::any_request().from(&name(1)).drop_it());
+    s.add(Rule::any_request().to(&name(1)).drop_it());
+    t.restart(0);
+    let term2 = t.wait_leader(0, 10 * SECOND);
+    assert!(term2 > term);
+    let i = t.one(TestCmd::Int(3), 2, true);
+    if let Some((p, c)) = acked {
+        t.fatal(&format!(
+            "index 2 ({c:?}) was committed (peer {p} applied it) while only peer 1 and the \
+             leader's unsynced log held it; the leader crashed before its sync and peers 0 and \
+             2 then committed Int(3) at index {i}: an acknowledged write is lost"
+        ));
+    }
+    assert_eq!(i, 2, "the new leader's command should take index 2");
     t.end();
 }
 

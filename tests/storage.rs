@@ -733,6 +733,7 @@ fn streamed_snapshot_is_assembled_checked_and_installed() {
     let crc = crc32c::crc32c(&data);
     let c = record::SNAPSHOT_CHUNK;
     let piece = |index: u64, offset: usize, crc: u32| SnapshotChunk {
+        leader: 1,
         index,
         term: 9,
         offset: offset as u64,

@@ -6,10 +6,12 @@
 //! nothing from a lab, so `porcupine`, `tester` and every KV lab can use it.
 
 pub mod kv;
+pub mod leader;
 pub mod store;
 pub mod transport;
 
 pub use kv::{KvCmd, KvMap, KvOut};
+pub use leader::{LeaderHint, Step};
 pub use store::VersionedStore;
 pub use transport::{CallError, KvService, KvTransport};
 

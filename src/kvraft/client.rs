@@ -1,11 +1,11 @@
 //! The Lab 4 clerk: finds the leader among the replicas and retries until it gets an answer.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::kvapi::{
-    CallError, GetArgs, GetReply, KvClerk, KvErr, KvTransport, PutArgs, PutReply, Tversion,
+    CallError, GetArgs, GetReply, KvClerk, KvErr, KvTransport, LeaderHint, PutArgs, PutReply, Step,
+    Tversion,
 };
 
 /// Pause after every server has been tried without success: an election is probably under
@@ -16,7 +16,7 @@ pub struct Clerk {
     transport: Arc<dyn KvTransport>,
     servers: Vec<String>,
     /// The server that last answered as leader; tried first.
-    leader: AtomicUsize,
+    leader: LeaderHint,
 }
 
 impl Clerk {
@@ -25,7 +25,7 @@ impl Clerk {
         Clerk {
             transport,
             servers,
-            leader: AtomicUsize::new(0),
+            leader: LeaderHint::new(0),
         }
     }
 
@@ -38,16 +38,10 @@ impl Clerk {
         send: impl Fn(&str) -> Result<R, CallError>,
         leader_err: impl Fn(&R) -> bool,
     ) -> (R, Attempts) {
-        let n = self.servers.len();
-        let mut i = self.leader.load(Ordering::Relaxed) % n;
-        let mut tried = 0;
         let mut earlier = Attempts::default();
-        loop {
+        let answered = self.leader.search(self.servers.len(), ROUND_PAUSE, None, |i| {
             match send(&self.servers[i]) {
-                Ok(r) if !leader_err(&r) => {
-                    self.leader.store(i, Ordering::Relaxed);
-                    return (r, earlier);
-                }
+                Ok(r) if !leader_err(&r) => return Step::Leader(r),
                 Ok(_) => {
                     // WrongLeader: this server did not execute it... unless it started it
                     // in the log before giving up on it, and the op still commits.
@@ -59,12 +53,12 @@ impl Clerk {
                     earlier.no_reply += 1;
                 }
             }
-            i = (i + 1) % n;
-            tried += 1;
-            if tried % n == 0 {
-                std::thread::sleep(ROUND_PAUSE);
-            }
-        }
+            Step::Next
+        });
+        (
+            answered.expect("a clerk has servers and retries until one leads"),
+            earlier,
+        )
     }
 }
 

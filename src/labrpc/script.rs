@@ -12,7 +12,13 @@
 //! * [`Action::Delay`]: delivered after a fixed time;
 //! * [`Action::Duplicate`]: a request delivered twice in a row (the caller gets the first
 //!   reply); [`Action::DuplicateLater`]: delivered now, and a copy is held until released
-//!   (its reply goes nowhere, as a late duplicate's would);
+//!   (its reply goes nowhere, as a late duplicate's would). Requests only: every caller takes
+//!   at most one answer per call (labrpc's `call` and `call_async`, and so Raft's transport
+//!   contract; over TCP, `net` matches answers to calls by request id and a second one finds
+//!   no call), so a second copy of a reply could reach nobody. What a duplicated reply shows
+//!   a caller in a network of one-way messages — an old answer arriving after newer ones —
+//!   is here a reply held and released after the replies of later calls; a rule that would
+//!   duplicate a reply is refused when it is made (a panic naming it), not silently passed;
 //! * [`Action::Crash`]: the message is lost and a callback runs first, e.g. the test's
 //!   "crash this server" — on a reply, that is a crash after the server acted (and made its
 //!   state durable) but before its answer left.
@@ -111,6 +117,11 @@ impl Rule {
         Rule::new(Dir::Request, None)
     }
 
+    /// Replies of any method.
+    pub fn any_reply() -> Rule {
+        Rule::new(Dir::Reply, None)
+    }
+
     /// Sent by `name` (a server name, or the owner label of a client end).
     pub fn from(self, name: &str) -> Rule {
         self.from_any(&[name.to_string()])
@@ -150,7 +161,20 @@ impl Rule {
         self
     }
 
+    /// What the rule does to the messages it matches.
+    ///
+    /// # Panics
+    ///
+    /// On a rule for replies that would duplicate them: a caller takes one answer per call,
+    /// so the copy could reach nobody (see the module's documentation).
     pub fn then(mut self, action: Action) -> Rule {
+        if self.dir == Dir::Reply && matches!(action, Action::Duplicate | Action::DuplicateLater) {
+            panic!(
+                "labrpc::script: a reply cannot be duplicated (a caller takes one answer per \
+                 call); hold it and release it after later replies instead: {}",
+                self.then(Action::Pass).describe()
+            );
+        }
         self.action = action;
         self
     }

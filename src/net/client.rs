@@ -517,6 +517,10 @@ fn dial_once(shared: &Arc<Shared>, state: &mut MutexGuard<'_, State>) {
             max_frame_bytes: options.max_frame_bytes,
             write_timeout: options.write_timeout,
             send_queue: options.send_queue.max(1),
+            // Replies come from the server this end dialled, one connection per end.
+            partial_frame_timeout: None,
+            partial_budget: None,
+            who: format!("peer {peer}"),
         };
         let on_frame = {
             let shared = shared.clone();

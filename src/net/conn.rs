@@ -12,7 +12,11 @@ use std::time::Duration;
 use crossbeam::channel::{self, Receiver, Sender};
 use parking_lot::Mutex;
 
+use super::partial::PartialFrames;
 use super::wire::{self, Frame, ReadError};
+
+/// The longest a reader with a partial-frame timeout waits in one read.
+const READ_TICK: Duration = Duration::from_secs(1);
 
 /// Frames written before one flush, at most.
 const MAX_BATCH_FRAMES: usize = 256;
@@ -27,6 +31,12 @@ pub(crate) struct ConnConfig {
     pub max_frame_bytes: usize,
     pub write_timeout: Duration,
     pub send_queue: usize,
+    /// A frame begun must be complete within this long (`None`: no limit).
+    pub partial_frame_timeout: Option<Duration>,
+    /// The budget for partly received frames this connection shares, and its key in it.
+    pub partial_budget: Option<(Arc<PartialFrames>, u64)>,
+    /// Who the peer is, for log lines (the node the handshake proved, or the address).
+    pub who: String,
 }
 
 struct Shared {
@@ -92,7 +102,16 @@ pub(crate) fn start(
 ) -> std::io::Result<(ConnHandle, ConnThreads)> {
     stream.set_nodelay(true)?;
     stream.set_write_timeout(Some(config.write_timeout))?;
+    if let Some(limit) = config.partial_frame_timeout {
+        // The reader wakes this often to see whether a frame begun has stalled.
+        stream.set_read_timeout(Some(
+            (limit / 4).clamp(Duration::from_millis(10), READ_TICK),
+        ))?;
+    }
     let read_stream = stream.try_clone()?;
+    if let Some((budget, key)) = &config.partial_budget {
+        budget.register(*key, config.who.clone(), stream.try_clone()?);
+    }
     let write_stream = stream.try_clone()?;
     let (close_tx, close_rx) = channel::bounded::<()>(0);
     let shared = Arc::new(Shared {
@@ -134,6 +153,9 @@ pub(crate) fn start(
                     &shared,
                 );
                 shared.close();
+                if let Some((budget, key)) = &config.partial_budget {
+                    budget.unregister(*key);
+                }
                 on_close();
             })
     };
@@ -158,8 +180,13 @@ fn read_loop(
 ) {
     let target = config.log_target;
     let mut reader = BufReader::with_capacity(64 << 10, stream);
+    let bounds = wire::Bounds {
+        max_bytes: config.max_frame_bytes,
+        partial_timeout: config.partial_frame_timeout,
+        budget: config.partial_budget.as_ref().map(|(b, k)| (&**b, *k)),
+    };
     loop {
-        match wire::read_frame(&mut reader, config.max_frame_bytes) {
+        match wire::read_frame_bounded(&mut reader, &bounds) {
             Ok(frame) => {
                 if !on_frame(frame) {
                     log::warn!(target: target, "{}: peer {} sent a frame of the wrong kind; dropping the connection", config.name, config.peer);
@@ -170,8 +197,13 @@ fn read_loop(
                 log::debug!(target: target, "{}: peer {} closed the connection", config.name, config.peer);
                 return;
             }
-            Err(e @ (ReadError::TooLarge { .. } | ReadError::Garbage(_))) => {
-                log::warn!(target: target, "{}: peer {}: {e}; dropping the connection", config.name, config.peer);
+            Err(
+                e @ (ReadError::TooLarge { .. }
+                | ReadError::Garbage(_)
+                | ReadError::Stalled { .. }
+                | ReadError::OverBudget { .. }),
+            ) => {
+                log::warn!(target: target, "{}: {}: {e}; dropping the connection", config.name, config.who);
                 return;
             }
             Err(ReadError::Io(e)) => {

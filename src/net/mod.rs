@@ -32,6 +32,7 @@ pub mod acceptor;
 mod client;
 mod conn;
 pub mod handshake;
+mod partial;
 pub mod proxy;
 mod server;
 pub mod wire;
@@ -42,7 +43,7 @@ use std::time::Duration;
 
 pub use client::{ClientEnd, ClientOptions, DialAuth};
 pub use handshake::PeerAuth;
-pub use server::{Server, ServerOptions, Service};
+pub use server::{DEFAULT_PARTIAL_FRAME_TIMEOUT, Server, ServerOptions, Service};
 pub use wire::RemoteError;
 
 use crate::labcodec::CodecError;

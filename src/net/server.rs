@@ -22,6 +22,7 @@ use super::acceptor::close_and_join;
 use super::acceptor::{Accept, Acceptor, AcceptorOptions, ConnList, Handshake};
 use super::conn::{self, ConnConfig, ConnHandle, ConnThreads};
 use super::handshake::{self, HANDSHAKE_TIMEOUT, PeerAuth};
+use super::partial::PartialFrames;
 use super::wire::{self, Frame, RemoteError};
 use super::{DEFAULT_MAX_FRAME_BYTES, RateLimitedLog};
 use crate::labcodec;
@@ -54,6 +55,14 @@ pub struct ServerOptions {
     /// Connections still in the handshake, at most; the oldest is closed to make room for a
     /// new one, so a flood of idle sockets cannot keep a node out.
     pub max_unauthenticated: usize,
+    /// A connection that began a frame and has not completed it within this long is closed
+    /// (a stalled or trickling peer, authenticated or not, holds neither memory nor a reader
+    /// for longer).
+    pub partial_frame_timeout: Duration,
+    /// Bytes of partly received frames held for all connections together; when a frame's
+    /// buffer would pass it, the connection holding the most is closed (see
+    /// [`partial`](super::partial)).
+    pub max_partial_bytes: usize,
 }
 
 impl Default for ServerOptions {
@@ -68,9 +77,15 @@ impl Default for ServerOptions {
             send_queue: 1024,
             auth: None,
             max_unauthenticated: 64,
+            partial_frame_timeout: DEFAULT_PARTIAL_FRAME_TIMEOUT,
+            max_partial_bytes: 2 * DEFAULT_MAX_FRAME_BYTES,
         }
     }
 }
+
+/// How long a frame may take to arrive once begun, by default: a 64 MiB frame at 6 MB/s,
+/// far more than a peer on a working link needs.
+pub const DEFAULT_PARTIAL_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A method: gets the node the call came from (authenticated by the handshake; `None`
 /// without authentication) and the request body.
@@ -161,6 +176,8 @@ struct Inner {
     /// Handshakes refused, and connections closed unauthenticated to make room.
     unauthenticated_log: RateLimitedLog,
     handshakes_refused: AtomicU64,
+    /// Memory of partly received frames, all connections together.
+    partial: Arc<PartialFrames>,
 }
 
 /// One accepted connection: served at once, or (with authentication) first in the handshake
@@ -354,6 +371,12 @@ fn start_conn(
         max_frame_bytes: inner.options.max_frame_bytes,
         write_timeout: inner.options.write_timeout,
         send_queue: inner.options.send_queue.max(1),
+        partial_frame_timeout: Some(inner.options.partial_frame_timeout),
+        partial_budget: Some((inner.partial.clone(), k)),
+        who: match node {
+            Some(n) => format!("node {n} at {peer}"),
+            None => format!("peer {peer}"),
+        },
     };
     let on_frame = {
         let inner = inner.clone();
@@ -395,6 +418,7 @@ impl Server {
             nodes: Mutex::new(HashMap::new()),
             unauthenticated_log: RateLimitedLog::new(Duration::from_secs(1)),
             handshakes_refused: AtomicU64::new(0),
+            partial: Arc::new(PartialFrames::new(options.max_partial_bytes.max(1))),
         });
         let (job_tx, job_rx) = channel::bounded::<Job>(options.handler_queue.max(1));
         let mut server = Server {
@@ -449,6 +473,12 @@ impl Server {
     /// Calls handed to a handler so far.
     pub fn dispatched(&self) -> usize {
         self.inner.dispatched.load(Ordering::Relaxed)
+    }
+
+    /// Bytes held now in partly received frames, every connection together (at most
+    /// [`ServerOptions::max_partial_bytes`]).
+    pub fn partial_frame_bytes(&self) -> usize {
+        self.inner.partial.held()
     }
 
     /// Calls refused because the handler queue was full.

@@ -3,9 +3,11 @@
 
 use std::fmt;
 use std::io::{self, Read};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use super::partial::PartialFrames;
 use crate::labcodec::{self, CodecError};
 
 /// What a server answers instead of a reply.
@@ -192,6 +194,19 @@ pub enum ReadError {
     TooLarge { bytes: u64, max: usize },
     /// The frame's bytes are not a [`Frame`].
     Garbage(CodecError),
+    /// A frame begun was not complete within the partial-frame timeout.
+    Stalled {
+        got: usize,
+        len: usize,
+        waited: Duration,
+    },
+    /// The server's budget for partly received frames is full, and this connection holds
+    /// the most of it.
+    OverBudget {
+        held: usize,
+        asked: usize,
+        limit: usize,
+    },
     /// The connection failed (or closed inside a frame).
     Io(io::Error),
 }
@@ -204,6 +219,14 @@ impl fmt::Display for ReadError {
                 write!(f, "frame of {bytes} bytes exceeds the {max}-byte limit")
             }
             ReadError::Garbage(e) => write!(f, "undecodable frame: {e}"),
+            ReadError::Stalled { got, len, waited } => write!(
+                f,
+                "stalled inside a frame: {got} of its {len} bytes in {waited:?}"
+            ),
+            ReadError::OverBudget { held, asked, limit } => write!(
+                f,
+                "holds {held} bytes of a partly received frame and needs {asked} more, the most, with the {limit}-byte budget for partial frames full"
+            ),
             ReadError::Io(e) => write!(f, "{e}"),
         }
     }
@@ -244,6 +267,128 @@ pub fn read_frame(stream: &mut impl Read, max_bytes: usize) -> Result<Frame, Rea
     labcodec::decode::<FrameBuf>(&body)
         .map(Frame::from)
         .map_err(ReadError::Garbage)
+}
+
+/// What bounds a frame being received besides its length: the time it may take once begun,
+/// and the memory its buffer may take from a budget shared with other connections.
+pub(crate) struct Bounds<'a> {
+    pub max_bytes: usize,
+    /// A frame begun must be complete within this long. The stream must have a read timeout
+    /// (shorter than this) for it to be noticed.
+    pub partial_timeout: Option<Duration>,
+    /// The shared budget and this connection's key in it.
+    pub budget: Option<(&'a PartialFrames, u64)>,
+}
+
+/// Gives back a frame's reservation, however reading it ends.
+struct Reserved<'a>(Option<(&'a PartialFrames, u64)>);
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        if let Some((budget, conn)) = self.0 {
+            budget.release(conn);
+        }
+    }
+}
+
+/// Bytes read from the socket at a time inside a frame.
+const READ_PIECE: usize = 64 << 10;
+
+/// [`read_frame`] within `bounds`. Between frames it waits as long as the peer is silent;
+/// once a frame has begun, a read timeout of the stream past `partial_timeout` ends it
+/// ([`ReadError::Stalled`]), and each growth of its buffer is first reserved in the budget
+/// ([`ReadError::OverBudget`] if refused).
+pub(crate) fn read_frame_bounded(
+    stream: &mut impl Read,
+    bounds: &Bounds<'_>,
+) -> Result<Frame, ReadError> {
+    let mut began: Option<Instant> = None;
+    let stalled = |began: Option<Instant>, got: usize, len: usize| -> Option<ReadError> {
+        let (Some(began), Some(limit)) = (began, bounds.partial_timeout) else {
+            return None;
+        };
+        let waited = began.elapsed();
+        (waited >= limit).then_some(ReadError::Stalled { got, len, waited })
+    };
+    let timed_out = |e: &io::Error| {
+        matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        )
+    };
+    let mut prefix = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        match stream.read(&mut prefix[got..]) {
+            Ok(0) if got == 0 => return Err(ReadError::Closed),
+            Ok(0) => return Err(ReadError::Io(io::ErrorKind::UnexpectedEof.into())),
+            Ok(n) => {
+                got += n;
+                began.get_or_insert_with(Instant::now);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if timed_out(&e) => {}
+            Err(e) => return Err(ReadError::Io(e)),
+        }
+        // Also after bytes: a peer trickling them faster than the read timeout is no less
+        // stalled.
+        if got < 4
+            && let Some(stall) = stalled(began, got, 4)
+        {
+            return Err(stall);
+        }
+    }
+    let len = u32::from_be_bytes(prefix) as usize;
+    if len > bounds.max_bytes {
+        return Err(ReadError::TooLarge {
+            bytes: len as u64,
+            max: bounds.max_bytes,
+        });
+    }
+    let reserved = Reserved(bounds.budget);
+    let mut body: Vec<u8> = Vec::new();
+    let mut piece = vec![0u8; READ_PIECE.min(len.max(1))];
+    while body.len() < len {
+        let want = (len - body.len()).min(piece.len());
+        let n = match stream.read(&mut piece[..want]) {
+            Ok(0) => return Err(ReadError::Io(io::ErrorKind::UnexpectedEof.into())),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
+            Err(e) if timed_out(&e) => 0,
+            Err(e) => return Err(ReadError::Io(e)),
+        };
+        if body.len() + n < len
+            && let Some(stall) = stalled(began, body.len() + n, len)
+        {
+            return Err(stall);
+        }
+        if n == 0 {
+            continue;
+        }
+        if body.len() + n > body.capacity() {
+            // Grown by doubling, never past the frame's length, each growth reserved first:
+            // what the budget counts is the buffer's real size.
+            let new_cap = (body.capacity() * 2).max(body.len() + n).min(len);
+            if let Some((budget, conn)) = reserved.0 {
+                budget.grow(conn, new_cap - body.capacity()).map_err(|o| {
+                    ReadError::OverBudget {
+                        held: o.held,
+                        asked: o.asked,
+                        limit: o.limit,
+                    }
+                })?;
+            }
+            body.reserve_exact(new_cap - body.len());
+        }
+        body.extend_from_slice(&piece[..n]);
+    }
+    drop(piece);
+    let frame = labcodec::decode::<FrameBuf>(&body)
+        .map(Frame::from)
+        .map_err(ReadError::Garbage);
+    drop(body);
+    drop(reserved);
+    frame
 }
 
 #[cfg(test)]

@@ -69,6 +69,55 @@ struct MachineSnapshot {
     applied: u64,
 }
 
+/// A [`MachineSnapshot`] read only to check it: each store entry is decoded and dropped at
+/// once, so checking a snapshot of any size holds one entry and the sessions.
+#[derive(Deserialize)]
+struct MachineSnapshotCheck {
+    #[serde(deserialize_with = "skim_entries")]
+    _store: (),
+    sessions: SessionSnapshot<Vec<KvOut>>,
+    _applied: u64,
+}
+
+/// [`MachineSnapshotCheck`] of the first format: each key and value must be Latin-1.
+#[derive(Deserialize)]
+struct MachineSnapshotCheckV1 {
+    #[serde(deserialize_with = "skim_entries_v1")]
+    _store: (),
+    sessions: SessionSnapshot<Vec<KvOut>>,
+    _applied: u64,
+}
+
+/// A visitor that decodes a sequence's `E`s one at a time, checks each with its function
+/// and keeps none.
+struct Skim<E>(fn(E) -> Result<(), &'static str>);
+
+impl<'de, E: Deserialize<'de>> serde::de::Visitor<'de> for Skim<E> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a sequence of store entries")
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while let Some(entry) = seq.next_element::<E>()? {
+            (self.0)(entry).map_err(serde::de::Error::custom)?;
+        }
+        Ok(())
+    }
+}
+
+fn skim_entries<'de, D: serde::Deserializer<'de>>(d: D) -> Result<(), D::Error> {
+    d.deserialize_seq(Skim::<KvEntry>(|_| Ok(())))
+}
+
+fn skim_entries_v1<'de, D: serde::Deserializer<'de>>(d: D) -> Result<(), D::Error> {
+    d.deserialize_seq(Skim::<(String, (String, u64))>(|(k, (v, _))| {
+        match (from_latin1(k), from_latin1(v)) {
+            (Some(_), Some(_)) => Ok(()),
+            _ => Err("a key or value of the first snapshot format is not Latin-1"),
+        }
+    }))
+}
+
 /// [`MachineSnapshot`] by reference; encodes alike.
 #[derive(Serialize)]
 struct MachineSnapshotRef<'a> {
@@ -240,6 +289,28 @@ impl StateMachine for KvMachine {
             .map_err(|e| e.to_string())
     }
 
+    fn check_snapshot_stream(&self, data: &mut dyn std::io::Read, len: u64) -> Result<(), String> {
+        use std::io::Read as _;
+        let not_ours = |e: labcodec::CodecError| format!("not a node snapshot: {e}");
+        let mut head = [0u8; SNAPSHOT_TAG.len()];
+        let n = head.len().min(usize::try_from(len).unwrap_or(usize::MAX));
+        data.read_exact(&mut head[..n])
+            .map_err(|e| format!("cannot read the snapshot: {e}"))?;
+        let sessions = if head[..n] == SNAPSHOT_TAG {
+            labcodec::decode_from::<MachineSnapshotCheck>(data, len - n as u64)
+                .map_err(not_ours)?
+                .sessions
+        } else {
+            let mut whole = (&head[..n]).chain(data);
+            labcodec::decode_from::<MachineSnapshotCheckV1>(&mut whole, len)
+                .map_err(not_ours)?
+                .sessions
+        };
+        SessionTable::restore(sessions)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
     fn snapshot(&self) -> Vec<u8> {
         let inner = self.inner.lock();
         let snap = MachineSnapshotRef {
@@ -346,6 +417,40 @@ mod tests {
             run(&m, 0, 0, vec![KvCmd::VGet(key)]),
             Outcome::Done(vec![KvOut::Versioned(value, 1)])
         );
+    }
+
+    /// The streaming check (a snapshot read back from the file it was received in) agrees
+    /// with the whole one on a real snapshot, a cut one, one with a byte more, and garbage.
+    #[test]
+    fn a_snapshot_checked_as_a_stream_is_judged_as_a_whole() {
+        let m = KvMachine::new();
+        for k in 0..50u8 {
+            run(
+                &m,
+                1,
+                u64::from(k) + 1,
+                vec![KvCmd::Set {
+                    key: vec![k],
+                    value: vec![k; 300],
+                }],
+            );
+        }
+        let good = m.snapshot();
+        let mut longer = good.clone();
+        longer.push(0);
+        let garbage = vec![0xff; 4096];
+        let cases: [(&[u8], bool); 4] = [
+            (&good, true),
+            (&good[..good.len() - 1], false),
+            (&longer, false),
+            (&garbage, false),
+        ];
+        for (bytes, ok) in cases {
+            let whole = m.check_snapshot(bytes);
+            let stream = m.check_snapshot_stream(&mut &bytes[..], bytes.len() as u64);
+            assert_eq!(whole.is_ok(), ok, "{whole:?}");
+            assert_eq!(stream.is_ok(), ok, "{stream:?}");
+        }
     }
 
     /// A snapshot of the first format (keys and values as Latin-1 strings, no tag) restores

@@ -279,6 +279,7 @@ impl Node {
                 voter: identity.is_voter(),
                 check_quorum: true,
                 vote_stickiness: true,
+                ..RaftOptions::default()
             },
         );
         let rsm = Arc::new(rsm.map_err(NodeError::Rsm)?);

@@ -8,6 +8,7 @@
 //! and the arithmetic below (`term + 1`, `prev + entries`, `index + 1`) can never wrap.
 
 use std::fmt;
+use std::io::Read;
 
 use super::rpc::{
     AppendEntriesArgs, InstallSnapshotArgs, InstallSnapshotChunkArgs, RequestVoteArgs,
@@ -32,6 +33,21 @@ pub trait Validator: Send + Sync {
     fn check_entry(&self, command: &[u8]) -> Result<(), String>;
     /// Whether `data` is a snapshot the service can restore.
     fn check_snapshot(&self, data: &[u8]) -> Result<(), String>;
+    /// [`check_snapshot`](Validator::check_snapshot) of the `len` bytes `data` yields, read
+    /// once front to back: how a snapshot streamed in pieces is checked, from the file it was
+    /// assembled in. A service whose check walks its encoding as it reads keeps memory to
+    /// what it retains, not the snapshot's size (which can be hundreds of MB, beside the live
+    /// state). The default reads it whole and calls `check_snapshot`.
+    fn check_snapshot_stream(&self, data: &mut dyn Read, len: u64) -> Result<(), String> {
+        let mut bytes = Vec::new();
+        data.take(len)
+            .read_to_end(&mut bytes)
+            .map_err(|e| format!("cannot read the snapshot: {e}"))?;
+        if bytes.len() as u64 != len {
+            return Err(format!("{} of {len} bytes", bytes.len()));
+        }
+        self.check_snapshot(&bytes)
+    }
 }
 
 /// Why a message was refused.

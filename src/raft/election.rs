@@ -130,6 +130,10 @@ impl Core {
 
     fn become_leader(self: &Arc<Core>, st: &mut State) {
         st.role = Role::Leader;
+        // It counts itself for its log once a sync has shown it durable: this guard's own
+        // (everything it holds was queued before it).
+        st.own_durable = 0;
+        st.guard.queued = true;
         let next = st.log.last_index() + 1;
         for p in st.peers.iter_mut() {
             p.next_index = next;

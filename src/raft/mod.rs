@@ -38,8 +38,8 @@ pub use rpc::{
 };
 use state::Core;
 pub use storage::{
-    ChunkOutcome, HardState, Restored, SnapshotChunk, SnapshotData, SnapshotSource, Storage,
-    StorageError,
+    ChunkOutcome, HardState, Restored, SnapshotChunk, SnapshotData, SnapshotReader, SnapshotSource,
+    Storage, StorageError,
 };
 pub use transport::{OnReply, RaftHandler, RaftTransport};
 
@@ -99,6 +99,11 @@ pub struct RaftOptions {
     /// adopts the term nor votes), so a disruptive or rogue peer cannot depose that leader.
     /// Pre-vote refuses such candidates in any case.
     pub vote_stickiness: bool,
+    /// Pre-vote (Raft dissertation §9.6): an election timeout first asks whether a majority
+    /// would vote, and bumps the term only then. On by default (the labs' Raft and the node);
+    /// off, a timeout starts a real election at once, as in the paper's Figure 2 (the rule
+    /// tests measure the election timer both ways).
+    pub pre_vote: bool,
 }
 
 impl Default for RaftOptions {
@@ -107,6 +112,7 @@ impl Default for RaftOptions {
             voter: true,
             check_quorum: false,
             vote_stickiness: false,
+            pre_vote: true,
         }
     }
 }
@@ -235,7 +241,9 @@ impl Raft {
 
     /// Gives Raft the service's check of commands and snapshots from the leader: an
     /// AppendEntries holding a command it refuses, or an InstallSnapshot whose data it
-    /// refuses, is refused before anything is persisted (see [`check`]).
+    /// refuses, is refused before anything is persisted (see [`check`]); a snapshot streamed
+    /// in pieces is checked once assembled, read back from its temporary file, before it
+    /// replaces anything.
     pub fn set_validator(&self, validator: Arc<dyn Validator>) {
         *self.core.validator.write() = Some(validator);
     }

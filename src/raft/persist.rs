@@ -73,6 +73,16 @@ impl Core {
         self.queue(st, "append", |s| s.append(first, entries));
     }
 
+    /// Queues the leader's own new `entries` (appended at `first`): the AppendEntries carrying
+    /// them may leave before they are durable here; the leader counts itself for them only
+    /// after its sync (see [`StateGuard`](super::state::StateGuard)).
+    pub(super) fn persist_own_append(&self, st: &mut State, first: u64, entries: &[Entry]) {
+        let queued = st.guard.queued;
+        self.persist_append(st, first, entries);
+        st.guard.queued = queued;
+        st.guard.queued_own = true;
+    }
+
     /// Queues the truncation of the log after `index`.
     pub(super) fn persist_truncate(&self, st: &mut State, index: u64) {
         log::trace!(target: "raft::persist", "raft-{} t{}: truncate after {index}", self.me, st.term);
@@ -105,6 +115,7 @@ impl Core {
         if self.is_dead() {
             return;
         }
+        st.guard.queued = true;
         if let Err(e) = f(self.storage.as_ref()) {
             self.storage_failed(st, what, &e);
         }

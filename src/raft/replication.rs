@@ -31,7 +31,7 @@ impl Core {
         let term = st.term;
         let entry = Entry { term, command };
         let index = st.log.append(entry.clone());
-        self.persist_append(&mut st, index, std::slice::from_ref(&entry));
+        self.persist_own_append(&mut st, index, std::slice::from_ref(&entry));
         if self.is_dead() {
             return (0, term, false); // could not be saved
         }
@@ -123,6 +123,7 @@ impl Core {
         let term = st.term;
         // Reads registered up to now are confirmed by this call's answer (ReadIndex).
         let round = st.read_round;
+        st.guard.leader_sends = true;
         st.outbox.push(Box::new(move || {
             let c = core.clone();
             core.peers.append_entries(
@@ -148,6 +149,8 @@ impl Core {
         if self.is_dead() {
             return;
         }
+        // Nothing this does needs a sync unless it queues something (a newer term).
+        st.guard.leader_sends = true;
         let Some(reply) = st.peers[peer].call_returned(seq, r) else {
             return; // lost: the next heartbeat retries
         };
@@ -224,7 +227,9 @@ impl Core {
     }
 
     /// Commits the highest index stored on a majority, if it is of the current term
-    /// (Raft §5.4.2: earlier terms' entries commit only indirectly).
+    /// (Raft §5.4.2: earlier terms' entries commit only indirectly). The leader counts for
+    /// what it has made durable, not for what its log holds (§10.2.1: its AppendEntries may
+    /// leave before its own write).
     pub(super) fn advance_commit(&self, st: &mut State) {
         if st.role != Role::Leader {
             return;
@@ -232,7 +237,7 @@ impl Core {
         let mut matched: Vec<u64> = (0..self.peers.len())
             .map(|p| {
                 if p == self.me {
-                    st.log.last_index()
+                    st.own_durable
                 } else {
                     st.peers[p].match_index
                 }

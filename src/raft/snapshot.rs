@@ -8,7 +8,9 @@ use super::rpc::{
     InstallSnapshotArgs, InstallSnapshotChunkArgs, InstallSnapshotChunkReply, InstallSnapshotReply,
 };
 use super::state::{Core, MAX_CHUNKS_IN_FLIGHT, Role, State};
-use super::storage::{ChunkOutcome, SnapshotChunk, SnapshotData, SnapshotSource, StorageError};
+use super::storage::{
+    ChunkOutcome, SnapshotChunk, SnapshotData, SnapshotReader, SnapshotSource, StorageError,
+};
 
 impl Core {
     /// The service holds a snapshot through `index`: discard the log up to it.
@@ -75,6 +77,7 @@ impl Core {
         let core = self.clone();
         let term = st.term;
         let index = args.last_included_index;
+        st.guard.leader_sends = true;
         st.outbox.push(Box::new(move || {
             let c = core.clone();
             // The bytes are copied for the message here, outside the lock.
@@ -130,6 +133,7 @@ impl Core {
         let core = self.clone();
         let term = st.term;
         let me = self.me;
+        st.guard.leader_sends = true;
         st.outbox.push(Box::new(move || {
             let c = core.clone();
             let data = match snapshot.read(offset, chunk) {
@@ -257,6 +261,7 @@ impl Core {
             st.term
         };
         let chunk = SnapshotChunk {
+            leader: args.leader,
             index,
             term: args.last_included_term,
             offset: args.offset,
@@ -274,11 +279,48 @@ impl Core {
                 return None;
             }
         };
+        // Complete, and its length and checksum are the sender's: now the service's check,
+        // before it replaces anything. A refused snapshot is never installed, its file goes,
+        // and the sender gets no answer (as for a refused whole InstallSnapshot).
+        if let Err(why) = self.check_received(&src) {
+            self.storage.discard_received_snapshot(&src);
+            if let Some(why) = why {
+                self.refused("InstallSnapshotChunk", args.leader, &why);
+            }
+            return None;
+        }
         let out = self.install_received(term, args.leader, src);
         self.notify_room();
         out.and_then(|r| self.reply_if_alive(r))
     }
 
+    /// The service's check of a snapshot assembled from pieces, read back from the storage a
+    /// piece at a time, outside the lock. `Err(Some(_))`: the service refuses it;
+    /// `Err(None)`: it could not be read back (the peer stops, as on any storage error).
+    fn check_received(&self, src: &Arc<dyn SnapshotSource>) -> Result<(), Option<Refusal>> {
+        let Some(validator) = self.validator() else {
+            return Ok(());
+        };
+        let mut reader = SnapshotReader::new(&**src);
+        let verdict = validator.check_snapshot_stream(&mut reader, src.len());
+        if let Some(e) = reader.take_error() {
+            let mut st = self.state.lock();
+            self.storage_failed(&mut st, "read back a received snapshot", &e);
+            return Err(None);
+        }
+        verdict.map_err(|reason| {
+            Some(Refusal::Snapshot {
+                reason: format!(
+                    "{reason} (streamed, through index {}, {} bytes)",
+                    src.index(),
+                    src.len()
+                ),
+            })
+        })
+    }
+
+    /// Installs a received snapshot that passed the service's check; every path that does
+    /// not install it discards it, so no temporary file outlives the call.
     fn install_received(
         &self,
         term: u64,
@@ -288,9 +330,11 @@ impl Core {
         let (index, total) = (src.index(), src.len());
         let mut st = self.lock_state();
         if self.is_dead() {
+            self.storage.discard_received_snapshot(&src);
             return None;
         }
         if st.term != term {
+            self.storage.discard_received_snapshot(&src);
             return Some(InstallSnapshotChunkReply {
                 term: st.term,
                 next_offset: 0,
@@ -298,6 +342,7 @@ impl Core {
             });
         }
         if index <= st.commit_index {
+            self.storage.discard_received_snapshot(&src);
             return Some(InstallSnapshotChunkReply {
                 term,
                 next_offset: total,
@@ -307,6 +352,7 @@ impl Core {
         match self.storage.install_received_snapshot(&src) {
             Ok(()) => {}
             Err(StorageError::Invalid { reason }) => {
+                self.storage.discard_received_snapshot(&src);
                 log::warn!(target: "raft::snapshot", "raft-{} t{term}: received snapshot through {index} not installed: {reason}", self.me);
                 return Some(InstallSnapshotChunkReply {
                     term,

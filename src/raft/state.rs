@@ -45,6 +45,14 @@ pub(super) const MAX_CHUNKS_IN_FLIGHT: usize = 2;
 /// handled yet either, so a follower gives it [`OVERSLEEP_GRACE`] before standing.
 const OVERSLEEP: Duration = Duration::from_millis(50);
 const OVERSLEEP_GRACE: Duration = Duration::from_millis(150);
+/// A snapshot transfer to this peer with no piece for this long is abandoned: its temporary
+/// file and buffers go (see [`Storage::expire_snapshot_transfer`]). A leader sends the next
+/// piece as soon as one is answered and presumes a call lost after its 2 s timeout, so a
+/// transfer this quiet has lost its sender (deposed, cut off, or one that stopped halfway on
+/// purpose); the same snapshot sent again starts over.
+pub(super) const SNAPSHOT_TRANSFER_IDLE: Duration = Duration::from_secs(10);
+/// How often the ticker asks the storage to abandon idle transfers.
+const TRANSFER_CHECK_EVERY: Duration = Duration::from_secs(1);
 /// CheckQuorum (Raft dissertation §6.2): a leader that has not heard from a majority (itself
 /// included) for this long steps down. One full election timeout: by then the followers it
 /// lost may have elected another leader, and its clients are better served elsewhere.
@@ -157,6 +165,30 @@ pub(super) struct State {
     pub read_round: u64,
     /// Reads waiting for a majority to confirm their round (see `read.rs`).
     pub reads: Vec<super::read::PendingRead>,
+    /// As leader: the last index of its log known durable on its own storage, which is what
+    /// it counts itself for in the majority (Raft dissertation §10.2.1: it writes its log in
+    /// parallel with replicating it). Set from 0 when it becomes leader, raised after each of
+    /// its syncs; unused while not leading.
+    pub own_durable: u64,
+    /// What the current holder of the lock did, for [`StateGuard`]'s drop (reset there).
+    pub guard: GuardWork,
+}
+
+/// What a [`StateGuard`]'s holder queued and sent, which decides the order of the sync and
+/// the sends when it is dropped.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct GuardWork {
+    /// A change other than a leader's own new entries was queued to the storage (or a sync is
+    /// needed for another reason): sync first, then send.
+    pub queued: bool,
+    /// The leader queued its own new entries (`start`): they may leave in AppendEntries
+    /// before its own sync, which it then runs and counts itself for.
+    pub queued_own: bool,
+    /// The leader queued AppendEntries or snapshot pieces, or handled an answer to one: they
+    /// depend on nothing unsynced (its term is durable since its election, and what it sends
+    /// of its log needs no durability of its own to be safe), so without anything queued
+    /// they leave with no sync at all.
+    pub leader_sends: bool,
 }
 
 pub(crate) struct Core {
@@ -187,6 +219,8 @@ pub(crate) struct Core {
     pub check_quorum: bool,
     /// See [`RaftOptions::vote_stickiness`](super::RaftOptions::vote_stickiness).
     pub vote_stickiness: bool,
+    /// See [`RaftOptions::pre_vote`](super::RaftOptions::pre_vote).
+    pub pre_vote: bool,
     /// The highest term known to be durable (synced), and the highest index the applier has
     /// delivered (each delivered only once durable): what a service may record elsewhere as
     /// the least state this peer must find at its next start.
@@ -258,6 +292,8 @@ impl Core {
             election_deadline: now + random_election_timeout(),
             election_grace_used: false,
             heartbeat_due: now,
+            own_durable: 0,
+            guard: GuardWork::default(),
             votes: BTreeSet::new(),
             leader_contact: None,
             peers: vec![
@@ -301,6 +337,7 @@ impl Core {
                 voter: AtomicBool::new(options.voter),
                 check_quorum: options.check_quorum,
                 vote_stickiness: options.vote_stickiness,
+                pre_vote: options.pre_vote,
                 synced_term: AtomicU64::new(term),
                 delivered: AtomicU64::new(base),
                 kill_tx: Mutex::new(Some(kill_tx)),
@@ -359,6 +396,18 @@ impl Core {
             core: self,
             st: Some(self.state.lock()),
         }
+    }
+
+    /// The leader of `term` has synced its log through `last`: it now counts itself for it.
+    pub(super) fn own_synced(&self, term: u64, last: u64) {
+        let mut st = self.state.lock();
+        if self.is_dead() || st.role != Role::Leader || st.term != term || last <= st.own_durable {
+            return;
+        }
+        // Still leader of the same term: its log only grew meanwhile, so its first `last`
+        // entries are the ones the sync made durable.
+        st.own_durable = last;
+        self.advance_commit(&mut st);
     }
 
     /// Makes everything queued in the storage durable; stops the peer if it cannot. Called
@@ -434,7 +483,14 @@ impl Core {
 
     /// Elections and heartbeats: sleeps until the next deadline (or a wake-up) and acts on it.
     pub(super) fn run_ticker(self: &Arc<Core>) {
+        let mut transfers_checked = Instant::now();
         while !self.is_dead() {
+            if transfers_checked.elapsed() >= TRANSFER_CHECK_EVERY {
+                // Outside the lock: it may delete a file.
+                transfers_checked = Instant::now();
+                self.storage
+                    .expire_snapshot_transfer(SNAPSHOT_TRANSFER_IDLE);
+            }
             {
                 // Released (storage synced, messages sent) before waiting.
                 let mut st = self.lock_state();
@@ -447,11 +503,13 @@ impl Core {
                         self.broadcast_append(&mut st);
                     }
                 } else if now >= st.election_deadline {
-                    if self.voter.load(Ordering::SeqCst) {
-                        self.start_pre_vote(&mut st);
-                    } else {
+                    if !self.voter.load(Ordering::SeqCst) {
                         // Not a voter yet: it waits for a leader instead of standing.
                         self.reset_election_timer(&mut st);
+                    } else if self.pre_vote {
+                        self.start_pre_vote(&mut st);
+                    } else {
+                        self.start_election(&mut st);
                     }
                 }
             }
@@ -512,20 +570,53 @@ impl DerefMut for StateGuard<'_> {
 }
 
 impl Drop for StateGuard<'_> {
+    /// Releases the lock, then syncs and sends in the order what was done requires:
+    /// - anything queued but a leader's own new entries (a term, a vote, a follower's entries,
+    ///   a snapshot), or no leader sends (a handler's reply leaves after this): sync, then send;
+    /// - a leader's own new entries: send the AppendEntries, then sync, and only then count
+    ///   itself for them (Raft dissertation §10.2.1), so its fsync and its followers' overlap;
+    /// - a leader's sends alone: send, no sync.
+    ///
+    /// After a sync as leader it raises its own durable index and advances the commit index,
+    /// under the lock taken again (never held across the sync).
     fn drop(&mut self) {
         let Some(mut st) = self.st.take() else {
             return;
         };
         let outbox = std::mem::take(&mut st.outbox);
+        let work = std::mem::take(&mut st.guard);
         let term = st.term;
+        // Everything up to here was queued before the sync below, by this thread or another.
+        let leading = (st.role == Role::Leader).then(|| st.log.last_index());
         drop(st);
-        if self.core.is_dead() || !self.core.sync_storage() || self.core.is_dead() {
+        let core = self.core;
+        if core.is_dead() {
+            return;
+        }
+        let send = |outbox: Vec<Box<dyn FnOnce() + Send>>| {
+            for send in outbox {
+                send();
+            }
+        };
+        if !work.queued && work.leader_sends && !work.queued_own {
+            send(outbox);
+            return;
+        }
+        let early = !work.queued && work.queued_own;
+        let outbox = if early {
+            send(outbox);
+            Vec::new()
+        } else {
+            outbox
+        };
+        if !core.sync_storage() || core.is_dead() {
             return;
         }
         // Everything queued before the sync is durable, this term included.
-        self.core.synced_term.fetch_max(term, Ordering::SeqCst);
-        for send in outbox {
-            send();
+        core.synced_term.fetch_max(term, Ordering::SeqCst);
+        if let Some(last) = leading {
+            core.own_synced(term, last);
         }
+        send(outbox);
     }
 }

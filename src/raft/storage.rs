@@ -10,7 +10,9 @@
 //! (group commit). A storage that returns an error is never used again: the peer stops.
 
 use std::fmt;
+use std::io::{self, Read};
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::log::{Entry, Log};
 
@@ -178,9 +180,86 @@ impl SnapshotData {
     }
 }
 
+/// Bytes a [`SnapshotReader`] reads from its source at a time.
+const READ_PIECE: usize = 1 << 20;
+
+/// Reads a [`SnapshotSource`] front to back, one piece at a time: what a streaming check of a
+/// received snapshot ([`Validator::check_snapshot_stream`](super::Validator)) reads, holding
+/// one piece whatever the snapshot's size. A storage error ends the reading (an I/O error to
+/// the reader) and is kept: the caller must tell damage on its own disk from a snapshot the
+/// service refuses.
+pub struct SnapshotReader<'a> {
+    src: &'a dyn SnapshotSource,
+    /// Where the next piece starts.
+    offset: u64,
+    piece: Vec<u8>,
+    /// How much of `piece` has been read.
+    at: usize,
+    error: Option<StorageError>,
+}
+
+impl<'a> SnapshotReader<'a> {
+    pub fn new(src: &'a dyn SnapshotSource) -> SnapshotReader<'a> {
+        SnapshotReader {
+            src,
+            offset: 0,
+            piece: Vec::new(),
+            at: 0,
+            error: None,
+        }
+    }
+
+    /// The storage error that ended the reading, if one did.
+    pub fn take_error(&mut self) -> Option<StorageError> {
+        self.error.take()
+    }
+}
+
+impl Read for SnapshotReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.at == self.piece.len() {
+            if self.offset >= self.src.len() || buf.is_empty() {
+                return Ok(0);
+            }
+            let piece = self.src.read(self.offset, READ_PIECE).and_then(|p| {
+                if p.is_empty() {
+                    Err(StorageError::Invalid {
+                        reason: format!(
+                            "snapshot through {} read nothing at {} of {} bytes",
+                            self.src.index(),
+                            self.offset,
+                            self.src.len()
+                        ),
+                    })
+                } else {
+                    Ok(p)
+                }
+            });
+            match piece {
+                Ok(p) => {
+                    self.offset += p.len() as u64;
+                    self.piece = p;
+                    self.at = 0;
+                }
+                Err(e) => {
+                    let why = e.to_string();
+                    self.error = Some(e);
+                    return Err(io::Error::other(why));
+                }
+            }
+        }
+        let n = buf.len().min(self.piece.len() - self.at);
+        buf[..n].copy_from_slice(&self.piece[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
 /// One piece of a snapshot a leader streams to this peer (Raft Figure 13's offset and done).
 #[derive(Debug, Clone, Copy)]
 pub struct SnapshotChunk<'a> {
+    /// The peer that sent it (for the storage's log lines).
+    pub leader: usize,
     pub index: u64,
     pub term: u64,
     /// Where `data` starts in the snapshot, and the snapshot's whole length and CRC32C.
@@ -261,6 +340,8 @@ pub trait Storage: Send + Sync {
 
     /// Queues the installation of the snapshot a [`ChunkOutcome::Complete`] returned (as
     /// [`save_snapshot`](Storage::save_snapshot) does with bytes: durable at the next `sync`).
+    /// Raft hands back every completed snapshot exactly once: to this, or to
+    /// [`discard_received_snapshot`](Storage::discard_received_snapshot).
     fn install_received_snapshot(
         &self,
         _snapshot: &Arc<dyn SnapshotSource>,
@@ -269,6 +350,16 @@ pub trait Storage: Send + Sync {
             reason: "this storage does not take snapshots in chunks".to_string(),
         })
     }
+
+    /// Forgets a snapshot a [`ChunkOutcome::Complete`] returned that will not be installed
+    /// (the service refused it, or the peer no longer needs it): its temporary file goes.
+    fn discard_received_snapshot(&self, _snapshot: &Arc<dyn SnapshotSource>) {}
+
+    /// Abandons a snapshot transfer that has had no piece for `idle` (its sender went away,
+    /// or stopped halfway on purpose): its temporary file is deleted and its buffers freed;
+    /// the next piece of it is answered with offset 0. Raft's ticker calls this about once a
+    /// second, without the Raft mutex.
+    fn expire_snapshot_transfer(&self, _idle: Duration) {}
 }
 
 /// A shared storage (e.g. one a test closes on a crash) is a storage.
@@ -316,5 +407,11 @@ impl<S: Storage + ?Sized> Storage for Arc<S> {
         snapshot: &Arc<dyn SnapshotSource>,
     ) -> Result<(), StorageError> {
         (**self).install_received_snapshot(snapshot)
+    }
+    fn discard_received_snapshot(&self, snapshot: &Arc<dyn SnapshotSource>) {
+        (**self).discard_received_snapshot(snapshot)
+    }
+    fn expire_snapshot_transfer(&self, idle: Duration) {
+        (**self).expire_snapshot_transfer(idle)
     }
 }

@@ -259,7 +259,8 @@ impl Storage for FileLog {
     ) -> Result<(), StorageError> {
         let complete = self.receiving.lock().complete.take();
         match complete {
-            Some(s) if s.index() == snapshot.index() && s.term() == snapshot.term() => {
+            // The very snapshot Raft checked, not another one completed meanwhile.
+            Some(s) if receive::same_snapshot(&s, snapshot) => {
                 self.queue(Op::Snapshot(s.index(), s.term(), SnapIn::Received(s)))
             }
             other => {
@@ -273,6 +274,14 @@ impl Storage for FileLog {
                 })
             }
         }
+    }
+
+    fn discard_received_snapshot(&self, snapshot: &Arc<dyn SnapshotSource>) {
+        self.discard_received(snapshot);
+    }
+
+    fn expire_snapshot_transfer(&self, idle: std::time::Duration) {
+        self.expire_transfer(idle);
     }
 
     fn sync(&self) -> Result<(), StorageError> {

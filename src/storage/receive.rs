@@ -4,16 +4,19 @@
 
 use std::fs;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use super::snapfile::{self, FileSnapshot};
 use super::{FileLog, record};
-use crate::raft::{ChunkOutcome, SnapshotChunk, StorageError};
+use crate::raft::{ChunkOutcome, SnapshotChunk, SnapshotSource, StorageError};
 
 /// The snapshot a leader is streaming to this log (one at a time).
 #[derive(Default)]
 pub(super) struct Receiving {
     /// The transfer under way: index, term, total, and its file.
     pub(super) current: Option<(u64, u64, u64, snapfile::Writer)>,
+    /// When the transfer under way last took a piece, and from which peer.
+    pub(super) last_piece: Option<(Instant, usize)>,
     /// Names the temporary files.
     pub(super) count: u64,
     /// Completed and durable under its temporary name, not yet installed.
@@ -47,13 +50,14 @@ impl FileLog {
                 return Ok(ChunkOutcome::Next(0));
             }
             if let Some(old) = r.current.take() {
-                log::info!(target: "storage", "{}: snapshot transfer through {} abandoned at {} of {} bytes for one through {}", dir.display(), old.0, old.3.written(), old.2, c.index);
+                log::info!(target: "storage", "{}: snapshot transfer through {} abandoned at {} of {} bytes for one through {} from peer {}", dir.display(), old.0, old.3.written(), old.2, c.index, c.leader);
                 let _ = fs::remove_file(old.3.path());
             }
             r.count += 1;
             let path = dir.join(format!("snapshot-recv-{}.tmp", r.count));
             let w = snapfile::Writer::create(path, c.index, c.term, c.total)?;
             r.current = Some((c.index, c.term, c.total, w));
+            r.last_piece = Some((Instant::now(), c.leader));
         }
         let cur = r.current.as_mut().expect("a transfer under way");
         let w = &mut cur.3;
@@ -68,6 +72,10 @@ impl FileLog {
             return Ok(ChunkOutcome::Next(0));
         }
         w.write(c.data)?;
+        // Only a piece that moves the transfer on keeps it alive: one repeated forever
+        // does not.
+        r.last_piece = Some((Instant::now(), c.leader));
+        let w = &mut r.current.as_mut().expect("a transfer under way").3;
         if !c.done {
             return Ok(ChunkOutcome::Next(w.written()));
         }
@@ -84,5 +92,56 @@ impl FileLog {
         }
         log::info!(target: "storage", "{}: snapshot through {} (t{}, {} bytes) received", dir.display(), c.index, c.term, c.total);
         Ok(ChunkOutcome::Complete(snap))
+    }
+}
+
+/// Whether `a` is the very snapshot `b` (one completed transfer, not another of the same
+/// index and term completed meanwhile).
+pub(super) fn same_snapshot(a: &Arc<FileSnapshot>, b: &Arc<dyn SnapshotSource>) -> bool {
+    std::ptr::addr_eq(Arc::as_ptr(a), Arc::as_ptr(b))
+}
+
+impl FileLog {
+    /// Deletes the received snapshot `snapshot` if it is the one waiting to be installed
+    /// (Raft refused it).
+    pub(super) fn discard_received(&self, snapshot: &Arc<dyn SnapshotSource>) {
+        let mut r = self.receiving.lock();
+        if r.complete
+            .as_ref()
+            .is_some_and(|s| same_snapshot(s, snapshot))
+        {
+            let s = r.complete.take().expect("checked above");
+            let path = s.path();
+            match fs::remove_file(&path) {
+                Ok(()) => {
+                    log::info!(target: "storage", "{}: received snapshot through {} discarded", path.display(), s.index())
+                }
+                Err(e) => {
+                    log::warn!(target: "storage", "{}: cannot delete a discarded snapshot: {e}", path.display())
+                }
+            }
+        }
+    }
+
+    /// Abandons the transfer under way if no piece moved it on for `idle`, deleting its file.
+    pub(super) fn expire_transfer(&self, idle: Duration) {
+        let mut r = self.receiving.lock();
+        let Some((at, from)) = r.last_piece else {
+            return;
+        };
+        if r.current.is_none() {
+            r.last_piece = None;
+            return;
+        }
+        if at.elapsed() < idle {
+            return;
+        }
+        r.last_piece = None;
+        let (index, _, total, w) = r.current.take().expect("checked above");
+        let written = w.written();
+        let path = w.path().to_path_buf();
+        drop(w);
+        let removed = fs::remove_file(&path);
+        log::warn!(target: "storage", "{}: snapshot transfer through {index} from peer {from} abandoned: no piece for {idle:?}, at {written} of {total} bytes; temporary file {}", self.dir.display(), if removed.is_ok() { "deleted" } else { "not deleted" });
     }
 }

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::labcodec;
 use crate::labrpc::script::Script;
 use crate::labrpc::{ClientEnd, Network, Service};
-use crate::raft::{ApplyMsg, Raft, Storage};
+use crate::raft::{ApplyMsg, Raft, RaftOptions, Storage};
 use crate::tester::{Config, GRP0, IService, Persister, RaftRpcService, ServerGrp, StartFn, Tgid};
 
 /// The tester allows a second for an election.
@@ -149,6 +149,7 @@ impl RfSrv {
         snapshot_data: Vec<u8>,
         closer: Option<Arc<file::ClosableLog>>,
         snapshot: bool,
+        options: RaftOptions,
         applied: Arc<Mutex<Applied>>,
         cfg: CfgCell,
     ) -> Arc<RfSrv> {
@@ -176,7 +177,7 @@ impl RfSrv {
                 }
             }
         }
-        let raft = match Raft::new(ends, me, storage, tx) {
+        let raft = match Raft::with_options(ends, me, storage, tx, options) {
             Ok(r) => Arc::new(r),
             Err(e) => panic!("tester: cannot start raft-{me}: {e}"),
         };
@@ -358,18 +359,187 @@ pub struct Test {
     srvs: Arc<Mutex<Vec<Option<Arc<RfSrv>>>>>,
     applied: Arc<Mutex<Applied>>,
     finished: AtomicBool,
+    gates: Vec<Arc<SyncGate>>,
+}
+
+/// A test's hold on one peer's `Storage::sync`: while held, a sync waits (its caller holds
+/// no Raft lock); `crash` fails the waiting syncs and every later one without passing them to
+/// the storage, as a process killed before its fsync never makes those writes durable. A
+/// restart of the peer opens the gate again.
+#[derive(Default)]
+pub struct SyncGate {
+    state: Mutex<GateState>,
+    cv: parking_lot::Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    held: bool,
+    crashed: bool,
+    waiting: usize,
+}
+
+impl SyncGate {
+    /// Syncs from now on wait.
+    pub fn hold(&self) {
+        self.state.lock().held = true;
+    }
+
+    /// Waiting syncs go on, and later ones do not wait.
+    pub fn open(&self) {
+        self.state.lock().held = false;
+        self.cv.notify_all();
+    }
+
+    /// The peer crashes before its syncs: waiting and later ones fail, writing nothing.
+    pub fn crash(&self) {
+        self.state.lock().crashed = true;
+        self.cv.notify_all();
+    }
+
+    /// Waits up to `timeout` until at least one sync waits at the gate.
+    pub fn wait_blocked(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.state.lock();
+        while st.waiting == 0 {
+            if self.cv.wait_until(&mut st, deadline).timed_out() {
+                return st.waiting > 0;
+            }
+        }
+        true
+    }
+
+    fn reset(&self) {
+        let mut st = self.state.lock();
+        st.held = false;
+        st.crashed = false;
+        self.cv.notify_all();
+    }
+
+    /// Whether the sync may go to the storage (false: the peer crashed first).
+    fn pass(&self) -> bool {
+        let mut st = self.state.lock();
+        st.waiting += 1;
+        self.cv.notify_all();
+        while st.held && !st.crashed {
+            self.cv.wait(&mut st);
+        }
+        st.waiting -= 1;
+        !st.crashed
+    }
+}
+
+/// A storage whose syncs pass a [`SyncGate`].
+struct GatedStorage {
+    inner: Box<dyn Storage>,
+    gate: Arc<SyncGate>,
+}
+
+impl Storage for GatedStorage {
+    fn restore(&self) -> Result<crate::raft::Restored, crate::raft::StorageError> {
+        self.inner.restore()
+    }
+    fn set_hard_state(&self, hs: crate::raft::HardState) -> Result<(), crate::raft::StorageError> {
+        self.inner.set_hard_state(hs)
+    }
+    fn append(
+        &self,
+        first: u64,
+        entries: &[crate::raft::log::Entry],
+    ) -> Result<(), crate::raft::StorageError> {
+        self.inner.append(first, entries)
+    }
+    fn truncate_after(&self, index: u64) -> Result<(), crate::raft::StorageError> {
+        self.inner.truncate_after(index)
+    }
+    fn save_snapshot(
+        &self,
+        index: u64,
+        term: u64,
+        data: &[u8],
+    ) -> Result<(), crate::raft::StorageError> {
+        self.inner.save_snapshot(index, term, data)
+    }
+    fn sync(&self) -> Result<(), crate::raft::StorageError> {
+        if !self.gate.pass() {
+            return Err(crate::raft::StorageError::Io {
+                path: "(test sync gate)".to_string(),
+                op: "sync",
+                reason: "the peer crashed before this sync".to_string(),
+            });
+        }
+        self.inner.sync()
+    }
+    fn state_size(&self) -> usize {
+        self.inner.state_size()
+    }
+    fn save_snapshot_shared(
+        &self,
+        index: u64,
+        term: u64,
+        data: Arc<Vec<u8>>,
+    ) -> Result<(), crate::raft::StorageError> {
+        self.inner.save_snapshot_shared(index, term, data)
+    }
+    fn snapshot_source(&self) -> Option<Arc<dyn crate::raft::storage::SnapshotSource>> {
+        self.inner.snapshot_source()
+    }
 }
 
 impl Test {
     /// `n` peers, reliable or not, with the snapshotting tester service or not.
     pub fn new(n: usize, reliable: bool, snapshot: bool) -> Test {
-        Test::with_storage(n, reliable, snapshot, persister_storage(), |_| {})
+        Test::with_storage(
+            n,
+            reliable,
+            snapshot,
+            RaftOptions::default(),
+            persister_storage(),
+            |_| {},
+        )
     }
 
     /// `n` peers on a reliable network whose script `setup` prepares before any peer
     /// starts: the rule tests, which decide exactly what happens to chosen messages.
     pub fn new_scripted(n: usize, snapshot: bool, setup: impl FnOnce(&Script)) -> Test {
-        Test::with_storage(n, true, snapshot, persister_storage(), |net| {
+        Test::new_scripted_with(n, snapshot, RaftOptions::default(), setup)
+    }
+
+    /// [`Test::new_scripted`] with each peer's storage behind a [`SyncGate`] (see
+    /// [`Test::sync_gate`]): a test can hold a peer's syncs, and crash it while one waits.
+    pub fn new_scripted_gated(n: usize, setup: impl FnOnce(&Script)) -> Test {
+        let gates: Vec<Arc<SyncGate>> = (0..n).map(|_| Arc::new(SyncGate::default())).collect();
+        let g = gates.clone();
+        let open: OpenStorage = Arc::new(move |i: usize, persister: Persister| {
+            let data = persister.read_snapshot();
+            g[i].reset();
+            let inner: Box<dyn Storage> = persister.into();
+            let storage = GatedStorage {
+                inner,
+                gate: g[i].clone(),
+            };
+            (Box::new(storage) as Box<dyn Storage>, data, None)
+        });
+        let mut t = Test::with_storage(n, true, false, RaftOptions::default(), open, |net| {
+            setup(&net.script())
+        });
+        t.gates = gates;
+        t
+    }
+
+    /// Peer `i`'s sync gate (a test made with [`Test::new_scripted_gated`]).
+    pub fn sync_gate(&self, i: usize) -> Arc<SyncGate> {
+        self.gates[i].clone()
+    }
+
+    /// [`Test::new_scripted`] with every peer's Raft started with `options`.
+    pub fn new_scripted_with(
+        n: usize,
+        snapshot: bool,
+        options: RaftOptions,
+        setup: impl FnOnce(&Script),
+    ) -> Test {
+        Test::with_storage(n, true, snapshot, options, persister_storage(), |net| {
             setup(&net.script())
         })
     }
@@ -379,6 +549,7 @@ impl Test {
         n: usize,
         reliable: bool,
         snapshot: bool,
+        options: RaftOptions,
         open: OpenStorage,
         before_start: impl FnOnce(&Network),
     ) -> Test {
@@ -404,6 +575,7 @@ impl Test {
                         snapshot_data,
                         closer,
                         snapshot,
+                        options,
                         applied.clone(),
                         cfg_cell.clone(),
                     );
@@ -422,6 +594,7 @@ impl Test {
             srvs,
             applied,
             finished: AtomicBool::new(false),
+            gates: Vec::new(),
         }
     }
 
@@ -897,7 +1070,14 @@ pub mod file {
                 (Box::new(log.clone()) as Box<dyn Storage>, snap, Some(log))
             });
             Test {
-                inner: super::Test::with_storage(n, reliable, snapshot, open, |_| {}),
+                inner: super::Test::with_storage(
+                    n,
+                    reliable,
+                    snapshot,
+                    crate::raft::RaftOptions::default(),
+                    open,
+                    |_| {},
+                ),
                 _dirs: Dirs(root),
             }
         }

@@ -4,14 +4,15 @@
 //! at the configuration again.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use super::rpc::{
     DeleteShardArgs, DeleteShardReply, FreezeShardArgs, FreezeShardReply, InstallShardArgs,
     InstallShardReply,
 };
-use crate::kvapi::{CallError, GetArgs, GetReply, KvErr, PutArgs, PutReply, Tversion};
+use crate::kvapi::{
+    CallError, GetArgs, GetReply, KvErr, LeaderHint, PutArgs, PutReply, Step, Tversion,
+};
 use crate::shardkv::shardcfg::{Tnum, Tshid};
 use crate::shardkv::transport::ShardTransport;
 
@@ -35,7 +36,7 @@ pub struct Clerk {
     transport: Arc<dyn ShardTransport>,
     servers: Vec<String>,
     /// The server that last answered as leader; tried first.
-    leader: AtomicUsize,
+    leader: LeaderHint,
 }
 
 impl Clerk {
@@ -43,7 +44,7 @@ impl Clerk {
         Clerk {
             transport,
             servers,
-            leader: AtomicUsize::new(0),
+            leader: LeaderHint::new(0),
         }
     }
 
@@ -62,39 +63,22 @@ impl Clerk {
     ) -> Outcome<R> {
         let n = self.servers.len();
         let mut maybe_executed = false;
-        if n == 0 {
-            return Outcome {
-                reply: Err(NoAnswer),
-                maybe_executed,
-            };
-        }
-        let first = self.leader.load(Ordering::Relaxed) % n;
-        for attempt in 0..ROUNDS * n {
-            let i = (first + attempt) % n;
+        let answered = self.leader.search(n, ROUND_PAUSE, Some(ROUNDS * n), |i| {
             match send(&*self.transport, &self.servers[i]) {
-                Ok(r) if err(&r) != KvErr::WrongLeader => {
-                    self.leader.store(i, Ordering::Relaxed);
-                    return Outcome {
-                        reply: Ok(r),
-                        maybe_executed,
-                    };
-                }
+                Ok(r) if err(&r) != KvErr::WrongLeader => return Step::Leader(r),
                 Ok(_) => {
                     // The op may have entered the log before this server lost leadership.
                     log::trace!(target: "shardkv::clerk", "{method} to {}: wrong leader", self.servers[i]);
-                    maybe_executed = true;
                 }
                 Err(e) => {
                     log::trace!(target: "shardkv::clerk", "{method} to {}: {e}", self.servers[i]);
-                    maybe_executed = true;
                 }
             }
-            if (attempt + 1) % n == 0 {
-                std::thread::sleep(ROUND_PAUSE);
-            }
-        }
+            maybe_executed = true;
+            Step::Next
+        });
         Outcome {
-            reply: Err(NoAnswer),
+            reply: answered.ok_or(NoAnswer),
             maybe_executed,
         }
     }

@@ -592,6 +592,27 @@ pub fn decode_reply(bytes: &[u8], limits: &Limits) -> Result<Option<(Reply, usiz
     decode_reply_at(bytes, 0, limits, 0)
 }
 
+/// The element count and header length of the map or array reply at `start`, `None` while
+/// incomplete; one nested `depth + 1` levels deep is refused past the limit.
+fn aggregate_header(
+    bytes: &[u8],
+    start: usize,
+    limits: &Limits,
+    depth: usize,
+) -> Result<Option<(i64, usize)>, ParseError> {
+    let offset = start as u64;
+    if depth >= limits.max_reply_depth {
+        return Err(ParseError::ReplyTooDeep {
+            max: limits.max_reply_depth,
+            offset,
+        });
+    }
+    Ok(match read_header(&bytes[start..], offset, true)? {
+        Header::Incomplete => None,
+        Header::Value(count, header_len) => Some((count, header_len)),
+    })
+}
+
 fn decode_reply_at(
     bytes: &[u8],
     start: usize,
@@ -653,15 +674,8 @@ fn decode_reply_at(
             Some(_) => Err(ParseError::InvalidBulkLength { offset }),
         },
         b'%' => {
-            if depth >= limits.max_reply_depth {
-                return Err(ParseError::ReplyTooDeep {
-                    max: limits.max_reply_depth,
-                    offset,
-                });
-            }
-            let (count, header_len) = match read_header(&bytes[start..], offset, true)? {
-                Header::Incomplete => return Ok(None),
-                Header::Value(count, header_len) => (count, header_len),
+            let Some((count, header_len)) = aggregate_header(bytes, start, limits, depth)? else {
+                return Ok(None);
             };
             if count < 0 || count > limits.max_array_len as i64 / 2 {
                 return Err(ParseError::InvalidMultibulkLength { offset });
@@ -716,15 +730,8 @@ fn decode_reply_at(
             )))
         }
         b'*' => {
-            if depth >= limits.max_reply_depth {
-                return Err(ParseError::ReplyTooDeep {
-                    max: limits.max_reply_depth,
-                    offset,
-                });
-            }
-            let (count, header_len) = match read_header(&bytes[start..], offset, true)? {
-                Header::Incomplete => return Ok(None),
-                Header::Value(count, header_len) => (count, header_len),
+            let Some((count, header_len)) = aggregate_header(bytes, start, limits, depth)? else {
+                return Ok(None);
             };
             if count == -1 {
                 return Ok(Some((Reply::Null, header_len)));

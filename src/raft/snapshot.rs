@@ -308,6 +308,9 @@ impl Core {
             // The configuration as of the snapshot is durable before the snapshot is.
             let Some(c) = config.as_ref().filter(|c| c.check().is_ok()) else {
                 log::warn!(target: "raft::membership", "raft-{}: a snapshot through {index} from {} came without a valid configuration; not installed", self.me, args.leader);
+                // Its file goes: a received snapshot left waiting would turn every repeat of
+                // it away (`ChunkOutcome::Busy`) for good.
+                self.storage.discard_received_snapshot(&src);
                 return self.reply_if_alive(reply(term, 0, false));
             };
             if let Err(e) = host.save(index, c) {

@@ -97,14 +97,7 @@ impl Core {
         if self.is_dead() {
             return;
         }
-        if reply.term > MAX_TERM || check::term_jump(reply.term, st.term).is_err() {
-            log::warn!(target: "raft::check", "raft-{} t{}: ignored a vote reply from peer {peer}: term {} out of range", self.me, st.term, reply.term);
-            return;
-        }
-        if reply.term > st.term {
-            if self.step_down(&mut st, reply.term) {
-                self.persist(&mut st);
-            }
+        if self.reply_term_ends_it(&mut st, peer, reply.term, "vote") {
             return;
         }
         // Stale-role guard: the world may have moved on while the call was out.

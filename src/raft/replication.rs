@@ -46,6 +46,30 @@ impl Core {
         (index, term, true)
     }
 
+    /// What the term of `peer`'s reply to one of this peer's calls means: `true` when the
+    /// reply must go no further, because its term is out of range (ignored and logged, as no
+    /// peer could have answered so) or newer than ours (it deposes this peer, which steps
+    /// down and persists the term).
+    pub(super) fn reply_term_ends_it(
+        &self,
+        st: &mut State,
+        peer: usize,
+        reply_term: u64,
+        what: &str,
+    ) -> bool {
+        if reply_term > MAX_TERM || check::term_jump(reply_term, st.term).is_err() {
+            log::warn!(target: "raft::check", "raft-{} t{}: ignored a {what} reply from peer {peer}: term {reply_term} out of range", self.me, st.term);
+            return true;
+        }
+        if reply_term > st.term {
+            if self.step_down(st, reply_term) {
+                self.persist(st);
+            }
+            return true;
+        }
+        false
+    }
+
     /// Sends each follower what it lacks (or a heartbeat).
     pub(super) fn broadcast_append(self: &Arc<Core>, st: &mut State) {
         for peer in self.others(st) {
@@ -160,14 +184,7 @@ impl Core {
         if seq <= st.peers[peer].reset_seq || !self.knows(&st, peer) {
             return; // sent to a former incarnation of this peer, or to a removed one
         }
-        if reply.term > MAX_TERM || check::term_jump(reply.term, st.term).is_err() {
-            log::warn!(target: "raft::check", "raft-{} t{}: ignored an append reply from peer {peer}: term {} out of range", self.me, st.term, reply.term);
-            return;
-        }
-        if reply.term > st.term {
-            if self.step_down(&mut st, reply.term) {
-                self.persist(&mut st);
-            }
+        if self.reply_term_ends_it(&mut st, peer, reply.term, "append") {
             return;
         }
         if st.role != Role::Leader || st.term != term {

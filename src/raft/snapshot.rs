@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::check::{self, MAX_TERM, Refusal};
+use super::check::{self, Refusal};
 use super::rpc::{
     InstallSnapshotArgs, InstallSnapshotChunkArgs, InstallSnapshotChunkReply, InstallSnapshotReply,
 };
@@ -194,10 +194,7 @@ impl Core {
         if seq <= st.peers[peer].reset_seq || !self.knows(&st, peer) {
             return; // sent to a former incarnation of this peer, or to a removed one
         }
-        if reply.term > st.term {
-            if self.step_down(&mut st, reply.term) {
-                self.persist(&mut st);
-            }
+        if self.reply_term_ends_it(&mut st, peer, reply.term, "snapshot piece") {
             return;
         }
         if st.role != Role::Leader || st.term != term {
@@ -441,14 +438,7 @@ impl Core {
         if seq <= st.peers[peer].reset_seq || !self.knows(&st, peer) {
             return;
         }
-        if reply.term > MAX_TERM || check::term_jump(reply.term, st.term).is_err() {
-            log::warn!(target: "raft::check", "raft-{} t{}: ignored a snapshot reply from peer {peer}: term {} out of range", self.me, st.term, reply.term);
-            return;
-        }
-        if reply.term > st.term {
-            if self.step_down(&mut st, reply.term) {
-                self.persist(&mut st);
-            }
+        if self.reply_term_ends_it(&mut st, peer, reply.term, "snapshot") {
             return;
         }
         if st.role != Role::Leader || st.term != term {

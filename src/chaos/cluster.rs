@@ -368,30 +368,22 @@ impl ChaosCluster {
         )
     }
 
-    /// Waits until every node has applied as many requests as the one that applied most
-    /// (with the clients stopped, that count stands still), for at most `patience`. Returns
-    /// the nodes that did not get there, with what each had applied.
-    pub fn wait_caught_up(&self, patience: Duration) -> Vec<String> {
-        let deadline = Instant::now() + patience;
-        loop {
-            let applied: Vec<Option<u64>> = (0..self.len())
-                .map(|i| self.view(i).map(|v| v.applied))
-                .collect();
-            let most = applied.iter().flatten().copied().max().unwrap_or(0);
-            let behind: Vec<String> = applied
-                .iter()
-                .enumerate()
-                .filter(|(_, a)| a.is_none_or(|a| a < most))
-                .map(|(i, a)| match a {
-                    Some(a) => format!("node {} applied {a} of {most} requests", i + 1),
-                    None => format!("node {} has no status (of {most} requests)", i + 1),
-                })
-                .collect();
-            if behind.is_empty() || Instant::now() >= deadline {
-                return behind;
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
+    /// The nodes that have not applied as many requests as the most advanced one (or give no
+    /// status), each said as "node N applied A of M requests"; empty when all are level.
+    pub fn behind(&self) -> Vec<String> {
+        let applied: Vec<Option<u64>> = (0..self.len())
+            .map(|i| self.view(i).map(|v| v.applied))
+            .collect();
+        let most = applied.iter().flatten().copied().max().unwrap_or(0);
+        applied
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| a.is_none_or(|a| a < most))
+            .map(|(i, a)| match a {
+                Some(a) => format!("node {} applied {a} of {most} requests", i + 1),
+                None => format!("node {} has no status (of {most} requests)", i + 1),
+            })
+            .collect()
     }
 
     /// Waits until some node leads; a node that exits meanwhile is an error.

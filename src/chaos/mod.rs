@@ -300,8 +300,49 @@ impl Drop for StopClients<'_> {
 /// What the fault loop hands back.
 struct Phase {
     faults: BTreeMap<FaultKind, usize>,
+    exits: Exits,
+}
+
+/// Nodes that exited although the driver did not kill them, sorted into crashes and the
+/// stops a "disk full" fault is meant to cause. Watched during the run and after it, until
+/// the report: a node whose disk filled can stop after the fault was lifted (it hit the
+/// limit, and its status loop had not yet seen the storage fail), even after the run ended.
+#[derive(Default)]
+struct Exits {
+    /// Nodes a "disk full" fault limited and that have not stopped since.
+    disk_filled: std::collections::BTreeSet<usize>,
     crashes: Vec<String>,
     expected_stops: Vec<String>,
+}
+
+impl Exits {
+    /// Reaps every node that exited, records why, and starts it again unless a fault in
+    /// force holds it down (`held`).
+    fn reap(&mut self, cluster: &mut ChaosCluster, held: &[usize]) -> Result<(), ClusterError> {
+        for (node, exit) in cluster.exited() {
+            let cause = cluster.stop_cause(node);
+            if self.disk_filled.contains(&node)
+                && let Some(cause) = cause.as_deref().filter(|c| c.contains(DISK_FULL_CAUSE))
+            {
+                self.disk_filled.remove(&node);
+                let what = format!("node {} (disk full): {cause}", node + 1);
+                log::info!(target: LOG, "{what}");
+                self.expected_stops.push(what);
+            } else {
+                let what = match cause {
+                    Some(cause) => format!("node {} exited on its own ({exit}): {cause}", node + 1),
+                    None => format!("node {} exited on its own ({exit})", node + 1),
+                };
+                log::error!(target: LOG, "{what}; its log: {}", cluster.log_path(node).display());
+                self.crashes.push(what);
+            }
+            // Keep the run going with the node back.
+            if !held.contains(&node) {
+                cluster.restart(node)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Runs the clients for `opts.duration` while injecting faults, then recovers the cluster,
@@ -395,12 +436,24 @@ pub fn run(opts: &ChaosOptions) -> Result<ChaosReport, ChaosError> {
             None => recovered = false,
         }
     }
-    // Every node, those restarted after a fault included, catches up with the others.
-    let lagging = cluster.wait_caught_up(RECOVERY_PATIENCE);
-    let mut crashes = phase.crashes;
-    for (node, status) in cluster.exited() {
-        crashes.push(format!("node {} exited on its own ({status})", node + 1));
-    }
+    // Every node, those restarted after a fault included, catches up with the others; one
+    // that stops meanwhile is sorted and started again as during the run.
+    let mut exits = phase.exits;
+    let deadline = Instant::now() + RECOVERY_PATIENCE;
+    let lagging = loop {
+        exits.reap(&mut cluster, &[])?;
+        let behind = cluster.behind();
+        if behind.is_empty() || Instant::now() >= deadline {
+            break behind;
+        }
+        thread::sleep(TICK);
+    };
+    exits.reap(&mut cluster, &[])?;
+    let Exits {
+        crashes,
+        expected_stops,
+        ..
+    } = exits;
     cluster.shutdown();
     drop(cluster);
     if opts.status != StatusLine::Off {
@@ -453,7 +506,7 @@ pub fn run(opts: &ChaosOptions) -> Result<ChaosReport, ChaosError> {
         max: latencies.last().copied().unwrap_or_default(),
         faults: phase.faults,
         crashes,
-        expected_stops: phase.expected_stops,
+        expected_stops,
         lagging,
         recovered,
         verdict,
@@ -534,10 +587,7 @@ fn drive(
     let start = Instant::now();
     let end = start + opts.duration;
     let mut faults: BTreeMap<FaultKind, usize> = BTreeMap::new();
-    let mut crashes = Vec::new();
-    let mut expected_stops = Vec::new();
-    // Nodes a "disk full" fault limited and that have not stopped since.
-    let mut disk_filled: std::collections::BTreeSet<usize> = std::collections::BTreeSet::new();
+    let mut exits = Exits::default();
     let mut active: Option<(nemesis::ActiveFault, Instant)> = None;
     let mut next_fault = start + nemesis::calm(rng);
     let mut status = Status::new(opts.status, opts.duration);
@@ -547,35 +597,8 @@ fn drive(
             status.finish();
             return Err(ChaosError::Interrupted(signal));
         }
-        for (node, exit) in cluster.exited() {
-            let held = matches!(&active, Some((f, _)) if f.nodes.contains(&node));
-            let cause = cluster.stop_cause(node);
-            // A node whose disk a fault filled, stopped naming that cause, is what the fault
-            // is for: also when it stops just after the fault ended (it hit the limit, and
-            // its status loop had not yet seen the storage fail when the limit was lifted).
-            if disk_filled.contains(&node)
-                && let Some(cause) = cause.as_deref().filter(|c| c.contains(DISK_FULL_CAUSE))
-            {
-                disk_filled.remove(&node);
-                let what = format!("node {} (disk full): {cause}", node + 1);
-                log::info!(target: LOG, "{what}");
-                expected_stops.push(what);
-                if !held {
-                    cluster.restart(node)?;
-                }
-                continue;
-            }
-            let what = match cause {
-                Some(cause) => format!("node {} exited on its own ({exit}): {cause}", node + 1),
-                None => format!("node {} exited on its own ({exit})", node + 1),
-            };
-            log::error!(target: LOG, "{what}; its log: {}", cluster.log_path(node).display());
-            crashes.push(what);
-            // Keep the run going with the node back (unless a fault holds it down).
-            if !held {
-                cluster.restart(node)?;
-            }
-        }
+        let held = active.as_ref().map_or(&[][..], |(f, _)| &f.nodes[..]);
+        exits.reap(cluster, held)?;
         if now >= end {
             break;
         }
@@ -589,7 +612,7 @@ fn drive(
             None if opts.faults && now >= next_fault => {
                 let fault = nemesis::inject(cluster, cluster.leader(), &opts.fault_kinds, rng)?;
                 if fault.kind.stops_its_node() {
-                    disk_filled.extend(fault.nodes.iter().copied());
+                    exits.disk_filled.extend(fault.nodes.iter().copied());
                 }
                 log::info!(target: LOG, "fault: {fault} for {:?}", fault.hold);
                 *faults.entry(fault.kind).or_default() += 1;
@@ -606,11 +629,7 @@ fn drive(
         nemesis::recover(cluster, &fault)?;
     }
     status.finish();
-    Ok(Phase {
-        faults,
-        crashes,
-        expected_stops,
-    })
+    Ok(Phase { faults, exits })
 }
 
 /// The live status line: elapsed, ops, ops/s, the fault in force.

@@ -292,6 +292,9 @@ impl Node {
         let rsm = Arc::new(rsm.map_err(NodeError::Rsm)?);
         // A larger append would stop the peer: the rsm refuses such a batch instead.
         rsm.set_max_entry_bytes(front::MAX_ENTRY_BYTES);
+        // A node may hold far more than its snapshot threshold: without this, every few
+        // writes would rewrite the whole state.
+        rsm.grow_snapshots_with_state();
         // Before the peer port serves Raft: nothing has been sent or answered yet.
         if let Err(e) = check_restored(&identity, rsm.raft().restored_extent()) {
             rsm.kill();

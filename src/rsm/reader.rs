@@ -3,10 +3,15 @@
 //! its submitter, wakes the reads waiting for the state to get that far, snapshots, and
 //! installs the snapshots Raft hands over.
 
+use std::sync::atomic::Ordering;
+
 use crossbeam::channel::{Receiver, RecvTimeoutError, TryRecvError};
 
 use super::machine::{self, LogOpRef, RsmSnapshot, StateMachine};
-use super::{LEADERSHIP_POLL, LOG, MAX_APPLY_RUN, RsmError, Shared, SubmitError};
+use super::{
+    LEADERSHIP_POLL, LOG, LOG_LIMIT_FACTOR, MAX_APPLY_RUN, RsmError, SNAPSHOT_GROWTH_DIVISOR,
+    Shared, SubmitError,
+};
 use crate::labcodec;
 use crate::raft::ApplyMsg;
 
@@ -180,6 +185,7 @@ impl<M: StateMachine + ?Sized> Shared<M> {
             return false;
         }
         log::debug!(target: LOG, "rsm-{}: installed snapshot through {index}", self.me);
+        self.snapshot_taken(data.len());
         self.set_applied(index);
         // Ops covered by the snapshot: their replies are unknown here.
         self.waiters.lock().covered_by_snapshot(index);
@@ -205,13 +211,44 @@ impl<M: StateMachine + ?Sized> Shared<M> {
         self.applied.lock().reads.clear();
     }
 
-    /// Snapshots through `index` when the persisted Raft state has reached `maxraftstate`
-    /// bytes and the snapshot would discard at least a quarter of that (`applied_bytes`).
-    /// The second condition matters when the unapplied tail of the log alone exceeds the
-    /// limit: a snapshot cannot trim it, and persisting the whole state on every apply would
-    /// only make this peer fall further behind. Returns whether it snapshotted.
+    /// The persisted Raft state at which this replica snapshots: `maxraftstate`, or with
+    /// [`Rsm::grow_snapshots_with_state`](super::Rsm::grow_snapshots_with_state) the larger of
+    /// that and a part of the last snapshot's size. `None`: never.
+    pub(super) fn snapshot_threshold(&self) -> Option<usize> {
+        let max = self.maxraftstate?;
+        if !self.grow_snapshots.load(Ordering::Relaxed) {
+            return Some(max);
+        }
+        let grown = self.last_snapshot_bytes.load(Ordering::Relaxed) / SNAPSHOT_GROWTH_DIVISOR;
+        Some(max.max(grown))
+    }
+
+    /// Records the size of the snapshot the state now reflects; with a threshold that grows
+    /// with the state, moves the follower's log limit along.
+    fn snapshot_taken(&self, bytes: usize) {
+        self.last_snapshot_bytes.store(bytes, Ordering::Relaxed);
+        if self.grow_snapshots.load(Ordering::Relaxed) {
+            self.update_log_limit();
+        }
+    }
+
+    /// Sets Raft's log limit to [`LOG_LIMIT_FACTOR`] times the snapshot threshold.
+    pub(super) fn update_log_limit(&self) {
+        let limit = self
+            .snapshot_threshold()
+            .filter(|&m| m > 0)
+            .map(|m| LOG_LIMIT_FACTOR.saturating_mul(m));
+        self.raft.set_log_limit(limit);
+    }
+
+    /// Snapshots through `index` when the persisted Raft state has reached the threshold
+    /// ([`snapshot_threshold`](Self::snapshot_threshold)) and the snapshot would discard at
+    /// least a quarter of that (`applied_bytes`). The second condition matters when the
+    /// unapplied tail of the log alone exceeds the threshold: a snapshot cannot trim it, and
+    /// persisting the whole state on every apply would only make this peer fall further
+    /// behind. Returns whether it snapshotted.
     fn maybe_snapshot(&self, index: u64, applied_bytes: usize) -> bool {
-        let Some(max) = self.maxraftstate else {
+        let Some(max) = self.snapshot_threshold() else {
             return false;
         };
         let size = self.raft.persist_bytes();
@@ -220,11 +257,12 @@ impl<M: StateMachine + ?Sized> Shared<M> {
         }
         if size > 4 * max {
             // The log outgrew the limit between two applies: this peer applies slowly.
-            log::warn!(target: LOG, "rsm-{}: Raft state {size} bytes > 4 * maxraftstate {max} at {index}", self.me);
+            log::warn!(target: LOG, "rsm-{}: Raft state {size} bytes > 4 * its snapshot threshold {max} at {index}", self.me);
         }
         match machine::encode_snapshot(index, self.sm.snapshot()) {
             Ok(data) => {
                 log::debug!(target: LOG, "rsm-{}: snapshot through {index} ({} bytes)", self.me, data.len());
+                self.snapshot_taken(data.len());
                 self.raft.snapshot(index, data);
                 true
             }

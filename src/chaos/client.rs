@@ -182,14 +182,7 @@ fn read_get(reply: Reply) -> Answer {
                 why: format!("VGET answered {items:?}"),
             },
         },
-        Reply::Error(e) => Answer::Failed {
-            reconnect: false,
-            why: e,
-        },
-        other => Answer::Failed {
-            reconnect: true,
-            why: format!("VGET answered {other:?}"),
-        },
+        other => failed("VGET", other),
     }
 }
 
@@ -200,13 +193,21 @@ fn read_put(reply: Reply) -> Answer {
             Answer::Put(KvErr::Version)
         }
         // ERRMAYBE, TRYAGAIN, anything else: the write may or may not have applied.
+        other => failed("VSET", other),
+    }
+}
+
+/// A reply to `command` that is no answer: an error keeps the connection, anything else
+/// (a reply of the wrong type) drops it.
+fn failed(command: &str, reply: Reply) -> Answer {
+    match reply {
         Reply::Error(e) => Answer::Failed {
             reconnect: false,
             why: e,
         },
         other => Answer::Failed {
             reconnect: true,
-            why: format!("VSET answered {other:?}"),
+            why: format!("{command} answered {other:?}"),
         },
     }
 }

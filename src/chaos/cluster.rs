@@ -557,20 +557,26 @@ impl ChaosCluster {
 
     /// `SIGSTOP`: node `i` freezes with its sockets open.
     pub fn pause(&mut self, i: usize) -> Result<(), ClusterError> {
-        if self.nodes[i].state == NodeState::Running {
-            self.signal(i, Signal::Stop)?;
-            self.nodes[i].state = NodeState::Paused;
-            log::info!(target: LOG, "node {} paused", i + 1);
-        }
-        Ok(())
+        self.switch(i, NodeState::Running, Signal::Stop, NodeState::Paused)
     }
 
     /// `SIGCONT` after [`pause`](Self::pause).
     pub fn resume(&mut self, i: usize) -> Result<(), ClusterError> {
-        if self.nodes[i].state == NodeState::Paused {
-            self.signal(i, Signal::Cont)?;
-            self.nodes[i].state = NodeState::Running;
-            log::info!(target: LOG, "node {} resumed", i + 1);
+        self.switch(i, NodeState::Paused, Signal::Cont, NodeState::Running)
+    }
+
+    /// Sends node `i` `signal` and records it as `to`, if it is `from` (else nothing).
+    fn switch(
+        &mut self,
+        i: usize,
+        from: NodeState,
+        signal: Signal,
+        to: NodeState,
+    ) -> Result<(), ClusterError> {
+        if self.nodes[i].state == from {
+            self.signal(i, signal)?;
+            self.nodes[i].state = to;
+            log::info!(target: LOG, "node {}: {signal:?}, now {to:?}", i + 1);
         }
         Ok(())
     }

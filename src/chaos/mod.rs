@@ -11,8 +11,9 @@
 //!  end: recover all → stop clients → final reads → porcupine → ChaosReport
 //! ```
 //!
-//! [`run`] is the whole run; the binary and the tests call it.
+//! [`run`] is the whole run; the tests call it, and the binary through [`cli`].
 
+pub mod cli;
 pub mod client;
 pub mod cluster;
 pub mod history;
@@ -694,48 +695,6 @@ impl Status {
     fn finish(&mut self) {
         if self.style == StatusLine::Tty {
             println!();
-        }
-    }
-}
-
-/// `raftkv chaos` once its options are parsed: catches SIGINT/SIGTERM, prints the run's
-/// header, a live status line and the report; the process's exit code (0 linearizable, 1 not
-/// or the run failed, 130 interrupted).
-pub fn run_from_cli(mut opts: ChaosOptions) -> std::process::ExitCode {
-    use std::io::IsTerminal;
-    use std::process::ExitCode;
-    if let Err(e) = crate::signal::catch_stop_signals() {
-        eprintln!("raftkv chaos: cannot catch SIGINT/SIGTERM: {e}");
-        return ExitCode::from(1);
-    }
-    opts.status = if std::io::stdout().is_terminal() {
-        crate::chaos::StatusLine::Tty
-    } else {
-        crate::chaos::StatusLine::Lines
-    };
-    if let Some(fault) = opts.node_fault {
-        println!("raftkv chaos: the nodes run with the deliberate fault {fault:?}");
-    }
-    println!(
-        "raftkv chaos: {} nodes, {} clients, {} keys, {}s, seed {} (Ctrl-C stops)",
-        opts.nodes,
-        opts.clients,
-        opts.keys,
-        opts.duration.as_secs_f64(),
-        opts.seed
-    );
-    match crate::chaos::run(&opts) {
-        Ok(report) => {
-            println!("{report}");
-            ExitCode::from(if report.passed() { 0 } else { 1 })
-        }
-        Err(crate::chaos::ChaosError::Interrupted(signal)) => {
-            eprintln!("raftkv chaos: interrupted by {signal}; every node stopped");
-            ExitCode::from(130)
-        }
-        Err(e) => {
-            eprintln!("raftkv chaos: {e}");
-            ExitCode::from(1)
         }
     }
 }

@@ -165,7 +165,8 @@ pub fn inject(
     } else {
         LinkMode::Blackhole
     };
-    let fault = match kind {
+    // The nodes the fault hit, and how their links were broken (for a partition).
+    let (nodes, link_mode) = match kind {
         FaultKind::KillLeader | FaultKind::KillFollower => {
             let node = if kind == FaultKind::KillLeader {
                 leader
@@ -173,12 +174,7 @@ pub fn inject(
                 follower
             };
             cluster.kill9(node);
-            ActiveFault {
-                kind,
-                nodes: vec![node],
-                mode: None,
-                hold,
-            }
+            (vec![node], None)
         }
         FaultKind::PauseLeader | FaultKind::PauseFollower => {
             let node = if kind == FaultKind::PauseLeader {
@@ -187,30 +183,15 @@ pub fn inject(
                 follower
             };
             cluster.pause(node)?;
-            ActiveFault {
-                kind,
-                nodes: vec![node],
-                mode: None,
-                hold,
-            }
+            (vec![node], None)
         }
         FaultKind::DiskFullFollower => {
             cluster.fill_disk(follower)?;
-            ActiveFault {
-                kind,
-                nodes: vec![follower],
-                mode: None,
-                hold,
-            }
+            (vec![follower], None)
         }
         FaultKind::IsolateLeader => {
             cluster.partition(&[leader], mode);
-            ActiveFault {
-                kind,
-                nodes: vec![leader],
-                mode: Some(mode),
-                hold,
-            }
+            (vec![leader], Some(mode))
         }
         FaultKind::ReplaceFollower => {
             // Out of the configuration first: the cluster never counts on a wiped voter.
@@ -225,12 +206,7 @@ pub fn inject(
                     Vec::new()
                 }
             };
-            ActiveFault {
-                kind,
-                nodes,
-                mode: None,
-                hold,
-            }
+            (nodes, None)
         }
         FaultKind::SplitMinority => {
             let mut nodes: Vec<usize> = (0..n).collect();
@@ -243,15 +219,15 @@ pub fn inject(
             nodes.truncate(minority);
             nodes.sort_unstable();
             cluster.partition(&nodes, mode);
-            ActiveFault {
-                kind,
-                nodes,
-                mode: Some(mode),
-                hold,
-            }
+            (nodes, Some(mode))
         }
     };
-    Ok(fault)
+    Ok(ActiveFault {
+        kind,
+        nodes,
+        mode: link_mode,
+        hold,
+    })
 }
 
 /// Undoes `fault`: restarts, resumes or heals.

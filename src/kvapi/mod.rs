@@ -11,7 +11,7 @@ pub mod store;
 pub mod transport;
 
 pub use kv::{KvCmd, KvMap, KvOut};
-pub use leader::{LeaderHint, Step};
+pub use leader::{LeaderHint, Limit, Step};
 pub use store::VersionedStore;
 pub use transport::{CallError, KvService, KvTransport};
 

@@ -435,22 +435,31 @@ impl Script {
         }
     }
 
+    /// Moves held message `id`, if it is still waiting, to `to` (released or dropped) and
+    /// notes it as `verb`; false if it is not a waiting held message.
+    fn decide_held(&self, st: &mut ScriptState, id: HeldId, to: HeldState, verb: &str) -> bool {
+        let Some(held) = st
+            .held
+            .iter_mut()
+            .find(|h| h.info.id == id && h.state == HeldState::Waiting)
+        else {
+            return false;
+        };
+        held.state = to;
+        let line = format!("{verb} held {id}: {}", describe_held(&held.info));
+        self.note(st, line);
+        true
+    }
+
     /// Lets held message `id` go on and waits until it has been delivered (a request: its
     /// handler returned; a reply: handed to the caller), so that releasing several one after
     /// another delivers them in that order. False if it was not held or not delivered in
     /// time.
     pub fn release(&self, id: HeldId) -> bool {
         let mut st = self.inner.state.lock();
-        let Some(i) = st
-            .held
-            .iter()
-            .position(|h| h.info.id == id && h.state == HeldState::Waiting)
-        else {
+        if !self.decide_held(&mut st, id, HeldState::Released, "release") {
             return false;
-        };
-        st.held[i].state = HeldState::Released;
-        let line = format!("release held {id}: {}", describe_held(&st.held[i].info));
-        self.note(&mut st, line);
+        }
         self.inner.cv.notify_all();
         let deadline = Instant::now() + DELIVERY_WAIT;
         loop {
@@ -477,16 +486,9 @@ impl Script {
     /// Loses held message `id`.
     pub fn drop_held(&self, id: HeldId) -> bool {
         let mut st = self.inner.state.lock();
-        let Some(i) = st
-            .held
-            .iter()
-            .position(|h| h.info.id == id && h.state == HeldState::Waiting)
-        else {
+        if !self.decide_held(&mut st, id, HeldState::Dropped, "drop") {
             return false;
-        };
-        st.held[i].state = HeldState::Dropped;
-        let line = format!("drop held {id}: {}", describe_held(&st.held[i].info));
-        self.note(&mut st, line);
+        }
         st.held.retain(|h| h.info.id != id);
         self.refresh_active(&st);
         self.inner.cv.notify_all();

@@ -17,7 +17,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use super::machine::{KvCmd, KvMachine, KvOut, Outcome, Request};
 use super::members::{AdminReply, Members};
+use crate::kvapi::{LeaderHint, Limit, Step};
 use crate::net::Service;
 use crate::resp::Reply;
 use crate::resp::server::CommandHandler;
@@ -204,7 +205,7 @@ struct Shared {
     /// The members of the current configuration and the connections to them.
     members: Arc<Members>,
     /// The node that last answered as leader.
-    leader_hint: AtomicUsize,
+    leader: LeaderHint,
     /// Idle client slots `(id, next seq)`.
     slots: Mutex<Vec<(u64, u64)>>,
     /// Commands answered (for the status line).
@@ -240,7 +241,7 @@ impl Front {
             rsm,
             machine,
             members,
-            leader_hint: AtomicUsize::new(me),
+            leader: LeaderHint::new(me),
             slots: Mutex::new(Vec::new()),
             commands: AtomicU64::new(0),
             queue: Mutex::new(Queue::default()),
@@ -407,8 +408,8 @@ impl Shared {
         writes: bool,
     ) -> Result<Vec<Outcome>, Unavailable> {
         let deadline = Instant::now() + COMMAND_DEADLINE;
-        // The members as the configuration names them now (re-read on each pass: a change
-        // may add or remove one meanwhile); this node too, even when it is none of them.
+        // The members as the configuration names them now (re-read after each round: a
+        // change may add or remove one meanwhile); this node too, even when it is none of them.
         let targets = || {
             let mut t = self.members.peers();
             if !t.contains(&self.me) {
@@ -416,54 +417,48 @@ impl Shared {
             }
             t
         };
-        let mut list = targets();
-        let hint = self.leader_hint.load(Ordering::Relaxed);
-        let mut at = list.iter().position(|&p| p == hint).unwrap_or(0);
-        let mut refused_in_a_row = 0;
-        loop {
-            let target = list[at % list.len()];
-            let reply = if target == self.me {
-                exec_local(&self.rsm, &self.machine, batch)
-            } else if let Some(end) = self.members.end(target) {
-                let timeout = deadline
-                    .saturating_duration_since(Instant::now())
-                    .min(FORWARD_TIMEOUT);
-                match end.call_timeout::<_, ExecReply>("Kv.Exec", &batch, timeout) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        log::debug!(target: LOG, "node {}: forward to node {} failed: {e}", self.me + 1, target + 1);
-                        ExecReply::NotLeader
-                    }
-                }
-            } else {
-                ExecReply::NotLeader
-            };
-            match reply {
+        let found = self.leader.search_among(
+            targets,
+            NO_LEADER_PAUSE,
+            Limit::Deadline(deadline),
+            |target| match self.exec_on(target, batch, deadline) {
                 ExecReply::Done(outcomes) if outcomes.len() == batch.len() => {
-                    self.leader_hint.store(target, Ordering::Relaxed);
-                    return Ok(outcomes);
+                    Step::Leader(Ok(outcomes))
                 }
-                ExecReply::Done(outcomes) => {
-                    return Err(Unavailable::Bad(format!(
-                        "node {} answered {} outcomes for a batch of {}",
-                        target + 1,
-                        outcomes.len(),
-                        batch.len()
-                    )));
-                }
-                ExecReply::Stopped if target == self.me => return Err(Unavailable::Stopped),
-                ExecReply::NotLeader | ExecReply::Stopped => {}
-            }
-            if Instant::now() >= deadline {
-                log::info!(target: LOG, "node {}: no leader within {:?}", self.me + 1, COMMAND_DEADLINE);
-                return Err(Unavailable::NoLeader { writes });
-            }
-            at += 1;
-            refused_in_a_row += 1;
-            if refused_in_a_row >= list.len() {
-                refused_in_a_row = 0;
-                std::thread::sleep(NO_LEADER_PAUSE);
-                list = targets();
+                ExecReply::Done(outcomes) => Step::Stop(Err(Unavailable::Bad(format!(
+                    "node {} answered {} outcomes for a batch of {}",
+                    target + 1,
+                    outcomes.len(),
+                    batch.len()
+                )))),
+                ExecReply::Stopped if target == self.me => Step::Stop(Err(Unavailable::Stopped)),
+                ExecReply::NotLeader | ExecReply::Stopped => Step::Next,
+            },
+        );
+        found.unwrap_or_else(|| {
+            log::info!(target: LOG, "node {}: no leader within {:?}", self.me + 1, COMMAND_DEADLINE);
+            Err(Unavailable::NoLeader { writes })
+        })
+    }
+
+    /// Runs `batch` on node `target`: here, or forwarded (a failed call counts as "not
+    /// leader"), the call's timeout cut to what is left before `deadline`.
+    #[allow(clippy::ptr_arg)] // see `exec_local`
+    fn exec_on(&self, target: usize, batch: &Vec<Request>, deadline: Instant) -> ExecReply {
+        if target == self.me {
+            return exec_local(&self.rsm, &self.machine, batch);
+        }
+        let Some(end) = self.members.end(target) else {
+            return ExecReply::NotLeader;
+        };
+        let timeout = deadline
+            .saturating_duration_since(Instant::now())
+            .min(FORWARD_TIMEOUT);
+        match end.call_timeout::<_, ExecReply>("Kv.Exec", &batch, timeout) {
+            Ok(r) => r,
+            Err(e) => {
+                log::debug!(target: LOG, "node {}: forward to node {} failed: {e}", self.me + 1, target + 1);
+                ExecReply::NotLeader
             }
         }
     }
@@ -538,7 +533,7 @@ impl CommandHandler for Front {
         let leader = if leading {
             me
         } else {
-            self.shared.leader_hint.load(Ordering::Relaxed)
+            self.shared.leader.get()
         };
         let members: Vec<String> = self
             .shared

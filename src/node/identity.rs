@@ -148,6 +148,19 @@ pub struct IdentityRecord {
 }
 
 impl IdentityRecord {
+    /// A node's first record in `cluster`: a founding voter, or a joining node; no
+    /// high-water mark yet.
+    fn fresh(cluster: &str, node: usize, peers: &str, voter: bool) -> IdentityRecord {
+        IdentityRecord {
+            cluster: cluster.to_string(),
+            node,
+            peers: peers.to_string(),
+            voter,
+            term: 0,
+            applied: 0,
+        }
+    }
+
     fn encode(&self) -> String {
         format!(
             "raftkv identity {FORMAT}\ncluster {}\nnode {}\npeers {}\nmember {}\nterm {}\napplied {}\n",
@@ -349,14 +362,7 @@ impl ClusterIdentity {
             let Some(id) = bootstrap else {
                 return Err(IdentityError::Legacy { path: legacy });
             };
-            let record = IdentityRecord {
-                cluster: id.to_string(),
-                node,
-                peers: peers.clone(),
-                voter: true,
-                term: 0,
-                applied: 0,
-            };
+            let record = IdentityRecord::fresh(id, node, &peers, true);
             write_durably(&path, record.encode().as_bytes())?;
             fs::remove_file(&legacy).map_err(|e| IdentityError::Io {
                 op: "remove",
@@ -368,14 +374,7 @@ impl ClusterIdentity {
         }
         match bootstrap {
             Some(id) => {
-                let record = IdentityRecord {
-                    cluster: id.to_string(),
-                    node,
-                    peers: peers.clone(),
-                    voter: true,
-                    term: 0,
-                    applied: 0,
-                };
+                let record = IdentityRecord::fresh(id, node, &peers, true);
                 write_durably(&path, record.encode().as_bytes())?;
                 log::info!(target: "node::identity", "node {node}: bootstrapped cluster {id}");
                 Ok(identity(Some(record)))
@@ -440,14 +439,7 @@ impl ClusterIdentity {
             drop(_gate);
             return self.admit(theirs, from_leader);
         }
-        let record = IdentityRecord {
-            cluster: theirs.to_string(),
-            node: self.node,
-            peers: self.peers.clone(),
-            voter: false,
-            term: 0,
-            applied: 0,
-        };
+        let record = IdentityRecord::fresh(theirs, self.node, &self.peers, false);
         write_durably(&self.path, record.encode().as_bytes())
             .map_err(|e| Refusal::Io(e.to_string()))?;
         log::info!(target: "node::identity", "node {}: joined cluster {theirs} (a leader contacted it); not voting until caught up", self.node);

@@ -18,16 +18,25 @@ use crate::node::identity::{IDENTITY_FILE, LEGACY_FILE, random_cluster_id};
 /// How long a node may take to stop after its standard input closes.
 pub const STOP_GRACE: Duration = Duration::from_secs(5);
 
-/// `raftkv local`'s command line, checked.
-#[derive(Debug, Clone)]
+/// `raftkv local`'s command line (the help texts are the doc comments: one paragraph each).
+/// Node i's Redis port is `port + i - 1`, its peer port `port + 1000 + i - 1`.
+#[derive(Debug, Clone, clap::Args)]
 pub struct LocalArgs {
+    /// Nodes to run.
+    #[arg(long, default_value_t = 3, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=9))]
     pub nodes: usize,
+    /// Where the nodes keep their data.
+    #[arg(long, default_value = "./raftkv-data")]
     pub dir: PathBuf,
-    /// Node i's Redis port is `port + i - 1`, its peer port `port + 1000 + i - 1`.
+    /// Node 1's Redis port (P).
+    #[arg(long, default_value_t = 7001, value_parser = clap::value_parser!(u16).range(1..=64000))]
     pub port: u16,
-    /// Clients must AUTH with the password in this file.
+    /// Clients must AUTH with the password in FILE (its first line).
+    #[arg(long, value_name = "FILE", conflicts_with = "auth")]
     pub requirepass_file: Option<PathBuf>,
-    /// Clients must AUTH with the password in `dir/requirepass`, created if missing.
+    /// Clients must AUTH with the password in DIR/requirepass (created, mode 0600, with a
+    /// random password if it does not exist).
+    #[arg(long)]
     pub auth: bool,
 }
 

@@ -13,14 +13,67 @@ use std::time::Duration;
 
 use crate::resp::{self, Limits, Reply};
 
-/// What to run, and where.
-#[derive(Debug, Clone)]
+/// `raftkv member`'s command line: what to run, and where (the help texts are the doc
+/// comments: one paragraph each).
+#[derive(Debug, Clone, clap::Args)]
 pub struct MemberArgs {
-    /// Client addresses of nodes to ask, in order.
-    pub nodes: Vec<String>,
+    /// Client addresses (HOST:PORT) of nodes to ask, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub node: Vec<String>,
+    /// The client password's file, if the nodes require one.
+    #[arg(long, value_name = "FILE")]
     pub requirepass_file: Option<PathBuf>,
-    /// The words after `RAFTKV.MEMBER`: `LIST`, `ADD ID PEER CLIENT`, `REMOVE ID`.
-    pub command: Vec<String>,
+    #[command(subcommand)]
+    pub action: MemberAction,
+}
+
+/// `raftkv member list|add|remove`.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum MemberAction {
+    /// Each member: id, voter or learner, peer and client address, match index.
+    List,
+    /// Add node ID, which its peers reach at PEER_ADDR (`-`: at each node's own --peers
+    /// entry for ID) and clients at CLIENT_ADDR.
+    Add {
+        #[arg(value_parser = clap::value_parser!(u64).range(1..=64))]
+        id: u64,
+        peer_addr: String,
+        client_addr: String,
+    },
+    /// Remove node ID.
+    Remove {
+        #[arg(value_parser = clap::value_parser!(u64).range(1..=64))]
+        id: u64,
+    },
+}
+
+impl MemberAction {
+    /// The words after `RAFTKV.MEMBER`: `LIST`, `ADD ID PEER CLIENT`, `REMOVE ID`; an error
+    /// (a usage error) for an address that is not `HOST:PORT`.
+    pub fn words(&self) -> Result<Vec<String>, String> {
+        Ok(match self {
+            MemberAction::List => vec!["LIST".to_string()],
+            MemberAction::Add {
+                id,
+                peer_addr,
+                client_addr,
+            } => {
+                for (what, a) in [("PEER_ADDR", peer_addr), ("CLIENT_ADDR", client_addr)] {
+                    let dash = what == "PEER_ADDR" && a == "-";
+                    if !dash && !a.contains(':') {
+                        return Err(format!("{what} '{a}' is not HOST:PORT"));
+                    }
+                }
+                vec![
+                    "ADD".to_string(),
+                    id.to_string(),
+                    peer_addr.clone(),
+                    client_addr.clone(),
+                ]
+            }
+            MemberAction::Remove { id } => vec!["REMOVE".to_string(), id.to_string()],
+        })
+    }
 }
 
 /// How long one answer may take: an `add` waits for the new node to catch up (the node
@@ -31,7 +84,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const PASSES: usize = 10;
 const PASS_PAUSE: Duration = Duration::from_millis(500);
 
-/// Runs the command; the process's exit code (0 done, 1 refused or no node answered).
+/// Runs the command (its words checked with [`MemberAction::words`]); the process's exit
+/// code (0 done, 1 refused or no node answered).
 pub fn run(args: MemberArgs) -> ExitCode {
     let password = match &args.requirepass_file {
         None => None,
@@ -44,13 +98,19 @@ pub fn run(args: MemberArgs) -> ExitCode {
         },
     };
     let mut words = vec!["RAFTKV.MEMBER".to_string()];
-    words.extend(args.command.iter().cloned());
+    match args.action.words() {
+        Ok(w) => words.extend(w),
+        Err(e) => {
+            eprintln!("raftkv member: {e}");
+            return ExitCode::from(2);
+        }
+    }
     let mut last_error = String::from("no address given");
     for pass in 0..PASSES {
         if pass > 0 {
             std::thread::sleep(PASS_PAUSE);
         }
-        let mut queue: Vec<String> = args.nodes.clone();
+        let mut queue: Vec<String> = args.node.clone();
         let mut tried: Vec<String> = Vec::new();
         while let Some(addr) = queue.first().cloned() {
             queue.remove(0);

@@ -18,32 +18,115 @@ use super::status::NodeStatusFile;
 use crate::node::identity::IDENTITY_FILE;
 use crate::node::{ClusterIdentity, Node, NodeConfig};
 use crate::raft::{Storage, StorageError};
+use crate::resp::server::RespOptions;
 
 const LOG: &str = "raftkv";
 
 /// How often the status file is rewritten and the stop conditions checked.
 pub const STATUS_PERIOD: Duration = Duration::from_millis(250);
 
-/// A node's command line, checked.
-#[derive(Debug, Clone)]
+/// `raftkv serve`'s command line (the help texts are the doc comments: one paragraph each).
+#[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
-    /// 1-based.
+    /// This node's id in --peers.
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
     pub id: usize,
-    /// Every node's peer address, node 1 first.
-    pub peers: Vec<String>,
+    /// Every node's peer address: 1=HOST:PORT,2=HOST:PORT,…
+    // Fully qualified: one value that parses into the whole list, not a repeated flag.
+    #[arg(long, value_parser = parse_peers)]
+    pub peers: ::std::vec::Vec<String>,
+    /// Where Redis clients connect (HOST:PORT).
+    #[arg(long)]
     pub client: String,
+    /// The node's data directory.
+    #[arg(long)]
     pub data: PathBuf,
-    /// The cluster's peer secret (see [`node::secret`](crate::node::secret)).
+    /// The cluster's peer secret: the same file on every node, at least 16 bytes, mode 0600.
+    /// Every peer connection starts with a handshake proving both ends hold it (it
+    /// authenticates; it does not encrypt). `raftkv local` creates DIR/peer-secret.
+    #[arg(long, value_name = "FILE")]
     pub peer_secret_file: PathBuf,
-    /// `--bootstrap`: found a new cluster with this id.
-    pub bootstrap: Option<String>,
-    /// `--cluster`: the cluster this node must belong to.
+    /// The cluster this node belongs to (8-64 characters of 0-9 a-z A-Z - _): a --data of
+    /// another cluster is refused, and a node on an empty --data joins only this cluster.
+    #[arg(long, value_name = "ID", value_parser = parse_cluster_id)]
     pub cluster: Option<String>,
+    /// Found a new cluster with this id (the same on every founding node; first start only).
+    #[arg(long, value_name = "ID", value_parser = parse_cluster_id)]
+    pub bootstrap: Option<String>,
+    /// Stop when standard input closes (how `local` and the tests tie a node's life to theirs).
+    #[arg(long)]
     pub stop_on_stdin_eof: bool,
-    /// The client password's file (`--requirepass-file`).
+    /// Clients must AUTH with the password in FILE (its first line). Without it, --client
+    /// must be a loopback address (protected mode).
+    #[arg(long, value_name = "FILE")]
     pub requirepass_file: Option<PathBuf>,
-    /// The client port's limits and timeouts (the password is read from the file).
-    pub clients: crate::resp::server::RespOptions,
+    /// Client connections at once; more get Redis's "max number of clients reached".
+    #[arg(long, default_value_t = 10_000, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
+    pub maxclients: usize,
+    /// Close a client silent this many seconds (0: never), as Redis's `timeout`.
+    #[arg(long, value_name = "SECS", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=31_536_000))]
+    pub timeout: u64,
+    /// Close a client that sent part of a command and completed none for this many seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub partial_frame_timeout: u64,
+    /// Bytes of partly received commands held for all clients together; past it the client
+    /// holding the most is closed.
+    #[arg(long, value_name = "BYTES", default_value_t = 256 << 20, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range((1 << 20)..=(1 << 40)))]
+    pub maxmemory_clients: usize,
+}
+
+impl ServeArgs {
+    /// What clap cannot check alone: `--id` names a node of `--peers`.
+    pub fn check(&self) -> Result<(), String> {
+        if self.id > self.peers.len() {
+            return Err(format!("--id {} is not in --peers", self.id));
+        }
+        Ok(())
+    }
+
+    /// The client port's limits and timeouts (the password is read from its file later).
+    fn client_options(&self) -> RespOptions {
+        RespOptions {
+            max_clients: self.maxclients,
+            idle_timeout: Duration::from_secs(self.timeout),
+            partial_frame_timeout: Duration::from_secs(self.partial_frame_timeout),
+            max_input_bytes: self.maxmemory_clients,
+            ..RespOptions::default()
+        }
+    }
+}
+
+/// `--peers`: `1=HOST:PORT,2=HOST:PORT,…`, numbered from 1 without gaps; the addresses, node
+/// 1 first.
+fn parse_peers(value: &str) -> Result<Vec<String>, String> {
+    let mut peers: Vec<(usize, String)> = Vec::new();
+    for item in value.split(',') {
+        let (id, addr) = item
+            .split_once('=')
+            .ok_or_else(|| format!("'{item}' is not ID=HOST:PORT"))?;
+        let id = id
+            .parse::<usize>()
+            .ok()
+            .filter(|id| (1..=64).contains(id))
+            .ok_or_else(|| format!("'{id}' is not a node id from 1 to 64"))?;
+        if addr.is_empty() || !addr.contains(':') {
+            return Err(format!("node {id}'s address '{addr}' is not HOST:PORT"));
+        }
+        if peers.iter().any(|(i, _)| *i == id) {
+            return Err(format!("node {id} listed twice"));
+        }
+        peers.push((id, addr.to_string()));
+    }
+    peers.sort();
+    if peers.iter().enumerate().any(|(i, (id, _))| *id != i + 1) {
+        return Err("the nodes must be numbered 1, 2, 3, … without gaps".into());
+    }
+    Ok(peers.into_iter().map(|(_, a)| a).collect())
+}
+
+fn parse_cluster_id(value: &str) -> Result<String, String> {
+    crate::node::identity::valid_cluster_id(value).map_err(|e| e.to_string())?;
+    Ok(value.to_string())
 }
 
 /// The durable storage of a node's Raft state in `dir`.
@@ -72,7 +155,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
     if let Err(e) = crate::node::files::make_private(&args.data) {
         return fail(format!("cannot make {} private: {e}", args.data.display()));
     }
-    let mut clients = args.clients.clone();
+    let mut clients = args.client_options();
     if let Some(file) = &args.requirepass_file {
         match crate::resp::auth::Password::from_file(file) {
             Ok(p) => clients.password = Some(p),

@@ -97,22 +97,18 @@ impl ServerGrp {
 
     /// The largest persisted Raft state in the group, in bytes.
     pub fn log_size(&self) -> usize {
-        let st = self.state.lock();
-        st.members
-            .iter()
-            .map(|m| m.saved.raft_state_size())
-            .max()
-            .unwrap_or(0)
+        self.largest_saved(Persister::raft_state_size)
     }
 
     /// The largest persisted snapshot in the group, in bytes.
     pub fn snapshot_size(&self) -> usize {
+        self.largest_saved(Persister::snapshot_size)
+    }
+
+    /// The largest `size` of what a member persisted.
+    fn largest_saved(&self, size: impl Fn(&Persister) -> usize) -> usize {
         let st = self.state.lock();
-        st.members
-            .iter()
-            .map(|m| m.saved.snapshot_size())
-            .max()
-            .unwrap_or(0)
+        st.members.iter().map(|m| size(&m.saved)).max().unwrap_or(0)
     }
 
     /// RPCs delivered to server `i`.

@@ -29,11 +29,7 @@ pub const LINEARIZABILITY_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// `n` random letters.
 pub fn rand_value(n: usize) -> String {
-    const LETTERS: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
-    let mut rng = rand::thread_rng();
-    (0..n)
-        .map(|_| LETTERS[rng.gen_range(0..LETTERS.len())] as char)
-        .collect()
+    super::random_chars(n, b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 }
 
 /// `k0` .. `k{n-1}`.

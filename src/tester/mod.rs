@@ -82,9 +82,16 @@ pub fn panic_message(payload: &(dyn Any + Send)) -> String {
 
 /// `n` random characters from the URL-safe base64 alphabet, for end names and client ids.
 pub fn randstring(n: usize) -> String {
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    random_chars(
+        n,
+        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_",
+    )
+}
+
+/// `n` characters drawn at random from `alphabet` (ASCII).
+pub fn random_chars(n: usize, alphabet: &[u8]) -> String {
     let mut rng = rand::thread_rng();
     (0..n)
-        .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
+        .map(|_| alphabet[rng.gen_range(0..alphabet.len())] as char)
         .collect()
 }

@@ -657,15 +657,9 @@ impl Test {
         for _ in 0..10 {
             thread::sleep(Duration::from_millis(450 + rng.gen_range(0..100)));
             let mut leaders: HashMap<u64, Vec<usize>> = HashMap::new();
-            for i in 0..self.n {
-                if !self.g().is_connected(i) {
-                    continue;
-                }
-                if let Some(r) = self.raft(i) {
-                    let (term, leader) = r.get_state();
-                    if leader {
-                        leaders.entry(term).or_default().push(i);
-                    }
+            for (i, term, leader) in self.connected_states() {
+                if leader {
+                    leaders.entry(term).or_default().push(i);
                 }
             }
             let mut last_term = None;
@@ -690,19 +684,13 @@ impl Test {
     /// All connected peers agree on the term; returns it.
     pub fn check_terms(&self) -> u64 {
         let mut term = None;
-        for i in 0..self.n {
-            if !self.g().is_connected(i) {
-                continue;
-            }
-            if let Some(r) = self.raft(i) {
-                let (t, _) = r.get_state();
-                match term {
-                    None => term = Some(t),
-                    Some(t0) if t0 != t => self.fatal(&format!(
-                        "servers disagree on term ({t0} vs {t} at server {i})"
-                    )),
-                    _ => {}
-                }
+        for (i, t, _) in self.connected_states() {
+            match term {
+                None => term = Some(t),
+                Some(t0) if t0 != t => self.fatal(&format!(
+                    "servers disagree on term ({t0} vs {t} at server {i})"
+                )),
+                _ => {}
             }
         }
         term.unwrap_or(0)
@@ -710,18 +698,21 @@ impl Test {
 
     /// No connected peer claims to lead.
     pub fn check_no_leader(&self) {
-        for i in 0..self.n {
-            if !self.g().is_connected(i) {
-                continue;
-            }
-            if let Some(r) = self.raft(i)
-                && r.get_state().1
-            {
-                self.fatal(&format!(
-                    "expected no leader among connected servers, but {i} claims to be leader"
-                ));
-            }
+        if let Some((i, ..)) = self.connected_states().find(|&(_, _, leader)| leader) {
+            self.fatal(&format!(
+                "expected no leader among connected servers, but {i} claims to be leader"
+            ));
         }
+    }
+
+    /// `(peer, term, leads)` of every connected peer that runs, as `get_state` says.
+    fn connected_states(&self) -> impl Iterator<Item = (usize, u64, bool)> + '_ {
+        (0..self.n)
+            .filter(|&i| self.g().is_connected(i))
+            .filter_map(|i| {
+                let (term, leader) = self.raft(i)?.get_state();
+                Some((i, term, leader))
+            })
     }
 
     fn check_apply_errors(&self) {

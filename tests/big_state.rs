@@ -1,207 +1,88 @@
 //! State above the old 64 MiB record and frame limits, on a real three-process cluster over
 //! loopback: 110 values of 1 MiB are written while one follower is down; that follower then
 //! catches up (its snapshot streamed in chunks; killed once in the middle of the transfer,
-//! which then starts over), a restart of the whole cluster serves every key, and no node's
-//! peak resident memory reaches three times the live data.
+//! which then starts over), a restart of the whole cluster serves every key, a brand-new
+//! fourth node added with `raftkv member add` catches up and counts as a voter, and no
+//! node's peak resident memory reaches three times the live data.
 //!
-//! Every node is killed when the test ends, passing or failing (the cluster's drop, and
-//! `--stop-on-stdin-eof` if the test process itself dies); the data directories are removed.
+//! Every node is killed and the data directories removed when the test ends, passing or
+//! failing (the process kit, `tests/kit`: the cluster's drop, and `--stop-on-stdin-eof` if
+//! the test process itself dies).
 
 use std::fs;
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use raftkv::proc::{NodeProcess, NodeStatusFile, ServeSpec};
+mod kit;
 
-const EXE: &str = env!("CARGO_BIN_EXE_raftkv");
+use kit::{Cluster, voters};
+use raftkv::node::FAULT_ENV;
+
 /// Keys written, each with a value of [`VALUE_BYTES`].
 const KEYS: usize = 110;
 const VALUE_BYTES: usize = 1 << 20;
 /// How long a cluster may take to elect a leader, or a command to succeed after a fault.
 const PATIENCE: Duration = Duration::from_secs(30);
-/// How long the lagging follower may take to catch up, and a restarted cluster to serve.
+/// How long the lagging follower or a new member may take to catch up, and a restarted
+/// cluster to serve.
 const CATCH_UP: Duration = Duration::from_secs(180);
+/// The slot of the node added with `member add` (id 4): started on an empty directory,
+/// without `--bootstrap`.
+const NEW: usize = 3;
 
-struct Cluster {
-    dir: PathBuf,
-    peer_ports: Vec<u16>,
-    client_ports: Vec<u16>,
-    children: Vec<Option<NodeProcess>>,
-    /// `--cluster` on every start, `--bootstrap` on each node's first.
-    cluster_id: String,
-    founded: Vec<bool>,
+/// How node `i` exited, if it has.
+fn exited(cluster: &mut Cluster, i: usize) -> Option<String> {
+    cluster
+        .exit_status(i)
+        .map(|st| format!("node {} exited: {st}", i + 1))
 }
 
-/// `n` free loopback ports (all bound at once, so they differ, then released).
-fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().expect("local addr").port())
-        .collect()
-}
-
-/// What the test reads of a node's status file.
-#[derive(Debug, Clone, Copy, Default)]
-struct Status {
-    applied: u64,
-    keys: usize,
-}
-
-impl Cluster {
-    fn new(n: usize) -> Cluster {
-        let dir = std::env::temp_dir().join(format!("raftkv-bigstate-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).expect("create the test directory");
-        raftkv::node::secret::create_secret(&dir.join(raftkv::node::secret::SECRET_FILE))
-            .expect("create the peer secret");
-        let ports = free_ports(2 * n);
-        Cluster {
-            dir,
-            peer_ports: ports[..n].to_vec(),
-            client_ports: ports[n..].to_vec(),
-            children: (0..n).map(|_| None).collect(),
-            cluster_id: raftkv::node::identity::random_cluster_id(),
-            founded: vec![false; n],
+/// The running node that leads in the highest term, waiting up to `patience`; an error at
+/// once if a node has exited.
+fn leader_or_exit(cluster: &mut Cluster, patience: Duration) -> Result<usize, String> {
+    let deadline = Instant::now() + patience;
+    loop {
+        if let Some(i) = cluster.leader_within(Duration::ZERO) {
+            return Ok(i);
         }
-    }
-
-    fn data(&self, i: usize) -> PathBuf {
-        self.dir.join(format!("node-{}", i + 1))
-    }
-
-    fn start(&mut self, i: usize) {
-        self.start_with(i, None);
-    }
-
-    /// Starts node `i`, with `RAFTKV_NODE_FAULT` set to `fault` if given.
-    fn start_with(&mut self, i: usize, fault: Option<&str>) {
-        assert!(self.children[i].is_none(), "node {} already runs", i + 1);
-        let spec = ServeSpec {
-            exe: PathBuf::from(EXE),
-            id: i + 1,
-            peers: self
-                .peer_ports
-                .iter()
-                .map(|p| format!("127.0.0.1:{p}"))
-                .collect(),
-            client: format!("127.0.0.1:{}", self.client_ports[i]),
-            data: self.data(i),
-            peer_secret: self.dir.join(raftkv::node::secret::SECRET_FILE),
-            cluster: Some(self.cluster_id.clone()),
-            bootstrap: !self.founded[i],
-        };
-        self.founded[i] = true;
-        let mut cmd = spec.command();
-        cmd.env_remove("RAFTKV_NODE_FAULT");
-        if let Some(f) = fault {
-            cmd.env("RAFTKV_NODE_FAULT", f);
-        }
-        let child = spec
-            .spawn(&mut cmd)
-            .unwrap_or_else(|e| panic!("start node {}: {e}", i + 1));
-        self.children[i] = Some(child);
-    }
-
-    fn kill9(&mut self, i: usize) {
-        if let Some(mut child) = self.children[i].take() {
-            child.kill9().expect("SIGKILL and reap");
-        }
-    }
-
-    /// Peak resident memory of node `i` so far (`VmHWM`), in bytes.
-    fn peak_rss(&self, i: usize) -> u64 {
-        let pid = self.children[i].as_ref().expect("node runs").pid();
-        let text = fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
-        let kb: u64 = text
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmHWM in /proc/<pid>/status");
-        kb * 1024
-    }
-
-    /// Whether node `i` has exited (and how).
-    fn exited(&mut self, i: usize) -> Option<String> {
-        let child = self.children[i].as_mut()?;
-        child
-            .try_exit()
-            .map(|st| format!("node {} exited: {st}", i + 1))
-    }
-
-    fn status(&self, i: usize) -> Option<Status> {
-        NodeStatusFile::read(&NodeStatusFile::path(&self.data(i))).map(|s| Status {
-            applied: s.applied,
-            keys: s.keys,
-        })
-    }
-
-    /// The running node that leads in the highest term, waiting up to `patience`.
-    fn leader(&mut self, patience: Duration) -> Result<usize, String> {
-        let deadline = Instant::now() + patience;
-        loop {
-            let running = (0..self.children.len()).filter(|&i| self.children[i].is_some());
-            let statuses = running.map(|i| {
-                (
-                    i,
-                    NodeStatusFile::read(&NodeStatusFile::path(&self.data(i))),
-                )
-            });
-            if let Some(i) = raftkv::proc::leader_of(statuses) {
-                return Ok(i);
-            }
-            for i in 0..self.children.len() {
-                if let Some(why) = self.exited(i) {
-                    return Err(why);
-                }
-            }
-            if Instant::now() > deadline {
-                return Err(format!("no leader within {patience:?}"));
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn client(&self, i: usize) -> redis::RedisResult<redis::Connection> {
-        let client = redis::Client::open(format!("redis://127.0.0.1:{}/", self.client_ports[i]))?;
-        let con = client.get_connection_with_timeout(Duration::from_secs(2))?;
-        con.set_read_timeout(Some(Duration::from_secs(20)))?;
-        Ok(con)
-    }
-
-    /// Runs `f` on a connection to node `i` until it succeeds, within `patience`.
-    fn retry<T>(
-        &self,
-        i: usize,
-        patience: Duration,
-        what: &str,
-        f: impl Fn(&mut redis::Connection) -> redis::RedisResult<T>,
-    ) -> Result<T, String> {
-        let deadline = Instant::now() + patience;
-        loop {
-            match self.client(i).and_then(|mut c| f(&mut c)) {
-                Ok(v) => return Ok(v),
-                Err(e) if Instant::now() > deadline => {
-                    return Err(format!(
-                        "{what} on node {} failed for {patience:?}: {e}",
-                        i + 1
-                    ));
-                }
-                Err(_) => thread::sleep(Duration::from_millis(200)),
+        for i in 0..cluster.len() {
+            if let Some(why) = exited(cluster, i) {
+                return Err(why);
             }
         }
+        if Instant::now() > deadline {
+            return Err(format!("no leader within {patience:?}"));
+        }
+        thread::sleep(Duration::from_millis(50));
     }
 }
 
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        // Each node is killed and reaped as its handle drops.
-        self.children.clear();
-        let _ = fs::remove_dir_all(&self.dir);
+/// Waits up to `patience` until node `i`'s status satisfies `done`; an error naming what
+/// it last said (or how it exited) otherwise.
+fn wait_status(
+    cluster: &mut Cluster,
+    i: usize,
+    what: &str,
+    patience: Duration,
+    done: impl Fn(&raftkv::proc::NodeStatusFile) -> bool,
+) -> Result<(), String> {
+    let deadline = Instant::now() + patience;
+    loop {
+        let status = cluster.status(i);
+        if status.as_ref().is_some_and(&done) {
+            return Ok(());
+        }
+        if let Some(why) = exited(cluster, i) {
+            return Err(format!("{what}: {why}: {}", cluster.stderr(i)));
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "{what}: not within {patience:?}; node {} says {status:?}",
+                i + 1
+            ));
+        }
+        thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -219,7 +100,7 @@ fn value(k: usize) -> String {
 /// Every key through node `i`'s client port, compared with what was written.
 fn check_every_key(cluster: &Cluster, i: usize, what: &str) -> Result<(), String> {
     for k in 0..KEYS {
-        let got: Option<String> = cluster.retry(i, CATCH_UP, what, |c| {
+        let got: Option<String> = cluster.try_retry_within(i, what, CATCH_UP, |c| {
             redis::cmd("GET").arg(key(k)).query(c)
         })?;
         match got {
@@ -241,14 +122,115 @@ fn mib(b: u64) -> f64 {
     b as f64 / (1u64 << 20) as f64
 }
 
-#[test]
-fn state_above_64_mib_reaches_a_lagging_follower_and_survives_a_full_restart() {
-    let t0 = Instant::now();
-    let mut cluster = Cluster::new(3);
-    for i in 0..3 {
-        cluster.start(i);
+/// The peak resident memory of every node that runs, as `(who, bytes)` with `when` in `who`.
+fn peaks_now(cluster: &mut Cluster, when: &str) -> Vec<(String, u64)> {
+    let mut peaks = Vec::new();
+    for i in cluster.running() {
+        if exited(cluster, i).is_none() {
+            peaks.push((format!("node {} {when}", i + 1), cluster.peak_rss(i)));
+        }
     }
-    let leader = cluster.leader(PATIENCE).expect("a first leader");
+    peaks
+}
+
+/// A brand-new node (slot [`NEW`], id 4: its own ports, an empty directory, no
+/// `--bootstrap`) is added with `raftkv member add` while the cluster holds every key: it gets
+/// the snapshot streamed, becomes a voter, and counts in the majority: with one founding
+/// node removed and another killed, it and the last founder elect a leader and commit a
+/// write, which neither could alone. Restarted with reads from its own state, it holds every
+/// value. Peaks of resident memory go to `peaks`.
+fn new_member_catches_up(
+    cluster: &mut Cluster,
+    peaks: &mut Vec<(String, u64)>,
+) -> Result<(), String> {
+    cluster.start(NEW);
+    wait_status(cluster, NEW, "node 4 started", PATIENCE, |s| {
+        s.member == "waiting to be added"
+    })?;
+    let leader = leader_or_exit(cluster, PATIENCE)?;
+    let t = Instant::now();
+    let add = [
+        "add",
+        "4",
+        &cluster.peer_addr(NEW),
+        &cluster.client_addr(NEW),
+    ];
+    let (code, out, err) = cluster.member_spawn(&[leader], &add).finish(CATCH_UP);
+    if code != 0 || !out.contains("node 4 added") {
+        return Err(format!("member add 4 exited {code}: {out}{err}"));
+    }
+    eprintln!("big_state: node 4 added in {:.1?}", t.elapsed());
+    wait_status(
+        cluster,
+        NEW,
+        "node 4 a voter with every key",
+        CATCH_UP,
+        |s| s.member == "voter" && s.keys == KEYS,
+    )?;
+    let leader = leader_or_exit(cluster, PATIENCE)?;
+    let list = cluster.members(&[leader]);
+    if voters(&list) != [1, 2, 3, 4] {
+        return Err(format!("node 4 added, but the members are {list:?}"));
+    }
+    peaks.extend(peaks_now(cluster, "once node 4 caught up"));
+
+    // Node 4 counts: a founding follower is removed and stopped, then the leader is killed;
+    // of the three voters left (a founder, node 4 and the killed leader) the two running
+    // need each other to elect a leader and to commit.
+    let gone = (0..3).find(|&i| i != leader).expect("a founding follower");
+    let (code, out, err) = cluster.member(&[leader], &["remove", &(gone + 1).to_string()]);
+    if code != 0 {
+        return Err(format!("member remove {}: {out}{err}", gone + 1));
+    }
+    let list = cluster.members(&[leader]);
+    let mut expect: Vec<usize> = [leader, NEW].iter().map(|i| i + 1).collect();
+    expect.extend((0..3).filter(|&i| i != leader && i != gone).map(|i| i + 1));
+    expect.sort_unstable();
+    if voters(&list) != expect {
+        return Err(format!(
+            "node {} removed, but the members are {list:?}",
+            gone + 1
+        ));
+    }
+    cluster.kill9(gone);
+    cluster.kill9(leader);
+    let reply: String =
+        cluster.try_retry_within(NEW, "SET after node 4 joined", CATCH_UP, |c| {
+            redis::cmd("SET").arg("after-new-member").arg("4").query(c)
+        })?;
+    if reply != "OK" {
+        return Err(format!("SET after node 4 joined: {reply}"));
+    }
+
+    // Node 4's own replica holds every value: restarted with the deliberate fault that
+    // answers reads from the node's own state, its GETs show it.
+    peaks.extend(peaks_now(cluster, "before node 4's restart"));
+    cluster.kill9(NEW);
+    cluster.start_with(NEW, |c| {
+        c.env(FAULT_ENV, "local-reads");
+    });
+    wait_status(cluster, NEW, "node 4 restarted", CATCH_UP, |s| {
+        s.keys == KEYS + 1
+    })?;
+    check_every_key(cluster, NEW, "local GET on node 4")?;
+    let got: Option<String> =
+        cluster.try_retry_within(NEW, "local GET on node 4", CATCH_UP, |c| {
+            redis::cmd("GET").arg("after-new-member").query(c)
+        })?;
+    if got.as_deref() != Some("4") {
+        return Err(format!("node 4 lost the write it helped commit: {got:?}"));
+    }
+    Ok(())
+}
+
+#[test]
+fn state_above_64_mib_reaches_a_lagging_follower_and_a_new_member_and_survives_a_full_restart() {
+    let t0 = Instant::now();
+    let mut cluster = Cluster::start_new_with_spares("bigstate", 3, 1);
+    cluster.patience = PATIENCE;
+    // A 1 MiB reply on a loaded machine.
+    cluster.read_timeout = Duration::from_secs(20);
+    let leader = leader_or_exit(&mut cluster, PATIENCE).expect("a first leader");
     // The follower that is down through all the writes.
     let lagging = (leader + 1) % 3;
     cluster.kill9(lagging);
@@ -258,7 +240,7 @@ fn state_above_64_mib_reaches_a_lagging_follower_and_survives_a_full_restart() {
     for k in 0..KEYS {
         let v = value(k);
         let reply: String = cluster
-            .retry(leader, PATIENCE, "SET of 1 MiB", |c| {
+            .try_retry_within(leader, "SET of 1 MiB", PATIENCE, |c| {
                 redis::cmd("SET").arg(key(k)).arg(&v).query(c)
             })
             .expect("every SET is acknowledged");
@@ -321,19 +303,19 @@ fn state_above_64_mib_reaches_a_lagging_follower_and_survives_a_full_restart() {
             .map(|s| s.applied)
             .max()
             .unwrap_or(0);
-        let s = cluster.status(lagging).unwrap_or_default();
-        if s.keys == KEYS && s.applied >= leader_applied && leader_applied > 0 {
+        let (applied, keys) = cluster
+            .status(lagging)
+            .map_or((0, 0), |s| (s.applied, s.keys));
+        if keys == KEYS && applied >= leader_applied && leader_applied > 0 {
             break Ok(t1.elapsed());
         }
-        if let Some(why) = cluster.exited(lagging) {
+        if let Some(why) = exited(&mut cluster, lagging) {
             break Err(why);
         }
         if t1.elapsed() > CATCH_UP {
             break Err(format!(
-                "node {} did not catch up within {CATCH_UP:?}: applied {}, {} keys (the others applied {leader_applied})",
+                "node {} did not catch up within {CATCH_UP:?}: applied {applied}, {keys} keys (the others applied {leader_applied})",
                 lagging + 1,
-                s.applied,
-                s.keys
             ));
         }
         thread::sleep(Duration::from_millis(100));
@@ -347,14 +329,7 @@ fn state_above_64_mib_reaches_a_lagging_follower_and_survives_a_full_restart() {
     {
         failures.push(format!("{} was left behind", path.display()));
     }
-    for i in 0..3 {
-        if cluster.exited(i).is_none() {
-            peaks.push((
-                format!("node {} before the restart", i + 1),
-                cluster.peak_rss(i),
-            ));
-        }
-    }
+    peaks.extend(peaks_now(&mut cluster, "before the restart"));
 
     // Every node killed at once, then started again: every key is served.
     for i in 0..3 {
@@ -364,8 +339,7 @@ fn state_above_64_mib_reaches_a_lagging_follower_and_survives_a_full_restart() {
     for i in 0..3 {
         cluster.start(i);
     }
-    let restarted = cluster
-        .leader(CATCH_UP)
+    let restarted = leader_or_exit(&mut cluster, CATCH_UP)
         .and_then(|l| check_every_key(&cluster, l, "GET after restarting every node").map(|()| l));
     match &restarted {
         Ok(l) => eprintln!(
@@ -380,19 +354,17 @@ fn state_above_64_mib_reaches_a_lagging_follower_and_survives_a_full_restart() {
         // deliberate fault that answers reads from the node's own state (no leader, no log),
         // its GETs show its replica.
         cluster.kill9(lagging);
-        cluster.start_with(lagging, Some("local-reads"));
+        cluster.start_with(lagging, |c| {
+            c.env(FAULT_ENV, "local-reads");
+        });
         let t3 = Instant::now();
         let result = loop {
-            let s = cluster.status(lagging).unwrap_or_default();
-            if s.keys == KEYS {
+            let keys = cluster.status(lagging).map_or(0, |s| s.keys);
+            if keys == KEYS {
                 break check_every_key(&cluster, lagging, "local GET on the caught-up node");
             }
             if t3.elapsed() > CATCH_UP {
-                break Err(format!(
-                    "node {} restarted with {} keys",
-                    lagging + 1,
-                    s.keys
-                ));
+                break Err(format!("node {} restarted with {keys} keys", lagging + 1));
             }
             thread::sleep(Duration::from_millis(100));
         };
@@ -400,13 +372,16 @@ fn state_above_64_mib_reaches_a_lagging_follower_and_survives_a_full_restart() {
             failures.push(format!("caught-up node's own state: {e}"));
         }
     }
-    for i in 0..3 {
-        if cluster.exited(i).is_none() && cluster.children[i].is_some() {
-            peaks.push((
-                format!("node {} after the restart", i + 1),
-                cluster.peak_rss(i),
-            ));
+    peaks.extend(peaks_now(&mut cluster, "after the restart"));
+
+    // A brand-new node joins the cluster that holds all of it.
+    if restarted.is_ok() {
+        let t4 = Instant::now();
+        match new_member_catches_up(&mut cluster, &mut peaks) {
+            Ok(()) => eprintln!("big_state: the new member's part took {:.1?}", t4.elapsed()),
+            Err(e) => failures.push(format!("new member: {e}")),
         }
+        peaks.extend(peaks_now(&mut cluster, "at the end"));
     }
     for (who, peak) in &peaks {
         eprintln!(

@@ -1,174 +1,87 @@
 //! The client port of a real `raftkv serve` cluster under the load an attacker or a careless
 //! fleet of clients puts on it: ten thousand idle connections and slowloris clients, AUTH
 //! with `--requirepass-file` through the `redis` crate, protected mode, and private files.
-//! Every node is killed when the test ends (the cluster's drop, and `--stop-on-stdin-eof`
-//! if the test process itself dies); everything listens on 127.0.0.1.
+//! Every node is killed and every file removed when the test ends (the process kit,
+//! `tests/kit`: the cluster's drop, and `--stop-on-stdin-eof` if the test process itself
+//! dies); everything listens on 127.0.0.1.
 
 use std::fs;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-const EXE: &str = env!("CARGO_BIN_EXE_raftkv");
-/// How long a cluster may take to elect a leader and serve a command.
-const PATIENCE: Duration = Duration::from_secs(20);
+mod kit;
 
-static CLUSTERS: AtomicU32 = AtomicU32::new(0);
+use kit::{Cluster, PATIENCE, proc_status_number};
 
-/// `n` free loopback ports (all bound at once, so they differ, then released).
-fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().expect("local addr").port())
-        .collect()
+/// `n` nodes, started; node `i` gets `extra(i)` on its command line.
+fn start(what: &str, n: usize, extra: impl Fn(usize) -> Vec<String>) -> Cluster {
+    Cluster::start_new_with(&format!("clientport-{what}"), n, |i, command| {
+        command.args(extra(i));
+    })
 }
 
-struct Cluster {
-    dir: PathBuf,
-    peer_ports: Vec<u16>,
-    client_ports: Vec<u16>,
-    children: Vec<Child>,
+/// Node `i` process starts with `umask`.
+fn with_umask(command: &mut Command, mask: u32) {
+    // SAFETY: umask is async-signal-safe and only sets the child's mask.
+    unsafe {
+        command.pre_exec(move || {
+            libc::umask(mask as libc::mode_t);
+            Ok(())
+        });
+    }
 }
 
-impl Cluster {
-    /// `n` nodes; node `i` gets `extra(i)` on its command line. `umask` is the one each node
-    /// process starts with.
-    fn start(n: usize, extra: impl Fn(usize) -> Vec<String>, umask: Option<u32>) -> Cluster {
-        let dir = std::env::temp_dir().join(format!(
-            "raftkv-clientport-{}-{}",
-            std::process::id(),
-            CLUSTERS.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).expect("create the test directory");
-        let secret = dir.join(raftkv::node::secret::SECRET_FILE);
-        raftkv::node::secret::create_secret(&secret).expect("create the peer secret");
-        let ports = free_ports(2 * n);
-        let mut cluster = Cluster {
-            dir,
-            peer_ports: ports[..n].to_vec(),
-            client_ports: ports[n..].to_vec(),
-            children: Vec::new(),
-        };
-        let peers: Vec<String> = cluster
-            .peer_ports
-            .iter()
-            .enumerate()
-            .map(|(j, p)| format!("{}=127.0.0.1:{p}", j + 1))
-            .collect();
-        for i in 0..n {
-            let mut command = Command::new(EXE);
-            command
-                .arg("serve")
-                .args(["--id", &(i + 1).to_string()])
-                .args(["--peers", &peers.join(",")])
-                .args([
-                    "--client",
-                    &format!("127.0.0.1:{}", cluster.client_ports[i]),
-                ])
-                .arg("--data")
-                .arg(cluster.data(i))
-                .arg("--peer-secret-file")
-                .arg(&secret)
-                .args(["--bootstrap", "client-port-test"])
-                .args(extra(i))
-                .arg("--stop-on-stdin-eof")
-                .stdin(Stdio::piped());
-            if let Some(mask) = umask {
-                // SAFETY: umask is async-signal-safe and only sets the child's mask.
-                unsafe {
-                    command.pre_exec(move || {
-                        libc::umask(mask as libc::mode_t);
-                        Ok(())
-                    });
-                }
-            }
-            let child = command
-                .spawn()
-                .unwrap_or_else(|e| panic!("start node {}: {e}", i + 1));
-            cluster.children.push(child);
-        }
-        cluster
+fn url(cluster: &Cluster, i: usize, password: Option<&str>) -> String {
+    match password {
+        Some(p) => format!("redis://:{p}@{}/", cluster.client_addr(i)),
+        None => format!("redis://{}/", cluster.client_addr(i)),
     }
+}
 
-    fn data(&self, i: usize) -> PathBuf {
-        self.dir.join(format!("node-{}", i + 1))
-    }
-
-    fn pid(&self, i: usize) -> u32 {
-        self.children[i].id()
-    }
-
-    fn url(&self, i: usize, password: Option<&str>) -> String {
-        match password {
-            Some(p) => format!("redis://:{p}@127.0.0.1:{}/", self.client_ports[i]),
-            None => format!("redis://127.0.0.1:{}/", self.client_ports[i]),
-        }
-    }
-
-    /// A connection to node `i` on which `f` succeeded, retried until the cluster serves.
-    fn serving<T>(
-        &self,
-        i: usize,
-        password: Option<&str>,
-        f: impl Fn(&mut redis::Connection) -> redis::RedisResult<T>,
-    ) -> (redis::Connection, T) {
-        let client = redis::Client::open(self.url(i, password)).expect("redis url");
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let attempt = client
-                .get_connection_with_timeout(Duration::from_secs(2))
-                .and_then(|mut con| {
-                    con.set_read_timeout(Some(Duration::from_secs(10)))?;
-                    let value = f(&mut con)?;
-                    Ok((con, value))
-                });
-            match attempt {
-                Ok(done) => return done,
-                Err(e) => {
-                    assert!(
-                        Instant::now() < deadline,
-                        "node {} does not serve within {PATIENCE:?}: {e}",
-                        i + 1
-                    );
-                    thread::sleep(Duration::from_millis(100));
-                }
+/// A connection to node `i` on which `f` succeeded, retried (on a fresh connection, so a
+/// call interrupted by a signal is retried too) until the cluster serves.
+fn serving<T>(
+    cluster: &Cluster,
+    i: usize,
+    password: Option<&str>,
+    f: impl Fn(&mut redis::Connection) -> redis::RedisResult<T>,
+) -> (redis::Connection, T) {
+    let client = redis::Client::open(url(cluster, i, password)).expect("redis url");
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let attempt = client
+            .get_connection_with_timeout(Duration::from_secs(2))
+            .and_then(|mut con| {
+                con.set_read_timeout(Some(Duration::from_secs(10)))?;
+                let value = f(&mut con)?;
+                Ok((con, value))
+            });
+        match attempt {
+            Ok(done) => return done,
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "node {} does not serve within {PATIENCE:?}: {e}",
+                    i + 1
+                );
+                thread::sleep(Duration::from_millis(100));
             }
         }
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for child in &mut self.children {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        let _ = fs::remove_dir_all(&self.dir);
     }
 }
 
 /// `VmRSS` in bytes and `Threads` of process `pid`.
 fn rss_and_threads(pid: u32) -> (u64, u64) {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
-    let field = |name: &str| -> u64 {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{name} in /proc/{pid}/status"))
-    };
-    (field("VmRSS:") * 1024, field("Threads:"))
+    (
+        proc_status_number(pid, "VmRSS:") * 1024,
+        proc_status_number(pid, "Threads:"),
+    )
 }
 
 /// Waits up to `limit` for the server to close `stream`.
@@ -197,22 +110,18 @@ fn ten_thousand_idle_and_slowloris_clients_leave_room_for_a_new_one() {
         "this test holds {} connections but may open only {limit} files; raise the hard limit (ulimit -Hn)",
         IDLE + SLOWLORIS
     );
-    let cluster = Cluster::start(
-        3,
-        |i| {
-            if i == 0 {
-                let flags = ["--maxclients", "10300", "--partial-frame-timeout", "4"];
-                flags.iter().map(|s| s.to_string()).collect()
-            } else {
-                Vec::new()
-            }
-        },
-        None,
-    );
-    cluster.serving(0, None, |c| {
+    let cluster = start("idle", 3, |i| {
+        if i == 0 {
+            let flags = ["--maxclients", "10300", "--partial-frame-timeout", "4"];
+            flags.iter().map(|s| s.to_string()).collect()
+        } else {
+            Vec::new()
+        }
+    });
+    serving(&cluster, 0, None, |c| {
         redis::cmd("SET").arg("warm").arg("up").query::<String>(c)
     });
-    let addr = format!("127.0.0.1:{}", cluster.client_ports[0]);
+    let addr = cluster.client_addr(0);
     let (rss_before, _) = rss_and_threads(cluster.pid(0));
     let mut idle: Vec<TcpStream> = (0..IDLE)
         .map(|k| TcpStream::connect(&addr).unwrap_or_else(|e| panic!("idle connection {k}: {e}")))
@@ -228,7 +137,7 @@ fn ten_thousand_idle_and_slowloris_clients_leave_room_for_a_new_one() {
         .collect();
     let slow_since = Instant::now();
     // A new client gets in and is served while all of them are held.
-    let (mut con, pong) = cluster.serving(0, None, |c| redis::cmd("PING").query::<String>(c));
+    let (mut con, pong) = serving(&cluster, 0, None, |c| redis::cmd("PING").query::<String>(c));
     assert_eq!(pong, "PONG");
     let set: String = redis::cmd("SET")
         .arg("new")
@@ -282,24 +191,20 @@ fn ten_thousand_idle_and_slowloris_clients_leave_room_for_a_new_one() {
 
 #[test]
 fn idle_timeout_closes_idle_clients_and_maxclients_refuses_with_redis_error() {
-    let cluster = Cluster::start(
-        1,
-        |_| {
-            ["--timeout", "1", "--maxclients", "3"]
-                .iter()
-                .map(|s| s.to_string())
-                .collect()
-        },
-        None,
-    );
-    let (mut con, timeout) = cluster.serving(0, None, |c| {
+    let cluster = start("timeout", 1, |_| {
+        ["--timeout", "1", "--maxclients", "3"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    });
+    let (mut con, timeout) = serving(&cluster, 0, None, |c| {
         redis::cmd("CONFIG")
             .arg("GET")
             .arg("timeout")
             .query::<Vec<String>>(c)
     });
     assert_eq!(timeout, ["timeout", "1"]);
-    let addr = format!("127.0.0.1:{}", cluster.client_ports[0]);
+    let addr = cluster.client_addr(0);
     let mut idle = TcpStream::connect(&addr).unwrap();
     let _second = TcpStream::connect(&addr).unwrap();
     let mut refused = TcpStream::connect(&addr).unwrap();
@@ -316,19 +221,8 @@ fn idle_timeout_closes_idle_clients_and_maxclients_refuses_with_redis_error() {
     );
     assert!(since.elapsed() < Duration::from_secs(3));
     drop(con);
-    con = cluster
-        .serving(0, None, |c| redis::cmd("PING").query::<String>(c))
-        .0;
+    con = serving(&cluster, 0, None, |c| redis::cmd("PING").query::<String>(c)).0;
     drop(con);
-}
-
-/// A directory removed when dropped, also when the test fails.
-struct RemoveOnDrop(PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
 }
 
 fn write_password(dir: &Path, password: &str) -> PathBuf {
@@ -342,18 +236,15 @@ fn write_password(dir: &Path, password: &str) -> PathBuf {
 /// write forwarded by a follower, and the errors without or with a wrong password.
 #[test]
 fn auth_with_requirepass_file_and_the_redis_crate() {
-    let secrets = RemoveOnDrop(
-        std::env::temp_dir().join(format!("raftkv-clientport-pw-{}", std::process::id())),
-    );
-    let file = write_password(&secrets.0, "correct horse");
-    let flag = file.display().to_string();
-    let cluster = Cluster::start(
-        3,
-        |_| vec!["--requirepass-file".to_string(), flag.clone()],
-        None,
-    );
+    let mut cluster = Cluster::new_empty("clientport-auth", 3);
+    let file = write_password(&cluster.dir().join("secrets"), "correct horse");
+    for i in 0..3 {
+        cluster.start_with(i, |c| {
+            c.arg("--requirepass-file").arg(&file);
+        });
+    }
     let password = Some("correct%20horse");
-    let (mut con, ok) = cluster.serving(0, password, |c| {
+    let (mut con, ok) = serving(&cluster, 0, password, |c| {
         redis::cmd("SET").arg("a").arg("1").query::<String>(c)
     });
     assert_eq!(ok, "OK");
@@ -369,8 +260,9 @@ fn auth_with_requirepass_file_and_the_redis_crate() {
     // Every node: a follower forwards to the leader, and DBSIZE is read after everything
     // acknowledged before it.
     for i in 0..3 {
-        let (mut con, size) =
-            cluster.serving(i, password, |c| redis::cmd("DBSIZE").query::<i64>(c));
+        let (mut con, size) = serving(&cluster, i, password, |c| {
+            redis::cmd("DBSIZE").query::<i64>(c)
+        });
         assert_eq!(size, 2 + i as i64, "node {}", i + 1);
         let key = format!("from-node-{}", i + 1);
         let set: String = redis::cmd("SET")
@@ -381,7 +273,7 @@ fn auth_with_requirepass_file_and_the_redis_crate() {
         assert_eq!(set, "OK");
     }
     // No password: NOAUTH; a wrong one: WRONGPASS.
-    let plain = redis::Client::open(cluster.url(1, None)).unwrap();
+    let plain = redis::Client::open(url(&cluster, 1, None)).unwrap();
     let mut unauthenticated = plain
         .get_connection_with_timeout(Duration::from_secs(5))
         .unwrap();
@@ -390,7 +282,7 @@ fn auth_with_requirepass_file_and_the_redis_crate() {
         .query::<Option<String>>(&mut unauthenticated)
         .unwrap_err();
     assert_eq!(err.code(), Some("NOAUTH"), "{err}");
-    let wrong = redis::Client::open(cluster.url(1, Some("wrong"))).unwrap();
+    let wrong = redis::Client::open(url(&cluster, 1, Some("wrong"))).unwrap();
     let err = wrong
         .get_connection_with_timeout(Duration::from_secs(5))
         .err()
@@ -400,89 +292,47 @@ fn auth_with_requirepass_file_and_the_redis_crate() {
 }
 
 /// Runs `raftkv serve` that must refuse to start: its stderr.
-fn serve_refuses(extra: &[&str]) -> String {
-    let dir = std::env::temp_dir().join(format!(
-        "raftkv-clientport-refuse-{}-{}",
-        std::process::id(),
-        CLUSTERS.fetch_add(1, Ordering::SeqCst)
-    ));
-    let ports = free_ports(2);
-    let secret = dir.with_extension("secret");
-    raftkv::node::secret::create_secret(&secret).expect("create the peer secret");
-    let mut child = Command::new(EXE)
-        .arg("serve")
-        .args(["--id", "1"])
-        .args(["--peers", &format!("1=127.0.0.1:{}", ports[0])])
-        .arg("--data")
-        .arg(&dir)
-        .arg("--peer-secret-file")
-        .arg(&secret)
-        .args(["--bootstrap", "client-port-test"])
-        .args(
-            extra
-                .iter()
-                .map(|a| a.replace("PORT", &ports[1].to_string())),
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start raftkv serve");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            let _ = fs::remove_dir_all(&dir);
-            panic!("raftkv serve {extra:?} did not refuse to start");
-        }
-        thread::sleep(Duration::from_millis(20));
-    };
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
-    let _ = fs::remove_dir_all(&dir);
-    let _ = fs::remove_file(&secret);
+/// Runs `raftkv serve` (one node, its client port on `host`, `extra` flags) that must refuse
+/// to start: its stderr.
+fn serve_refuses(host: &str, extra: &[&str]) -> String {
+    let mut cluster = Cluster::new_empty("clientport-refuse", 1);
+    let client = format!("{host}:{}", cluster.client_ports[0]);
+    cluster.start_spec(
+        0,
+        |spec| spec.client = client.clone(),
+        |command| {
+            command.args(extra);
+        },
+    );
+    let status = cluster.wait_exit(0, Duration::from_secs(20));
+    let stderr = cluster.stderr(0);
     assert_eq!(status.code(), Some(1), "{stderr}");
     stderr
 }
 
 #[test]
 fn protected_mode_and_bad_password_files_refuse_to_start() {
-    let stderr = serve_refuses(&["--client", "0.0.0.0:PORT"]);
+    let stderr = serve_refuses("0.0.0.0", &[]);
     assert!(
         stderr.contains("protected mode")
             && stderr.contains("--requirepass-file")
             && stderr.contains("127.0.0.1"),
         "{stderr}"
     );
-    let missing = serve_refuses(&[
-        "--client",
-        "127.0.0.1:PORT",
-        "--requirepass-file",
-        "/nonexistent/raftkv-password",
-    ]);
+    let missing = serve_refuses(
+        "127.0.0.1",
+        &["--requirepass-file", "/nonexistent/raftkv-password"],
+    );
     assert!(
         missing.contains("cannot read the password file /nonexistent/raftkv-password"),
         "{missing}"
     );
-    let dir = RemoveOnDrop(
-        std::env::temp_dir().join(format!("raftkv-clientport-empty-{}", std::process::id())),
+    let dir = kit::TempDir::new("clientport-empty");
+    let empty = write_password(dir.path(), "");
+    let refused = serve_refuses(
+        "127.0.0.1",
+        &["--requirepass-file", &empty.display().to_string()],
     );
-    let empty = write_password(&dir.0, "");
-    let refused = serve_refuses(&[
-        "--client",
-        "127.0.0.1:PORT",
-        "--requirepass-file",
-        &empty.display().to_string(),
-    ]);
     assert!(refused.contains("is empty"), "{refused}");
 }
 
@@ -490,8 +340,9 @@ fn protected_mode_and_bad_password_files_refuse_to_start() {
 /// umask 000 on a data directory an older version left open.
 #[test]
 fn data_files_are_private_whatever_the_umask() {
-    let cluster = Cluster::start(1, |_| Vec::new(), Some(0o000));
-    let (mut con, _) = cluster.serving(0, None, |c| {
+    let mut cluster = Cluster::new_empty("clientport-umask", 1);
+    cluster.start_with(0, |c| with_umask(c, 0o000));
+    let (mut con, _) = serving(&cluster, 0, None, |c| {
         redis::cmd("SET").arg("k").arg("v").query::<String>(c)
     });
     for i in 0..50 {
@@ -522,33 +373,17 @@ fn data_files_are_private_whatever_the_umask() {
 /// A data directory an older version left readable by everyone is made private at start.
 #[test]
 fn open_data_directory_is_made_private_at_start() {
-    let dir = std::env::temp_dir().join(format!("raftkv-clientport-old-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
+    let mut cluster = Cluster::new_empty("clientport-old", 1);
+    let dir: PathBuf = cluster.data(0);
     // A directory left beside the node's own (not `raft/`: Raft state without an identity
     // is refused as lost state).
     fs::create_dir_all(dir.join("old")).unwrap();
     fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
     fs::set_permissions(dir.join("old"), fs::Permissions::from_mode(0o755)).unwrap();
-    let secret = dir.with_extension("secret");
-    raftkv::node::secret::create_secret(&secret).expect("create the peer secret");
     let stray = dir.join("notes");
     fs::write(&stray, "left by hand").unwrap();
     fs::set_permissions(&stray, fs::Permissions::from_mode(0o644)).unwrap();
-    let ports = free_ports(2);
-    let mut child = Command::new(EXE)
-        .arg("serve")
-        .args(["--id", "1"])
-        .args(["--peers", &format!("1=127.0.0.1:{}", ports[0])])
-        .args(["--client", &format!("127.0.0.1:{}", ports[1])])
-        .arg("--data")
-        .arg(&dir)
-        .arg("--peer-secret-file")
-        .arg(&secret)
-        .args(["--bootstrap", "client-port-test"])
-        .arg("--stop-on-stdin-eof")
-        .stdin(Stdio::piped())
-        .spawn()
-        .unwrap();
+    cluster.start(0);
     let deadline = Instant::now() + PATIENCE;
     while !dir.join("status").exists() {
         assert!(Instant::now() < deadline, "node did not start");
@@ -556,9 +391,6 @@ fn open_data_directory_is_made_private_at_start() {
     }
     let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
     let modes = (mode(&dir), mode(&dir.join("old")), mode(&stray));
-    let _ = child.kill();
-    let _ = child.wait();
-    let _ = fs::remove_dir_all(&dir);
-    let _ = fs::remove_file(&secret);
+    cluster.kill9(0);
     assert_eq!(modes, (0o700, 0o700, 0o600));
 }

@@ -591,6 +591,7 @@ fn drive(
     let mut exits = Exits::default();
     let mut active: Option<(nemesis::ActiveFault, Instant)> = None;
     let mut next_fault = start + nemesis::calm(rng);
+    let mut deck = nemesis::FaultDeck::new(&opts.fault_kinds);
     let mut status = Status::new(opts.status, opts.duration);
     loop {
         let now = Instant::now();
@@ -611,7 +612,8 @@ fn drive(
                 next_fault = now + nemesis::calm(rng);
             }
             None if opts.faults && now >= next_fault => {
-                let fault = nemesis::inject(cluster, cluster.leader(), &opts.fault_kinds, rng)?;
+                let kind = deck.draw(rng);
+                let fault = nemesis::inject(cluster, cluster.leader(), &[kind], rng)?;
                 if fault.kind.stops_its_node() {
                     exits.disk_filled.extend(fault.nodes.iter().copied());
                 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use rand::Rng;
 use rand::rngs::SmallRng;
+use rand::seq::SliceRandom;
 
 use super::cluster::{ChaosCluster, ClusterError};
 use crate::net::proxy::LinkMode;
@@ -130,6 +131,41 @@ impl fmt::Display for ActiveFault {
             Some(LinkMode::Blackhole) => f.write_str(" blackholed"),
             _ => Ok(()),
         }
+    }
+}
+
+/// The order in which a run's faults come: rounds of every kind once, each round shuffled by
+/// the seed. A run of `r` rounds injects every kind `r` times; kinds drawn one at a time
+/// could leave a kind out of a whole run (with two kinds and ten faults, one run in five
+/// hundred).
+#[derive(Debug, Clone)]
+pub struct FaultDeck {
+    kinds: Vec<FaultKind>,
+    /// What is left of the current round, drawn from the end.
+    round: Vec<FaultKind>,
+}
+
+impl FaultDeck {
+    /// The deck of `kinds` (every kind, [`FaultKind::ALL`], if empty).
+    pub fn new(kinds: &[FaultKind]) -> FaultDeck {
+        let kinds = if kinds.is_empty() {
+            FaultKind::ALL.to_vec()
+        } else {
+            kinds.to_vec()
+        };
+        FaultDeck {
+            kinds,
+            round: Vec::new(),
+        }
+    }
+
+    /// The next kind: the rest of the round, or a new round shuffled.
+    pub fn draw(&mut self, rng: &mut SmallRng) -> FaultKind {
+        if self.round.is_empty() {
+            self.round = self.kinds.clone();
+            self.round.shuffle(rng);
+        }
+        self.round.pop().expect("a deck holds at least one kind")
     }
 }
 
@@ -279,4 +315,34 @@ fn add_back(cluster: &mut ChaosCluster, node: usize) -> Result<(), ClusterError>
         what: format!("node {id} added back"),
         reason: last,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::SeedableRng;
+
+    use super::*;
+
+    #[test]
+    fn every_round_of_the_deck_holds_every_kind_once() {
+        for seed in 0..50 {
+            let mut rng = SmallRng::seed_from_u64(seed);
+            let kinds = [FaultKind::ReplaceFollower, FaultKind::DiskFullFollower];
+            let mut deck = FaultDeck::new(&kinds);
+            for _ in 0..5 {
+                let mut round = [deck.draw(&mut rng), deck.draw(&mut rng)];
+                round.sort();
+                assert_eq!(
+                    round,
+                    [FaultKind::DiskFullFollower, FaultKind::ReplaceFollower]
+                );
+            }
+            let mut all = FaultDeck::new(&[]);
+            let mut round: Vec<FaultKind> = (0..FaultKind::ALL.len())
+                .map(|_| all.draw(&mut rng))
+                .collect();
+            round.sort();
+            assert_eq!(round, FaultKind::ALL.to_vec(), "seed {seed}");
+        }
+    }
 }

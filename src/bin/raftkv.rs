@@ -179,6 +179,14 @@ struct ServeOpts {
     /// holding the most is closed.
     #[arg(long, value_name = "BYTES", default_value_t = 256 << 20, value_parser = clap::value_parser!(u64).range((1 << 20)..=(1 << 40)))]
     maxmemory_clients: u64,
+    /// The largest snapshot this node writes or takes from a peer (give every node the same):
+    /// a larger one streamed to it is refused before anything is written.
+    #[arg(long, value_name = "BYTES", default_value_t = raftkv::storage::DEFAULT_MAX_SNAPSHOT_BYTES, value_parser = clap::value_parser!(u64).range((1 << 20)..))]
+    max_snapshot_bytes: u64,
+    /// A snapshot streamed to this node is refused (or its transfer abandoned) if taking it
+    /// would leave less than this free on the data directory's filesystem.
+    #[arg(long, value_name = "BYTES", default_value_t = raftkv::storage::DEFAULT_MIN_FREE_BYTES)]
+    min_free_disk: u64,
 }
 
 #[derive(Args)]
@@ -311,6 +319,11 @@ fn main() -> ExitCode {
                     partial_frame_timeout: Duration::from_secs(o.partial_frame_timeout),
                     max_input_bytes: o.maxmemory_clients as usize,
                     ..raftkv::resp::server::RespOptions::default()
+                },
+                storage: raftkv::storage::FileLogOptions {
+                    max_snapshot_bytes: o.max_snapshot_bytes,
+                    min_free_bytes: o.min_free_disk,
+                    ..raftkv::storage::FileLogOptions::default()
                 },
             })
         }

@@ -44,11 +44,16 @@ pub struct ServeArgs {
     pub requirepass_file: Option<PathBuf>,
     /// The client port's limits and timeouts (the password is read from the file).
     pub clients: crate::resp::server::RespOptions,
+    /// The file log's limits (`--max-snapshot-bytes`, `--min-free-disk`).
+    pub storage: crate::storage::FileLogOptions,
 }
 
 /// The durable storage of a node's Raft state in `dir`.
-fn open_storage(dir: &Path) -> Result<Box<dyn Storage>, StorageError> {
-    let storage = crate::storage::FileLog::open(dir, crate::storage::FileLogOptions::default())?;
+fn open_storage(
+    dir: &Path,
+    opts: crate::storage::FileLogOptions,
+) -> Result<Box<dyn Storage>, StorageError> {
+    let storage = crate::storage::FileLog::open(dir, opts)?;
     // Raft reads the snapshot from the file when it needs it, rather than holding it.
     storage.keep_snapshot_on_disk();
     Ok(Box::new(storage))
@@ -122,7 +127,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
             args.data.display()
         ));
     }
-    let storage = match open_storage(&raft_dir) {
+    let storage = match open_storage(&raft_dir, args.storage.clone()) {
         Ok(s) => s,
         Err(e) => return fail(e.to_string()),
     };

@@ -75,17 +75,37 @@ const SEAL_BYTES: u64 = (record::HEADER + 9) as u64;
 /// Default segment size: a segment is sealed and a new one started once it passes this.
 pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
 
+/// Default of [`FileLogOptions::max_snapshot_bytes`]: 64 GiB, above the state any node holds
+/// in memory today (the state machine keeps every key in RAM), so only a sender that is not
+/// a working leader meets it.
+pub const DEFAULT_MAX_SNAPSHOT_BYTES: u64 = 64 << 30;
+
+/// Default of [`FileLogOptions::min_free_bytes`].
+pub const DEFAULT_MIN_FREE_BYTES: u64 = 256 << 20;
+
 /// Options of a [`FileLog`].
 #[derive(Debug, Clone)]
 pub struct FileLogOptions {
     /// A segment is sealed once it holds at least this many bytes.
     pub segment_bytes: u64,
+    /// The largest snapshot this log writes (the service's own) or receives (streamed from
+    /// a leader): one limit for both, so a node never writes a snapshot its peers, given the
+    /// same limit, would refuse. A received snapshot that claims more is refused at its first
+    /// piece, before anything is written; the service's snapshot above it stops the peer
+    /// (`StorageError::SnapshotTooLarge`) rather than being written.
+    pub max_snapshot_bytes: u64,
+    /// A streamed snapshot is refused, or its transfer abandoned and its file deleted, when
+    /// receiving the rest of it would leave less than this free on the filesystem of the
+    /// log's directory (`statvfs`, the space an unprivileged writer may use).
+    pub min_free_bytes: u64,
 }
 
 impl Default for FileLogOptions {
     fn default() -> Self {
         FileLogOptions {
             segment_bytes: DEFAULT_SEGMENT_BYTES,
+            max_snapshot_bytes: DEFAULT_MAX_SNAPSHOT_BYTES,
+            min_free_bytes: DEFAULT_MIN_FREE_BYTES,
         }
     }
 }
@@ -123,6 +143,9 @@ pub struct FileLog {
     keep_on_disk: AtomicBool,
     /// A snapshot being received from the leader, and the last one completed.
     receiving: Mutex<Receiving>,
+    /// [`FileLogOptions::max_snapshot_bytes`] and [`FileLogOptions::min_free_bytes`].
+    max_snapshot_bytes: u64,
+    min_free_bytes: u64,
     dir: PathBuf,
 }
 
@@ -149,9 +172,14 @@ impl FileLog {
             Err(fs::TryLockError::Error(e)) => return Err(io_err(&lock_path, "lock", e)),
         }
         check_format(&dir)?;
+        let (max_snapshot_bytes, min_free_bytes) = (opts.max_snapshot_bytes, opts.min_free_bytes);
         let (disk, restored) = recover(&dir, opts)?;
         let state_bytes = disk.state_bytes();
         let current = disk.snapshot.clone();
+        if let Some(s) = current.as_ref().filter(|s| s.len() > max_snapshot_bytes) {
+            // Readable, but peers given this limit would refuse it from this node.
+            log::warn!(target: "storage", "{}: the snapshot through {} is {} bytes, above the snapshot limit of {max_snapshot_bytes}", dir.display(), s.index(), s.len());
+        }
         Ok(FileLog {
             pending: Mutex::new(Pending {
                 ops: Vec::new(),
@@ -168,6 +196,8 @@ impl FileLog {
             current: Mutex::new(current),
             keep_on_disk: AtomicBool::new(false),
             receiving: Mutex::new(Receiving::default()),
+            max_snapshot_bytes,
+            min_free_bytes,
             dir,
         })
     }

@@ -672,14 +672,14 @@ fn older_or_newer_format_is_refused_naming_both_versions() {
         Err(e @ StorageError::Format { .. }) => {
             let msg = e.to_string();
             assert!(
-                msg.contains("format 1") && msg.contains("format 2"),
+                msg.contains("format 1") && msg.contains("format 3"),
                 "names both versions: {msg}"
             );
             assert!(matches!(
                 e,
                 StorageError::Format {
                     found: 1,
-                    supported: 2,
+                    supported: 3,
                     ..
                 }
             ));
@@ -704,22 +704,66 @@ fn older_or_newer_format_is_refused_naming_both_versions() {
         "no format file written into it"
     );
 
-    // A newer format: refused the same way.
+    // A newer format: refused the same way, naming both.
     let newer = TempDir::new("newformat");
     drop(FileLog::open(&newer.0, opts(400)).unwrap());
-    let mut p = vec![6u8];
-    p.extend_from_slice(b"raftkv-log");
-    p.extend_from_slice(&3u32.to_le_bytes());
-    fs::write(newer.0.join("format"), old_frame(&p)).unwrap();
+    fs::write(newer.0.join("format"), format_record(4)).unwrap();
     match reopen(&newer.0) {
-        Err(e @ StorageError::Format { found: 3, .. }) => {
-            assert!(e.to_string().contains("format 3"), "{e}")
+        Err(e @ StorageError::Format { found: 4, .. }) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains("format 4") && msg.contains("format 3"),
+                "names both versions: {msg}"
+            );
         }
         other => panic!(
             "a newer format opened: {:?}",
             other.map(|r| r.log.last_index())
         ),
     }
+    assert_eq!(fs::read(newer.0.join("format")).unwrap(), format_record(4));
+}
+
+/// The `format` file of on-disk format `version`.
+fn format_record(version: u32) -> Vec<u8> {
+    let mut p = vec![record::KIND_FORMAT];
+    p.extend_from_slice(b"raftkv-log");
+    p.extend_from_slice(&version.to_le_bytes());
+    old_frame(&p)
+}
+
+/// A directory of format 2 (the records of format 3, before configuration entries could be
+/// in the log) is upgraded in place: opened with every entry, its hard state and snapshot as
+/// written, and its `format` file now says 3, so a format 2 build would refuse it. The
+/// version this build writes is 3.
+#[test]
+fn format_2_directory_is_upgraded_in_place_to_format_3() {
+    assert_eq!(raftkv::storage::FORMAT_VERSION, 3);
+    let tmp = TempDir::new("format2");
+    let written = write_log(&tmp.0, 40, 400);
+    {
+        let log = FileLog::open(&tmp.0, opts(400)).unwrap();
+        log.restore().unwrap();
+        log.save_snapshot(12, entry(12).term, b"service state through 12")
+            .unwrap();
+        log.sync().unwrap();
+    }
+    assert_eq!(fs::read(tmp.0.join("format")).unwrap(), format_record(3));
+    fs::write(tmp.0.join("format"), format_record(2)).unwrap();
+    let r = reopen(&tmp.0).expect("a format 2 directory opens");
+    assert_eq!(r.hard_state.term, entry(40).term);
+    assert_eq!(r.hard_state.voted_for, Some(1));
+    assert_eq!((r.log.base_index(), r.log.last_index()), (12, 40));
+    assert_eq!(entries_of(&r), written[12..].to_vec());
+    assert!(r.snapshot == b"service state through 12");
+    assert_eq!(
+        fs::read(tmp.0.join("format")).unwrap(),
+        format_record(3),
+        "the format file was not upgraded"
+    );
+    // Upgraded once: opens again as format 3.
+    let again = reopen(&tmp.0).unwrap();
+    assert_eq!(again.log.last_index(), 40);
 }
 
 /// A snapshot streamed in pieces: pieces out of order are answered with the offset wanted,

@@ -16,8 +16,11 @@
 //! complete and verified, and renamed over `snapshot` the same way. Leftover `*.tmp` files
 //! are deleted at open.
 //!
-//! A directory written in another format than [`FORMAT_VERSION`] (one without a `format`
-//! file but with data is format 1) is refused with [`StorageError::Format`], naming both.
+//! A directory of format [`UPGRADED_FORMAT`] (2) is upgraded in place at open: its `format`
+//! record is rewritten (atomically) to [`FORMAT_VERSION`] before anything else is read, and
+//! nothing else changes. A directory written in any other format (one without a `format`
+//! file but with data is format 1; a newer one) is refused with [`StorageError::Format`],
+//! naming both, before any file is read as data or written.
 //!
 //! Writes are queued in memory by the [`Storage`] write calls (cheap, under Raft's mutex) and
 //! carried out by [`Storage::sync`] in order, followed by one fsync per touched file: many
@@ -64,8 +67,17 @@ use snapfile::FileSnapshot;
 
 /// The on-disk format this build writes and reads. 1: no `format` file, the snapshot one
 /// record (unreadable above 64 MiB), the hard state without a kind byte. 2: the `format`
-/// file, chunked snapshots, every record with a kind byte.
-pub const FORMAT_VERSION: u32 = 2;
+/// file, chunked snapshots, every record with a kind byte. 3: the records of 2, and a node's
+/// log may hold configuration entries (membership changes: a command starting with
+/// [`CONFIG_TAG`](crate::raft::membership::CONFIG_TAG)), which a build of format 2 without
+/// membership would hand its state machine as a command.
+pub const FORMAT_VERSION: u32 = 3;
+/// The one older format opened, and upgraded in place by rewriting the `format` record: its
+/// records are read exactly as format 3's, and nothing in it changes meaning, since no build
+/// of it wrote a node command starting with `CONFIG_TAG` other than a configuration entry
+/// (the node's commands are `labcodec` values, which never start with that byte). Once
+/// upgraded, a format 2 build refuses the directory instead of misreading it.
+pub const UPGRADED_FORMAT: u32 = 2;
 /// What the `format` record starts with, after its kind byte.
 const FORMAT_MAGIC: &[u8] = b"raftkv-log";
 

@@ -63,6 +63,8 @@ struct Cluster {
     peer_ports: Vec<u16>,
     client_ports: Vec<u16>,
     children: Vec<Option<Child>>,
+    /// More `serve` options, for every node.
+    serve_args: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,6 +85,11 @@ fn free_ports(n: usize) -> Vec<u16> {
 
 impl Cluster {
     fn new() -> Cluster {
+        Cluster::with_args(&[])
+    }
+
+    /// A cluster whose nodes all run with these more `serve` options.
+    fn with_args(serve_args: &[&str]) -> Cluster {
         let dir = std::env::temp_dir().join(format!(
             "raftkv-peersec-{}-{}",
             std::process::id(),
@@ -97,6 +104,7 @@ impl Cluster {
             peer_ports: ports[..NODES].to_vec(),
             client_ports: ports[NODES..].to_vec(),
             children: (0..NODES).map(|_| None).collect(),
+            serve_args: serve_args.iter().map(|a| a.to_string()).collect(),
         };
         for i in 0..NODES {
             cluster.start(i);
@@ -146,6 +154,7 @@ impl Cluster {
             CLUSTER_ID,
         ]);
         let child = command
+            .args(&self.serve_args)
             .arg("--stop-on-stdin-eof")
             .env("RUST_LOG", node_log_filter())
             .stdin(Stdio::piped())
@@ -803,7 +812,8 @@ fn garbage_snapshot_streamed_by_a_rogue_member_is_refused() {
 }
 
 /// Pieces of a streamed snapshot with numbers no leader sends, from a member gone rogue:
-/// offset and total at u64::MAX, overlapping, out-of-order and oversized pieces, a `done`
+/// offset and total at u64::MAX (a total above the snapshot limit is refused at once),
+/// overlapping, out-of-order and oversized pieces, a `done`
 /// long before the claimed length, a piece past its snapshot's end, an index, term or
 /// snapshot term out of bounds. Each is answered with the offset the node wants (or refused),
 /// nothing is installed and no temporary file is left. Then a transfer that stops halfway:
@@ -827,16 +837,27 @@ fn hostile_snapshot_pieces_and_a_stalled_transfer_from_a_rogue_member_leave_noth
     };
     // No transfer under way: a piece at u64::MAX of u64::MAX is answered "from 0".
     assert_eq!(wants(send(max, max, vec![1; 10], true)), 0);
-    // A transfer claiming u64::MAX bytes: its first piece is taken …
-    assert_eq!(wants(send(0, max, vec![2; PIECE], false)), mib);
+    // A transfer claiming u64::MAX bytes: refused at its first piece (above the snapshot
+    // limit), nothing written.
+    assert!(
+        send(0, max, vec![2; PIECE], false).is_none(),
+        "the first piece of a u64::MAX-byte snapshot was taken"
+    );
+    assert_eq!(
+        received_snapshot_files(&cluster, follower),
+        Vec::<String>::new()
+    );
+    // A transfer claiming 64 MiB: its first piece is taken …
+    let big = 64 * mib;
+    assert_eq!(wants(send(0, big, vec![2; PIECE], false)), mib);
     // … an overlapping piece, one after a gap, one at u64::MAX, one above the piece limit:
     // each answered with the offset wanted.
-    assert_eq!(wants(send(mib / 2, max, vec![3; PIECE], false)), mib);
-    assert_eq!(wants(send(5 * mib, max, vec![3; PIECE], false)), mib);
-    assert_eq!(wants(send(max, max, vec![3; 10], false)), mib);
-    assert_eq!(wants(send(mib, max, vec![3; PIECE + 1], false)), mib);
-    // `done` long before u64::MAX bytes: it does not check out; start over.
-    assert_eq!(wants(send(mib, max, vec![4; 10], true)), 0);
+    assert_eq!(wants(send(mib / 2, big, vec![3; PIECE], false)), mib);
+    assert_eq!(wants(send(5 * mib, big, vec![3; PIECE], false)), mib);
+    assert_eq!(wants(send(max, big, vec![3; 10], false)), mib);
+    assert_eq!(wants(send(mib, big, vec![3; PIECE + 1], false)), mib);
+    // `done` long before its 64 MiB: it does not check out; start over.
+    assert_eq!(wants(send(mib, big, vec![4; 10], true)), 0);
     // A piece running past its snapshot's length: start over.
     assert_eq!(wants(send(0, 100, vec![5; PIECE], false)), 0);
     assert_eq!(
@@ -911,6 +932,141 @@ fn hostile_snapshot_pieces_and_a_stalled_transfer_from_a_rogue_member_leave_noth
         );
     }
     full_restart(&mut cluster, "y", 20);
+}
+
+/// Bytes of files under `dir`, at any depth.
+fn disk_use(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => disk_use(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// The snapshot limit the test below gives every node (`--max-snapshot-bytes`).
+const SNAPSHOT_LIMIT: u64 = 8 << 20;
+
+/// A member gone rogue (it holds the secret) streams snapshots larger than a follower takes:
+/// 64 pieces of a snapshot claiming 1 GiB, and the first piece of one claiming u64::MAX,
+/// then one of exactly the limit (8 MiB here) whose data is garbage. The oversized ones are
+/// refused at their first piece (no reply, nothing written, logged naming the sender and
+/// the sizes), so the follower's disk never grows by more than one limit's worth; the one
+/// at the limit is taken, refused by the state machine, and its file deleted. The cluster
+/// keeps serving and keeps every key. (Without a limit, the node took every piece: the
+/// follower's directory grew by the 64 MiB sent, and would have by the claimed 1 GiB.)
+#[test]
+fn oversized_snapshot_streamed_by_a_rogue_member_is_refused_and_the_disk_stays_bounded() {
+    let limit = SNAPSHOT_LIMIT.to_string();
+    let mut cluster = Cluster::with_args(&["--max-snapshot-bytes", &limit]);
+    cluster.write_keys("o", 20);
+    let (leader, _) = cluster.leader();
+    let terms = cluster.settled_terms();
+    let follower = (leader + 1) % NODES;
+    let rogue_id = (leader + 2) % NODES;
+    cluster.kill9(rogue_id);
+    let raft_dir = cluster.data(follower).join("raft");
+    let before = disk_use(&raft_dir);
+    let mut grown = 0u64;
+    let mut link = RogueLink::open(&cluster, follower, rogue_id);
+    let (term, index) = (terms[0], 1_000_000);
+    let huge = 1u64 << 30;
+    let mut taken = Vec::new();
+    for k in 0..64u64 {
+        let offset = k * PIECE as u64;
+        let answer = link.chunk(piece(
+            term,
+            rogue_id,
+            index,
+            offset,
+            huge,
+            0,
+            vec![0xab; PIECE],
+            false,
+        ));
+        if answer.is_some_and(|r| r.next_offset > 0) {
+            taken.push(offset);
+        }
+        grown = grown.max(disk_use(&raft_dir).saturating_sub(before));
+    }
+    let answer = link.chunk(piece(
+        term,
+        rogue_id,
+        index + 1,
+        0,
+        u64::MAX,
+        0,
+        vec![0xcd; PIECE],
+        false,
+    ));
+    grown = grown.max(disk_use(&raft_dir).saturating_sub(before));
+    println!(
+        "a rogue member's 64 MiB of a 1 GiB snapshot: the follower's raft directory grew by at most {grown} bytes (limit {SNAPSHOT_LIMIT})"
+    );
+    assert!(
+        grown <= SNAPSHOT_LIMIT,
+        "the follower's raft directory grew by {grown} bytes, more than the {SNAPSHOT_LIMIT}-byte snapshot limit"
+    );
+    assert_eq!(taken, Vec::<u64>::new(), "pieces of a 1 GiB snapshot taken");
+    assert!(
+        answer.is_none(),
+        "the first piece of a u64::MAX-byte snapshot was answered: {answer:?}"
+    );
+    assert_eq!(
+        received_snapshot_files(&cluster, follower),
+        Vec::<String>::new()
+    );
+
+    // A garbage snapshot of exactly the limit: taken, then refused by the state machine.
+    let data: Vec<u8> = (0..SNAPSHOT_LIMIT).map(|i| (i * 13 % 251) as u8).collect();
+    let crc = crc32c::crc32c(&data);
+    for (k, bytes) in data.chunks(PIECE).enumerate() {
+        let offset = (k * PIECE) as u64;
+        let done = offset + bytes.len() as u64 == SNAPSHOT_LIMIT;
+        let answer = link.chunk(piece(
+            term,
+            rogue_id,
+            index + 2,
+            offset,
+            SNAPSHOT_LIMIT,
+            if done { crc } else { 0 },
+            bytes.to_vec(),
+            done,
+        ));
+        grown = grown.max(disk_use(&raft_dir).saturating_sub(before));
+        if done {
+            assert!(
+                answer.is_none(),
+                "a garbage snapshot was answered: {answer:?}"
+            );
+        } else {
+            assert_eq!(wants(answer), offset + bytes.len() as u64);
+        }
+    }
+    assert_eq!(
+        received_snapshot_files(&cluster, follower),
+        Vec::<String>::new(),
+        "the refused snapshot's file is still there"
+    );
+    assert!(
+        grown <= SNAPSHOT_LIMIT + (1 << 20),
+        "the follower's raft directory grew by {grown} bytes for a snapshot of {SNAPSHOT_LIMIT}"
+    );
+    drop(link);
+    cluster.start(rogue_id);
+    assert_unharmed(&mut cluster, leader, &terms, "o", 20);
+    if !no_secret() {
+        let log = cluster.log_text(follower);
+        let refused = format!(
+            "through {index} from peer {rogue_id} refused: {huge} bytes, above the snapshot limit of {SNAPSHOT_LIMIT} bytes"
+        );
+        assert!(log.contains(&refused), "{log}");
+    }
 }
 
 /// A member gone rogue (it holds the secret) begins a 40 MiB frame, sends half of it and

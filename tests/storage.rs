@@ -37,7 +37,10 @@ impl Drop for TempDir {
 }
 
 fn opts(segment_bytes: u64) -> FileLogOptions {
-    FileLogOptions { segment_bytes }
+    FileLogOptions {
+        segment_bytes,
+        ..FileLogOptions::default()
+    }
 }
 
 /// Entry `i`: commands of a few dozen bytes, none of them zero (see `record::looks_torn`).
@@ -669,14 +672,14 @@ fn older_or_newer_format_is_refused_naming_both_versions() {
         Err(e @ StorageError::Format { .. }) => {
             let msg = e.to_string();
             assert!(
-                msg.contains("format 1") && msg.contains("format 2"),
+                msg.contains("format 1") && msg.contains("format 3"),
                 "names both versions: {msg}"
             );
             assert!(matches!(
                 e,
                 StorageError::Format {
                     found: 1,
-                    supported: 2,
+                    supported: 3,
                     ..
                 }
             ));
@@ -701,22 +704,66 @@ fn older_or_newer_format_is_refused_naming_both_versions() {
         "no format file written into it"
     );
 
-    // A newer format: refused the same way.
+    // A newer format: refused the same way, naming both.
     let newer = TempDir::new("newformat");
     drop(FileLog::open(&newer.0, opts(400)).unwrap());
-    let mut p = vec![6u8];
-    p.extend_from_slice(b"raftkv-log");
-    p.extend_from_slice(&3u32.to_le_bytes());
-    fs::write(newer.0.join("format"), old_frame(&p)).unwrap();
+    fs::write(newer.0.join("format"), format_record(4)).unwrap();
     match reopen(&newer.0) {
-        Err(e @ StorageError::Format { found: 3, .. }) => {
-            assert!(e.to_string().contains("format 3"), "{e}")
+        Err(e @ StorageError::Format { found: 4, .. }) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains("format 4") && msg.contains("format 3"),
+                "names both versions: {msg}"
+            );
         }
         other => panic!(
             "a newer format opened: {:?}",
             other.map(|r| r.log.last_index())
         ),
     }
+    assert_eq!(fs::read(newer.0.join("format")).unwrap(), format_record(4));
+}
+
+/// The `format` file of on-disk format `version`.
+fn format_record(version: u32) -> Vec<u8> {
+    let mut p = vec![record::KIND_FORMAT];
+    p.extend_from_slice(b"raftkv-log");
+    p.extend_from_slice(&version.to_le_bytes());
+    old_frame(&p)
+}
+
+/// A directory of format 2 (the records of format 3, before configuration entries could be
+/// in the log) is upgraded in place: opened with every entry, its hard state and snapshot as
+/// written, and its `format` file now says 3, so a format 2 build would refuse it. The
+/// version this build writes is 3.
+#[test]
+fn format_2_directory_is_upgraded_in_place_to_format_3() {
+    assert_eq!(raftkv::storage::FORMAT_VERSION, 3);
+    let tmp = TempDir::new("format2");
+    let written = write_log(&tmp.0, 40, 400);
+    {
+        let log = FileLog::open(&tmp.0, opts(400)).unwrap();
+        log.restore().unwrap();
+        log.save_snapshot(12, entry(12).term, b"service state through 12")
+            .unwrap();
+        log.sync().unwrap();
+    }
+    assert_eq!(fs::read(tmp.0.join("format")).unwrap(), format_record(3));
+    fs::write(tmp.0.join("format"), format_record(2)).unwrap();
+    let r = reopen(&tmp.0).expect("a format 2 directory opens");
+    assert_eq!(r.hard_state.term, entry(40).term);
+    assert_eq!(r.hard_state.voted_for, Some(1));
+    assert_eq!((r.log.base_index(), r.log.last_index()), (12, 40));
+    assert_eq!(entries_of(&r), written[12..].to_vec());
+    assert!(r.snapshot == b"service state through 12");
+    assert_eq!(
+        fs::read(tmp.0.join("format")).unwrap(),
+        format_record(3),
+        "the format file was not upgraded"
+    );
+    // Upgraded once: opens again as format 3.
+    let again = reopen(&tmp.0).unwrap();
+    assert_eq!(again.log.last_index(), 40);
 }
 
 /// A snapshot streamed in pieces: pieces out of order are answered with the offset wanted,
@@ -746,6 +793,7 @@ fn streamed_snapshot_is_assembled_checked_and_installed() {
         ChunkOutcome::Next(n) => n,
         ChunkOutcome::Complete(_) => panic!("complete too early"),
         ChunkOutcome::Busy => panic!("busy with no snapshot received"),
+        ChunkOutcome::Refused => panic!("refused within the limits"),
     };
     let log = FileLog::open(&tmp.0, opts(400)).unwrap();
     log.restore().unwrap();
@@ -803,6 +851,7 @@ fn streamed_snapshot_is_assembled_checked_and_installed() {
             ChunkOutcome::Next(n) => assert_eq!(n, (off + c) as u64),
             ChunkOutcome::Complete(s) => complete = Some(s),
             ChunkOutcome::Busy => panic!("busy before the snapshot was complete"),
+            ChunkOutcome::Refused => panic!("refused within the limits"),
         }
     }
     let src = complete.expect("complete after the last piece");
@@ -830,4 +879,152 @@ fn streamed_snapshot_is_assembled_checked_and_installed() {
     let r = reopen(&tmp.0).unwrap();
     assert_eq!((r.log.base_index(), r.log.last_index()), (41, 41));
     assert!(r.snapshot == data, "installed snapshot differs");
+}
+
+/// Every `.tmp` file in `dir` (snapshots being written or received).
+fn tmp_files(dir: &Path) -> Vec<String> {
+    fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".tmp"))
+        .collect()
+}
+
+/// One limit on snapshots for the writer and the receiver: a snapshot of exactly the limit is
+/// written by one log, streamed in pieces into another log given the same limit, installed,
+/// and read back; one byte more is refused by both — the writer with an error naming the
+/// sizes and nothing written, the receiver at the first piece with nothing written (no
+/// temporary file) and the transfer it had under way kept. A receiver whose disk would keep
+/// less than its reserve refuses the same way.
+#[test]
+fn snapshot_at_the_limit_is_written_and_received_and_one_byte_more_is_refused_by_both() {
+    use raftkv::raft::{ChunkOutcome, SnapshotChunk};
+    let limit = 2 * record::SNAPSHOT_CHUNK as u64 + 5;
+    let limited = FileLogOptions {
+        segment_bytes: 400,
+        max_snapshot_bytes: limit,
+        min_free_bytes: 0,
+    };
+    let (writer_dir, receiver_dir) = (TempDir::new("limitw"), TempDir::new("limitr"));
+    let writer = FileLog::open(&writer_dir.0, limited.clone()).unwrap();
+    writer.restore().unwrap();
+    let data: Vec<u8> = (0..limit).map(|i| (i % 241) as u8 + 1).collect();
+    writer.save_snapshot(9, 2, &data).unwrap();
+    writer.sync().unwrap();
+    let src = writer.snapshot_source().expect("the written snapshot");
+    assert_eq!(src.len(), limit);
+
+    let receiver = FileLog::open(&receiver_dir.0, limited.clone()).unwrap();
+    receiver.restore().unwrap();
+    let c = record::SNAPSHOT_CHUNK;
+    let mut complete = None;
+    for offset in (0..limit).step_by(c) {
+        let bytes = src.read(offset, c).unwrap();
+        let done = offset + bytes.len() as u64 == limit;
+        let piece = SnapshotChunk {
+            leader: 0,
+            index: src.index(),
+            term: src.term(),
+            offset,
+            total: limit,
+            crc: if done { src.crc() } else { 0 },
+            data: &bytes,
+            done,
+        };
+        match receiver.receive_snapshot_chunk(piece).unwrap() {
+            ChunkOutcome::Next(n) => assert_eq!(n, offset + bytes.len() as u64),
+            ChunkOutcome::Complete(s) => complete = Some(s),
+            ChunkOutcome::Busy => panic!("busy before the snapshot was complete"),
+            ChunkOutcome::Refused => panic!("a snapshot at the limit was refused at {offset}"),
+        }
+    }
+    let received = complete.expect("complete after the last piece");
+    receiver.install_received_snapshot(&received).unwrap();
+    receiver.sync().unwrap();
+    drop(receiver);
+    let back = FileLog::open(&receiver_dir.0, limited.clone()).unwrap();
+    let r = back.restore().unwrap();
+    assert_eq!(r.log.base_index(), 9);
+    assert!(
+        r.snapshot == data,
+        "the snapshot at the limit did not read back"
+    );
+
+    // One byte more: the writer refuses it, nothing written.
+    let over: Vec<u8> = vec![7; limit as usize + 1];
+    match writer.save_snapshot(10, 2, &over) {
+        Err(e @ StorageError::SnapshotTooLarge { .. }) => {
+            assert_eq!(
+                e,
+                StorageError::SnapshotTooLarge {
+                    index: 10,
+                    len: limit + 1,
+                    limit
+                }
+            );
+            let msg = e.to_string();
+            assert!(msg.contains(&format!("{}", limit + 1)) && msg.contains(&format!("{limit}")));
+        }
+        other => panic!("a snapshot above the limit was taken: {other:?}"),
+    }
+    writer.sync().unwrap();
+    assert_eq!(writer.snapshot_source().unwrap().index(), 9);
+    assert_eq!(tmp_files(&writer_dir.0), Vec::<String>::new());
+    drop(writer);
+
+    // … and the receiver refuses its first piece, keeping the transfer it has under way.
+    let piece = |index: u64, offset: u64, total: u64, data: &'static [u8]| SnapshotChunk {
+        leader: 2,
+        index,
+        term: 3,
+        offset,
+        total,
+        crc: 0,
+        data,
+        done: false,
+    };
+    static BYTES: [u8; 1000] = [9; 1000];
+    assert!(matches!(
+        back.receive_snapshot_chunk(piece(20, 0, limit, &BYTES))
+            .unwrap(),
+        ChunkOutcome::Next(1000)
+    ));
+    let under_way = tmp_files(&receiver_dir.0);
+    assert_eq!(under_way.len(), 1, "one transfer under way");
+    for total in [limit + 1, u64::MAX] {
+        assert!(
+            matches!(
+                back.receive_snapshot_chunk(piece(21, 0, total, &BYTES))
+                    .unwrap(),
+                ChunkOutcome::Refused
+            ),
+            "a transfer of {total} bytes was taken"
+        );
+    }
+    assert_eq!(tmp_files(&receiver_dir.0), under_way, "nothing written");
+    assert!(matches!(
+        back.receive_snapshot_chunk(piece(20, 1000, limit, &BYTES))
+            .unwrap(),
+        ChunkOutcome::Next(2000)
+    ));
+    drop(back);
+
+    // A disk that would keep less than the reserve: refused the same way.
+    let reserve_dir = TempDir::new("reserve");
+    let reserved = FileLog::open(
+        &reserve_dir.0,
+        FileLogOptions {
+            min_free_bytes: u64::MAX / 2,
+            ..limited
+        },
+    )
+    .unwrap();
+    reserved.restore().unwrap();
+    assert!(matches!(
+        reserved
+            .receive_snapshot_chunk(piece(20, 0, 1000, &BYTES))
+            .unwrap(),
+        ChunkOutcome::Refused
+    ));
+    assert_eq!(tmp_files(&reserve_dir.0), Vec::<String>::new());
 }

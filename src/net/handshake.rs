@@ -64,8 +64,22 @@ pub struct PeerAuth {
     members: Option<MemberCheck>,
 }
 
-/// Whether a node id is a member of the listener's current configuration.
-pub type MemberCheck = Arc<dyn Fn(u64) -> bool + Send + Sync>;
+/// What the listener's configuration says of a dialler that proved itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Membership {
+    Member,
+    /// Not in the listener's current configuration, which may not be committed yet.
+    NotMember,
+    /// Not in the listener's committed configuration (the entry at `index`): removed for
+    /// good (unless added again later). The server then tells it so
+    /// ([`RemoteError::NotMember`](super::RemoteError)) instead of closing.
+    Removed {
+        index: u64,
+    },
+}
+
+/// What a node id is to the listener's current configuration.
+pub type MemberCheck = Arc<dyn Fn(u64) -> Membership + Send + Sync>;
 
 impl fmt::Debug for PeerAuth {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -112,8 +126,8 @@ impl PeerAuth {
         })
     }
 
-    /// As a listener, accepts only the diallers `members` admits (checked once they have
-    /// proved themselves).
+    /// As a listener, accepts only the diallers `members` says are members (checked once
+    /// they have proved themselves).
     pub fn with_member_check(mut self, members: MemberCheck) -> PeerAuth {
         self.members = Some(members);
         self
@@ -193,9 +207,11 @@ pub enum HandshakeError {
         claimed: u64,
     },
     /// The dialler proved itself but is not a member of the listener's configuration (a
-    /// removed node).
+    /// removed node); `removed_at`: the index of the listener's committed configuration
+    /// without it, if that is why.
     NotMember {
         claimed: u64,
+        removed_at: Option<u64>,
     },
 }
 
@@ -214,9 +230,19 @@ impl fmt::Display for HandshakeError {
             HandshakeError::Cluster { ours, theirs } => {
                 write!(f, "cluster id mismatch: ours {ours:?}, theirs {theirs:?}")
             }
-            HandshakeError::NotMember { claimed } => {
+            HandshakeError::NotMember {
+                claimed,
+                removed_at: None,
+            } => {
                 write!(f, "node {claimed} is not a member of this node's configuration")
             }
+            HandshakeError::NotMember {
+                claimed,
+                removed_at: Some(index),
+            } => write!(
+                f,
+                "node {claimed} is not a member of this node's committed configuration (entry {index})"
+            ),
             HandshakeError::UnknownNode { claimed } => {
                 write!(f, "claims to be node {claimed}, not another node of this cluster")
             }
@@ -334,13 +360,23 @@ pub fn accept(
     if !auth.verify("dialler", dialler, listener, (nonce_d, &nonce_l), &proof) {
         return Err(HandshakeError::BadProof { claimed: dialler });
     }
-    if let Some(members) = &auth.members
-        && !members(dialler)
-    {
-        return Err(HandshakeError::NotMember { claimed: dialler });
-    }
+    let verdict = auth
+        .members
+        .as_ref()
+        .map_or(Membership::Member, |members| members(dialler));
     stream.set_read_timeout(None).map_err(HandshakeError::Io)?;
-    Ok(dialler)
+    match verdict {
+        Membership::Member => Ok(dialler),
+        Membership::NotMember => Err(HandshakeError::NotMember {
+            claimed: dialler,
+            removed_at: None,
+        }),
+        // Proven, so it may be told (the server does, on this stream).
+        Membership::Removed { index } => Err(HandshakeError::NotMember {
+            claimed: dialler,
+            removed_at: Some(index),
+        }),
+    }
 }
 
 /// The dialler's side, on a fresh connection to node `listener`.

@@ -21,7 +21,7 @@ use serde::de::DeserializeOwned;
 use super::acceptor::close_and_join;
 use super::acceptor::{Accept, Acceptor, AcceptorOptions, ConnList, Handshake};
 use super::conn::{self, ConnConfig, ConnHandle, ConnThreads};
-use super::handshake::{self, HANDSHAKE_TIMEOUT, PeerAuth};
+use super::handshake::{self, HANDSHAKE_TIMEOUT, HandshakeError, PeerAuth};
 use super::partial::PartialFrames;
 use super::wire::{self, Frame, RemoteError};
 use super::{DEFAULT_MAX_FRAME_BYTES, RateLimitedLog};
@@ -266,6 +266,7 @@ impl Accept for Opener {
                 peer,
                 None,
                 k,
+                None,
             )?);
             conns.push(ConnEntry {
                 k,
@@ -329,10 +330,27 @@ fn authenticate(
     served: &Mutex<Option<(ConnHandle, ConnThreads)>>,
 ) {
     let name = &inner.name;
-    match handshake::accept(&mut stream, auth, Instant::now() + HANDSHAKE_TIMEOUT) {
+    let accepted = match handshake::accept(&mut stream, auth, Instant::now() + HANDSHAKE_TIMEOUT) {
         Ok(node) => {
             log::debug!(target: LOG, "{name}: node {node} authenticated from {peer}");
-            match start_conn(inner, job_tx, stream, peer, Some(node), k) {
+            Ok((node, None))
+        }
+        Err(HandshakeError::NotMember {
+            claimed,
+            removed_at: Some(index),
+        }) => {
+            // A member removed for good: it is served only to be told so, every call
+            // answered `NotMember` unrun, so it stops campaigning instead of retrying forever.
+            if let Some(count) = inner.unauthenticated_log.tick() {
+                log::info!(target: LOG, "{name}: node {claimed} at {peer} is not a member of the committed configuration (entry {index}): its calls are answered so ({count} such since the last report)");
+            }
+            Ok((claimed, Some(index)))
+        }
+        Err(e) => Err(e),
+    };
+    match accepted {
+        Ok((node, removed_at)) => {
+            match start_conn(inner, job_tx, stream, peer, Some(node), k, removed_at) {
                 Ok((handle, threads)) => {
                     if let Some(old) = inner.nodes.lock().insert(node, handle.clone())
                         && !old.is_closed()
@@ -355,7 +373,8 @@ fn authenticate(
     }
 }
 
-/// Starts the reader and writer of a connection.
+/// Starts the reader and writer of a connection; with `removed_at`, one of a node removed
+/// from the configuration, whose every call is answered [`RemoteError::NotMember`] unrun.
 fn start_conn(
     inner: &Arc<Inner>,
     job_tx: &Sender<Job>,
@@ -363,6 +382,7 @@ fn start_conn(
     peer: SocketAddr,
     node: Option<u64>,
     k: u64,
+    removed_at: Option<u64>,
 ) -> io::Result<(ConnHandle, ConnThreads)> {
     let config = ConnConfig {
         name: format!("{}-c{k}", inner.name),
@@ -381,8 +401,9 @@ fn start_conn(
     let on_frame = {
         let inner = inner.clone();
         let job_tx = job_tx.clone();
-        move |frame, reply_tx: &Sender<Vec<u8>>| {
-            on_request(&inner, &job_tx, peer, node, frame, reply_tx)
+        move |frame, reply_tx: &Sender<Vec<u8>>| match removed_at {
+            Some(index) => not_member(index, frame, reply_tx),
+            None => on_request(&inner, &job_tx, peer, node, frame, reply_tx),
         }
     };
     conn::start(stream, config, on_frame, || {})
@@ -528,6 +549,18 @@ impl Drop for Server {
             self.stop_and_join();
         }
     }
+}
+
+/// A frame from a removed node: answered at once, nothing run.
+fn not_member(index: u64, frame: Frame, reply_tx: &Sender<Vec<u8>>) -> bool {
+    let Frame::Request { id, .. } = frame else {
+        return false;
+    };
+    if let Ok(frame) = wire::encode_reply(id, Err(&RemoteError::NotMember { index })) {
+        // A full queue: the caller times out instead.
+        let _ = reply_tx.try_send(frame);
+    }
+    true
 }
 
 /// A frame from a client: queue the call, or refuse it when the queue is full.

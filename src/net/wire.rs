@@ -31,6 +31,11 @@ pub enum RemoteError {
         bytes: usize,
         max: usize,
     },
+    /// The caller proved itself in the peer handshake but is not a member of the server's
+    /// committed configuration (the entry at `index`): it was removed. Nothing was run.
+    NotMember {
+        index: u64,
+    },
 }
 
 impl fmt::Display for RemoteError {
@@ -52,6 +57,10 @@ impl fmt::Display for RemoteError {
                     "reply of {bytes} bytes exceeds the {max}-byte frame limit"
                 )
             }
+            RemoteError::NotMember { index } => write!(
+                f,
+                "not a member of the server's committed configuration (entry {index}): removed"
+            ),
         }
     }
 }

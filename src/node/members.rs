@@ -15,11 +15,12 @@ use std::fs;
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
+use crate::net::handshake::Membership;
 use crate::net::{ClientEnd, ClientOptions, DialAuth, PeerAuth};
 use crate::raft::membership::MAX_PEERS;
 use crate::raft::{ChangeError, ConfChange, Configuration, Member, MembershipHost, Raft};
@@ -61,6 +62,21 @@ pub struct Members {
     /// The operator's change under way on this node (an add waits for its learner to catch
     /// up): another is refused meanwhile.
     busy: Mutex<Option<String>>,
+    /// The index of the current configuration's entry, and a removal a member told of.
+    removal: Mutex<Removal>,
+    /// This node's Raft, once started: whether its configuration is committed decides
+    /// whether a dialler outside it is told it was removed.
+    raft: Mutex<Option<Weak<Raft>>>,
+}
+
+/// What this node knows of its own removal.
+#[derive(Debug, Default)]
+struct Removal {
+    /// The index of the entry of the current configuration (0: the initial one).
+    current_index: u64,
+    /// A member that answered `NotMember`, and the index of its committed configuration
+    /// without this node.
+    told: Option<(usize, u64)>,
 }
 
 impl Members {
@@ -85,7 +101,14 @@ impl Members {
             auth,
             options,
             busy: Mutex::new(None),
+            removal: Mutex::new(Removal::default()),
+            raft: Mutex::new(None),
         }
+    }
+
+    /// The node's Raft, started after the peer port (whose handshake asks it).
+    pub fn set_raft(&self, raft: &Arc<Raft>) {
+        *self.raft.lock() = Some(Arc::downgrade(raft));
     }
 
     /// The founding configuration of `--peers` (nodes `1..=peers`), every node a voter,
@@ -113,12 +136,40 @@ impl Members {
         self.current.lock().clone()
     }
 
-    /// Whether node `id` (1-based) may connect: a member of the current configuration, or
-    /// anyone while this node has none (it waits to be added and learns the configuration
-    /// from the leader that contacts it).
-    pub fn admits(&self, id: u64) -> bool {
-        let c = self.current.lock();
-        c.members.is_empty() || c.members.iter().any(|m| m.peer as u64 + 1 == id)
+    /// What node `id` (1-based) is to this node, for the peer handshake: a member of the
+    /// current configuration, or anyone while this node has none (it waits to be added and
+    /// learns the configuration from the leader that contacts it), may connect; a node
+    /// outside a committed configuration was removed, and is told so (Raft dissertation
+    /// §4.2.3: it then stops campaigning); outside one not yet committed, it is refused.
+    pub fn membership_of(&self, id: u64) -> Membership {
+        {
+            let c = self.current.lock();
+            if c.members.is_empty() || c.members.iter().any(|m| m.peer as u64 + 1 == id) {
+                return Membership::Member;
+            }
+        }
+        // Not under this lock: Raft's mutex is taken before it (`changed_at`).
+        let raft = self.raft.lock().as_ref().and_then(Weak::upgrade);
+        let peer = id.saturating_sub(1) as usize;
+        match raft.and_then(|r| r.membership()) {
+            Some(s) if s.committed && s.config.member(peer).is_none() => {
+                Membership::Removed { index: s.index }
+            }
+            _ => Membership::NotMember,
+        }
+    }
+
+    /// Member `by` answered that its committed configuration at `index` leaves this node
+    /// out. Believed only for a configuration newer than this node's own: a member that
+    /// lags behind a change adding this node back says nothing new. Logged once.
+    pub fn note_removed(&self, by: usize, index: u64) {
+        let mut r = self.removal.lock();
+        if index <= r.current_index || r.told.is_some_and(|(_, i)| i >= index) {
+            return;
+        }
+        r.told = Some((by, index));
+        drop(r);
+        log::warn!(target: "node::members", "node {}: removed from the cluster: node {} holds a committed configuration (entry {index}) without it; it no longer campaigns (stop it, or add it again)", self.me + 1, by + 1);
     }
 
     /// The connection to member `peer` (0-based), made now if needed; `None` for a peer
@@ -187,6 +238,9 @@ impl Members {
 
     /// What this node is in its configuration, for the status file.
     pub fn role(&self) -> &'static str {
+        if self.removed().is_some() {
+            return "removed";
+        }
         let c = self.current.lock();
         match c.member(self.me) {
             Some(m) if m.voter => "voter",
@@ -246,6 +300,23 @@ impl MembershipHost for Members {
     fn changed(&self, config: &Configuration) {
         log::info!(target: "node::members", "node {}: configuration now {config}", self.me + 1);
         *self.current.lock() = config.clone();
+    }
+
+    fn changed_at(&self, index: u64, config: &Configuration) {
+        self.changed(config);
+        let mut r = self.removal.lock();
+        r.current_index = index;
+        if let Some((by, told)) = r.told
+            && index > told
+        {
+            r.told = None;
+            log::info!(target: "node::members", "node {}: its configuration (entry {index}) is newer than the one node {} said removed it (entry {told})", self.me + 1, by + 1);
+        }
+    }
+
+    fn removed(&self) -> Option<(usize, u64)> {
+        let r = self.removal.lock();
+        r.told.filter(|&(_, index)| index > r.current_index)
     }
 }
 

@@ -254,7 +254,7 @@ impl Node {
         ));
         let admits = {
             let members = members.clone();
-            Arc::new(move |id: u64| members.admits(id))
+            Arc::new(move |id: u64| members.membership_of(id))
         };
         // Bind the peer port first: a node that cannot listen must not start Raft.
         let server = Server::start(
@@ -290,6 +290,7 @@ impl Node {
             },
         );
         let rsm = Arc::new(rsm.map_err(NodeError::Rsm)?);
+        members.set_raft(&rsm.raft());
         // A larger append would stop the peer: the rsm refuses such a batch instead.
         rsm.set_max_entry_bytes(front::MAX_ENTRY_BYTES);
         // A node may hold far more than its snapshot threshold: without this, every few

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use super::identity::ClusterIdentity;
 use super::members::Members;
-use crate::net::{NetError, Service};
+use crate::net::{NetError, RemoteError, Service};
 use crate::raft::membership::MAX_PEERS;
 use crate::raft::{
     AppendEntriesArgs, AppendEntriesReply, InstallSnapshotArgs, InstallSnapshotChunkArgs,
@@ -69,9 +69,20 @@ impl TcpRaftTransport {
             msg: args,
         };
         match self.members.end(peer) {
-            Some(end) => end.call_async(method, &tagged, move |r: Result<Option<R>, NetError>| {
-                on_reply(r.ok().flatten())
-            }),
+            Some(end) => {
+                let members = self.members.clone();
+                end.call_async(method, &tagged, move |r: Result<Option<R>, NetError>| {
+                    if let Err(NetError::Remote {
+                        error: RemoteError::NotMember { index },
+                        ..
+                    }) = &r
+                    {
+                        // This node was removed by a change it never received.
+                        members.note_removed(peer, *index);
+                    }
+                    on_reply(r.ok().flatten())
+                })
+            }
             // Raft sends only to members; one removed meanwhile is a lost message.
             None => {
                 log::debug!(target: "node::transport", "no end for peer {peer} ({method})");

@@ -73,6 +73,14 @@ pub struct ServeArgs {
     /// holding the most is closed.
     #[arg(long, value_name = "BYTES", default_value_t = 256 << 20, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range((1 << 20)..=(1 << 40)))]
     pub maxmemory_clients: usize,
+    /// The largest snapshot this node writes or takes from a peer (give every node the same):
+    /// a larger one streamed to it is refused before anything is written.
+    #[arg(long, value_name = "BYTES", default_value_t = crate::storage::DEFAULT_MAX_SNAPSHOT_BYTES, value_parser = clap::value_parser!(u64).range((1 << 20)..))]
+    pub max_snapshot_bytes: u64,
+    /// A snapshot streamed to this node is refused (or its transfer abandoned) if taking it
+    /// would leave less than this free on the data directory's filesystem.
+    #[arg(long, value_name = "BYTES", default_value_t = crate::storage::DEFAULT_MIN_FREE_BYTES)]
+    pub min_free_disk: u64,
 }
 
 impl ServeArgs {
@@ -82,6 +90,15 @@ impl ServeArgs {
             return Err(format!("--id {} is not in --peers", self.id));
         }
         Ok(())
+    }
+
+    /// The file log's limits (`--max-snapshot-bytes`, `--min-free-disk`).
+    fn storage_options(&self) -> crate::storage::FileLogOptions {
+        crate::storage::FileLogOptions {
+            max_snapshot_bytes: self.max_snapshot_bytes,
+            min_free_bytes: self.min_free_disk,
+            ..crate::storage::FileLogOptions::default()
+        }
     }
 
     /// The client port's limits and timeouts (the password is read from its file later).
@@ -130,8 +147,11 @@ fn parse_cluster_id(value: &str) -> Result<String, String> {
 }
 
 /// The durable storage of a node's Raft state in `dir`.
-fn open_storage(dir: &Path) -> Result<Box<dyn Storage>, StorageError> {
-    let storage = crate::storage::FileLog::open(dir, crate::storage::FileLogOptions::default())?;
+fn open_storage(
+    dir: &Path,
+    opts: crate::storage::FileLogOptions,
+) -> Result<Box<dyn Storage>, StorageError> {
+    let storage = crate::storage::FileLog::open(dir, opts)?;
     // Raft reads the snapshot from the file when it needs it, rather than holding it.
     storage.keep_snapshot_on_disk();
     Ok(Box::new(storage))
@@ -205,7 +225,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
             args.data.display()
         ));
     }
-    let storage = match open_storage(&raft_dir) {
+    let storage = match open_storage(&raft_dir, args.storage_options()) {
         Ok(s) => s,
         Err(e) => return fail(e.to_string()),
     };

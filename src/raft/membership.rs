@@ -289,6 +289,20 @@ pub trait MembershipHost: Send + Sync {
     /// The peer's current configuration changed (appended, truncated, restored, installed).
     /// Called under Raft's mutex: it must not block.
     fn changed(&self, config: &Configuration);
+    /// [`changed`](MembershipHost::changed), with the index of the configuration's entry (0:
+    /// the initial one); also called when only the index changed (the same members again).
+    fn changed_at(&self, index: u64, config: &Configuration) {
+        let _ = index;
+        self.changed(config);
+    }
+    /// Whether a member has told this peer that a committed configuration newer than this
+    /// peer's own leaves it out (that member, and the configuration's index): a removed peer
+    /// that never received the entry removing it. Such a peer does not campaign (dissertation
+    /// §4.2.3) until its own configuration is newer than the one it was told of (it was added
+    /// again). Called under Raft's mutex: it must not block.
+    fn removed(&self) -> Option<(usize, u64)> {
+        None
+    }
 }
 
 /// What a membership-enabled peer keeps: the configuration as of its snapshot and those of
@@ -299,8 +313,9 @@ pub(super) struct Configs {
     pub base: (u64, Configuration),
     /// Configuration entries after the base, by index.
     pub log: Vec<(u64, Configuration)>,
-    /// The configuration last told to the host (so it is told of changes only).
-    pub announced: Option<Configuration>,
+    /// The configuration last told to the host, and its entry's index (so it is told of
+    /// changes only).
+    pub announced: Option<(u64, Configuration)>,
     /// The index of the configuration the host holds durably (0: none saved).
     pub saved: u64,
 }
@@ -380,9 +395,10 @@ impl Core {
         let (Some(host), Some(cs)) = (self.peers.membership(), st.configs.as_mut()) else {
             return;
         };
-        if cs.announced.as_ref() != Some(cs.current()) {
-            host.changed(cs.current());
-            cs.announced = Some(cs.current().clone());
+        let now = (cs.current_index(), cs.current());
+        if cs.announced.as_ref().map(|(i, c)| (*i, c)) != Some(now) {
+            host.changed_at(now.0, now.1);
+            cs.announced = Some((now.0, now.1.clone()));
         }
     }
 

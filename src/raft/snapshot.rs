@@ -284,7 +284,7 @@ impl Core {
         let src = match self.storage.receive_snapshot_chunk(chunk) {
             Ok(ChunkOutcome::Next(next)) => return self.reply_if_alive(reply(term, next, false)),
             Ok(ChunkOutcome::Complete(src)) => src,
-            Ok(ChunkOutcome::Busy) => return None,
+            Ok(ChunkOutcome::Busy | ChunkOutcome::Refused) => return None,
             Err(e) => {
                 let mut st = self.state.lock();
                 self.storage_failed(&mut st, "snapshot chunk", &e);

@@ -342,8 +342,8 @@ impl Core {
         log::info!(target: "raft::persist", "raft-{me} t{term}: restored, log ({base}..={}], voted {voted_for:?}", state.log.last_index());
         if let (Some(host), Some(cs)) = (peers.membership(), state.configs.as_mut()) {
             log::info!(target: "raft::membership", "raft-{me}: configuration {} (entry {})", cs.current(), cs.current_index());
-            host.changed(cs.current());
-            cs.announced = Some(cs.current().clone());
+            host.changed_at(cs.current_index(), cs.current());
+            cs.announced = Some((cs.current_index(), cs.current().clone()));
         }
         Ok((
             Core {
@@ -424,6 +424,14 @@ impl Core {
         st.configs
             .as_ref()
             .is_none_or(|cs| cs.current().is_voter(self.me))
+    }
+
+    /// Whether a member told this peer it was removed by a committed configuration newer
+    /// than its own (see [`MembershipHost::removed`](super::MembershipHost::removed)).
+    pub(super) fn told_removed(&self) -> bool {
+        self.peers
+            .membership()
+            .is_some_and(|host| host.removed().is_some())
     }
 
     /// Whether `peer` is in this peer's configuration (always in the labs' Raft).
@@ -577,9 +585,13 @@ impl Core {
                         self.broadcast_append(&mut st);
                     }
                 } else if now >= st.election_deadline {
-                    if !self.voter.load(Ordering::SeqCst) || !self.in_voters(&st) {
-                        // Not a voter (yet, or any more): it waits for a leader instead of
-                        // standing.
+                    if !self.voter.load(Ordering::SeqCst)
+                        || !self.in_voters(&st)
+                        || self.told_removed()
+                    {
+                        // Not a voter (yet, or any more, or told by a member that a committed
+                        // configuration left it out, dissertation §4.2.3): it waits for a
+                        // leader instead of standing.
                         self.reset_election_timer(&mut st);
                     } else if self.pre_vote {
                         self.start_pre_vote(&mut st);

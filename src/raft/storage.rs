@@ -60,6 +60,9 @@ pub enum StorageError {
         found: u32,
         supported: u32,
     },
+    /// A snapshot above the storage's limit on snapshots, which its peers (given the same
+    /// limit) would refuse to receive: not written.
+    SnapshotTooLarge { index: u64, len: u64, limit: u64 },
 }
 
 impl fmt::Display for StorageError {
@@ -92,6 +95,11 @@ impl fmt::Display for StorageError {
                      start the release that wrote it, or move the directory away and let the node catch up from its peers"
                 )
             }
+            StorageError::SnapshotTooLarge { index, len, limit } => write!(
+                f,
+                "the snapshot through index {index} is {len} bytes, above the {limit}-byte limit on snapshots \
+                 (serve's --max-snapshot-bytes), which peers set alike would refuse; raise the limit on every node"
+            ),
         }
     }
 }
@@ -284,6 +292,11 @@ pub enum ChunkOutcome {
     /// new transfer of it would replace the very file under the check, which could then
     /// install nothing, and with a check slower than the leader's resends, never would.
     Busy,
+    /// The storage will not keep a snapshot of that size (above its limit on snapshots, or
+    /// more than its disk can take and keep a reserve): nothing was written, a transfer of
+    /// it under way was abandoned and its file deleted, and nothing is answered (the storage
+    /// has logged it, naming the sender and the sizes).
+    Refused,
 }
 
 /// Where a Raft peer keeps term, vote, log and snapshot. See the module documentation for

@@ -5,7 +5,7 @@ use std::fs::{self, File};
 use std::io::{ErrorKind, Write};
 use std::path::Path;
 
-use super::{FORMAT_MAGIC, FORMAT_VERSION, corrupt, io_err, record};
+use super::{FORMAT_MAGIC, FORMAT_VERSION, UPGRADED_FORMAT, corrupt, io_err, record};
 use crate::raft::{HardState, StorageError};
 
 pub(super) fn fsync_dir(dir: &Path) -> Result<(), StorageError> {
@@ -81,6 +81,12 @@ pub(super) fn check_format(dir: &Path) -> Result<(), StorageError> {
                 return Err(corrupt(&path, 0, "not a raftkv format record"));
             }
             let found = u32::from_le_bytes(p[n..n + 4].try_into().expect("4 bytes"));
+            if found == UPGRADED_FORMAT {
+                // Only the version changes: see `UPGRADED_FORMAT` for why that is safe.
+                replace_file(dir, "format", &encode_format())?;
+                log::info!(target: "storage", "{}: on-disk format {found} upgraded in place to format {FORMAT_VERSION}", dir.display());
+                return Ok(());
+            }
             if found != FORMAT_VERSION {
                 return Err(StorageError::Format {
                     path: dir.display().to_string(),

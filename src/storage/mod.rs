@@ -16,8 +16,11 @@
 //! complete and verified, and renamed over `snapshot` the same way. Leftover `*.tmp` files
 //! are deleted at open.
 //!
-//! A directory written in another format than [`FORMAT_VERSION`] (one without a `format`
-//! file but with data is format 1) is refused with [`StorageError::Format`], naming both.
+//! A directory of format [`UPGRADED_FORMAT`] (2) is upgraded in place at open: its `format`
+//! record is rewritten (atomically) to [`FORMAT_VERSION`] before anything else is read, and
+//! nothing else changes. A directory written in any other format (one without a `format`
+//! file but with data is format 1; a newer one) is refused with [`StorageError::Format`],
+//! naming both, before any file is read as data or written.
 //!
 //! Writes are queued in memory by the [`Storage`] write calls (cheap, under Raft's mutex) and
 //! carried out by [`Storage::sync`] in order, followed by one fsync per touched file: many
@@ -64,8 +67,17 @@ use snapfile::FileSnapshot;
 
 /// The on-disk format this build writes and reads. 1: no `format` file, the snapshot one
 /// record (unreadable above 64 MiB), the hard state without a kind byte. 2: the `format`
-/// file, chunked snapshots, every record with a kind byte.
-pub const FORMAT_VERSION: u32 = 2;
+/// file, chunked snapshots, every record with a kind byte. 3: the records of 2, and a node's
+/// log may hold configuration entries (membership changes: a command starting with
+/// [`CONFIG_TAG`](crate::raft::membership::CONFIG_TAG)), which a build of format 2 without
+/// membership would hand its state machine as a command.
+pub const FORMAT_VERSION: u32 = 3;
+/// The one older format opened, and upgraded in place by rewriting the `format` record: its
+/// records are read exactly as format 3's, and nothing in it changes meaning, since no build
+/// of it wrote a node command starting with `CONFIG_TAG` other than a configuration entry
+/// (the node's commands are `labcodec` values, which never start with that byte). Once
+/// upgraded, a format 2 build refuses the directory instead of misreading it.
+pub const UPGRADED_FORMAT: u32 = 2;
 /// What the `format` record starts with, after its kind byte.
 const FORMAT_MAGIC: &[u8] = b"raftkv-log";
 
@@ -75,17 +87,37 @@ const SEAL_BYTES: u64 = (record::HEADER + 9) as u64;
 /// Default segment size: a segment is sealed and a new one started once it passes this.
 pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
 
+/// Default of [`FileLogOptions::max_snapshot_bytes`]: 64 GiB, above the state any node holds
+/// in memory today (the state machine keeps every key in RAM), so only a sender that is not
+/// a working leader meets it.
+pub const DEFAULT_MAX_SNAPSHOT_BYTES: u64 = 64 << 30;
+
+/// Default of [`FileLogOptions::min_free_bytes`].
+pub const DEFAULT_MIN_FREE_BYTES: u64 = 256 << 20;
+
 /// Options of a [`FileLog`].
 #[derive(Debug, Clone)]
 pub struct FileLogOptions {
     /// A segment is sealed once it holds at least this many bytes.
     pub segment_bytes: u64,
+    /// The largest snapshot this log writes (the service's own) or receives (streamed from
+    /// a leader): one limit for both, so a node never writes a snapshot its peers, given the
+    /// same limit, would refuse. A received snapshot that claims more is refused at its first
+    /// piece, before anything is written; the service's snapshot above it stops the peer
+    /// (`StorageError::SnapshotTooLarge`) rather than being written.
+    pub max_snapshot_bytes: u64,
+    /// A streamed snapshot is refused, or its transfer abandoned and its file deleted, when
+    /// receiving the rest of it would leave less than this free on the filesystem of the
+    /// log's directory (`statvfs`, the space an unprivileged writer may use).
+    pub min_free_bytes: u64,
 }
 
 impl Default for FileLogOptions {
     fn default() -> Self {
         FileLogOptions {
             segment_bytes: DEFAULT_SEGMENT_BYTES,
+            max_snapshot_bytes: DEFAULT_MAX_SNAPSHOT_BYTES,
+            min_free_bytes: DEFAULT_MIN_FREE_BYTES,
         }
     }
 }
@@ -123,6 +155,9 @@ pub struct FileLog {
     keep_on_disk: AtomicBool,
     /// A snapshot being received from the leader, and the last one completed.
     receiving: Mutex<Receiving>,
+    /// [`FileLogOptions::max_snapshot_bytes`] and [`FileLogOptions::min_free_bytes`].
+    max_snapshot_bytes: u64,
+    min_free_bytes: u64,
     dir: PathBuf,
 }
 
@@ -149,9 +184,14 @@ impl FileLog {
             Err(fs::TryLockError::Error(e)) => return Err(io_err(&lock_path, "lock", e)),
         }
         check_format(&dir)?;
+        let (max_snapshot_bytes, min_free_bytes) = (opts.max_snapshot_bytes, opts.min_free_bytes);
         let (disk, restored) = recover(&dir, opts)?;
         let state_bytes = disk.state_bytes();
         let current = disk.snapshot.clone();
+        if let Some(s) = current.as_ref().filter(|s| s.len() > max_snapshot_bytes) {
+            // Readable, but peers given this limit would refuse it from this node.
+            log::warn!(target: "storage", "{}: the snapshot through {} is {} bytes, above the snapshot limit of {max_snapshot_bytes}", dir.display(), s.index(), s.len());
+        }
         Ok(FileLog {
             pending: Mutex::new(Pending {
                 ops: Vec::new(),
@@ -168,6 +208,8 @@ impl FileLog {
             current: Mutex::new(current),
             keep_on_disk: AtomicBool::new(false),
             receiving: Mutex::new(Receiving::default()),
+            max_snapshot_bytes,
+            min_free_bytes,
             dir,
         })
     }

@@ -82,6 +82,10 @@ impl FileLog {
                 reason: format!("{}: index or term out of range", op.name()),
             });
         }
+        if let Op::Snapshot(index, _, SnapIn::Bytes(data)) = &op {
+            // What the writer writes, the peers read: the one limit of both sides.
+            self.check_snapshot_len(*index, data.len() as u64)?;
+        }
         match &op {
             Op::HardState(_) => {}
             Op::Append(first, entries) => {

@@ -1,8 +1,18 @@
 //! A snapshot streamed from the leader, taken a piece at a time into
 //! `snapshot-recv-<n>.tmp`, checked whole (length and CRC32C) on its last piece, and handed
 //! to `sync` to install.
+//!
+//! The disk it may take is bounded: a transfer claiming more than the snapshot limit
+//! ([`FileLogOptions::max_snapshot_bytes`](super::FileLogOptions), the limit the log's own
+//! snapshot writer obeys) is refused at its first piece, before anything is written, and so
+//! is one whose rest would leave less than the reserve free on the directory's filesystem
+//! ([`FileLogOptions::min_free_bytes`](super::FileLogOptions), checked at every piece: a
+//! transfer under way is abandoned and its file deleted once it would). A member gone rogue
+//! can therefore hold at most one limit's worth of disk in a transfer (plus one complete
+//! snapshot waiting to be checked), never the disk.
 
 use std::fs;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,6 +31,102 @@ pub(super) struct Receiving {
     pub(super) count: u64,
     /// Completed and durable under its temporary name, not yet installed.
     pub(super) complete: Option<Arc<FileSnapshot>>,
+    /// Transfers refused for their size since the last report, and when that was (a sender
+    /// that retries is not logged at every piece).
+    refused: u64,
+    refusal_logged: Option<Instant>,
+}
+
+/// How often refused transfers are reported.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Bytes an unprivileged writer may still use on the filesystem holding `dir`.
+#[allow(clippy::unnecessary_cast)] // the field types differ between platforms
+fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())?;
+    // SAFETY: `path` is a NUL-terminated string and `st` a plain struct statvfs fills.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
+/// Why a transfer is refused: what it needs against what the log allows.
+enum TooBig {
+    /// The whole snapshot is above the limit.
+    Limit { total: u64, limit: u64 },
+    /// Writing `remaining` more bytes would leave less than `reserve` of `free`.
+    Disk {
+        remaining: u64,
+        free: u64,
+        reserve: u64,
+    },
+}
+
+impl FileLog {
+    /// Refuses a snapshot of `len` bytes above the snapshot limit: the one check of the
+    /// service's snapshots (written) and streamed ones (received).
+    pub(super) fn check_snapshot_len(&self, index: u64, len: u64) -> Result<(), StorageError> {
+        if len > self.max_snapshot_bytes {
+            return Err(StorageError::SnapshotTooLarge {
+                index,
+                len,
+                limit: self.max_snapshot_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether `remaining` more bytes of a transfer of `total` may be written.
+    fn room_for(&self, total: u64, remaining: u64) -> Result<(), TooBig> {
+        if total > self.max_snapshot_bytes {
+            return Err(TooBig::Limit {
+                total,
+                limit: self.max_snapshot_bytes,
+            });
+        }
+        match free_bytes(&self.dir) {
+            Ok(free) if free < remaining.saturating_add(self.min_free_bytes) => Err(TooBig::Disk {
+                remaining,
+                free,
+                reserve: self.min_free_bytes,
+            }),
+            Ok(_) => Ok(()),
+            Err(e) => {
+                // Without a figure, only the limit bounds the transfer.
+                log::debug!(target: "storage", "{}: statvfs: {e}", self.dir.display());
+                Ok(())
+            }
+        }
+    }
+
+    /// Logs a refused transfer (at most every [`REFUSAL_LOG_EVERY`], with the count since).
+    fn log_refusal(&self, r: &mut Receiving, c: &SnapshotChunk<'_>, why: &TooBig, what: &str) {
+        r.refused += 1;
+        if r.refusal_logged
+            .is_some_and(|at| at.elapsed() < REFUSAL_LOG_EVERY)
+        {
+            return;
+        }
+        let why = match why {
+            TooBig::Limit { total, limit } => {
+                format!("{total} bytes, above the snapshot limit of {limit} bytes")
+            }
+            TooBig::Disk {
+                remaining,
+                free,
+                reserve,
+            } => format!(
+                "{remaining} more bytes of {} would leave less than the {reserve}-byte reserve of the {free} bytes free",
+                c.total
+            ),
+        };
+        log::warn!(target: "storage", "{}: snapshot transfer through {} from peer {} {what}: {why} ({} refused since the last report)", self.dir.display(), c.index, c.leader, r.refused);
+        r.refused = 0;
+        r.refusal_logged = Some(Instant::now());
+    }
 }
 
 impl FileLog {
@@ -58,6 +164,12 @@ impl FileLog {
                 // restart): start over.
                 return Ok(ChunkOutcome::Next(0));
             }
+            // Nothing is written (nor the transfer under way dropped) for a snapshot this
+            // log would not keep.
+            if let Err(why) = self.room_for(c.total, c.total) {
+                self.log_refusal(&mut r, &c, &why, "refused");
+                return Ok(ChunkOutcome::Refused);
+            }
             if let Some(old) = r.current.take() {
                 log::info!(target: "storage", "{}: snapshot transfer through {} abandoned at {} of {} bytes for one through {} from peer {}", dir.display(), old.0, old.3.written(), old.2, c.index, c.leader);
                 let _ = fs::remove_file(old.3.path());
@@ -80,6 +192,15 @@ impl FileLog {
             let _ = fs::remove_file(old.3.path());
             return Ok(ChunkOutcome::Next(0));
         }
+        if let Err(why) = self.room_for(c.total, c.total - c.offset) {
+            // The disk filled meanwhile (with other writes): the transfer goes, and its file.
+            let old = r.current.take().expect("a transfer under way");
+            let _ = fs::remove_file(old.3.path());
+            r.last_piece = None;
+            self.log_refusal(&mut r, &c, &why, "abandoned, temporary file deleted");
+            return Ok(ChunkOutcome::Refused);
+        }
+        let w = &mut r.current.as_mut().expect("a transfer under way").3;
         w.write(c.data)?;
         // Only a piece that moves the transfer on keeps it alive: one repeated forever
         // does not.

@@ -981,6 +981,7 @@ pub mod file {
                     dir,
                     FileLogOptions {
                         segment_bytes: SEGMENT_BYTES,
+                        ..FileLogOptions::default()
                     },
                 ) {
                     Ok(log) => {

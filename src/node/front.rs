@@ -524,16 +524,19 @@ impl CommandHandler for Front {
 
     /// `INFO raft`: this node's own view, read without a round of the log (unlike `DBSIZE`
     /// and `INFO keyspace`, which are linearizable reads): a follower's commit index may lag
-    /// the leader's, and `leader` is the node that last answered as leader here.
+    /// the leader's; `leader` is the leader Raft has heard from in its current term (empty
+    /// while it knows none); `members` gives each member's peer address as this node reaches
+    /// it.
     fn info(&self) -> Vec<(String, String)> {
         let raft = self.shared.rsm.raft();
         let (term, leading) = raft.get_state();
         let (commit_index, last_applied) = raft.progress();
         let me = self.shared.me;
+        // The leader Raft heard from in this term (none known: empty).
         let leader = if leading {
-            me
+            Some(me)
         } else {
-            self.shared.leader.get()
+            raft.leader_hint()
         };
         let members: Vec<String> = self
             .shared
@@ -545,7 +548,7 @@ impl CommandHandler for Front {
                 format!(
                     "{}={}{}",
                     m.peer + 1,
-                    m.addr,
+                    self.shared.members.peer_addr(m.peer).unwrap_or_default(),
                     if m.voter { "" } else { "(learner)" }
                 )
             })
@@ -556,7 +559,7 @@ impl CommandHandler for Front {
              applied_requests:{}\r\n",
             me + 1,
             if leading { "leader" } else { "follower" },
-            leader + 1,
+            leader.map_or(String::new(), |l| (l + 1).to_string()),
             members.join(","),
             self.shared.machine.applied(),
         );

@@ -172,18 +172,25 @@ impl Members {
         log::warn!(target: "node::members", "node {}: removed from the cluster: node {} holds a committed configuration (entry {index}) without it; it no longer campaigns (stop it, or add it again)", self.me + 1, by + 1);
     }
 
+    /// Where this node reaches member `peer`: the address its configuration entry names,
+    /// or this node's own `--peers` entry for a member whose entry names none (a founding
+    /// member, or one added with `-`). `None` for a node that is not a member.
+    pub fn peer_addr(&self, peer: usize) -> Option<String> {
+        let addr = self.current.lock().member(peer)?.addr.clone();
+        if addr.is_empty() {
+            self.local.get(peer).cloned()
+        } else {
+            Some(addr)
+        }
+    }
+
     /// The connection to member `peer` (0-based), made now if needed; `None` for a peer
     /// that is not a member (or whose address does not resolve).
     pub fn end(&self, peer: usize) -> Option<ClientEnd> {
         if peer == self.me || peer >= MAX_PEERS {
             return None;
         }
-        let addr = self.current.lock().member(peer)?.addr.clone();
-        let addr = if addr.is_empty() {
-            self.local.get(peer)?.clone()
-        } else {
-            addr
-        };
+        let addr = self.peer_addr(peer)?;
         {
             let ends = self.ends.lock();
             if let Some((a, end)) = &ends[peer]

@@ -21,6 +21,8 @@
 
 #![allow(dead_code)] // each test binary uses its part
 
+pub mod heavy;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -43,16 +45,20 @@ pub const NODE_LOG_ENV: &str = "RAFTKV_NODE_LOG";
 pub const MEMBER_LIMIT: Duration = Duration::from_secs(120);
 
 /// A fresh directory under the system temp directory, removed with everything in it on drop.
-pub struct TempDir(tempfile::TempDir);
+/// What a multi-process test starts lives in one, so it also holds the test's share of the
+/// binary's limit on clusters at once ([`heavy`]): a chaos run or a `raftkv local` started
+/// by hand counts like a [`Cluster`].
+pub struct TempDir(tempfile::TempDir, heavy::Slot);
 
 impl TempDir {
     /// A directory named `raftkv-<what>-…`.
     pub fn new(what: &str) -> TempDir {
+        let slot = heavy::slot();
         let dir = tempfile::Builder::new()
             .prefix(&format!("raftkv-{what}-"))
             .tempdir()
             .expect("create the test directory");
-        TempDir(dir)
+        TempDir(dir, slot)
     }
 
     pub fn path(&self) -> &Path {
@@ -116,6 +122,9 @@ pub struct Cluster {
     pub read_timeout: Duration,
     /// The directory the cluster made for itself, if it did.
     _temp: Option<TempDir>,
+    /// This cluster's share of the binary's limit on clusters at once (see [`heavy`]);
+    /// given back after the nodes are killed.
+    _slot: heavy::Slot,
 }
 
 impl Cluster {
@@ -165,6 +174,7 @@ impl Cluster {
     /// them starts on an empty directory without `--bootstrap`, with `--peers` naming the
     /// founders and every slot up to its own, and waits for `member add`.
     pub fn empty_with_spares(dir: &Path, ports: &[u16], founders: usize) -> Cluster {
+        let slot = heavy::slot();
         fs::create_dir_all(dir).expect("the cluster's directory");
         create_secret(&dir.join(SECRET_FILE)).expect("create the peer secret");
         let n = ports.len() / 2;
@@ -180,6 +190,7 @@ impl Cluster {
             patience: PATIENCE,
             read_timeout: Duration::from_secs(10),
             _temp: None,
+            _slot: slot,
         }
     }
 

@@ -89,10 +89,13 @@ fn incomplete_command_waits() {
     assert_eq!(decoder.buffered(), 0);
 }
 
+/// Escapes as Redis reads them: in `"…"` an unknown escape is the byte itself and `\x` needs
+/// two hex digits; in `'…'` only `\'` is one; outside quotes a backslash is itself.
 #[test]
 fn inline_commands() {
     let (commands, state) = parse_all(
-        b"PING\r\n\r\n  set  k   v \nGET k\r\nSET \"a b\" 'c\\'d' \"\\x41\\n\"\r\nEXISTS",
+        b"PING\r\n\r\n  set  k   v \nGET k\r\nSET \"a b\" 'c\\'d' \"\\x41\\n\"\r\n\
+          SET \"a\\qb\" \"\\x4\" \"\\xzz\" \"\\x7e\" 'a\\b' b\\\r\nEXISTS",
         Limits::default(),
     );
     assert_eq!(
@@ -102,27 +105,10 @@ fn inline_commands() {
             args(&["set", "k", "v"]),
             args(&["GET", "k"]),
             args(&["SET", "a b", "c'd", "A\n"]),
+            args(&["SET", "aqb", "x4", "xzz", "~", "a\\b", "b\\"]),
         ]
     );
     assert_eq!(state, Ok(6));
-}
-
-/// Escapes as Redis reads them: in `"…"` an unknown escape is the byte itself and `\x` needs
-/// two hex digits; in `'…'` only `\'` is one; outside quotes a backslash is itself.
-#[test]
-fn inline_escapes_follow_redis() {
-    let (commands, state) = parse_all(
-        b"SET \"a\\qb\" \"\\x4\" \"\\xzz\" \"\\x7e\"\r\nSET 'a\\b' b\\\r\n",
-        Limits::default(),
-    );
-    assert_eq!(
-        commands,
-        vec![
-            args(&["SET", "aqb", "x4", "xzz", "~"]),
-            args(&["SET", "a\\b", "b\\"]),
-        ]
-    );
-    assert!(state.is_ok(), "{state:?}");
 }
 
 #[test]

@@ -1020,6 +1020,17 @@ mod pool_tests {
         }
     }
 
+    fn wait_for_no_workers(pool: &Pool) {
+        wait_for("the workers to exit", || {
+            pool.live.load(Ordering::SeqCst) == 0
+        });
+    }
+
+    fn shut_down_and_wait(pool: &Pool) {
+        pool.shutdown();
+        wait_for_no_workers(pool);
+    }
+
     #[test]
     fn an_idle_thread_takes_the_next_job() {
         let pool = Pool::new(Duration::from_secs(10));
@@ -1030,10 +1041,7 @@ mod pool_tests {
             wait_for("the worker to go idle", || idle_count(&pool) == 1);
         }
         assert_eq!(pool.spawned.load(Ordering::Relaxed), 1, "threads started");
-        pool.shutdown();
-        wait_for("the worker to exit", || {
-            pool.live.load(Ordering::SeqCst) == 0
-        });
+        shut_down_and_wait(&pool);
     }
 
     #[test]
@@ -1051,10 +1059,7 @@ mod pool_tests {
         release_tx.send(()).unwrap();
         assert_eq!(done_rx.recv_timeout(Duration::from_secs(5)), Ok("blocked"));
         assert_eq!(pool.spawned.load(Ordering::Relaxed), 2);
-        pool.shutdown();
-        wait_for("the workers to exit", || {
-            pool.live.load(Ordering::SeqCst) == 0
-        });
+        shut_down_and_wait(&pool);
     }
 
     #[test]
@@ -1069,9 +1074,7 @@ mod pool_tests {
         }
         barrier.wait();
         assert_eq!(pool.spawned.load(Ordering::Relaxed), 3);
-        wait_for("idle workers to exit", || {
-            pool.live.load(Ordering::SeqCst) == 0
-        });
+        wait_for_no_workers(&pool);
         assert_eq!(
             idle_count(&pool),
             0,
@@ -1091,10 +1094,7 @@ mod pool_tests {
             assert!(pool.execute(Box::new(|| thread::sleep(Duration::from_millis(10)))));
         }
         wait_for("the workers to go idle", || idle_count(&pool) == 3);
-        pool.shutdown();
-        wait_for("the workers to exit", || {
-            pool.live.load(Ordering::SeqCst) == 0
-        });
+        shut_down_and_wait(&pool);
         assert!(!pool.execute(Box::new(|| {})));
     }
 }

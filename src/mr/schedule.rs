@@ -297,24 +297,14 @@ mod tests {
         // The first attempt wakes up and reports too: already done, ignored, nothing double-counted.
         assert_eq!(s.report(&done), ReportOutcome::Ignored);
         assert_eq!(s.remaining(), (0, 1));
+        let reduce_done = TaskReport::Finished(TaskId::Reduce(0));
         // A report for a reduce never handed out, or for a task that does not exist.
-        assert_eq!(
-            s.report(&TaskReport::Finished(TaskId::Reduce(0))),
-            ReportOutcome::Ignored
-        );
-        assert_eq!(
-            s.report(&TaskReport::Finished(TaskId::Map(7))),
-            ReportOutcome::Unknown
-        );
+        assert_eq!(s.report(&reduce_done), ReportOutcome::Ignored);
+        let unknown = TaskReport::Finished(TaskId::Map(7));
+        assert_eq!(s.report(&unknown), ReportOutcome::Unknown);
         assert!(matches!(s.assign(t0), Assignment::Reduce { task: 0, .. }));
-        assert_eq!(
-            s.report(&TaskReport::Finished(TaskId::Reduce(0))),
-            ReportOutcome::Accepted
-        );
-        assert_eq!(
-            s.report(&TaskReport::Finished(TaskId::Reduce(0))),
-            ReportOutcome::Ignored
-        );
+        assert_eq!(s.report(&reduce_done), ReportOutcome::Accepted);
+        assert_eq!(s.report(&reduce_done), ReportOutcome::Ignored);
         assert!(s.is_done());
     }
 

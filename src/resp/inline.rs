@@ -15,8 +15,8 @@ pub(super) fn split_args(line: &[u8]) -> Result<Vec<Vec<u8>>, usize> {
             return Ok(args);
         }
         let (arg, next) = match line[i] {
-            b'"' => double_quoted(line, i)?,
-            b'\'' => single_quoted(line, i)?,
+            b'"' => quoted(line, i, double_quote_escape)?,
+            b'\'' => quoted(line, i, single_quote_escape)?,
             _ => {
                 let end = line[i..]
                     .iter()
@@ -43,59 +43,56 @@ fn closed_at(line: &[u8], open: usize, close: usize) -> Result<usize, usize> {
     }
 }
 
-fn double_quoted(line: &[u8], open: usize) -> Result<(Vec<u8>, usize), usize> {
+/// Decodes the escape at a backslash, if it is one: the byte it stands for and its length.
+type Escape = fn(&[u8], usize) -> Option<(u8, usize)>;
+
+/// The argument quoted from the quote at `open` to the same quote closing it; `escape(line, i)`
+/// decodes the escape at the backslash `i`, if it is one: the byte it stands for and its
+/// length (a backslash that starts none is itself). `Err(open)` if it is not closed.
+fn quoted(line: &[u8], open: usize, escape: Escape) -> Result<(Vec<u8>, usize), usize> {
+    let quote = line[open];
     let mut arg = Vec::new();
     let mut i = open + 1;
     while i < line.len() {
-        match line[i] {
-            b'"' => return Ok((arg, closed_at(line, open, i)?)),
-            b'\\' if i + 1 < line.len() => {
-                let escaped = line[i + 1];
-                if escaped == b'x'
-                    && i + 3 < line.len()
-                    && line[i + 2].is_ascii_hexdigit()
-                    && line[i + 3].is_ascii_hexdigit()
-                {
-                    arg.push(hex(line[i + 2]) << 4 | hex(line[i + 3]));
-                    i += 4;
-                    continue;
-                }
-                arg.push(match escaped {
-                    b'n' => b'\n',
-                    b'r' => b'\r',
-                    b't' => b'\t',
-                    b'b' => 0x08,
-                    b'a' => 0x07,
-                    other => other,
-                });
-                i += 2;
-            }
-            b => {
-                arg.push(b);
-                i += 1;
-            }
+        let b = line[i];
+        if b == quote {
+            return Ok((arg, closed_at(line, open, i)?));
         }
+        let (byte, len) = if b == b'\\' {
+            escape(line, i).unwrap_or((b, 1))
+        } else {
+            (b, 1)
+        };
+        arg.push(byte);
+        i += len;
     }
     Err(open)
 }
 
-fn single_quoted(line: &[u8], open: usize) -> Result<(Vec<u8>, usize), usize> {
-    let mut arg = Vec::new();
-    let mut i = open + 1;
-    while i < line.len() {
-        match line[i] {
-            b'\'' => return Ok((arg, closed_at(line, open, i)?)),
-            b'\\' if line.get(i + 1) == Some(&b'\'') => {
-                arg.push(b'\'');
-                i += 2;
-            }
-            b => {
-                arg.push(b);
-                i += 1;
-            }
-        }
+/// Within `"…"`: `\n \r \t \b \a`, `\xHH`, and a backslash before any other byte is that byte.
+fn double_quote_escape(line: &[u8], i: usize) -> Option<(u8, usize)> {
+    let escaped = *line.get(i + 1)?;
+    if escaped == b'x'
+        && let (Some(&high), Some(&low)) = (line.get(i + 2), line.get(i + 3))
+        && high.is_ascii_hexdigit()
+        && low.is_ascii_hexdigit()
+    {
+        return Some((hex(high) << 4 | hex(low), 4));
     }
-    Err(open)
+    let byte = match escaped {
+        b'n' => b'\n',
+        b'r' => b'\r',
+        b't' => b'\t',
+        b'b' => 0x08,
+        b'a' => 0x07,
+        other => other,
+    };
+    Some((byte, 2))
+}
+
+/// Within `'…'`: only `\'`.
+fn single_quote_escape(line: &[u8], i: usize) -> Option<(u8, usize)> {
+    (line.get(i + 1) == Some(&b'\'')).then_some((b'\'', 2))
 }
 
 fn hex(digit: u8) -> u8 {

@@ -89,10 +89,13 @@ fn incomplete_command_waits() {
     assert_eq!(decoder.buffered(), 0);
 }
 
+/// Escapes as Redis reads them: in `"…"` an unknown escape is the byte itself and `\x` needs
+/// two hex digits; in `'…'` only `\'` is one; outside quotes a backslash is itself.
 #[test]
 fn inline_commands() {
     let (commands, state) = parse_all(
-        b"PING\r\n\r\n  set  k   v \nGET k\r\nSET \"a b\" 'c\\'d' \"\\x41\\n\"\r\nEXISTS",
+        b"PING\r\n\r\n  set  k   v \nGET k\r\nSET \"a b\" 'c\\'d' \"\\x41\\n\"\r\n\
+          SET \"a\\qb\" \"\\x4\" \"\\xzz\" \"\\x7e\" 'a\\b' b\\\r\nEXISTS",
         Limits::default(),
     );
     assert_eq!(
@@ -102,6 +105,7 @@ fn inline_commands() {
             args(&["set", "k", "v"]),
             args(&["GET", "k"]),
             args(&["SET", "a b", "c'd", "A\n"]),
+            args(&["SET", "aqb", "x4", "xzz", "~", "a\\b", "b\\"]),
         ]
     );
     assert_eq!(state, Ok(6));
@@ -374,26 +378,19 @@ fn commands_parse_to_the_table() {
 #[test]
 fn command_errors_use_redis_wording() {
     let err = |words: &[&str]| Command::parse(args(words)).unwrap_err().to_string();
-    assert_eq!(
-        err(&["GET"]),
-        "ERR wrong number of arguments for 'get' command"
-    );
-    assert_eq!(
-        err(&["get", "a", "b"]),
-        "ERR wrong number of arguments for 'get' command"
-    );
-    assert_eq!(
-        err(&["PING", "a", "b"]),
-        "ERR wrong number of arguments for 'ping' command"
-    );
-    assert_eq!(
-        err(&["MGET"]),
-        "ERR wrong number of arguments for 'mget' command"
-    );
-    assert_eq!(
-        err(&["VSET", "k", "v"]),
-        "ERR wrong number of arguments for 'vset' command"
-    );
+    // Redis names the command in lower case, however it was sent.
+    for (words, name) in [
+        (&["GET"][..], "get"),
+        (&["get", "a", "b"], "get"),
+        (&["PING", "a", "b"], "ping"),
+        (&["MGET"], "mget"),
+        (&["VSET", "k", "v"], "vset"),
+    ] {
+        assert_eq!(
+            err(words),
+            format!("ERR wrong number of arguments for '{name}' command")
+        );
+    }
     assert_eq!(err(&["SET", "k", "v", "EX", "10"]), "ERR syntax error");
     assert_eq!(
         err(&["VSET", "k", "v", "-1"]),

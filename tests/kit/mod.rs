@@ -10,9 +10,10 @@
 //! Every node runs in its own process group with `--stop-on-stdin-eof`, and is signalled only
 //! through its handle (never once reaped); every node is killed when its [`Cluster`] drops,
 //! passing or failing, and every file goes with the [`TempDir`]. A node's stderr goes to
-//! `DIR/node-<i>.err`; nodes log nothing unless `RAFTKV_NODE_LOG` holds a `RUST_LOG` filter for
-//! them (the test process's own `RUST_LOG` is not passed on, so a node's one-line errors can
-//! be checked exactly).
+//! `DIR/node-<i>.err`, shown with how the node exited when a failing test drops the cluster;
+//! nodes log nothing unless `RAFTKV_NODE_LOG` holds a `RUST_LOG` filter for them (the test
+//! process's own `RUST_LOG` is not passed on, so a node's one-line errors can be checked
+//! exactly).
 //!
 //! A socket read with a timeout (SO_RCVTIMEO) fails with EINTR when the test process is stopped
 //! and continued or runs a signal handler, and is never restarted: [`Cluster::retry`] and
@@ -667,6 +668,20 @@ pub fn proc_status_number(pid: u32, field: &str) -> u64 {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        // A failing test's nodes leave their account in the test's output before their
+        // directory goes: how each exited (if it did on its own) and what it printed.
+        if thread::panicking() {
+            for i in 0..self.len() {
+                if let Some(status) = self.exit_status(i) {
+                    eprintln!("node {} had exited: {status}", i + 1);
+                }
+                let stderr = self.stderr(i);
+                let lines: Vec<&str> = stderr.lines().collect();
+                for line in &lines[lines.len().saturating_sub(40)..] {
+                    eprintln!("node {} stderr: {line}", i + 1);
+                }
+            }
+        }
         for child in self.children.iter_mut().flatten() {
             let _ = child.kill9();
         }

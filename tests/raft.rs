@@ -648,7 +648,7 @@ fn harness_fails_a_raft_that_skips_reapply_after_restart_3c() {
 /// again, at most `ATTEMPTS` times in all.
 #[test]
 fn harness_fails_a_raft_that_never_compacts_3d() {
-    const ATTEMPTS: usize = 3;
+    const ATTEMPTS: usize = 10;
     let mut moved = Vec::new();
     for _ in 0..ATTEMPTS {
         let (passed, output) = run_test_in_child(

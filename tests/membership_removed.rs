@@ -86,25 +86,46 @@ fn node_removed_while_down_learns_it_and_stops_campaigning() {
         "one line says it:\n{said}"
     );
     // From then on it does not campaign: no pre-vote over several election timeouts (at most
-    // 0.7 s each), while the others keep their leader and term and take writes.
+    // 0.7 s each), while the others take writes. Its campaigns are the only way it could
+    // disturb them (nobody sends it anything any more), so that is what is checked; the
+    // others keep their leader and term unless a real election among the two of them moved
+    // it (a loaded machine can starve one past CheckQuorum's 0.7 s), which is said.
     let said_before = said.len();
+    let removed_term = cluster.status(gone).expect("its status").term;
     let until = Instant::now() + Duration::from_secs(4);
+    let mut moved = None;
     while Instant::now() < until {
         cluster.write_keys(leader, "c", 5, &mut acked);
         let s = cluster.status(leader).expect("the leader's status");
-        assert!(
-            s.leader && s.term == term,
-            "the leader or its term changed: {:?}",
-            (s.leader, s.term, term)
-        );
+        if !(s.leader && s.term == term) && moved.is_none() {
+            moved = Some((s.leader, s.term));
+        }
         thread::sleep(Duration::from_millis(100));
     }
+    let logs = || -> String {
+        (0..3)
+            .map(|i| format!("--- node {} ---\n{}", i + 1, cluster.stderr(i)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
     let after = cluster.stderr(gone)[said_before..].to_string();
     assert!(
         !after.contains(CAMPAIGN_LINE),
-        "node {} still campaigns after it learned it was removed:\n{after}",
-        gone + 1
+        "node {} still campaigns after it learned it was removed:\n{}",
+        gone + 1,
+        logs()
     );
+    assert_eq!(
+        cluster.status(gone).expect("its status").term,
+        removed_term,
+        "the removed node's term moved"
+    );
+    if let Some((leads, now)) = moved {
+        println!(
+            "a real election among the others meanwhile: node {} leads {leads}, term {term} -> {now}",
+            leader + 1
+        );
+    }
     let s = cluster.status(gone).expect("the removed node's status");
     assert!(!s.leader && s.member == "removed", "{s:?}");
     assert!(cluster.alive(gone), "the removed node keeps running");

@@ -9,6 +9,8 @@
 //! it without `--peer-secret-file` and sends the "rogue" messages without a handshake: how
 //! these attacks are replayed against a build that has no peer authentication.
 
+mod kit;
+
 use std::fs;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -65,6 +67,8 @@ struct Cluster {
     children: Vec<Option<Child>>,
     /// More `serve` options, for every node.
     serve_args: Vec<String>,
+    /// This cluster's share of the binary's limit on clusters at once.
+    _slot: kit::heavy::Slot,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,6 +143,7 @@ impl Cluster {
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).expect("create the test directory");
         create_secret(&dir.join(SECRET_FILE)).expect("create the peer secret");
+        let slot = kit::heavy::slot();
         let ports = free_ports(2 * NODES);
         let mut cluster = Cluster {
             dir,
@@ -146,6 +151,7 @@ impl Cluster {
             client_ports: ports[NODES..].to_vec(),
             children: (0..NODES).map(|_| None).collect(),
             serve_args: serve_args.iter().map(|a| a.to_string()).collect(),
+            _slot: slot,
         };
         for i in 0..NODES {
             cluster.start(i);

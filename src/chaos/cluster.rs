@@ -141,11 +141,29 @@ const PORT_ATTEMPTS: usize = 5;
 /// below the ports `raftkv local`'s tests use.
 const QUIET_PORTS: std::ops::Range<u16> = 10000..20000;
 
+/// How long a port [`cluster_ports`] handed out is not handed out again by this process: a
+/// port is free when picked but not held, and a second cluster picking at the same moment
+/// (another test thread) would otherwise find the same free ports before the first binds them.
+const PORT_RESERVATION: Duration = Duration::from_secs(120);
+
+/// Ports handed out by [`cluster_ports`] in this process, and when.
+static HANDED_OUT: std::sync::Mutex<Vec<(u16, Instant)>> = std::sync::Mutex::new(Vec::new());
+
 /// `n` free loopback ports for a cluster, taken below the kernel's ephemeral port range when
 /// it leaves room: an outgoing connection takes its local port from that range, so it can
 /// never occupy a node's port while the node is down between a kill and its restart (the
-/// restarted node could not listen). Otherwise any free ports.
+/// restarted node could not listen). Otherwise any free ports. None of them was handed out
+/// by this process within [`PORT_RESERVATION`].
 pub fn cluster_ports(n: usize) -> io::Result<Vec<u16>> {
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    handed_out.retain(|(_, at)| at.elapsed() < PORT_RESERVATION);
+    let ports = pick_ports(n, &handed_out)?;
+    let now = Instant::now();
+    handed_out.extend(ports.iter().map(|&p| (p, now)));
+    Ok(ports)
+}
+
+fn pick_ports(n: usize, handed_out: &[(u16, Instant)]) -> io::Result<Vec<u16>> {
     let ephemeral_low = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok());
@@ -159,6 +177,9 @@ pub fn cluster_ports(n: usize) -> io::Result<Vec<u16>> {
     for _ in 0..span {
         let port = QUIET_PORTS.start + offset;
         offset = (offset + 1) % span;
+        if handed_out.iter().any(|&(p, _)| p == port) {
+            continue;
+        }
         if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
             held.push((port, listener));
             if held.len() == n {

@@ -13,40 +13,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use raftkv::raft::{
-    AppendEntriesArgs, AppendEntriesReply, InstallSnapshotArgs, InstallSnapshotReply, OnReply,
-    RaftTransport, RequestVoteArgs, RequestVoteReply,
-};
+use raftkv::raft::RaftTransport;
 use raftkv::rsm::{RestoreError, Rsm, StateMachine};
 use raftkv::storage::{FileLog, FileLogOptions};
-
-/// A cluster of one: there is nobody to send to.
-struct Alone;
-
-impl RaftTransport for Alone {
-    fn len(&self) -> usize {
-        1
-    }
-    fn request_vote(&self, _: usize, _: RequestVoteArgs, on_reply: OnReply<RequestVoteReply>) {
-        on_reply(None)
-    }
-    fn append_entries(
-        &self,
-        _: usize,
-        _: AppendEntriesArgs,
-        on_reply: OnReply<AppendEntriesReply>,
-    ) {
-        on_reply(None)
-    }
-    fn install_snapshot(
-        &self,
-        _: usize,
-        _: InstallSnapshotArgs,
-        on_reply: OnReply<InstallSnapshotReply>,
-    ) {
-        on_reply(None)
-    }
-}
+use raftkv::tester::Solo;
 
 /// Keys to values; counts the bytes of every snapshot it makes.
 #[derive(Default)]
@@ -94,7 +64,7 @@ fn write_state(grow: bool) -> (usize, usize, usize) {
     let storage = FileLog::open(dir.path(), FileLogOptions::default()).expect("open the log");
     let store = Arc::new(Store::default());
     let rsm = Rsm::new(
-        Box::new(Alone) as Box<dyn RaftTransport>,
+        Box::new(Solo) as Box<dyn RaftTransport>,
         0,
         Box::new(storage) as Box<dyn raftkv::raft::Storage>,
         Some(THRESHOLD),

@@ -12,39 +12,9 @@ use crossbeam::channel::{self, Receiver, Sender};
 use parking_lot::Mutex;
 use raftkv::kvraft::rsm::{Rsm, StateMachine};
 use raftkv::raft::log::Entry;
-use raftkv::raft::{
-    AppendEntriesArgs, AppendEntriesReply, HardState, InstallSnapshotArgs, InstallSnapshotReply,
-    OnReply, RaftTransport, RequestVoteArgs, RequestVoteReply, Restored, Storage, StorageError,
-};
+use raftkv::raft::{HardState, RaftTransport, Restored, Storage, StorageError};
 use raftkv::storage::{FileLog, FileLogOptions};
-
-/// The transport of a cluster of one: there is nobody to send to.
-struct Solo;
-
-impl RaftTransport for Solo {
-    fn len(&self) -> usize {
-        1
-    }
-    fn request_vote(&self, _: usize, _: RequestVoteArgs, on_reply: OnReply<RequestVoteReply>) {
-        on_reply(None)
-    }
-    fn append_entries(
-        &self,
-        _: usize,
-        _: AppendEntriesArgs,
-        on_reply: OnReply<AppendEntriesReply>,
-    ) {
-        on_reply(None)
-    }
-    fn install_snapshot(
-        &self,
-        _: usize,
-        _: InstallSnapshotArgs,
-        on_reply: OnReply<InstallSnapshotReply>,
-    ) {
-        on_reply(None)
-    }
-}
+use raftkv::tester::Solo;
 
 /// The file log, except that the thread named by [`Gate::arm`] blocks in its next `sync` until
 /// released (it reports on `entered` when it gets there).

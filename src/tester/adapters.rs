@@ -16,6 +16,35 @@ use crate::raft::{
     Raft, RaftHandler, RaftTransport, RequestVoteArgs, RequestVoteReply,
 };
 
+/// The transport of a cluster of one peer, which elects itself and commits alone: there is
+/// nobody to send to (for tests of a single peer on a real storage).
+pub struct Solo;
+
+impl RaftTransport for Solo {
+    fn len(&self) -> usize {
+        1
+    }
+    fn request_vote(&self, _: usize, _: RequestVoteArgs, on_reply: OnReply<RequestVoteReply>) {
+        on_reply(None)
+    }
+    fn append_entries(
+        &self,
+        _: usize,
+        _: AppendEntriesArgs,
+        on_reply: OnReply<AppendEntriesReply>,
+    ) {
+        on_reply(None)
+    }
+    fn install_snapshot(
+        &self,
+        _: usize,
+        _: InstallSnapshotArgs,
+        on_reply: OnReply<InstallSnapshotReply>,
+    ) {
+        on_reply(None)
+    }
+}
+
 /// Raft's sending side on labrpc: `ends[j]` reaches peer `j`; each message is one
 /// `call_async`, whose outcome becomes `Some(reply)` or `None`.
 pub struct LabrpcRaftTransport {

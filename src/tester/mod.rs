@@ -16,7 +16,7 @@ pub mod shardkv;
 
 pub use crate::labrpc::IService;
 pub use adapters::{
-    KvSvc, LabrpcRaftTransport, RaftRpcService, RaftSvc, call_error, kv_service, raft_service,
+    KvSvc, LabrpcRaftTransport, RaftRpcService, RaftSvc, Solo, call_error, kv_service, raft_service,
 };
 pub use clients::{Clnt, Clnts};
 pub use config::{Config, TEST_TIME_LIMIT};

@@ -769,6 +769,44 @@ fn piece(
     }
 }
 
+/// Streams `data` to the link's node as one snapshot through `index`, in pieces of
+/// [`PIECE`] with the whole length and (on the last) the checksum right, as a leader does;
+/// `after_piece` runs after each. Every piece but the last must be acknowledged with the
+/// offset that follows it; the last (a snapshot the service refuses) must get no answer.
+fn stream_garbage(
+    link: &mut RogueLink,
+    term: u64,
+    from: usize,
+    index: u64,
+    data: &[u8],
+    mut after_piece: impl FnMut(),
+) {
+    let (total, crc) = (data.len() as u64, crc32c::crc32c(data));
+    for (k, bytes) in data.chunks(PIECE).enumerate() {
+        let offset = (k * PIECE) as u64;
+        let done = offset + bytes.len() as u64 == total;
+        let answer = link.chunk(piece(
+            term,
+            from,
+            index,
+            offset,
+            total,
+            if done { crc } else { 0 },
+            bytes.to_vec(),
+            done,
+        ));
+        after_piece();
+        if done {
+            assert!(
+                answer.is_none(),
+                "the last piece of a garbage snapshot was answered: {answer:?}"
+            );
+        } else {
+            assert_eq!(wants(answer), offset + bytes.len() as u64);
+        }
+    }
+}
+
 /// The offset a node asked for next.
 fn wants(reply: Option<InstallSnapshotChunkReply>) -> u64 {
     let reply = reply.expect("an answer, not a refusal");
@@ -812,32 +850,10 @@ fn garbage_snapshot_streamed_by_a_rogue_member_is_refused() {
     let persisted = snapshot_file(&cluster, follower);
     let mut link = RogueLink::open(&cluster, follower, rogue_id);
     let data: Vec<u8> = (0..3 * PIECE + 4321).map(|i| (i * 7 % 251) as u8).collect();
-    let (total, crc) = (data.len() as u64, crc32c::crc32c(&data));
     // In the cluster's term: pieces a member may send, so only the snapshot is at stake.
     let term = terms[0];
     let index = 1_000_000;
-    for (k, bytes) in data.chunks(PIECE).enumerate() {
-        let offset = (k * PIECE) as u64;
-        let done = offset + bytes.len() as u64 == total;
-        let answer = link.chunk(piece(
-            term,
-            rogue_id,
-            index,
-            offset,
-            total,
-            if done { crc } else { 0 },
-            bytes.to_vec(),
-            done,
-        ));
-        if done {
-            assert!(
-                answer.is_none(),
-                "the last piece of a garbage snapshot was answered: {answer:?}"
-            );
-        } else {
-            assert_eq!(wants(answer), offset + bytes.len() as u64);
-        }
-    }
+    stream_garbage(&mut link, term, rogue_id, index, &data, || {});
     assert_eq!(
         received_snapshot_files(&cluster, follower),
         Vec::<String>::new(),
@@ -1076,30 +1092,9 @@ fn oversized_snapshot_streamed_by_a_rogue_member_is_refused_and_the_disk_stays_b
 
     // A garbage snapshot of exactly the limit: taken, then refused by the state machine.
     let data: Vec<u8> = (0..SNAPSHOT_LIMIT).map(|i| (i * 13 % 251) as u8).collect();
-    let crc = crc32c::crc32c(&data);
-    for (k, bytes) in data.chunks(PIECE).enumerate() {
-        let offset = (k * PIECE) as u64;
-        let done = offset + bytes.len() as u64 == SNAPSHOT_LIMIT;
-        let answer = link.chunk(piece(
-            term,
-            rogue_id,
-            index + 2,
-            offset,
-            SNAPSHOT_LIMIT,
-            if done { crc } else { 0 },
-            bytes.to_vec(),
-            done,
-        ));
+    stream_garbage(&mut link, term, rogue_id, index + 2, &data, || {
         grown = grown.max(disk_use(&raft_dir).saturating_sub(before));
-        if done {
-            assert!(
-                answer.is_none(),
-                "a garbage snapshot was answered: {answer:?}"
-            );
-        } else {
-            assert_eq!(wants(answer), offset + bytes.len() as u64);
-        }
-    }
+    });
     assert_eq!(
         received_snapshot_files(&cluster, follower),
         Vec::<String>::new(),

@@ -644,19 +644,49 @@ fn forged_append_entries_from_outsiders_changes_nothing() {
     full_restart(&mut cluster, "a", 20);
 }
 
+/// Where a test of a member gone rogue starts: a cluster (its nodes run with `serve_args`)
+/// holding `keys` keys named `prefix…`, its leader and settled terms, the follower under
+/// attack, and the id the rogue speaks as: the third node, stopped meanwhile, since a live
+/// node's own connection would replace the rogue's (one connection per node) before its
+/// messages were read.
+struct RogueScene {
+    cluster: Cluster,
+    leader: usize,
+    terms: Vec<u64>,
+    follower: usize,
+    rogue_id: usize,
+}
+
+impl RogueScene {
+    fn new(serve_args: &[&str], prefix: &str, keys: usize) -> RogueScene {
+        let mut cluster = Cluster::with_args(serve_args);
+        cluster.write_keys(prefix, keys);
+        let (leader, _) = cluster.leader();
+        let terms = cluster.settled_terms();
+        let follower = (leader + 1) % NODES;
+        let rogue_id = (leader + 2) % NODES;
+        cluster.kill9(rogue_id);
+        RogueScene {
+            cluster,
+            leader,
+            terms,
+            follower,
+            rogue_id,
+        }
+    }
+}
+
 /// With the secret: the garbage entry and snapshot reach Raft, which refuses them before
 /// anything is persisted (the service cannot decode them), and says so naming the peer.
 #[test]
 fn garbage_entry_and_snapshot_from_a_rogue_member_are_refused() {
-    let mut cluster = Cluster::new();
-    cluster.write_keys("r", 20);
-    let (leader, _) = cluster.leader();
-    let terms = cluster.settled_terms();
-    let follower = (leader + 1) % NODES;
-    // The rogue speaks as the third node, stopped meanwhile: a live node's own connection
-    // would replace the rogue's (one connection per node) before its messages were read.
-    let rogue_id = (leader + 2) % NODES;
-    cluster.kill9(rogue_id);
+    let RogueScene {
+        mut cluster,
+        leader,
+        terms,
+        follower,
+        rogue_id,
+    } = RogueScene::new(&[], "r", 20);
     let port = cluster.peer_ports[follower];
     let mut s = rogue(port, follower, rogue_id as u64 + 1, &cluster.secret());
     s.write_all(&garbage_append(forged_term(&terms), rogue_id))
@@ -839,14 +869,13 @@ fn snapshot_file(cluster: &Cluster, i: usize) -> Option<Vec<u8>> {
 /// also across a full restart.
 #[test]
 fn garbage_snapshot_streamed_by_a_rogue_member_is_refused() {
-    let mut cluster = Cluster::new();
-    cluster.write_keys("z", 20);
-    let (leader, _) = cluster.leader();
-    let terms = cluster.settled_terms();
-    let follower = (leader + 1) % NODES;
-    // Speaking as the third node, stopped meanwhile (see the test above).
-    let rogue_id = (leader + 2) % NODES;
-    cluster.kill9(rogue_id);
+    let RogueScene {
+        mut cluster,
+        leader,
+        terms,
+        follower,
+        rogue_id,
+    } = RogueScene::new(&[], "z", 20);
     let persisted = snapshot_file(&cluster, follower);
     let mut link = RogueLink::open(&cluster, follower, rogue_id);
     let data: Vec<u8> = (0..3 * PIECE + 4321).map(|i| (i * 7 % 251) as u8).collect();
@@ -889,13 +918,13 @@ fn garbage_snapshot_streamed_by_a_rogue_member_is_refused() {
 /// limit (10 s), and its next piece is answered with offset 0.
 #[test]
 fn hostile_snapshot_pieces_and_a_stalled_transfer_from_a_rogue_member_leave_nothing() {
-    let mut cluster = Cluster::new();
-    cluster.write_keys("y", 20);
-    let (leader, _) = cluster.leader();
-    let terms = cluster.settled_terms();
-    let follower = (leader + 1) % NODES;
-    let rogue_id = (leader + 2) % NODES;
-    cluster.kill9(rogue_id);
+    let RogueScene {
+        mut cluster,
+        leader,
+        terms,
+        follower,
+        rogue_id,
+    } = RogueScene::new(&[], "y", 20);
     let persisted = snapshot_file(&cluster, follower);
     let mut link = RogueLink::open(&cluster, follower, rogue_id);
     let (term, index, max) = (terms[0], 1_000_000, u64::MAX);
@@ -1031,13 +1060,13 @@ const SNAPSHOT_LIMIT: u64 = 8 << 20;
 #[test]
 fn oversized_snapshot_streamed_by_a_rogue_member_is_refused_and_the_disk_stays_bounded() {
     let limit = SNAPSHOT_LIMIT.to_string();
-    let mut cluster = Cluster::with_args(&["--max-snapshot-bytes", &limit]);
-    cluster.write_keys("o", 20);
-    let (leader, _) = cluster.leader();
-    let terms = cluster.settled_terms();
-    let follower = (leader + 1) % NODES;
-    let rogue_id = (leader + 2) % NODES;
-    cluster.kill9(rogue_id);
+    let RogueScene {
+        mut cluster,
+        leader,
+        terms,
+        follower,
+        rogue_id,
+    } = RogueScene::new(&["--max-snapshot-bytes", &limit], "o", 20);
     let raft_dir = cluster.data(follower).join("raft");
     let before = disk_use(&raft_dir);
     let mut grown = 0u64;
@@ -1121,13 +1150,13 @@ fn oversized_snapshot_streamed_by_a_rogue_member_is_refused_and_the_disk_stays_b
 /// (10 s), logs it naming the node, and gives the memory back; the cluster is unharmed.
 #[test]
 fn rogue_member_stalled_inside_a_frame_is_closed_and_its_memory_freed() {
-    let mut cluster = Cluster::new();
-    cluster.write_keys("p", 10);
-    let (leader, _) = cluster.leader();
-    let terms = cluster.settled_terms();
-    let follower = (leader + 1) % NODES;
-    let rogue_id = (leader + 2) % NODES;
-    cluster.kill9(rogue_id);
+    let RogueScene {
+        mut cluster,
+        leader,
+        terms,
+        follower,
+        rogue_id,
+    } = RogueScene::new(&[], "p", 10);
     let pid = cluster.children[follower].as_ref().expect("runs").id();
     let rss_before = rss_kib(pid);
     let mut s = rogue(

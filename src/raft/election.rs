@@ -139,15 +139,8 @@ impl Core {
         st.guard.queued = true;
         let next = st.log.last_index() + 1;
         for p in st.peers.iter_mut() {
-            p.next_index = next;
-            p.match_index = 0;
-            p.match_seq = 0;
-            p.inflight = None;
-            p.dirty = false;
-            p.acked_round = 0;
-            p.last_answer = None;
             // CheckQuorum counts from the start of this leadership.
-            p.last_heard = Instant::now();
+            p.start_over(next);
         }
         log::info!(target: "raft::election", "raft-{} t{}: leader, log ..={}", self.me, st.term, st.log.last_index());
         // Membership on and no configuration entry yet (a new cluster, or one older than

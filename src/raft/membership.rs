@@ -30,7 +30,6 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
@@ -451,14 +450,7 @@ impl Core {
         let next = st.log.last_index();
         for peer in c.peers().filter(|p| !before.contains(p) && *p != self.me) {
             let p = &mut st.peers[peer];
-            p.next_index = next;
-            p.match_index = 0;
-            p.match_seq = 0;
-            p.inflight = None;
-            p.dirty = false;
-            p.acked_round = 0;
-            p.last_heard = Instant::now();
-            p.last_answer = None;
+            p.start_over(next);
             p.snap_send = None;
             p.snap_config = None;
             p.snap_offset = 0;

@@ -109,6 +109,19 @@ pub(super) struct Progress {
 }
 
 impl Progress {
+    /// Starts the leader's view of this peer over: nothing known to match, entries from
+    /// `next` on to send, nothing in flight, heard from now (CheckQuorum counts from here).
+    pub(super) fn start_over(&mut self, next: u64) {
+        self.next_index = next;
+        self.match_index = 0;
+        self.match_seq = 0;
+        self.inflight = None;
+        self.dirty = false;
+        self.acked_round = 0;
+        self.last_answer = None;
+        self.last_heard = Instant::now();
+    }
+
     /// Books the outcome of call `seq`: it is no longer outstanding, and a failure of the call
     /// in flight counts towards the backoff; any answer shows the peer is listening.
     pub(super) fn call_returned<R>(&mut self, seq: u64, r: Option<R>) -> Option<R> {

@@ -16,6 +16,10 @@ use std::time::{Duration, Instant};
 
 use raftkv::mr::textgen::{GenConfig, write_corpus};
 
+/// At most four jobs at once however many test threads run this binary: they need the CPU.
+#[path = "kit/heavy.rs"]
+mod heavy;
+
 const TIMEOUT: Duration = Duration::from_secs(45);
 const CRASH_TIMEOUT: Duration = Duration::from_secs(120);
 const POLL: Duration = Duration::from_millis(25);
@@ -27,6 +31,8 @@ struct Job {
     socket: PathBuf,
     inputs: Vec<String>,
     children: Mutex<Vec<Arc<Mutex<Child>>>>,
+    /// Given back after the children are killed (fields drop after `Drop::drop`).
+    _slot: heavy::Slot,
 }
 
 /// A child process with a deadline.
@@ -57,6 +63,7 @@ impl Job {
     }
 
     fn with_input(test: &str, config: &GenConfig) -> Job {
+        let slot = heavy::slot();
         let root = std::env::temp_dir().join(format!("rkv-mr-{}-{test}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         let run = root.join("run");
@@ -74,6 +81,7 @@ impl Job {
             run,
             inputs,
             children: Mutex::new(Vec::new()),
+            _slot: slot,
         }
     }
 

@@ -1,14 +1,16 @@
-//! At most [`AT_ONCE`] multi-process clusters at once in one test binary, however many test
+//! At most [`AT_ONCE`] multi-process tests at once in one test binary, however many test
 //! threads run it. The lab suites sleep most of the time and run with many test threads
-//! (`.cargo/config.toml`); a cluster test runs three or more `raftkv serve` processes that
-//! need the CPU, so they take a [`Slot`] each: a test thread beyond the limit waits for one.
-//! A thread that already holds a slot (a test with two clusters) takes another without
-//! waiting, so no test can wait for itself.
+//! (`.cargo/config.toml`); a cluster test runs three or more `raftkv serve` processes, and a
+//! MapReduce test a coordinator and its workers (`tests/mr.rs` includes this file alone), and
+//! they need the CPU, so each cluster or job takes a [`Slot`]: a test thread beyond the limit
+//! waits for one. A thread that already holds a slot (a test with two clusters) takes another
+//! without waiting, so no test can wait for itself.
 
 use std::cell::Cell;
 use std::sync::{Condvar, Mutex};
 
-/// Clusters running at once per test binary: what four test threads gave before.
+/// Clusters (or MapReduce jobs) running at once per test binary: what four test threads gave
+/// before.
 pub const AT_ONCE: usize = 4;
 
 static RUNNING: Mutex<usize> = Mutex::new(0);

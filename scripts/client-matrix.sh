@@ -312,5 +312,5 @@ else
     skip ioredis "$node_reason"
 fi
 
-say "$passed passed, $failed failed, $skipped skipped (the redis crate runs in cargo test: tests/client_port.rs)"
+say "$passed passed, $failed failed, $skipped skipped (the redis crate runs in cargo test: tests/cluster/client_port.rs)"
 ((failed == 0))

@@ -22,6 +22,24 @@ const PATIENCE: Duration = Duration::from_secs(15);
 
 mod kit;
 
+// The other multi-process tests, a module each: one binary is one build and one link, and
+// their clusters share the kit's four slots with the tests of this file
+// (`cargo test --release --test cluster membership::` runs one module).
+#[path = "cluster/big_state.rs"]
+mod big_state;
+#[path = "cluster/client_port.rs"]
+mod client_port;
+#[path = "cluster/durability.rs"]
+mod durability;
+#[path = "cluster/membership.rs"]
+mod membership;
+#[path = "cluster/membership_removed.rs"]
+mod membership_removed;
+#[path = "cluster/node_info.rs"]
+mod node_info;
+#[path = "cluster/peer_security.rs"]
+mod peer_security;
+
 use kit::{Cluster, EXE, TempDir, no_eintr};
 
 fn get(con: &mut redis::Connection, key: &str) -> redis::RedisResult<Option<String>> {

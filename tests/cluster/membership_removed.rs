@@ -5,7 +5,7 @@
 //! the cluster's leader and term are untouched. Every process is killed and every file
 //! removed when the test ends (`tests/kit`).
 
-mod kit;
+use crate::kit;
 
 use std::collections::BTreeMap;
 use std::process::Command;

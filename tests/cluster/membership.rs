@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::thread;
 use std::time::{Duration, Instant};
 
-mod kit;
+use crate::kit;
 
 use kit::{Cluster, EXE, TempDir, voters};
 

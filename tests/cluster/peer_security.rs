@@ -9,7 +9,7 @@
 //! it without `--peer-secret-file` and sends the "rogue" messages without a handshake: how
 //! these attacks are replayed against a build that has no peer authentication.
 
-mod kit;
+use crate::kit;
 
 use std::fs;
 use std::io::{Read, Write};

@@ -1,7 +1,7 @@
 //! What a node says about itself over the client port (`INFO raft`), on a real cluster: every
 //! node, follower or leader, names the same leader and every member's peer address.
 
-mod kit;
+use crate::kit;
 
 use std::collections::BTreeMap;
 use std::thread;

@@ -15,7 +15,7 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-mod kit;
+use crate::kit;
 
 use kit::{Cluster, PATIENCE, proc_status_number};
 

@@ -12,7 +12,7 @@ use raftkv::proc::NodeStatusFile;
 use std::thread;
 use std::time::{Duration, Instant};
 
-mod kit;
+use crate::kit;
 
 use kit::{Cluster, EXE, PATIENCE, TempDir, ports};
 

@@ -1,6 +1,6 @@
 //! The services a server answers and their methods, found by `"Service.Method"`: the one
 //! registry of the simulated network ([`labrpc`](crate::labrpc), tests only) and of the TCP
-//! server ([`net::server`](crate::net::server)). Each network says what a handler is (what it
+//! server ([`net::Server`](crate::net::Server)). Each network says what a handler is (what it
 //! gets, how it answers) and adds its typed builders on its own handler type; this module only
 //! names handlers and finds them.
 

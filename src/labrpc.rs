@@ -107,7 +107,7 @@ impl From<CodecError> for RpcError {
 pub type Handler = dyn Fn(&[u8]) -> Result<Vec<u8>, RpcError> + Send + Sync;
 
 /// A named set of RPC methods, e.g. `Raft` with `RequestVote` and `AppendEntries` (the
-/// registry is [`dispatch`](crate::dispatch)'s, shared with the TCP server).
+/// registry is [`dispatch`]'s, shared with the TCP server).
 pub type Service = dispatch::Service<Handler>;
 
 /// A typed method: arguments that do not decode, or a reply that does not encode, are a

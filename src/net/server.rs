@@ -93,7 +93,7 @@ pub const DEFAULT_PARTIAL_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 pub type Handler = dyn Fn(Option<u64>, &[u8]) -> Result<Vec<u8>, RemoteError> + Send + Sync;
 
 /// A named set of methods, as [`labrpc::Service`](crate::labrpc::Service) (the registry is
-/// [`dispatch`](crate::dispatch)'s, shared with the simulated network).
+/// [`dispatch`]'s, shared with the simulated network).
 pub type Service = dispatch::Service<Handler>;
 
 /// A typed method: arguments that do not decode (or a reply that does not encode) are

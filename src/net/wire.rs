@@ -241,8 +241,8 @@ impl fmt::Display for ReadError {
     }
 }
 
-/// Reads one frame (a frame with no bound of time or shared budget, see
-/// [`read_frame_bounded`]). The body is read only once its length is known to be within
+/// Reads one frame (the connections' bounded reader with no bound of time or shared
+/// budget). The body is read only once its length is known to be within
 /// `max_bytes`, into a buffer that grows with what arrives. A read timeout of the stream is an
 /// error.
 pub fn read_frame(stream: &mut impl Read, max_bytes: usize) -> Result<Frame, ReadError> {

@@ -37,6 +37,7 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::dispatch::{self, Codec, NotFound, Services, Typed};
 use crate::labcodec::{self, CodecError};
 use crate::oneshot;
 
@@ -102,39 +103,22 @@ impl From<CodecError> for RpcError {
     }
 }
 
-type Handler = Box<dyn Fn(&[u8]) -> Result<Vec<u8>, RpcError> + Send + Sync>;
+/// What a labrpc method is: encoded arguments in, encoded reply (or why none) out.
+pub type Handler = dyn Fn(&[u8]) -> Result<Vec<u8>, RpcError> + Send + Sync;
 
-/// A named set of RPC methods, e.g. `Raft` with `RequestVote` and `AppendEntries`.
-pub struct Service {
-    name: String,
-    methods: HashMap<String, Handler>,
+/// A named set of RPC methods, e.g. `Raft` with `RequestVote` and `AppendEntries` (the
+/// registry is [`dispatch`]'s, shared with the TCP server).
+pub type Service = dispatch::Service<Handler>;
+
+/// A typed method: arguments that do not decode, or a reply that does not encode, are a
+/// [`RpcError::Codec`] to the caller.
+impl Typed for Handler {
+    fn typed(method: Box<Codec>) -> Arc<Handler> {
+        Arc::new(move |bytes: &[u8]| Ok(method(bytes)?))
+    }
 }
 
-impl Service {
-    pub fn new(name: impl Into<String>) -> Service {
-        Service {
-            name: name.into(),
-            methods: HashMap::new(),
-        }
-    }
-
-    /// Adds method `name`: the handler gets a decoded copy of the caller's arguments and
-    /// returns the reply, which is encoded back to the caller.
-    pub fn method<A, R, F>(mut self, name: &str, handler: F) -> Service
-    where
-        A: DeserializeOwned,
-        R: Serialize,
-        F: Fn(A) -> R + Send + Sync + 'static,
-    {
-        let h: Handler = Box::new(move |bytes: &[u8]| {
-            let args: A = labcodec::decode(bytes)?;
-            let reply = handler(args);
-            Ok(labcodec::encode(&reply)?)
-        });
-        self.methods.insert(name.to_string(), h);
-        self
-    }
-
+impl dispatch::Service<Handler> {
     /// Adds method `name` whose handler may decline to answer (`None`), as a crashed
     /// process would: the caller then gets [`RpcError::NoReply`] after the delay of an
     /// unreachable server.
@@ -144,19 +128,17 @@ impl Service {
         R: Serialize,
         F: Fn(A) -> Option<R> + Send + Sync + 'static,
     {
-        let h: Handler = Box::new(move |bytes: &[u8]| {
-            let args: A = labcodec::decode(bytes)?;
-            match handler(args) {
-                Some(reply) => Ok(labcodec::encode(&reply)?),
-                None => Err(RpcError::NoReply),
-            }
-        });
-        self.methods.insert(name.to_string(), h);
+        self.add_method(
+            name,
+            Arc::new(move |bytes: &[u8]| {
+                let args: A = labcodec::decode(bytes)?;
+                match handler(args) {
+                    Some(reply) => Ok(labcodec::encode(&reply)?),
+                    None => Err(RpcError::NoReply),
+                }
+            }),
+        );
         self
-    }
-
-    pub fn name(&self) -> &str {
-        &self.name
     }
 }
 
@@ -172,7 +154,7 @@ pub trait IService: Send + Sync + 'static {
 
 /// A server: services reachable under one server name.
 pub struct Server {
-    services: HashMap<String, Service>,
+    services: Services<Handler>,
     count: AtomicUsize,
 }
 
@@ -185,14 +167,14 @@ impl Default for Server {
 impl Server {
     pub fn new() -> Server {
         Server {
-            services: HashMap::new(),
+            services: Services::default(),
             count: AtomicUsize::new(0),
         }
     }
 
     /// Adds a service, replacing one of the same name.
     pub fn add_service(&mut self, svc: Service) {
-        self.services.insert(svc.name.clone(), svc);
+        self.services.add(svc);
     }
 
     /// RPCs that reached this server's dispatcher.
@@ -202,22 +184,11 @@ impl Server {
 
     fn dispatch(&self, svc_meth: &str, args: &[u8]) -> Result<Vec<u8>, RpcError> {
         self.count.fetch_add(1, Ordering::Relaxed);
-        let (svc_name, meth_name) = svc_meth
-            .split_once('.')
-            .ok_or_else(|| RpcError::BadMethodName(svc_meth.to_string()))?;
-        let svc = self
-            .services
-            .get(svc_name)
-            .ok_or_else(|| RpcError::UnknownService {
-                service: svc_name.to_string(),
-            })?;
-        let handler = svc
-            .methods
-            .get(meth_name)
-            .ok_or_else(|| RpcError::UnknownMethod {
-                service: svc_name.to_string(),
-                method: meth_name.to_string(),
-            })?;
+        let handler = self.services.find(svc_meth).map_err(|e| match e {
+            NotFound::BadName(name) => RpcError::BadMethodName(name),
+            NotFound::Service(service) => RpcError::UnknownService { service },
+            NotFound::Method { service, method } => RpcError::UnknownMethod { service, method },
+        })?;
         handler(args)
     }
 }

@@ -18,11 +18,13 @@
 //! | — | [`signal`]: sending signals to child processes (never once reaped), and SIGINT/SIGTERM as a flag |
 //! | — | [`logging`]: the one `log` back end (`env_logger`, `RUST_LOG` filter syntax) of every binary and the tests |
 //! | — | [`labrpc`], [`labcodec`], [`porcupine`]: simulated network, codec, linearizability checker |
+//! | — | [`dispatch`]: the services and methods a server answers, found by `"Service.Method"` (labrpc's and `net`'s one registry) |
 //! | — | `tester` and the labs' `harness` modules: test support, built only with the `testing` feature (the tests and benches turn it on) |
 //!
 //! See `ARCHITECTURE.md` at the repository root for how the parts fit.
 
 pub mod chaos;
+pub mod dispatch;
 pub mod kvapi;
 pub mod kvraft;
 pub mod kvsrv;

@@ -39,18 +39,37 @@ pub(crate) struct ConnConfig {
     pub who: String,
 }
 
-struct Shared {
-    stream: TcpStream,
-    close_tx: Mutex<Option<Sender<()>>>,
+/// A connection's closed flag, the signal that wakes its threads waiting on the receiver
+/// [`Closing::new`] gave (it disconnects), and its sockets, shut on close (which wakes its
+/// threads blocked in a read). Used by this module's connections and the proxy's links.
+pub(super) struct Closing {
+    tx: Mutex<Option<Sender<()>>>,
     closed: AtomicBool,
+    sockets: Vec<TcpStream>,
 }
 
-impl Shared {
-    fn close(&self) {
+impl Closing {
+    pub(super) fn new(sockets: Vec<TcpStream>) -> (Closing, Receiver<()>) {
+        let (tx, rx) = channel::bounded::<()>(0);
+        let closing = Closing {
+            tx: Mutex::new(Some(tx)),
+            closed: AtomicBool::new(false),
+            sockets,
+        };
+        (closing, rx)
+    }
+
+    pub(super) fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
-        self.close_tx.lock().take();
-        // Wakes the reader from a blocking read; an error means it is already shut.
-        let _ = self.stream.shutdown(Shutdown::Both);
+        self.tx.lock().take();
+        for socket in &self.sockets {
+            // An error means the socket is already shut.
+            let _ = socket.shutdown(Shutdown::Both);
+        }
+    }
+
+    pub(super) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
     }
 }
 
@@ -58,7 +77,7 @@ impl Shared {
 #[derive(Clone)]
 pub(crate) struct ConnHandle {
     pub tx: Sender<Vec<u8>>,
-    shared: Arc<Shared>,
+    shared: Arc<Closing>,
 }
 
 impl ConnHandle {
@@ -68,7 +87,7 @@ impl ConnHandle {
     }
 
     pub fn is_closed(&self) -> bool {
-        self.shared.closed.load(Ordering::SeqCst)
+        self.shared.is_closed()
     }
 }
 
@@ -113,12 +132,8 @@ pub(crate) fn start(
         budget.register(*key, config.who.clone(), stream.try_clone()?);
     }
     let write_stream = stream.try_clone()?;
-    let (close_tx, close_rx) = channel::bounded::<()>(0);
-    let shared = Arc::new(Shared {
-        stream,
-        close_tx: Mutex::new(Some(close_tx)),
-        closed: AtomicBool::new(false),
-    });
+    let (closing, close_rx) = Closing::new(vec![stream]);
+    let shared = Arc::new(closing);
     let (tx, rx) = channel::bounded::<Vec<u8>>(config.send_queue);
     let config = Arc::new(config);
 
@@ -176,7 +191,7 @@ fn read_loop(
     stream: TcpStream,
     on_frame: &mut impl FnMut(Frame) -> bool,
     config: &ConnConfig,
-    shared: &Shared,
+    shared: &Closing,
 ) {
     let target = config.log_target;
     let mut reader = BufReader::with_capacity(64 << 10, stream);
@@ -207,7 +222,7 @@ fn read_loop(
                 return;
             }
             Err(ReadError::Io(e)) => {
-                if shared.closed.load(Ordering::SeqCst) {
+                if shared.is_closed() {
                     log::debug!(target: target, "{}: connection to {} closed here", config.name, config.peer);
                 } else {
                     log::info!(target: target, "{}: connection to {} failed: {e}", config.name, config.peer);
@@ -223,7 +238,7 @@ fn write_loop(
     rx: &Receiver<Vec<u8>>,
     close_rx: &Receiver<()>,
     config: &ConnConfig,
-    shared: &Shared,
+    shared: &Closing,
 ) {
     let target = config.log_target;
     let mut writer = BufWriter::with_capacity(64 << 10, stream);
@@ -247,7 +262,7 @@ fn write_loop(
             }
         }
         if let Err(e) = result.and_then(|()| writer.flush()) {
-            if !shared.closed.load(Ordering::SeqCst) {
+            if !shared.is_closed() {
                 log::info!(target: target, "{}: cannot write to {}: {e}; dropping the connection", config.name, config.peer);
             }
             return;

@@ -258,6 +258,23 @@ impl fmt::Display for HandshakeError {
 
 impl std::error::Error for HandshakeError {}
 
+/// What is left of the handshake's time, as a socket timeout; none left is a timeout.
+fn time_left(deadline: Instant) -> Result<Duration, HandshakeError> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(HandshakeError::Timeout);
+    }
+    Ok(left)
+}
+
+/// A socket error, where a timeout of the socket is the handshake's.
+fn io_error(e: io::Error) -> HandshakeError {
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => HandshakeError::Timeout,
+        _ => HandshakeError::Io(e),
+    }
+}
+
 /// Reads exactly `buf.len()` bytes before `deadline`.
 fn read_full(
     stream: &mut TcpStream,
@@ -266,43 +283,24 @@ fn read_full(
 ) -> Result<(), HandshakeError> {
     let mut got = 0;
     while got < buf.len() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(HandshakeError::Timeout);
-        }
         stream
-            .set_read_timeout(Some(left))
+            .set_read_timeout(Some(time_left(deadline)?))
             .map_err(HandshakeError::Io)?;
         match stream.read(&mut buf[got..]) {
             Ok(0) => return Err(HandshakeError::Closed),
             Ok(n) => got += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                return Err(HandshakeError::Timeout);
-            }
-            Err(e) => return Err(HandshakeError::Io(e)),
+            Err(e) => return Err(io_error(e)),
         }
     }
     Ok(())
 }
 
 fn write_all(stream: &mut TcpStream, buf: &[u8], deadline: Instant) -> Result<(), HandshakeError> {
-    let left = deadline.saturating_duration_since(Instant::now());
-    if left.is_zero() {
-        return Err(HandshakeError::Timeout);
-    }
     stream
-        .set_write_timeout(Some(left))
+        .set_write_timeout(Some(time_left(deadline)?))
         .map_err(HandshakeError::Io)?;
-    stream.write_all(buf).map_err(|e| match e.kind() {
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => HandshakeError::Timeout,
-        _ => HandshakeError::Io(e),
-    })
+    stream.write_all(buf).map_err(io_error)
 }
 
 fn nonce() -> [u8; NONCE_BYTES] {

@@ -17,7 +17,7 @@
 //! (client to target: reader, delayed writer) and `dr`/`dw` (target to client).
 
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::{self, JoinHandle};
@@ -27,6 +27,7 @@ use crossbeam::channel::{self, Receiver, RecvTimeoutError, Sender};
 use parking_lot::Mutex;
 
 use super::acceptor::{self, Accept, Acceptor, AcceptorOptions, ConnList};
+use super::conn::Closing;
 
 const LOG: &str = "net::proxy";
 
@@ -47,22 +48,15 @@ pub enum LinkMode {
 }
 
 struct Link {
-    client: TcpStream,
-    upstream: TcpStream,
-    /// Dropped on close: wakes the delayed writers.
-    close_tx: Mutex<Option<Sender<()>>>,
-    closed: AtomicBool,
+    /// Of the client's and the upstream socket; closing wakes the delayed writers.
+    closing: Closing,
     /// Bytes were dropped: nothing more is delivered, and healing closes the connection.
     tainted: AtomicBool,
 }
 
 impl Link {
     fn close(&self) {
-        self.closed.store(true, Ordering::SeqCst);
-        self.close_tx.lock().take();
-        // Errors mean the socket is already shut.
-        let _ = self.client.shutdown(Shutdown::Both);
-        let _ = self.upstream.shutdown(Shutdown::Both);
+        self.closing.close();
     }
 }
 
@@ -211,7 +205,7 @@ impl Proxy {
 
     /// Connections being forwarded now.
     pub fn connections(&self) -> usize {
-        self.links.count(|l| !l.link.closed.load(Ordering::SeqCst))
+        self.links.count(|l| !l.link.closing.is_closed())
     }
 
     /// Connections accepted and forwarded so far.
@@ -316,12 +310,9 @@ fn forward(
 ) -> io::Result<LinkEntry> {
     client.set_nodelay(true)?;
     upstream.set_nodelay(true)?;
-    let (close_tx, close_rx) = channel::bounded::<()>(0);
+    let (closing, close_rx) = Closing::new(vec![client.try_clone()?, upstream.try_clone()?]);
     let link = Arc::new(Link {
-        client: client.try_clone()?,
-        upstream: upstream.try_clone()?,
-        close_tx: Mutex::new(Some(close_tx)),
-        closed: AtomicBool::new(false),
+        closing,
         tainted: AtomicBool::new(false),
     });
     let mut entry = LinkEntry {

@@ -25,6 +25,7 @@ use super::handshake::{self, HANDSHAKE_TIMEOUT, HandshakeError, PeerAuth};
 use super::partial::PartialFrames;
 use super::wire::{self, Frame, RemoteError};
 use super::{DEFAULT_MAX_FRAME_BYTES, RateLimitedLog};
+use crate::dispatch::{self, Codec, NotFound, Services, Typed};
 use crate::labcodec;
 
 const LOG: &str = "net::server";
@@ -89,34 +90,23 @@ pub const DEFAULT_PARTIAL_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A method: gets the node the call came from (authenticated by the handshake; `None`
 /// without authentication) and the request body.
-type Handler = Box<dyn Fn(Option<u64>, &[u8]) -> Result<Vec<u8>, RemoteError> + Send + Sync>;
+pub type Handler = dyn Fn(Option<u64>, &[u8]) -> Result<Vec<u8>, RemoteError> + Send + Sync;
 
-/// A named set of methods, as [`labrpc::Service`](crate::labrpc::Service).
-pub struct Service {
-    name: String,
-    methods: HashMap<String, Handler>,
+/// A named set of methods, as [`labrpc::Service`](crate::labrpc::Service) (the registry is
+/// [`dispatch`]'s, shared with the simulated network).
+pub type Service = dispatch::Service<Handler>;
+
+/// A typed method: arguments that do not decode (or a reply that does not encode) are
+/// answered with [`RemoteError::BadArguments`].
+impl Typed for Handler {
+    fn typed(method: Box<Codec>) -> Arc<Handler> {
+        Arc::new(move |_node: Option<u64>, bytes: &[u8]| {
+            method(bytes).map_err(|e| RemoteError::BadArguments(e.to_string()))
+        })
+    }
 }
 
-impl Service {
-    pub fn new(name: impl Into<String>) -> Service {
-        Service {
-            name: name.into(),
-            methods: HashMap::new(),
-        }
-    }
-
-    /// Adds method `name`: the handler gets the decoded arguments and returns the reply,
-    /// which is encoded back to the caller. Arguments that do not decode are answered with
-    /// [`RemoteError::BadArguments`] without running the handler.
-    pub fn method<A, R, F>(self, name: &str, handler: F) -> Service
-    where
-        A: DeserializeOwned,
-        R: Serialize,
-        F: Fn(A) -> R + Send + Sync + 'static,
-    {
-        self.method_from(name, move |_node: Option<u64>, args: A| handler(args))
-    }
-
+impl dispatch::Service<Handler> {
     /// As [`method`](Self::method), and the handler also gets the node the call came from:
     /// the one the peer handshake proved, `None` on a server without authentication.
     pub fn method_from<A, R, F>(mut self, name: &str, handler: F) -> Service
@@ -125,13 +115,15 @@ impl Service {
         R: Serialize,
         F: Fn(Option<u64>, A) -> R + Send + Sync + 'static,
     {
-        let handler: Handler = Box::new(move |node: Option<u64>, bytes: &[u8]| {
-            let args: A =
-                labcodec::decode(bytes).map_err(|e| RemoteError::BadArguments(e.to_string()))?;
-            labcodec::encode(&handler(node, args))
-                .map_err(|e| RemoteError::BadArguments(e.to_string()))
-        });
-        self.methods.insert(name.to_string(), handler);
+        self.add_method(
+            name,
+            Arc::new(move |node: Option<u64>, bytes: &[u8]| {
+                let args: A = labcodec::decode(bytes)
+                    .map_err(|e| RemoteError::BadArguments(e.to_string()))?;
+                labcodec::encode(&handler(node, args))
+                    .map_err(|e| RemoteError::BadArguments(e.to_string()))
+            }),
+        );
         self
     }
 
@@ -141,15 +133,8 @@ impl Service {
     where
         F: Fn(&[u8]) -> Vec<u8> + Send + Sync + 'static,
     {
-        self.methods.insert(
-            name.to_string(),
-            Box::new(move |_, bytes| Ok(handler(bytes))),
-        );
+        self.add_method(name, Arc::new(move |_, bytes: &[u8]| Ok(handler(bytes))));
         self
-    }
-
-    pub fn name(&self) -> &str {
-        &self.name
     }
 }
 
@@ -167,7 +152,7 @@ struct Inner {
     name: String,
     addr: SocketAddr,
     options: ServerOptions,
-    services: RwLock<HashMap<String, Arc<Service>>>,
+    services: RwLock<Services<Handler>>,
     dispatched: AtomicUsize,
     refused: AtomicU64,
     busy_log: RateLimitedLog,
@@ -432,7 +417,7 @@ impl Server {
             name: name.to_string(),
             addr,
             options: options.clone(),
-            services: RwLock::new(HashMap::new()),
+            services: RwLock::new(Services::default()),
             dispatched: AtomicUsize::new(0),
             refused: AtomicU64::new(0),
             busy_log: RateLimitedLog::new(Duration::from_secs(1)),
@@ -485,10 +470,7 @@ impl Server {
 
     /// Adds a service, replacing one of the same name. Calls already running keep the old one.
     pub fn add_service(&self, service: Service) {
-        self.inner
-            .services
-            .write()
-            .insert(service.name.clone(), Arc::new(service));
+        self.inner.services.write().add(service);
     }
 
     /// Calls handed to a handler so far.
@@ -636,23 +618,12 @@ fn work(inner: &Inner, job_rx: &Receiver<Job>) {
 }
 
 fn dispatch(inner: &Inner, job: &Job) -> Result<Vec<u8>, RemoteError> {
-    let (service_name, method_name) = job
-        .method
-        .split_once('.')
-        .ok_or_else(|| RemoteError::BadMethodName(job.method.clone()))?;
-    let service = inner
-        .services
-        .read()
-        .get(service_name)
-        .cloned()
-        .ok_or_else(|| RemoteError::UnknownService(service_name.to_string()))?;
-    let handler = service
-        .methods
-        .get(method_name)
-        .ok_or_else(|| RemoteError::UnknownMethod {
-            service: service_name.to_string(),
-            method: method_name.to_string(),
-        })?;
+    let found = inner.services.read().find(&job.method);
+    let handler = found.map_err(|e| match e {
+        NotFound::BadName(name) => RemoteError::BadMethodName(name),
+        NotFound::Service(service) => RemoteError::UnknownService(service),
+        NotFound::Method { service, method } => RemoteError::UnknownMethod { service, method },
+    })?;
     std::panic::catch_unwind(AssertUnwindSafe(|| handler(job.node, &job.body))).unwrap_or_else(|_| {
         log::error!(target: LOG, "{}: handler of {} panicked (call from {})", inner.name, job.method, job.peer);
         Err(RemoteError::HandlerPanicked)

@@ -241,41 +241,17 @@ impl fmt::Display for ReadError {
     }
 }
 
-/// Reads one frame. The body is read only once its length is known to be within `max_bytes`,
-/// into a buffer that grows with what arrives.
+/// Reads one frame (the connections' bounded reader with no bound of time or shared
+/// budget). The body is read only once its length is known to be within
+/// `max_bytes`, into a buffer that grows with what arrives. A read timeout of the stream is an
+/// error.
 pub fn read_frame(stream: &mut impl Read, max_bytes: usize) -> Result<Frame, ReadError> {
-    let mut prefix = [0u8; 4];
-    let mut got = 0;
-    while got < 4 {
-        match stream.read(&mut prefix[got..]) {
-            Ok(0) if got == 0 => return Err(ReadError::Closed),
-            Ok(0) => return Err(ReadError::Io(io::ErrorKind::UnexpectedEof.into())),
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(ReadError::Io(e)),
-        }
-    }
-    let len = u32::from_be_bytes(prefix) as usize;
-    if len > max_bytes {
-        return Err(ReadError::TooLarge {
-            bytes: len as u64,
-            max: max_bytes,
-        });
-    }
-    // Grown as the bytes arrive, never sized from the claim: a peer that stalls inside a
-    // frame holds only what it has sent.
-    let mut body = Vec::with_capacity(len.min(64 << 10));
-    let got = stream
-        .by_ref()
-        .take(len as u64)
-        .read_to_end(&mut body)
-        .map_err(ReadError::Io)?;
-    if got < len {
-        return Err(ReadError::Io(io::ErrorKind::UnexpectedEof.into()));
-    }
-    labcodec::decode::<FrameBuf>(&body)
-        .map(Frame::from)
-        .map_err(ReadError::Garbage)
+    let bounds = Bounds {
+        max_bytes,
+        partial_timeout: None,
+        budget: None,
+    };
+    read_frame_bounded(stream, &bounds)
 }
 
 /// What bounds a frame being received besides its length: the time it may take once begun,
@@ -303,9 +279,10 @@ impl Drop for Reserved<'_> {
 /// Bytes read from the socket at a time inside a frame.
 const READ_PIECE: usize = 64 << 10;
 
-/// [`read_frame`] within `bounds`. Between frames it waits as long as the peer is silent;
-/// once a frame has begun, a read timeout of the stream past `partial_timeout` ends it
-/// ([`ReadError::Stalled`]), and each growth of its buffer is first reserved in the budget
+/// Reads one frame within `bounds`. With a `partial_timeout`, between frames it waits as long
+/// as the peer is silent and once a frame has begun, a read timeout of the stream past
+/// `partial_timeout` ends it ([`ReadError::Stalled`]); without one, a read timeout is an
+/// error. Each growth of the frame's buffer is first reserved in the budget
 /// ([`ReadError::OverBudget`] if refused).
 pub(crate) fn read_frame_bounded(
     stream: &mut impl Read,
@@ -319,11 +296,13 @@ pub(crate) fn read_frame_bounded(
         let waited = began.elapsed();
         (waited >= limit).then_some(ReadError::Stalled { got, len, waited })
     };
+    // A read timeout is how a stall is noticed, if there is a limit to notice it against.
     let timed_out = |e: &io::Error| {
-        matches!(
-            e.kind(),
-            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-        )
+        bounds.partial_timeout.is_some()
+            && matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            )
     };
     let mut prefix = [0u8; 4];
     let mut got = 0;

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::identity::ClusterIdentity;
@@ -191,35 +192,12 @@ pub fn raft_service(h: RaftHandler, identity: Arc<ClusterIdentity>) -> Service {
         identity,
         last_logged: Mutex::new(None),
     });
-    let (g1, g2, g3, g4, g5) = (gate.clone(), gate.clone(), gate.clone(), gate.clone(), gate);
-    Service::new("Raft")
+    let (g1, g5) = (gate.clone(), gate.clone());
+    let service = Service::new("Raft")
         .method_from("RequestVote", move |node, t: Tagged<RequestVoteArgs>| {
             g1.admit("RequestVote", &t.cluster, false)?;
             as_itself(node, t.msg.candidate, "RequestVote").then(|| h1.request_vote(t.msg))?
         })
-        .method_from(
-            "AppendEntries",
-            move |node, t: Tagged<AppendEntriesArgs>| {
-                g2.admit("AppendEntries", &t.cluster, true)?;
-                as_itself(node, t.msg.leader, "AppendEntries").then(|| h2.append_entries(t.msg))?
-            },
-        )
-        .method_from(
-            "InstallSnapshot",
-            move |node, t: Tagged<InstallSnapshotArgs>| {
-                g3.admit("InstallSnapshot", &t.cluster, true)?;
-                as_itself(node, t.msg.leader, "InstallSnapshot")
-                    .then(|| h3.install_snapshot(t.msg))?
-            },
-        )
-        .method_from(
-            "InstallSnapshotChunk",
-            move |node, t: Tagged<InstallSnapshotChunkArgs>| {
-                g4.admit("InstallSnapshotChunk", &t.cluster, true)?;
-                as_itself(node, t.msg.leader, "InstallSnapshotChunk")
-                    .then(|| h4.install_snapshot_chunk(t.msg))?
-            },
-        )
         .method_from(
             "InstallSnapshotChunkWithConfig",
             move |node, t: Tagged<ChunkWithConfig>| {
@@ -228,7 +206,56 @@ pub fn raft_service(h: RaftHandler, identity: Arc<ClusterIdentity>) -> Service {
                 as_itself(node, args.leader, "InstallSnapshotChunk")
                     .then(|| h5.install_snapshot_chunk_with_config(args, config))?
             },
+        );
+    LeaderMethods { service, gate }
+        .add(
+            "AppendEntries",
+            |a: &AppendEntriesArgs| a.leader,
+            move |a| h2.append_entries(a),
         )
+        .add(
+            "InstallSnapshot",
+            |a: &InstallSnapshotArgs| a.leader,
+            move |a| h3.install_snapshot(a),
+        )
+        .add(
+            "InstallSnapshotChunk",
+            |a: &InstallSnapshotChunkArgs| a.leader,
+            move |a| h4.install_snapshot_chunk(a),
+        )
+        .service
+}
+
+/// The methods of the `Raft` service for the messages only a leader sends.
+struct LeaderMethods {
+    service: Service,
+    gate: Arc<Admission>,
+}
+
+impl LeaderMethods {
+    /// Adds method `name`: a message admitted by its cluster id (a leader's: see
+    /// [`ClusterIdentity::admit`]), refused unless `sender` of it is the node the handshake
+    /// proved, then answered by `run`.
+    fn add<A, R>(
+        self,
+        name: &'static str,
+        sender: fn(&A) -> usize,
+        run: impl Fn(A) -> Option<R> + Send + Sync + 'static,
+    ) -> LeaderMethods
+    where
+        A: DeserializeOwned + 'static,
+        R: Serialize + 'static,
+    {
+        let gate = self.gate.clone();
+        let service = self.service.method_from(name, move |node, t: Tagged<A>| {
+            gate.admit(name, &t.cluster, true)?;
+            as_itself(node, sender(&t.msg), name).then(|| run(t.msg))?
+        });
+        LeaderMethods {
+            service,
+            gate: self.gate,
+        }
+    }
 }
 
 /// Whether a message claiming peer `claimed` (0-based) came from that node (1-based), when

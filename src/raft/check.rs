@@ -204,51 +204,43 @@ impl Validator for AcceptAll {
     }
 }
 
-pub(super) fn install_snapshot(
-    a: &InstallSnapshotArgs,
-    me: usize,
-    peers: usize,
-) -> Result<(), Refusal> {
-    snapshot_header(
-        a.leader,
-        a.term,
-        a.last_included_index,
-        a.last_included_term,
-        me,
-        peers,
-    )
+/// A snapshot message, whole or one piece: what it says of its sender and position.
+pub(super) trait SnapshotMessage {
+    /// The leader, the message's term, and the snapshot's last included index and term.
+    fn header(&self) -> (usize, u64, u64, u64);
+}
+
+impl SnapshotMessage for InstallSnapshotArgs {
+    fn header(&self) -> (usize, u64, u64, u64) {
+        (
+            self.leader,
+            self.term,
+            self.last_included_index,
+            self.last_included_term,
+        )
+    }
+}
+
+/// One piece of a streamed snapshot (offsets and lengths are the storage's to check).
+impl SnapshotMessage for InstallSnapshotChunkArgs {
+    fn header(&self) -> (usize, u64, u64, u64) {
+        (
+            self.leader,
+            self.term,
+            self.last_included_index,
+            self.last_included_term,
+        )
+    }
 }
 
 /// What a snapshot message, whole or one piece, says of its sender and position.
-fn snapshot_header(
-    leader: usize,
-    msg_term: u64,
-    last_index: u64,
-    last_term: u64,
-    me: usize,
-    peers: usize,
-) -> Result<(), Refusal> {
+pub(super) fn snapshot(a: &impl SnapshotMessage, me: usize, peers: usize) -> Result<(), Refusal> {
+    let (leader, msg_term, last_index, last_term) = a.header();
     sender(leader, me, peers)?;
     term("term", msg_term)?;
     index("last_included_index", last_index)?;
     term("last_included_term", last_term)?;
     not_ahead("last_included_term", last_term, msg_term)
-}
-
-/// Bounds of one piece of a streamed snapshot (offsets and lengths are the storage's to check).
-pub(super) fn install_snapshot_chunk(
-    a: &InstallSnapshotChunkArgs,
-    me: usize,
-    peers: usize,
-) -> Result<(), Refusal> {
-    snapshot_header(
-        a.leader,
-        a.term,
-        a.last_included_index,
-        a.last_included_term,
-        me,
-        peers,
-    )
 }
 
 #[cfg(test)]

@@ -168,14 +168,7 @@ impl Core {
 
     /// Decides on the vote; the decision is durable when this returns.
     fn request_vote_synced(&self, args: RequestVoteArgs) -> Option<RequestVoteReply> {
-        let mut st = self.lock_state();
-        if self.is_dead() {
-            return None;
-        }
-        if let Err(why) = check::term_jump(args.term, st.term) {
-            self.refused("RequestVote", args.candidate, &why);
-            return None;
-        }
+        let mut st = self.lock_for("RequestVote", args.candidate, args.term)?;
         if !self.voter.load(std::sync::atomic::Ordering::SeqCst) {
             // A peer that joined on an empty directory votes only once it holds what its
             // leader had committed: with less, its vote could elect a leader missing

@@ -95,22 +95,9 @@ impl Core {
         }
         // Only the voters of the current configuration confirm (a leader being removed does
         // not count itself).
-        let voters = self.voters(st);
-        if voters.is_empty() {
+        let Some(confirmed) = self.majority_value(st, st.read_round, |p| p.acked_round) else {
             return;
-        }
-        let mut rounds: Vec<u64> = voters
-            .iter()
-            .map(|&p| {
-                if p == self.me {
-                    st.read_round
-                } else {
-                    st.peers[p].acked_round
-                }
-            })
-            .collect();
-        rounds.sort_unstable_by(|a, b| b.cmp(a));
-        let confirmed = rounds[Self::quorum(&voters) - 1];
+        };
         let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut st.reads)
             .into_iter()
             .partition(|r| r.round <= confirmed);

@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 use super::check::{self, MAX_TERM};
 use super::log::Entry;
-use super::rpc::{AppendEntriesArgs, AppendEntriesReply};
+use super::rpc::{
+    AppendEntriesArgs, AppendEntriesReply, InstallSnapshotChunkReply, InstallSnapshotReply,
+};
 use super::state::{Core, MAX_OUTSTANDING, Role, State};
 
 /// The most entries one AppendEntries carries, so a far-behind follower catches up in
@@ -21,6 +23,29 @@ const MAX_APPEND_BYTES: usize = 8 << 20;
 const ROOM_WAIT: Duration = Duration::from_millis(30);
 /// Per-entry bytes a persisted entry takes beyond its command (term, length), roughly.
 const ENTRY_OVERHEAD: usize = 16;
+
+/// The term a reply to a leader's call carries.
+pub(super) trait ReplyTerm {
+    fn term(&self) -> u64;
+}
+
+impl ReplyTerm for AppendEntriesReply {
+    fn term(&self) -> u64 {
+        self.term
+    }
+}
+
+impl ReplyTerm for InstallSnapshotReply {
+    fn term(&self) -> u64 {
+        self.term
+    }
+}
+
+impl ReplyTerm for InstallSnapshotChunkReply {
+    fn term(&self) -> u64 {
+        self.term
+    }
+}
 
 impl Core {
     pub(crate) fn start(self: &Arc<Core>, command: Vec<u8>) -> (u64, u64, bool) {
@@ -68,6 +93,33 @@ impl Core {
             return true;
         }
         false
+    }
+
+    /// A leader's reply from `peer` to its call numbered `seq`, sent as leader of `term`, if
+    /// it still counts: not lost (the next heartbeat retries), not sent to a former
+    /// incarnation of the peer or to a removed one, its term not ending the call's purpose
+    /// ([`reply_term_ends_it`](Self::reply_term_ends_it)), and this peer still leader of
+    /// `term` (the stale-role guard).
+    pub(super) fn leader_reply<R: ReplyTerm>(
+        &self,
+        st: &mut State,
+        peer: usize,
+        term: u64,
+        seq: u64,
+        r: Option<R>,
+        what: &str,
+    ) -> Option<R> {
+        let reply = st.peers[peer].call_returned(seq, r)?;
+        if seq <= st.peers[peer].reset_seq || !self.knows(st, peer) {
+            return None; // sent to a former incarnation of this peer, or to a removed one
+        }
+        if self.reply_term_ends_it(st, peer, reply.term(), what) {
+            return None;
+        }
+        if st.role != Role::Leader || st.term != term {
+            return None;
+        }
+        Some(reply)
     }
 
     /// Sends each follower what it lacks (or a heartbeat).
@@ -178,18 +230,9 @@ impl Core {
         }
         // Nothing this does needs a sync unless it queues something (a newer term).
         st.guard.leader_sends = true;
-        let Some(reply) = st.peers[peer].call_returned(seq, r) else {
-            return; // lost: the next heartbeat retries
+        let Some(reply) = self.leader_reply(&mut st, peer, term, seq, r, "append") else {
+            return;
         };
-        if seq <= st.peers[peer].reset_seq || !self.knows(&st, peer) {
-            return; // sent to a former incarnation of this peer, or to a removed one
-        }
-        if self.reply_term_ends_it(&mut st, peer, reply.term, "append") {
-            return;
-        }
-        if st.role != Role::Leader || st.term != term {
-            return;
-        }
         // Any answer in our term, success or not, shows the peer still takes us as leader.
         if reply.term == term {
             let p = &mut st.peers[peer];
@@ -259,22 +302,9 @@ impl Core {
         }
         // The voters of the current configuration: a leader being removed replicates but
         // does not count itself (Raft dissertation §4.2.2).
-        let voters = self.voters(st);
-        if voters.is_empty() {
+        let Some(n) = self.majority_value(st, st.own_durable, |p| p.match_index) else {
             return;
-        }
-        let mut matched: Vec<u64> = voters
-            .iter()
-            .map(|&p| {
-                if p == self.me {
-                    st.own_durable
-                } else {
-                    st.peers[p].match_index
-                }
-            })
-            .collect();
-        matched.sort_unstable_by(|a, b| b.cmp(a));
-        let n = matched[Self::quorum(&voters) - 1];
+        };
         if n > st.commit_index && st.log.term_at(n) == Some(st.term) {
             log::debug!(target: "raft::append", "raft-{} t{}: commit {} -> {n}", self.me, st.term, st.commit_index);
             st.commit_index = n;
@@ -354,14 +384,7 @@ impl Core {
         &self,
         args: &AppendEntriesArgs,
     ) -> Option<(AppendEntriesReply, bool)> {
-        let mut st = self.lock_state();
-        if self.is_dead() {
-            return None;
-        }
-        if let Err(why) = check::term_jump(args.term, st.term) {
-            self.refused("AppendEntries", args.leader, &why);
-            return None;
-        }
+        let mut st = self.lock_for("AppendEntries", args.leader, args.term)?;
         let mut reply = AppendEntriesReply {
             term: st.term,
             success: false,

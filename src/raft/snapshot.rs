@@ -7,7 +7,7 @@ use super::check::{self, Refusal};
 use super::rpc::{
     InstallSnapshotArgs, InstallSnapshotChunkArgs, InstallSnapshotChunkReply, InstallSnapshotReply,
 };
-use super::state::{Core, MAX_CHUNKS_IN_FLIGHT, Role, State};
+use super::state::{Core, MAX_CHUNKS_IN_FLIGHT, State};
 use super::storage::{
     ChunkOutcome, SnapshotChunk, SnapshotData, SnapshotReader, SnapshotSource, StorageError,
 };
@@ -188,18 +188,9 @@ impl Core {
         }
         let p = &mut st.peers[peer];
         p.chunks_out = p.chunks_out.saturating_sub(1);
-        let Some(reply) = p.call_returned(seq, r) else {
+        let Some(reply) = self.leader_reply(&mut st, peer, term, seq, r, "snapshot piece") else {
             return;
         };
-        if seq <= st.peers[peer].reset_seq || !self.knows(&st, peer) {
-            return; // sent to a former incarnation of this peer, or to a removed one
-        }
-        if self.reply_term_ends_it(&mut st, peer, reply.term, "snapshot piece") {
-            return;
-        }
-        if st.role != Role::Leader || st.term != term {
-            return;
-        }
         let p = &mut st.peers[peer];
         if reply.done {
             if index > p.match_index {
@@ -240,19 +231,12 @@ impl Core {
             next_offset,
             done,
         };
-        if let Err(why) = check::install_snapshot_chunk(&args, self.me, self.peers.len()) {
+        if let Err(why) = check::snapshot(&args, self.me, self.peers.len()) {
             self.refused("InstallSnapshotChunk", args.leader, &why);
             return None;
         }
         let term = {
-            let mut st = self.lock_state();
-            if self.is_dead() {
-                return None;
-            }
-            if let Err(why) = check::term_jump(args.term, st.term) {
-                self.refused("InstallSnapshotChunk", args.leader, &why);
-                return None;
-            }
+            let mut st = self.lock_for("InstallSnapshotChunk", args.leader, args.term)?;
             if args.term < st.term {
                 return Some(reply(st.term, 0, false));
             }
@@ -432,16 +416,10 @@ impl Core {
         if self.is_dead() {
             return;
         }
-        let Some(reply) = st.peers[peer].call_returned(seq, r) else {
-            return;
-        };
-        if seq <= st.peers[peer].reset_seq || !self.knows(&st, peer) {
-            return;
-        }
-        if self.reply_term_ends_it(&mut st, peer, reply.term, "snapshot") {
-            return;
-        }
-        if st.role != Role::Leader || st.term != term {
+        if self
+            .leader_reply(&mut st, peer, term, seq, r, "snapshot")
+            .is_none()
+        {
             return;
         }
         let p = &mut st.peers[peer];
@@ -465,7 +443,7 @@ impl Core {
         args: InstallSnapshotArgs,
     ) -> Option<InstallSnapshotReply> {
         // Before the lock and before anything changes (see `append_entries`).
-        let checked = check::install_snapshot(&args, self.me, self.peers.len()).and_then(|()| {
+        let checked = check::snapshot(&args, self.me, self.peers.len()).and_then(|()| {
             match self.validator() {
                 Some(v) => v
                     .check_snapshot(&args.data)
@@ -484,14 +462,7 @@ impl Core {
     }
 
     fn install_snapshot_synced(&self, args: InstallSnapshotArgs) -> Option<InstallSnapshotReply> {
-        let mut st = self.lock_state();
-        if self.is_dead() {
-            return None;
-        }
-        if let Err(why) = check::term_jump(args.term, st.term) {
-            self.refused("InstallSnapshot", args.leader, &why);
-            return None;
-        }
+        let mut st = self.lock_for("InstallSnapshot", args.leader, args.term)?;
         if args.term < st.term {
             return Some(InstallSnapshotReply { term: st.term });
         }

@@ -14,7 +14,7 @@ use rand::Rng;
 
 use super::RaftError;
 use super::RaftOptions;
-use super::check::{MAX_INDEX, MAX_TERM, Refusal, Validator};
+use super::check::{self, MAX_INDEX, MAX_TERM, Refusal, Validator};
 use super::log::Log;
 use super::membership::{Configs, Configuration, MembershipHost};
 use super::storage::{SnapshotData, Storage};
@@ -432,6 +432,33 @@ impl Core {
         voters.len() / 2 + 1
     }
 
+    /// The highest value a majority of the current voters has reached: this peer's is `own`,
+    /// another's is `of_peer` of its progress. `None` when there are no voters. (What a
+    /// leader commits, Raft §5.3, and which read round a majority confirmed, ReadIndex.)
+    pub(super) fn majority_value(
+        &self,
+        st: &State,
+        own: u64,
+        of_peer: impl Fn(&Progress) -> u64,
+    ) -> Option<u64> {
+        let voters = self.voters(st);
+        if voters.is_empty() {
+            return None;
+        }
+        let mut values: Vec<u64> = voters
+            .iter()
+            .map(|&p| {
+                if p == self.me {
+                    own
+                } else {
+                    of_peer(&st.peers[p])
+                }
+            })
+            .collect();
+        values.sort_unstable_by(|a, b| b.cmp(a));
+        Some(values[Self::quorum(&voters) - 1])
+    }
+
     /// Whether this peer's own configuration counts it as a voter (always in the labs' Raft).
     pub(super) fn in_voters(&self, st: &State) -> bool {
         st.configs
@@ -486,6 +513,26 @@ impl Core {
             core: self,
             st: Some(self.state.lock()),
         }
+    }
+
+    /// Takes the state lock to handle a `what` from peer `from` carrying `msg_term`: `None`
+    /// (no answer, nothing changed) when this peer is dead, or when the term is further ahead
+    /// of its own than [`check::term_jump`](super::check::term_jump) allows (refusal logged).
+    pub(super) fn lock_for(
+        &self,
+        what: &str,
+        from: usize,
+        msg_term: u64,
+    ) -> Option<StateGuard<'_>> {
+        let st = self.lock_state();
+        if self.is_dead() {
+            return None;
+        }
+        if let Err(why) = check::term_jump(msg_term, st.term) {
+            self.refused(what, from, &why);
+            return None;
+        }
+        Some(st)
     }
 
     /// The leader of `term` has synced its log through `last`: it now counts itself for it.

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 mod kit;
 
 use kit::{Cluster, PATIENCE, proc_status_number};
+use raftkv::resp::{Limits, Reply, decode_reply, encode_command};
 
 /// `n` nodes, started; node `i` gets `extra(i)` on its command line.
 fn start(what: &str, n: usize, extra: impl Fn(usize) -> Vec<String>) -> Cluster {
@@ -420,25 +421,56 @@ fn pipelined_clients_on_every_node_get_their_own_replies_and_gone_clients_writes
             let cluster = &cluster;
             scope.spawn(move || {
                 let node = c % 3;
-                let (mut con, ()) = serving(cluster, node, None, |_| Ok(()));
+                serving(cluster, node, None, |c| {
+                    redis::cmd("PING").query::<String>(c)
+                });
+                let mut stream = TcpStream::connect(cluster.client_addr(node)).unwrap();
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(30)))
+                    .unwrap();
+                let mut buf = Vec::new();
                 let mut count = 0i64;
                 for r in 0..ROUNDS {
-                    let mut pipe = redis::pipe();
+                    // 15 commands in three writes a moment apart, so that more arrive while
+                    // the first batch is on its way through the log.
+                    let mut commands = Vec::new();
                     let mut want = Vec::new();
                     for i in 0..5 {
                         let value = format!("v{c}-{r}-{i}");
-                        pipe.cmd("INCR").arg(format!("n{c}"));
+                        commands.push(encode_command(&["INCR", &format!("n{c}")]));
                         count += 1;
-                        want.push(redis::Value::Int(count));
-                        pipe.cmd("SET").arg(format!("k{c}")).arg(&value);
-                        want.push(redis::Value::Okay);
-                        pipe.cmd("GET").arg(format!("k{c}"));
-                        want.push(redis::Value::BulkString(value.into_bytes()));
+                        want.push(Reply::Integer(count));
+                        commands.push(encode_command(&["SET", &format!("k{c}"), &value]));
+                        want.push(Reply::ok());
+                        commands.push(encode_command(&["GET", &format!("k{c}")]));
+                        want.push(Reply::Bulk(value.into_bytes()));
                     }
-                    let got: Vec<redis::Value> = pipe
-                        .query(&mut con)
-                        .unwrap_or_else(|e| panic!("client {c} on node {}: {e}", node + 1));
-                    assert_eq!(got, want, "client {c} on node {}, round {r}", node + 1);
+                    for part in commands.chunks(5) {
+                        stream.write_all(&part.concat()).unwrap();
+                        thread::sleep(Duration::from_millis(1));
+                    }
+                    for (k, want) in want.into_iter().enumerate() {
+                        let got = loop {
+                            if let Some((reply, used)) =
+                                decode_reply(&buf, &Limits::default()).unwrap()
+                            {
+                                buf.drain(..used);
+                                break reply;
+                            }
+                            let mut chunk = [0u8; 4096];
+                            let n = stream
+                                .read(&mut chunk)
+                                .unwrap_or_else(|e| panic!("client {c} on node {}: {e}", node + 1));
+                            assert!(n > 0, "client {c} on node {}: closed", node + 1);
+                            buf.extend_from_slice(&chunk[..n]);
+                        };
+                        assert_eq!(
+                            got,
+                            want,
+                            "client {c} on node {}, round {r}, reply {k}",
+                            node + 1
+                        );
+                    }
                 }
             });
         }

@@ -935,25 +935,22 @@ fn pipelined_clients_at_once_each_get_their_own_replies_in_order_from_a_handler_
                 let mut client = Client::connect(addr);
                 let mut count = 0i64;
                 for r in 0..ROUNDS {
-                    // One write of 40 commands (a few batches, however the stream is cut
-                    // into reads): this client's counter, its own key's fresh values,
-                    // answers known at once in between, and a transaction.
-                    let mut stream = Vec::new();
+                    // 40 commands in four writes a moment apart, so that more arrive while
+                    // the first batch is with the store: this client's counter, its own
+                    // key's fresh values, answers known at once in between, and a
+                    // transaction.
+                    let mut commands = Vec::new();
                     let mut want = Vec::new();
                     for i in 0..8 {
                         let value = format!("v{c}-{r}-{i}");
-                        stream.extend_from_slice(&encode_command(&["INCR", &format!("n{c}")]));
+                        commands.push(encode_command(&["INCR", &format!("n{c}")]));
                         count += 1;
                         want.push(Reply::Integer(count));
-                        stream.extend_from_slice(&encode_command(&[
-                            "SET",
-                            &format!("k{c}"),
-                            &value,
-                        ]));
+                        commands.push(encode_command(&["SET", &format!("k{c}"), &value]));
                         want.push(Reply::ok());
-                        stream.extend_from_slice(&encode_command(&["ECHO", &value]));
+                        commands.push(encode_command(&["ECHO", &value]));
                         want.push(bulk(&value));
-                        stream.extend_from_slice(&encode_command(&["GET", &format!("k{c}")]));
+                        commands.push(encode_command(&["GET", &format!("k{c}")]));
                         want.push(bulk(&value));
                     }
                     for args in [
@@ -962,7 +959,7 @@ fn pipelined_clients_at_once_each_get_their_own_replies_in_order_from_a_handler_
                         &["GET", &format!("k{c}")],
                         &["EXEC"],
                     ] {
-                        stream.extend_from_slice(&encode_command(args));
+                        commands.push(encode_command(args));
                     }
                     count += 1;
                     want.push(Reply::ok());
@@ -972,7 +969,10 @@ fn pipelined_clients_at_once_each_get_their_own_replies_in_order_from_a_handler_
                         Reply::Integer(count),
                         bulk(&format!("v{c}-{r}-7")),
                     ]));
-                    client.send(&stream);
+                    for part in commands.chunks(10) {
+                        client.send(&part.concat());
+                        thread::sleep(Duration::from_millis(1));
+                    }
                     for (k, want) in want.into_iter().enumerate() {
                         assert_eq!(client.reply(), want, "client {c}, round {r}, reply {k}");
                     }

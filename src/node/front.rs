@@ -49,10 +49,14 @@ const NO_LEADER_PAUSE: Duration = Duration::from_millis(20);
 /// Client slots kept for reuse; more may be live at once, the surplus is dropped on return.
 const MAX_IDLE_SLOTS: usize = 4096;
 /// Threads that take queued requests and run them as batches: up to this many batches are
-/// on their way at once. Two let a batch form while the previous one commits, or reads go
-/// while writes commit; more only make the batches smaller. Measured with 50 clients under
-/// load 30-60 (CPU time of the three nodes per SET): 1 → 47-51 µs, 2 → 51-55 µs,
-/// 4 → 69-80 µs, 8 → 100-106 µs; SET/s was best with 2.
+/// on their way at once. Two let reads go while writes commit, and a batch form while the
+/// previous one commits; more only make the batches smaller. Measured with 50 clients when
+/// each client's request went through a worker thread, under load 30-60 (CPU time of the
+/// three nodes per SET): 1 → 47-51 µs, 2 → 51-55 µs, 4 → 69-80 µs, 8 → 100-106 µs; SET/s
+/// was best with 2. Since the event loop submits each turn's requests itself (batches form
+/// in the queue while a batch commits), two runs of SET only, load 80-140: 1 → 43-45 µs
+/// and 19,058-22,172 SET/s, 2 → 50-53 µs and 12,272-19,531 SET/s (GET alike); two stay
+/// for workloads that mix reads and writes, which one thread would serialize.
 pub const PROPOSERS: usize = 2;
 /// The most requests in one batch (one log entry, one forward).
 pub const MAX_BATCH_REQUESTS: usize = 1024;
@@ -228,7 +232,7 @@ struct Shared {
     leader: LeaderHint,
     /// Idle client slots `(id, next seq)`.
     slots: Mutex<Vec<(u64, u64)>>,
-    /// Commands answered (for the status line).
+    /// Commands taken from clients (for the status line).
     commands: AtomicU64,
     /// Requests waiting for a proposer. Bounded by the connections: each connection has at
     /// most one request queued or running.

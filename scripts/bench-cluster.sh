@@ -24,8 +24,10 @@ usage: scripts/bench-cluster.sh [-n REQUESTS] [-c CLIENTS] [-P PIPELINE] [--only
                   (--requirepass-file; redis-benchmark -a)
   --keep DIR      copy the servers' logs there before the temp dir is removed
 
-Each system: redis-benchmark -t set,get -c CLIENTS -n REQUESTS, then the same with
--P PIPELINE (raftkv and redis), or etcdctl check perf (etcd, writes only; it reports
+Each system: redis-benchmark -t set -c CLIENTS -n REQUESTS, then -t get, then the same with
+-P PIPELINE (raftkv and redis), each with the CPU time (user + system) its server processes
+used divided by the requests (raftkv: its three nodes together; unlike ops/s, not changed
+by other work on the machine); or etcdctl check perf (etcd, writes only; it reports
 throughput, the slowest request and the standard deviation, not percentiles). raftkv: 3
 `raftkv serve` processes, data on disk, fsync before acknowledging; redis: one redis-server
 with appendonly yes, appendfsync always; etcd: 3 members, default durability. Missing tools
@@ -146,30 +148,52 @@ wait_port() { # PORT WHAT PID LOG
     die "$2 did not listen on $1 within 10 s"
 }
 load1() { cut -d' ' -f1 /proc/loadavg; }
+# CPU time (user + system, in clock ticks) the processes PID... have used so far.
+cpu_ticks() {
+    local pid total=0 stat rest
+    for pid in "$@"; do
+        stat=$(cat "/proc/$pid/stat" 2>/dev/null) || continue
+        rest=${stat##*) }     # the fields after "(comm) ", starting at field 3
+        read -r -a f <<<"$rest"
+        total=$((total + f[11] + f[12]))  # fields 14 and 15: utime, stime
+    done
+    echo "$total"
+}
 
-# Rows of the final table: system|test|ops/s|p50|p99|load.
+# Rows of the final table: system|test|ops/s|p50|p99|cpu µs/op|load.
 rows=()
-# redis-benchmark against PORT, rows labelled SYSTEM.
-run_redis_benchmark() { # SYSTEM PORT [PASSWORD]
-    local system=$1 port=$2 password=${3:-} p out line
+# redis-benchmark against PORT, rows labelled SYSTEM, one test at a time so that the CPU time
+# the server processes PIDS (a space-separated list) used can be divided by its requests.
+run_redis_benchmark() { # SYSTEM PORT PIDS [PASSWORD]
+    local system=$1 port=$2 server_pids=$3 password=${4:-} p out line t
     local auth=()
     [[ -n $password ]] && auth=(-a "$password")
+    local hz
+    hz=$(getconf CLK_TCK)
     for p in $(printf "%s\n" 1 "$pipeline" | uniq); do
         local label="-c $clients" extra=()
         ((p > 1)) && { label+=" -P $p"; extra=(-P "$p"); }
-        log "$system: redis-benchmark -t $tests -c $clients -n $requests ${extra[*]}"
-        out=$(redis-benchmark -h 127.0.0.1 -p "$port" "${auth[@]}" -t "$tests" -c "$clients" -n "$requests" \
-            "${extra[@]}" --csv 2>"$tmp/rb.err") || { cat "$tmp/rb.err" >&2; die "redis-benchmark failed against $system"; }
-        local load
-        load=$(load1)
-        # "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
-        while IFS= read -r line; do
-            line=${line//\"/}
-            IFS=, read -r test rps _avg _min p50 _p95 p99 _max <<<"$line"
-            [[ $test == SET || $test == GET ]] || continue
-            rows+=("$system|$test $label|${rps%.*}|$p50|$p99|$load")
-            log "$system: $test $label: ${rps%.*} ops/s, p50 $p50 ms, p99 $p99 ms (load $load)"
-        done <<<"$out"
+        for t in ${tests//,/ }; do
+            log "$system: redis-benchmark -t $t -c $clients -n $requests ${extra[*]}"
+            local before after
+            # shellcheck disable=SC2086 # a list of pids
+            before=$(cpu_ticks $server_pids)
+            out=$(redis-benchmark -h 127.0.0.1 -p "$port" "${auth[@]}" -t "$t" -c "$clients" -n "$requests" \
+                "${extra[@]}" --csv 2>"$tmp/rb.err") || { cat "$tmp/rb.err" >&2; die "redis-benchmark failed against $system"; }
+            # shellcheck disable=SC2086
+            after=$(cpu_ticks $server_pids)
+            local load cpu
+            load=$(load1)
+            cpu=$(awk -v d=$((after - before)) -v hz="$hz" -v n="$requests" 'BEGIN { printf "%.1f", d / hz * 1e6 / n }')
+            # "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
+            while IFS= read -r line; do
+                line=${line//\"/}
+                IFS=, read -r test rps _avg _min p50 _p95 p99 _max <<<"$line"
+                [[ $test == SET || $test == GET ]] || continue
+                rows+=("$system|$test $label|${rps%.*}|$p50|$p99|$cpu|$load")
+                log "$system: $test $label: ${rps%.*} ops/s, p50 $p50 ms, p99 $p99 ms, $cpu µs of server CPU per op (load $load)"
+            done <<<"$out"
+        done
     done
 }
 
@@ -208,7 +232,7 @@ bench_raftkv() { # [PASSWORD]
     local node=$leader
     [[ $target == follower ]] && node=$((leader % 3 + 1))
     log "raftkv: leader is node $leader; benchmarking node $node ($target)"
-    run_redis_benchmark "raftkv ($target$label)" "${cports[node - 1]}" "$password"
+    run_redis_benchmark "raftkv ($target$label)" "${cports[node - 1]}" "${pids[*]: -3}" "$password"
     for i in 1 2 3; do
         [[ -s $dir/node-$i.log ]] && { log "raftkv node $i said:"; tail -5 "$dir/node-$i.log" >&2; }
     done
@@ -225,7 +249,7 @@ bench_redis() {
         --logfile "$dir/redis.log" </dev/null >/dev/null 2>&1 &
     pids+=($!)
     wait_port "$port" redis-server "$!" "$dir/redis.log"
-    run_redis_benchmark "redis (appendfsync always)" "$port"
+    run_redis_benchmark "redis (appendfsync always)" "$port" "${pids[*]: -1}"
     stop_all
 }
 
@@ -275,7 +299,7 @@ bench_etcd() {
         tput=n/a
     fi
     slowest=${slowest:+max $(awk -v s="$slowest" 'BEGIN { printf "%.1f", s * 1000 }')}
-    rows+=("etcd (3 members)|PUT check perf --load=$etcd_load|$tput|n/a|${slowest:-n/a}|$load")
+    rows+=("etcd (3 members)|PUT check perf --load=$etcd_load|$tput|n/a|${slowest:-n/a}|n/a|$load")
     stop_all
 }
 
@@ -292,8 +316,8 @@ wants raftkv && ((auth)) && bench_raftkv "bench-$RANDOM$RANDOM"
 wants redis && bench_redis
 wants etcd && bench_etcd
 
-printf '\n%-28s %-22s %10s %9s %9s %6s\n' system test ops/s "p50 ms" "p99 ms" load1
+printf '\n%-28s %-22s %10s %9s %9s %9s %6s\n' system test ops/s "p50 ms" "p99 ms" "cpu µs/op" load1
 for r in "${rows[@]}"; do
-    IFS='|' read -r system test ops p50 p99 load <<<"$r"
-    printf '%-28s %-22s %10s %9s %9s %6s\n' "$system" "$test" "$ops" "$p50" "$p99" "$load"
+    IFS='|' read -r system test ops p50 p99 cpu load <<<"$r"
+    printf '%-28s %-22s %10s %9s %9s %9s %6s\n' "$system" "$test" "$ops" "$p50" "$p99" "$cpu" "$load"
 done

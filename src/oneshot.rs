@@ -127,17 +127,26 @@ impl<T> Drop for Sender<T> {
 impl<T> Receiver<T> {
     /// Waits for the value until `timeout` has passed.
     pub fn recv_timeout(&self, timeout: Duration) -> Result<T, RecvTimeoutError> {
-        self.wait(Some(Instant::now() + timeout))
+        self.wait(Some(Instant::now() + timeout), true)
+    }
+
+    /// [`recv_timeout`](Self::recv_timeout) that parks at once, never spinning: for a wait
+    /// known to be long (an fsync at least).
+    pub fn recv_timeout_parked(&self, timeout: Duration) -> Result<T, RecvTimeoutError> {
+        self.wait(Some(Instant::now() + timeout), false)
     }
 
     /// Waits for the value for as long as the sender lives.
     pub fn recv(&self) -> Result<T, RecvError> {
-        self.wait(None).map_err(|_| RecvError)
+        self.wait(None, true).map_err(|_| RecvError)
     }
 
-    /// Waits until the value comes, the sender is dropped, or `deadline` (if any) passes.
-    fn wait(&self, deadline: Option<Instant>) -> Result<T, RecvTimeoutError> {
-        spin_until(&self.inner.ready, MAX_SPINNERS, &SPINNERS);
+    /// Waits until the value comes, the sender is dropped, or `deadline` (if any) passes;
+    /// with `spin`, spinning first if few others do.
+    fn wait(&self, deadline: Option<Instant>, spin: bool) -> Result<T, RecvTimeoutError> {
+        if spin {
+            spin_until(&self.inner.ready, MAX_SPINNERS, &SPINNERS);
+        }
         let mut slot = self.inner.slot.lock();
         loop {
             if let Some(v) = slot.value.take() {
@@ -183,6 +192,22 @@ mod tests {
         });
         assert_eq!(rx.recv(), Ok("x"));
         t.join().unwrap();
+    }
+
+    #[test]
+    fn parked_receiver_is_woken_by_the_value_and_times_out_without_one() {
+        let (tx, rx) = channel();
+        let t = thread::spawn(move || {
+            thread::sleep(Duration::from_millis(20));
+            tx.send(5);
+        });
+        assert_eq!(rx.recv_timeout_parked(Duration::from_secs(10)), Ok(5));
+        t.join().unwrap();
+        let (_tx, rx) = channel::<u8>();
+        assert_eq!(
+            rx.recv_timeout_parked(Duration::from_millis(10)),
+            Err(RecvTimeoutError::Timeout)
+        );
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The RESP front end (`raftkv::resp::server`) on 127.0.0.1 with the node's KV executor
 //! (`kvapi::KvMap`, no log) as its handler: every command of the table end to end,
 //! pipelining in batches, inline commands, errors that keep the connection and errors that
-//! close it, the connection limit, and shutdown joining every thread.
+//! close it, the connection limit, and shutdown joining every thread; and a handler that
+//! answers later from a thread of its own, as the node's does (`CommandHandler::submit`).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -14,7 +15,7 @@ use parking_lot::Mutex;
 use raftkv::kvapi::{KvCmd, KvMap};
 use raftkv::resp::auth::Password;
 use raftkv::resp::command::NOT_AN_INTEGER;
-use raftkv::resp::server::{CommandHandler, RespOptions, RespServer, check_protected_mode};
+use raftkv::resp::server::{Batch, CommandHandler, RespOptions, RespServer, check_protected_mode};
 use raftkv::resp::{Limits, Reply, decode_reply, encode_command};
 
 /// A single-node store: the executor of a node's state machine, without the log.
@@ -774,4 +775,322 @@ fn stalled_large_commands_are_bounded_in_total() {
     let mut c = Client::connect(addr);
     assert_eq!(c.cmd(&["SET", "still", "here"]), Reply::ok());
     assert!(server.limit_closes() >= 7);
+}
+
+/// A handler that never blocks the event loop, as the node's: `submit` queues the batches
+/// for a thread of the test's (`answer_later`), which runs them on a [`MemStore`] and answers
+/// the batches it finds together in reverse order (so connections are answered out of the
+/// order they were submitted in); while `held`, batches wait until released.
+#[derive(Default)]
+struct LaterStore {
+    store: MemStore,
+    queue: Mutex<LaterQueue>,
+    queued: parking_lot::Condvar,
+    /// `submit` calls from a thread other than the event loop.
+    submits_off_the_loop: AtomicUsize,
+    /// `submit` calls, and batches they carried.
+    submits: AtomicUsize,
+    batches: AtomicUsize,
+}
+
+#[derive(Default)]
+struct LaterQueue {
+    batches: Vec<Batch>,
+    held: bool,
+    /// Drop the next batch's completion unanswered.
+    drop_next: bool,
+    stop: bool,
+}
+
+impl CommandHandler for LaterStore {
+    fn handle(&self, command: KvCmd) -> Reply {
+        self.store.handle(command)
+    }
+
+    fn submits_without_blocking(&self) -> bool {
+        true
+    }
+
+    fn submit(&self, batches: Vec<Batch>) {
+        let on_loop = thread::current()
+            .name()
+            .is_some_and(|n| n.ends_with("-loop"));
+        if !on_loop {
+            self.submits_off_the_loop.fetch_add(1, Ordering::SeqCst);
+        }
+        self.submits.fetch_add(1, Ordering::SeqCst);
+        self.batches.fetch_add(batches.len(), Ordering::SeqCst);
+        let mut q = self.queue.lock();
+        q.batches.extend(batches);
+        self.queued.notify_one();
+    }
+}
+
+impl LaterStore {
+    fn set_held(&self, held: bool) {
+        self.queue.lock().held = held;
+        self.queued.notify_one();
+    }
+
+    fn waiting(&self) -> usize {
+        self.queue.lock().batches.len()
+    }
+
+    fn stop(&self) {
+        self.queue.lock().stop = true;
+        self.queued.notify_one();
+    }
+}
+
+fn answer_later(store: &LaterStore) {
+    loop {
+        let (mut batches, drop_next) = {
+            let mut q = store.queue.lock();
+            while (q.batches.is_empty() || q.held) && !q.stop {
+                store.queued.wait(&mut q);
+            }
+            if q.stop {
+                // What is left is dropped unanswered: each command answered with an error.
+                return;
+            }
+            (
+                std::mem::take(&mut q.batches),
+                std::mem::take(&mut q.drop_next),
+            )
+        };
+        batches.reverse();
+        for (i, Batch { commands, done }) in batches.into_iter().enumerate() {
+            if drop_next && i == 0 {
+                drop(done);
+                continue;
+            }
+            done.complete(store.store.handle_batch(commands));
+        }
+    }
+}
+
+/// A server on a [`LaterStore`], and the thread answering its batches (stopped and joined
+/// on drop).
+struct Later {
+    server: Option<RespServer>,
+    store: Arc<LaterStore>,
+    answerer: Option<thread::JoinHandle<()>>,
+}
+
+impl Later {
+    fn start(name: &str, options: RespOptions) -> Later {
+        let store = Arc::new(LaterStore::default());
+        let server = RespServer::start(name, "127.0.0.1:0", options, store.clone()).unwrap();
+        let answerer = {
+            let store = store.clone();
+            thread::Builder::new()
+                .name(format!("{name}-answer"))
+                .spawn(move || answer_later(&store))
+                .unwrap()
+        };
+        Later {
+            server: Some(server),
+            store,
+            answerer: Some(answerer),
+        }
+    }
+
+    fn server(&self) -> &RespServer {
+        self.server.as_ref().expect("server running")
+    }
+}
+
+impl Drop for Later {
+    fn drop(&mut self) {
+        drop(self.server.take());
+        self.store.stop();
+        if let Some(h) = self.answerer.take() {
+            let joined = h.join();
+            if !thread::panicking() {
+                joined.expect("answerer panicked");
+            }
+        }
+    }
+}
+
+/// Polls `done` every 5 ms for up to 10 s.
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < deadline, "not within 10 s: {what}");
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn pipelined_clients_at_once_each_get_their_own_replies_in_order_from_a_handler_answering_later() {
+    let later = Later::start("rq-r", RespOptions::default());
+    let addr = later.server().local_addr();
+    const CLIENTS: usize = 16;
+    const ROUNDS: usize = 20;
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            thread::spawn(move || {
+                let mut client = Client::connect(addr);
+                let mut count = 0i64;
+                for r in 0..ROUNDS {
+                    // 40 commands in four writes a moment apart, so that more arrive while
+                    // the first batch is with the store: this client's counter, its own
+                    // key's fresh values, answers known at once in between, and a
+                    // transaction.
+                    let mut commands = Vec::new();
+                    let mut want = Vec::new();
+                    for i in 0..8 {
+                        let value = format!("v{c}-{r}-{i}");
+                        commands.push(encode_command(&["INCR", &format!("n{c}")]));
+                        count += 1;
+                        want.push(Reply::Integer(count));
+                        commands.push(encode_command(&["SET", &format!("k{c}"), &value]));
+                        want.push(Reply::ok());
+                        commands.push(encode_command(&["ECHO", &value]));
+                        want.push(bulk(&value));
+                        commands.push(encode_command(&["GET", &format!("k{c}")]));
+                        want.push(bulk(&value));
+                    }
+                    for args in [
+                        &["MULTI"][..],
+                        &["INCR", &format!("n{c}")],
+                        &["GET", &format!("k{c}")],
+                        &["EXEC"],
+                    ] {
+                        commands.push(encode_command(args));
+                    }
+                    count += 1;
+                    want.push(Reply::ok());
+                    want.push(Reply::Simple("QUEUED".into()));
+                    want.push(Reply::Simple("QUEUED".into()));
+                    want.push(Reply::Array(vec![
+                        Reply::Integer(count),
+                        bulk(&format!("v{c}-{r}-7")),
+                    ]));
+                    for part in commands.chunks(10) {
+                        client.send(&part.concat());
+                        thread::sleep(Duration::from_millis(1));
+                    }
+                    for (k, want) in want.into_iter().enumerate() {
+                        assert_eq!(client.reply(), want, "client {c}, round {r}, reply {k}");
+                    }
+                }
+            })
+        })
+        .collect();
+    for (c, h) in clients.into_iter().enumerate() {
+        h.join()
+            .unwrap_or_else(|_| panic!("client {c} got a wrong reply"));
+    }
+    let store = &later.store;
+    assert_eq!(
+        store.submits_off_the_loop.load(Ordering::SeqCst),
+        0,
+        "a batch went through a thread other than the event loop"
+    );
+    let (submits, batches) = (
+        store.submits.load(Ordering::SeqCst),
+        store.batches.load(Ordering::SeqCst),
+    );
+    assert!(
+        submits > 0 && batches >= CLIENTS * ROUNDS,
+        "{submits} submits, {batches} batches"
+    );
+    eprintln!("{batches} batches in {submits} submit calls");
+    assert_eq!(later.server().commands(), (CLIENTS * ROUNDS * 36) as u64);
+}
+
+#[test]
+fn a_client_gone_closed_or_dropped_while_its_batch_is_in_flight_leaves_the_server_serving() {
+    let mut later = Later::start(
+        "rg-r",
+        RespOptions {
+            max_input_bytes: 4096,
+            ..RespOptions::default()
+        },
+    );
+    let addr = later.server().local_addr();
+    // A client sends a write and goes away while it is with the store.
+    later.store.set_held(true);
+    let mut gone = Client::connect(addr);
+    gone.send(
+        &[
+            encode_command(&["SET", "gone", "1"]),
+            encode_command(&["INCR", "g"]),
+        ]
+        .concat(),
+    );
+    wait_until("the gone client's batch reaches the store", || {
+        later.store.waiting() == 1
+    });
+    drop(gone);
+    // The loop serves others meanwhile.
+    let mut other = Client::connect(addr);
+    assert_eq!(other.cmd(&["PING"]), Reply::Simple("PONG".into()));
+    assert_eq!(later.server().connections(), 2);
+    // Its answer comes for a closed connection: dropped; the connection is let go.
+    later.store.set_held(false);
+    wait_until("the gone client's connection is closed", || {
+        later.server().connections() == 1
+    });
+    assert_eq!(other.cmd(&["GET", "gone"]), bulk("1"));
+    assert_eq!(other.cmd(&["GET", "g"]), bulk("1"));
+    // A connection the server closes while its batch is in flight: it holds the most of
+    // the input budget (part of a large command after its SET) when another client's
+    // partial command takes the total over. Its answer comes for no connection: dropped.
+    later.store.set_held(true);
+    let mut hog = Client::connect(addr);
+    let partial = |key: &str, bytes: usize| {
+        let mut b = format!("*3\r\n$3\r\nSET\r\n$1\r\n{key}\r\n$100000\r\n").into_bytes();
+        b.resize(b.len() + bytes, b'x');
+        b
+    };
+    hog.send(&[encode_command(&["SET", "hog", "1"]), partial("h", 3000)].concat());
+    wait_until("the hog's batch reaches the store", || {
+        later.store.waiting() == 1
+    });
+    let mut second = Client::connect(addr);
+    second.send(&partial("s", 2000));
+    hog.expect_closed();
+    later.store.set_held(false);
+    wait_until("the hog's batch is answered", || later.store.waiting() == 0);
+    assert_eq!(other.cmd(&["GET", "hog"]), bulk("1"));
+    assert_eq!(other.cmd(&["PING"]), Reply::Simple("PONG".into()));
+    drop(second);
+    // A batch whose completion is dropped unanswered: an error per command, and the
+    // connection goes on.
+    later.store.queue.lock().drop_next = true;
+    assert_eq!(
+        other.cmd(&["SET", "x", "1"]),
+        error("ERR internal error: no reply")
+    );
+    assert_eq!(other.cmd(&["GET", "x"]), Reply::Null);
+    assert_eq!(other.cmd(&["SET", "x", "2"]), Reply::ok());
+    assert_eq!(other.cmd(&["GET", "x"]), bulk("2"));
+    // Shutdown with a batch in flight: the connection is closed at once, and the answer
+    // that comes after the server stopped goes nowhere.
+    later.store.set_held(true);
+    let mut waiting = Client::connect(addr);
+    waiting.send(&encode_command(&["SET", "late", "1"]));
+    wait_until("the late batch reaches the store", || {
+        later.store.waiting() == 1
+    });
+    let server = later.server.take().expect("server running");
+    let began = Instant::now();
+    server.shutdown();
+    assert!(
+        began.elapsed() < Duration::from_secs(5),
+        "shutdown waited for a batch"
+    );
+    waiting.expect_closed();
+    other.expect_closed();
+    later.store.set_held(false);
+    wait_until("the late batch is answered", || later.store.waiting() == 0);
+    let left: Vec<String> = std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|n| n.starts_with("rg-r") && !n.starts_with("rg-r-answer"))
+        .collect();
+    assert!(left.is_empty(), "threads still running: {left:?}");
 }

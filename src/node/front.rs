@@ -2,12 +2,17 @@
 //! commands through the replicated log, on this node if it leads, else forwarded to the node
 //! that does (`Kv.Exec` on its peer port).
 //!
-//! Batching: a connection thread does not submit its request itself. It queues it and waits;
-//! [`PROPOSERS`] threads (`node<N>-propose<i>`) each take whatever is queued (requests of one
-//! kind, reads or writes, up to [`MAX_BATCH_REQUESTS`] / [`MAX_BATCH_BYTES`]) and run it as
-//! **one** log entry — or, for reads on the leader, one ReadIndex — here or forwarded in
-//! **one** `Kv.Exec`. Under load, what arrives while a batch is on its way rides in the next
-//! one, so a log entry, an fsync, an AppendEntries and a forward serve many clients.
+//! Batching: the RESP event loop hands over the batches of every connection it served in one
+//! turn in one [`CommandHandler::submit`] call, which only queues them (one request per
+//! connection) and wakes a proposer; it never blocks. [`PROPOSERS`] threads
+//! (`node<N>-propose<i>`) each take whatever is queued (requests of one kind, reads or writes,
+//! up to [`MAX_BATCH_REQUESTS`] / [`MAX_BATCH_BYTES`]) and run it as **one** log entry — or,
+//! for reads on the leader, one ReadIndex — here or forwarded in **one** `Kv.Exec`, then hand
+//! each request's replies to its connection's [`Completion`] (the loop's completion queue,
+//! woken once per burst). Under load, what arrives while a batch is on its way rides in the
+//! next one, so a log entry, an fsync, an AppendEntries and a forward serve many clients.
+//! A caller that wants to wait (a worker running `INFO`'s `DBSIZE`) uses
+//! [`CommandHandler::handle_batch`], the same queue with a one-shot answer.
 //!
 //! Exactly-once: every batch that writes is tagged with a client slot `(client id, seq)` taken
 //! from a pool for the batch's whole life, every retry (here or on another node) keeps the
@@ -28,8 +33,9 @@ use super::machine::{KvCmd, KvMachine, KvOut, Outcome, Request};
 use super::members::{AdminReply, Members};
 use crate::kvapi::{LeaderHint, Limit, Step};
 use crate::net::Service;
+use crate::oneshot;
 use crate::resp::Reply;
-use crate::resp::server::CommandHandler;
+use crate::resp::server::{Batch, CommandHandler, Completion};
 use crate::rsm::{ReadError, Rsm, SubmitError};
 
 const LOG: &str = "node::front";
@@ -43,10 +49,14 @@ const NO_LEADER_PAUSE: Duration = Duration::from_millis(20);
 /// Client slots kept for reuse; more may be live at once, the surplus is dropped on return.
 const MAX_IDLE_SLOTS: usize = 4096;
 /// Threads that take queued requests and run them as batches: up to this many batches are
-/// on their way at once. Two let a batch form while the previous one commits, or reads go
-/// while writes commit; more only make the batches smaller. Measured with 50 clients under
-/// load 30-60 (CPU time of the three nodes per SET): 1 → 47-51 µs, 2 → 51-55 µs,
-/// 4 → 69-80 µs, 8 → 100-106 µs; SET/s was best with 2.
+/// on their way at once. Two let reads go while writes commit, and a batch form while the
+/// previous one commits; more only make the batches smaller. Measured with 50 clients when
+/// each client's request went through a worker thread, under load 30-60 (CPU time of the
+/// three nodes per SET): 1 → 47-51 µs, 2 → 51-55 µs, 4 → 69-80 µs, 8 → 100-106 µs; SET/s
+/// was best with 2. Since the event loop submits each turn's requests itself (batches form
+/// in the queue while a batch commits), two runs of SET only, load 80-140: 1 → 43-45 µs
+/// and 19,058-22,172 SET/s, 2 → 50-53 µs and 12,272-19,531 SET/s (GET alike); two stay
+/// for workloads that mix reads and writes, which one thread would serialize.
 pub const PROPOSERS: usize = 2;
 /// The most requests in one batch (one log entry, one forward).
 pub const MAX_BATCH_REQUESTS: usize = 1024;
@@ -143,45 +153,59 @@ pub fn kv_service(rsm: Arc<Rsm<KvMachine>>, machine: Arc<KvMachine>) -> Service 
 
 type Answer = Result<Vec<KvOut>, Unavailable>;
 
-/// Where a queued request's answer goes: one slot and a condition variable. The waiting
-/// connection thread parks at once; a channel's receive would spin and yield first, which
-/// fifty waiting threads on two cores turn into a measurable share of the CPU.
-#[derive(Default)]
-struct AnswerSlot {
-    slot: Mutex<Option<Answer>>,
-    cv: Condvar,
+/// One reply per command: the outputs, or the same error for each.
+fn replies(answer: Answer, count: usize) -> Vec<Reply> {
+    match answer {
+        Ok(outs) if outs.len() == count => outs.into_iter().map(Reply::from).collect(),
+        Ok(outs) => {
+            let e = format!("ERR internal: {} results for {count} commands", outs.len());
+            vec![Reply::Error(e); count]
+        }
+        Err(e) => vec![e.reply(); count],
+    }
 }
 
-impl AnswerSlot {
-    fn wait(&self) -> Answer {
-        let mut slot = self.slot.lock();
-        loop {
-            if let Some(answer) = slot.take() {
-                return answer;
-            }
-            self.cv.wait(&mut slot);
+/// Where a request's answer goes: a connection of the event loop, or a waiting thread.
+enum AnswerTo {
+    Loop(Completion),
+    Waiter(oneshot::Sender<Answer>),
+}
+
+/// A request's way back: its client slot, returned with `seq + 1` once the request has an
+/// answer, and where the answer goes. Answers once, never blocks; dropped unanswered (a
+/// proposer that panicked), it answers "node stopped", so no connection waits forever.
+struct Answerer {
+    slot: Option<(u64, u64)>,
+    to: Option<AnswerTo>,
+}
+
+impl Answerer {
+    fn send(mut self, shared: &Shared, answer: Answer) {
+        if let Some((id, seq)) = self.slot.take() {
+            // The request has an answer or has been given up on: the next one of this id is
+            // a new request.
+            shared.return_slot((id, seq + 1));
+        }
+        if let Some(to) = self.to.take() {
+            deliver(to, answer);
         }
     }
 }
 
-/// The proposer's end of an [`AnswerSlot`]: answers once, never blocks; dropped unanswered
-/// (a proposer that panicked), it answers "node stopped" so no connection waits forever.
-struct Responder(Option<Arc<AnswerSlot>>);
-
-impl Responder {
-    fn send(mut self, answer: Answer) {
-        if let Some(s) = self.0.take() {
-            *s.slot.lock() = Some(answer);
-            s.cv.notify_one();
+fn deliver(to: AnswerTo, answer: Answer) {
+    match to {
+        AnswerTo::Loop(done) => {
+            let count = done.commands();
+            done.complete(replies(answer, count));
         }
+        AnswerTo::Waiter(tx) => tx.send(answer),
     }
 }
 
-impl Drop for Responder {
+impl Drop for Answerer {
     fn drop(&mut self) {
-        if let Some(s) = self.0.take() {
-            *s.slot.lock() = Some(Err(Unavailable::Stopped));
-            s.cv.notify_one();
+        if let Some(to) = self.to.take() {
+            deliver(to, Err(Unavailable::Stopped));
         }
     }
 }
@@ -189,7 +213,7 @@ impl Drop for Responder {
 /// A request waiting for a proposer, and where its answer goes.
 struct Pending {
     req: Request,
-    reply: Responder,
+    reply: Answerer,
 }
 
 #[derive(Default)]
@@ -208,10 +232,10 @@ struct Shared {
     leader: LeaderHint,
     /// Idle client slots `(id, next seq)`.
     slots: Mutex<Vec<(u64, u64)>>,
-    /// Commands answered (for the status line).
+    /// Commands taken from clients (for the status line).
     commands: AtomicU64,
-    /// Requests waiting for a proposer. Bounded by the connections: each connection thread
-    /// queues one request and waits for its answer.
+    /// Requests waiting for a proposer. Bounded by the connections: each connection has at
+    /// most one request queued or running.
     queue: Mutex<Queue>,
     queue_cv: Condvar,
     /// Batches run and requests in them, for the debug log.
@@ -297,16 +321,13 @@ impl Drop for Front {
     }
 }
 
-impl Shared {
-    fn take_slot(&self) -> (u64, u64) {
-        if let Some(slot) = self.slots.lock().pop() {
-            return slot;
-        }
-        // A fresh random id per slot: never 0 (the read-only mark), never reused across
-        // restarts of the node.
-        (rand::random::<u64>() | 1, 1)
-    }
+/// An idle client slot `(id, next seq)`, or a new one: a fresh random id, never 0 (the
+/// read-only mark), never reused across restarts of the node.
+fn take_slot(idle: &mut Vec<(u64, u64)>) -> (u64, u64) {
+    idle.pop().unwrap_or_else(|| (rand::random::<u64>() | 1, 1))
+}
 
+impl Shared {
     fn return_slot(&self, slot: (u64, u64)) {
         let mut slots = self.slots.lock();
         if slots.len() < MAX_IDLE_SLOTS {
@@ -314,40 +335,47 @@ impl Shared {
         }
     }
 
-    /// Runs `cmds` (in order, atomically) on whichever node leads, in a batch with whatever
-    /// other clients sent meanwhile.
-    fn submit(&self, cmds: Vec<KvCmd>) -> Result<Vec<KvOut>, Unavailable> {
-        let writes = cmds.iter().any(KvCmd::is_write);
-        if !writes && self.local_reads.load(Ordering::Relaxed) {
-            return Ok(self.machine.read_local(&cmds));
-        }
-        let slot = writes.then(|| self.take_slot());
-        let (client, seq) = slot.unwrap_or((0, 0));
-        let answer = Arc::new(AnswerSlot::default());
-        let pending = Pending {
-            req: Request { client, seq, cmds },
-            reply: Responder(Some(answer.clone())),
-        };
-        let queued = {
-            let mut q = self.queue.lock();
-            if !q.stopped {
-                q.items.push_back(pending);
-                self.queue_cv.notify_one();
+    /// Queues each client's commands (to run in order, atomically) for a proposer, which
+    /// runs them on whichever node leads, in a batch with whatever other clients sent
+    /// meanwhile, and answers each through its [`AnswerTo`]. Never blocks.
+    fn enqueue(&self, requests: impl Iterator<Item = (Vec<KvCmd>, AnswerTo)>) {
+        let local_reads = self.local_reads.load(Ordering::Relaxed);
+        let mut pending = Vec::new();
+        {
+            let mut slots = self.slots.lock();
+            for (cmds, to) in requests {
+                self.commands
+                    .fetch_add(cmds.len() as u64, Ordering::Relaxed);
+                let writes = cmds.iter().any(KvCmd::is_write);
+                if !writes && local_reads {
+                    deliver(to, Ok(self.machine.read_local(&cmds)));
+                    continue;
+                }
+                let slot = writes.then(|| take_slot(&mut slots));
+                let (client, seq) = slot.unwrap_or((0, 0));
+                pending.push(Pending {
+                    req: Request { client, seq, cmds },
+                    reply: Answerer { slot, to: Some(to) },
+                });
             }
-            !q.stopped
-        };
-        let result = if queued {
-            // A proposer answers every request it takes (or its drop does).
-            answer.wait()
-        } else {
-            Err(Unavailable::Stopped)
-        };
-        if let Some((id, seq)) = slot {
-            // The request has an answer or has been given up on: the next one of this id
-            // is a new request.
-            self.return_slot((id, seq + 1));
         }
-        result
+        if pending.is_empty() {
+            return;
+        }
+        let refused = {
+            let mut q = self.queue.lock();
+            if q.stopped {
+                Some(pending)
+            } else {
+                q.items.extend(pending);
+                // One proposer; it wakes another if it leaves requests queued.
+                self.queue_cv.notify_one();
+                None
+            }
+        };
+        for p in refused.into_iter().flatten() {
+            p.reply.send(self, Err(Unavailable::Stopped));
+        }
     }
 
     fn run_proposer(&self) {
@@ -358,12 +386,19 @@ impl Shared {
                     self.queue_cv.wait(&mut q);
                 }
                 if q.stopped {
-                    for p in q.items.drain(..) {
-                        p.reply.send(Err(Unavailable::Stopped));
+                    let left: Vec<Pending> = q.items.drain(..).collect();
+                    drop(q);
+                    for p in left {
+                        p.reply.send(self, Err(Unavailable::Stopped));
                     }
                     return;
                 }
-                take_batch(&mut q.items)
+                let batch = take_batch(&mut q.items);
+                if !q.items.is_empty() {
+                    // Requests of the other kind, or beyond the batch's limits.
+                    self.queue_cv.notify_one();
+                }
+                batch
             };
             self.run_batch(batch);
         }
@@ -388,12 +423,12 @@ impl Shared {
                         Outcome::Expired | Outcome::Stale => Err(Unavailable::Session),
                         Outcome::Bad(e) => Err(Unavailable::Bad(e)),
                     };
-                    reply.send(r);
+                    reply.send(self, r);
                 }
             }
             Err(e) => {
                 for reply in replies {
-                    reply.send(Err(e.clone()));
+                    reply.send(self, Err(e.clone()));
                 }
             }
         }
@@ -566,24 +601,31 @@ impl CommandHandler for Front {
         vec![("raft".to_string(), text)]
     }
 
-    /// The KV commands of a pipelined batch go through the log as one entry.
+    /// Never blocks: the proposers answer.
+    fn submits_without_blocking(&self) -> bool {
+        true
+    }
+
+    /// Each connection's KV commands go through the log as one request; the batches of one
+    /// call are queued together.
+    fn submit(&self, batches: Vec<Batch>) {
+        self.shared.enqueue(
+            batches
+                .into_iter()
+                .map(|Batch { commands, done }| (commands, AnswerTo::Loop(done))),
+        );
+    }
+
+    /// The same as [`submit`](Self::submit), waiting for the answer (a worker's `INFO`).
     fn handle_batch(&self, commands: Vec<KvCmd>) -> Vec<Reply> {
         let count = commands.len();
-        let replies = if commands.is_empty() {
-            Vec::new()
-        } else {
-            match self.shared.submit(commands) {
-                Ok(outs) if outs.len() == count => outs.into_iter().map(Reply::from).collect(),
-                Ok(outs) => {
-                    let e = format!("ERR internal: {} results for {count} commands", outs.len());
-                    vec![Reply::Error(e); count]
-                }
-                Err(e) => vec![e.reply(); count],
-            }
-        };
+        if count == 0 {
+            return Vec::new();
+        }
+        let (tx, rx) = oneshot::channel();
         self.shared
-            .commands
-            .fetch_add(count as u64, Ordering::Relaxed);
-        replies
+            .enqueue(std::iter::once((commands, AnswerTo::Waiter(tx))));
+        // A proposer answers every request it takes (or its drop does).
+        replies(rx.recv().unwrap_or(Err(Unavailable::Stopped)), count)
     }
 }

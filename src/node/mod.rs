@@ -2,7 +2,7 @@
 //! speaking Redis's protocol to clients.
 //!
 //! ```text
-//!  redis client ──RESP──► RespServer (client port) ──► Front::handle_batch
+//!  redis client ──RESP──► RespServer (client port) ──► Front::submit ─► proposers
 //!                                                        │ leader here?  rsm.submit ─► Raft log
 //!                                                        └ else Kv.Exec ─TCP─► leader's peer port
 //!  peer port: net::Server with the `Raft` service (RequestVote, AppendEntries, InstallSnapshot)
@@ -150,6 +150,10 @@ pub struct NodeStatus {
     pub keys: usize,
 }
 
+/// Worker threads of the client port at most: they run only what the front cannot take
+/// from the event loop without blocking (`INFO`'s sections and keyspace, `RAFTKV.MEMBER`).
+pub const RESP_WORKERS: usize = 4;
+
 /// A running node. [`shutdown`](Self::shutdown) (or drop) stops the client port, the peer
 /// port, the replica and the peer connections, joining every thread.
 pub struct Node {
@@ -296,6 +300,8 @@ impl Node {
         // A node may hold far more than its snapshot threshold: without this, every few
         // writes would rewrite the whole state.
         rsm.grow_snapshots_with_state();
+        // A commit here takes fsyncs: the proposers waiting for it park rather than spin.
+        rsm.park_submitters();
         // Before the peer port serves Raft: nothing has been sent or answered yet.
         if let Err(e) = check_restored(&identity, rsm.raft().restored_extent()) {
             rsm.kill();
@@ -321,7 +327,12 @@ impl Node {
         let resp = RespServer::start(
             &format!("node{}-resp", config.id),
             &config.client_addr,
-            config.clients.clone(),
+            RespOptions {
+                // The front submits from the event loop: the workers run only `INFO` and
+                // `RAFTKV.MEMBER`.
+                workers: config.clients.workers.min(RESP_WORKERS),
+                ..config.clients.clone()
+            },
             front.clone(),
         )
         .map_err(|e| NodeError::Bind {

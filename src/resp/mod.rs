@@ -9,8 +9,10 @@
 //!   [`decode_reply`] reads one back (for clients and tests), under the same limits.
 //! * [`command`] maps a decoded command to the typed [`Command`] the KV service executes, with
 //!   Redis's error wording for unknown commands and wrong arity.
-//! * [`server`] is the TCP front end: a thread per connection handing pipelined commands to a
-//!   [`server::CommandHandler`] in batches.
+//! * [`server`] is the TCP front end: one event loop for every connection, handing pipelined
+//!   commands to a [`server::CommandHandler`] in batches (from the loop itself when the
+//!   handler never blocks, the replies coming back through a completion queue; else through
+//!   a pool of worker threads).
 //!
 //! A [`ParseError`] means the stream is broken: the server answers
 //! [`ParseError::reply`] and closes the connection, as Redis does.

@@ -3,11 +3,20 @@
 //!
 //! One event-loop thread (`<name>-loop`, on `mio`) owns the listener and every connection: it
 //! reads, decodes, answers the commands about the connection itself ([`super::session`]), and
-//! hands the KV commands a client pipelined — one batch per connection at a time — to a fixed
-//! pool of worker threads (`<name>-w<i>`) that call the handler, which may block (for a Raft
-//! commit, say). A worker encodes the replies and gives them back to the loop, which writes
-//! them. A connection is not read while its batch runs or its replies wait to be written, so
-//! what one client can make the server hold is one batch's input and one batch's output.
+//! hands the KV commands a client pipelined — one batch per connection at a time — to the
+//! [`CommandHandler`]. How depends on the handler:
+//! * one that never blocks ([`CommandHandler::submits_without_blocking`], the node's) gets the
+//!   batches of every connection served in one turn of the loop in one
+//!   [`submit`](CommandHandler::submit) call, from the loop itself; each batch's replies come
+//!   back through its [`Completion`], from any thread, into one completion queue that wakes
+//!   the loop once per burst (not once per batch); the loop encodes and writes them;
+//! * one that may block (for a Raft commit, say) is called by a fixed pool of worker threads
+//!   (`<name>-w<i>`), which encode the replies and give them back through the same queue.
+//!   `INFO` (the store's sections) and the operator's commands always go to a worker.
+//!
+//! A connection is not read while its batch runs or its replies wait to be written, so what
+//! one client can make the server hold is one batch's input and one batch's output, and the
+//! completion queue holds at most one entry per connection.
 //!
 //! Idle connections cost a few hundred bytes each and no thread, so the default limit is
 //! Redis's 10,000 clients. What a connection does with bad input, as Redis does:
@@ -60,8 +69,9 @@ const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
 /// At most one log line a second for refused connections.
 const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
-/// What executes the commands of every connection. It runs on a worker thread and may block
-/// (for a Raft commit, say); the connection reads nothing more meanwhile.
+/// What executes the commands of every connection. Unless it
+/// [submits without blocking](Self::submits_without_blocking), it runs on a worker thread and
+/// may block (for a Raft commit, say); the connection reads nothing more meanwhile.
 pub trait CommandHandler: Send + Sync + 'static {
     /// Runs one KV command (PING and QUIT never reach a handler: the connection answers
     /// them).
@@ -72,6 +82,25 @@ pub trait CommandHandler: Send + Sync + 'static {
     /// run them atomically: an `EXEC` is one batch).
     fn handle_batch(&self, commands: Vec<KvCmd>) -> Vec<Reply> {
         commands.into_iter().map(|c| self.handle(c)).collect()
+    }
+
+    /// Whether [`submit`](Self::submit) returns at once, whatever it is given (the replies
+    /// come later through each batch's [`Completion`]): then the event loop calls it itself,
+    /// with no worker in between. The default, `false`: batches go to the worker pool, which
+    /// calls [`handle_batch`](Self::handle_batch).
+    fn submits_without_blocking(&self) -> bool {
+        false
+    }
+
+    /// Starts the batches of several connections (each one client's pipelined commands, to
+    /// be run in order and atomically, as `handle_batch`'s); each [`Completion`] is answered
+    /// once, from any thread, with one reply per command. Called by the event loop only when
+    /// [`submits_without_blocking`](Self::submits_without_blocking) says so, and then it must
+    /// not block. The default runs each batch on `handle_batch` and answers at once.
+    fn submit(&self, batches: Vec<Batch>) {
+        for Batch { commands, done } in batches {
+            done.complete(self.handle_batch(commands));
+        }
     }
 
     /// Sections the store adds to `INFO`: lower-case name and text (`# Name\r\nkey:value\r\n…`).
@@ -89,6 +118,111 @@ pub trait CommandHandler: Send + Sync + 'static {
 impl<F: Fn(KvCmd) -> Reply + Send + Sync + 'static> CommandHandler for F {
     fn handle(&self, command: KvCmd) -> Reply {
         self(command)
+    }
+}
+
+/// One connection's batch for [`CommandHandler::submit`].
+pub struct Batch {
+    pub commands: Vec<KvCmd>,
+    /// Where the replies go.
+    pub done: Completion,
+}
+
+/// Where one batch's replies go: the connection's place in the event loop's completion
+/// queue. Answered once ([`complete`](Self::complete)), from any thread, without blocking;
+/// dropped unanswered, it answers every command with an error, so no connection waits
+/// forever. An answer for a connection closed meanwhile is dropped by the loop (connection
+/// ids are never reused).
+pub struct Completion {
+    conn: u64,
+    commands: usize,
+    queue: Option<Arc<Completions>>,
+}
+
+impl Completion {
+    /// The commands of the batch: the replies expected.
+    pub fn commands(&self) -> usize {
+        self.commands
+    }
+
+    /// Hands the replies, one per command in order, to the connection.
+    pub fn complete(mut self, replies: Vec<Reply>) {
+        debug_assert_eq!(replies.len(), self.commands, "one reply per command");
+        if let Some(queue) = self.queue.take() {
+            queue.push(Finished {
+                conn: self.conn,
+                output: Output::Replies(replies),
+            });
+        }
+    }
+}
+
+impl Drop for Completion {
+    fn drop(&mut self) {
+        if let Some(queue) = self.queue.take() {
+            // No replies: each command is answered "no reply" (`encode_slot`).
+            queue.push(Finished {
+                conn: self.conn,
+                output: Output::Replies(Vec::new()),
+            });
+        }
+    }
+}
+
+/// A batch's answer on its way back to the loop.
+struct Finished {
+    conn: u64,
+    output: Output,
+}
+
+enum Output {
+    /// A worker's: every slot's reply, encoded.
+    Encoded { bytes: Vec<u8>, close: bool },
+    /// A [`Completion`]'s: the KV commands' replies, encoded by the loop with the
+    /// connection's slots.
+    Replies(Vec<Reply>),
+}
+
+/// The completion queue: what finished batches hand back to the loop, and the loop's waker.
+/// At most one entry per connection (one batch in flight each), so bounded by
+/// [`RespOptions::max_clients`].
+struct Completions {
+    name: String,
+    waker: Waker,
+    state: parking_lot::Mutex<CompletionState>,
+}
+
+#[derive(Default)]
+struct CompletionState {
+    finished: Vec<Finished>,
+    /// The loop has been woken and has not taken `finished` since: a push adds to the
+    /// burst without another wake.
+    woken: bool,
+}
+
+impl Completions {
+    fn push(&self, finished: Finished) {
+        let wake = {
+            let mut state = self.state.lock();
+            state.finished.push(finished);
+            !std::mem::replace(&mut state.woken, true)
+        };
+        if wake {
+            self.wake();
+        }
+    }
+
+    fn wake(&self) {
+        if let Err(e) = self.waker.wake() {
+            log::error!(target: LOG, "{}: cannot wake the event loop: {e}", self.name);
+        }
+    }
+
+    /// Moves what finished into `into` (empty); the next push wakes the loop again.
+    fn take(&self, into: &mut Vec<Finished>) {
+        let mut state = self.state.lock();
+        std::mem::swap(&mut state.finished, into);
+        state.woken = false;
     }
 }
 
@@ -152,8 +286,10 @@ struct Shared {
     name: String,
     options: RespOptions,
     handler: Arc<dyn CommandHandler>,
+    /// The handler's [`CommandHandler::submits_without_blocking`], asked once.
+    submits_from_loop: bool,
     stop: AtomicBool,
-    waker: Waker,
+    completions: Arc<Completions>,
     commands: AtomicU64,
     protocol_errors: AtomicU64,
     connections: AtomicUsize,
@@ -216,16 +352,21 @@ impl RespServer {
         let shared = Arc::new(Shared {
             name: name.to_string(),
             options,
+            submits_from_loop: handler.submits_without_blocking(),
             handler,
             stop: AtomicBool::new(false),
-            waker,
+            completions: Arc::new(Completions {
+                name: name.to_string(),
+                waker,
+                state: parking_lot::Mutex::new(CompletionState::default()),
+            }),
             commands: AtomicU64::new(0),
             protocol_errors: AtomicU64::new(0),
             connections: AtomicUsize::new(0),
             limit_closes: AtomicU64::new(0),
         });
+        // Bounded by the connections: each has at most one batch in flight.
         let (job_tx, job_rx) = channel::unbounded::<Job>();
-        let (done_tx, done_rx) = channel::unbounded::<Done>();
         let mut server = RespServer {
             shared: shared.clone(),
             addr,
@@ -233,17 +374,17 @@ impl RespServer {
             workers: Vec::new(),
         };
         for i in 0..workers {
-            let (shared, jobs, done) = (shared.clone(), job_rx.clone(), done_tx.clone());
+            let (shared, jobs) = (shared.clone(), job_rx.clone());
             let spawned = thread::Builder::new()
                 .name(format!("{name}-w{i}"))
-                .spawn(move || run_worker(&shared, &jobs, &done));
+                .spawn(move || run_worker(&shared, &jobs));
             match spawned {
                 Ok(h) => server.workers.push(h),
                 // Dropping `server` stops and joins the workers started so far.
                 Err(e) => return Err(e),
             }
         }
-        drop((job_rx, done_tx));
+        drop(job_rx);
         let event_loop = EventLoop {
             shared: shared.clone(),
             poll,
@@ -259,7 +400,8 @@ impl RespServer {
             next_id: FIRST_CONN_ID,
             input_held: 0,
             jobs: job_tx,
-            done: done_rx,
+            submissions: Vec::new(),
+            finished: Vec::new(),
             started: Instant::now(),
             accept_paused_until: None,
             refused_since_log: 0,
@@ -305,9 +447,7 @@ impl RespServer {
 
     fn stop_and_join(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
-        if let Err(e) = self.shared.waker.wake() {
-            log::error!(target: LOG, "{}: cannot wake the event loop: {e}", self.shared.name);
-        }
+        self.shared.completions.wake();
         // The loop closes every connection and drops the job queue, which ends the workers.
         let mut panic = self.event_loop.take().and_then(|h| h.join().err());
         for h in self.workers.drain(..) {
@@ -338,23 +478,14 @@ struct Job {
     work: Work,
 }
 
-/// A worker's answer: the encoded replies.
-struct Done {
-    conn: u64,
-    out: Vec<u8>,
-    close: bool,
-}
-
-fn run_worker(shared: &Shared, jobs: &Receiver<Job>, done: &Sender<Done>) {
+fn run_worker(shared: &Shared, jobs: &Receiver<Job>) {
     while let Ok(Job { conn, work }) = jobs.recv() {
         let close = work.close;
-        let out = execute(&*shared.handler, work);
-        if done.send(Done { conn, out, close }).is_err() {
-            return;
-        }
-        if let Err(e) = shared.waker.wake() {
-            log::error!(target: LOG, "{}: cannot wake the event loop: {e}", shared.name);
-        }
+        let bytes = execute(&*shared.handler, work);
+        shared.completions.push(Finished {
+            conn,
+            output: Output::Encoded { bytes, close },
+        });
     }
 }
 
@@ -454,8 +585,15 @@ struct Conn {
     /// Replies not yet written: `out[out_pos..]`.
     out: Vec<u8>,
     out_pos: usize,
-    /// A batch is with a worker.
+    /// A batch is with a worker or the handler.
     busy: bool,
+    /// The socket may hold unread bytes: a readiness event came since a read found it
+    /// empty (epoll reports every arrival on an edge-triggered socket, so a read that
+    /// found no more, or a short one, need not be followed by another until the next
+    /// event; saves a read that would fail with `WouldBlock` after each reply).
+    may_read: bool,
+    /// The slots of the batch submitted from the loop, encoded when its replies come.
+    in_flight: Option<InFlight>,
     /// Close once `out` is written.
     closing: bool,
     /// In the loop's run queue.
@@ -519,6 +657,13 @@ impl Conn {
     }
 }
 
+/// A batch the loop submitted itself ([`CommandHandler::submit`]): what to do with its
+/// replies.
+struct InFlight {
+    slots: Vec<Slot>,
+    close: bool,
+}
+
 /// Why the loop closes a connection.
 #[derive(Debug)]
 enum Close {
@@ -542,7 +687,10 @@ struct EventLoop {
     /// Sum of every connection's `held`.
     input_held: usize,
     jobs: Sender<Job>,
-    done: Receiver<Done>,
+    /// Batches for [`CommandHandler::submit`] gathered during this turn.
+    submissions: Vec<Batch>,
+    /// What the completion queue handed over (kept for its capacity).
+    finished: Vec<Finished>,
     started: Instant,
     /// Accepting failed for lack of resources (file descriptors): retried at this time.
     accept_paused_until: Option<Instant>,
@@ -573,17 +721,18 @@ impl EventLoop {
                 match event.token() {
                     LISTENER => self.accept_all(),
                     WAKER => {}
-                    Token(t) => self.schedule(t as u64),
+                    Token(t) => {
+                        let id = t as u64;
+                        if (event.is_readable() || event.is_read_closed() || event.is_error())
+                            && let Some(conn) = self.conns.get_mut(&id)
+                        {
+                            conn.may_read = true;
+                        }
+                        self.schedule(id);
+                    }
                 }
             }
-            while let Ok(done) = self.done.try_recv() {
-                if let Some(conn) = self.conns.get_mut(&done.conn) {
-                    conn.busy = false;
-                    conn.out.extend_from_slice(&done.out);
-                    conn.closing |= done.close;
-                    self.schedule(done.conn);
-                }
-            }
+            self.take_finished();
             // Only what was runnable at the start of this turn: a connection that used up
             // its reads goes to the back, after the others.
             for _ in 0..self.runnable.len() {
@@ -591,6 +740,12 @@ impl EventLoop {
                     break;
                 };
                 self.advance(id);
+            }
+            if !self.submissions.is_empty() {
+                // One call for every batch of this turn: the handler queues them together.
+                self.shared
+                    .handler
+                    .submit(std::mem::take(&mut self.submissions));
             }
             let now = Instant::now();
             if now.duration_since(last_sweep) >= SWEEP_INTERVAL {
@@ -607,6 +762,36 @@ impl EventLoop {
                 self.close(conn, Close::Done);
             }
         }
+    }
+
+    /// Hands the replies of finished batches to their connections (those still open).
+    fn take_finished(&mut self) {
+        self.shared.completions.take(&mut self.finished);
+        let mut finished = std::mem::take(&mut self.finished);
+        for Finished { conn: id, output } in finished.drain(..) {
+            let Some(conn) = self.conns.get_mut(&id) else {
+                continue;
+            };
+            conn.busy = false;
+            match output {
+                Output::Encoded { bytes, close } => {
+                    conn.out.extend_from_slice(&bytes);
+                    conn.closing |= close;
+                }
+                Output::Replies(replies) => {
+                    let Some(InFlight { slots, close }) = conn.in_flight.take() else {
+                        debug_assert!(false, "replies for client {id} with no batch in flight");
+                        continue;
+                    };
+                    for slot in slots {
+                        encode_slot(slot, &replies, &[], &mut conn.out);
+                    }
+                    conn.closing |= close;
+                }
+            }
+            self.schedule(id);
+        }
+        self.finished = finished;
     }
 
     fn schedule(&mut self, id: u64) {
@@ -682,6 +867,8 @@ impl EventLoop {
                 out: Vec::new(),
                 out_pos: 0,
                 busy: false,
+                may_read: true,
+                in_flight: None,
                 closing: false,
                 scheduled: false,
                 created: now,
@@ -748,6 +935,19 @@ impl EventLoop {
                 self.account(conn)?;
                 if work.needs_store() {
                     conn.busy = true;
+                    if self.shared.submits_from_loop && work.kv_only() {
+                        let Work { kv, slots, close } = work;
+                        conn.in_flight = Some(InFlight { slots, close });
+                        self.submissions.push(Batch {
+                            done: Completion {
+                                conn: conn.session.id,
+                                commands: kv.len(),
+                                queue: Some(self.shared.completions.clone()),
+                            },
+                            commands: kv,
+                        });
+                        return Ok(());
+                    }
                     let job = Job {
                         conn: conn.session.id,
                         work,
@@ -762,6 +962,10 @@ impl EventLoop {
                 conn.out_pos = 0;
                 continue;
             }
+            if !conn.may_read {
+                // Nothing arrived since the socket was last found empty.
+                return Ok(());
+            }
             if reads == READS_PER_TURN {
                 // More may be waiting: come back after the others had their turn.
                 conn.scheduled = true;
@@ -772,11 +976,17 @@ impl EventLoop {
                 Ok(0) => return Err(Close::Gone(None)),
                 Ok(n) => {
                     reads += 1;
+                    // A read shorter than asked took everything the socket held; what
+                    // arrives later comes with its own readiness event.
+                    conn.may_read = n == self.chunk.len();
                     conn.last_interaction = now;
                     conn.decoder.feed(&self.chunk[..n]);
                     self.account(conn)?;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    conn.may_read = false;
+                    return Ok(());
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(Close::Gone(Some(e))),
             }

@@ -5,8 +5,9 @@
 //!
 //! [`Session::process`] turns each command into a [`Slot`] of a [`Work`]: a reply known at
 //! once, or a place for the store's answer to a KV command. The KV commands of one `Work`
-//! (everything a client pipelined, a transaction included) go to the store in one
-//! [`super::server::CommandHandler::handle_batch`], and the slots are encoded in order.
+//! (everything a client pipelined, a transaction included) go to the store as one batch
+//! ([`super::server::CommandHandler::submit`] or `handle_batch`), and the slots are encoded
+//! in order.
 
 use std::fmt::Write as _;
 use std::sync::OnceLock;
@@ -45,13 +46,13 @@ pub enum Slot {
         slots: Vec<Slot>,
         protocol: Protocol,
     },
-    /// `INFO`: the sections rendered here, then the store's own, then the keyspace (from the
-    /// answer to `Work::kv[index]`, a `DBSIZE`).
     /// An operator's command (`RAFTKV.MEMBER`): the store's answer.
     Operator {
         args: Vec<Vec<u8>>,
         protocol: Protocol,
     },
+    /// `INFO`: the sections rendered here, then the store's own, then the keyspace (from the
+    /// answer to `Work::kv[index]`, a `DBSIZE`).
     Info {
         local: Vec<String>,
         /// The store's sections wanted: `None` for all of them.
@@ -83,6 +84,19 @@ impl Work {
             }
         }
         !self.kv.is_empty() || self.slots.iter().any(needs)
+    }
+
+    /// Whether the store is asked only the KV commands (no `INFO` section, no operator's
+    /// command, which a worker runs).
+    pub fn kv_only(&self) -> bool {
+        fn kv_only(slot: &Slot) -> bool {
+            match slot {
+                Slot::Ready(_) | Slot::Kv { .. } => true,
+                Slot::Exec { slots, .. } => slots.iter().all(kv_only),
+                Slot::Info { .. } | Slot::Operator { .. } => false,
+            }
+        }
+        self.slots.iter().all(kv_only)
     }
 
     fn ready(&mut self, reply: Reply, protocol: Protocol) {

@@ -1,6 +1,7 @@
 //! The client port of a real `raftkv serve` cluster under the load an attacker or a careless
 //! fleet of clients puts on it: ten thousand idle connections and slowloris clients, AUTH
-//! with `--requirepass-file` through the `redis` crate, protected mode, and private files.
+//! with `--requirepass-file` through the `redis` crate, protected mode, private files, and
+//! many pipelining clients at once on every node, some leaving with their batches in flight.
 //! Every node is killed and every file removed when the test ends (the process kit,
 //! `tests/kit`: the cluster's drop, and `--stop-on-stdin-eof` if the test process itself
 //! dies); everything listens on 127.0.0.1.
@@ -18,6 +19,7 @@ use std::time::{Duration, Instant};
 use crate::kit;
 
 use kit::{Cluster, PATIENCE, proc_status_number};
+use raftkv::resp::{Limits, Reply, decode_reply, encode_command};
 
 /// `n` nodes, started; node `i` gets `extra(i)` on its command line.
 fn start(what: &str, n: usize, extra: impl Fn(usize) -> Vec<String>) -> Cluster {
@@ -393,4 +395,102 @@ fn open_data_directory_is_made_private_at_start() {
     let modes = (mode(&dir), mode(&dir.join("old")), mode(&stray));
     cluster.kill9(0);
     assert_eq!(modes, (0o700, 0o700, 0o600));
+}
+
+#[test]
+fn pipelined_clients_on_every_node_get_their_own_replies_and_gone_clients_writes_apply_once() {
+    let cluster = start("pipelined", 3, |_| Vec::new());
+    let leader = cluster.leader();
+    serving(&cluster, leader, None, |c| {
+        redis::cmd("SET").arg("warm").arg("up").query::<String>(c)
+    });
+    const PER_NODE: usize = 8;
+    const ROUNDS: usize = 10;
+    const GONE: usize = 12;
+    const GONE_INCRS: usize = 5;
+    // Clients that send a pipeline of INCRs and close without reading: their batches are
+    // in flight when the connection goes.
+    for k in 0..GONE {
+        let mut s = TcpStream::connect(cluster.client_addr(k % 3)).unwrap();
+        let incrs = "*2\r\n$4\r\nINCR\r\n$4\r\ngone\r\n".repeat(GONE_INCRS);
+        s.write_all(incrs.as_bytes()).unwrap();
+        drop(s);
+    }
+    thread::scope(|scope| {
+        for c in 0..3 * PER_NODE {
+            let cluster = &cluster;
+            scope.spawn(move || {
+                let node = c % 3;
+                serving(cluster, node, None, |c| {
+                    redis::cmd("PING").query::<String>(c)
+                });
+                let mut stream = TcpStream::connect(cluster.client_addr(node)).unwrap();
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(30)))
+                    .unwrap();
+                let mut buf = Vec::new();
+                let mut count = 0i64;
+                for r in 0..ROUNDS {
+                    // 15 commands in three writes a moment apart, so that more arrive while
+                    // the first batch is on its way through the log.
+                    let mut commands = Vec::new();
+                    let mut want = Vec::new();
+                    for i in 0..5 {
+                        let value = format!("v{c}-{r}-{i}");
+                        commands.push(encode_command(&["INCR", &format!("n{c}")]));
+                        count += 1;
+                        want.push(Reply::Integer(count));
+                        commands.push(encode_command(&["SET", &format!("k{c}"), &value]));
+                        want.push(Reply::ok());
+                        commands.push(encode_command(&["GET", &format!("k{c}")]));
+                        want.push(Reply::Bulk(value.into_bytes()));
+                    }
+                    for part in commands.chunks(5) {
+                        stream.write_all(&part.concat()).unwrap();
+                        thread::sleep(Duration::from_millis(1));
+                    }
+                    for (k, want) in want.into_iter().enumerate() {
+                        let got = loop {
+                            if let Some((reply, used)) =
+                                decode_reply(&buf, &Limits::default()).unwrap()
+                            {
+                                buf.drain(..used);
+                                break reply;
+                            }
+                            let mut chunk = [0u8; 4096];
+                            let n = stream
+                                .read(&mut chunk)
+                                .unwrap_or_else(|e| panic!("client {c} on node {}: {e}", node + 1));
+                            assert!(n > 0, "client {c} on node {}: closed", node + 1);
+                            buf.extend_from_slice(&chunk[..n]);
+                        };
+                        assert_eq!(
+                            got,
+                            want,
+                            "client {c} on node {}, round {r}, reply {k}",
+                            node + 1
+                        );
+                    }
+                }
+            });
+        }
+    });
+    // Every INCR of the clients that left was applied, once.
+    let want = (GONE * GONE_INCRS).to_string();
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let got = cluster.retry(leader, "GET gone", |c| {
+            redis::cmd("GET").arg("gone").query::<Option<String>>(c)
+        });
+        if got.as_deref() == Some(want.as_str()) {
+            break;
+        }
+        let n: usize = got.as_deref().map_or(0, |g| g.parse().expect("a count"));
+        assert!(n < GONE * GONE_INCRS, "gone = {n}: an INCR applied twice");
+        assert!(
+            Instant::now() < deadline,
+            "gone = {n} after {PATIENCE:?}, want {want}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
 }

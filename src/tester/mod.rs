@@ -51,11 +51,24 @@ pub fn run_test_in_child(name: &str, env: &[(&str, &str)]) -> (bool, String) {
             Err(e) => panic!("cannot find the test binary: {e}"),
         }
     };
+    // The child gets a temporary directory of its own, removed when it has ended: a child
+    // that fails exits without running its drops, and would leave its files behind.
+    static NEXT_CHILD: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let tmp = std::env::temp_dir().join(format!(
+        "raftkv-child-{}-{}",
+        std::process::id(),
+        NEXT_CHILD.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+    ));
+    if let Err(e) = std::fs::create_dir_all(&tmp) {
+        panic!("cannot create {} for a child test: {e}", tmp.display());
+    }
     let out = std::process::Command::new(exe)
         .args(["--exact", name, "--test-threads=1", "--nocapture"])
         .envs(env.iter().copied())
+        .env("TMPDIR", &tmp)
         .stdin(std::process::Stdio::null())
         .output();
+    let _ = std::fs::remove_dir_all(&tmp);
     match out {
         Ok(out) => (
             out.status.success(),

@@ -341,6 +341,7 @@ impl Shared {
     fn enqueue(&self, requests: impl Iterator<Item = (Vec<KvCmd>, AnswerTo)>) {
         let local_reads = self.local_reads.load(Ordering::Relaxed);
         let mut pending = Vec::new();
+        let mut local = Vec::new();
         {
             let mut slots = self.slots.lock();
             for (cmds, to) in requests {
@@ -348,7 +349,7 @@ impl Shared {
                     .fetch_add(cmds.len() as u64, Ordering::Relaxed);
                 let writes = cmds.iter().any(KvCmd::is_write);
                 if !writes && local_reads {
-                    deliver(to, Ok(self.machine.read_local(&cmds)));
+                    local.push((cmds, to));
                     continue;
                 }
                 let slot = writes.then(|| take_slot(&mut slots));
@@ -358,6 +359,10 @@ impl Shared {
                     reply: Answerer { slot, to: Some(to) },
                 });
             }
+        }
+        // Reads answered from this node's state, outside the slot pool's lock.
+        for (cmds, to) in local {
+            deliver(to, Ok(self.machine.read_local(&cmds)));
         }
         if pending.is_empty() {
             return;

@@ -31,6 +31,8 @@ const LOG: &str = "chaos::client";
 /// node answers `-TRYAGAIN` after 5 s without a leader; a paused node never answers.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(3);
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long [`RespConn::call_while`] reads before it asks whether to keep waiting.
+const WAIT_SLICE: Duration = Duration::from_millis(200);
 /// The pause before trying another node after a connection failed.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(50);
 
@@ -87,6 +89,42 @@ impl RespConn {
         self.stream
             .write_all(&resp::encode_command(args))
             .map_err(CallError::Io)?;
+        self.read_reply()
+    }
+
+    /// [`call`](Self::call) for a command whose reply may take long (a membership change
+    /// waiting for its node to catch up): it waits in slices of [`WAIT_SLICE`] and gives up
+    /// with `TimedOut` once `keep_waiting` says no or `deadline` passes.
+    pub fn call_while<A: AsRef<[u8]>>(
+        &mut self,
+        args: &[A],
+        deadline: Instant,
+        keep_waiting: impl Fn() -> bool,
+    ) -> Result<Reply, CallError> {
+        self.stream
+            .write_all(&resp::encode_command(args))
+            .map_err(CallError::Io)?;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || !keep_waiting() {
+                return Err(CallError::Io(io::ErrorKind::TimedOut.into()));
+            }
+            self.stream
+                .set_read_timeout(Some(left.min(WAIT_SLICE)))
+                .map_err(CallError::Io)?;
+            match self.read_reply() {
+                Err(CallError::Io(e))
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) => {}
+                other => return other,
+            }
+        }
+    }
+
+    /// Reads one reply; what a timed-out read had received stays buffered for the next.
+    fn read_reply(&mut self) -> Result<Reply, CallError> {
         let mut chunk = [0u8; 4096];
         loop {
             match resp::decode_reply(&self.buf, &self.limits) {

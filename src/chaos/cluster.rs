@@ -421,7 +421,8 @@ impl ChaosCluster {
             if let Some(leader) = self.leader() {
                 return Ok(leader);
             }
-            if Instant::now() >= deadline {
+            // On a stop signal the wait ends here (the caller sees the signal too).
+            if Instant::now() >= deadline || crate::signal::stop_requested().is_some() {
                 return Err(ClusterError::NoLeader { waited: patience });
             }
             thread::sleep(Duration::from_millis(50));
@@ -448,7 +449,8 @@ impl ChaosCluster {
 
     /// Runs an operator's membership command (`RAFTKV.MEMBER` and `args`) on whichever node
     /// leads, as `raftkv member` does: a node that does not lead is passed over. Gives up
-    /// after [`MEMBER_PATIENCE`]; the error is the last answer.
+    /// after [`MEMBER_PATIENCE`] (the error is the last answer), or at once on a stop
+    /// signal.
     pub fn member(&self, args: &[&str]) -> Result<String, String> {
         let mut words = vec!["RAFTKV.MEMBER"];
         words.extend_from_slice(args);
@@ -464,9 +466,17 @@ impl ChaosCluster {
                 if self.nodes[i].state != NodeState::Running {
                     continue;
                 }
+                if let Some(signal) = crate::signal::stop_requested() {
+                    return Err(format!("interrupted by {signal}"));
+                }
                 let reply = super::client::RespConn::connect(self.client_addr(i), MEMBER_PATIENCE)
                     .map_err(|e| e.to_string())
-                    .and_then(|mut c| c.call(&words).map_err(|e| e.to_string()));
+                    .and_then(|mut c| {
+                        c.call_while(&words, deadline, || {
+                            crate::signal::stop_requested().is_none()
+                        })
+                        .map_err(|e| e.to_string())
+                    });
                 match reply {
                     Ok(crate::resp::Reply::Bulk(text)) => {
                         return Ok(String::from_utf8_lossy(&text).into_owned());

@@ -381,7 +381,10 @@ pub fn run(opts: &ChaosOptions) -> Result<ChaosReport, ChaosError> {
         fault: opts.node_fault,
         node_log: std::env::var("RAFTKV_CHAOS_NODE_LOG").ok(),
     })
-    .map_err(ChaosError::Start)?;
+    .map_err(|e| match crate::signal::stop_requested() {
+        Some(signal) => ChaosError::Interrupted(signal),
+        None => ChaosError::Start(e),
+    })?;
     let addrs: Vec<_> = (0..opts.nodes).map(|i| cluster.client_addr(i)).collect();
     let shared = Arc::new(client::Shared::new());
     let mut rng = SmallRng::seed_from_u64(opts.seed);
@@ -406,8 +409,14 @@ pub fn run(opts: &ChaosOptions) -> Result<ChaosReport, ChaosError> {
             })
             .collect();
         let phase = drive(opts, &mut cluster, &shared, &mut rng);
-        // Whatever happened, bring every node back so that blocked clients get answers.
-        let recovered = cluster.recover_all();
+        // Whatever happened, bring every node back so that blocked clients get answers; or,
+        // on a stop signal, stop every node now (a client waiting on one gets its answer).
+        let recovered = if matches!(phase, Err(ChaosError::Interrupted(_))) {
+            cluster.shutdown();
+            Ok(())
+        } else {
+            cluster.recover_all()
+        };
         drop(stop_guard);
         let mut records = Vec::new();
         for handle in handles {
@@ -578,6 +587,15 @@ pub fn check_history(records: &mut [Record], end: i64, timeout: Duration, html: 
     }
 }
 
+/// A fault's step that failed after a stop signal was cut short by it (a membership change
+/// gives up at once): the run was interrupted, not broken.
+fn interrupted_or(e: ClusterError) -> ChaosError {
+    match crate::signal::stop_requested() {
+        Some(signal) => ChaosError::Interrupted(signal),
+        None => e.into(),
+    }
+}
+
 /// The fault loop, on the driver's thread, until the duration is up or a stop signal.
 fn drive(
     opts: &ChaosOptions,
@@ -600,20 +618,21 @@ fn drive(
             return Err(ChaosError::Interrupted(signal));
         }
         let held = active.as_ref().map_or(&[][..], |(f, _)| &f.nodes[..]);
-        exits.reap(cluster, held)?;
+        exits.reap(cluster, held).map_err(interrupted_or)?;
         if now >= end {
             break;
         }
         match &active {
             Some((fault, until)) if now >= *until => {
-                nemesis::recover(cluster, fault)?;
+                nemesis::recover(cluster, fault).map_err(interrupted_or)?;
                 log::info!(target: LOG, "healed: {fault}");
                 active = None;
                 next_fault = now + nemesis::calm(rng);
             }
             None if opts.faults && now >= next_fault => {
                 let kind = deck.draw(rng);
-                let fault = nemesis::inject(cluster, cluster.leader(), &[kind], rng)?;
+                let fault = nemesis::inject(cluster, cluster.leader(), &[kind], rng)
+                    .map_err(interrupted_or)?;
                 if fault.kind.stops_its_node() {
                     exits.disk_filled.extend(fault.nodes.iter().copied());
                 }
@@ -629,7 +648,7 @@ fn drive(
         thread::sleep(TICK);
     }
     if let Some((fault, _)) = active.take() {
-        nemesis::recover(cluster, &fault)?;
+        nemesis::recover(cluster, &fault).map_err(interrupted_or)?;
     }
     status.finish();
     Ok(Phase { faults, exits })

@@ -295,8 +295,9 @@ pub fn recover(cluster: &mut ChaosCluster, fault: &ActiveFault) -> Result<(), Cl
 }
 
 /// Adds a replaced node back under its id, reached at each node's own `--peers` address for
-/// it (`-`: through the proxies). An add cut short (a leader change while it caught up)
-/// leaves a learner: it is removed and added again, three times at most.
+/// it (`-`: through the proxies). An add whose leader changes while its node catches up is
+/// finished by the new leader (the same add resumes there); one that fails (its node did not
+/// catch up in time) leaves a learner: it is removed and added again, three times at most.
 fn add_back(cluster: &mut ChaosCluster, node: usize) -> Result<(), ClusterError> {
     let id = (node + 1).to_string();
     let client = cluster.client_addr(node).to_string();

@@ -387,7 +387,11 @@ pub fn admin(raft: &Raft, members: &Members, args: &[Vec<u8>]) -> AdminReply {
         }
         *busy = Some(what);
     }
-    let reply = run_change(raft, &sub, &words, id);
+    let reply = match run_change(raft, &sub, &words, id) {
+        // Stopped leading while the change ran: point at the new leader if known by now.
+        AdminReply::NotLeader(None) => AdminReply::NotLeader(leader_client()),
+        reply => reply,
+    };
     *members.busy.lock() = None;
     reply
 }
@@ -479,13 +483,17 @@ fn list(raft: &Raft) -> AdminReply {
 }
 
 /// Proposes `change` and waits for it to commit. Retries for [`READY_WAIT`] while the
-/// leader has not yet committed an entry of its term.
+/// leader has not yet committed an entry of its term, or an earlier change.
 fn change(raft: &Raft, change: &ConfChange) -> Result<u64, AdminReply> {
     let start = Instant::now();
     let (index, term) = loop {
         match raft.change_membership(change) {
             Ok(it) => break it,
-            Err(ChangeError::NotReady) if start.elapsed() < READY_WAIT => {
+            // A new leader commits an entry of its term first, and with it any change its
+            // predecessor left uncommitted (an add resumed on it finds its learner so).
+            Err(ChangeError::NotReady | ChangeError::Pending { .. })
+                if start.elapsed() < READY_WAIT =>
+            {
                 std::thread::sleep(POLL);
             }
             Err(ChangeError::NotLeader) => return Err(AdminReply::NotLeader(None)),
@@ -515,15 +523,44 @@ fn change(raft: &Raft, change: &ConfChange) -> Result<u64, AdminReply> {
 }
 
 /// Adds `peer` as a learner, waits until it has caught up (rounds, §4.2.1), then promotes it.
+///
+/// The same add again is safe, and it is how an add cut short is finished: when `peer` is
+/// already a member at these very addresses, a voter is reported added, and a learner (an
+/// add whose leader stopped leading while it caught up) resumes its catch-up here. A leader
+/// that stops leading meanwhile answers as any node that does not lead, so the operator's
+/// command goes on to the new leader with the same add.
 fn add(raft: &Raft, peer: usize, addr: &str, client_addr: &str) -> AdminReply {
-    let learner = ConfChange::AddLearner {
-        peer,
-        addr: addr.to_string(),
-        client_addr: client_addr.to_string(),
+    let Some(now) = raft.membership() else {
+        return AdminReply::Err("membership changes are off".to_string());
     };
-    let index = match change(raft, &learner) {
-        Ok(i) => i,
-        Err(e) => return e,
+    let same = now
+        .config
+        .member(peer)
+        .filter(|m| m.addr == addr && m.client_addr == client_addr)
+        .map(|m| m.voter);
+    let index = match same {
+        Some(true) => {
+            return AdminReply::Ok(format!(
+                "node {} added: already a voter at these addresses (configuration entry {})",
+                peer + 1,
+                now.index
+            ));
+        }
+        Some(false) => {
+            log::info!(target: "node::members", "node {} is already a learner at these addresses (configuration entry {}); resuming its catch-up", peer + 1, now.index);
+            now.index
+        }
+        None => {
+            let learner = ConfChange::AddLearner {
+                peer,
+                addr: addr.to_string(),
+                client_addr: client_addr.to_string(),
+            };
+            match change(raft, &learner) {
+                Ok(i) => i,
+                Err(e) => return e,
+            }
+        }
     };
     log::info!(target: "node::members", "node {} added as a learner at {index}; catching up", peer + 1);
     let started = Instant::now();
@@ -539,11 +576,8 @@ fn add(raft: &Raft, peer: usize, addr: &str, client_addr: &str) -> AdminReply {
                 return AdminReply::NotLeader(None);
             };
             if !raft.get_state().1 {
-                return AdminReply::Err(format!(
-                    "node {}: this node stopped leading while it caught up; it is a learner (configuration entry {index}): `member list` on the new leader, then `member remove {}` or add it again",
-                    peer + 1,
-                    peer + 1
-                ));
+                log::warn!(target: "node::members", "node {}: this node stopped leading while it caught up; it stays a learner (configuration entry {index}) until the same add, on the new leader, finishes it", peer + 1);
+                return AdminReply::NotLeader(None);
             }
             let matched = s
                 .matched

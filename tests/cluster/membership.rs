@@ -274,6 +274,86 @@ fn second_change_while_one_is_under_way_is_refused() {
     cluster.check_keys(follower, &acked);
 }
 
+/// An add cut short: while `member add` waits for its learner to catch up (the new node is
+/// not started yet), the leader running it is paused until the others elect a leader, then
+/// continued. The deposed leader hands the command back as a node that does not lead, and
+/// `raftkv member` sends the same add to the new leader, which finds the learner and
+/// finishes the add once the node starts: one command, exit 0, four voters, no write lost.
+/// The same add again is reported done; the same id at other addresses is refused.
+#[test]
+fn an_add_cut_short_by_a_leader_change_is_finished_by_the_new_leader() {
+    use raftkv::signal::Signal;
+    let mut cluster = cluster("cutshort");
+    let old = cluster.leader();
+    let old_term = cluster.status(old).expect("the leader's status").term;
+    let mut acked = BTreeMap::new();
+    cluster.write_keys(old, "a", 20, &mut acked);
+    let new_node = 3;
+    let add = cluster.member_spawn(&[old], &strs(&add_args(&cluster, new_node)));
+    let deadline = Instant::now() + PATIENCE;
+    while !cluster
+        .members(&[old])
+        .iter()
+        .any(|(id, role, _)| *id == new_node + 1 && role == "learner")
+    {
+        assert!(Instant::now() < deadline, "node 4 never became a learner");
+        thread::sleep(Duration::from_millis(100));
+    }
+    let pause = |cluster: &mut Cluster, signal: Signal| {
+        cluster.children[old]
+            .as_mut()
+            .expect("the old leader runs")
+            .signal(signal)
+            .expect("signal the old leader");
+    };
+    pause(&mut cluster, Signal::Stop);
+    let others: Vec<usize> = (0..3).filter(|&i| i != old).collect();
+    let deadline = Instant::now() + PATIENCE;
+    let new_leader = loop {
+        let newer = others.iter().copied().find(|&i| {
+            cluster
+                .status(i)
+                .is_some_and(|s| s.leader && s.term > old_term)
+        });
+        if let Some(i) = newer {
+            break i;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no new leader within {PATIENCE:?} after node {} was paused",
+            old + 1
+        );
+        thread::sleep(Duration::from_millis(50));
+    };
+    pause(&mut cluster, Signal::Cont);
+    cluster.start(new_node);
+    let (code, out, err) = add.finish(PATIENCE * 2);
+    assert_eq!(
+        code,
+        0,
+        "the add cut short by node {}'s pause (node {} leads now) did not finish: {out}{err}",
+        old + 1,
+        new_leader + 1
+    );
+    assert!(out.contains("node 4 added"), "{out}{err}");
+    cluster.wait_member_role(new_node, "voter");
+    let list = cluster.members(&[new_leader]);
+    assert_eq!(voters(&list), vec![1, 2, 3, 4], "{list:?}");
+    let leader = cluster.leader();
+    cluster.write_keys(leader, "b", 20, &mut acked);
+    for i in [0, 1, 2, new_node] {
+        cluster.check_keys(i, &acked);
+    }
+    // The same add again: done already. The same id at other addresses: refused.
+    let (code, out, err) = cluster.member(&[leader], &strs(&add_args(&cluster, new_node)));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("already a voter"), "{out}{err}");
+    let elsewhere = ["add", "4", "127.0.0.1:1", &cluster.client_addr(new_node)];
+    let (code, out, err) = cluster.member(&[leader], &elsewhere);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("node 4 is already a member"), "{err}");
+}
+
 /// Usage errors exit 2 and name what is wrong; an unknown node id is refused naming it.
 #[test]
 fn member_usage_errors_and_unknown_ids() {

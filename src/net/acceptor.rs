@@ -8,8 +8,9 @@
 //! to start one ([`Accept::open`]); the acceptor keeps them in a [`ConnList`] the owner shares
 //! (so it can count them, or close some of them, as the proxy does when a link is cut).
 //!
-//! Thread: `<name>-accept`, which polls its non-blocking listener every [`ACCEPT_POLL`] and
-//! reaps finished connections between accepts.
+//! Thread: `<name>-accept`, which waits for a connection with `poll(2)` on its listener (at
+//! most [`ACCEPT_POLL`] at a time, to see a stop) and reaps finished connections between
+//! accepts.
 
 use std::fmt;
 use std::io;
@@ -25,9 +26,12 @@ use super::RateLimitedLog;
 
 const LOG: &str = "net::acceptor";
 
-/// How long the accept thread sleeps when no connection is waiting (it also checks for
-/// shutdown then).
-pub const ACCEPT_POLL: Duration = Duration::from_millis(5);
+/// How long the accept thread waits for a connection before it checks for shutdown and
+/// reaps again (a connection that arrives meanwhile is accepted at once).
+pub const ACCEPT_POLL: Duration = Duration::from_millis(20);
+/// After an accept fails (out of file descriptors, say), the pause before the next try: the
+/// connection stays in the backlog meanwhile.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
 /// One served connection, as the acceptor sees it.
 pub trait Conn: Send + 'static {
@@ -186,6 +190,7 @@ struct Shared<C> {
     conns: Arc<ConnList<C>>,
     refused: AtomicU64,
     full_log: RateLimitedLog,
+    error_log: RateLimitedLog,
 }
 
 /// A listener and its accept thread. Dropping it (or [`shutdown`](Self::shutdown)) stops
@@ -213,6 +218,7 @@ impl<C: Conn> Acceptor<C> {
             conns: Arc::new(ConnList::new()),
             refused: AtomicU64::new(0),
             full_log: RateLimitedLog::new(Duration::from_secs(1)),
+            error_log: RateLimitedLog::new(Duration::from_secs(1)),
         });
         let accept = {
             let shared = shared.clone();
@@ -289,12 +295,15 @@ fn accept_loop<A: Accept>(listener: &TcpListener, shared: &Shared<A::Conn>, mut 
         let (mut stream, peer) = match listener.accept() {
             Ok(accepted) => accepted,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                thread::sleep(ACCEPT_POLL);
+                wait_readable(listener, ACCEPT_POLL);
                 continue;
             }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
-                log::warn!(target: LOG, "{name}: accept failed: {e}");
-                thread::sleep(ACCEPT_POLL);
+                if let Some(count) = shared.error_log.tick() {
+                    log::warn!(target: LOG, "{name}: accept failed {count} time(s): {e}; retrying every {ACCEPT_RETRY:?}");
+                }
+                thread::sleep(ACCEPT_RETRY);
                 continue;
             }
         };
@@ -324,6 +333,24 @@ fn accept_loop<A: Accept>(listener: &TcpListener, shared: &Shared<A::Conn>, mut 
         } else {
             log::debug!(target: LOG, "{name}: connection {k} from {peer}");
         }
+    }
+}
+
+/// Waits until `listener` has a connection to accept, or `at_most` has passed (or a signal
+/// came): the caller tries to accept either way.
+fn wait_readable(listener: &TcpListener, at_most: Duration) {
+    use std::os::fd::AsRawFd;
+    let mut fd = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = libc::c_int::try_from(at_most.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: one valid `pollfd` for the duration of the call; the result is only a hint.
+    let ready = unsafe { libc::poll(&mut fd, 1, ms) };
+    if ready < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+        // Cannot wait (never expected): fall back to a short sleep rather than spin.
+        thread::sleep(at_most);
     }
 }
 

@@ -1,7 +1,9 @@
 //! A RESP front end: a TCP listener whose connections speak Redis's protocol to a
 //! [`CommandHandler`].
 //!
-//! One event-loop thread (`<name>-loop`, on `mio`) owns the listener and every connection: it
+//! The project's one acceptor ([`crate::net::acceptor`], thread `<name>-accept`) listens,
+//! refuses connections past [`RespOptions::max_clients`], and hands each accepted one to the
+//! event loop. One event-loop thread (`<name>-loop`, on `mio`) owns every connection: it
 //! reads, decodes, answers the commands about the connection itself ([`super::session`]), and
 //! hands the KV commands a client pipelined — one batch per connection at a time — to the
 //! [`CommandHandler`]. How depends on the handler:
@@ -48,26 +50,24 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crossbeam::channel::{self, Receiver, Sender};
-use mio::net::{TcpListener, TcpStream};
+use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use super::auth::Password;
 use super::session::{ConnFacts, ServerView, Session, Slot, Work, render_info};
 use super::{Decoder, Limits, Reply, encode_header};
 use crate::kvapi::KvCmd;
+use crate::net::acceptor::{self, Accept, Acceptor, AcceptorOptions, ConnList};
 
 const LOG: &str = "resp::server";
-const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
 /// Connection ids (and tokens) start here and are never reused.
 const FIRST_CONN_ID: u64 = 2;
 const READ_CHUNK: usize = 64 << 10;
 /// Reads one connection may take in one turn before the others get theirs.
 const READS_PER_TURN: usize = 16;
-/// How often timeouts are checked (and a paused accept retried).
+/// How often timeouts are checked.
 const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
-/// At most one log line a second for refused connections.
-const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What executes the commands of every connection. Unless it
 /// [submits without blocking](Self::submits_without_blocking), it runs on a worker thread and
@@ -302,8 +302,96 @@ struct Shared {
 pub struct RespServer {
     shared: Arc<Shared>,
     addr: SocketAddr,
+    acceptor: Option<Acceptor<ClientEntry>>,
     event_loop: Option<JoinHandle<()>>,
     workers: Vec<JoinHandle<()>>,
+}
+
+/// A connection as the acceptor counts it (against `max_clients`) until the loop lets it go.
+#[derive(Default)]
+struct ConnState {
+    /// Asked to close ([`acceptor::Conn::close`]); the loop closes it at its next sweep.
+    close: AtomicBool,
+    /// The loop no longer holds it (closed, or never registered).
+    finished: AtomicBool,
+}
+
+/// Marks its connection finished when dropped, whichever way the loop lets it go.
+struct Finishes(Arc<ConnState>);
+
+impl Drop for Finishes {
+    fn drop(&mut self) {
+        self.0.finished.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The acceptor's entry for one client connection: the connection itself lives in the loop.
+struct ClientEntry {
+    state: Arc<ConnState>,
+    completions: Arc<Completions>,
+}
+
+impl acceptor::Conn for ClientEntry {
+    fn close(&self) {
+        self.state.close.store(true, Ordering::SeqCst);
+        self.completions.wake();
+    }
+    fn is_finished(&self) -> bool {
+        self.state.finished.load(Ordering::SeqCst)
+    }
+    /// No thread of its own: the loop's thread is joined by the server.
+    fn join(self) -> thread::Result<()> {
+        Ok(())
+    }
+}
+
+/// A connection accepted and on its way to the loop.
+struct Incoming {
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    done: Finishes,
+}
+
+/// What the acceptor hands its connections to: the loop's queue of new connections.
+struct RespAccept {
+    shared: Arc<Shared>,
+    incoming: Sender<Incoming>,
+}
+
+impl Accept for RespAccept {
+    type Conn = ClientEntry;
+
+    fn open(
+        &mut self,
+        stream: std::net::TcpStream,
+        peer: SocketAddr,
+        _k: u64,
+        conns: &ConnList<ClientEntry>,
+    ) -> io::Result<()> {
+        stream.set_nonblocking(true)?;
+        stream.set_nodelay(true)?;
+        let state = Arc::new(ConnState::default());
+        conns.push(ClientEntry {
+            state: state.clone(),
+            completions: self.shared.completions.clone(),
+        });
+        let incoming = Incoming {
+            stream,
+            peer,
+            done: Finishes(state),
+        };
+        // The loop is gone only at shutdown; the connection is then dropped (and finished).
+        if self.incoming.send(incoming).is_ok() {
+            self.shared.completions.wake();
+        }
+        Ok(())
+    }
+
+    fn refuse(&mut self, stream: &mut std::net::TcpStream, _peer: SocketAddr) {
+        // Best effort: the client may already be gone. The acceptor logs the refusal.
+        let _ = stream.write(b"-ERR max number of clients reached\r\n");
+        self.shared.limit_closes.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// Why a server will not listen on an address: protected mode.
@@ -341,13 +429,10 @@ impl RespServer {
         let bind: Vec<SocketAddr> = bind.to_socket_addrs()?.collect();
         check_protected_mode(&bind, &options)?;
         let listener = std::net::TcpListener::bind(&bind[..])?;
-        listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
-        let mut listener = TcpListener::from_std(listener);
         let poll = Poll::new()?;
-        poll.registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)?;
         let waker = Waker::new(poll.registry(), WAKER)?;
+        let max_clients = options.max_clients;
         let workers = options.workers.max(1);
         let shared = Arc::new(Shared {
             name: name.to_string(),
@@ -367,9 +452,12 @@ impl RespServer {
         });
         // Bounded by the connections: each has at most one batch in flight.
         let (job_tx, job_rx) = channel::unbounded::<Job>();
+        // Bounded by `max_clients`: the acceptor counts a connection from before it is sent.
+        let (incoming_tx, incoming_rx) = channel::unbounded::<Incoming>();
         let mut server = RespServer {
             shared: shared.clone(),
             addr,
+            acceptor: None,
             event_loop: None,
             workers: Vec::new(),
         };
@@ -388,7 +476,7 @@ impl RespServer {
         let event_loop = EventLoop {
             shared: shared.clone(),
             poll,
-            listener,
+            incoming: incoming_rx,
             port: addr.port(),
             bind: bind
                 .iter()
@@ -403,9 +491,6 @@ impl RespServer {
             submissions: Vec::new(),
             finished: Vec::new(),
             started: Instant::now(),
-            accept_paused_until: None,
-            refused_since_log: 0,
-            last_refusal_log: None,
             chunk: vec![0; READ_CHUNK],
         };
         server.event_loop = Some(
@@ -413,6 +498,19 @@ impl RespServer {
                 .name(format!("{name}-loop"))
                 .spawn(move || event_loop.run())?,
         );
+        server.acceptor = Some(Acceptor::start(
+            name,
+            listener,
+            AcceptorOptions {
+                max_connections: max_clients,
+                handshake: None,
+                ..AcceptorOptions::default()
+            },
+            RespAccept {
+                shared: shared.clone(),
+                incoming: incoming_tx,
+            },
+        )?);
         log::info!(target: LOG, "{name}: RESP on {addr}");
         Ok(server)
     }
@@ -446,10 +544,14 @@ impl RespServer {
     }
 
     fn stop_and_join(&mut self) {
+        // No new connection first; then the loop closes every connection and drops the job
+        // queue, which ends the workers.
+        let mut panic = self.acceptor.take().and_then(|mut a| a.stop().err());
         self.shared.stop.store(true, Ordering::SeqCst);
         self.shared.completions.wake();
-        // The loop closes every connection and drops the job queue, which ends the workers.
-        let mut panic = self.event_loop.take().and_then(|h| h.join().err());
+        if let Some(p) = self.event_loop.take().and_then(|h| h.join().err()) {
+            panic.get_or_insert(p);
+        }
         for h in self.workers.drain(..) {
             if let Err(p) = h.join() {
                 panic.get_or_insert(p);
@@ -466,7 +568,7 @@ impl RespServer {
 
 impl Drop for RespServer {
     fn drop(&mut self) {
-        if self.event_loop.is_some() || !self.workers.is_empty() {
+        if self.acceptor.is_some() || self.event_loop.is_some() || !self.workers.is_empty() {
             self.stop_and_join();
         }
     }
@@ -606,6 +708,8 @@ struct Conn {
     write_stalled_since: Option<Instant>,
     /// Bytes this connection counts in the loop's input budget.
     held: usize,
+    /// Tells the acceptor when the connection is let go (its slot under `max_clients`).
+    done: Finishes,
 }
 
 impl Conn {
@@ -678,7 +782,8 @@ enum Close {
 struct EventLoop {
     shared: Arc<Shared>,
     poll: Poll,
-    listener: TcpListener,
+    /// Connections the acceptor accepted, not yet watched by the loop.
+    incoming: Receiver<Incoming>,
     port: u16,
     bind: String,
     conns: HashMap<u64, Conn>,
@@ -692,10 +797,6 @@ struct EventLoop {
     /// What the completion queue handed over (kept for its capacity).
     finished: Vec<Finished>,
     started: Instant,
-    /// Accepting failed for lack of resources (file descriptors): retried at this time.
-    accept_paused_until: Option<Instant>,
-    refused_since_log: u64,
-    last_refusal_log: Option<Instant>,
     chunk: Vec<u8>,
 }
 
@@ -719,7 +820,6 @@ impl EventLoop {
             }
             for event in events.iter() {
                 match event.token() {
-                    LISTENER => self.accept_all(),
                     WAKER => {}
                     Token(t) => {
                         let id = t as u64;
@@ -732,6 +832,7 @@ impl EventLoop {
                     }
                 }
             }
+            self.take_incoming();
             self.take_finished();
             // Only what was runnable at the start of this turn: a connection that used up
             // its reads goes to the back, after the others.
@@ -751,9 +852,6 @@ impl EventLoop {
             if now.duration_since(last_sweep) >= SWEEP_INTERVAL {
                 last_sweep = now;
                 self.sweep(now);
-                if self.accept_paused_until.is_some_and(|t| now >= t) {
-                    self.accept_all();
-                }
             }
         }
         let ids: Vec<u64> = self.conns.keys().copied().collect();
@@ -803,32 +901,10 @@ impl EventLoop {
         }
     }
 
-    fn accept_all(&mut self) {
+    /// Watches the connections the acceptor handed over since the last turn.
+    fn take_incoming(&mut self) {
         let name = self.shared.name.clone();
-        self.accept_paused_until = None;
-        loop {
-            let (mut stream, peer) = match self.listener.accept() {
-                Ok(accepted) => accepted,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    // EMFILE and the like: the pending connections stay in the backlog until
-                    // a descriptor frees; no new readiness event would announce them.
-                    log::warn!(target: LOG, "{name}: accept failed: {e}; retrying in {SWEEP_INTERVAL:?}");
-                    self.accept_paused_until = Some(Instant::now() + SWEEP_INTERVAL);
-                    return;
-                }
-            };
-            let shared = self.shared.clone();
-            let options = &shared.options;
-            if self.conns.len() >= options.max_clients {
-                // Best effort: the client may already be gone, and a full socket buffer is
-                // not waited for.
-                let _ = stream.write(b"-ERR max number of clients reached\r\n");
-                self.shared.limit_closes.fetch_add(1, Ordering::Relaxed);
-                self.refused(peer);
-                continue;
-            }
+        while let Ok(Incoming { stream, peer, done }) = self.incoming.try_recv() {
             let local = match stream.local_addr() {
                 Ok(a) => a,
                 Err(e) => {
@@ -836,10 +912,7 @@ impl EventLoop {
                     continue;
                 }
             };
-            if let Err(e) = stream.set_nodelay(true) {
-                log::debug!(target: LOG, "{name}: connection from {peer}: {e}");
-                continue;
-            }
+            let mut stream = TcpStream::from_std(stream);
             let id = self.next_id;
             self.next_id += 1;
             let registered = self.poll.registry().register(
@@ -851,6 +924,7 @@ impl EventLoop {
                 log::warn!(target: LOG, "{name}: cannot watch the connection from {peer}: {e}");
                 continue;
             }
+            let options = &self.shared.options;
             let password_required = options.password.is_some();
             let limits = if password_required {
                 options.unauthenticated_limits
@@ -876,31 +950,15 @@ impl EventLoop {
                 partial_since: None,
                 write_stalled_since: None,
                 held: 0,
+                done,
             };
             self.conns.insert(id, conn);
             self.shared
                 .connections
                 .store(self.conns.len(), Ordering::Relaxed);
             log::debug!(target: LOG, "{name}: client {id} {peer} connected");
-        }
-    }
-
-    fn refused(&mut self, peer: SocketAddr) {
-        self.refused_since_log += 1;
-        let now = Instant::now();
-        if self
-            .last_refusal_log
-            .is_none_or(|t| now.duration_since(t) >= REFUSAL_LOG_INTERVAL)
-        {
-            log::warn!(
-                target: LOG,
-                "{}: refused {} connection(s) (latest from {peer}): {} clients open, the maxclients limit",
-                self.shared.name,
-                self.refused_since_log,
-                self.conns.len()
-            );
-            self.refused_since_log = 0;
-            self.last_refusal_log = Some(now);
+            // What it sent before it was watched is read now.
+            self.schedule(id);
         }
     }
 
@@ -1100,6 +1158,10 @@ impl EventLoop {
         let options = &shared.options;
         let mut expired = Vec::new();
         for (id, conn) in &self.conns {
+            if conn.done.0.close.load(Ordering::SeqCst) {
+                expired.push((*id, "closed by the server"));
+                continue;
+            }
             if conn.busy {
                 continue;
             }
@@ -1125,6 +1187,11 @@ impl EventLoop {
         }
         for (id, why) in expired {
             if let Some(conn) = self.conns.remove(&id) {
+                if why == "closed by the server" {
+                    log::debug!(target: LOG, "{}: closing client {id} {}: {why}", self.shared.name, conn.peer);
+                    self.close(conn, Close::Done);
+                    continue;
+                }
                 let limit = match why {
                     "idle" => options.idle_timeout,
                     "did not read its replies" => options.write_timeout,
@@ -1170,8 +1237,5 @@ impl EventLoop {
         self.shared
             .connections
             .store(self.conns.len(), Ordering::Relaxed);
-        if self.accept_paused_until.is_some() {
-            self.accept_all();
-        }
     }
 }

@@ -33,7 +33,7 @@ pub const REPLY_TIMEOUT: Duration = Duration::from_secs(3);
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// How long [`RespConn::call_while`] reads before it asks whether to keep waiting.
 const WAIT_SLICE: Duration = Duration::from_millis(200);
-/// The pause before trying another node after a connection failed.
+/// The pause before trying another node after a connection or an operation failed.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(50);
 
 /// One operation as it happened, times in nanoseconds since the run's start.
@@ -197,9 +197,8 @@ enum Answer {
         version: Tversion,
     },
     Put(KvErr),
-    /// No usable answer; `true` when the connection must be dropped.
+    /// No usable answer: the connection is dropped and the next node tried.
     Failed {
-        reconnect: bool,
         why: String,
     },
 }
@@ -216,7 +215,6 @@ fn read_get(reply: Reply) -> Answer {
                 version: *version as Tversion,
             },
             _ => Answer::Failed {
-                reconnect: true,
                 why: format!("VGET answered {items:?}"),
             },
         },
@@ -235,16 +233,15 @@ fn read_put(reply: Reply) -> Answer {
     }
 }
 
-/// A reply to `command` that is no answer: an error keeps the connection, anything else
-/// (a reply of the wrong type) drops it.
+/// A reply to `command` that is no answer. Either way the client moves on to the next node:
+/// an error (`TRYAGAIN`, `ERR node stopped`) comes from a node that cannot serve now, and
+/// asking it again at once would only pile up writes of unknown outcome (each one widens
+/// the history the checker must search); anything else (a reply of the wrong type) means
+/// the connection cannot be trusted.
 fn failed(command: &str, reply: Reply) -> Answer {
     match reply {
-        Reply::Error(e) => Answer::Failed {
-            reconnect: false,
-            why: e,
-        },
+        Reply::Error(e) => Answer::Failed { why: e },
         other => Answer::Failed {
-            reconnect: true,
             why: format!("{command} answered {other:?}"),
         },
     }
@@ -283,10 +280,7 @@ pub fn run_client(spec: &ClientSpec, shared: &Arc<Shared>) -> Vec<Record> {
             let call = shared.now();
             let answer = match con.call(&["VSET", key.as_str(), value.as_str(), &version_text]) {
                 Ok(reply) => read_put(reply),
-                Err(e) => Answer::Failed {
-                    reconnect: true,
-                    why: e.to_string(),
-                },
+                Err(e) => Answer::Failed { why: e.to_string() },
             };
             let input = KvInput::put(key, value, version);
             (input, call, answer)
@@ -294,10 +288,7 @@ pub fn run_client(spec: &ClientSpec, shared: &Arc<Shared>) -> Vec<Record> {
             let call = shared.now();
             let answer = match con.call(&["VGET", key.as_str()]) {
                 Ok(reply) => read_get(reply),
-                Err(e) => Answer::Failed {
-                    reconnect: true,
-                    why: e.to_string(),
-                },
+                Err(e) => Answer::Failed { why: e.to_string() },
             };
             let input = KvInput::get(key);
             (input, call, answer)
@@ -316,12 +307,11 @@ pub fn run_client(spec: &ClientSpec, shared: &Arc<Shared>) -> Vec<Record> {
                 let output = KvOutput::put(err);
                 (output, Some(ret))
             }
-            Answer::Failed { reconnect, why } => {
+            Answer::Failed { why } => {
                 log::debug!(target: LOG, "client {}: node {}: {} {}: {why}", spec.id, target + 1, if is_put { "VSET" } else { "VGET" }, input.key);
-                if reconnect {
-                    conn = None;
-                    target = (target + 1) % spec.addrs.len();
-                }
+                conn = None;
+                target = (target + 1) % spec.addrs.len();
+                thread::sleep(RECONNECT_PAUSE);
                 if !is_put {
                     shared.failed_reads.fetch_add(1, Ordering::Relaxed);
                     continue;
@@ -364,10 +354,7 @@ pub fn final_read(
         let call = shared.now();
         let answer = match con.call(&["VGET", key]) {
             Ok(reply) => read_get(reply),
-            Err(e) => Answer::Failed {
-                reconnect: true,
-                why: e.to_string(),
-            },
+            Err(e) => Answer::Failed { why: e.to_string() },
         };
         match answer {
             Answer::Get { value, version } => {

@@ -288,7 +288,19 @@ fn state_above_64_mib_reaches_a_lagging_follower_and_a_new_member_and_survives_a
             cluster.start(lagging);
         }
         Err(e) => {
-            failures.push(format!("interrupted transfer: {e}"));
+            // What the two ends of the transfer said (with RAFTKV_NODE_LOG set).
+            let tail = |i: usize| {
+                let log = cluster.stderr(i);
+                let lines: Vec<&str> = log.lines().collect();
+                lines[lines.len().saturating_sub(60)..].join("\n")
+            };
+            failures.push(format!(
+                "interrupted transfer: {e}\nnode {} (leader) said:\n{}\nnode {} said:\n{}",
+                leader + 1,
+                tail(leader),
+                lagging + 1,
+                tail(lagging)
+            ));
             cluster.kill9(lagging);
             cluster.start(lagging);
         }

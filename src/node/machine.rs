@@ -324,11 +324,18 @@ impl StateMachine for KvMachine {
         data
     }
 
+    /// Replaces the state with the snapshot's. The old state goes first, before the
+    /// snapshot is decoded: a replica that installs a second snapshot (a new leader sent
+    /// another while it caught up) holds the snapshot's bytes and their decoding, not the old
+    /// state too (peak memory about 2 × the state, not 3 ×). Readers wait on the lock meanwhile
+    /// rather than see the state half gone; a snapshot that does not decode stops the replica
+    /// (the rsm never applies to a state it could not restore).
     fn restore(&self, data: &[u8]) -> Result<(), RestoreError> {
+        let mut inner = self.inner.lock();
+        drop(std::mem::take(&mut inner.kv));
         let snap = MachineSnapshot::decode(data).map_err(SnapshotError)?;
         let sessions =
             SessionTable::restore(snap.sessions).map_err(|e| SnapshotError(e.to_string()))?;
-        let mut inner = self.inner.lock();
         inner.kv = KvMap::from_entries(snap.store);
         inner.sessions = sessions;
         inner.applied = snap.applied;

@@ -380,9 +380,13 @@ impl Shared {
             if q.stopped {
                 Some(pending)
             } else {
+                // Writes queued while a batch of writes runs wait for it: no proposer to wake.
+                let takeable = !q.writing || pending.iter().any(|p| p.req.read_only());
                 q.items.extend(pending);
-                // One proposer; it wakes another if it leaves requests queued.
-                self.queue_cv.notify_one();
+                if takeable {
+                    // One proposer; it wakes another if it leaves requests queued.
+                    self.queue_cv.notify_one();
+                }
                 None
             }
         };

@@ -254,6 +254,21 @@ struct Shared {
     local_reads: AtomicBool,
 }
 
+/// Held while a proposer runs a batch of writes; its drop lets the next one go. The next
+/// write batch is whatever queued meanwhile: the proposer takes it as it loops. Should the
+/// proposer die in the batch (a panic), another is woken, so writes never stall behind it.
+struct WritingBatch<'a>(&'a Shared);
+
+impl Drop for WritingBatch<'_> {
+    fn drop(&mut self) {
+        let mut q = self.0.queue.lock();
+        q.writing = false;
+        if thread::panicking() && !q.items.is_empty() {
+            self.0.queue_cv.notify_one();
+        }
+    }
+}
+
 /// The RESP command handler of one node. [`shutdown`](Self::shutdown) (or drop) stops and
 /// joins its proposer threads; requests still queued then are answered "node stopped".
 pub struct Front {
@@ -423,12 +438,8 @@ impl Shared {
                 }
                 (batch, writes)
             };
+            let _writing = writes.then_some(WritingBatch(self));
             self.run_batch(batch);
-            if writes {
-                // The next write batch is whatever queued meanwhile: this proposer takes it
-                // as it loops.
-                self.queue.lock().writing = false;
-            }
         }
     }
 

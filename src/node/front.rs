@@ -675,3 +675,61 @@ impl CommandHandler for Front {
         replies(rx.recv().unwrap_or(Err(Unavailable::Stopped)), count)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A queued request: a write (client slot `client`) or, with `client` 0, a read.
+    fn pending(client: u64) -> Pending {
+        let key = client.to_string().into_bytes();
+        let cmds = if client == 0 {
+            vec![KvCmd::Get(key)]
+        } else {
+            vec![KvCmd::Set {
+                key,
+                value: b"v".to_vec(),
+            }]
+        };
+        Pending {
+            req: Request {
+                client,
+                seq: 1,
+                cmds,
+            },
+            reply: Answerer {
+                slot: None,
+                to: None,
+            },
+        }
+    }
+
+    fn clients(items: &[Pending]) -> Vec<u64> {
+        items.iter().map(|p| p.req.client).collect()
+    }
+
+    #[test]
+    fn while_writes_run_a_batch_takes_only_reads_and_leaves_the_writes_in_order() {
+        let mut queue: VecDeque<Pending> = [1, 0, 2, 0, 3].into_iter().map(pending).collect();
+        let reads = take_batch(&mut queue, false);
+        assert_eq!(clients(&reads), [0, 0]);
+        assert_eq!(clients(queue.make_contiguous()), [1, 2, 3]);
+        // Nothing else may go until the running write batch ends …
+        assert!(take_batch(&mut queue, false).is_empty());
+        assert_eq!(queue.len(), 3);
+        // … then every queued write goes as one batch.
+        let writes = take_batch(&mut queue, true);
+        assert_eq!(clients(&writes), [1, 2, 3]);
+        assert!(queue.is_empty());
+    }
+
+    #[test]
+    fn a_batch_takes_the_first_requests_kind_and_leaves_the_other_in_order() {
+        let mut queue: VecDeque<Pending> = [0, 1, 0, 2].into_iter().map(pending).collect();
+        assert_eq!(clients(&take_batch(&mut queue, true)), [0, 0]);
+        assert_eq!(clients(queue.make_contiguous()), [1, 2]);
+        let mut queue: VecDeque<Pending> = [1, 0, 2, 0].into_iter().map(pending).collect();
+        assert_eq!(clients(&take_batch(&mut queue, true)), [1, 2]);
+        assert_eq!(clients(queue.make_contiguous()), [0, 0]);
+    }
+}

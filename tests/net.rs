@@ -454,6 +454,57 @@ fn full_handler_queue_refuses_calls() {
     assert_eq!(started.load(Ordering::SeqCst), 2);
 }
 
+/// `inline_methods` run on the connection's reader thread, one after another in the order
+/// they arrived; the other methods still go to the handler pool.
+#[test]
+fn inline_methods_run_on_the_connection_reader_in_order() {
+    let srv = server(
+        "il-s",
+        ServerOptions {
+            inline_methods: vec!["Where.Inline".to_string()],
+            ..ServerOptions::default()
+        },
+    );
+    let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let here = || thread::current().name().unwrap_or("").to_string();
+    srv.add_service(
+        Service::new("Where")
+            .method("Inline", {
+                let seen = seen.clone();
+                move |x: u64| {
+                    seen.lock().push(x);
+                    here()
+                }
+            })
+            .method("Pooled", move |_: u64| here()),
+    );
+    let client = end("il-c", srv.local_addr());
+    let inline: String = client.call("Where.Inline", &u64::MAX).unwrap();
+    assert!(
+        inline.starts_with("il-s-c") && inline.ends_with("-r"),
+        "inline call ran on {inline}"
+    );
+    let pooled: String = client.call("Where.Pooled", &0u64).unwrap();
+    assert!(pooled.starts_with("il-s-h"), "pooled call ran on {pooled}");
+    // Pipelined on one connection, they run in the order sent.
+    const CALLS: u64 = 200;
+    let (tx, rx) = channel::unbounded();
+    for x in 0..CALLS {
+        let tx = tx.clone();
+        client.call_async("Where.Inline", &x, move |r: Result<String, NetError>| {
+            tx.send(r).unwrap()
+        });
+    }
+    for _ in 0..CALLS {
+        let r = rx.recv_timeout(MUST_SUCCEED).expect("every call answered");
+        assert!(r.is_ok(), "{r:?}");
+    }
+    let seen = seen.lock().clone();
+    let expected: Vec<u64> = std::iter::once(u64::MAX).chain(0..CALLS).collect();
+    assert_eq!(seen, expected, "inline calls ran out of order");
+    assert_eq!(srv.dispatched(), 2 + CALLS as usize);
+}
+
 #[test]
 fn handler_panic_is_an_error_reply() {
     let srv = server("pn-s", ServerOptions::default());

@@ -38,6 +38,13 @@ pub struct ServerOptions {
     /// Calls waiting for a handler thread; a call arriving when it is full is refused with
     /// [`RemoteError::Busy`].
     pub handler_queue: usize,
+    /// Methods (`"Service.Method"`) run on the connection's reader thread rather than handed
+    /// to the pool: for short handlers that never wait on another node. A call of one holds
+    /// back the connection's later frames until it returns (they run in order), and saves two
+    /// thread hand-offs (reader → handler → reader's next read). Raft's AppendEntries, a
+    /// follower's busiest call, costs a handler thread's wake-up and its idle spin each
+    /// otherwise.
+    pub inline_methods: Vec<String>,
     /// Largest frame accepted (and reply sent); a peer sending a larger one is disconnected.
     pub max_frame_bytes: usize,
     /// Connections open at once; further ones are closed on accept (and the limit hit logged).
@@ -71,6 +78,7 @@ impl Default for ServerOptions {
         ServerOptions {
             handler_threads: 8,
             handler_queue: 1024,
+            inline_methods: Vec::new(),
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
             max_connections: 256,
             handshake: None,
@@ -557,6 +565,20 @@ fn on_request(
     let Frame::Request { id, method, body } = frame else {
         return false;
     };
+    if inner.options.inline_methods.contains(&method) {
+        serve(
+            inner,
+            &Job {
+                id,
+                method,
+                body,
+                peer,
+                node,
+                reply_tx: reply_tx.clone(),
+            },
+        );
+        return true;
+    }
     let job = Job {
         id,
         method,
@@ -584,35 +606,40 @@ fn on_request(
 
 fn work(inner: &Inner, job_rx: &Receiver<Job>) {
     for job in job_rx {
-        inner.dispatched.fetch_add(1, Ordering::Relaxed);
-        let result = dispatch(inner, &job);
-        let mut frame = match &result {
-            Ok(reply) => wire::encode_reply(job.id, Ok(reply)),
-            Err(e) => wire::encode_reply(job.id, Err(e)),
-        };
-        if let Ok(bytes) = &frame
-            && wire::body_len(bytes) > inner.options.max_frame_bytes
-        {
-            log::warn!(target: LOG, "{}: reply to {} from {} is {} bytes, above the frame limit; sending an error instead", inner.name, job.method, job.peer, wire::body_len(bytes));
-            frame = wire::encode_reply(
-                job.id,
-                Err(&RemoteError::ReplyTooLarge {
-                    bytes: wire::body_len(bytes),
-                    max: inner.options.max_frame_bytes,
-                }),
-            );
+        serve(inner, &job);
+    }
+}
+
+/// Runs a call's handler and queues its reply for the connection's writer.
+fn serve(inner: &Inner, job: &Job) {
+    inner.dispatched.fetch_add(1, Ordering::Relaxed);
+    let result = dispatch(inner, job);
+    let mut frame = match &result {
+        Ok(reply) => wire::encode_reply(job.id, Ok(reply)),
+        Err(e) => wire::encode_reply(job.id, Err(e)),
+    };
+    if let Ok(bytes) = &frame
+        && wire::body_len(bytes) > inner.options.max_frame_bytes
+    {
+        log::warn!(target: LOG, "{}: reply to {} from {} is {} bytes, above the frame limit; sending an error instead", inner.name, job.method, job.peer, wire::body_len(bytes));
+        frame = wire::encode_reply(
+            job.id,
+            Err(&RemoteError::ReplyTooLarge {
+                bytes: wire::body_len(bytes),
+                max: inner.options.max_frame_bytes,
+            }),
+        );
+    }
+    match frame {
+        // Blocks while the writer's queue is full; the writer gives up on a peer that
+        // does not read within the write timeout, which ends this send too.
+        Ok(frame) => {
+            if job.reply_tx.send(frame).is_err() {
+                log::debug!(target: LOG, "{}: connection to {} closed before the reply to {}", inner.name, job.peer, job.method);
+            }
         }
-        match frame {
-            // Blocks while the writer's queue is full; the writer gives up on a peer that
-            // does not read within the write timeout, which ends this send too.
-            Ok(frame) => {
-                if job.reply_tx.send(frame).is_err() {
-                    log::debug!(target: LOG, "{}: connection to {} closed before the reply to {}", inner.name, job.peer, job.method);
-                }
-            }
-            Err(e) => {
-                log::error!(target: LOG, "{}: cannot encode the reply to {}: {e}", inner.name, job.method)
-            }
+        Err(e) => {
+            log::error!(target: LOG, "{}: cannot encode the reply to {}: {e}", inner.name, job.method)
         }
     }
 }

@@ -268,6 +268,13 @@ impl Node {
                 // Forwarded requests block a handler until they commit; Raft's RPCs share
                 // the pool, so it is larger than the default.
                 handler_threads: 32,
+                // A follower's every append and vote: short (an fsync at most), never waiting
+                // on another node, and in the leader's order anyway. On the connection's
+                // reader they skip the hand-off to a handler thread and back.
+                inline_methods: transport::INLINE_RAFT_METHODS
+                    .iter()
+                    .map(|m| m.to_string())
+                    .collect(),
                 auth: Some(auth.clone().with_member_check(admits)),
                 ..ServerOptions::default()
             },

@@ -183,6 +183,13 @@ impl Admission {
     }
 }
 
+/// The methods of [`raft_service`] the peer server runs on the connection's reader thread
+/// (see [`net::ServerOptions::inline_methods`](crate::net::ServerOptions::inline_methods)):
+/// AppendEntries and RequestVote, which at most sync the storage. The snapshot calls stay
+/// on the handler pool: a last piece has the whole snapshot read back and checked, which
+/// must not hold back the heartbeats behind it on the connection.
+pub const INLINE_RAFT_METHODS: [&str; 2] = ["Raft.AppendEntries", "Raft.RequestVote"];
+
 /// The `Raft` service: each method answers `Option<reply>` (`None` from a stopped peer, or
 /// to a message refused: of another cluster, or naming another sender than the node the
 /// peer handshake proved — a member speaks only as itself).

@@ -1,6 +1,6 @@
 //! The applier: the one thread that delivers to the service, in index order.
 
-use crossbeam::channel::{Receiver, Sender, select};
+use crossbeam::channel::{Receiver, Sender, TrySendError, select};
 
 use super::ApplyMsg;
 use super::state::Core;
@@ -87,6 +87,12 @@ impl Core {
                 if self.is_dead() {
                     return;
                 }
+                // Room in the buffer (the usual case): no select.
+                let m = match apply_tx.try_send(m) {
+                    Ok(()) => continue,
+                    Err(TrySendError::Disconnected(_)) => return,
+                    Err(TrySendError::Full(m)) => m,
+                };
                 select! {
                     send(apply_tx, m) -> res => if res.is_err() { return; },
                     recv(kill_rx) -> _ => return,

@@ -18,7 +18,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
@@ -139,9 +139,25 @@ impl<C: Conn> ConnList<C> {
         taken
     }
 
-    /// Joins the connections that have ended; the first panic among them is returned.
+    /// Joins the connections that have ended; the first panic among them is returned. Cheap
+    /// when none has: one pass over the list, nothing moved or allocated.
     fn reap(&self) -> Option<Box<dyn std::any::Any + Send>> {
-        let finished = self.take_where(|c| c.is_finished());
+        let finished = {
+            let mut conns = self.conns.lock();
+            if !conns.iter().any(|c| c.is_finished()) {
+                return None;
+            }
+            let mut finished = Vec::new();
+            let mut i = 0;
+            while i < conns.len() {
+                if conns[i].is_finished() {
+                    finished.push(conns.swap_remove(i));
+                } else {
+                    i += 1;
+                }
+            }
+            finished
+        };
         close_and_join(finished).err()
     }
 }
@@ -288,9 +304,18 @@ impl<C: Conn> Drop for Acceptor<C> {
 fn accept_loop<A: Accept>(listener: &TcpListener, shared: &Shared<A::Conn>, mut owner: A) {
     let name = &shared.name;
     let mut next_conn = 0u64;
-    while !shared.stop.load(Ordering::SeqCst) {
+    // Reaped at most once per ACCEPT_POLL while connections pour in (a burst of thousands
+    // must not pay a pass over the list each), and before a connection is refused.
+    let reap = |last: &mut Option<Instant>| {
+        *last = Some(Instant::now());
         if let Some(panic) = shared.conns.reap() {
             std::panic::resume_unwind(panic);
+        }
+    };
+    let mut last_reap = None;
+    while !shared.stop.load(Ordering::SeqCst) {
+        if last_reap.is_none_or(|t: Instant| t.elapsed() >= ACCEPT_POLL) {
+            reap(&mut last_reap);
         }
         let (mut stream, peer) = match listener.accept() {
             Ok(accepted) => accepted,
@@ -311,7 +336,11 @@ fn accept_loop<A: Accept>(listener: &TcpListener, shared: &Shared<A::Conn>, mut 
             log::warn!(target: LOG, "{name}: connection from {peer}: {e}");
             continue;
         }
-        let open = shared.conns.len();
+        let mut open = shared.conns.len();
+        if open >= shared.options.max_connections {
+            reap(&mut last_reap);
+            open = shared.conns.len();
+        }
         if open >= shared.options.max_connections {
             shared.refused.fetch_add(1, Ordering::Relaxed);
             if let Some(count) = shared.full_log.tick() {

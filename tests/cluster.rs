@@ -543,23 +543,7 @@ fn paused_old_leader_serves_no_stale_read() {
         .signal(raftkv::signal::Signal::Stop)
         .expect("SIGSTOP");
     // The others elect a leader in a later term and take a write the old one never saw.
-    let deadline = Instant::now() + PATIENCE;
-    let new = loop {
-        let newer = (0..3).filter(|&i| i != old).find(|&i| {
-            cluster
-                .status(i)
-                .is_some_and(|s| s.leader && s.term > old_term)
-        });
-        if let Some(i) = newer {
-            break i;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no new leader within {PATIENCE:?} after node {} (term {old_term}) was paused",
-            old + 1
-        );
-        thread::sleep(Duration::from_millis(50));
-    };
+    let new = cluster.leader_after(old, old_term, PATIENCE);
     cluster.retry(new, "SET on the new leader", |c| set(c, "k", "v2"));
     // The GET is sent while the old leader sleeps; it still believes it leads when it wakes.
     let reader = thread::Builder::new()

@@ -565,20 +565,6 @@ fn on_request(
     let Frame::Request { id, method, body } = frame else {
         return false;
     };
-    if inner.options.inline_methods.contains(&method) {
-        serve(
-            inner,
-            &Job {
-                id,
-                method,
-                body,
-                peer,
-                node,
-                reply_tx: reply_tx.clone(),
-            },
-        );
-        return true;
-    }
     let job = Job {
         id,
         method,
@@ -587,6 +573,10 @@ fn on_request(
         node,
         reply_tx: reply_tx.clone(),
     };
+    if inner.options.inline_methods.contains(&job.method) {
+        serve(inner, &job);
+        return true;
+    }
     match job_tx.try_send(job) {
         Ok(()) => true,
         Err(TrySendError::Full(job)) => {

@@ -50,6 +50,24 @@ fn strs(args: &[String]) -> Vec<&str> {
     args.iter().map(String::as_str).collect()
 }
 
+/// Waits up to [`PATIENCE`] until `member list` on `via` shows node `i` as a learner (an add
+/// in progress has put it in the configuration and waits for it to catch up).
+fn wait_learner(cluster: &Cluster, via: usize, i: usize) {
+    let deadline = Instant::now() + PATIENCE;
+    while !cluster
+        .members(&[via])
+        .iter()
+        .any(|(id, role, _)| *id == i + 1 && role == "learner")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "node {} never became a learner",
+            i + 1
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// A follower's `raft/` directory is lost: it refuses to start; `member remove` takes it out
 /// and `member add` brings in a brand-new node (new id, new ports, empty directory), which
 /// catches up as a learner and becomes a voter: three voters again, no acknowledged write
@@ -246,15 +264,7 @@ fn second_change_while_one_is_under_way_is_refused() {
     let (new, next) = (3, 4);
     let add = cluster.member_spawn(&[leader], &strs(&add_args(&cluster, new)));
     // The learner is in the configuration (the add now waits for it to catch up).
-    let deadline = Instant::now() + PATIENCE;
-    while !cluster
-        .members(&[leader])
-        .iter()
-        .any(|(id, role, _)| *id == new + 1 && role == "learner")
-    {
-        assert!(Instant::now() < deadline, "node 4 never became a learner");
-        thread::sleep(Duration::from_millis(100));
-    }
+    wait_learner(&cluster, leader, new);
     let (code, out, err) = cluster.member(&[leader], &["remove", &(follower + 1).to_string()]);
     assert_eq!(code, 1, "a second change was accepted: {out}{err}");
     assert!(
@@ -291,15 +301,7 @@ fn an_add_cut_short_by_a_leader_change_is_finished_by_the_new_leader() {
     cluster.write_keys(old, "a", 20, &mut acked);
     let new_node = 3;
     let add = cluster.member_spawn(&[old], &strs(&add_args(&cluster, new_node)));
-    let deadline = Instant::now() + PATIENCE;
-    while !cluster
-        .members(&[old])
-        .iter()
-        .any(|(id, role, _)| *id == new_node + 1 && role == "learner")
-    {
-        assert!(Instant::now() < deadline, "node 4 never became a learner");
-        thread::sleep(Duration::from_millis(100));
-    }
+    wait_learner(&cluster, old, new_node);
     let pause = |cluster: &mut Cluster, signal: Signal| {
         cluster.children[old]
             .as_mut()
@@ -308,24 +310,8 @@ fn an_add_cut_short_by_a_leader_change_is_finished_by_the_new_leader() {
             .expect("signal the old leader");
     };
     pause(&mut cluster, Signal::Stop);
-    let others: Vec<usize> = (0..3).filter(|&i| i != old).collect();
-    let deadline = Instant::now() + PATIENCE;
-    let new_leader = loop {
-        let newer = others.iter().copied().find(|&i| {
-            cluster
-                .status(i)
-                .is_some_and(|s| s.leader && s.term > old_term)
-        });
-        if let Some(i) = newer {
-            break i;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no new leader within {PATIENCE:?} after node {} was paused",
-            old + 1
-        );
-        thread::sleep(Duration::from_millis(50));
-    };
+    // Node 4 is not started: of the slots, only the three founders can lead.
+    let new_leader = cluster.leader_after(old, old_term, PATIENCE);
     pause(&mut cluster, Signal::Cont);
     cluster.start(new_node);
     let (code, out, err) = add.finish(PATIENCE * 2);

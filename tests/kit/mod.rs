@@ -390,6 +390,28 @@ impl Cluster {
         }
     }
 
+    /// The node other than `old` that leads in a term after `old_term` (the others elected it
+    /// while `old`, their leader in `old_term`, was paused or cut off), waiting up to
+    /// `patience`.
+    pub fn leader_after(&self, old: usize, old_term: u64, patience: Duration) -> usize {
+        let deadline = Instant::now() + patience;
+        loop {
+            let newer = (0..self.len()).filter(|&i| i != old).find(|&i| {
+                self.status(i)
+                    .is_some_and(|s| s.leader && s.term > old_term)
+            });
+            if let Some(i) = newer {
+                return i;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no new leader within {patience:?} after node {} (leader in term {old_term}) was paused",
+                old + 1
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// A connection to node `i` whose reads time out after `timeout`.
     pub fn connect(&self, i: usize, timeout: Duration) -> redis::RedisResult<redis::Connection> {
         let client = redis::Client::open(format!("redis://{}/", self.client_addr(i)))?;

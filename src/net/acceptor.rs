@@ -10,7 +10,7 @@
 //!
 //! Thread: `<name>-accept`, which waits for a connection with `poll(2)` on its listener (at
 //! most [`ACCEPT_POLL`] at a time, to see a stop) and reaps finished connections between
-//! accepts.
+//! accepts (at most every [`ACCEPT_POLL`] while connections pour in).
 
 use std::fmt;
 use std::io;

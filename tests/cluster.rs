@@ -10,7 +10,7 @@
 
 use std::fs;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
@@ -762,23 +762,21 @@ fn chaos_checker_catches_reads_that_bypass_the_log() {
     ));
 }
 
-/// A base port `p` with `p..p+n` and `p+1000..p+1000+n` free now (what `raftkv local
-/// --port p` needs), below the ephemeral range so that other tests' ports do not collide.
-fn local_base_port(n: u16) -> u16 {
+/// A base port `p` with `p..p+n` and `p+1000..p+1000+n` free now and claimed while the
+/// lease lives (what `raftkv local --port p` needs), below the ephemeral range so that other
+/// tests' ports do not collide.
+fn local_base_port(n: u16) -> (u16, raftkv::proc::ports::PortLease) {
     let mut candidate = 20000 + (std::process::id() % 9000) as u16;
-    loop {
+    for _ in 0..9000 {
         let wanted: Vec<u16> = (0..n)
             .flat_map(|i| [candidate + i, candidate + 1000 + i])
             .collect();
-        let bound: Vec<TcpListener> = wanted
-            .iter()
-            .filter_map(|&p| TcpListener::bind(("127.0.0.1", p)).ok())
-            .collect();
-        if bound.len() == wanted.len() {
-            return candidate;
+        if let Some(lease) = raftkv::proc::ports::claim_exact(&wanted).expect("claim ports") {
+            return (candidate, lease);
         }
         candidate = 20000 + (candidate - 20000 + 37) % 9000;
     }
+    panic!("no free base port for raftkv local in 20000..29000");
 }
 
 /// `raftkv local` as a child, killed and reaped on drop if still running.
@@ -857,7 +855,7 @@ fn retry_port<T>(
 #[test]
 fn local_stops_cleanly_on_sigint_and_restarts_on_its_data() {
     let dir = TempDir::new("local");
-    let port = local_base_port(3);
+    let (port, _ports) = local_base_port(3);
     let mut local = Local::start(dir.path(), port);
     retry_port(port + 1, "SET through raftkv local", |c| {
         set(c, "kept", "yes")

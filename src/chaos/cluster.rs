@@ -15,7 +15,7 @@
 use std::fmt;
 use std::fs;
 use std::io;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::thread;
@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use crate::net::proxy::{LinkMode, Proxy};
 use crate::node::{FAULT_ENV, NodeFault};
+use crate::proc::ports::{PortLease, cluster_ports};
 use crate::proc::{NodeProcess, NodeStatusFile, ServeSpec};
 use crate::signal::Signal;
 
@@ -115,6 +116,9 @@ pub struct ChaosCluster {
     opts: ClusterOptions,
     peer_ports: Vec<u16>,
     client_ports: Vec<u16>,
+    /// The claim on every port above and the proxies', held while the cluster lives: no other
+    /// local cluster takes a port while its node is down.
+    _ports: PortLease,
     /// `proxies[i][j]`: node `i`'s link to node `j` (`None` on the diagonal).
     proxies: Vec<Vec<Option<Proxy>>>,
     nodes: Vec<NodeProc>,
@@ -123,72 +127,8 @@ pub struct ChaosCluster {
     founded: Vec<bool>,
 }
 
-/// `n` loopback ports free now (all bound at once, so they differ, then released).
-fn free_ports(n: usize) -> io::Result<Vec<u16>> {
-    let listeners = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0"))
-        .collect::<io::Result<Vec<_>>>()?;
-    listeners
-        .iter()
-        .map(|l| l.local_addr().map(|a| a.port()))
-        .collect()
-}
-
 /// How many times a cluster picks its ports when one is taken before its proxy binds it.
 const PORT_ATTEMPTS: usize = 5;
-
-/// Where [`cluster_ports`] looks first: below the usual ephemeral range (32768–60999), and
-/// below the ports `raftkv local`'s tests use.
-const QUIET_PORTS: std::ops::Range<u16> = 10000..20000;
-
-/// How long a port [`cluster_ports`] handed out is not handed out again by this process: a
-/// port is free when picked but not held, and a second cluster picking at the same moment
-/// (another test thread) would otherwise find the same free ports before the first binds them.
-const PORT_RESERVATION: Duration = Duration::from_secs(120);
-
-/// Ports handed out by [`cluster_ports`] in this process, and when.
-static HANDED_OUT: std::sync::Mutex<Vec<(u16, Instant)>> = std::sync::Mutex::new(Vec::new());
-
-/// `n` free loopback ports for a cluster, taken below the kernel's ephemeral port range when
-/// it leaves room: an outgoing connection takes its local port from that range, so it can
-/// never occupy a node's port while the node is down between a kill and its restart (the
-/// restarted node could not listen). Otherwise any free ports. None of them was handed out
-/// by this process within [`PORT_RESERVATION`].
-pub fn cluster_ports(n: usize) -> io::Result<Vec<u16>> {
-    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
-    handed_out.retain(|(_, at)| at.elapsed() < PORT_RESERVATION);
-    let ports = pick_ports(n, &handed_out)?;
-    let now = Instant::now();
-    handed_out.extend(ports.iter().map(|&p| (p, now)));
-    Ok(ports)
-}
-
-fn pick_ports(n: usize, handed_out: &[(u16, Instant)]) -> io::Result<Vec<u16>> {
-    let ephemeral_low = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok());
-    if ephemeral_low.is_none_or(|low| low < QUIET_PORTS.end) {
-        return free_ports(n);
-    }
-    let span = QUIET_PORTS.end - QUIET_PORTS.start;
-    let mut offset = rand::random::<u16>() % span;
-    // Held until all are found, so they differ; released for the nodes and proxies to bind.
-    let mut held = Vec::new();
-    for _ in 0..span {
-        let port = QUIET_PORTS.start + offset;
-        offset = (offset + 1) % span;
-        if handed_out.iter().any(|&(p, _)| p == port) {
-            continue;
-        }
-        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
-            held.push((port, listener));
-            if held.len() == n {
-                return Ok(held.into_iter().map(|(port, _)| port).collect());
-            }
-        }
-    }
-    free_ports(n)
-}
 
 /// The last `max` bytes of a file, as text (empty if it cannot be read).
 fn tail(path: &Path, max: usize) -> String {
@@ -216,7 +156,7 @@ impl ChaosCluster {
         // proxy binds it; one taken meanwhile (by any process) costs a new pick, a bounded
         // number of times.
         let mut attempt = 0;
-        let (peer_ports, client_ports, proxies) = loop {
+        let (ports, proxies) = loop {
             attempt += 1;
             match Self::ports_and_proxies(n) {
                 Ok(set) => break set,
@@ -230,8 +170,9 @@ impl ChaosCluster {
         };
         let mut cluster = ChaosCluster {
             opts,
-            peer_ports,
-            client_ports,
+            peer_ports: ports[..n].to_vec(),
+            client_ports: ports[n..2 * n].to_vec(),
+            _ports: ports,
             proxies,
             nodes: (0..n)
                 .map(|_| NodeProc {
@@ -249,15 +190,14 @@ impl ChaosCluster {
         Ok(cluster)
     }
 
-    /// Picks the ports and starts one proxy per directed link: (peer ports, client ports,
-    /// proxies), or what failed.
+    /// Picks the ports and starts one proxy per directed link: (the ports: the peer ports,
+    /// then the client ports, then the links'; the proxies), or what failed.
     #[allow(clippy::type_complexity)]
     fn ports_and_proxies(
         n: usize,
-    ) -> Result<(Vec<u16>, Vec<u16>, Vec<Vec<Option<Proxy>>>), (String, io::Error)> {
+    ) -> Result<(PortLease, Vec<Vec<Option<Proxy>>>), (String, io::Error)> {
         let ports = cluster_ports(2 * n + n * (n - 1)).map_err(|e| ("the ports".to_string(), e))?;
-        let peer_ports = ports[..n].to_vec();
-        let client_ports = ports[n..2 * n].to_vec();
+        let peer_ports = &ports[..n];
         let mut link_ports = ports[2 * n..].iter();
         let mut proxies = Vec::new();
         for i in 0..n {
@@ -277,7 +217,7 @@ impl ChaosCluster {
             }
             proxies.push(row);
         }
-        Ok((peer_ports, client_ports, proxies))
+        Ok((ports, proxies))
     }
 
     pub fn len(&self) -> usize {

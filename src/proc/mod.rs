@@ -7,12 +7,15 @@
 //!   group, `--stop-on-stdin-eof`, signals only to a child not yet reaped) and [`leader_of`];
 //! * [`serve`]: `raftkv serve`, the node's main loop;
 //! * [`local`]: `raftkv local`, the supervisor of a local cluster;
-//! * [`member`]: `raftkv member`, the operator's membership commands.
+//! * [`member`]: `raftkv member`, the operator's membership commands;
+//! * [`ports`]: loopback ports for local clusters, claimed against every other process
+//!   picking them while the cluster lives.
 //!
 //! `src/bin/raftkv.rs` only parses the command line and calls these.
 
 pub mod local;
 pub mod member;
+pub mod ports;
 pub mod serve;
 pub mod spawn;
 pub mod status;

@@ -272,6 +272,9 @@ fn state_above_64_mib_reaches_a_lagging_follower_and_a_new_member_and_survives_a
         if cluster.status(lagging).is_some_and(|s| s.keys == KEYS) {
             break Err("the transfer finished before it could be interrupted".to_string());
         }
+        if let Some(why) = exited(&mut cluster, lagging) {
+            break Err(why);
+        }
         if t.elapsed() > CATCH_UP {
             break Err(format!("no snapshot transfer to node {} seen", lagging + 1));
         }

@@ -68,6 +68,8 @@ struct Cluster {
     /// More `serve` options, for every node.
     serve_args: Vec<String>,
     /// This cluster's share of the binary's limit on clusters at once.
+    /// The claim on the ports, held while the cluster lives (`kit::ports`).
+    _ports: raftkv::proc::ports::PortLease,
     _slot: kit::heavy::Slot,
 }
 
@@ -79,13 +81,6 @@ struct Status {
 
 /// The cluster id every test cluster here is founded with.
 const CLUSTER_ID: &str = "peer-security-test";
-
-/// Ports below the kernel's ephemeral range when it leaves room: the tests here open hundreds
-/// of outgoing connections at once, and one of those could take a node's port between its
-/// pick and the node's bind.
-fn free_ports(n: usize) -> Vec<u16> {
-    raftkv::chaos::cluster::cluster_ports(n).expect("free loopback ports")
-}
 
 impl Cluster {
     fn new() -> Cluster {
@@ -144,13 +139,16 @@ impl Cluster {
         fs::create_dir_all(&dir).expect("create the test directory");
         create_secret(&dir.join(SECRET_FILE)).expect("create the peer secret");
         let slot = kit::heavy::slot();
-        let ports = free_ports(2 * NODES);
+        // Below the kernel's ephemeral range: the tests here open hundreds of outgoing
+        // connections at once, and one could otherwise take a node's port while it is down.
+        let ports = kit::ports(2 * NODES);
         let mut cluster = Cluster {
             dir,
             peer_ports: ports[..NODES].to_vec(),
             client_ports: ports[NODES..].to_vec(),
             children: (0..NODES).map(|_| None).collect(),
             serve_args: serve_args.iter().map(|a| a.to_string()).collect(),
+            _ports: ports,
             _slot: slot,
         };
         for i in 0..NODES {

@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use raftkv::node::identity::random_cluster_id;
 use raftkv::node::secret::{SECRET_FILE, create_secret};
+use raftkv::proc::ports::PortLease;
 use raftkv::proc::{NodeProcess, NodeStatusFile, ServeSpec, leader_of};
 
 /// The `raftkv` binary under test.
@@ -67,11 +68,11 @@ impl TempDir {
     }
 }
 
-/// `n` distinct free loopback ports, below the kernel's ephemeral range where it leaves room
-/// (an outgoing connection can then never take a node's port between its pick and its bind,
-/// nor while the node restarts).
-pub fn ports(n: usize) -> Vec<u16> {
-    raftkv::chaos::cluster::cluster_ports(n).expect("free loopback ports")
+/// `n` distinct free loopback ports, claimed while the lease (or a cluster given it) lives:
+/// no other local cluster, in this process or another, takes one meanwhile, even while the
+/// node on it is down (see `raftkv::proc::ports`).
+pub fn ports(n: usize) -> PortLease {
+    raftkv::proc::ports::cluster_ports(n).expect("free loopback ports")
 }
 
 /// The error of a call interrupted by a signal (EINTR), which says nothing about the node.
@@ -123,6 +124,8 @@ pub struct Cluster {
     pub read_timeout: Duration,
     /// The directory the cluster made for itself, if it did.
     _temp: Option<TempDir>,
+    /// The claim on the cluster's ports, held while it lives.
+    _ports: PortLease,
     /// This cluster's share of the binary's limit on clusters at once (see [`heavy`]);
     /// given back after the nodes are killed.
     _slot: heavy::Slot,
@@ -167,14 +170,14 @@ impl Cluster {
 
     /// A cluster in `dir` on `ports` (peer ports, then client ports), no node started yet. The
     /// peer secret is created in `dir`.
-    pub fn empty(dir: &Path, ports: &[u16]) -> Cluster {
+    pub fn empty(dir: &Path, ports: &PortLease) -> Cluster {
         Cluster::empty_with_spares(dir, ports, ports.len() / 2)
     }
 
     /// [`empty`](Self::empty), only nodes `0..founders` founding the cluster: node `i` after
     /// them starts on an empty directory without `--bootstrap`, with `--peers` naming the
     /// founders and every slot up to its own, and waits for `member add`.
-    pub fn empty_with_spares(dir: &Path, ports: &[u16], founders: usize) -> Cluster {
+    pub fn empty_with_spares(dir: &Path, ports: &PortLease, founders: usize) -> Cluster {
         let slot = heavy::slot();
         fs::create_dir_all(dir).expect("the cluster's directory");
         create_secret(&dir.join(SECRET_FILE)).expect("create the peer secret");
@@ -191,12 +194,13 @@ impl Cluster {
             patience: PATIENCE,
             read_timeout: Duration::from_secs(10),
             _temp: None,
+            _ports: ports.clone(),
             _slot: slot,
         }
     }
 
     /// A new cluster in `dir` on `ports`, every node started.
-    pub fn new(dir: &Path, ports: &[u16]) -> Cluster {
+    pub fn new(dir: &Path, ports: &PortLease) -> Cluster {
         let mut cluster = Cluster::empty(dir, ports);
         for i in 0..cluster.len() {
             cluster.start(i);

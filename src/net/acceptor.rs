@@ -15,6 +15,7 @@
 use std::fmt;
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::{self, JoinHandle};
@@ -32,6 +33,12 @@ pub const ACCEPT_POLL: Duration = Duration::from_millis(20);
 /// After an accept fails (out of file descriptors, say), the pause before the next try: the
 /// connection stays in the backlog meanwhile.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+/// How many connections the kernel may hold completed for the accept thread (`listen(2)`'s
+/// backlog; the kernel caps it at `net.core.somaxconn`, 4096 by default). The standard
+/// library listens with 128: a burst of new clients while the accept thread waits for a CPU
+/// then overflows the queue, and each connection the kernel drops waits a whole SYN
+/// retransmission (1 s, then 3 s) on the client's side.
+pub const LISTEN_BACKLOG: i32 = 4096;
 
 /// One served connection, as the acceptor sees it.
 pub trait Conn: Send + 'static {
@@ -227,6 +234,11 @@ impl<C: Conn> Acceptor<C> {
     ) -> io::Result<Acceptor<C>> {
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
+        // SAFETY: `listen` on a socket this function owns; a second call only resizes the
+        // queue of a socket that listens already.
+        if unsafe { libc::listen(listener.as_raw_fd(), LISTEN_BACKLOG) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
         let shared = Arc::new(Shared {
             name: name.to_string(),
             options,
@@ -368,7 +380,6 @@ fn accept_loop<A: Accept>(listener: &TcpListener, shared: &Shared<A::Conn>, mut 
 /// Waits until `listener` has a connection to accept, or `at_most` has passed (or a signal
 /// came): the caller tries to accept either way.
 fn wait_readable(listener: &TcpListener, at_most: Duration) {
-    use std::os::fd::AsRawFd;
     let mut fd = libc::pollfd {
         fd: listener.as_raw_fd(),
         events: libc::POLLIN,
@@ -553,5 +564,45 @@ mod tests {
         late.read_exact(&mut b).unwrap();
         assert_eq!(&b, b"+y");
         acceptor.stop().unwrap();
+    }
+
+    #[test]
+    fn a_burst_of_connections_waits_in_the_backlog_while_the_accept_thread_is_busy() {
+        // The first connection's handshake holds the accept thread until the test lets it go;
+        // meanwhile every connection of a burst must still complete at once, held by the
+        // kernel's queue (with the standard library's 128 the kernel drops the rest, and their
+        // connects wait out a SYN retransmission).
+        // The kernel caps the queue at `net.core.somaxconn` (4096 by default since Linux 5.4).
+        let somaxconn = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok())
+            .unwrap_or(4096);
+        let burst_len = 600.min(somaxconn.saturating_sub(2));
+        let (release, held) = crossbeam::channel::bounded::<()>(1);
+        let handshake = Handshake::new(move |_stream, _peer| {
+            let _ = held.recv_timeout(Duration::from_secs(30));
+            Ok(())
+        });
+        let (mut acceptor, _) = start(AcceptorOptions {
+            handshake: Some(handshake),
+            handshake_timeout: Duration::from_secs(30),
+            ..AcceptorOptions::default()
+        });
+        let addr = acceptor.local_addr();
+        let first = TcpStream::connect(addr).unwrap();
+        let mut burst = Vec::new();
+        let outcome = (0..burst_len).try_for_each(|k| {
+            let s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).map_err(|e| {
+                format!("connection {k} of {burst_len} while the accept thread was busy: {e}")
+            })?;
+            burst.push(s);
+            Ok::<(), String>(())
+        });
+        // Every handshake, the held one and those after it, returns at once from here on.
+        drop(release);
+        drop(first);
+        drop(burst);
+        acceptor.stop().unwrap();
+        outcome.unwrap();
     }
 }

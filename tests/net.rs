@@ -702,3 +702,227 @@ fn authenticated_peers_stalled_in_frames_are_closed_and_their_memory_bounded() {
     let neg: i64 = good.call("Arith.Neg", &7i64).expect("a call from a member");
     assert_eq!(neg, -7);
 }
+
+/// The body of call `k` of sender `t`: its tag, then `len` bytes that depend on both, so a
+/// frame cut or mixed with another's fails the check.
+fn tagged_body(t: u64, k: u64, len: usize) -> Vec<u8> {
+    let mut body = Vec::with_capacity(16 + len);
+    body.extend_from_slice(&t.to_be_bytes());
+    body.extend_from_slice(&k.to_be_bytes());
+    body.extend((0..len).map(|i| (i as u64 ^ t.wrapping_mul(31) ^ k.wrapping_mul(7)) as u8));
+    body
+}
+
+fn check_tagged_body(body: &[u8]) -> (u64, u64) {
+    assert!(body.len() >= 16, "a body of {} bytes", body.len());
+    let t = u64::from_be_bytes(body[..8].try_into().unwrap());
+    let k = u64::from_be_bytes(body[8..16].try_into().unwrap());
+    assert_eq!(
+        body,
+        tagged_body(t, k, body.len() - 16),
+        "body of sender {t} call {k}"
+    );
+    (t, k)
+}
+
+/// Sizes from one byte to past a socket's buffer, so some frames go whole, some in part.
+fn body_len(t: u64, k: u64) -> usize {
+    [1, 700, 9_000, 70_000, 300_000][((t + k) % 5) as usize]
+}
+
+/// A sender that finds the socket idle writes its frame itself, without blocking; what the
+/// socket does not take goes to the writer thread ahead of what is queued. Several senders at
+/// once, to a peer that reads nothing for a while: no sender blocks, and every frame arrives
+/// whole, each sender's in the order it sent them.
+#[test]
+fn frames_from_many_senders_reach_a_slow_reader_whole_and_in_order() {
+    const SENDERS: u64 = 6;
+    const CALLS: u64 = 25;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let client = end("sr-c", listener.local_addr().unwrap());
+    let (mut peer, _) = listener.accept().unwrap();
+    let mut slowest = Duration::ZERO;
+    let senders: Vec<_> = (0..SENDERS)
+        .map(|t| {
+            let client = client.clone();
+            thread::spawn(move || {
+                let mut slowest = Duration::ZERO;
+                for k in 0..CALLS {
+                    let body = tagged_body(t, k, body_len(t, k));
+                    let started = Instant::now();
+                    client.call_bytes("Echo.Bytes", body, MUST_SUCCEED, |_| {});
+                    slowest = slowest.max(started.elapsed());
+                }
+                slowest
+            })
+        })
+        .collect();
+    for sender in senders {
+        slowest = slowest.max(sender.join().expect("sender panicked"));
+    }
+    // Nothing has been read: a sender that waited for the socket would still be waiting.
+    thread::sleep(Duration::from_millis(300));
+    assert!(
+        slowest < Duration::from_secs(2),
+        "a send took {slowest:?} while the peer read nothing"
+    );
+    peer.set_read_timeout(Some(MUST_SUCCEED)).unwrap();
+    let mut next = vec![0u64; SENDERS as usize];
+    for _ in 0..SENDERS * CALLS {
+        let frame = raftkv::net::wire::read_frame(&mut peer, 1 << 20).expect("a whole frame");
+        let raftkv::net::wire::Frame::Request { method, body, .. } = frame else {
+            panic!("a reply from the client: {frame:?}");
+        };
+        assert_eq!(method, "Echo.Bytes");
+        let (t, k) = check_tagged_body(&body);
+        assert_eq!(k, next[t as usize], "sender {t}'s calls out of order");
+        next[t as usize] += 1;
+    }
+    assert_eq!(next, vec![CALLS; SENDERS as usize]);
+
+    // Again with the peer reading meanwhile, in small pieces with pauses: the socket fills
+    // and drains while the senders send, so a sender finds it idle while another's frame is
+    // half written or queued.
+    let reader = thread::spawn(move || {
+        let mut slow = std::io::BufReader::with_capacity(4096, SlowRead(peer));
+        let mut next = vec![CALLS; SENDERS as usize];
+        for _ in 0..SENDERS * CALLS {
+            let frame = raftkv::net::wire::read_frame(&mut slow, 1 << 20).expect("a whole frame");
+            let raftkv::net::wire::Frame::Request { body, .. } = frame else {
+                panic!("a reply from the client: {frame:?}");
+            };
+            let (t, k) = check_tagged_body(&body);
+            assert_eq!(k, next[t as usize], "sender {t}'s calls out of order");
+            next[t as usize] += 1;
+        }
+        next
+    });
+    let senders: Vec<_> = (0..SENDERS)
+        .map(|t| {
+            let client = client.clone();
+            thread::spawn(move || {
+                for k in CALLS..2 * CALLS {
+                    let body = tagged_body(t, k, body_len(t, k));
+                    client.call_bytes("Echo.Bytes", body, MUST_SUCCEED, |_| {});
+                    thread::sleep(Duration::from_micros(200 * (t + 1)));
+                }
+            })
+        })
+        .collect();
+    for sender in senders {
+        sender.join().expect("sender panicked");
+    }
+    let next = reader
+        .join()
+        .expect("the reader found a frame cut, mixed or out of order");
+    assert_eq!(next, vec![2 * CALLS; SENDERS as usize]);
+    client.shutdown();
+}
+
+/// A socket read a few KiB at a time, with a pause after each read.
+struct SlowRead(TcpStream);
+
+impl Read for SlowRead {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        thread::sleep(Duration::from_micros(300));
+        let n = buf.len().min(8192);
+        self.0.read(&mut buf[..n])
+    }
+}
+
+/// The same on the server's side: handler threads answering at once through one connection
+/// whose client reads nothing for a while, then every reply arrives whole, with its call's
+/// id.
+#[test]
+fn replies_from_many_handlers_reach_a_slow_client_whole() {
+    const CALLS: u64 = 120;
+    let srv = server(
+        "sw-s",
+        ServerOptions {
+            handler_threads: 8,
+            ..ServerOptions::default()
+        },
+    );
+    let mut conn = TcpStream::connect(srv.local_addr()).unwrap();
+    for id in 0..CALLS {
+        let body = tagged_body(id % 8, id, body_len(id % 8, id));
+        let frame = raftkv::net::wire::encode_request(id, "Echo.Bytes", &body).unwrap();
+        conn.write_all(&frame).unwrap();
+    }
+    // The handlers answer into a socket nobody reads yet.
+    thread::sleep(Duration::from_millis(500));
+    conn.set_read_timeout(Some(MUST_SUCCEED)).unwrap();
+    let mut seen = vec![false; CALLS as usize];
+    for _ in 0..CALLS {
+        let frame = raftkv::net::wire::read_frame(&mut conn, 1 << 20).expect("a whole frame");
+        let raftkv::net::wire::Frame::Reply { id, result } = frame else {
+            panic!("a request from the server: {frame:?}");
+        };
+        let body = result.expect("echoed");
+        let (_, k) = check_tagged_body(&body);
+        assert_eq!(k, id, "the reply to call {id} carries call {k}'s body");
+        assert!(
+            !std::mem::replace(&mut seen[id as usize], true),
+            "call {id} answered twice"
+        );
+    }
+    assert!(seen.iter().all(|&s| s));
+}
+
+/// Voluntary context switches of this process's thread named `name` (cut to 15 bytes).
+fn thread_switches(name: &str) -> u64 {
+    let name = &name[..name.len().min(15)];
+    for task in std::fs::read_dir("/proc/self/task").expect("/proc/self/task") {
+        let dir = task.expect("task entry").path();
+        if std::fs::read_to_string(dir.join("comm")).is_ok_and(|c| c.trim_end() == name) {
+            let status = std::fs::read_to_string(dir.join("status")).expect("status");
+            let line = status
+                .lines()
+                .find(|l| l.starts_with("voluntary_ctxt_switches"))
+                .expect("voluntary_ctxt_switches");
+            return line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        }
+    }
+    panic!("no thread named {name}");
+}
+
+/// The end's manager thread wakes for a call's deadline only if the call is still pending
+/// then: answered calls cost it nothing (it used to wake once for each call made).
+#[test]
+fn answered_calls_do_not_wake_the_manager() {
+    const CALLS: u64 = 1000;
+    let srv = server("mw-s", ServerOptions::default());
+    // A short timeout, so every call's deadline passes during the test.
+    let client = ClientEnd::connect(
+        "mw-c",
+        srv.local_addr(),
+        ClientOptions {
+            call_timeout: Duration::from_millis(500),
+            ..ClientOptions::default()
+        },
+    );
+    let r = client.call_timeout::<i64, i64>("Arith.Neg", &1, MUST_SUCCEED);
+    assert_eq!(r, Ok(-1));
+    let before = thread_switches("mw-c-dial");
+    let (tx, rx) = channel::unbounded();
+    for x in 0..CALLS as i64 {
+        let tx = tx.clone();
+        client.call_async("Arith.Neg", &x, move |r: Result<i64, NetError>| {
+            tx.send(r).unwrap()
+        });
+        if x % 10 == 0 {
+            thread::sleep(Duration::from_millis(2));
+        }
+    }
+    for _ in 0..CALLS {
+        let r = rx.recv_timeout(MUST_SUCCEED).expect("every call answered");
+        assert!(r.is_ok(), "{r:?}");
+    }
+    // Past every deadline.
+    thread::sleep(Duration::from_millis(800));
+    let woke = thread_switches("mw-c-dial") - before;
+    assert!(
+        woke < CALLS / 10,
+        "the manager woke {woke} times for {CALLS} answered calls"
+    );
+}

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crossbeam::channel::{Sender, TrySendError};
+use crossbeam::channel::TrySendError;
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use rand::Rng;
 use serde::Serialize;
@@ -95,7 +95,8 @@ struct State {
     generation: u64,
     threads: Vec<ConnThreads>,
     pending: HashMap<u64, Pending>,
-    /// Deadlines of pending calls; entries of calls already answered are skipped when due.
+    /// Deadlines of pending calls; entries of calls already answered are dropped when they
+    /// come to the top.
     deadlines: BinaryHeap<Reverse<(Instant, u64)>>,
     /// Calls waiting for a connection, oldest first.
     waiting: VecDeque<u64>,
@@ -431,6 +432,15 @@ fn manage(shared: &Arc<Shared>) {
                 due.push((call.callback, error));
             }
         }
+        // Deadlines of calls answered meanwhile are dropped from the top too: the manager
+        // then sleeps until the first call still pending can time out, instead of waking
+        // once for every call made (a Raft leader makes thousands a second).
+        while let Some(&Reverse((_, id))) = state.deadlines.peek() {
+            if state.pending.contains_key(&id) {
+                break;
+            }
+            state.deadlines.pop();
+        }
         if expired_waiting {
             let State {
                 waiting, pending, ..
@@ -524,7 +534,7 @@ fn dial_once(shared: &Arc<Shared>, state: &mut MutexGuard<'_, State>) {
         };
         let on_frame = {
             let shared = shared.clone();
-            move |frame, _: &Sender<Vec<u8>>| on_reply(&shared, frame)
+            move |frame, _: &conn::Outbox| on_reply(&shared, frame)
         };
         let on_close = {
             let shared = shared.clone();

@@ -153,7 +153,7 @@ struct Job {
     peer: SocketAddr,
     /// The node the handshake proved at the other end.
     node: Option<u64>,
-    reply_tx: Sender<Vec<u8>>,
+    reply_tx: conn::Outbox,
 }
 
 struct Inner {
@@ -394,7 +394,7 @@ fn start_conn(
     let on_frame = {
         let inner = inner.clone();
         let job_tx = job_tx.clone();
-        move |frame, reply_tx: &Sender<Vec<u8>>| match removed_at {
+        move |frame, reply_tx: &conn::Outbox| match removed_at {
             Some(index) => not_member(index, frame, reply_tx),
             None => on_request(&inner, &job_tx, peer, node, frame, reply_tx),
         }
@@ -542,7 +542,7 @@ impl Drop for Server {
 }
 
 /// A frame from a removed node: answered at once, nothing run.
-fn not_member(index: u64, frame: Frame, reply_tx: &Sender<Vec<u8>>) -> bool {
+fn not_member(index: u64, frame: Frame, reply_tx: &conn::Outbox) -> bool {
     let Frame::Request { id, .. } = frame else {
         return false;
     };
@@ -560,7 +560,7 @@ fn on_request(
     peer: SocketAddr,
     node: Option<u64>,
     frame: Frame,
-    reply_tx: &Sender<Vec<u8>>,
+    reply_tx: &conn::Outbox,
 ) -> bool {
     let Frame::Request { id, method, body } = frame else {
         return false;

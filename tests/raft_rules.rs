@@ -771,13 +771,6 @@ fn follower_answers_heartbeats_while_its_sync_waits_and_acknowledges_only_durabl
             ));
         }
     }
-    // A read is confirmed by the same answers: they vouch for the term, not the disk.
-    match t.raft(0).expect("leader runs").read_index(5 * SECOND) {
-        Ok(1) => {}
-        other => t.fatal(&format!(
-            "a read on leader 0 while its followers' syncs were held gave {other:?}, not index 1"
-        )),
-    }
     for p in 1..3 {
         let m = acked[p].load(Ordering::SeqCst);
         if m >= 2 {
@@ -799,6 +792,13 @@ fn follower_answers_heartbeats_while_its_sync_waits_and_acknowledges_only_durabl
         2,
         "index 2 was durable on the leader's disk only (both followers' syncs held)",
     );
+    // A read is confirmed by the same answers: they vouch for the term, not the disk.
+    match t.raft(0).expect("leader runs").read_index(5 * SECOND) {
+        Ok(1) => {}
+        other => t.fatal(&format!(
+            "a read on leader 0 while its followers' syncs were held gave {other:?}, not index 1"
+        )),
+    }
     // Both followers crash before their syncs: index 2 never reached their disks.
     for (p, g) in (1..3).zip(&gates) {
         g.crash();

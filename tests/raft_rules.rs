@@ -11,8 +11,9 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use raftkv::labrpc::ClientEnd;
@@ -683,6 +684,136 @@ fn leader_counts_itself_only_for_entries_it_has_made_durable_crash_before_its_sy
         ));
     }
     assert_eq!(i, 2, "the new leader's command should take index 2");
+    t.end();
+}
+
+/// A follower's answer waits on no sync it did not queue itself, and acknowledges only what
+/// is durable (Figure 2: "persist before responding", for what the answer vouches for). Both
+/// followers' syncs are held, as behind the write of a large snapshot of their own, while
+/// each holds the leader's index 2 unsynced. With CheckQuorum on, the leader must stay leader
+/// for several of its windows, its heartbeats answered and a read confirmed; and no answer
+/// may count a follower for index 2, which a crash before their syncs then takes from both:
+/// a commit of index 2 would have rested on the leader's copy alone.
+#[test]
+fn follower_answers_heartbeats_while_its_sync_waits_and_acknowledges_only_durable_entries() {
+    let options = RaftOptions {
+        check_quorum: true,
+        ..RaftOptions::default()
+    };
+    let t = Test::new_scripted_gated_with(3, options, |s| {
+        s.add(only_candidate(3, 0));
+    });
+    t.begin("Rule Figure 2 / CheckQuorum: a follower answers at once whatever its disk is doing, acknowledging only durable entries (both followers' syncs held)");
+    let s = t.script();
+    let term = t.wait_leader(0, 10 * SECOND);
+    t.one(TestCmd::Int(1), 3, false);
+    // Successful answers in this term from each follower, and the highest index any of them
+    // acknowledged.
+    let answered: Arc<[AtomicUsize; 3]> = Arc::default();
+    let acked: Arc<[AtomicU64; 3]> = Arc::default();
+    for p in 1..3 {
+        let (answered, acked) = (answered.clone(), acked.clone());
+        s.add(
+            Rule::reply("Raft.AppendEntries")
+                .from(&name(p))
+                .to(&name(0))
+                .when("counts the answers", move |r: &AppendEntriesReply| {
+                    if r.success && r.term == term {
+                        answered[p].fetch_add(1, Ordering::SeqCst);
+                        acked[p].fetch_max(r.match_index, Ordering::SeqCst);
+                    }
+                    false
+                })
+                .pass(),
+        );
+    }
+    // From now on both followers' syncs wait.
+    let gates = [t.sync_gate(1), t.sync_gate(2)];
+    for g in &gates {
+        g.hold();
+    }
+    let (index, _, ok) = t
+        .raft(0)
+        .expect("leader runs")
+        .start(TestCmd::Int(2).encode());
+    assert!(ok && index == 2, "leader 0 should append at 2, got {index}");
+    for (p, g) in (1..3).zip(&gates) {
+        if !g.wait_blocked(5 * SECOND) {
+            t.fatal(&format!("peer {p} did not sync index 2"));
+        }
+        if !t.wait_until(5 * SECOND, || term_at(&t, p, 2) == Some(term)) {
+            t.fatal(&format!("peer {p} did not store index 2"));
+        }
+    }
+    let before: Vec<usize> = (0..3).map(|p| answered[p].load(Ordering::SeqCst)).collect();
+    // Four CheckQuorum windows (700 ms each) while the syncs stay held.
+    let held_from = Instant::now();
+    while held_from.elapsed() < 4 * Duration::from_millis(700) {
+        if t.raft(0).expect("leader runs").get_state() != (term, true) {
+            t.fatal(&format!(
+                "leader 0 stepped down {:?} after both followers' syncs were held: their \
+                 answers waited on syncs they had not queued for them (heartbeats answered \
+                 meanwhile: peer 1 {}, peer 2 {})",
+                held_from.elapsed(),
+                answered[1].load(Ordering::SeqCst) - before[1],
+                answered[2].load(Ordering::SeqCst) - before[2]
+            ));
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    for p in 1..3 {
+        let n = answered[p].load(Ordering::SeqCst) - before[p];
+        // A heartbeat every 100 ms: about 28 in the time, 5 even under heavy load.
+        if n < 5 {
+            t.fatal(&format!(
+                "peer {p} answered {n} AppendEntries in {:?} while its sync was held",
+                held_from.elapsed()
+            ));
+        }
+    }
+    for p in 1..3 {
+        let m = acked[p].load(Ordering::SeqCst);
+        if m >= 2 {
+            t.fatal(&format!(
+                "peer {p} acknowledged index {m} while its sync of index 2 was held: an \
+                 answer vouched for an entry not durable"
+            ));
+        }
+    }
+    let (commit, _) = t.raft(0).expect("leader runs").progress();
+    if commit >= 2 {
+        t.fatal(&format!(
+            "leader 0 committed through {commit} while index 2 was durable on its own disk \
+             only (both followers' syncs held)"
+        ));
+    }
+    check_not_committed(
+        &t,
+        2,
+        "index 2 was durable on the leader's disk only (both followers' syncs held)",
+    );
+    // A read is confirmed by the same answers: they vouch for the term, not the disk.
+    match t.raft(0).expect("leader runs").read_index(5 * SECOND) {
+        Ok(1) => {}
+        other => t.fatal(&format!(
+            "a read on leader 0 while its followers' syncs were held gave {other:?}, not index 1"
+        )),
+    }
+    // Both followers crash before their syncs: index 2 never reached their disks.
+    for (p, g) in (1..3).zip(&gates) {
+        g.crash();
+        t.shutdown_server(p);
+    }
+    for p in 1..3 {
+        t.restart(p);
+        if let Some(t2) = term_at(&t, p, 2) {
+            t.fatal(&format!(
+                "peer {p} restarted with index 2 (t{t2}) though it crashed before syncing it"
+            ));
+        }
+    }
+    // The leader goes on with both: index 2 again, then a new command.
+    t.one(TestCmd::Int(3), 3, true);
     t.end();
 }
 

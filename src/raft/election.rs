@@ -224,6 +224,12 @@ impl Core {
                 return None; // not saved: a vote that is not durable must not be given
             }
         }
+        if granted {
+            // A vote given again (a repeated request) vouches for a vote another thread may
+            // still be syncing: it too leaves only once that is durable. A refusal vouches
+            // for nothing and waits for no sync (its term is durable, see `StateGuard`).
+            st.guard.queued = true;
+        }
         log::debug!(target: "raft::election", "raft-{} t{}: vote for {} (t{} log ..={} t{}): {}", self.me, st.term, args.candidate, args.term, args.last_log_index, args.last_log_term, if granted { "granted" } else { "refused" });
         Some(RequestVoteReply {
             term: st.term,

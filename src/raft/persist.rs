@@ -69,6 +69,10 @@ impl Core {
 
     /// Queues `entries`, which were just appended to the log starting at `first`.
     pub(super) fn persist_append(&self, st: &mut State, first: u64, entries: &[Entry]) {
+        if first - 1 < st.durable {
+            // (Never: entries are appended at the end, after any truncation.)
+            self.log_rewritten(st, first - 1);
+        }
         log::trace!(target: "raft::persist", "raft-{} t{}: append [{first}..={}]", self.me, st.term, first + entries.len() as u64 - 1);
         self.queue(st, "append", |s| s.append(first, entries));
     }
@@ -85,6 +89,7 @@ impl Core {
 
     /// Queues the truncation of the log after `index`.
     pub(super) fn persist_truncate(&self, st: &mut State, index: u64) {
+        self.log_rewritten(st, index);
         log::trace!(target: "raft::persist", "raft-{} t{}: truncate after {index}", self.me, st.term);
         self.queue(st, "truncate", |s| s.truncate_after(index));
     }

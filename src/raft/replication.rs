@@ -243,13 +243,16 @@ impl Core {
         let p = &mut st.peers[peer];
         let old_next = p.next_index;
         if reply.success {
-            // The follower may have taken only part of what was sent (its log limit).
-            let matched = reply.match_index.min(prev_log_index + n);
+            // The follower may have taken only part of what was sent (its log limit), and may
+            // hold durably less than it took (its sync had not run when it answered): it is
+            // counted for what is durable, and sent what it does not hold.
+            let held = reply.held_index.min(prev_log_index + n);
+            let matched = reply.match_index.min(held);
             if matched > p.match_index {
                 p.match_index = matched;
                 p.match_seq = p.seq;
             }
-            p.next_index = p.next_index.max(matched + 1);
+            p.next_index = p.next_index.max(held + 1);
             log::trace!(target: "raft::append", "raft-{} t{term}: append to {peer} ok, match {}", self.me, p.match_index);
             self.advance_commit(&mut st);
         } else {
@@ -391,6 +394,7 @@ impl Core {
             conflict_term: None,
             conflict_index: 0,
             match_index: 0,
+            held_index: 0,
         };
         if args.term < st.term {
             return Some((reply, false));
@@ -411,7 +415,8 @@ impl Core {
             let skip = (base - prev) as usize;
             if skip >= entries.len() {
                 reply.success = true;
-                reply.match_index = args.prev_log_index + args.entries.len() as u64;
+                reply.held_index = args.prev_log_index + args.entries.len() as u64;
+                reply.match_index = reply.held_index.min(self.acked_limit(&st));
                 return Some((reply, false));
             }
             entries = &entries[skip..];
@@ -471,13 +476,17 @@ impl Core {
                 self.applier_cv.notify_all();
             }
         }
-        if st.commit_index >= args.leader_commit && !self.voter.load(Ordering::SeqCst) {
+        // What this answer may acknowledge: all it holds if it syncs before it leaves,
+        // otherwise what is durable already (it waits for no sync it did not queue).
+        let acked = self.acked_limit(&st);
+        if st.commit_index.min(acked) >= args.leader_commit && !self.voter.load(Ordering::SeqCst) {
             // It now holds everything the leader had committed when it sent this.
             log::info!(target: "raft::election", "raft-{} t{}: caught up with leader {} (commit {}); voting from now on", self.me, st.term, args.leader, st.commit_index);
             self.voter.store(true, Ordering::SeqCst);
         }
         reply.success = true;
-        reply.match_index = last_new;
+        reply.held_index = last_new;
+        reply.match_index = last_new.min(acked);
         Some((reply, trimmed))
     }
 

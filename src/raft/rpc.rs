@@ -40,10 +40,15 @@ pub struct AppendEntriesReply {
     /// term per round trip instead of one entry.
     pub conflict_term: Option<u64>,
     pub conflict_index: u64,
-    /// On success: the last index the follower now holds as the leader sent it. Below the
-    /// end of the entries sent when the follower took only part of them (its log is at the
-    /// limit the service set, see `Raft::set_log_limit`).
+    /// On success: the last index the follower holds as the leader sent it, durably: what
+    /// the leader may count it for. Below `held_index` while the follower's storage has not
+    /// yet made the rest durable (an answer that queued nothing waits for no sync).
     pub match_index: u64,
+    /// On success: the last index the follower's log now holds as the leader sent it,
+    /// durable or not, which the leader need not send again. Below the end of the entries
+    /// sent when the follower took only part of them (its log is at the limit the service
+    /// set, see `Raft::set_log_limit`).
+    pub held_index: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

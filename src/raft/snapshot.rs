@@ -246,6 +246,8 @@ impl Core {
             self.reset_election_timer(&mut st);
             st.leader_contact = Some(Instant::now());
             if index <= st.commit_index {
+                // "Held": the leader counts this peer through `index`.
+                self.vouch_held_through(&mut st, index);
                 return self.reply_if_alive(reply(st.term, args.total, true));
             }
             if index == u64::MAX {
@@ -355,6 +357,7 @@ impl Core {
         }
         if index <= st.commit_index {
             self.storage.discard_received_snapshot(&src);
+            self.vouch_held_through(&mut st, index);
             return Some(InstallSnapshotChunkReply {
                 term,
                 next_offset: total,
@@ -362,7 +365,13 @@ impl Core {
             });
         }
         match self.storage.install_received_snapshot(&src) {
-            Ok(()) => {}
+            Ok(()) => {
+                // Queued outside `persist`: the answer ("done") leaves only once it is
+                // durable. Entries past what is committed may not survive it.
+                st.guard.queued = true;
+                let commit = st.commit_index;
+                self.log_rewritten(&mut st, commit);
+            }
             Err(StorageError::Invalid { reason }) => {
                 self.storage.discard_received_snapshot(&src);
                 log::warn!(target: "raft::snapshot", "raft-{} t{term}: received snapshot through {index} not installed: {reason}", self.me);
@@ -473,6 +482,7 @@ impl Core {
         st.leader_contact = Some(Instant::now());
         let index = args.last_included_index;
         if index <= st.commit_index {
+            self.vouch_held_through(&mut st, index);
             return self.reply_if_alive(InstallSnapshotReply { term: st.term });
         }
         if st.configs.is_some() {
@@ -481,6 +491,9 @@ impl Core {
             log::warn!(target: "raft::membership", "raft-{} t{}: a whole snapshot through {index} from {} refused: membership needs the streamed form", self.me, st.term, args.leader);
             return None;
         }
+        // Entries past what is committed may not survive the installation.
+        let commit = st.commit_index;
+        self.log_rewritten(&mut st, commit);
         if st.log.term_at(index) == Some(args.last_included_term) {
             // Our log extends the snapshot consistently: keep what follows it.
             st.log.compact_to(index);

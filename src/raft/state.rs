@@ -191,6 +191,15 @@ pub(super) struct State {
     /// parallel with replicating it). Set from 0 when it becomes leader, raised after each of
     /// its syncs; unused while not leading.
     pub own_durable: u64,
+    /// The last index of the log, as it is now, known durable on this peer's storage: what
+    /// an answer that leaves without a sync of its own may acknowledge (see
+    /// [`Core::acked_limit`]). Lowered when the log is cut or replaced, raised after a sync
+    /// that covered the log as it was then ([`Core::log_synced`]).
+    pub durable: u64,
+    /// Counts the changes that cut or replace entries of the log (a truncation, a snapshot
+    /// from the leader), so a sync that began before one does not raise `durable` over
+    /// entries written after it.
+    pub log_epoch: u64,
     /// What the current holder of the lock did, for [`StateGuard`]'s drop (reset there).
     pub guard: GuardWork,
     /// The configurations (membership on, see `membership.rs`); `None`: the labs' fixed peer
@@ -202,8 +211,11 @@ pub(super) struct State {
 /// the sends when it is dropped.
 #[derive(Debug, Clone, Copy, Default)]
 pub(super) struct GuardWork {
-    /// A change other than a leader's own new entries was queued to the storage (or a sync is
-    /// needed for another reason): sync first, then send.
+    /// A change other than a leader's own new entries was queued to the storage, or what is
+    /// sent or answered vouches for something another thread queued (a vote given again, a
+    /// snapshot said to be held): sync first, then send. Without it, and with the term
+    /// durable, nothing waits for a sync: an answer then acknowledges only what is durable
+    /// already (see [`Core::acked_limit`]).
     pub queued: bool,
     /// The leader queued its own new entries (`start`): they may leave in AppendEntries
     /// before its own sync, which it then runs and counts itself for.
@@ -317,6 +329,9 @@ impl Core {
             election_grace_used: false,
             heartbeat_due: now,
             own_durable: 0,
+            // Everything restored was read back from the storage.
+            durable: log.last_index(),
+            log_epoch: 0,
             guard: GuardWork::default(),
             votes: BTreeSet::new(),
             leader_contact: None,
@@ -535,16 +550,55 @@ impl Core {
         Some(st)
     }
 
-    /// The leader of `term` has synced its log through `last`: it now counts itself for it.
-    pub(super) fn own_synced(&self, term: u64, last: u64) {
+    /// A sync covered the log as it was at `mark` (its epoch and last index): what it held
+    /// then is durable, unless it was cut or replaced since. As leader of `term` (`leading`),
+    /// it now counts itself for that much too.
+    pub(super) fn log_synced(&self, term: u64, leading: bool, mark: LogMark) {
         let mut st = self.state.lock();
-        if self.is_dead() || st.role != Role::Leader || st.term != term || last <= st.own_durable {
+        if self.is_dead() {
+            return;
+        }
+        if st.log_epoch == mark.epoch && mark.last > st.durable {
+            // Only appended to since: its first `mark.last` entries are the ones synced.
+            st.durable = mark.last;
+        }
+        if !leading || st.role != Role::Leader || st.term != term || mark.last <= st.own_durable {
             return;
         }
         // Still leader of the same term: its log only grew meanwhile, so its first `last`
         // entries are the ones the sync made durable.
-        st.own_durable = last;
+        st.own_durable = mark.last;
         self.advance_commit(&mut st);
+    }
+
+    /// The highest index an answer built now may acknowledge: anything the log holds when
+    /// this guard's holder syncs before the answer leaves (it queued a change, or its term is
+    /// not yet known durable), and otherwise only what is known durable, so that an answer
+    /// that queued nothing leaves at once, never waiting on a sync another thread queued (a
+    /// snapshot of its own being written, another call's entries), and still vouches for
+    /// nothing a crash could take back.
+    pub(super) fn acked_limit(&self, st: &State) -> u64 {
+        if st.guard.queued || st.term > self.synced_term.load(Ordering::SeqCst) {
+            u64::MAX
+        } else {
+            st.durable
+        }
+    }
+
+    /// What the answer being built says it holds through `index` of the log (a snapshot it
+    /// has, or already covers): unless that much is known durable, it syncs before it leaves.
+    pub(super) fn vouch_held_through(&self, st: &mut State, index: u64) {
+        if index > st.durable {
+            st.guard.queued = true;
+        }
+    }
+
+    /// The log is about to be cut after `index`, or replaced by a snapshot that keeps at
+    /// least its first `index` entries as they are: no sync that began before may raise
+    /// `durable` beyond it.
+    pub(super) fn log_rewritten(&self, st: &mut State, index: u64) {
+        st.durable = st.durable.min(index);
+        st.log_epoch += 1;
     }
 
     /// Makes everything queued in the storage durable; stops the peer if it cannot. Called
@@ -693,11 +747,20 @@ impl Core {
     }
 }
 
+/// The log's extent at one moment: what a sync begun after it covers.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct LogMark {
+    epoch: u64,
+    last: u64,
+}
+
 /// The state lock, for paths that change persisted state or send messages. While it is held,
 /// changes are queued in the storage and messages in `State::outbox`; when it is dropped, the
-/// lock is released first, then the storage is synced (covering everything queued so far, by
-/// any thread, so a reply never acknowledges entries another thread has not yet made durable),
-/// and only then are the messages sent. A peer that is dead by then sends nothing.
+/// lock is released first, then, if the holder queued anything (or its term is not yet known
+/// durable), the storage is synced (covering everything queued so far, by any thread) and
+/// only then are the messages sent. A holder that queued nothing sends at once: what it
+/// answers acknowledges only what is known durable ([`Core::acked_limit`]), so it never
+/// waits on another thread's sync. A peer that is dead by then sends nothing.
 pub(super) struct StateGuard<'a> {
     core: &'a Core,
     st: Option<MutexGuard<'a, State>>,
@@ -719,13 +782,16 @@ impl DerefMut for StateGuard<'_> {
 impl Drop for StateGuard<'_> {
     /// Releases the lock, then syncs and sends in the order what was done requires:
     /// - anything queued but a leader's own new entries (a term, a vote, a follower's entries,
-    ///   a snapshot), or no leader sends (a handler's reply leaves after this): sync, then send;
+    ///   a snapshot), or a term not yet known durable: sync, then send (a handler's reply
+    ///   leaves after this);
     /// - a leader's own new entries: send the AppendEntries, then sync, and only then count
     ///   itself for them (Raft dissertation §10.2.1), so its fsync and its followers' overlap;
-    /// - a leader's sends alone: send, no sync.
+    /// - nothing queued (a leader's sends, a follower's answer to a heartbeat or to entries it
+    ///   holds already, a refused vote): send, no sync. Such an answer acknowledges only what
+    ///   is durable already ([`Core::acked_limit`]).
     ///
-    /// After a sync as leader it raises its own durable index and advances the commit index,
-    /// under the lock taken again (never held across the sync).
+    /// After a sync it raises the durable index (and, as leader, its own durable index,
+    /// advancing the commit index), under the lock taken again (never held across the sync).
     fn drop(&mut self) {
         let Some(mut st) = self.st.take() else {
             return;
@@ -734,7 +800,12 @@ impl Drop for StateGuard<'_> {
         let work = std::mem::take(&mut st.guard);
         let term = st.term;
         // Everything up to here was queued before the sync below, by this thread or another.
-        let leading = (st.role == Role::Leader).then(|| st.log.last_index());
+        let leading = st.role == Role::Leader;
+        let mark = LogMark {
+            epoch: st.log_epoch,
+            last: st.log.last_index(),
+        };
+        let raise = leading || mark.last > st.durable;
         drop(st);
         let core = self.core;
         if core.is_dead() {
@@ -745,7 +816,13 @@ impl Drop for StateGuard<'_> {
                 send();
             }
         };
-        if !work.queued && work.leader_sends && !work.queued_own {
+        if !work.queued
+            && !work.queued_own
+            && (work.leader_sends || term <= core.synced_term.load(Ordering::SeqCst))
+        {
+            // Nothing of its own to make durable, and its term is durable (a leader's since
+            // its election): no answer or message waits for a sync, however long one that
+            // another thread queued (a large snapshot) takes.
             send(outbox);
             return;
         }
@@ -761,8 +838,8 @@ impl Drop for StateGuard<'_> {
         }
         // Everything queued before the sync is durable, this term included.
         core.synced_term.fetch_max(term, Ordering::SeqCst);
-        if let Some(last) = leading {
-            core.own_synced(term, last);
+        if raise {
+            core.log_synced(term, leading, mark);
         }
         send(outbox);
     }

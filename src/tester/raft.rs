@@ -508,6 +508,15 @@ impl Test {
     /// [`Test::new_scripted`] with each peer's storage behind a [`SyncGate`] (see
     /// [`Test::sync_gate`]): a test can hold a peer's syncs, and crash it while one waits.
     pub fn new_scripted_gated(n: usize, setup: impl FnOnce(&Script)) -> Test {
+        Test::new_scripted_gated_with(n, RaftOptions::default(), setup)
+    }
+
+    /// [`Test::new_scripted_gated`] with every peer's Raft started with `options`.
+    pub fn new_scripted_gated_with(
+        n: usize,
+        options: RaftOptions,
+        setup: impl FnOnce(&Script),
+    ) -> Test {
         let gates: Vec<Arc<SyncGate>> = (0..n).map(|_| Arc::new(SyncGate::default())).collect();
         let g = gates.clone();
         let open: OpenStorage = Arc::new(move |i: usize, persister: Persister| {
@@ -520,9 +529,7 @@ impl Test {
             };
             (Box::new(storage) as Box<dyn Storage>, data, None)
         });
-        let mut t = Test::with_storage(n, true, false, RaftOptions::default(), open, |net| {
-            setup(&net.script())
-        });
+        let mut t = Test::with_storage(n, true, false, options, open, |net| setup(&net.script()));
         t.gates = gates;
         t
     }

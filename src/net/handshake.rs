@@ -3,8 +3,8 @@
 //!
 //! ```text
 //!  dialler (node c)                                    listener (node s)
-//!  hello:     "RKVP" 1 | c | s | nonce_c | cluster id ─►  cluster id ours? s is us? c a peer?
-//!          ◄─ challenge: "RKVP" 1 | s | nonce_s | proof_s
+//!  hello:     "RKVP" 2 | c | s | nonce_c | cluster id ─►  cluster id ours? s is us? c a peer?
+//!          ◄─ challenge: "RKVP" 2 | s | nonce_s | proof_s
 //!  proof_s right?
 //!  proof:     proof_c ───────────────────────────────►  proof_c right? → frames flow
 //!
@@ -40,7 +40,11 @@ pub const MIN_SECRET_BYTES: usize = 16;
 pub const MAX_CLUSTER_ID_BYTES: usize = 255;
 
 const MAGIC: &[u8; 4] = b"RKVP";
-const VERSION: u8 = 1;
+/// The version of the peer protocol: the handshake and every message after it. Raised with
+/// any change to a message's encoding, so that nodes of builds that cannot understand each
+/// other refuse to talk, naming both versions, instead of failing to decode. 2: an
+/// AppendEntries reply carries `held_index`.
+pub const VERSION: u8 = 2;
 const NONCE_BYTES: usize = 32;
 const MAC_BYTES: usize = 32;
 /// magic, version, dialler id, listener id, nonce, cluster id length.
@@ -185,8 +189,13 @@ pub enum HandshakeError {
     /// The other end closed before the handshake was done (on the dialling side: the
     /// listener refused us — another secret, cluster id or node id).
     Closed,
-    /// Not this protocol (or another version of it).
+    /// Not this protocol.
     NotPeer,
+    /// This protocol, another version of it (a node of another raftkv build).
+    Version {
+        ours: u8,
+        theirs: u8,
+    },
     /// Another cluster.
     Cluster {
         ours: String,
@@ -227,6 +236,10 @@ impl fmt::Display for HandshakeError {
                 "closed during the handshake (another secret, cluster id or node id at the other end?)",
             ),
             HandshakeError::NotPeer => f.write_str("not a raftkv peer handshake"),
+            HandshakeError::Version { ours, theirs } => write!(
+                f,
+                "peer protocol version {theirs}, this node speaks {ours} (a node of another raftkv build)"
+            ),
             HandshakeError::Cluster { ours, theirs } => {
                 write!(f, "cluster id mismatch: ours {ours:?}, theirs {theirs:?}")
             }
@@ -313,6 +326,20 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
+/// The magic and version that open a hello or a challenge.
+fn check_version(opening: &[u8]) -> Result<(), HandshakeError> {
+    if &opening[..4] != MAGIC {
+        return Err(HandshakeError::NotPeer);
+    }
+    if opening[4] != VERSION {
+        return Err(HandshakeError::Version {
+            ours: VERSION,
+            theirs: opening[4],
+        });
+    }
+    Ok(())
+}
+
 /// The listener's side, on a freshly accepted connection. Returns the dialler's node id once
 /// it has proved itself; the stream's timeouts are cleared again.
 pub fn accept(
@@ -322,9 +349,7 @@ pub fn accept(
 ) -> Result<u64, HandshakeError> {
     let mut hello = [0u8; HELLO_FIXED];
     read_full(stream, &mut hello, deadline)?;
-    if &hello[..4] != MAGIC || hello[4] != VERSION {
-        return Err(HandshakeError::NotPeer);
-    }
+    check_version(&hello)?;
     let dialler = u64_at(&hello, 5);
     let listener = u64_at(&hello, 13);
     let nonce_d = &hello[21..21 + NONCE_BYTES];
@@ -396,9 +421,7 @@ pub fn dial(
     write_all(stream, &hello, deadline)?;
     let mut challenge = [0u8; CHALLENGE_BYTES];
     read_full(stream, &mut challenge, deadline)?;
-    if &challenge[..4] != MAGIC || challenge[4] != VERSION {
-        return Err(HandshakeError::NotPeer);
-    }
+    check_version(&challenge)?;
     let answered = u64_at(&challenge, 5);
     if answered != listener {
         return Err(HandshakeError::WrongNode {
@@ -509,6 +532,32 @@ mod tests {
             Instant::now() + HANDSHAKE_TIMEOUT,
         );
         assert!(matches!(r, Err(HandshakeError::NotPeer)), "{r:?}");
+        // A peer of another version is told apart from garbage, both versions named.
+        let mut older = TcpStream::connect(addr).expect("connect");
+        let mut hello = [0u8; HELLO_FIXED];
+        hello[..4].copy_from_slice(MAGIC);
+        hello[4] = VERSION - 1;
+        older.write_all(&hello).expect("write");
+        let (mut s, _) = listener.accept().expect("accept");
+        let r = accept(
+            &mut s,
+            &auth(S, b"c1", 2),
+            Instant::now() + HANDSHAKE_TIMEOUT,
+        );
+        match r {
+            Err(
+                e @ HandshakeError::Version {
+                    ours: VERSION,
+                    theirs,
+                },
+            ) if theirs == VERSION - 1 => {
+                assert!(
+                    e.to_string().contains("version 1, this node speaks 2"),
+                    "{e}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -1364,7 +1364,7 @@ fn hold_connections(port: u16, n: usize, stop: &std::sync::atomic::AtomicBool) -
         while held.len() < n {
             match TcpStream::connect(("127.0.0.1", port)) {
                 Ok(mut s) => {
-                    let _ = s.write_all(b"RKVP\x01\x00\x00");
+                    let _ = s.write_all(b"RKVP\x02\x00\x00");
                     held.push(s);
                     opened += 1;
                 }

@@ -55,6 +55,16 @@ fn claim(port: u16) -> io::Result<Option<UnixListener>> {
     }
 }
 
+/// The claim on `port` if no one holds it and the port is free now (bound once to see).
+fn claim_free(port: u16) -> io::Result<Option<UnixListener>> {
+    let Some(claimed) = claim(port)? else {
+        return Ok(None);
+    };
+    Ok(TcpListener::bind(("127.0.0.1", port))
+        .is_ok()
+        .then_some(claimed))
+}
+
 /// `n` distinct loopback ports free now and claimed (see the module doc): in
 /// [`QUIET_PORTS`] from a random start when the ephemeral range leaves it alone, else any.
 pub fn cluster_ports(n: usize) -> io::Result<PortLease> {
@@ -81,12 +91,9 @@ pub fn cluster_ports(n: usize) -> io::Result<PortLease> {
 pub fn claim_exact(ports: &[u16]) -> io::Result<Option<PortLease>> {
     let mut claims = Vec::new();
     for &port in ports {
-        let Some(claimed) = claim(port)? else {
+        let Some(claimed) = claim_free(port)? else {
             return Ok(None);
         };
-        if TcpListener::bind(("127.0.0.1", port)).is_err() {
-            return Ok(None);
-        }
         claims.push(claimed);
     }
     Ok(Some(PortLease {
@@ -95,7 +102,7 @@ pub fn claim_exact(ports: &[u16]) -> io::Result<Option<PortLease>> {
     }))
 }
 
-/// Up to `n` claimed ports in [`QUIET_PORTS`], each bound once to see that it is free.
+/// Up to `n` claimed free ports in [`QUIET_PORTS`].
 fn quiet_ports(n: usize) -> io::Result<Vec<(u16, UnixListener)>> {
     let span = QUIET_PORTS.end - QUIET_PORTS.start;
     let mut offset = rand::random::<u16>() % span;
@@ -103,10 +110,7 @@ fn quiet_ports(n: usize) -> io::Result<Vec<(u16, UnixListener)>> {
     for _ in 0..span {
         let port = QUIET_PORTS.start + offset;
         offset = (offset + 1) % span;
-        let Some(claimed) = claim(port)? else {
-            continue;
-        };
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        if let Some(claimed) = claim_free(port)? {
             found.push((port, claimed));
             if found.len() == n {
                 break;
@@ -165,7 +169,14 @@ mod tests {
         }
         let ports = clone.to_vec();
         drop(clone);
+        // A child forked meanwhile by another test thread holds copies of this process's
+        // sockets until it execs (they are close-on-exec), so a released name may stay
+        // bound for that moment.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
         for port in ports {
+            while claim(port).unwrap().is_none() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
             assert!(claim(port).unwrap().is_some(), "port {port} still claimed");
         }
     }

@@ -687,6 +687,79 @@ fn leader_counts_itself_only_for_entries_it_has_made_durable_crash_before_its_sy
     t.end();
 }
 
+/// Dissertation §10.2.1, the other half: an entry both followers made durable is committed
+/// without the leader's own copy, so the leader delivers it (and its service answers) while
+/// its own sync still waits: the leader's fsync is not on the path of a reply. What the peer
+/// reports as durably held (`Raft::durable_progress`, which the node records as its
+/// high-water mark) still counts only what its own sync covered: the leader crashes before
+/// that sync, restarts with a log that lacks the entry, and must find no less than it
+/// reported. The cluster then goes on, the entry kept at its index on every peer.
+#[test]
+fn leader_delivers_what_its_followers_made_durable_before_its_own_sync_and_reports_only_its_own() {
+    let mut candidate_rule = None;
+    let t = Test::new_scripted_gated(3, |s| {
+        candidate_rule = Some(s.add(only_candidate(3, 0)));
+    });
+    t.begin("Rule §10.2.1: the leader delivers what a majority without it made durable, before its own sync, and reports only its own durable state");
+    let s = t.script();
+    let term = t.wait_leader(0, 10 * SECOND);
+    t.one(TestCmd::Int(1), 3, false);
+    let gate = t.sync_gate(0);
+    gate.hold();
+    let leader = t.raft(0).expect("leader runs");
+    let starter = thread::Builder::new()
+        .name("test-start".to_string())
+        .spawn(move || leader.start(TestCmd::Int(2).encode()))
+        .expect("a thread");
+    if !gate.wait_blocked(5 * SECOND) {
+        t.fatal("the leader did not sync its new entry");
+    }
+    if !t.wait_until(5 * SECOND, || t.applied_at(0, 2).is_some()) {
+        t.fatal(&format!(
+            "leader 0 did not deliver index 2 within 5 s of both followers storing it (peer 1 \
+             holds term {:?}, peer 2 term {:?} at index 2) while its own sync waited: a reply \
+             waits for the leader's own fsync",
+            term_at(&t, 1, 2),
+            term_at(&t, 2, 2)
+        ));
+    }
+    if t.raft(0).expect("leader runs").get_state() != (term, true) {
+        t.fatal("leader 0 lost its leadership during the test; the check would prove nothing");
+    }
+    let reported = t.raft(0).expect("leader runs").durable_progress();
+    // The leader crashes before its sync: index 2 never reaches its disk.
+    gate.crash();
+    let (index, _, ok) = match starter.join() {
+        Ok(r) => r,
+        Err(_) => t.fatal("Raft::start panicked"),
+    };
+    assert!(
+        ok && index == 2,
+        "leader 0 should have appended at 2, got {index}"
+    );
+    t.shutdown_server(0);
+    t.restart(0);
+    let restored = t.raft(0).expect("peer 0 restarted").restored_extent();
+    if restored.0 < reported.0 || restored.1 < reported.1 {
+        t.fatal(&format!(
+            "peer 0 reported term {} and index {} durably held before it crashed, but restarted \
+             with term {} and a log through {}: it reported entries its own sync never covered",
+            reported.0, reported.1, restored.0, restored.1
+        ));
+    }
+    // Peers 1 and 2 hold index 2; either may lead now, and peer 0 gets it again.
+    s.remove(candidate_rule.expect("the rule was added"));
+    let i = t.one(TestCmd::Int(3), 3, true);
+    assert_eq!(i, 3, "index 2 is committed, so Int(3) should take index 3");
+    if !t.wait_until(5 * SECOND, || t.applied_at(0, 2) == Some(TestCmd::Int(2))) {
+        t.fatal(&format!(
+            "restarted peer 0 applied {:?} at index 2, not Int(2)",
+            t.applied_at(0, 2)
+        ));
+    }
+    t.end();
+}
+
 /// A follower's answer waits on no sync it did not queue itself, and acknowledges only what
 /// is durable (Figure 2: "persist before responding", for what the answer vouches for). Both
 /// followers' syncs are held, as behind the write of a large snapshot of their own, while

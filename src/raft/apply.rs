@@ -9,7 +9,8 @@ use super::storage::SnapshotData;
 impl Core {
     pub(super) fn run_applier(&self, apply_tx: Sender<ApplyMsg>, kill_rx: Receiver<()>) {
         loop {
-            let (msgs, snapshot) = {
+            // `durable_to`: how far what is delivered is known durable on this peer.
+            let (msgs, snapshot, durable_to) = {
                 let mut st = self.state.lock();
                 while !self.is_dead() && !st.snapshot_pending && st.last_applied >= st.commit_index
                 {
@@ -33,6 +34,7 @@ impl Core {
                     (
                         Vec::new(),
                         Some((index, st.log.base_term(), st.snapshot.clone())),
+                        index,
                     )
                 } else {
                     let from = st.last_applied + 1;
@@ -56,33 +58,35 @@ impl Core {
                         .collect();
                     st.last_applied = to;
                     log::trace!(target: "raft::apply", "raft-{} t{}: deliver [{from}..={to}]", self.me, st.term);
-                    (msgs, None)
+                    (msgs, None, to.min(st.durable))
                 }
             };
             let msgs = match snapshot {
                 None => msgs,
-                Some((index, term, snap)) => match Self::snapshot_bytes(snap) {
-                    Ok(data) => vec![ApplyMsg::Snapshot { index, term, data }],
-                    Err(e) => {
-                        let mut st = self.state.lock();
-                        self.storage_failed(&mut st, "read snapshot", &e);
+                Some((index, term, snap)) => {
+                    // Outside the lock: the service may call back into Raft (snapshot)
+                    // meanwhile. A snapshot is delivered only once durable here.
+                    if !self.sync_storage() {
                         return;
                     }
-                },
+                    match Self::snapshot_bytes(snap) {
+                        Ok(data) => vec![ApplyMsg::Snapshot { index, term, data }],
+                        Err(e) => {
+                            let mut st = self.state.lock();
+                            self.storage_failed(&mut st, "read snapshot", &e);
+                            return;
+                        }
+                    }
+                }
             };
-            // Outside the lock: the service may call back into Raft (snapshot) meanwhile.
-            // Nothing is delivered before it is durable (a one-peer leader commits what it
-            // has only just queued).
-            if !self.sync_storage() {
-                return;
-            }
-            if let Some(last) = msgs.last() {
-                let index = match last {
-                    ApplyMsg::Command { index, .. } | ApplyMsg::Snapshot { index, .. } => *index,
-                };
-                self.delivered
-                    .fetch_max(index, std::sync::atomic::Ordering::SeqCst);
-            }
+            // Entries are delivered once committed, without waiting for this peer's own
+            // sync: a committed entry is durable on a majority, which a crash of this peer
+            // cannot take back (§10.2.1; a one-peer leader commits only what it synced). The
+            // leader's own fsync is then off the path of a reply. What a service may record
+            // as this peer's state (`delivered`) counts only what is durable here; a later
+            // sync raises it (`log_synced`).
+            self.delivered
+                .fetch_max(durable_to, std::sync::atomic::Ordering::SeqCst);
             for m in msgs {
                 if self.is_dead() {
                     return;

@@ -326,7 +326,8 @@ impl Raft {
     }
 
     /// What this peer's storage is known to hold durably: the highest term synced, and the
-    /// highest index handed to the applier (only ever after it was synced). A later start on
+    /// highest index handed to the applier that is known synced here (entries are delivered
+    /// once committed, which may be before this peer's own sync of them). A later start on
     /// the same storage that finds less lost state; see [`Raft::restored_extent`].
     pub fn durable_progress(&self) -> (u64, u64) {
         (

@@ -258,7 +258,7 @@ pub(crate) struct Core {
     /// See [`RaftOptions::pre_vote`](super::RaftOptions::pre_vote).
     pub pre_vote: bool,
     /// The highest term known to be durable (synced), and the highest index the applier has
-    /// delivered (each delivered only once durable): what a service may record elsewhere as
+    /// delivered that is also durable here: what a service may record elsewhere as
     /// the least state this peer must find at its next start.
     pub synced_term: AtomicU64,
     pub delivered: AtomicU64,
@@ -561,6 +561,9 @@ impl Core {
         if st.log_epoch == mark.epoch && mark.last > st.durable {
             // Only appended to since: its first `mark.last` entries are the ones synced.
             st.durable = mark.last;
+            // Entries delivered before they were durable here (see the applier) now are.
+            self.delivered
+                .fetch_max(st.last_applied.min(st.durable), Ordering::SeqCst);
         }
         if !leading || st.role != Role::Leader || st.term != term || mark.last <= st.own_durable {
             return;

@@ -3,7 +3,7 @@
 #
 #   scripts/rule-variants.sh [-n RUNS] [--skip REGEX] [--apply-only] [FILTER]
 #
-# For each patch scripts/rule-variants/<binary>--<test>.patch (whose name matches the
+# For each patch scripts/rule-variants/<binary>--<test>[--<variant>].patch (whose name matches the
 # extended regex FILTER, and not --skip's):
 # copies the working tree (tracked and untracked files, not target/) to
 # target/rule-variants/tree, applies the patch there, builds tests/<binary>.rs (release, in
@@ -82,6 +82,7 @@ for patch in scripts/rule-variants/*.patch; do
     [[ -n "$skip" && "$name" =~ $skip ]] && continue
     bin=${name%%--*}
     test=${name#*--}
+    test=${test%%--*} # a second variant of one test: <binary>--<test>--<variant>.patch
     what=$(head -1 "$patch")
     echo "== $bin::$test"
     echo "   $what"

@@ -761,7 +761,8 @@ fn leader_delivers_what_its_followers_made_durable_before_its_own_sync_and_repor
 }
 
 /// A follower's answer waits on no sync it did not queue itself, and acknowledges only what
-/// is durable (Figure 2: "persist before responding", for what the answer vouches for). Both
+/// is durable (Figure 2: "persist before responding", for what the answer vouches for); a
+/// vote it refuses vouches for nothing and is answered at once too. Both
 /// followers' syncs are held, as behind the write of a large snapshot of their own, while
 /// each holds the leader's index 2 unsynced. With CheckQuorum on, the leader must stay leader
 /// for several of its windows, its heartbeats answered and a read confirmed; and no answer
@@ -872,6 +873,35 @@ fn follower_answers_heartbeats_while_its_sync_waits_and_acknowledges_only_durabl
             "a read on leader 0 while its followers' syncs were held gave {other:?}, not index 1"
         )),
     }
+    // A refused vote vouches for nothing either, so it is answered at once too: candidate 2,
+    // its log as long as any, asks peer 1 in the term where peer 1 voted for 0.
+    let end = t.inject_end(1);
+    let args = RequestVoteArgs {
+        term,
+        candidate: 2,
+        last_log_index: 2,
+        last_log_term: term,
+        pre_vote: false,
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let asker = thread::Builder::new()
+        .name("test-vote".to_string())
+        .spawn(move || {
+            let r: Result<RequestVoteReply, _> = end.call("Raft.RequestVote", &args);
+            let _ = tx.send(r.map_err(|e| e.to_string()));
+        })
+        .expect("a thread");
+    match rx.recv_timeout(2 * SECOND) {
+        Ok(Ok(r)) if !r.vote_granted && r.term == term => {}
+        Ok(other) => t.fatal(&format!(
+            "peer 1, which voted for 0 in term {term}, answered candidate 2 with {other:?}"
+        )),
+        Err(_) => t.fatal(
+            "peer 1 did not answer within 2 s a RequestVote it refuses, while its sync was \
+             held: a refusal waited on a sync it did not need",
+        ),
+    }
+    let _ = asker.join();
     // Both followers crash before their syncs: index 2 never reached their disks.
     for (p, g) in (1..3).zip(&gates) {
         g.crash();

@@ -8,6 +8,9 @@
 //! run, `-- file::` only the file log's. Both sets mostly sleep, so they run side by side and
 //! the binary lasts about as long as its longest test, not the two sets in a row.
 
+// `tests/raft/lab.rs` is loaded twice on purpose: once per harness.
+#![allow(clippy::duplicate_mod)]
+
 /// The labs' harness, with the child-process runner pointed at this binary's `lab::` names.
 mod harness {
     pub use raftkv::tester::raft::*;

@@ -23,7 +23,7 @@ use raftkv::raft::{
     AppendEntriesArgs, AppendEntriesReply, InstallSnapshotArgs, InstallSnapshotReply, RaftOptions,
     RequestVoteArgs, RequestVoteReply,
 };
-use raftkv::tester::raft::{Delivered, Test, TestCmd};
+use raftkv::tester::raft::{Delivered, SyncGate, Test, TestCmd};
 use raftkv::tester::{GRP0, server_name};
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -618,6 +618,45 @@ fn leader_counts_a_late_append_entries_reply_only_for_what_its_call_carried() {
     t.end();
 }
 
+/// Leader 0 starts `Int(cmd)` with its syncs held from now on, on a thread of its own
+/// (`start` returns only after its sync); returns once that sync waits at the gate.
+fn start_with_leader_sync_held(
+    t: &Test,
+    gate: &SyncGate,
+    cmd: i64,
+) -> thread::JoinHandle<(u64, u64, bool)> {
+    gate.hold();
+    let leader = t.raft(0).expect("leader runs");
+    let starter = thread::Builder::new()
+        .name("test-start".to_string())
+        .spawn(move || leader.start(TestCmd::Int(cmd).encode()))
+        .expect("a thread");
+    if !gate.wait_blocked(5 * SECOND) {
+        t.fatal("the leader did not sync its new entry");
+    }
+    starter
+}
+
+/// Leader 0 crashes before its held sync, which then writes nothing; its `start` must have
+/// appended at `index`. The peer is shut down.
+fn crash_leader_before_its_sync(
+    t: &Test,
+    gate: &SyncGate,
+    starter: thread::JoinHandle<(u64, u64, bool)>,
+    index: u64,
+) {
+    gate.crash();
+    let (got, _, ok) = match starter.join() {
+        Ok(r) => r,
+        Err(_) => t.fatal("Raft::start panicked"),
+    };
+    assert!(
+        ok && got == index,
+        "leader 0 should have appended at {index}, got {got}"
+    );
+    t.shutdown_server(0);
+}
+
 /// Raft dissertation §10.2.1: the leader may send AppendEntries before its own write of the
 /// entries, but counts itself in the majority only for entries it has made durable. The
 /// crash point: the leader's sync is held, one follower stores the new entry, the leader
@@ -640,15 +679,7 @@ fn leader_counts_itself_only_for_entries_it_has_made_durable_crash_before_its_sy
             .drop_it(),
     );
     let gate = t.sync_gate(0);
-    gate.hold();
-    let leader = t.raft(0).expect("leader runs");
-    let starter = thread::Builder::new()
-        .name("test-start".to_string())
-        .spawn(move || leader.start(TestCmd::Int(2).encode()))
-        .expect("a thread");
-    if !gate.wait_blocked(5 * SECOND) {
-        t.fatal("the leader did not sync its new entry");
-    }
+    let starter = start_with_leader_sync_held(&t, &gate, 2);
     // The AppendEntries left before the leader's own write: peer 1 stores index 2.
     if !t.wait_until(5 * SECOND, || term_at(&t, 1, 2) == Some(term)) {
         t.fatal("peer 1 did not get index 2 while the leader's sync waited: the leader does not send before its own write");
@@ -657,16 +688,7 @@ fn leader_counts_itself_only_for_entries_it_has_made_durable_crash_before_its_sy
     thread::sleep(SECOND);
     let acked = (0..3).find_map(|p| t.applied_at(p, 2).map(|c| (p, c)));
     // The leader crashes before its sync: index 2 never reaches its disk.
-    gate.crash();
-    let (index, _, ok) = match starter.join() {
-        Ok(r) => r,
-        Err(_) => t.fatal("Raft::start panicked"),
-    };
-    assert!(
-        ok && index == 2,
-        "leader 0 should have appended at 2, got {index}"
-    );
-    t.shutdown_server(0);
+    crash_leader_before_its_sync(&t, &gate, starter, 2);
     // Peer 1, the only one to hold index 2, is cut off; the leader restarts and, with peer
     // 2's vote, leads again and commits another command at index 2.
     s.remove(cut2);
@@ -705,15 +727,7 @@ fn leader_delivers_what_its_followers_made_durable_before_its_own_sync_and_repor
     let term = t.wait_leader(0, 10 * SECOND);
     t.one(TestCmd::Int(1), 3, false);
     let gate = t.sync_gate(0);
-    gate.hold();
-    let leader = t.raft(0).expect("leader runs");
-    let starter = thread::Builder::new()
-        .name("test-start".to_string())
-        .spawn(move || leader.start(TestCmd::Int(2).encode()))
-        .expect("a thread");
-    if !gate.wait_blocked(5 * SECOND) {
-        t.fatal("the leader did not sync its new entry");
-    }
+    let starter = start_with_leader_sync_held(&t, &gate, 2);
     if !t.wait_until(5 * SECOND, || t.applied_at(0, 2).is_some()) {
         t.fatal(&format!(
             "leader 0 did not deliver index 2 within 5 s of both followers storing it (peer 1 \
@@ -728,16 +742,7 @@ fn leader_delivers_what_its_followers_made_durable_before_its_own_sync_and_repor
     }
     let reported = t.raft(0).expect("leader runs").durable_progress();
     // The leader crashes before its sync: index 2 never reaches its disk.
-    gate.crash();
-    let (index, _, ok) = match starter.join() {
-        Ok(r) => r,
-        Err(_) => t.fatal("Raft::start panicked"),
-    };
-    assert!(
-        ok && index == 2,
-        "leader 0 should have appended at 2, got {index}"
-    );
-    t.shutdown_server(0);
+    crash_leader_before_its_sync(&t, &gate, starter, 2);
     t.restart(0);
     let restored = t.raft(0).expect("peer 0 restarted").restored_extent();
     if restored.0 < reported.0 || restored.1 < reported.1 {

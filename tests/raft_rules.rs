@@ -906,7 +906,9 @@ fn follower_answers_heartbeats_while_its_sync_waits_and_acknowledges_only_durabl
              held: a refusal waited on a sync it did not need",
         ),
     }
-    let _ = asker.join();
+    if asker.join().is_err() {
+        t.fatal("the thread asking peer 1 for a vote panicked");
+    }
     // Both followers crash before their syncs: index 2 never reached their disks.
     for (p, g) in (1..3).zip(&gates) {
         g.crash();

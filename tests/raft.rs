@@ -1,7 +1,7 @@
 //! Lab 3 (3A–3D): the tests of the Go labs' `raft1/raft_test.go` (Spring 2025), in
 //! `tests/raft/lab.rs`, run twice in this one binary:
 //! - `lab::` on the labs' `Persister`, as the Go tests run;
-//! - `file::lab::` unchanged, with every peer keeping its Raft state in a crash-safe
+//! - `file::tests::` unchanged, with every peer keeping its Raft state in a crash-safe
 //!   `storage::FileLog` in a temporary directory (`tests/raft/file.rs`).
 //!
 //! `cargo test --release --test raft 3b` runs one part on both; `-- lab::` only the lab's own

@@ -767,9 +767,9 @@ fn leader_delivers_what_its_followers_made_durable_before_its_own_sync_and_repor
 
 /// A follower's answer waits on no sync it did not queue itself, and acknowledges only what
 /// is durable (Figure 2: "persist before responding", for what the answer vouches for); a
-/// vote it refuses vouches for nothing and is answered at once too. Both
-/// followers' syncs are held, as behind the write of a large snapshot of their own, while
-/// each holds the leader's index 2 unsynced. With CheckQuorum on, the leader must stay leader
+/// vote it refuses vouches for nothing and is answered at once too. Both followers' syncs
+/// are held, as behind the write of a large snapshot of their own, while each holds the
+/// leader's index 2 unsynced. With CheckQuorum on, the leader must stay leader
 /// for several of its windows, its heartbeats answered and a read confirmed; and no answer
 /// may count a follower for index 2, which a crash before their syncs then takes from both:
 /// a commit of index 2 would have rested on the leader's copy alone.

@@ -946,7 +946,7 @@ impl Drop for Test {
 
 // ---------------------------------------------------------------- the file log
 
-/// The Raft tests on the crash-safe file log (`tests/raft.rs`' `file::lab::`): the same harness, but
+/// The Raft tests on the crash-safe file log (`tests/raft.rs`' `file::tests::`): the same harness, but
 /// each peer keeps its state in `storage::FileLog` in a temporary directory instead of the
 /// labs' `Persister`. A crash kills the peer and closes its log; the restarted peer recovers
 /// from the files. The persisters stay empty; [`Test::log_size`] reads the file logs.

@@ -1,7 +1,7 @@
 //! Lab 3 tests, ported from the Go labs' `raft1/raft_test.go` (Spring 2025): same scenarios,
 //! constants and assertions. They run on whatever harness the module above this one gives
 //! (`super::harness`): the labs' persister (`lab::`) or the crash-safe file log
-//! (`file::lab::`); see `tests/raft.rs`.
+//! (`file::tests::`); see `tests/raft.rs`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -631,7 +631,7 @@ fn harness_fails_a_raft_that_skips_reapply_after_restart_3c() {
 }
 
 /// The 3D log-size check can fail: with Raft's log never trimmed, `snapshot_basic_3d` must
-/// stop at "Log size too large" (in `file::lab::`, measured on the file logs).
+/// stop at "Log size too large" (in `file::tests::`, measured on the file logs).
 ///
 /// Only while `leader1` leads does the scenario surely grow the log past the limit: its
 /// bursts of `Start()` go to `leader1` (or, every third round, to the peer after it), and a

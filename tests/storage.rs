@@ -246,6 +246,59 @@ fn second_open_is_refused() {
     FileLog::open(&tmp.0, opts(400)).expect("free again once closed");
 }
 
+/// A child this process spawns holds a copy of every open descriptor from its fork until its
+/// exec, the log's directory lock among them. Closing and reopening a log while other threads
+/// spawn children must still succeed every time (the kernel lets go of the lock at the child's
+/// exec, so open waits for that rather than reporting the directory as held elsewhere).
+#[test]
+fn reopen_while_this_process_spawns_children_is_never_refused() {
+    let tmp = TempDir::new("spawning");
+    drop(FileLog::open(&tmp.0, opts(400)).unwrap());
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let spawners: Vec<_> = (0..2)
+        .map(|_| {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let mut spawned = 0u32;
+                while !done.load(std::sync::atomic::Ordering::Relaxed) && spawned < 20_000 {
+                    let status = Command::new("true")
+                        .stdout(Stdio::null())
+                        .status()
+                        .expect("spawn true");
+                    assert!(status.success());
+                    spawned += 1;
+                }
+                spawned
+            })
+        })
+        .collect();
+    let t0 = Instant::now();
+    let mut opened = 0u32;
+    let mut failure = None;
+    while opened < 2_000 && t0.elapsed() < Duration::from_secs(20) {
+        match FileLog::open(&tmp.0, opts(400)) {
+            Ok(log) => drop(log),
+            Err(e) => {
+                failure = Some(format!(
+                    "open {opened} of the log in {}: {e}",
+                    tmp.0.display()
+                ));
+                break;
+            }
+        }
+        opened += 1;
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let spawned: u32 = spawners.into_iter().map(|h| h.join().unwrap()).sum();
+    if let Some(f) = failure {
+        panic!("{f} (while {spawned} children were spawned)");
+    }
+    assert!(
+        spawned > 0 && opened > 100,
+        "{opened} opens, {spawned} children"
+    );
+}
+
 /// Cuts the last segment at every byte offset inside its last three records: each crash
 /// point recovers exactly the records wholly before the cut.
 #[test]

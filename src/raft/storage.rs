@@ -48,7 +48,7 @@ pub enum StorageError {
         offset: u64,
         reason: String,
     },
-    /// The data directory is in use by another process.
+    /// The data directory is in use by another process (or another open log in this one).
     Locked { path: String },
     /// A call the storage cannot honour (e.g. an append that leaves a gap).
     Invalid { reason: String },
@@ -75,7 +75,7 @@ impl fmt::Display for StorageError {
                 reason,
             } => write!(f, "corrupt {path} at offset {offset}: {reason}"),
             StorageError::Locked { path } => {
-                write!(f, "{path} is locked by another process")
+                write!(f, "{path} is locked by another process or another open log")
             }
             StorageError::Invalid { reason } => write!(f, "invalid storage call: {reason}"),
             StorageError::Failed { first } => write!(f, "storage stopped after: {first}"),

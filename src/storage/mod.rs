@@ -51,6 +51,8 @@ use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
@@ -122,6 +124,38 @@ impl Default for FileLogOptions {
     }
 }
 
+/// How long [`FileLog::open`] waits for a held directory lock before reporting
+/// [`StorageError::Locked`]. The lock (`flock`) belongs to the open file, and a child process
+/// this process spawns holds a copy of every descriptor from its fork until its exec: a log
+/// just closed here can stay locked for that moment, and a reopen must not read it as
+/// another process's. A real second process holds it for as long as it runs.
+pub const LOCK_WAIT: Duration = Duration::from_secs(1);
+
+/// Takes `lock` (the directory's `LOCK` file) exclusively, waiting up to [`LOCK_WAIT`].
+fn take_lock(lock: &File, dir: &Path, lock_path: &Path) -> Result<(), StorageError> {
+    let t0 = Instant::now();
+    loop {
+        match lock.try_lock() {
+            Ok(()) => {
+                if t0.elapsed() >= Duration::from_millis(10) {
+                    log::debug!(target: "storage", "{}: the directory lock was free after {:?}", dir.display(), t0.elapsed());
+                }
+                return Ok(());
+            }
+            Err(fs::TryLockError::WouldBlock) if t0.elapsed() < LOCK_WAIT => {
+                thread::sleep(Duration::from_millis(2));
+            }
+            Err(fs::TryLockError::WouldBlock) => {
+                log::warn!(target: "storage", "{}: the directory lock is still held after {LOCK_WAIT:?}", dir.display());
+                return Err(StorageError::Locked {
+                    path: dir.display().to_string(),
+                });
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(io_err(lock_path, "lock", e)),
+        }
+    }
+}
+
 pub(crate) fn io_err(path: &Path, op: &'static str, e: std::io::Error) -> StorageError {
     StorageError::Io {
         path: path.display().to_string(),
@@ -163,7 +197,8 @@ pub struct FileLog {
 
 impl FileLog {
     /// Opens (creating if needed) the log in `dir`, recovering what it holds. Fails with
-    /// `Locked` if another process has it open, `Corrupt` if it is damaged beyond a torn tail.
+    /// `Locked` if another process (or another open log here) still holds it after
+    /// [`LOCK_WAIT`], `Corrupt` if it is damaged beyond a torn tail.
     pub fn open(dir: impl AsRef<Path>, opts: FileLogOptions) -> Result<FileLog, StorageError> {
         let dir = dir.as_ref().to_path_buf();
         fs::create_dir_all(&dir).map_err(|e| io_err(&dir, "create directory", e))?;
@@ -174,15 +209,7 @@ impl FileLog {
             .write(true)
             .open(&lock_path)
             .map_err(|e| io_err(&lock_path, "open", e))?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(fs::TryLockError::WouldBlock) => {
-                return Err(StorageError::Locked {
-                    path: dir.display().to_string(),
-                });
-            }
-            Err(fs::TryLockError::Error(e)) => return Err(io_err(&lock_path, "lock", e)),
-        }
+        take_lock(&lock, &dir, &lock_path)?;
         check_format(&dir)?;
         let (max_snapshot_bytes, min_free_bytes) = (opts.max_snapshot_bytes, opts.min_free_bytes);
         let (disk, restored) = recover(&dir, opts)?;

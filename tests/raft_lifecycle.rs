@@ -98,9 +98,9 @@ fn kill_stops_threads_rpcs_and_closes_apply_channel() {
     let net = Network::new();
     let (rafts, rxs) = cluster(&net, 3);
     assert_eq!(
-        settle_threads_named("raft-", 6),
-        6,
-        "ticker and applier per peer"
+        settle_threads_named("raft-", 9),
+        9,
+        "ticker, applier and syncer per peer"
     );
     let leader = wait_leader(&rafts);
     let (index, _, ok) = rafts[leader].start(vec![1, 2, 3]);

@@ -124,8 +124,10 @@ fn figure_8_a_b(t: &Test) -> (u64, u64, Vec<RuleId>) {
         .expect("S1 runs")
         .start(TestCmd::Int(102).encode());
     assert!(ok && index == 2, "S1 should append at index 2, got {index}");
-    if !t.wait_until(5 * SECOND, || term_at(t, 1, 2) == Some(t1)) {
-        t.fatal("S2 did not get index 2 from S1");
+    if !t.wait_until(5 * SECOND, || {
+        term_at(t, 1, 2) == Some(t1) && t.persisted(0).1.term_at(2) == Some(t1)
+    }) {
+        t.fatal("S2 did not get index 2 from S1, or S1 did not persist it");
     }
     // (b) S1 crashes. Only S5 may campaign; S3 and S4 elect it (S2's log is more
     // up-to-date, §5.4.1). S5 appends its own entry at index 2, and keeps it to itself.
@@ -141,6 +143,10 @@ fn figure_8_a_b(t: &Test) -> (u64, u64, Vec<RuleId>) {
         .expect("S5 runs")
         .start(TestCmd::Int(103).encode());
     assert!(ok && index == 2, "S5 should append at index 2, got {index}");
+    // `start` leaves S5's own sync to its syncer: S5 crashes once the entry is on its disk.
+    if !t.wait_until(5 * SECOND, || t.persisted(4).1.term_at(2) == Some(t2)) {
+        t.fatal("S5 did not persist its own entry at index 2 within 5 s");
+    }
     t.shutdown_server(4);
     (t1, t2, vec![s5_only, s5_silent])
 }
@@ -711,7 +717,8 @@ fn leader_counts_itself_only_for_entries_it_has_made_durable_crash_before_its_sy
 
 /// Dissertation §10.2.1, the other half: an entry both followers made durable is committed
 /// without the leader's own copy, so the leader delivers it (and its service answers) while
-/// its own sync still waits: the leader's fsync is not on the path of a reply. What the peer
+/// its own sync still waits: the leader's fsync is not on the path of a reply, and `start`
+/// returns without waiting for it either. What the peer
 /// reports as durably held (`Raft::durable_progress`, which the node records as its
 /// high-water mark) still counts only what its own sync covered: the leader crashes before
 /// that sync, restarts with a log that lacks the entry, and must find no less than it
@@ -728,6 +735,14 @@ fn leader_delivers_what_its_followers_made_durable_before_its_own_sync_and_repor
     t.one(TestCmd::Int(1), 3, false);
     let gate = t.sync_gate(0);
     let starter = start_with_leader_sync_held(&t, &gate, 2);
+    // `start` itself does not wait for that sync (the peer's syncer runs it), so a proposer
+    // may propose again at once.
+    if !t.wait_until(2 * SECOND, || starter.is_finished()) {
+        t.fatal(
+            "Raft::start on leader 0 did not return within 2 s while its own sync waited: a \
+             proposer waits for the leader's fsync",
+        );
+    }
     if !t.wait_until(5 * SECOND, || t.applied_at(0, 2).is_some()) {
         t.fatal(&format!(
             "leader 0 did not deliver index 2 within 5 s of both followers storing it (peer 1 \

@@ -1,41 +1,33 @@
-//! The rsm calls `Raft::start` outside its locks: `start` syncs the storage (an fsync with the
-//! file log), and a submitter stuck in that sync must not hold up the reader or another
-//! submitter. A one-peer cluster on the real file log, whose storage parks one chosen thread
-//! inside `sync` until the test lets it go.
+//! No submitter waits in an fsync: the rsm calls `Raft::start` outside its locks, and
+//! `start` leaves the leader's own sync of the new entry to the peer's syncer thread
+//! (`raft-<me>-syncer`), after its AppendEntries left. A one-peer cluster on the real file
+//! log, whose syncs park while the test holds them: every submitter's op must reach the log
+//! while they are held, no submitter's thread may be the one parked in a sync, and no op may
+//! be answered before the sync that makes it durable (one peer: the leader is the majority).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::thread::{self, ThreadId};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam::channel::{self, Receiver, Sender};
-use parking_lot::Mutex;
 use raftkv::kvraft::rsm::{Rsm, StateMachine};
 use raftkv::raft::log::Entry;
 use raftkv::raft::{HardState, RaftTransport, Restored, Storage, StorageError};
 use raftkv::storage::{FileLog, FileLogOptions};
 use raftkv::tester::Solo;
 
-/// The file log, except that the thread named by [`Gate::arm`] blocks in its next `sync` until
-/// released (it reports on `entered` when it gets there).
+/// The file log, except that while [`Gate::held`] every `sync` parks until the test drops
+/// the release channel's sender, reporting the name of the thread that parked on `entered`.
 struct GatedLog {
     inner: FileLog,
     gate: Arc<Gate>,
 }
 
 struct Gate {
-    thread: Mutex<Option<ThreadId>>,
-    entered: Sender<()>,
+    held: AtomicBool,
+    entered: Sender<String>,
     release: Receiver<()>,
-}
-
-impl Gate {
-    fn arm(&self) {
-        *self.gate_thread() = Some(thread::current().id());
-    }
-    fn gate_thread(&self) -> parking_lot::MutexGuard<'_, Option<ThreadId>> {
-        self.thread.lock()
-    }
 }
 
 impl Storage for GatedLog {
@@ -55,13 +47,9 @@ impl Storage for GatedLog {
         self.inner.save_snapshot(index, term, data)
     }
     fn sync(&self) -> Result<(), StorageError> {
-        let me = thread::current().id();
-        let gated = {
-            let mut thread = self.gate.gate_thread();
-            (*thread == Some(me)).then(|| thread.take())
-        };
-        if gated.is_some() {
-            let _ = self.gate.entered.send(());
+        if self.gate.held.load(Ordering::SeqCst) {
+            let name = thread::current().name().unwrap_or("unnamed").to_string();
+            let _ = self.gate.entered.send(name);
             // Bounded, so a broken run cannot hang the suite.
             let _ = self.gate.release.recv_timeout(Duration::from_secs(30));
         }
@@ -94,13 +82,13 @@ impl StateMachine for Echo {
 }
 
 #[test]
-fn a_submitter_stuck_in_sync_holds_up_neither_the_reader_nor_another_submitter() {
+fn no_submitter_waits_in_an_fsync_and_none_is_answered_before_its_op_is_durable() {
     let dir = std::env::temp_dir().join(format!("raftkv-rsm-unlocked-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let (entered_tx, entered_rx) = channel::bounded(1);
-    let (release_tx, release_rx) = channel::bounded(1);
+    let (entered_tx, entered_rx) = channel::unbounded();
+    let (release_tx, release_rx) = channel::unbounded::<()>();
     let gate = Arc::new(Gate {
-        thread: Mutex::new(None),
+        held: AtomicBool::new(false),
         entered: entered_tx,
         release: release_rx,
     });
@@ -122,50 +110,67 @@ fn a_submitter_stuck_in_sync_holds_up_neither_the_reader_nor_another_submitter()
     }
     // Warm up: one op through the log.
     assert!(rsm.submit(b"warm".to_vec()).is_ok());
+    let applied_before = sm.applied.load(Ordering::SeqCst);
+    let last_before = rsm.raft().restored_extent().1;
 
-    // A: its `start` parks in the storage sync.
-    let a = {
-        let (rsm, gate) = (rsm.clone(), gate.clone());
-        thread::Builder::new()
-            .name("submitter-a".into())
-            .spawn(move || {
-                gate.arm();
-                rsm.submit(b"a".to_vec())
-            })
-            .expect("spawn submitter a")
-    };
-    entered_rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("submitter a never reached the storage sync");
-    // B submits while A is parked: with `start` under the rsm's lock it could not even
-    // start (and the reader could not apply A's op) until A's sync returned.
-    let (b_tx, b_rx) = channel::bounded(1);
-    let b = {
+    gate.held.store(true, Ordering::SeqCst);
+    let submit = |name: &'static str| {
         let rsm = rsm.clone();
         thread::Builder::new()
-            .name("submitter-b".into())
-            .spawn(move || {
-                let _ = b_tx.send(rsm.submit(b"b".to_vec()));
-            })
-            .expect("spawn submitter b")
+            .name(format!("submitter-{name}"))
+            .spawn(move || rsm.submit(name.as_bytes().to_vec()))
+            .expect("spawn a submitter")
     };
-    let b_result = b_rx.recv_timeout(Duration::from_secs(5));
-    let a_parked = !a.is_finished();
-    let applied = sm.applied.load(Ordering::SeqCst);
-    let _ = release_tx.send(());
+    let a = submit("a");
+    let b = submit("b");
+    // Both ops reach the log while the syncs are held.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while rsm.raft().restored_extent().1 < last_before + 2 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(5));
+    }
+    let last_held = rsm.raft().restored_extent().1;
+    let parked = entered_rx.recv_timeout(Duration::from_secs(5));
+    // Give a wrongly early answer time to show.
+    thread::sleep(Duration::from_millis(200));
+    let answered_while_held = [a.is_finished(), b.is_finished()];
+    let applied_while_held = sm.applied.load(Ordering::SeqCst);
+    let mut parked_threads: Vec<String> = parked.iter().cloned().collect();
+    parked_threads.extend(entered_rx.try_iter());
+    gate.held.store(false, Ordering::SeqCst);
+    // Releases every parked sync (and any about to park).
+    drop(release_tx);
     let a_result = a.join().expect("submitter a panicked");
-    b.join().expect("submitter b panicked");
+    let b_result = b.join().expect("submitter b panicked");
     rsm.kill();
     let _ = std::fs::remove_dir_all(&dir);
 
-    let b_reply = b_result
-        .expect("submitter b waited for submitter a's storage sync")
-        .expect("submitter b's op failed");
-    assert!(a_parked, "submitter a was not held in the sync while b ran");
-    assert!(b_reply.starts_with(b"b#"), "b's reply: {b_reply:?}");
-    // The reader applied A's op (before B's) while A was still inside `start`; A's reply,
-    // answered before A learned its index, is not lost.
-    assert!(applied >= 3, "{applied} ops applied while a was parked");
+    assert!(
+        last_held >= last_before + 2,
+        "the log went from {last_before} to {last_held} while the syncs were held: a \
+         submitter's op waited for a sync before it reached the log"
+    );
+    assert!(
+        parked.is_ok(),
+        "no sync ran for the new ops while they were held"
+    );
+    for name in &parked_threads {
+        assert!(
+            !name.starts_with("submitter-"),
+            "{name} waited in a storage sync (threads that did: {parked_threads:?})"
+        );
+    }
+    assert_eq!(
+        answered_while_held,
+        [false, false],
+        "a submitter was answered before the sync of its op ran (one peer: its own copy is \
+         the majority)"
+    );
+    assert_eq!(
+        applied_while_held, applied_before,
+        "ops applied before they were durable"
+    );
     let a_reply = a_result.expect("submitter a's op failed");
     assert!(a_reply.starts_with(b"a#"), "a's reply: {a_reply:?}");
+    let b_reply = b_result.expect("submitter b's op failed");
+    assert!(b_reply.starts_with(b"b#"), "b's reply: {b_reply:?}");
 }

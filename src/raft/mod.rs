@@ -1,12 +1,14 @@
 //! Lab 3: Raft — leader election, log replication, persistence and snapshots.
 //!
-//! A [`Raft`] peer runs two threads of its own, `raft-<me>-ticker` (elections and heartbeats)
-//! and `raft-<me>-applier` (delivers committed entries and snapshots, in index order, on the
-//! apply channel). RPCs to peers go through a [`RaftTransport`] that never blocks the sender,
-//! so a call to a dead peer that hangs for seconds never holds up anything; replies are handled
-//! on the transport's threads. What must survive a crash goes to a [`Storage`]. All state sits
-//! behind one mutex, which is never held across an RPC, a blocking channel send, a sleep or a
-//! storage sync. Commands are opaque bytes: Raft never looks inside them.
+//! A [`Raft`] peer runs three threads of its own, `raft-<me>-ticker` (elections and
+//! heartbeats), `raft-<me>-applier` (delivers committed entries and snapshots, in index
+//! order, on the apply channel) and `raft-<me>-syncer` (a leader's sync of its own new
+//! entries, after their AppendEntries left, so [`Raft::start`] never waits for an fsync).
+//! RPCs to peers go through a [`RaftTransport`] that never blocks the sender, so a call to a
+//! dead peer that hangs for seconds never holds up anything; replies are handled on the
+//! transport's threads. What must survive a crash goes to a [`Storage`]. All state sits
+//! behind one mutex, which is never held across an RPC, a blocking channel send, a sleep or
+//! a storage sync. Commands are opaque bytes: Raft never looks inside them.
 
 mod apply;
 pub mod check;
@@ -181,15 +183,32 @@ impl Raft {
                 return Err(e);
             }
         };
+        let syncer = {
+            let core = core.clone();
+            spawn(
+                format!("raft-{me}-syncer"),
+                Box::new(move || core.run_syncer()),
+            )
+        };
+        let syncer = match syncer {
+            Ok(h) => h,
+            Err(e) => {
+                core.kill();
+                let _ = ticker.join();
+                let _ = applier.join();
+                return Err(e);
+            }
+        };
         Ok(Raft {
             core,
-            threads: Mutex::new(vec![ticker, applier]),
+            threads: Mutex::new(vec![ticker, applier, syncer]),
         })
     }
 
     /// Proposes `command`. If this peer is the leader, returns `(index, term, true)` where the
     /// command will appear if it is ever committed; otherwise `(0, term, false)`. Never waits
-    /// for agreement.
+    /// for agreement, nor for its own storage: the entry's AppendEntries leave at once, and
+    /// `raft-<me>-syncer` syncs it meanwhile (the leader counts itself for it only then).
     pub fn start(&self, command: Vec<u8>) -> (u64, u64, bool) {
         self.core.start(command)
     }

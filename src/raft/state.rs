@@ -202,6 +202,10 @@ pub(super) struct State {
     pub log_epoch: u64,
     /// What the current holder of the lock did, for [`StateGuard`]'s drop (reset there).
     pub guard: GuardWork,
+    /// The leader's own new entries waiting for `raft-<me>-syncer` to make them durable: the
+    /// term it queued them in and the log's extent then (the latest such request; one sync
+    /// begun after it covers every earlier one too).
+    pub own_sync: Option<(u64, LogMark)>,
     /// The configurations (membership on, see `membership.rs`); `None`: the labs' fixed peer
     /// set, every peer a voter.
     pub configs: Option<Configs>,
@@ -218,7 +222,8 @@ pub(super) struct GuardWork {
     /// already (see [`Core::acked_limit`]).
     pub queued: bool,
     /// The leader queued its own new entries (`start`): they may leave in AppendEntries
-    /// before its own sync, which it then runs and counts itself for.
+    /// before its own sync, which `raft-<me>-syncer` runs after them, counting the leader
+    /// for them once it is done; the caller of `start` does not wait for it.
     pub queued_own: bool,
     /// The leader queued AppendEntries or snapshot pieces, or handled an answer to one: they
     /// depend on nothing unsynced (its term is durable since its election, and what it sends
@@ -236,6 +241,8 @@ pub(crate) struct Core {
     pub ticker_cv: Condvar,
     /// Wakes the applier (commit advanced, snapshot installed, kill).
     pub applier_cv: Condvar,
+    /// Wakes `raft-<me>-syncer` (the leader queued its own entries, kill).
+    pub syncer_cv: Condvar,
     /// Wakes AppendEntries handlers waiting for the log to shrink below `log_limit`
     /// (a snapshot, kill). Notified with the state lock held, so no wake-up is lost.
     pub room_cv: Condvar,
@@ -333,6 +340,7 @@ impl Core {
             durable: log.last_index(),
             log_epoch: 0,
             guard: GuardWork::default(),
+            own_sync: None,
             votes: BTreeSet::new(),
             leader_contact: None,
             leader_id: None,
@@ -381,6 +389,7 @@ impl Core {
                 state: Mutex::new(state),
                 ticker_cv: Condvar::new(),
                 applier_cv: Condvar::new(),
+                syncer_cv: Condvar::new(),
                 room_cv: Condvar::new(),
                 log_limit: AtomicUsize::new(0),
                 dead: AtomicBool::new(false),
@@ -519,6 +528,7 @@ impl Core {
         self.kill_tx.lock().take();
         self.ticker_cv.notify_all();
         self.applier_cv.notify_all();
+        self.syncer_cv.notify_all();
         self.room_cv.notify_all();
     }
 
@@ -572,6 +582,33 @@ impl Core {
         // entries are the ones the sync made durable.
         st.own_durable = mark.last;
         self.advance_commit(&mut st);
+    }
+
+    /// `raft-<me>-syncer`: makes a leader's own new entries durable after their
+    /// AppendEntries left, then counts the leader for them ([`Core::log_synced`]), so that
+    /// `start` returns without waiting for an fsync (Raft dissertation §10.2.1). What is
+    /// queued while one sync runs is covered by the next (group commit). Ends on kill, or
+    /// when a sync fails (which stops the peer).
+    pub(super) fn run_syncer(&self) {
+        loop {
+            let (term, mark) = {
+                let mut st = self.state.lock();
+                loop {
+                    if self.is_dead() {
+                        return;
+                    }
+                    if let Some(want) = st.own_sync.take() {
+                        break want;
+                    }
+                    self.syncer_cv.wait(&mut st);
+                }
+            };
+            if !self.sync_storage() || self.is_dead() {
+                return;
+            }
+            self.synced_term.fetch_max(term, Ordering::SeqCst);
+            self.log_synced(term, true, mark);
+        }
     }
 
     /// The highest index an answer built now may acknowledge: anything the log holds when
@@ -787,8 +824,10 @@ impl Drop for StateGuard<'_> {
     /// - anything queued but a leader's own new entries (a term, a vote, a follower's entries,
     ///   a snapshot), or a term not yet known durable: sync, then send (a handler's reply
     ///   leaves after this);
-    /// - a leader's own new entries: send the AppendEntries, then sync, and only then count
-    ///   itself for them (Raft dissertation §10.2.1), so its fsync and its followers' overlap;
+    /// - a leader's own new entries (its term durable): send the AppendEntries and hand the
+    ///   sync to `raft-<me>-syncer`, which counts the leader for them once it is done (Raft
+    ///   dissertation §10.2.1), so its fsync and its followers' overlap and `start` never
+    ///   waits for it;
     /// - nothing queued (a leader's sends, a follower's answer to a heartbeat or to entries it
     ///   holds already, a refused vote): send, no sync. Such an answer acknowledges only what
     ///   is durable already ([`Core::acked_limit`]).
@@ -809,6 +848,15 @@ impl Drop for StateGuard<'_> {
             last: st.log.last_index(),
         };
         let raise = leading || mark.last > st.durable;
+        // Only a leader's own new entries queued, its term durable: they leave now, and
+        // the syncer makes them durable meanwhile.
+        let own_only = !work.queued
+            && work.queued_own
+            && leading
+            && term <= self.core.synced_term.load(Ordering::SeqCst);
+        if own_only {
+            st.own_sync = Some((term, mark));
+        }
         drop(st);
         let core = self.core;
         if core.is_dead() {
@@ -829,13 +877,11 @@ impl Drop for StateGuard<'_> {
             send(outbox);
             return;
         }
-        let early = !work.queued && work.queued_own;
-        let outbox = if early {
+        if own_only {
             send(outbox);
-            Vec::new()
-        } else {
-            outbox
-        };
+            core.syncer_cv.notify_one();
+            return;
+        }
         if !core.sync_storage() || core.is_dead() {
             return;
         }

@@ -45,9 +45,9 @@ pub(super) struct Waiter<R> {
 }
 
 /// The submitters waiting for their ops. Keyed by op id, so that a submitter is registered
-/// before it calls `Raft::start` and the call runs outside this lock (`start` syncs the
-/// storage: an fsync with the file log): the reader can answer an op that commits before its
-/// submitter has even learned its index.
+/// before it calls `Raft::start` and the call runs outside this lock (`start` takes Raft's
+/// lock, and the leader's own sync is left to its syncer thread): the reader can answer an
+/// op that commits before its submitter has even learned its index.
 pub(super) struct Waiters<R> {
     pub(super) by_id: HashMap<u64, Waiter<R>>,
     /// Which op each known index was started for (to tell a submitter at once that another

@@ -624,8 +624,9 @@ fn leader_counts_a_late_append_entries_reply_only_for_what_its_call_carried() {
     t.end();
 }
 
-/// Leader 0 starts `Int(cmd)` with its syncs held from now on, on a thread of its own
-/// (`start` returns only after its sync); returns once that sync waits at the gate.
+/// Leader 0 starts `Int(cmd)` with its syncs held from now on, on a thread of its own (so a
+/// `start` that waited for its own sync, which it must not, would not hang the test);
+/// returns once the leader's sync of the entry (its syncer's) waits at the gate.
 fn start_with_leader_sync_held(
     t: &Test,
     gate: &SyncGate,

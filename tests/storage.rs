@@ -6,6 +6,9 @@ use std::fs;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use raftkv::raft::log::Entry;
@@ -254,13 +257,13 @@ fn second_open_is_refused() {
 fn reopen_while_this_process_spawns_children_is_never_refused() {
     let tmp = TempDir::new("spawning");
     drop(FileLog::open(&tmp.0, opts(400)).unwrap());
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = Arc::new(AtomicBool::new(false));
     let spawners: Vec<_> = (0..2)
         .map(|_| {
             let done = done.clone();
-            std::thread::spawn(move || {
+            thread::spawn(move || {
                 let mut spawned = 0u32;
-                while !done.load(std::sync::atomic::Ordering::Relaxed) && spawned < 20_000 {
+                while !done.load(Ordering::Relaxed) && spawned < 20_000 {
                     let status = Command::new("true")
                         .stdout(Stdio::null())
                         .status()
@@ -288,7 +291,7 @@ fn reopen_while_this_process_spawns_children_is_never_refused() {
         }
         opened += 1;
     }
-    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    done.store(true, Ordering::Relaxed);
     let spawned: u32 = spawners.into_iter().map(|h| h.join().unwrap()).sum();
     if let Some(f) = failure {
         panic!("{f} (while {spawned} children were spawned)");

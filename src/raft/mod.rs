@@ -152,56 +152,44 @@ impl Raft {
     ) -> Result<Raft, RaftError> {
         let (core, kill_rx) = Core::restore(peers.into(), me, storage.into(), options)?;
         let core = Arc::new(core);
-        let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
-            thread::Builder::new()
-                .name(name)
+        type Job = Box<dyn FnOnce() + Send>;
+        let jobs: [(&str, Job); 3] = [
+            ("ticker", {
+                let core = core.clone();
+                Box::new(move || core.run_ticker())
+            }),
+            ("applier", {
+                let core = core.clone();
+                Box::new(move || core.run_applier(apply_tx, kill_rx))
+            }),
+            ("syncer", {
+                let core = core.clone();
+                Box::new(move || core.run_syncer())
+            }),
+        ];
+        let mut threads = Vec::with_capacity(jobs.len());
+        for (job, f) in jobs {
+            match thread::Builder::new()
+                .name(format!("raft-{me}-{job}"))
                 .spawn(f)
-                .map_err(|e| RaftError::Spawn {
-                    peer: me,
-                    reason: e.to_string(),
-                })
-        };
-        let ticker = {
-            let core = core.clone();
-            spawn(
-                format!("raft-{me}-ticker"),
-                Box::new(move || core.run_ticker()),
-            )?
-        };
-        let applier = {
-            let core = core.clone();
-            spawn(
-                format!("raft-{me}-applier"),
-                Box::new(move || core.run_applier(apply_tx, kill_rx)),
-            )
-        };
-        let applier = match applier {
-            Ok(h) => h,
-            Err(e) => {
-                core.kill();
-                let _ = ticker.join();
-                return Err(e);
+            {
+                Ok(h) => threads.push(h),
+                Err(e) => {
+                    // Stop and join the threads already running.
+                    core.kill();
+                    for h in threads {
+                        let _ = h.join();
+                    }
+                    return Err(RaftError::Spawn {
+                        peer: me,
+                        reason: e.to_string(),
+                    });
+                }
             }
-        };
-        let syncer = {
-            let core = core.clone();
-            spawn(
-                format!("raft-{me}-syncer"),
-                Box::new(move || core.run_syncer()),
-            )
-        };
-        let syncer = match syncer {
-            Ok(h) => h,
-            Err(e) => {
-                core.kill();
-                let _ = ticker.join();
-                let _ = applier.join();
-                return Err(e);
-            }
-        };
+        }
         Ok(Raft {
             core,
-            threads: Mutex::new(vec![ticker, applier, syncer]),
+            threads: Mutex::new(threads),
         })
     }
 

@@ -33,6 +33,10 @@ throughput, the slowest request and the standard deviation, not percentiles). ra
 with appendonly yes, appendfsync always; etcd: 3 members, default durability. Missing tools
 are installed with apt-get (redis-tools, redis-server, etcd-server, etcd-client). Beside each
 figure: the 1-minute load average when the run ended (other work on the machine shows there).
+First, the disk the data goes to (TMPDIR's): the mean time of one durable 1,200-byte append
+(dd oflag=dsync, 1,000 of them), by one writer alone and by three at once, printed above the
+table: Redis waits for one of these per turn of its loop, a raftkv or etcd commit for the
+second of three at once, so it bounds how close a cluster on one disk can come to Redis.
 Every process started is stopped and the temp dir removed on every exit path.
 Run it under `nice -n 19` on a shared machine; children inherit the niceness.
 USAGE
@@ -310,12 +314,37 @@ stop_all() {
     pids=()
 }
 
+# ---- the disk: how long one durable append takes, alone and with two others at once ----
+# Every system here waits for such appends: Redis for one per turn of its loop, a raftkv or
+# etcd commit for the second of three (leader and followers share this disk). dd with
+# oflag=dsync: each 1,200-byte write returns once durable (about one batch of 25 SETs).
+disk_probe() { # WRITERS -> mean µs per durable append, the slowest writer's
+    local n=$1 i worst=0 secs us
+    for i in $(seq "$n"); do
+        dd if=/dev/zero of="$tmp/disk-$i" bs=1200 count=1000 oflag=dsync 2>"$tmp/dd-$i.err" &
+    done
+    wait
+    for i in $(seq "$n"); do
+        secs=$(sed -n 's/.* copied, \([0-9.]*\) s.*/\1/p' "$tmp/dd-$i.err")
+        [[ -n $secs ]] || { cat "$tmp/dd-$i.err" >&2; die "dd on $tmp failed"; }
+        us=$(awk -v s="$secs" 'BEGIN { printf "%d", s * 1e6 / 1000 }')
+        ((us > worst)) && worst=$us
+        rm -f "$tmp/disk-$i"
+    done
+    echo "$worst"
+}
+
 log "temp dir $tmp; load average at start: $(cut -d' ' -f1-3 /proc/loadavg); $(nproc) CPUs"
+disk_one=$(disk_probe 1)
+disk_three=$(disk_probe 3)
+log "disk: a durable 1,200-byte append takes $disk_one µs alone, $disk_three µs with two others at once"
 wants raftkv && bench_raftkv
 wants raftkv && ((auth)) && bench_raftkv "bench-$RANDOM$RANDOM"
 wants redis && bench_redis
 wants etcd && bench_etcd
 
+printf '\ndisk (%s under %s): a durable 1,200-byte append, mean: %s µs alone, %s µs each with two others at once\n' \
+    "$(df --output=fstype "${TMPDIR:-/tmp}" | tail -1 | tr -d ' ')" "${TMPDIR:-/tmp}" "$disk_one" "$disk_three"
 printf '\n%-28s %-22s %10s %9s %9s %9s %6s\n' system test ops/s "p50 ms" "p99 ms" "cpu µs/op" load1
 for r in "${rows[@]}"; do
     IFS='|' read -r system test ops p50 p99 cpu load <<<"$r"

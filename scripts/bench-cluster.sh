@@ -37,6 +37,9 @@ First, the disk the data goes to (TMPDIR's): the mean time of one durable 1,200-
 (dd oflag=dsync, 1,000 of them), by one writer alone and by three at once, printed above the
 table: Redis waits for one of these per turn of its loop, a raftkv or etcd commit for the
 second of three at once, so it bounds how close a cluster on one disk can come to Redis.
+Redis runs once more (SET -c CLIENTS only) beside two other writers that each make one durable
+1,200-byte append after another (dd oflag=dsync): the disk shared as the three raftkv
+nodes share it.
 Every process started is stopped and the temp dir removed on every exit path.
 Run it under `nice -n 19` on a shared machine; children inherit the niceness.
 USAGE
@@ -254,7 +257,17 @@ bench_redis() {
     pids+=($!)
     wait_port "$port" redis-server "$!" "$dir/redis.log"
     run_redis_benchmark "redis (appendfsync always)" "$port" "${pids[*]: -1}"
+    # Redis with the disk shared as the cluster's three nodes share it: two other writers
+    # each waiting for one durable append after another (bounded; stopped after the run).
+    local redis_pid=${pids[*]: -1} i
+    for i in 1 2; do
+        dd if=/dev/zero of="$tmp/share-$i" bs=1200 count=200000 oflag=dsync 2>/dev/null &
+        pids+=($!)
+    done
+    local pipeline=1 tests=set
+    run_redis_benchmark "redis, 2 durable writers" "$port" "$redis_pid"
     stop_all
+    rm -f "$tmp"/share-*
 }
 
 # ---- etcd: 3 members ----

@@ -526,3 +526,114 @@ fn log_limit_bounds_a_follower_whose_service_lags() {
     }
     net.cleanup();
 }
+
+/// The `.tmp` files in `dir` and their sizes.
+fn tmp_files(dir: &std::path::Path) -> Vec<(String, u64)> {
+    fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| {
+                let e = e.ok()?;
+                let name = e.file_name().to_string_lossy().into_owned();
+                let len = e.metadata().ok()?.len();
+                name.ends_with(".tmp").then_some((name, len))
+            })
+            .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A follower's own snapshot (here 256 MiB, written with the file log) must not hold up its
+/// AppendEntries answers: while the snapshot's file is written and fsynced, an append from
+/// the leader is made durable and answered. (Were the answer to wait for the whole write, a
+/// leader whose followers snapshot at about the same index would hear from no majority for
+/// that long, and CheckQuorum would depose it.)
+#[test]
+fn a_followers_snapshot_write_does_not_hold_up_its_appendentries_answers() {
+    use raftkv::raft::AppendEntriesArgs;
+    use raftkv::storage::{FileLog, FileLogOptions};
+    const SNAPSHOT_BYTES: usize = 256 << 20;
+    let _serial = SERIAL.lock();
+    let dir = tempfile::tempdir().unwrap();
+    let net = Network::new();
+    // Peer 1 of 2; peer 0, the "leader", is this test, calling the handler directly. Its end
+    // goes nowhere, so the follower's pre-votes are never answered and its term stays.
+    let ends = vec![
+        net.make_end("snapwrite-0").unwrap(),
+        net.make_end("snapwrite-1").unwrap(),
+    ];
+    let log = FileLog::open(dir.path(), FileLogOptions::default()).unwrap();
+    let (tx, rx) = channel::unbounded();
+    let storage: Box<dyn Storage> = Box::new(log);
+    let raft = Arc::new(Raft::new(ends, 1, storage, tx).unwrap());
+    let handler = raft.handler();
+    let entry = |i: u64| Entry {
+        term: 1,
+        command: labcodec::encode(&i).unwrap(),
+    };
+    let append = |prev: u64, entries: Vec<Entry>, commit: u64| {
+        handler.append_entries(AppendEntriesArgs {
+            term: 1,
+            leader: 0,
+            prev_log_index: prev,
+            prev_log_term: if prev == 0 { 0 } else { 1 },
+            entries,
+            leader_commit: commit,
+        })
+    };
+    let r = append(0, (1..=3).map(entry).collect(), 3).expect("an answer");
+    assert!(r.success, "the follower takes entries 1..=3: {r:?}");
+    wait_applied(&rx, 1, 3);
+
+    let done = Arc::new(AtomicBool::new(false));
+    let snapshotter = {
+        let (raft, done) = (raft.clone(), done.clone());
+        thread::Builder::new()
+            .name("test-snapshotter".into())
+            .spawn(move || {
+                let t0 = Instant::now();
+                raft.snapshot(3, vec![7; SNAPSHOT_BYTES]);
+                done.store(true, Ordering::SeqCst);
+                t0.elapsed()
+            })
+            .unwrap()
+    };
+    // Once the snapshot's file is being written, the leader appends entry 4.
+    let t0 = Instant::now();
+    while tmp_files(dir.path()).iter().all(|(_, len)| *len == 0) {
+        assert!(
+            !done.load(Ordering::SeqCst),
+            "the snapshot was written before its file was seen"
+        );
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no snapshot file within 30 s"
+        );
+        thread::sleep(Duration::from_millis(1));
+    }
+    let t1 = Instant::now();
+    let r = append(3, vec![entry(4)], 3).expect("an answer");
+    let answered_in = t1.elapsed();
+    // The snapshot's file is renamed into place once written and fsynced: still there under
+    // its temporary name, it was being written when the answer came.
+    let still_writing = !tmp_files(dir.path()).is_empty();
+    let snapshot_took = snapshotter.join().unwrap();
+    assert!(r.success, "the follower takes entry 4: {r:?}");
+    assert!(
+        still_writing,
+        "the AppendEntries was answered in {answered_in:?}, only once the snapshot's file \
+         was written and in place ({snapshot_took:?} for the whole snapshot)"
+    );
+    raft.kill();
+    drop((raft, handler));
+    net.cleanup();
+    // The snapshot and entry 4 are durable: both read back.
+    let log = FileLog::open(dir.path(), FileLogOptions::default()).unwrap();
+    let restored = log.restore().unwrap();
+    assert_eq!(
+        restored.log.base_index(),
+        3,
+        "the snapshot through 3 is on disk"
+    );
+    assert_eq!(restored.log.last_index(), 4, "entry 4 is on disk");
+    assert_eq!(restored.snapshot.len(), SNAPSHOT_BYTES);
+}

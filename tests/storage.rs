@@ -1026,7 +1026,37 @@ fn snapshot_at_the_limit_is_written_and_received_and_one_byte_more_is_refused_by
     writer.sync().unwrap();
     assert_eq!(writer.snapshot_source().unwrap().index(), 9);
     assert_eq!(tmp_files(&writer_dir.0), Vec::<String>::new());
+    // Written ahead (Raft's path for the service's snapshots), the same limit: at it, written
+    // and read back; one byte more refused with the same error, no file left.
+    let ahead = writer
+        .write_snapshot(12, 2, &data)
+        .unwrap()
+        .expect("the file log writes ahead");
+    assert_eq!(ahead.len(), limit);
+    writer.save_written_snapshot(&ahead).unwrap();
+    writer.sync().unwrap();
+    assert_eq!(writer.snapshot_source().unwrap().len(), limit);
+    match writer.write_snapshot(13, 2, &over) {
+        Err(e) => assert_eq!(
+            e,
+            StorageError::SnapshotTooLarge {
+                index: 13,
+                len: limit + 1,
+                limit
+            }
+        ),
+        Ok(_) => panic!("a snapshot above the limit was written ahead"),
+    }
+    assert_eq!(tmp_files(&writer_dir.0), Vec::<String>::new());
     drop(writer);
+    let r = FileLog::open(&writer_dir.0, limited.clone())
+        .unwrap()
+        .restore()
+        .unwrap();
+    assert!(
+        r.log.base_index() == 12 && r.snapshot == data,
+        "the snapshot written ahead at the limit did not read back"
+    );
 
     // … and the receiver refuses its first piece, keeping the transfer it has under way.
     let piece = |index: u64, offset: u64, total: u64, data: &'static [u8]| SnapshotChunk {
@@ -1083,4 +1113,114 @@ fn snapshot_at_the_limit_is_written_and_received_and_one_byte_more_is_refused_by
         ChunkOutcome::Refused
     ));
     assert_eq!(tmp_files(&reserve_dir.0), Vec::<String>::new());
+}
+
+/// The service's snapshot written ahead of its queueing (`write_snapshot`, the file log's
+/// own file, fsynced, written while other writes sync): installed only by
+/// `save_written_snapshot` and the next sync, after which it and the entries after it read
+/// back, whatever was appended and synced meanwhile; a file written but never saved (a crash
+/// before the save) leaves the old snapshot and the whole log, and is deleted at the next
+/// open; a discarded one is deleted at once; a save of anything else is refused.
+#[test]
+fn snapshot_written_ahead_is_installed_only_when_saved() {
+    let d = TempDir::new("ahead");
+    write_log(&d.0, 30, 400);
+    let snap = |i: u64| format!("state through {i}").repeat(50).into_bytes();
+    {
+        let log = FileLog::open(&d.0, opts(400)).unwrap();
+        log.restore().unwrap();
+        let ahead = log
+            .write_snapshot(20, entry(20).term, &snap(20))
+            .unwrap()
+            .expect("the file log writes ahead");
+        assert_eq!(tmp_files(&d.0).len(), 1, "the snapshot's own file");
+        // Appended and synced while the written snapshot waits to be saved.
+        log.append(31, &[entry(31), entry(32)]).unwrap();
+        log.sync().unwrap();
+        assert!(
+            log.snapshot_source().is_none(),
+            "not installed before it is saved"
+        );
+        // Dropped without a save: as a crash between the write and the save.
+        let _ = ahead;
+    }
+    assert_eq!(tmp_files(&d.0).len(), 1);
+    let r = reopen(&d.0).unwrap();
+    assert_eq!(
+        tmp_files(&d.0),
+        Vec::<String>::new(),
+        "the unsaved file is deleted at open"
+    );
+    assert_eq!((r.log.base_index(), r.log.last_index()), (0, 32));
+    assert!(r.snapshot.is_empty(), "an unsaved snapshot was installed");
+    assert_eq!(entries_of(&r), (1..=32).map(entry).collect::<Vec<_>>());
+
+    let log = FileLog::open(&d.0, opts(400)).unwrap();
+    log.restore().unwrap();
+    // Discarded: its file goes at once.
+    let dropped = log
+        .write_snapshot(10, entry(10).term, &snap(10))
+        .unwrap()
+        .unwrap();
+    log.discard_written_snapshot(&dropped);
+    assert_eq!(
+        tmp_files(&d.0),
+        Vec::<String>::new(),
+        "a discarded file stays"
+    );
+    assert!(matches!(
+        log.save_written_snapshot(&dropped),
+        Err(StorageError::Invalid { .. })
+    ));
+    // Written, then entries appended and synced, then saved: the snapshot and every entry
+    // after it read back.
+    let ahead = log
+        .write_snapshot(25, entry(25).term, &snap(25))
+        .unwrap()
+        .unwrap();
+    log.append(33, &[entry(33)]).unwrap();
+    log.sync().unwrap();
+    log.save_written_snapshot(&ahead).unwrap();
+    assert!(
+        matches!(
+            log.save_written_snapshot(&ahead),
+            Err(StorageError::Invalid { .. })
+        ),
+        "the same snapshot saved twice"
+    );
+    log.append(34, &[entry(34)]).unwrap();
+    log.sync().unwrap();
+    let src = log.snapshot_source().expect("installed by the sync");
+    assert_eq!((src.index(), src.term()), (25, entry(25).term));
+    assert_eq!(tmp_files(&d.0), Vec::<String>::new());
+    drop(log);
+    let r = reopen(&d.0).unwrap();
+    assert_eq!((r.log.base_index(), r.log.last_index()), (25, 34));
+    assert_eq!(r.snapshot, snap(25));
+    assert_eq!(entries_of(&r), (26..=34).map(entry).collect::<Vec<_>>());
+
+    // Two written ahead at once: the later saved first, the earlier is refused (the log has
+    // moved past it) and its file deleted; the later one stands.
+    let log = FileLog::open(&d.0, opts(400)).unwrap();
+    log.restore().unwrap();
+    let a = log
+        .write_snapshot(28, entry(28).term, &snap(28))
+        .unwrap()
+        .unwrap();
+    let b = log
+        .write_snapshot(30, entry(30).term, &snap(30))
+        .unwrap()
+        .unwrap();
+    assert_eq!(tmp_files(&d.0).len(), 2);
+    log.save_written_snapshot(&b).unwrap();
+    assert!(matches!(
+        log.save_written_snapshot(&a),
+        Err(StorageError::Invalid { .. })
+    ));
+    log.sync().unwrap();
+    assert_eq!(tmp_files(&d.0), Vec::<String>::new());
+    drop(log);
+    let r = reopen(&d.0).unwrap();
+    assert_eq!((r.log.base_index(), r.log.last_index()), (30, 34));
+    assert_eq!(r.snapshot, snap(30));
 }

@@ -8,11 +8,13 @@
 //! which the tester's `Persister` adapter writes, so the byte sizes the 3D/4C tests check stay
 //! what they were.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use super::log::{Entry, Log};
 use super::state::{Core, State};
-use super::storage::{HardState, SnapshotData, Storage, StorageError};
+use super::storage::{HardState, SnapshotData, SnapshotSource, Storage, StorageError};
 use crate::labcodec::{self, CodecError};
 
 #[derive(Serialize, Deserialize)]
@@ -106,6 +108,17 @@ impl Core {
             // streamed one is installed by `persist_received_snapshot`).
             SnapshotData::Stored(_) => {}
         }
+    }
+
+    /// Queues the snapshot the storage wrote ahead (see `write_snapshot_ahead`), through the
+    /// log's base.
+    pub(super) fn persist_written_snapshot(
+        &self,
+        st: &mut State,
+        written: &Arc<dyn SnapshotSource>,
+    ) {
+        log::trace!(target: "raft::persist", "raft-{} t{}: snapshot written ahead through {}", self.me, st.term, written.index());
+        self.queue(st, "snapshot", |s| s.save_written_snapshot(written));
     }
 
     /// Hands one change to the storage. Nothing is queued once the peer is dead; a change the

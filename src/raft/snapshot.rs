@@ -18,10 +18,38 @@ impl Core {
         if !self.save_config_for_snapshot(index) {
             return;
         }
-        self.compact(index, data);
+        let data = Arc::new(data);
+        let written = self.write_snapshot_ahead(index, &data);
+        let unused = self.compact(index, data, written);
+        if let Some(w) = unused {
+            self.storage.discard_written_snapshot(&w);
+        }
         // Durable now: a follower at its log limit may take entries again.
         self.adopt_stored_snapshot();
         self.notify_room();
+    }
+
+    /// Has a storage that can (the file log) write the snapshot to a file of its own before
+    /// it is queued, with no lock held: the syncs of other writes (a follower's
+    /// AppendEntries, answered only once durable) then never wait for a large snapshot's
+    /// write. `None`: nothing written ahead (a snapshot `compact` will ignore, or a storage
+    /// that writes snapshots within its sync).
+    fn write_snapshot_ahead(&self, index: u64, data: &[u8]) -> Option<Arc<dyn SnapshotSource>> {
+        let term = {
+            let st = self.state.lock();
+            if self.is_dead() || index <= st.log.base_index() || index > st.last_applied {
+                return None;
+            }
+            st.log.term_at(index)?
+        };
+        match self.storage.write_snapshot(index, term, data) {
+            Ok(written) => written,
+            Err(e) => {
+                let mut st = self.state.lock();
+                self.storage_failed(&mut st, "write snapshot", &e);
+                None
+            }
+        }
     }
 
     /// Once the storage holds the snapshot durably and can read it back, Raft keeps a handle
@@ -40,23 +68,41 @@ impl Core {
         }
     }
 
-    fn compact(&self, index: u64, data: Vec<u8>) {
+    /// Discards the log through `index` and queues the snapshot: the file `written` ahead if
+    /// there is one for this very index and term, else the bytes. Returns a written file it
+    /// did not use, for the caller to discard once the lock is released.
+    fn compact(
+        &self,
+        index: u64,
+        data: Arc<Vec<u8>>,
+        written: Option<Arc<dyn SnapshotSource>>,
+    ) -> Option<Arc<dyn SnapshotSource>> {
         let mut st = self.lock_state();
         if self.is_dead() {
-            return;
+            return written;
         }
         // Only a prefix the service has been given can be replaced by its snapshot.
         if index <= st.log.base_index() || index > st.last_applied {
             log::debug!(target: "raft::snapshot", "raft-{} t{}: snapshot at {index} ignored (log base {}, applied {})", self.me, st.term, st.log.base_index(), st.last_applied);
-            return;
+            return written;
         }
+        let (written, unused) = match written {
+            Some(w) if w.index() == index && st.log.term_at(index) == Some(w.term()) => {
+                (Some(w), None)
+            }
+            other => (None, other),
+        };
         st.log.compact_to(index);
         if let Some(cs) = st.configs.as_mut() {
             cs.compact_to(index);
         }
-        st.snapshot = SnapshotData::Mem(Arc::new(data));
-        self.persist_snapshot(&mut st);
+        st.snapshot = SnapshotData::Mem(data);
+        match written {
+            Some(w) => self.persist_written_snapshot(&mut st, &w),
+            None => self.persist_snapshot(&mut st),
+        }
         log::debug!(target: "raft::snapshot", "raft-{} t{}: snapshot through {index}, log ({index}..={}]", self.me, st.term, st.log.last_index());
+        unused
     }
 
     /// Sends `peer` our snapshot: it needs entries we no longer have.

@@ -345,6 +345,40 @@ pub trait Storage: Send + Sync {
         None
     }
 
+    /// Writes the service's snapshot through (`index`, `term`) to a file of its own and makes
+    /// that file durable, before anything is queued: Raft calls this without its mutex, and
+    /// the storage must not hold up other writes' syncs meanwhile, so a follower answers
+    /// AppendEntries while a large snapshot is written. The snapshot is installed only by
+    /// [`save_written_snapshot`](Storage::save_written_snapshot) (then durable at the next
+    /// `sync`, as with [`save_snapshot`](Storage::save_snapshot)); Raft hands every written
+    /// snapshot back exactly once, to that or to
+    /// [`discard_written_snapshot`](Storage::discard_written_snapshot). `None` (the default):
+    /// this storage writes snapshots within `sync`; Raft calls `save_snapshot_shared`.
+    fn write_snapshot(
+        &self,
+        _index: u64,
+        _term: u64,
+        _data: &[u8],
+    ) -> Result<Option<Arc<dyn SnapshotSource>>, StorageError> {
+        Ok(None)
+    }
+
+    /// Queues the installation of a snapshot [`write_snapshot`](Storage::write_snapshot)
+    /// wrote: entries through its index are discarded, durably at the next `sync` (the log
+    /// holds its index at its term: the service's snapshot covers applied entries).
+    fn save_written_snapshot(
+        &self,
+        _snapshot: &Arc<dyn SnapshotSource>,
+    ) -> Result<(), StorageError> {
+        Err(StorageError::Invalid {
+            reason: "this storage does not write snapshots ahead".to_string(),
+        })
+    }
+
+    /// Forgets a snapshot [`write_snapshot`](Storage::write_snapshot) wrote that will not be
+    /// installed (the log moved past it meanwhile, or the peer stopped): its file goes.
+    fn discard_written_snapshot(&self, _snapshot: &Arc<dyn SnapshotSource>) {}
+
     /// Takes one piece of a snapshot streamed from the leader, written to a temporary file
     /// (see [`ChunkOutcome`]). Storages that cannot refuse.
     fn receive_snapshot_chunk(
@@ -413,6 +447,23 @@ impl<S: Storage + ?Sized> Storage for Arc<S> {
     }
     fn snapshot_source(&self) -> Option<Arc<dyn SnapshotSource>> {
         (**self).snapshot_source()
+    }
+    fn write_snapshot(
+        &self,
+        index: u64,
+        term: u64,
+        data: &[u8],
+    ) -> Result<Option<Arc<dyn SnapshotSource>>, StorageError> {
+        (**self).write_snapshot(index, term, data)
+    }
+    fn save_written_snapshot(
+        &self,
+        snapshot: &Arc<dyn SnapshotSource>,
+    ) -> Result<(), StorageError> {
+        (**self).save_written_snapshot(snapshot)
+    }
+    fn discard_written_snapshot(&self, snapshot: &Arc<dyn SnapshotSource>) {
+        (**self).discard_written_snapshot(snapshot)
     }
     fn receive_snapshot_chunk(
         &self,

@@ -97,6 +97,10 @@ pub const DEFAULT_MAX_SNAPSHOT_BYTES: u64 = 64 << 30;
 /// Default of [`FileLogOptions::min_free_bytes`].
 pub const DEFAULT_MIN_FREE_BYTES: u64 = 256 << 20;
 
+/// The most snapshots written ahead and not yet saved or discarded that a log keeps: Raft
+/// hands each back right after writing it, so more means one never will be.
+const MAX_WRITTEN_AHEAD: usize = 4;
+
 /// Options of a [`FileLog`].
 #[derive(Debug, Clone)]
 pub struct FileLogOptions {
@@ -156,6 +160,14 @@ fn take_lock(lock: &File, dir: &Path, lock_path: &Path) -> Result<(), StorageErr
     }
 }
 
+/// Deletes the file of a snapshot written ahead that will not be installed.
+fn remove_written(s: &FileSnapshot) {
+    let path = s.path();
+    if let Err(e) = fs::remove_file(&path) {
+        log::warn!(target: "storage", "{}: cannot delete an unused snapshot file: {e}", path.display());
+    }
+}
+
 pub(crate) fn io_err(path: &Path, op: &'static str, e: std::io::Error) -> StorageError {
     StorageError::Io {
         path: path.display().to_string(),
@@ -189,6 +201,11 @@ pub struct FileLog {
     keep_on_disk: AtomicBool,
     /// A snapshot being received from the leader, and the last one completed.
     receiving: Mutex<Receiving>,
+    /// The service's snapshots written ahead ([`Storage::write_snapshot`]), each until Raft
+    /// saves or discards it (at most [`MAX_WRITTEN_AHEAD`]); and how many were written (each
+    /// file's name is its own).
+    written: Mutex<Vec<Arc<FileSnapshot>>>,
+    written_count: AtomicU64,
     /// [`FileLogOptions::max_snapshot_bytes`] and [`FileLogOptions::min_free_bytes`].
     max_snapshot_bytes: u64,
     min_free_bytes: u64,
@@ -235,6 +252,8 @@ impl FileLog {
             current: Mutex::new(current),
             keep_on_disk: AtomicBool::new(false),
             receiving: Mutex::new(Receiving::default()),
+            written: Mutex::new(Vec::new()),
+            written_count: AtomicU64::new(0),
             max_snapshot_bytes,
             min_free_bytes,
             dir,
@@ -255,6 +274,15 @@ impl FileLog {
             return Vec::new();
         }
         self.read_current().unwrap_or_default()
+    }
+
+    /// The snapshot written ahead that `snapshot` is, taken from those waiting.
+    fn take_written(&self, snapshot: &Arc<dyn SnapshotSource>) -> Option<Arc<FileSnapshot>> {
+        let mut written = self.written.lock();
+        let k = written
+            .iter()
+            .position(|s| receive::same_snapshot(s, snapshot))?;
+        Some(written.remove(k))
     }
 
     /// The bytes of the durable snapshot (empty if none).
@@ -318,6 +346,83 @@ impl Storage for FileLog {
             .map(|s| s as Arc<dyn SnapshotSource>)
     }
 
+    /// Written to `snapshot-own-<n>.tmp` (a chunked snapshot file, fsynced) by the calling
+    /// thread, outside the write queue and its gate: syncs of other writes go on meanwhile.
+    /// Renamed into place by the sync that carries out [`Storage::save_written_snapshot`];
+    /// a file never saved is deleted by `discard_written_snapshot`, or at the next open.
+    fn write_snapshot(
+        &self,
+        index: u64,
+        term: u64,
+        data: &[u8],
+    ) -> Result<Option<Arc<dyn SnapshotSource>>, StorageError> {
+        if index > crate::raft::MAX_INDEX || term > crate::raft::MAX_TERM {
+            return Err(StorageError::Invalid {
+                reason: format!("snapshot through {index} (t{term}): index or term out of range"),
+            });
+        }
+        // What the writer writes, the peers read: the one limit of both sides.
+        self.check_snapshot_len(index, data.len() as u64)?;
+        let n = self.written_count.fetch_add(1, Ordering::Relaxed);
+        let path = self.dir.join(format!("snapshot-own-{n}.tmp"));
+        let written = snapfile::Writer::create(path.clone(), index, term, data.len() as u64)
+            .and_then(|mut w| w.write(data).and_then(|()| w.finish()));
+        match written {
+            Ok(snap) => {
+                let snap = Arc::new(snap);
+                let oldest = {
+                    let mut written = self.written.lock();
+                    written.push(snap.clone());
+                    (written.len() > MAX_WRITTEN_AHEAD).then(|| written.remove(0))
+                };
+                if let Some(oldest) = oldest {
+                    // Raft hands each back at once: this many waiting means one never will be.
+                    log::warn!(target: "storage", "{}: more than {MAX_WRITTEN_AHEAD} snapshots written ahead and not saved: the oldest, through {}, is deleted", self.dir.display(), oldest.index());
+                    remove_written(&oldest);
+                }
+                log::debug!(target: "storage", "{}: snapshot through {index} (t{term}), {} bytes, written ahead", path.display(), data.len());
+                Ok(Some(snap))
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&path);
+                log::error!(target: "storage", "{}: the snapshot through {index} could not be written: {e}", path.display());
+                Err(e)
+            }
+        }
+    }
+
+    fn save_written_snapshot(
+        &self,
+        snapshot: &Arc<dyn SnapshotSource>,
+    ) -> Result<(), StorageError> {
+        match self.take_written(snapshot) {
+            Some(s) if s.index() <= self.pending.lock().base => {
+                // The log has moved past it (a later snapshot queued meanwhile).
+                remove_written(&s);
+                Err(StorageError::Invalid {
+                    reason: format!(
+                        "snapshot through {} written ahead, saved after a later one",
+                        s.index()
+                    ),
+                })
+            }
+            Some(s) => self.queue(Op::Snapshot(s.index(), s.term(), SnapIn::File(s))),
+            None => Err(StorageError::Invalid {
+                reason: format!(
+                    "no snapshot through {} (t{}) written ahead to save",
+                    snapshot.index(),
+                    snapshot.term()
+                ),
+            }),
+        }
+    }
+
+    fn discard_written_snapshot(&self, snapshot: &Arc<dyn SnapshotSource>) {
+        if let Some(s) = self.take_written(snapshot) {
+            remove_written(&s);
+        }
+    }
+
     fn receive_snapshot_chunk(&self, c: SnapshotChunk<'_>) -> Result<ChunkOutcome, StorageError> {
         self.receive(c)
     }
@@ -330,7 +435,7 @@ impl Storage for FileLog {
         match complete {
             // The very snapshot Raft checked, not another one completed meanwhile.
             Some(s) if receive::same_snapshot(&s, snapshot) => {
-                self.queue(Op::Snapshot(s.index(), s.term(), SnapIn::Received(s)))
+                self.queue(Op::Snapshot(s.index(), s.term(), SnapIn::File(s)))
             }
             other => {
                 self.receiving.lock().complete = other;

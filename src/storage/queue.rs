@@ -21,10 +21,12 @@ pub(super) enum Op {
     Snapshot(u64, u64, SnapIn),
 }
 
-/// A snapshot to install: the service's bytes, or a file received from the leader.
+/// A snapshot to install: the service's bytes (written by the sync that carries it out), or
+/// a file already written and fsynced (received from the leader, or the service's own, written
+/// ahead by [`Storage::write_snapshot`](crate::raft::Storage::write_snapshot)).
 pub(super) enum SnapIn {
     Bytes(Arc<Vec<u8>>),
-    Received(Arc<FileSnapshot>),
+    File(Arc<FileSnapshot>),
 }
 
 impl Op {

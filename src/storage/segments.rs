@@ -261,7 +261,7 @@ impl Disk {
                 w.write(&bytes)?;
                 Arc::new(w.finish()?)
             }
-            SnapIn::Received(s) => s,
+            SnapIn::File(s) => s,
         };
         let path = self.dir.join("snapshot");
         fs::rename(snap.path(), &path).map_err(|e| io_err(&path, "rename", e))?;

@@ -484,6 +484,24 @@ impl Storage for GatedStorage {
     fn snapshot_source(&self) -> Option<Arc<dyn crate::raft::storage::SnapshotSource>> {
         self.inner.snapshot_source()
     }
+    fn write_snapshot(
+        &self,
+        index: u64,
+        term: u64,
+        data: &[u8],
+    ) -> Result<Option<Arc<dyn crate::raft::storage::SnapshotSource>>, crate::raft::StorageError>
+    {
+        self.inner.write_snapshot(index, term, data)
+    }
+    fn save_written_snapshot(
+        &self,
+        snapshot: &Arc<dyn crate::raft::storage::SnapshotSource>,
+    ) -> Result<(), crate::raft::StorageError> {
+        self.inner.save_written_snapshot(snapshot)
+    }
+    fn discard_written_snapshot(&self, snapshot: &Arc<dyn crate::raft::storage::SnapshotSource>) {
+        self.inner.discard_written_snapshot(snapshot)
+    }
 }
 
 impl Test {
@@ -1042,6 +1060,28 @@ pub mod file {
         }
         fn state_size(&self) -> usize {
             self.get().map_or(0, |l| l.state_size())
+        }
+        fn write_snapshot(
+            &self,
+            index: u64,
+            term: u64,
+            data: &[u8],
+        ) -> Result<Option<Arc<dyn crate::raft::storage::SnapshotSource>>, StorageError> {
+            self.get()?.write_snapshot(index, term, data)
+        }
+        fn save_written_snapshot(
+            &self,
+            snapshot: &Arc<dyn crate::raft::storage::SnapshotSource>,
+        ) -> Result<(), StorageError> {
+            self.get()?.save_written_snapshot(snapshot)
+        }
+        fn discard_written_snapshot(
+            &self,
+            snapshot: &Arc<dyn crate::raft::storage::SnapshotSource>,
+        ) {
+            if let Ok(l) = self.get() {
+                l.discard_written_snapshot(snapshot)
+            }
         }
     }
 

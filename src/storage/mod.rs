@@ -13,8 +13,11 @@
 //! "Replaced atomically": written to `<name>.tmp`, fsynced, renamed over `<name>`, directory
 //! fsynced. Segments wholly below the snapshot are deleted after the snapshot is durable. A
 //! snapshot streamed from the leader is assembled in `snapshot-recv-<n>.tmp`, fsynced once
-//! complete and verified, and renamed over `snapshot` the same way. Leftover `*.tmp` files
-//! are deleted at open.
+//! complete and verified, and renamed over `snapshot` the same way; so is the service's own,
+//! written ahead to `snapshot-own-<n>.tmp` by the thread that took it
+//! ([`Storage::write_snapshot`], outside the write queue, so other writes' syncs never wait
+//! for it) and renamed by the sync that carries out its save. Leftover `*.tmp` files are
+//! deleted at open.
 //!
 //! A directory of format [`UPGRADED_FORMAT`] (2) is upgraded in place at open: its `format`
 //! record is rewritten (atomically) to [`FORMAT_VERSION`] before anything else is read, and

@@ -7,7 +7,11 @@
 //! [`sync`](Storage::sync) after releasing the mutex and before any reply, message or applied
 //! entry that depends on the changes leaves the peer. One `sync` covers every write queued
 //! before it, including other threads' writes, so concurrent callers can share one fsync
-//! (group commit). A storage that returns an error is never used again: the peer stops.
+//! (group commit). The one write made without the mutex, and slow: a storage that can writes
+//! the service's snapshot to a file of its own first ([`write_snapshot`](Storage::write_snapshot)),
+//! so no `sync` waits for it, and Raft then queues it under the mutex
+//! ([`save_written_snapshot`](Storage::save_written_snapshot)). A storage that returns an
+//! error is never used again: the peer stops.
 
 use std::fmt;
 use std::io::{self, Read};

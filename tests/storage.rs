@@ -1126,13 +1126,16 @@ fn snapshot_written_ahead_is_installed_only_when_saved() {
     let d = TempDir::new("ahead");
     write_log(&d.0, 30, 400);
     let snap = |i: u64| format!("state through {i}").repeat(50).into_bytes();
+    // The service's snapshot through entry `i`, written ahead.
+    let ahead = |log: &FileLog, i: u64| {
+        log.write_snapshot(i, entry(i).term, &snap(i))
+            .unwrap()
+            .expect("the file log writes ahead")
+    };
     {
         let log = FileLog::open(&d.0, opts(400)).unwrap();
         log.restore().unwrap();
-        let ahead = log
-            .write_snapshot(20, entry(20).term, &snap(20))
-            .unwrap()
-            .expect("the file log writes ahead");
+        let unsaved = ahead(&log, 20);
         assert_eq!(tmp_files(&d.0).len(), 1, "the snapshot's own file");
         // Appended and synced while the written snapshot waits to be saved.
         log.append(31, &[entry(31), entry(32)]).unwrap();
@@ -1142,7 +1145,7 @@ fn snapshot_written_ahead_is_installed_only_when_saved() {
             "not installed before it is saved"
         );
         // Dropped without a save: as a crash between the write and the save.
-        let _ = ahead;
+        drop(unsaved);
     }
     assert_eq!(tmp_files(&d.0).len(), 1);
     let r = reopen(&d.0).unwrap();
@@ -1158,10 +1161,7 @@ fn snapshot_written_ahead_is_installed_only_when_saved() {
     let log = FileLog::open(&d.0, opts(400)).unwrap();
     log.restore().unwrap();
     // Discarded: its file goes at once.
-    let dropped = log
-        .write_snapshot(10, entry(10).term, &snap(10))
-        .unwrap()
-        .unwrap();
+    let dropped = ahead(&log, 10);
     log.discard_written_snapshot(&dropped);
     assert_eq!(
         tmp_files(&d.0),
@@ -1174,16 +1174,13 @@ fn snapshot_written_ahead_is_installed_only_when_saved() {
     ));
     // Written, then entries appended and synced, then saved: the snapshot and every entry
     // after it read back.
-    let ahead = log
-        .write_snapshot(25, entry(25).term, &snap(25))
-        .unwrap()
-        .unwrap();
+    let saved = ahead(&log, 25);
     log.append(33, &[entry(33)]).unwrap();
     log.sync().unwrap();
-    log.save_written_snapshot(&ahead).unwrap();
+    log.save_written_snapshot(&saved).unwrap();
     assert!(
         matches!(
-            log.save_written_snapshot(&ahead),
+            log.save_written_snapshot(&saved),
             Err(StorageError::Invalid { .. })
         ),
         "the same snapshot saved twice"
@@ -1203,14 +1200,8 @@ fn snapshot_written_ahead_is_installed_only_when_saved() {
     // moved past it) and its file deleted; the later one stands.
     let log = FileLog::open(&d.0, opts(400)).unwrap();
     log.restore().unwrap();
-    let a = log
-        .write_snapshot(28, entry(28).term, &snap(28))
-        .unwrap()
-        .unwrap();
-    let b = log
-        .write_snapshot(30, entry(30).term, &snap(30))
-        .unwrap()
-        .unwrap();
+    let a = ahead(&log, 28);
+    let b = ahead(&log, 30);
     assert_eq!(tmp_files(&d.0).len(), 2);
     log.save_written_snapshot(&b).unwrap();
     assert!(matches!(
